@@ -1,0 +1,5 @@
+"""Lightning callbacks that diagnose and rebalance the terms of a :class:`~lightning_pinn.MultiTermLoss`."""
+
+from lightning_pinn.callbacks.monitor import GradientNormMonitor, MonitorDiagnosis
+
+__all__ = ["GradientNormMonitor", "MonitorDiagnosis"]

@@ -1,0 +1,170 @@
+"""Plumbing shared by the callbacks: finding the loss, the step cadence, the engine, logging."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger
+from torch import Tensor
+
+from lightning_pinn.engine import StepMeasurement, TermGradientEngine, TraceRequest
+from lightning_pinn.loss import MultiTermLoss
+
+__all__ = ["PerTermCallback", "find_multi_term_loss", "trainable_parameters", "log_scalars", "tensorboard_writers"]
+
+
+def find_multi_term_loss(pl_module: torch.nn.Module, name: str | None, owner: str) -> tuple[str, MultiTermLoss]:
+    """Return ``(name, loss)`` for the module's :class:`MultiTermLoss`, or raise a clear error.
+
+    Args:
+        pl_module: The LightningModule to search (``pl_module.named_modules()``).
+        name: The loss's attribute path (as in ``named_modules()``), required when the
+            module holds several ``MultiTermLoss`` instances.
+        owner: The callback's name, for the error message.
+    """
+    found = [(path, module) for path, module in pl_module.named_modules() if isinstance(module, MultiTermLoss)]
+    model = type(pl_module).__name__
+    if name is not None:
+        for path, module in found:
+            if path == name:
+                return path, module
+        available = ", ".join(repr(path) for path, _ in found) or "none"
+        raise ValueError(f"{owner}(loss_module={name!r}): {model} has no MultiTermLoss at {name!r} (found: {available}). Pass the attribute name of the loss, e.g. loss_module='criterion'.")
+    if not found:
+        raise ValueError(
+            f"{owner}: {model} has no MultiTermLoss, so there are no loss terms to monitor. Add one in __init__, e.g. "
+            "self.criterion = MultiTermLoss(pde=1.0, ic=1.0), and return self.criterion(pde=r_pde, ic=r_ic) from "
+            "training_step."
+        )
+    if len(found) > 1:
+        names = ", ".join(repr(path) for path, _ in found)
+        raise ValueError(f"{owner}: {model} has several MultiTermLoss modules ({names}); name the one to use, e.g. {owner}(loss_module={found[0][0]!r}).")
+    return found[0]
+
+
+def trainable_parameters(pl_module: torch.nn.Module) -> list[Tensor]:
+    """The parameters gradients are taken with respect to: those with ``requires_grad=True``."""
+    return [p for p in pl_module.parameters() if p.requires_grad]
+
+
+def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) -> None:
+    """Send ``metrics`` to every logger at ``step``, whatever ``log_every_n_steps`` says.
+
+    Like Lightning's ``LearningRateMonitor``, this calls ``Logger.log_metrics`` directly, so a
+    measurement made every 10 steps reaches the logger every 10 steps. Loggers are rank-zero
+    only, so this is a no-op on the other ranks.
+    """
+    if not metrics:
+        return
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
+
+
+def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
+    """The ``SummaryWriter`` of each ``TensorBoardLogger`` (rank zero only; empty elsewhere)."""
+    if trainer.global_rank != 0:
+        return []
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+def logger_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's own logging uses for the current batch (as ``LearningRateMonitor`` does)."""
+    return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def check_every_n_steps(owner: str, value: Any) -> int:
+    """Validate an ``every_n_steps`` argument: an integer ``>= 1``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: every_n_steps must be an integer >= 1 (1 = every optimizer step), got {value!r}.")
+    return value
+
+
+class PerTermCallback(Callback):
+    """Base for callbacks that read per-term quantities from the shared engine on a step cadence.
+
+    Subclasses say what they need with :meth:`_wants` and act on it in :meth:`_on_measurement`,
+    which runs after the optimizer step of every due step, on every rank, with the measurement
+    already reduced across ranks.
+    """
+
+    def __init__(self, every_n_steps: int, loss_module: str | None) -> None:
+        self.every_n_steps = check_every_n_steps(type(self).__name__, every_n_steps)
+        if loss_module is not None and not isinstance(loss_module, str):
+            raise TypeError(f"{type(self).__name__}: loss_module must be the attribute name of a MultiTermLoss (a string) or None, got {type(loss_module).__name__}.")
+        self.loss_module = loss_module
+        self._loss: MultiTermLoss | None = None
+        self._engine: TermGradientEngine | None = None
+        self._step_at_batch_start: int | None = None
+
+    # ---------------------------------------------------------------- subclass API
+    def _is_due(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
+    def _wants(self) -> tuple[bool, TraceRequest | None]:
+        """``(gradients, traces)`` this callback needs on its due steps."""
+        return True, None
+
+    def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
+        raise NotImplementedError
+
+    @property
+    def criterion(self) -> MultiTermLoss:
+        """The :class:`MultiTermLoss` this callback works on (known after ``setup``)."""
+        if self._loss is None:
+            raise RuntimeError(f"{type(self).__name__} is not attached to a fit yet; its loss is found in setup().")
+        return self._loss
+
+    # ---------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        _, self._loss = find_multi_term_loss(pl_module, self.loss_module, type(self).__name__)
+        self._engine = TermGradientEngine.for_loss(self._loss)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        self._step_at_batch_start = step
+        if self._engine is None or not self._is_due(step):
+            return
+        gradients, traces = self._wants()
+        self._engine.request(
+            step=step,
+            batch_key=(trainer.current_epoch, batch_idx),
+            params=trainable_parameters(pl_module),
+            gradients=gradients,
+            traces=traces,
+        )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self._step_at_batch_start
+        if step is None or self._engine is None or trainer.global_step == step:
+            return  # no optimizer step in this batch (gradient accumulation, or a skipped step)
+        self._step_at_batch_start = None
+        if not self._is_due(step):
+            return
+        measurement = self._engine.collect(step, self.criterion.term_names, _all_reduce_sum(trainer))
+        if measurement is not None:
+            self._on_measurement(trainer, pl_module, measurement)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._engine is not None:
+            self._engine.stop_capturing()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is not None:
+            self._engine.stop_capturing()
+
+
+def _all_reduce_sum(trainer: pl.Trainer):  # type: ignore[no-untyped-def]
+    if trainer.world_size <= 1:
+        return None
+    strategy = trainer.strategy
+
+    def reduce(tensor: Tensor) -> Tensor:
+        return strategy.reduce(tensor, reduce_op="sum")
+
+    return reduce

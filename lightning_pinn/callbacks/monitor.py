@@ -1,0 +1,355 @@
+"""``GradientNormMonitor``: per-term gradient norms, the 10² imbalance alarm and a conflict alarm."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
+from lightning_pinn.callbacks._base import PerTermCallback, log_scalars, tensorboard_writers
+from lightning_pinn.diagnostics import GradientReport, summarize_gradients
+from lightning_pinn.engine import StepMeasurement
+from lightning_pinn.tensorboard import write_layout
+
+__all__ = ["GradientNormMonitor", "MonitorDiagnosis"]
+
+
+@dataclass
+class MonitorDiagnosis:
+    """What the monitor saw over a fit (also printed at the end of the fit).
+
+    Attributes:
+        measurements: Number of steps measured.
+        first_step: First measured step (``None`` before any measurement).
+        last_step: Last measured step.
+        worst_ratio: Largest gradient-norm ratio seen, and ``worst_ratio_step`` /
+            ``worst_pair`` (largest, smallest) where it was seen.
+        ratio_alarm_episodes: How many times the ratio alarm started.
+        ratio_alarm_measurements: Measurements with the ratio above the threshold.
+        ratio_alarm_active: Whether the ratio alarm is on at the last measurement.
+        min_cosine: Most negative gradient cosine seen, with ``min_cosine_step`` / ``min_cosine_pair``.
+        conflict_alarm_episodes: How many times the conflict alarm started (any pair).
+        zero_gradient_terms: Terms seen with an exactly zero gradient.
+        nonfinite_terms: Terms seen with a NaN or inf gradient.
+    """
+
+    measurements: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    worst_ratio: float | None = None
+    worst_ratio_step: int | None = None
+    worst_pair: tuple[str, str] | None = None
+    ratio_alarm_episodes: int = 0
+    ratio_alarm_measurements: int = 0
+    ratio_alarm_active: bool = False
+    min_cosine: float | None = None
+    min_cosine_step: int | None = None
+    min_cosine_pair: tuple[str, str] | None = None
+    conflict_alarm_episodes: int = 0
+    zero_gradient_terms: list[str] = field(default_factory=list)
+    nonfinite_terms: list[str] = field(default_factory=list)
+
+
+class GradientNormMonitor(PerTermCallback):
+    """Log each loss term's gradient norm and raise an alarm when terms are out of balance.
+
+    On every ``every_n_steps``-th optimizer step (starting at step 0) the monitor measures, for
+    each term of the module's :class:`~lightning_pinn.MultiTermLoss`, the gradient of the
+    unweighted loss over all trainable parameters, ``g_i = ∇θ L_i``, and logs
+
+    * ``grad_norm/<term>`` = ‖g_i‖₂ and ``grad_norm_weighted/<term>`` = λ_i‖g_i‖₂,
+    * ``grad_ratio`` = max_i λ_i‖g_i‖ / min_i λ_i‖g_i‖ (and ``grad_ratio_threshold``),
+    * ``grad_cosine/<a>_vs_<b>`` = cos(g_a, g_b) for each pair of terms,
+    * ``loss/<term>`` = L_i (unweighted) and ``weight/<term>`` = λ_i,
+    * ``alarm/grad_ratio`` and ``alarm/grad_conflict``: 1 while the alarm is on, else 0.
+
+    A ratio above ``threshold`` is the gradient-flow pathology of Wang, Teng & Perdikaris 2021
+    (SIAM J. Sci. Comput. 43(5), A3055): gradient descent then reduces only the term with the
+    large gradient. The monitor warns (``LossBalanceWarning``, rank zero) when the ratio first
+    exceeds the threshold, naming the two terms, their weighted norms, the ratio and the step,
+    and again only if it recovers and comes back. Balanced norms can still stall when the
+    gradients point against each other, so a second alarm (``GradientConflictWarning``) fires
+    when some pair's cosine stays below ``cosine_threshold`` for ``cosine_patience``
+    consecutive measurements while the pair's weighted loss stalls (see
+    ``conflict_min_decrease``). With a ``TensorBoardLogger`` the alarms also appear as text
+    entries and a custom-scalars layout groups the charts. At the end of the fit the monitor
+    prints a short diagnosis (see :attr:`diagnosis`).
+
+    Args:
+        every_n_steps: Measure every this many optimizer steps (step 0 always included).
+        threshold: Alarm when the largest weighted gradient norm exceeds the smallest by more
+            than this factor. Must be > 1.
+        cosine_threshold: Conflict alarm when a pair's gradient cosine is below this value;
+            in ``[-1, 1)``, or ``None`` to switch the conflict alarm off (cosines are still logged).
+        cosine_patience: Consecutive measurements below ``cosine_threshold`` before the
+            conflict alarm fires. Must be >= 1.
+        conflict_min_decrease: The conflict alarm fires only if, over those measurements, the
+            pair's weighted loss ``λ_a L_a + λ_b L_b`` fell by less than this fraction (the
+            conflict has stalled training). Near any stationary point of a two-term loss the two
+            gradients cancel (cosine → −1) even while the losses keep falling; this keeps the
+            alarm for stalls. ``None`` alarms on the cosine alone.
+        loss_module: Attribute name of the ``MultiTermLoss`` to monitor (as in
+            ``pl_module.named_modules()``); needed only when the module holds several.
+        verbose: Print the end-of-fit diagnosis.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        threshold: float = 100.0,
+        cosine_threshold: float | None = -0.5,
+        cosine_patience: int = 3,
+        conflict_min_decrease: float | None = 0.05,
+        loss_module: str | None = None,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__(every_n_steps, loss_module)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 1:
+            raise ValueError(f"GradientNormMonitor: threshold must be a finite number > 1 (the largest allowed ratio of weighted gradient norms, e.g. 100.0), got {threshold!r}.")
+        if cosine_threshold is not None and (
+            isinstance(cosine_threshold, bool) or not isinstance(cosine_threshold, (int, float)) or not -1.0 <= cosine_threshold < 1.0
+        ):
+            raise ValueError(f"GradientNormMonitor: cosine_threshold must be a number in [-1, 1) (e.g. -0.5), or None to disable the conflict alarm; got {cosine_threshold!r}.")
+        if isinstance(cosine_patience, bool) or not isinstance(cosine_patience, int) or cosine_patience < 1:
+            raise ValueError(f"GradientNormMonitor: cosine_patience must be an integer >= 1 (consecutive measurements), got {cosine_patience!r}.")
+        if conflict_min_decrease is not None and (
+            isinstance(conflict_min_decrease, bool) or not isinstance(conflict_min_decrease, (int, float)) or not 0.0 <= conflict_min_decrease < 1.0
+        ):
+            raise ValueError(f"GradientNormMonitor: conflict_min_decrease must be a fraction in [0, 1) (e.g. 0.05), or None to alarm on the cosine alone; got {conflict_min_decrease!r}.")
+        self.conflict_min_decrease = None if conflict_min_decrease is None else float(conflict_min_decrease)
+        self.threshold = float(threshold)
+        self.cosine_threshold = None if cosine_threshold is None else float(cosine_threshold)
+        self.cosine_patience = cosine_patience
+        self.verbose = verbose
+        self.diagnosis = MonitorDiagnosis()
+        self._conflict_streak: dict[str, int] = {}
+        self._conflict_start_loss: dict[str, float] = {}
+        self._conflict_active: dict[str, bool] = {}
+        self._term_flags: dict[str, str] = {}
+        self.last_report: GradientReport | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps,
+            threshold=self.threshold,
+            cosine_threshold=self.cosine_threshold,
+            cosine_patience=self.cosine_patience,
+            conflict_min_decrease=self.conflict_min_decrease,
+            loss_module=self.loss_module,
+        )
+
+    # ---------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for writer in tensorboard_writers(trainer):
+            write_layout(writer)
+
+    def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
+        assert measurement.gradients is not None
+        report = summarize_gradients(measurement.terms, measurement.losses, measurement.weights, measurement.gradients)
+        self.last_report = report
+        step = measurement.step
+        self._track_term_health(report, step)
+        ratio_alarm = self._track_ratio(trainer, report, step)
+        conflict_alarm = self._track_conflicts(trainer, report, step)
+
+        metrics: dict[str, float] = {}
+        for name, loss, weight, norm, weighted in zip(report.terms, report.losses, report.weights, report.norms, report.weighted_norms):
+            metrics[f"loss/{name}"] = loss
+            metrics[f"weight/{name}"] = weight
+            metrics[f"grad_norm/{name}"] = norm
+            metrics[f"grad_norm_weighted/{name}"] = weighted
+        if report.ratio is not None:
+            metrics["grad_ratio"] = report.ratio
+            pl_module.log("grad_ratio", report.ratio, prog_bar=True, logger=False)
+        metrics["grad_ratio_threshold"] = self.threshold
+        for (a, b), cosine in report.cosines.items():
+            metrics[f"grad_cosine/{a}_vs_{b}"] = cosine
+        metrics["alarm/grad_ratio"] = float(ratio_alarm)
+        metrics["alarm/grad_conflict"] = float(conflict_alarm)
+        log_scalars(trainer, metrics, step)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        if self.diagnosis.measurements == 0:
+            return
+        text = self.summary()
+        if self.verbose:
+            rank_zero_info(text)
+        for writer in tensorboard_writers(trainer):
+            writer.add_text("diagnosis", _as_markdown(text), global_step=self.diagnosis.last_step)
+            writer.flush()
+
+    # ---------------------------------------------------------------- alarms
+    def _track_ratio(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
+        diagnosis = self.diagnosis
+        diagnosis.measurements += 1
+        diagnosis.first_step = step if diagnosis.first_step is None else diagnosis.first_step
+        diagnosis.last_step = step
+        if report.ratio is None:
+            return diagnosis.ratio_alarm_active
+        assert report.largest is not None and report.smallest is not None
+        if diagnosis.worst_ratio is None or report.ratio > diagnosis.worst_ratio:
+            diagnosis.worst_ratio = report.ratio
+            diagnosis.worst_ratio_step = step
+            diagnosis.worst_pair = (report.largest, report.smallest)
+        above = report.ratio > self.threshold
+        if above:
+            diagnosis.ratio_alarm_measurements += 1
+        if above and not diagnosis.ratio_alarm_active:
+            diagnosis.ratio_alarm_episodes += 1
+            message = self._ratio_message(report, step)
+            rank_zero_warn(message, category=LossBalanceWarning)
+            self._write_text(trainer, "alarms", message, step)
+        elif not above and diagnosis.ratio_alarm_active:
+            message = f"GradientNormMonitor: gradient-norm ratio back to {report.ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
+            rank_zero_info(message)
+            self._write_text(trainer, "alarms", message, step)
+        diagnosis.ratio_alarm_active = above
+        return above
+
+    def _ratio_message(self, report: GradientReport, step: int) -> str:
+        big, small = report.largest, report.smallest
+        assert big is not None and small is not None and report.ratio is not None
+        index = report.terms.index
+        big_w, small_w = report.weighted_norms[index(big)], report.weighted_norms[index(small)]
+        small_lambda = report.weights[index(small)]
+        return (
+            f"GradientNormMonitor: loss-balance alarm at step {step}: the weighted gradient norm of term '{big}' "
+            f"(λ·‖∇L‖ = {big_w:.3g}) is {report.ratio:.3g}x that of term '{small}' ({small_w:.3g}), above the "
+            f"threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
+            f"'{small}'. Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} "
+            "would match the norms), or add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance "
+            "automatically."
+        )
+
+    def _track_conflicts(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
+        diagnosis = self.diagnosis
+        index = report.terms.index
+        for (a, b), cosine in report.cosines.items():
+            if diagnosis.min_cosine is None or cosine < diagnosis.min_cosine:
+                diagnosis.min_cosine, diagnosis.min_cosine_step, diagnosis.min_cosine_pair = cosine, step, (a, b)
+            if self.cosine_threshold is None:
+                continue
+            key = f"{a}_vs_{b}"
+            pair_loss = report.weights[index(a)] * report.losses[index(a)] + report.weights[index(b)] * report.losses[index(b)]
+            if cosine >= self.cosine_threshold:
+                self._conflict_streak[key] = 0
+                if self._conflict_active.get(key):
+                    self._conflict_active[key] = False
+                    self._write_text(trainer, "alarms", f"GradientNormMonitor: gradient conflict between '{a}' and '{b}' ended at step {step} (cosine {cosine:.2f}).", step)
+                continue
+            streak = self._conflict_streak.get(key, 0) + 1
+            self._conflict_streak[key] = streak
+            if streak == 1:
+                self._conflict_start_loss[key] = pair_loss
+            if streak < self.cosine_patience or self._conflict_active.get(key):
+                continue
+            start_loss = self._conflict_start_loss.get(key, pair_loss)
+            decrease = 1.0 - pair_loss / start_loss if start_loss > 0 else 0.0
+            if self.conflict_min_decrease is not None and decrease >= self.conflict_min_decrease:
+                continue  # opposed gradients, but the pair's loss is still falling: not a stall
+            self._conflict_active[key] = True
+            diagnosis.conflict_alarm_episodes += 1
+            message = (
+                f"GradientNormMonitor: gradient-conflict alarm at step {step}: the gradients of terms '{a}' and '{b}' "
+                f"point against each other (cosine {cosine:.2f}, below {self.cosine_threshold:g} for {streak} consecutive "
+                f"measurements) and their weighted loss has stalled (now {pair_loss:.3g}, {-100 * decrease:+.1f}% over the last "
+                f"{streak - 1} measurement(s)), so a step that lowers one term raises the other even if their norms "
+                "are balanced. Try: hard-constrain the initial/boundary condition, change the weights, lower the "
+                "learning rate, or add collocation points where the terms meet."
+            )
+            rank_zero_warn(message, category=GradientConflictWarning)
+            self._write_text(trainer, "alarms", message, step)
+        return any(self._conflict_active.values())
+
+    def _track_term_health(self, report: GradientReport, step: int) -> None:
+        for name in report.terms:
+            flag = "zero" if name in report.zero_terms else "nonfinite" if name in report.nonfinite_terms else ""
+            if flag == self._term_flags.get(name, ""):
+                continue
+            self._term_flags[name] = flag
+            if flag == "zero":
+                if name not in self.diagnosis.zero_gradient_terms:
+                    self.diagnosis.zero_gradient_terms.append(name)
+                rank_zero_warn(
+                    f"GradientNormMonitor: term '{name}' has an exactly zero gradient at step {step}: its loss does not "
+                    "reach any trainable parameter (or sits at an exact minimum). It is left out of grad_ratio; check "
+                    "that its residual is computed from the network output.",
+                    category=TermGradientWarning,
+                )
+            elif flag == "nonfinite":
+                if name not in self.diagnosis.nonfinite_terms:
+                    self.diagnosis.nonfinite_terms.append(name)
+                rank_zero_warn(
+                    f"GradientNormMonitor: term '{name}' has a NaN or infinite gradient at step {step} "
+                    f"(loss {report.losses[report.terms.index(name)]:.3g}). It is left out of grad_ratio; look for NaN/inf "
+                    "in its residual (division by zero, log of a negative number, exploding network output).",
+                    category=TermGradientWarning,
+                )
+
+    def _write_text(self, trainer: pl.Trainer, tag: str, message: str, step: int) -> None:
+        for writer in tensorboard_writers(trainer):
+            writer.add_text(tag, message, global_step=step)
+
+    # ---------------------------------------------------------------- reporting
+    def summary(self) -> str:
+        """A short plain-language diagnosis of the fit so far."""
+        d = self.diagnosis
+        lines = [f"GradientNormMonitor diagnosis: {d.measurements} measurement(s), steps {d.first_step}-{d.last_step}, every {self.every_n_steps} step(s)."]
+        if d.worst_ratio is None:
+            lines.append("  gradient-norm ratio: fewer than two terms with a non-zero gradient; nothing to compare.")
+        else:
+            assert d.worst_pair is not None
+            verdict = "ABOVE" if d.worst_ratio > self.threshold else "within"
+            lines.append(
+                f"  worst gradient-norm ratio: {d.worst_ratio:.3g}x at step {d.worst_ratio_step}, '{d.worst_pair[0]}' (largest) "
+                f"over '{d.worst_pair[1]}' (smallest); {verdict} the {self.threshold:g}x threshold."
+            )
+            if d.ratio_alarm_episodes:
+                state = "still on at the last measurement" if d.ratio_alarm_active else "off at the last measurement"
+                lines.append(
+                    f"  loss-balance alarm: {d.ratio_alarm_episodes} episode(s), above threshold at {d.ratio_alarm_measurements} of "
+                    f"{d.measurements} measurements, {state}. Try GradNormBalancer or NTKBalancer, or raise the small term's weight."
+                )
+            else:
+                lines.append("  loss-balance alarm: never fired.")
+        if d.min_cosine is not None and d.min_cosine_pair is not None:
+            lines.append(
+                f"  most opposed gradients: '{d.min_cosine_pair[0]}' vs '{d.min_cosine_pair[1]}', cosine {d.min_cosine:.2f} at step "
+                f"{d.min_cosine_step}; conflict alarm episodes: {d.conflict_alarm_episodes}."
+            )
+        if d.zero_gradient_terms:
+            lines.append(f"  terms seen with a zero gradient: {', '.join(d.zero_gradient_terms)}.")
+        if d.nonfinite_terms:
+            lines.append(f"  terms seen with a NaN/inf gradient: {', '.join(d.nonfinite_terms)}.")
+        return "\n".join(lines)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "diagnosis": asdict(self.diagnosis),
+            "conflict_streak": dict(self._conflict_streak),
+            "conflict_active": dict(self._conflict_active),
+            "conflict_start_loss": dict(self._conflict_start_loss),
+            "term_flags": dict(self._term_flags),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = dict(state_dict["diagnosis"])
+        for key in ("worst_pair", "min_cosine_pair"):
+            if saved.get(key) is not None:
+                saved[key] = tuple(saved[key])
+        self.diagnosis = MonitorDiagnosis(**saved)
+        self._conflict_streak = dict(state_dict.get("conflict_streak", {}))
+        self._conflict_active = dict(state_dict.get("conflict_active", {}))
+        self._conflict_start_loss = dict(state_dict.get("conflict_start_loss", {}))
+        self._term_flags = dict(state_dict.get("term_flags", {}))
+
+
+def _as_markdown(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.splitlines())

@@ -1,0 +1,121 @@
+"""Pure functions that turn per-term gradients into the numbers the monitor reports.
+
+Notation: terms ``i = 1..K``, unweighted losses ``L_i``, gradients ``g_i = ∇θ L_i`` over all
+trainable parameters, weights ``λ_i``.
+
+* gradient norm ``‖g_i‖₂`` and weighted norm ``λ_i ‖g_i‖₂``;
+* imbalance ratio ``max_i λ_i‖g_i‖ / min_i λ_i‖g_i‖`` over the terms with a non-zero, finite
+  weighted norm — the quantity whose size (10²–10³) signals the gradient-flow pathology of
+  Wang, Teng & Perdikaris 2021 (SIAM J. Sci. Comput. 43(5), A3055);
+* cosine ``⟨g_a, g_b⟩ / (‖g_a‖ ‖g_b‖)`` between two terms' gradients: a strongly negative
+  value means a step that lowers one term raises the other (gradient conflict; see Yu et al.
+  2020, "Gradient surgery for multi-task learning", for the same diagnosis in multi-task
+  learning), which can stall training even when the norms are balanced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["GradientReport", "gradient_norms", "cosine_matrix", "imbalance", "summarize_gradients"]
+
+
+def gradient_norms(gradients: Tensor) -> Tensor:
+    """Row-wise Euclidean norms ``‖g_i‖₂`` of a ``(K, P)`` matrix of flattened gradients."""
+    return torch.linalg.vector_norm(gradients.to(torch.float64), dim=1)
+
+
+def cosine_matrix(gradients: Tensor, norms: Tensor | None = None) -> Tensor:
+    """``(K, K)`` matrix of cosines between gradient rows; ``nan`` where a row has zero norm."""
+    grads = gradients.to(torch.float64)
+    norms = gradient_norms(grads) if norms is None else norms.to(torch.float64)
+    gram = grads @ grads.T
+    denominator = torch.outer(norms, norms)
+    cosines = gram / denominator
+    cosines[denominator == 0] = math.nan
+    return cosines.clamp(-1.0, 1.0)
+
+
+def imbalance(weighted_norms: list[float]) -> tuple[float, int, int] | None:
+    """``(ratio, index of largest, index of smallest)`` over finite, non-zero weighted norms.
+
+    Terms whose weighted norm is zero (the gradient is zero, or ``λ_i = 0``) or not finite
+    are left out rather than turned into an infinite or NaN ratio. Returns ``None`` when fewer
+    than two terms remain.
+    """
+    valid = [(value, i) for i, value in enumerate(weighted_norms) if math.isfinite(value) and value > 0]
+    if len(valid) < 2:
+        return None
+    largest_value, largest = max(valid)
+    smallest_value, smallest = min(valid)
+    return largest_value / smallest_value, largest, smallest
+
+
+@dataclass(frozen=True)
+class GradientReport:
+    """Everything the monitor logs about one measurement (plain Python numbers).
+
+    Attributes:
+        terms: Term names in order.
+        losses: Unweighted losses ``L_i``.
+        weights: Weights ``λ_i`` in effect for the step.
+        norms: ``‖∇θ L_i‖₂`` of the unweighted losses.
+        weighted_norms: ``λ_i · ‖∇θ L_i‖₂``.
+        ratio: Largest over smallest weighted norm (``None`` with fewer than two usable terms).
+        largest: Term with the largest weighted norm (``None`` when ``ratio`` is ``None``).
+        smallest: Term with the smallest weighted norm.
+        cosines: ``{(a, b): cos(g_a, g_b)}`` for each pair ``a`` before ``b`` whose gradients
+            are both non-zero and finite.
+        zero_terms: Terms whose gradient is exactly zero (they reach no trainable parameter,
+            or their loss is at an exact minimum).
+        nonfinite_terms: Terms whose gradient contains NaN or inf.
+    """
+
+    terms: tuple[str, ...]
+    losses: tuple[float, ...]
+    weights: tuple[float, ...]
+    norms: tuple[float, ...]
+    weighted_norms: tuple[float, ...]
+    ratio: float | None
+    largest: str | None
+    smallest: str | None
+    cosines: dict[tuple[str, str], float]
+    zero_terms: tuple[str, ...]
+    nonfinite_terms: tuple[str, ...]
+
+
+def summarize_gradients(terms: tuple[str, ...], losses: Tensor, weights: Tensor, gradients: Tensor, with_cosines: bool = True) -> GradientReport:
+    """Compute norms, weighted norms, the imbalance ratio and pairwise cosines for one step."""
+    norms_t = gradient_norms(gradients)
+    norms = norms_t.tolist()
+    lambdas = weights.to(torch.float64).tolist()
+    weighted = [lam * norm if lam != 0 else 0.0 for lam, norm in zip(lambdas, norms)]
+    nonfinite = tuple(name for name, norm in zip(terms, norms) if not math.isfinite(norm))
+    zero = tuple(name for name, norm in zip(terms, norms) if norm == 0)
+    found = imbalance(weighted)
+    ratio, largest, smallest = (found[0], terms[found[1]], terms[found[2]]) if found else (None, None, None)
+    cosines: dict[tuple[str, str], float] = {}
+    if with_cosines and len(terms) > 1:
+        matrix = cosine_matrix(gradients, norms_t).tolist()
+        for a in range(len(terms)):
+            for b in range(a + 1, len(terms)):
+                value = matrix[a][b]
+                if math.isfinite(value) and math.isfinite(norms[a]) and math.isfinite(norms[b]):
+                    cosines[(terms[a], terms[b])] = value
+    return GradientReport(
+        terms=terms,
+        losses=tuple(losses.tolist()),
+        weights=tuple(lambdas),
+        norms=tuple(norms),
+        weighted_norms=tuple(weighted),
+        ratio=ratio,
+        largest=largest,
+        smallest=smallest,
+        cosines=cosines,
+        zero_terms=zero,
+        nonfinite_terms=nonfinite,
+    )

@@ -1,0 +1,215 @@
+"""The multi-term PINN loss ``L = Σ_i λ_i · L_i``.
+
+A physics-informed loss is a weighted sum of terms (PDE residual, initial and boundary
+conditions, data). :class:`MultiTermLoss` takes one tensor per term, reduces each to its
+unweighted loss ``L_i`` (the mean of squares of a point-wise residual, or a 0-dim tensor taken
+as already reduced) and returns ``Σ_i λ_i L_i``. The weights ``λ_i`` live in a buffer, so they
+are saved in checkpoints and broadcast by DDP like any other buffer; callbacks in
+:mod:`lightning_pinn.callbacks` read the per-term tensors of the current step and may change
+``λ`` between optimizer steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from lightning_pinn.engine import TermGradientEngine
+
+__all__ = ["MultiTermLoss", "term_loss"]
+
+
+def term_loss(residual: Tensor) -> Tensor:
+    """Unweighted loss of one term: ``mean_j |r_j|²`` for a point-wise residual.
+
+    A 0-dim tensor is taken as an already-reduced loss and returned unchanged. The reduction
+    runs in at least float32, so a bfloat16/float16 residual under autocast does not lose the
+    small squared values.
+    """
+    if residual.dim() == 0:
+        return residual
+    if residual.is_complex():
+        squared = residual.abs().square()
+    else:
+        squared = residual.square()
+    if squared.dtype in (torch.float16, torch.bfloat16):
+        squared = squared.float()
+    return squared.mean()
+
+
+def _check_weight(term: str, value: Any, argument: str) -> float:
+    """Return ``value`` as a float, or raise naming the term, the argument and the fix."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{argument}: weight of term '{term}' must be a single number, got a tensor of shape {tuple(value.shape)}.")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{argument}: weight of term '{term}' must be a number, got {type(value).__name__}. Pass e.g. {term}=1.0.")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{argument}: weight of term '{term}' is {value}; weights must be finite. Pass a finite value such as {term}=1.0.")
+    if value < 0:
+        raise ValueError(
+            f"{argument}: weight of term '{term}' is {value}; weights must be >= 0 (a negative weight rewards a larger "
+            f"residual). Pass a non-negative value such as {term}=1.0."
+        )
+    return value
+
+
+class MultiTermLoss(nn.Module):
+    """Weighted sum of PINN loss terms, ``L = Σ_i λ_i · L_i`` with ``L_i = mean_j r_i(x_j)²``.
+
+    Args:
+        **initial_weights: One keyword per term, its initial weight ``λ_i`` (finite, ``>= 0``).
+            The keywords fix the term names and their order, e.g. ``MultiTermLoss(pde=1.0, ic=1.0)``.
+
+    The forward call takes one tensor per term, by the same keywords: a point-wise residual of
+    any shape (its loss is the mean of its squares) or a 0-dim tensor (taken as an already
+    reduced loss). It returns the weighted total and keeps this step's per-term tensors, with
+    their graphs, in :attr:`last_residuals` and :attr:`last_losses` for the callbacks.
+
+    Example::
+
+        self.criterion = MultiTermLoss(pde=1.0, ic=1.0)
+        ...
+        return self.criterion(pde=r_pde, ic=r_ic)
+    """
+
+    lambdas: Tensor
+
+    def __init__(self, **initial_weights: float) -> None:
+        super().__init__()
+        if not initial_weights:
+            raise ValueError("MultiTermLoss needs at least one term, e.g. MultiTermLoss(pde=1.0, ic=1.0).")
+        values = [_check_weight(name, value, "MultiTermLoss") for name, value in initial_weights.items()]
+        self._term_names: tuple[str, ...] = tuple(initial_weights)
+        self.register_buffer("lambdas", torch.tensor(values, dtype=torch.float32))
+        self.last_residuals: dict[str, Tensor] = {}
+        self.last_losses: dict[str, Tensor] = {}
+        self._engine: TermGradientEngine | None = None
+
+    # ------------------------------------------------------------------ weights
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The term names, in the order given to the constructor."""
+        return self._term_names
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The current weights ``λ`` as ``{term: value}``."""
+        return dict(zip(self._term_names, self.lambdas.tolist()))
+
+    def set_weights(self, weights: Mapping[str, float] | Tensor) -> None:
+        """Replace some or all weights (in place, without touching autograd).
+
+        Args:
+            weights: ``{term: value}`` for the terms to change, or a tensor holding every
+                weight in term order. Values must be finite and ``>= 0``.
+
+        Call this between optimizer steps (e.g. in ``on_train_batch_end``): changing a weight
+        between the forward pass and the backward pass of a step would change a tensor that
+        autograd saved.
+        """
+        if isinstance(weights, Tensor):
+            if weights.shape != self.lambdas.shape:
+                raise ValueError(f"set_weights: expected {len(self._term_names)} weights for terms {self._term_names}, got shape {tuple(weights.shape)}.")
+            new = [_check_weight(name, value, "set_weights") for name, value in zip(self._term_names, weights.tolist())]
+        else:
+            self._check_names(weights.keys(), context="set_weights", require_all=False)
+            current = self.weights
+            current.update({name: _check_weight(name, value, "set_weights") for name, value in weights.items()})
+            new = [current[name] for name in self._term_names]
+        with torch.no_grad():
+            self.lambdas.copy_(torch.tensor(new, dtype=self.lambdas.dtype, device=self.lambdas.device))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, **residuals: Tensor) -> Tensor:
+        """Return ``Σ_i λ_i · L_i`` for the given per-term residuals (see the class docstring)."""
+        self._check_names(residuals.keys(), context="MultiTermLoss.forward", require_all=True)
+        grad_enabled = torch.is_grad_enabled()
+        ordered = [self._checked_residual(name, residuals[name], grad_enabled) for name in self._term_names]
+        losses = [term_loss(residual) for residual in ordered]
+        self.last_residuals = dict(zip(self._term_names, ordered))
+        self.last_losses = dict(zip(self._term_names, losses))
+
+        engine = self._engine
+        if engine is not None and self.training and grad_enabled and engine.is_capturing():
+            return engine.weighted_total(self._term_names, ordered, losses, self.lambdas)
+        stacked = torch.stack([loss.to(self.lambdas.dtype) for loss in losses])
+        return torch.dot(self.lambdas, stacked)
+
+    def _checked_residual(self, name: str, residual: Any, grad_enabled: bool) -> Tensor:
+        if not isinstance(residual, Tensor):
+            raise TypeError(
+                f"MultiTermLoss: term '{name}' must be a torch.Tensor (a point-wise residual or a 0-dim loss), "
+                f"got {type(residual).__name__}. Compute it from the network output with torch operations."
+            )
+        if not (residual.is_floating_point() or residual.is_complex()):
+            raise TypeError(
+                f"MultiTermLoss: term '{name}' has dtype {residual.dtype}; residuals must be floating point. "
+                "Compute it from the network output (e.g. u - u_target), not from integer data."
+            )
+        if residual.numel() == 0:
+            raise ValueError(
+                f"MultiTermLoss: term '{name}' is an empty tensor (shape {tuple(residual.shape)}), so its mean square is "
+                "undefined. Give the term at least one point, or leave the term out of MultiTermLoss(...)."
+            )
+        if grad_enabled and not residual.requires_grad:
+            raise ValueError(
+                f"MultiTermLoss: term '{name}' does not require grad, so it cannot train the network. It was probably "
+                "computed under torch.no_grad(), or detached with .detach()/.item()/.numpy(); compute it from the "
+                "network output with torch operations."
+            )
+        return residual
+
+    def _check_names(self, given: Any, *, context: str, require_all: bool) -> None:
+        given = list(given)
+        known = set(self._term_names)
+        unknown = [name for name in given if name not in known]
+        if unknown:
+            raise ValueError(
+                f"{context}: unknown term(s) {', '.join(repr(n) for n in unknown)}; this MultiTermLoss has terms "
+                f"{self._term_names}. Add the term to the constructor, e.g. MultiTermLoss(..., {unknown[0]}=1.0), "
+                "or fix the keyword."
+            )
+        if require_all:
+            missing = [name for name in self._term_names if name not in given]
+            if missing:
+                raise ValueError(
+                    f"{context}: missing term(s) {', '.join(repr(n) for n in missing)}; every term given to "
+                    f"MultiTermLoss{self._term_names} needs a residual at each call, e.g. "
+                    f"criterion({', '.join(f'{n}=...' for n in self._term_names)})."
+                )
+
+    # ------------------------------------------------------------------ checkpoints
+    def get_extra_state(self) -> dict[str, Any]:
+        """Saved with the state dict, so a checkpoint records which term each weight belongs to."""
+        return {"terms": list(self._term_names)}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Refuse a checkpoint whose terms differ from this loss's: the weights would be misassigned."""
+        saved = tuple(state.get("terms", ())) if isinstance(state, dict) else ()
+        if saved and saved != self._term_names:
+            raise ValueError(
+                f"MultiTermLoss: the checkpoint holds weights for terms {saved}, but this MultiTermLoss has terms "
+                f"{self._term_names}. Build the loss with the same terms, in the same order, as the run that saved it."
+            )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{name}={value:g}" for name, value in self.weights.items())
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The engine and the last step's tensors are transient (they hold autograd graphs and
+        # references to parameters); they are rebuilt on the next step. Dropping them keeps the
+        # module picklable for ``ddp_spawn`` and deep copies cheap.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_engine"] = None
+        state["last_residuals"] = {}
+        state["last_losses"] = {}
+        return state

@@ -1,0 +1,90 @@
+"""``PINNModule``: a LightningModule base for users starting a PINN from scratch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from lightning_pinn.loss import MultiTermLoss
+
+__all__ = ["PINNModule"]
+
+
+class PINNModule(pl.LightningModule):
+    """A LightningModule whose training step is ``Σ_i λ_i · mean(r_i²)`` over the residuals you define.
+
+    Subclasses implement :meth:`residuals`, returning one tensor per loss term; the base owns
+    the :class:`~lightning_pinn.MultiTermLoss` (``self.criterion``), the training step, an Adam
+    optimizer and a training "data loader" that simply counts steps (PINN points usually live
+    in the module, as buffers or sampled inside ``residuals``).
+
+    Args:
+        weights: Initial weight per term, e.g. ``{"pde": 1.0, "ic": 1.0}``; the keys are the
+            term names ``residuals`` must return.
+        learning_rate: Adam's learning rate.
+        lr_decay: If set, the learning rate is multiplied by ``lr_decay`` every
+            ``lr_decay_steps`` optimizer steps, smoothly (``lr · lr_decay^(step/lr_decay_steps)``),
+            the schedule of Wang et al.'s PINN papers (e.g. ``0.9`` every 1000 steps).
+        lr_decay_steps: See ``lr_decay``.
+        steps_per_epoch: Length of the step-counting training loader, i.e. of one epoch.
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, float],
+        learning_rate: float = 1e-3,
+        lr_decay: float | None = None,
+        lr_decay_steps: int = 1000,
+        steps_per_epoch: int = 1000,
+    ) -> None:
+        super().__init__()
+        if not isinstance(weights, Mapping):
+            raise TypeError(f"PINNModule: weights must be a mapping of term name to initial weight, e.g. {{'pde': 1.0, 'ic': 1.0}}; got {type(weights).__name__}.")
+        if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+            raise ValueError(f"PINNModule: learning_rate must be a finite number > 0, got {learning_rate!r}.")
+        if lr_decay is not None and not (isinstance(lr_decay, (int, float)) and 0 < lr_decay <= 1):
+            raise ValueError(f"PINNModule: lr_decay must be in (0, 1] or None, got {lr_decay!r}.")
+        if not (isinstance(lr_decay_steps, int) and lr_decay_steps >= 1):
+            raise ValueError(f"PINNModule: lr_decay_steps must be an integer >= 1, got {lr_decay_steps!r}.")
+        if not (isinstance(steps_per_epoch, int) and steps_per_epoch >= 1):
+            raise ValueError(f"PINNModule: steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}.")
+        self.criterion = MultiTermLoss(**weights)
+        self.learning_rate = float(learning_rate)
+        self.lr_decay = lr_decay
+        self.lr_decay_steps = lr_decay_steps
+        self.steps_per_epoch = steps_per_epoch
+
+    def residuals(self, batch: Any) -> Mapping[str, Tensor]:
+        """Return ``{term: residual}`` for this step (override in a subclass).
+
+        Each residual is a point-wise tensor (its loss is the mean of its squares) or a 0-dim
+        loss, computed from the network output so that it carries gradients.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement residuals(self, batch) -> dict[str, Tensor] returning one tensor per term in {self.criterion.term_names}.")
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Evaluate the network; subclasses with an attribute ``net`` get ``self.net(x)``."""
+        net = getattr(self, "net", None)
+        if net is None:
+            raise NotImplementedError(f"{type(self).__name__}: define forward(), or keep the network in self.net.")
+        return net(*args, **kwargs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.criterion(**self.residuals(batch))
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
+        if self.lr_decay is None:
+            return optimizer
+        gamma = self.lr_decay ** (1.0 / self.lr_decay_steps)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train_dataloader(self) -> Iterable[int]:
+        """A loader that yields step numbers: one "batch" per optimizer step."""
+        return range(self.steps_per_epoch)
