@@ -86,7 +86,9 @@ class GradientNormMonitor(PerTermCallback):
         cosine_threshold: Conflict alarm when a pair's gradient cosine is below this value;
             in ``[-1, 1)``, or ``None`` to switch the conflict alarm off (cosines are still logged).
         cosine_patience: Consecutive measurements below ``cosine_threshold`` before the
-            conflict alarm fires. Must be >= 1.
+            conflict alarm fires (>= 1). ``None`` picks enough measurements to span about 200
+            optimizer steps, at least 3 (``max(3, ceil(200 / every_n_steps))``), so that the
+            stall test below is not fooled by a few noisy Adam steps.
         conflict_min_decrease: The conflict alarm fires only if, over those measurements, the
             pair's weighted loss ``λ_a L_a + λ_b L_b`` fell by less than this fraction (the
             conflict has stalled training). Near any stationary point of a two-term loss the two
@@ -102,7 +104,7 @@ class GradientNormMonitor(PerTermCallback):
         every_n_steps: int = 50,
         threshold: float = 100.0,
         cosine_threshold: float | None = -0.5,
-        cosine_patience: int = 3,
+        cosine_patience: int | None = None,
         conflict_min_decrease: float | None = 0.05,
         loss_module: str | None = None,
         verbose: bool = True,
@@ -114,8 +116,10 @@ class GradientNormMonitor(PerTermCallback):
             isinstance(cosine_threshold, bool) or not isinstance(cosine_threshold, (int, float)) or not -1.0 <= cosine_threshold < 1.0
         ):
             raise ValueError(f"GradientNormMonitor: cosine_threshold must be a number in [-1, 1) (e.g. -0.5), or None to disable the conflict alarm; got {cosine_threshold!r}.")
-        if isinstance(cosine_patience, bool) or not isinstance(cosine_patience, int) or cosine_patience < 1:
-            raise ValueError(f"GradientNormMonitor: cosine_patience must be an integer >= 1 (consecutive measurements), got {cosine_patience!r}.")
+        if cosine_patience is not None and (isinstance(cosine_patience, bool) or not isinstance(cosine_patience, int) or cosine_patience < 1):
+            raise ValueError(f"GradientNormMonitor: cosine_patience must be an integer >= 1 (consecutive measurements) or None for about 200 steps' worth; got {cosine_patience!r}.")
+        if cosine_patience is None:
+            cosine_patience = max(3, math.ceil(200 / self.every_n_steps))
         if conflict_min_decrease is not None and (
             isinstance(conflict_min_decrease, bool) or not isinstance(conflict_min_decrease, (int, float)) or not 0.0 <= conflict_min_decrease < 1.0
         ):
@@ -127,7 +131,7 @@ class GradientNormMonitor(PerTermCallback):
         self.verbose = verbose
         self.diagnosis = MonitorDiagnosis()
         self._conflict_streak: dict[str, int] = {}
-        self._conflict_start_loss: dict[str, float] = {}
+        self._conflict_losses: dict[str, list[float]] = {}
         self._conflict_active: dict[str, bool] = {}
         self._term_flags: dict[str, str] = {}
         self.last_report: GradientReport | None = None
@@ -245,11 +249,12 @@ class GradientNormMonitor(PerTermCallback):
                 continue
             streak = self._conflict_streak.get(key, 0) + 1
             self._conflict_streak[key] = streak
-            if streak == 1:
-                self._conflict_start_loss[key] = pair_loss
+            # the pair's weighted loss over the last `cosine_patience` measurements of the streak
+            recent = (self._conflict_losses.get(key, []) if streak > 1 else []) + [pair_loss]
+            self._conflict_losses[key] = recent[-self.cosine_patience :]
             if streak < self.cosine_patience or self._conflict_active.get(key):
                 continue
-            start_loss = self._conflict_start_loss.get(key, pair_loss)
+            start_loss = self._conflict_losses[key][0]
             decrease = 1.0 - pair_loss / start_loss if start_loss > 0 else 0.0
             if self.conflict_min_decrease is not None and decrease >= self.conflict_min_decrease:
                 continue  # opposed gradients, but the pair's loss is still falling: not a stall
@@ -335,7 +340,7 @@ class GradientNormMonitor(PerTermCallback):
             "diagnosis": asdict(self.diagnosis),
             "conflict_streak": dict(self._conflict_streak),
             "conflict_active": dict(self._conflict_active),
-            "conflict_start_loss": dict(self._conflict_start_loss),
+            "conflict_losses": {key: list(values) for key, values in self._conflict_losses.items()},
             "term_flags": dict(self._term_flags),
         }
 
@@ -347,7 +352,7 @@ class GradientNormMonitor(PerTermCallback):
         self.diagnosis = MonitorDiagnosis(**saved)
         self._conflict_streak = dict(state_dict.get("conflict_streak", {}))
         self._conflict_active = dict(state_dict.get("conflict_active", {}))
-        self._conflict_start_loss = dict(state_dict.get("conflict_start_loss", {}))
+        self._conflict_losses = {key: list(values) for key, values in state_dict.get("conflict_losses", {}).items()}
         self._term_flags = dict(state_dict.get("term_flags", {}))
 
 

@@ -1,0 +1,63 @@
+"""Shared helpers for the test suite: small real fits on CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_pinn import MultiTermLoss
+from lightning_pinn.autodiff import derivative
+
+
+def make_trainer(max_steps: int, callbacks: list[Any] | None = None, **kwargs: Any) -> pl.Trainer:
+    """A quiet CPU trainer for tests."""
+    options: dict[str, Any] = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=callbacks or [],
+    )
+    options.update(kwargs)
+    return pl.Trainer(**options)
+
+
+class TwoTermPoisson(pl.LightningModule):
+    """A plain LightningModule (not a PINNModule): -u'' = π² sin(πx) on [0, 1], u(0) = u(1) = 0.
+
+    It uses a MultiTermLoss the way an existing user's module would.
+    """
+
+    def __init__(self, pde_weight: float = 1.0, bc_weight: float = 1.0, points: int = 32, width: int = 16) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(1, width), torch.nn.Tanh(), torch.nn.Linear(width, 1))
+        self.criterion = MultiTermLoss(pde=pde_weight, bc=bc_weight)
+        self.register_buffer("x", torch.linspace(0, 1, points).reshape(-1, 1))
+        self.register_buffer("xb", torch.tensor([[0.0], [1.0]]))
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        x = self.x.clone().requires_grad_(True)
+        u = self.net(x)
+        r_pde = -derivative(u, x, order=2) - torch.pi**2 * torch.sin(torch.pi * x)
+        r_bc = self.net(self.xb)
+        return {"pde": r_pde, "bc": r_bc}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.criterion(**self.residuals())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> range:
+        return range(100)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic() -> None:
+    torch.manual_seed(0)

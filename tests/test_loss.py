@@ -1,0 +1,143 @@
+"""MultiTermLoss: the weighted sum, the kept per-term tensors and every bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_pinn import MultiTermLoss
+from lightning_pinn.loss import term_loss
+
+
+def _residual(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, requires_grad=True)
+
+
+def test_weighted_sum_of_mean_squares() -> None:
+    loss = MultiTermLoss(pde=2.0, ic=0.5)
+    r_pde, r_ic = _residual(10, 1), _residual(3)
+    total = loss(pde=r_pde, ic=r_ic)
+    expected = 2.0 * r_pde.pow(2).mean() + 0.5 * r_ic.pow(2).mean()
+    assert torch.allclose(total, expected)
+    assert set(loss.last_losses) == {"pde", "ic"}
+    assert loss.last_residuals["pde"] is r_pde
+    assert loss.last_losses["ic"].requires_grad
+
+
+def test_zero_dim_tensor_is_an_already_reduced_loss() -> None:
+    loss = MultiTermLoss(data=1.0, pde=3.0)
+    data_loss = _residual(4).abs().mean()
+    r = _residual(5)
+    total = loss(data=data_loss, pde=r)
+    assert torch.allclose(total, data_loss + 3.0 * r.pow(2).mean())
+
+
+def test_weights_property_and_set_weights() -> None:
+    loss = MultiTermLoss(pde=1.0, ic=10.0)
+    assert loss.weights == {"pde": 1.0, "ic": 10.0}
+    assert loss.term_names == ("pde", "ic")
+    loss.set_weights({"ic": 100.0})
+    assert loss.weights == {"pde": 1.0, "ic": 100.0}
+    loss.set_weights(torch.tensor([3.0, 4.0]))
+    assert loss.weights == {"pde": 3.0, "ic": 4.0}
+
+
+def test_weights_are_buffers_in_the_state_dict() -> None:
+    loss = MultiTermLoss(pde=1.0, ic=10.0)
+    loss.set_weights({"ic": 42.0})
+    restored = MultiTermLoss(pde=1.0, ic=1.0)
+    restored.load_state_dict(loss.state_dict())
+    assert restored.weights == {"pde": 1.0, "ic": 42.0}
+    assert "lambdas" in dict(loss.named_buffers())
+
+
+def test_checkpoint_with_other_terms_is_refused() -> None:
+    saved = MultiTermLoss(pde=1.0, bc=2.0).state_dict()
+    with pytest.raises(ValueError, match=r"terms \('pde', 'bc'\).*\('pde', 'ic'\)"):
+        MultiTermLoss(pde=1.0, ic=1.0).load_state_dict(saved)
+
+
+def test_complex_residual_uses_squared_modulus() -> None:
+    r = torch.randn(6, dtype=torch.complex64, requires_grad=True)
+    assert torch.allclose(term_loss(r), r.abs().pow(2).mean())
+
+
+def test_low_precision_residual_is_reduced_in_float32() -> None:
+    r = torch.full((1000,), 1e-3, dtype=torch.bfloat16, requires_grad=True)
+    assert term_loss(r).dtype == torch.float32
+
+
+# ------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("value", [-1.0, math.nan, math.inf, -math.inf])
+def test_bad_initial_weight(value: float) -> None:
+    with pytest.raises(ValueError, match="weight of term 'ic'"):
+        MultiTermLoss(pde=1.0, ic=value)
+
+
+def test_non_numeric_weight() -> None:
+    with pytest.raises(TypeError, match="term 'ic' must be a number"):
+        MultiTermLoss(pde=1.0, ic="big")  # type: ignore[arg-type]
+
+
+def test_no_terms() -> None:
+    with pytest.raises(ValueError, match="at least one term"):
+        MultiTermLoss()
+
+
+def test_unknown_term_in_forward() -> None:
+    loss = MultiTermLoss(pde=1.0, ic=1.0)
+    with pytest.raises(ValueError, match=r"unknown term\(s\) 'bc'.*MultiTermLoss\(\.\.\., bc=1.0\)"):
+        loss(pde=_residual(3), ic=_residual(2), bc=_residual(2))
+
+
+def test_missing_term_in_forward() -> None:
+    loss = MultiTermLoss(pde=1.0, ic=1.0)
+    with pytest.raises(ValueError, match=r"missing term\(s\) 'ic'"):
+        loss(pde=_residual(3))
+
+
+def test_residual_without_grad() -> None:
+    loss = MultiTermLoss(pde=1.0, ic=1.0)
+    with pytest.raises(ValueError, match="term 'ic' does not require grad"):
+        loss(pde=_residual(3), ic=torch.randn(2))
+
+
+def test_residual_without_grad_is_fine_when_grad_is_disabled() -> None:
+    loss = MultiTermLoss(pde=1.0, ic=1.0)
+    with torch.no_grad():
+        total = loss(pde=torch.ones(3), ic=torch.zeros(2))
+    assert total.item() == pytest.approx(1.0)
+
+
+def test_integer_residual() -> None:
+    loss = MultiTermLoss(pde=1.0)
+    with pytest.raises(TypeError, match="term 'pde' has dtype torch.int64"):
+        loss(pde=torch.ones(3, dtype=torch.long))
+
+
+def test_non_tensor_residual() -> None:
+    loss = MultiTermLoss(pde=1.0)
+    with pytest.raises(TypeError, match="term 'pde' must be a torch.Tensor"):
+        loss(pde=[1.0, 2.0])  # type: ignore[arg-type]
+
+
+def test_empty_residual() -> None:
+    loss = MultiTermLoss(pde=1.0, bc=1.0)
+    with pytest.raises(ValueError, match="term 'bc' is an empty tensor"):
+        loss(pde=_residual(3), bc=torch.zeros(0, requires_grad=True))
+
+
+@pytest.mark.parametrize("value", [-2.0, math.nan])
+def test_set_weights_rejects_bad_values(value: float) -> None:
+    loss = MultiTermLoss(pde=1.0, ic=1.0)
+    with pytest.raises(ValueError, match="term 'ic'"):
+        loss.set_weights({"ic": value})
+    assert loss.weights == {"pde": 1.0, "ic": 1.0}
+
+
+def test_set_weights_rejects_unknown_term() -> None:
+    loss = MultiTermLoss(pde=1.0, ic=1.0)
+    with pytest.raises(ValueError, match="unknown term"):
+        loss.set_weights({"bc": 1.0})

@@ -1,0 +1,235 @@
+"""GradientNormMonitor on real fits: the alarm, the logged tags, the dashboard, bad input."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from conftest import TwoTermPoisson, make_trainer
+from lightning_pinn import MultiTermLoss
+from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
+from lightning_pinn.callbacks import GradientNormMonitor
+from lightning_pinn.problems import HarmonicOscillator
+from lightning_pinn.tensorboard import LAYOUT_CATEGORY
+from tb import custom_scalars_layout, load_events, scalar_series, texts
+
+
+def _fit_harmonic(ic_weight: float, steps: int, **monitor_kwargs: Any) -> tuple[HarmonicOscillator, GradientNormMonitor, list[warnings.WarningMessage]]:
+    torch.manual_seed(0)
+    model = HarmonicOscillator(ic_weight=ic_weight, steps_per_epoch=steps)
+    monitor = GradientNormMonitor(verbose=False, **monitor_kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(steps, [monitor]).fit(model)
+    return model, monitor, list(caught)
+
+
+def _of(caught: list[warnings.WarningMessage], category: type[Warning]) -> list[str]:
+    """Messages of warnings of exactly this category (a conflict alarm is not a ratio alarm)."""
+    return [str(w.message) for w in caught if w.category is category]
+
+
+def test_harmonic_crisis_alarms_and_good_weight_does_not() -> None:
+    bad, bad_monitor, bad_warnings = _fit_harmonic(1.0, 2000)
+    good, good_monitor, good_warnings = _fit_harmonic(100.0, 2000)
+
+    ratio_alarms = _of(bad_warnings, LossBalanceWarning)
+    assert len(ratio_alarms) == 1, "the alarm fires once when it starts, not on every step"
+    message = ratio_alarms[0]
+    assert "'pde'" in message and "'ic'" in message and "step 0" in message and "threshold of 100x" in message
+    assert bad_monitor.diagnosis.worst_ratio is not None and bad_monitor.diagnosis.worst_ratio > 100
+    assert bad_monitor.diagnosis.worst_pair == ("pde", "ic")
+    assert bad.relative_l2_error() > 0.9
+
+    assert _of(good_warnings, LossBalanceWarning) == []
+    assert good_monitor.diagnosis.ratio_alarm_episodes == 0
+    assert good_monitor.diagnosis.worst_ratio is not None and good_monitor.diagnosis.worst_ratio < 100
+    assert good.relative_l2_error() < 1e-2
+
+    # λ_IC = 1 then stalls with balanced norms and opposed gradients: the conflict alarm catches it
+    assert _of(bad_warnings, GradientConflictWarning), "the stalled λ_IC = 1 run must raise the conflict alarm"
+
+
+def test_tags_layout_and_alarm_text_in_tensorboard(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    model = HarmonicOscillator(ic_weight=1.0, steps_per_epoch=60)
+    monitor = GradientNormMonitor(every_n_steps=10, verbose=False)
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(60, [monitor], logger=logger, log_every_n_steps=50).fit(model)
+    events = load_events(tmp_path)
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        "grad_norm/pde", "grad_norm/ic", "grad_norm_weighted/pde", "grad_norm_weighted/ic", "grad_ratio",
+        "grad_ratio_threshold", "grad_cosine/pde_vs_ic", "loss/pde", "loss/ic", "weight/pde", "weight/ic",
+        "alarm/grad_ratio", "alarm/grad_conflict",
+    }
+    assert expected <= tags, expected - tags
+    # one measurement every 10 steps, from step 0, whatever log_every_n_steps says
+    assert [step for step, _ in scalar_series(events, "grad_norm/pde")] == [0, 10, 20, 30, 40, 50]
+    ratio = dict(scalar_series(events, "grad_ratio"))
+    assert ratio[0] > 100 and dict(scalar_series(events, "alarm/grad_ratio"))[0] == 1.0
+    assert dict(scalar_series(events, "weight/ic"))[0] == 1.0
+
+    layout = custom_scalars_layout(events)
+    categories = {category.title: category for category in layout.category}
+    assert LAYOUT_CATEGORY in categories
+    charts = {chart.title: list(chart.multiline.tag) for chart in categories[LAYOUT_CATEGORY].chart}
+    regexes = [regex for chart in charts.values() for regex in chart]
+    for tag in ["grad_norm/pde", "loss/ic", "weight/pde", "grad_ratio", "grad_ratio_threshold", "grad_cosine/pde_vs_ic", "alarm/grad_ratio"]:
+        import re
+
+        assert any(re.search(regex, tag) for regex in regexes), tag
+    ratio_chart = next(tags for title, tags in charts.items() if "ratio" in title)
+    assert r"^grad_ratio$" in ratio_chart and r"^grad_ratio_threshold$" in ratio_chart
+
+    alarm_texts = texts(events, "alarms")
+    assert alarm_texts and alarm_texts[0][0] == 0 and "loss-balance alarm" in alarm_texts[0][1]
+    assert texts(events, "diagnosis"), "the end-of-fit diagnosis is written as a text entry"
+
+
+def test_existing_lightning_module_with_csv_logger(tmp_path: Any) -> None:
+    model = TwoTermPoisson()
+    monitor = GradientNormMonitor(every_n_steps=5, verbose=False)
+    logger = CSVLogger(str(tmp_path), name="csv")
+    make_trainer(20, [monitor], logger=logger).fit(model)
+    logger.save()
+    import csv
+
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    steps = sorted({int(row["step"]) for row in rows if row.get("grad_norm/pde")})
+    assert steps == [0, 5, 10, 15]
+    assert monitor.diagnosis.measurements == 4
+
+
+def test_ratio_alarm_comes_back_after_recovery() -> None:
+    from pytorch_lightning import Callback
+
+    model = TwoTermPoisson(bc_weight=1.0)
+    monitor = GradientNormMonitor(every_n_steps=1, threshold=1e3, verbose=False)
+    # λ_bc far too large on steps 1, 4 and 5: the alarm starts at 1, recovers at 2, starts again at 4
+    weights = iter([1.0, 1e6, 1.0, 1.0, 1e6, 1e6, 1.0])
+
+    class SetWeight(Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            pl_module.criterion.set_weights({"bc": next(weights)})
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(7, [SetWeight(), monitor]).fit(model)
+    alarms = _of(list(caught), LossBalanceWarning)
+    assert len(alarms) == 2
+    assert "at step 1:" in alarms[0] and "at step 4:" in alarms[1]
+    assert "'bc'" in alarms[0] and "'pde'" in alarms[0]
+    assert monitor.diagnosis.ratio_alarm_episodes == 2 and monitor.diagnosis.ratio_alarm_measurements == 3
+
+
+def test_zero_gradient_term_is_reported_not_nan() -> None:
+    class WithConstantTerm(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, const=1.0)
+            self.offset = torch.zeros(3, requires_grad=True)  # requires grad but is not a parameter
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.criterion(**self.residuals(), const=self.offset + 1.0)
+
+    model = WithConstantTerm()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(3, [monitor]).fit(model)
+    messages = [str(w.message) for w in caught if issubclass(w.category, TermGradientWarning)]
+    assert len(messages) == 1 and "term 'const' has an exactly zero gradient" in messages[0]
+    report = monitor.last_report
+    assert report is not None and report.zero_terms == ("const",)
+    assert report.ratio is not None and report.ratio == report.ratio  # finite, not NaN
+    assert report.smallest != "const"
+    assert ("pde", "const") not in report.cosines
+
+
+def test_conflict_alarm_on_directly_opposed_terms() -> None:
+    class Opposed(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(up=1.0, down=1.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            u = self.net(self.x)
+            return self.criterion(up=u - 1.0, down=u + 1.0)
+
+    monitor = GradientNormMonitor(every_n_steps=5, cosine_threshold=-0.5, cosine_patience=3, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(100, [monitor]).fit(Opposed())
+    conflicts = [str(w.message) for w in caught if issubclass(w.category, GradientConflictWarning)]
+    assert len(conflicts) == 1 and "'up' and 'down'" in conflicts[0]
+    assert monitor.diagnosis.conflict_alarm_episodes == 1
+    assert monitor.diagnosis.min_cosine is not None and monitor.diagnosis.min_cosine < -0.99
+
+
+def test_summary_is_printed_at_fit_end(caplog: Any) -> None:
+    import logging
+
+    monitor = GradientNormMonitor(every_n_steps=2)
+    with caplog.at_level(logging.INFO):
+        make_trainer(6, [monitor]).fit(TwoTermPoisson())
+    assert "GradientNormMonitor diagnosis: 3 measurement(s)" in caplog.text
+    assert "worst gradient-norm ratio" in caplog.text
+
+
+# ------------------------------------------------------------------------- bad input
+class _NoLoss(TwoTermPoisson):
+    def __init__(self) -> None:
+        super().__init__()
+        del self.criterion
+        self.ran = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.ran = True
+        return self.net(self.x).pow(2).mean()
+
+
+def test_module_without_multi_term_loss_fails_before_training() -> None:
+    model = _NoLoss()
+    with pytest.raises(ValueError, match=r"_NoLoss has no MultiTermLoss.*self.criterion = MultiTermLoss"):
+        make_trainer(2, [GradientNormMonitor()]).fit(model)
+    assert not model.ran
+
+
+def test_several_losses_need_a_name() -> None:
+    model = TwoTermPoisson()
+    model.other = MultiTermLoss(data=1.0)
+    with pytest.raises(ValueError, match=r"several MultiTermLoss modules \('criterion', 'other'\).*loss_module='criterion'"):
+        make_trainer(2, [GradientNormMonitor()]).fit(model)
+    monitor = GradientNormMonitor(every_n_steps=1, loss_module="criterion", verbose=False)
+    make_trainer(2, [monitor]).fit(model)
+    assert monitor.diagnosis.measurements == 2
+
+
+def test_unknown_loss_module_name() -> None:
+    with pytest.raises(ValueError, match=r"loss_module='crit'.*found: 'criterion'"):
+        make_trainer(2, [GradientNormMonitor(loss_module="crit")]).fit(TwoTermPoisson())
+
+
+@pytest.mark.parametrize("value", [0, -5, 2.5, True])
+def test_bad_every_n_steps(value: Any) -> None:
+    with pytest.raises(ValueError, match="every_n_steps must be an integer >= 1"):
+        GradientNormMonitor(every_n_steps=value)
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, -3, float("nan"), float("inf")])
+def test_bad_threshold(value: float) -> None:
+    with pytest.raises(ValueError, match="threshold must be a finite number > 1"):
+        GradientNormMonitor(threshold=value)
+
+
+@pytest.mark.parametrize("kwargs", [{"cosine_threshold": 1.0}, {"cosine_threshold": -1.5}, {"cosine_patience": 0}, {"conflict_min_decrease": 1.0}])
+def test_bad_conflict_arguments(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        GradientNormMonitor(**kwargs)
