@@ -21,23 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["GradientReport", "gradient_norms", "cosine_matrix", "imbalance", "summarize_gradients"]
+__all__ = ["GradientReport", "gradient_norms", "imbalance", "summarize_gradients"]
 
 
 def gradient_norms(gradients: Tensor) -> Tensor:
     """Row-wise Euclidean norms ``‖g_i‖₂`` of a ``(K, P)`` matrix of flattened gradients."""
     return torch.linalg.vector_norm(gradients.to(torch.float64), dim=1)
-
-
-def cosine_matrix(gradients: Tensor, norms: Tensor | None = None) -> Tensor:
-    """``(K, K)`` matrix of cosines between gradient rows; ``nan`` where a row has zero norm."""
-    grads = gradients.to(torch.float64)
-    norms = gradient_norms(grads) if norms is None else norms.to(torch.float64)
-    gram = grads @ grads.T
-    denominator = torch.outer(norms, norms)
-    cosines = gram / denominator
-    cosines[denominator == 0] = math.nan
-    return cosines.clamp(-1.0, 1.0)
 
 
 def imbalance(weighted_norms: list[float]) -> tuple[float, int, int] | None:
@@ -89,9 +78,17 @@ class GradientReport:
 
 
 def summarize_gradients(terms: tuple[str, ...], losses: Tensor, weights: Tensor, gradients: Tensor, with_cosines: bool = True) -> GradientReport:
-    """Compute norms, weighted norms, the imbalance ratio and pairwise cosines for one step."""
-    norms_t = gradient_norms(gradients)
-    norms = norms_t.tolist()
+    """Compute norms, weighted norms, the imbalance ratio and pairwise cosines for one step.
+
+    The norms and the Gram matrix ``G Gᵀ`` (for ``cos(g_a, g_b) = (G Gᵀ)_ab / (‖g_a‖ ‖g_b‖)``)
+    are moved to Python in one transfer.
+    """
+    grads = gradients.to(torch.float64)
+    norms_t = torch.linalg.vector_norm(grads, dim=1)
+    rows = torch.cat([norms_t[:, None], grads @ grads.T], dim=1).tolist()
+    count = len(terms)
+    norms = [row[0] for row in rows]
+    gram = [row[1:] for row in rows]
     lambdas = weights.to(torch.float64).tolist()
     weighted = [lam * norm if lam != 0 else 0.0 for lam, norm in zip(lambdas, norms)]
     nonfinite = tuple(name for name, norm in zip(terms, norms) if not math.isfinite(norm))
@@ -99,13 +96,11 @@ def summarize_gradients(terms: tuple[str, ...], losses: Tensor, weights: Tensor,
     found = imbalance(weighted)
     ratio, largest, smallest = (found[0], terms[found[1]], terms[found[2]]) if found else (None, None, None)
     cosines: dict[tuple[str, str], float] = {}
-    if with_cosines and len(terms) > 1:
-        matrix = cosine_matrix(gradients, norms_t).tolist()
-        for a in range(len(terms)):
-            for b in range(a + 1, len(terms)):
-                value = matrix[a][b]
-                if math.isfinite(value) and math.isfinite(norms[a]) and math.isfinite(norms[b]):
-                    cosines[(terms[a], terms[b])] = value
+    if with_cosines:
+        for a in range(count):
+            for b in range(a + 1, count):
+                if norms[a] > 0 and norms[b] > 0 and math.isfinite(norms[a]) and math.isfinite(norms[b]):
+                    cosines[(terms[a], terms[b])] = max(-1.0, min(1.0, gram[a][b] / (norms[a] * norms[b])))
     return GradientReport(
         terms=terms,
         losses=tuple(losses.tolist()),

@@ -100,10 +100,11 @@ class _Capture:
     residuals: list[Tensor]
     names: tuple[str, ...]
     lambdas: Tensor
-    loss_values: Tensor
+    loss_values: Tensor  # detached L_i, in the dtype of the weights
     trace_request: TraceRequest | None
     want_gradients: bool
-    gradients: Tensor | None = None
+    term_gradients: list[list[Tensor]] | None = None  # per term, per parameter, times the cotangent
+    cotangent: Tensor | None = None  # gradient reaching the total: AMP scale × 1/accumulation × user factor
     trace_sums: Tensor | None = None
     trace_counts: Tensor | None = None
     backward_done: bool = False
@@ -211,7 +212,7 @@ class TermGradientEngine:
                         "exclude the term from the NTK balancer."
                     )
         weights = lambdas.detach().clone()
-        loss_values = torch.stack([loss.detach().to(torch.float64) for loss in losses])
+        loss_values = torch.stack([loss.detach() for loss in losses]).to(weights.dtype)
         capture = _Capture(
             engine=self,
             batch_key=window.batch_key,
@@ -225,39 +226,36 @@ class TermGradientEngine:
             want_gradients=window.want_gradients,
         )
         window.pending = capture
-        total = torch.dot(weights, torch.stack([loss.detach().to(weights.dtype) for loss in losses]))
-        return _CapturedTotal.apply(capture, total, *window.params)
+        return _CapturedTotal.apply(capture, torch.dot(weights, loss_values), *window.params)
 
     def _backward(self, capture: _Capture, grad_output: Tensor) -> list[Tensor | None]:
         params = capture.params
         if capture.trace_request is not None:
             self._record_traces(capture)
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
-        sizes = [p.numel() for p in params]
-        num_params = sum(sizes)
-        rows = torch.zeros(len(capture.losses), num_params, dtype=dtype, device=grad_output.device)
         reached = [False] * len(params)
-        for i, loss in enumerate(capture.losses):
-            grads = torch.autograd.grad(
-                loss, params, grad_outputs=grad_output.to(loss.dtype), retain_graph=True, allow_unused=True
-            )
-            offset = 0
-            for j, (grad, size) in enumerate(zip(grads, sizes)):
-                if grad is not None:
-                    rows[i, offset : offset + size] = grad.reshape(-1)
+        per_term: list[list[Tensor]] = []
+        for loss in capture.losses:
+            grads = torch.autograd.grad(loss, params, grad_outputs=grad_output.to(loss.dtype), retain_graph=True, allow_unused=True)
+            filled = []
+            for j, (grad, param) in enumerate(zip(grads, params)):
+                if grad is None:
+                    filled.append(torch.zeros_like(param))
+                else:
                     reached[j] = True
-                offset += size
-        combined = capture.lambdas.to(dtype) @ rows
-        capture.gradients = rows / grad_output.to(dtype) if capture.want_gradients else None
+                    filled.append(grad)
+            per_term.append(filled)
+        # Σ_i λ_i ∇θ L_i (already multiplied by the cotangent): the parameters' gradient
+        lambdas = capture.lambdas.to(grad_output.device)
+        combined = torch._foreach_mul(per_term[0], lambdas[0])
+        for i in range(1, len(per_term)):
+            torch._foreach_add_(combined, torch._foreach_mul(per_term[i], lambdas[i]))
+        if capture.want_gradients:
+            capture.term_gradients = per_term
+            capture.cotangent = grad_output.detach()
         capture.backward_done = True
         capture.losses = []
         capture.residuals = []
-        out: list[Tensor | None] = []
-        offset = 0
-        for param, size, hit in zip(params, sizes, reached):
-            out.append(combined[offset : offset + size].view_as(param).to(param.dtype) if hit else None)
-            offset += size
-        return out
+        return [grad if hit else None for grad, hit in zip(combined, reached)]
 
     def _record_traces(self, capture: _Capture) -> None:
         request = capture.trace_request
@@ -277,10 +275,13 @@ class TermGradientEngine:
         if capture is None or not capture.backward_done:
             return
         window.batches += 1
-        window.loss_sum = capture.loss_values if window.loss_sum is None else window.loss_sum + capture.loss_values
+        values = capture.loss_values.to(torch.float64)
+        window.loss_sum = values if window.loss_sum is None else window.loss_sum + values
         window.weights = capture.lambdas
-        if capture.gradients is not None:
-            grads = capture.gradients
+        if capture.term_gradients is not None and capture.cotangent is not None:
+            dtype = torch.float64 if any(p.dtype == torch.float64 for p in capture.params) else torch.float32
+            flat = torch.stack([torch.cat([g.reshape(-1) for g in grads]).to(dtype) for grads in capture.term_gradients])
+            grads = flat / capture.cotangent.to(dtype)  # ∇θ L_i of the unscaled, unweighted loss
             window.gradient_sum = grads if window.gradient_sum is None else window.gradient_sum + grads
         if capture.trace_sums is not None:
             window.trace_sum = capture.trace_sums if window.trace_sum is None else window.trace_sum + capture.trace_sums
@@ -311,42 +312,47 @@ class TermGradientEngine:
 
     def _reduce(self, window: _Window, terms: tuple[str, ...], all_reduce_sum: Callable[[Tensor], Tensor] | None) -> StepMeasurement | None:
         num_terms = len(terms)
-        num_params = sum(p.numel() for p in window.params)
-        device = window.params[0].device if window.params else torch.device("cpu")
         want_traces = window.trace_request is not None
-        parts = [
-            torch.tensor([float(window.batches)], dtype=torch.float64, device=device),
-            _or_zeros(window.loss_sum, (num_terms,), device),
-            _or_zeros(window.weights, (num_terms,), device).to(torch.float64) * window.batches,
-        ]
-        if want_traces:
-            parts += [_or_zeros(window.trace_sum, (num_terms,), device), _or_zeros(window.trace_count, (num_terms,), device)]
-        if window.want_gradients:
-            parts.append(_or_zeros(window.gradient_sum, (num_terms, num_params), device).reshape(-1))
-        packed = torch.cat([part.to(device=device, dtype=torch.float64).reshape(-1) for part in parts])
-        if all_reduce_sum is not None:
-            packed = all_reduce_sum(packed)
-        batches = int(packed[0].item())
-        if batches == 0:
-            return None
-        chunks = list(packed[1:].split([num_terms, num_terms] + ([num_terms] * 2 if want_traces else []) + ([num_terms * num_params] if window.want_gradients else [])))
-        losses = chunks.pop(0) / batches
-        weights = chunks.pop(0) / batches
-        traces = counts = None
-        if want_traces:
-            sums, counts = chunks.pop(0), chunks.pop(0)
-            traces = sums / counts
-        gradients = None
-        if window.want_gradients:
-            gradients = (chunks.pop(0) / batches).reshape(num_terms, num_params)
+        if all_reduce_sum is None:  # one process: nothing to exchange
+            batches = window.batches
+            loss_sum, trace_sum, trace_count, gradient_sum = window.loss_sum, window.trace_sum, window.trace_count, window.gradient_sum
+            weights = window.weights
+            if batches == 0 or loss_sum is None or weights is None:
+                return None
+            weights = weights.to(torch.float64)
+        else:
+            num_params = sum(p.numel() for p in window.params)
+            device = window.params[0].device if window.params else torch.device("cpu")
+            # The packed shape depends only on what was requested, never on local data, so every
+            # rank joins the same collective even if its own batch produced no capture.
+            sizes = [1, num_terms, num_terms]
+            parts = [
+                torch.tensor([float(window.batches)], dtype=torch.float64, device=device),
+                _or_zeros(window.loss_sum, (num_terms,), device),
+                _or_zeros(window.weights, (num_terms,), device).to(torch.float64) * window.batches,
+            ]
+            if want_traces:
+                sizes += [num_terms, num_terms]
+                parts += [_or_zeros(window.trace_sum, (num_terms,), device), _or_zeros(window.trace_count, (num_terms,), device)]
+            if window.want_gradients:
+                sizes.append(num_terms * num_params)
+                parts.append(_or_zeros(window.gradient_sum, (num_terms, num_params), device).reshape(-1))
+            packed = all_reduce_sum(torch.cat([part.to(device=device, dtype=torch.float64).reshape(-1) for part in parts]))
+            chunks = list(packed.split(sizes))
+            batches = int(chunks.pop(0).item())
+            if batches == 0:
+                return None
+            loss_sum, weights = chunks.pop(0), chunks.pop(0) / batches
+            trace_sum, trace_count = (chunks.pop(0), chunks.pop(0)) if want_traces else (None, None)
+            gradient_sum = chunks.pop(0).reshape(num_terms, num_params) if window.want_gradients else None
         return StepMeasurement(
             step=window.step,
             terms=terms,
-            losses=losses,
+            losses=loss_sum / batches,
             weights=weights,
-            gradients=gradients,
-            traces=traces,
-            trace_points=counts,
+            gradients=None if gradient_sum is None else gradient_sum / batches,
+            traces=None if trace_sum is None or trace_count is None else trace_sum / trace_count,
+            trace_points=trace_count,
             micro_batches=batches,
         )
 

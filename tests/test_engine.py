@@ -10,7 +10,7 @@ import torch
 from conftest import TwoTermPoisson, make_trainer
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.callbacks import GradientNormMonitor
-from lightning_pinn.diagnostics import cosine_matrix, imbalance
+from lightning_pinn.diagnostics import imbalance, summarize_gradients
 from lightning_pinn.engine import TermGradientEngine
 
 
@@ -103,8 +103,10 @@ def test_imbalance_ignores_zero_and_nonfinite_norms() -> None:
     assert imbalance([0.0, 5.0]) is None
 
 
-def test_cosine_matrix_marks_zero_rows_as_nan() -> None:
-    g = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])
-    c = cosine_matrix(g)
-    assert c[0, 1].item() == pytest.approx(-1.0)
-    assert torch.isnan(c[0, 2])
+def test_summary_of_zero_and_nonfinite_gradients() -> None:
+    g = torch.tensor([[1.0, 0.0], [-2.0, 0.0], [0.0, 0.0], [float("inf"), 1.0]])
+    report = summarize_gradients(("a", "b", "zero", "bad"), torch.ones(4), torch.tensor([1.0, 1.0, 1.0, 1.0]), g)
+    assert report.norms[:3] == (1.0, 2.0, 0.0)
+    assert report.cosines == {("a", "b"): pytest.approx(-1.0)}
+    assert report.zero_terms == ("zero",) and report.nonfinite_terms == ("bad",)
+    assert report.ratio == pytest.approx(2.0) and (report.largest, report.smallest) == ("b", "a")

@@ -35,6 +35,9 @@ class MonitorDiagnosis:
         conflict_alarm_episodes: How many times the conflict alarm started (any pair).
         zero_gradient_terms: Terms seen with an exactly zero gradient.
         nonfinite_terms: Terms seen with a NaN or inf gradient.
+        ratio_alarm_spans: ``[start_step, end_step]`` of each ratio-alarm episode
+            (``end_step`` is ``None`` while it is on).
+        conflict_alarm_spans: ``[term_a, term_b, start_step, end_step]`` of each conflict episode.
     """
 
     measurements: int = 0
@@ -52,6 +55,8 @@ class MonitorDiagnosis:
     conflict_alarm_episodes: int = 0
     zero_gradient_terms: list[str] = field(default_factory=list)
     nonfinite_terms: list[str] = field(default_factory=list)
+    ratio_alarm_spans: list[list[int | None]] = field(default_factory=list)
+    conflict_alarm_spans: list[list[Any]] = field(default_factory=list)
 
 
 class GradientNormMonitor(PerTermCallback):
@@ -169,7 +174,6 @@ class GradientNormMonitor(PerTermCallback):
             metrics[f"grad_norm_weighted/{name}"] = weighted
         if report.ratio is not None:
             metrics["grad_ratio"] = report.ratio
-            pl_module.log("grad_ratio", report.ratio, prog_bar=True, logger=False)
         metrics["grad_ratio_threshold"] = self.threshold
         for (a, b), cosine in report.cosines.items():
             metrics[f"grad_cosine/{a}_vs_{b}"] = cosine
@@ -206,10 +210,13 @@ class GradientNormMonitor(PerTermCallback):
             diagnosis.ratio_alarm_measurements += 1
         if above and not diagnosis.ratio_alarm_active:
             diagnosis.ratio_alarm_episodes += 1
+            diagnosis.ratio_alarm_spans.append([step, None])
             message = self._ratio_message(report, step)
             rank_zero_warn(message, category=LossBalanceWarning)
             self._write_text(trainer, "alarms", message, step)
         elif not above and diagnosis.ratio_alarm_active:
+            if diagnosis.ratio_alarm_spans:
+                diagnosis.ratio_alarm_spans[-1][1] = step
             message = f"GradientNormMonitor: gradient-norm ratio back to {report.ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
             rank_zero_info(message)
             self._write_text(trainer, "alarms", message, step)
@@ -245,6 +252,10 @@ class GradientNormMonitor(PerTermCallback):
                 self._conflict_streak[key] = 0
                 if self._conflict_active.get(key):
                     self._conflict_active[key] = False
+                    for span in reversed(diagnosis.conflict_alarm_spans):
+                        if span[0] == a and span[1] == b and span[3] is None:
+                            span[3] = step
+                            break
                     self._write_text(trainer, "alarms", f"GradientNormMonitor: gradient conflict between '{a}' and '{b}' ended at step {step} (cosine {cosine:.2f}).", step)
                 continue
             streak = self._conflict_streak.get(key, 0) + 1
@@ -260,6 +271,7 @@ class GradientNormMonitor(PerTermCallback):
                 continue  # opposed gradients, but the pair's loss is still falling: not a stall
             self._conflict_active[key] = True
             diagnosis.conflict_alarm_episodes += 1
+            diagnosis.conflict_alarm_spans.append([a, b, step, None])
             message = (
                 f"GradientNormMonitor: gradient-conflict alarm at step {step}: the gradients of terms '{a}' and '{b}' "
                 f"point against each other (cosine {cosine:.2f}, below {self.cosine_threshold:g} for {streak} consecutive "

@@ -1,0 +1,119 @@
+"""Overhead of lightning-pinn's callbacks, measured side by side.
+
+Trains the harmonic IVP (1-32-32-32-1 tanh, 128 points, Adam) for ``--steps`` steps in
+several configurations, alternating them round-robin so that machine noise hits all alike,
+and prints the median wall time of each and the ratios of medians. Nothing here asserts an
+absolute time.
+
+    python benchmarks/overhead.py                 # default: 5 rounds of 2000 steps
+    python benchmarks/overhead.py --rounds 7 --steps 1000
+
+Configurations:
+    plain-loop        plain PyTorch loop, no Lightning (the floor)
+    lightning         PINNModule fit, TensorBoardLogger, no callback
+    monitor-default   + GradientNormMonitor() at its default cadence
+    monitor-every     + GradientNormMonitor(every_n_steps=1): per-term gradients on every step
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_pinn.autodiff import derivative  # noqa: E402
+from lightning_pinn.callbacks import GradientNormMonitor  # noqa: E402
+from lightning_pinn.demo import quiet_lightning  # noqa: E402
+from lightning_pinn.nn import mlp  # noqa: E402
+from lightning_pinn.problems import HarmonicOscillator  # noqa: E402
+
+
+def plain_loop(steps: int, ic_weight: float = 100.0, omega: float = 2 * math.pi) -> float:
+    """The same fit as a bare PyTorch loop; returns seconds."""
+    torch.manual_seed(0)
+    net = mlp(1, (32, 32, 32), 1)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    t_col = torch.linspace(0, 1, 128).reshape(-1, 1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        t = t_col.clone().requires_grad_(True)
+        u = net(t)
+        r_pde = derivative(u, t, order=2) + omega**2 * u
+        t0 = torch.zeros(1, 1, requires_grad=True)
+        u0 = net(t0)
+        r_ic = torch.cat([u0 - 1.0, derivative(u0, t0)]).reshape(-1)
+        loss = r_pde.square().mean() + ic_weight * r_ic.square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return time.perf_counter() - start
+
+
+def lightning_fit(steps: int, callbacks: Callable[[], list[pl.Callback]], log_root: str) -> float:
+    """A PINNModule fit with a TensorBoardLogger and the given callbacks; returns seconds of ``fit``."""
+    torch.manual_seed(0)
+    model = HarmonicOscillator(ic_weight=100.0, steps_per_epoch=steps)
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(
+            max_steps=steps,
+            accelerator="cpu",
+            devices=1,
+            logger=TensorBoardLogger(log_root, name="bench"),
+            callbacks=callbacks(),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        start = time.perf_counter()
+        trainer.fit(model)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each configuration (default 5)")
+    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (default 2000)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as log_root:
+        configs: dict[str, Callable[[], float]] = {
+            "plain-loop": lambda: plain_loop(args.steps),
+            "lightning": lambda: lightning_fit(args.steps, lambda: [], log_root),
+            "monitor-default": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False)], log_root),
+            "monitor-every": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(every_n_steps=1, verbose=False)], log_root),
+        }
+        for run in configs.values():  # warm-up: imports, allocator, first TensorBoard writer
+            run()
+        times: dict[str, list[float]] = {name: [] for name in configs}
+        for round_index in range(args.rounds):
+            for name, run in configs.items():
+                times[name].append(run())
+            print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(f"\nharmonic IVP, {args.steps} steps, {args.rounds} alternating rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'configuration':<18}{'median':>9}")
+    for name, value in medians.items():
+        print(f"{name:<18}{value:>8.3f}s")
+    print("\nratios of medians:")
+    print(f"  monitor-default / lightning   = {medians['monitor-default'] / medians['lightning']:.3f}   (GradientNormMonitor at its default cadence)")
+    print(f"  monitor-every   / lightning   = {medians['monitor-every'] / medians['lightning']:.3f}   (per-term gradients on every step)")
+    print(f"  lightning       / plain-loop  = {medians['lightning'] / medians['plain-loop']:.3f}   (Lightning itself)")
+    print(f"  monitor-default / plain-loop  = {medians['monitor-default'] / medians['plain-loop']:.3f}   (end to end, with the monitor)")
+
+
+if __name__ == "__main__":
+    main()
