@@ -3,6 +3,7 @@
 Subcommands:
     demo    Train the harmonic IVP at a bad and a good λ_IC with the monitor attached and show
             the loss-balance crisis and its fix.
+    sweep   The λ_IC sweep (Goldilocks curve) against the automatic balancers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import math
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 
 __all__ = ["main", "build_parser"]
@@ -46,7 +48,67 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     demo.add_argument("--every-n-steps", type=_positive_int, default=50, help="monitor cadence in steps (default: 50)")
     demo.add_argument("--logdir", default="lightning_pinn_runs/demo", help="TensorBoard log directory (default: lightning_pinn_runs/demo)")
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="λ_IC sweep on the harmonic oscillator against the automatic balancers (table + PNG)",
+        description="Train the harmonic IVP for each λ_IC = 10^e on a grid (a fresh fit per value) and once per balancer "
+        "(starting from λ = 1); write a table and a plot of relative L² against λ_IC, with the per-term loss histories of "
+        "the bad, good and balanced cases.",
+    )
+    sweep.add_argument("--grid-min", type=float, default=-3.0, help="smallest log10 λ_IC (default: -3)")
+    sweep.add_argument("--grid-max", type=float, default=5.0, help="largest log10 λ_IC (default: 5)")
+    sweep.add_argument("--grid-step", type=float, default=1.0, help="grid spacing in log10 λ_IC (default: 1)")
+    sweep.add_argument("--balancers", nargs="*", default=["gradnorm-max", "gradnorm-mean", "ntk"], choices=["gradnorm-max", "gradnorm-mean", "ntk"], help="balancers to compare (default: all three)")
+    sweep.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
+    sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; the table reports the median (default: 0)")
+    sweep.add_argument("--omega", type=float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
+    sweep.add_argument("--workers", type=int, default=0, help="parallel fits (default: one per CPU core)")
+    sweep.add_argument("--out", default="lightning_pinn_runs/sweep", help="output folder (default: lightning_pinn_runs/sweep)")
     return parser
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``lightning-pinn sweep``: the Goldilocks curve of λ_IC, and the balancers beside it."""
+    import json
+    from pathlib import Path
+
+    from lightning_pinn.sweep import FitSpec, grid_weights, plot_sweep, results_as_dicts, run_fits, summarize, write_table
+
+    try:
+        weights = grid_weights(args.grid_min, args.grid_max, args.grid_step)
+    except ValueError as error:
+        print(f"lightning-pinn sweep: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = [FitSpec("fixed", weight, seed, args.steps, args.omega) for seed in args.seeds for weight in weights]
+    specs += [FitSpec(name, 1.0, seed, args.steps, args.omega) for seed in args.seeds for name in args.balancers]
+    print(f"Sweep: {len(weights)} fixed λ_IC from 1e{args.grid_min:g} to 1e{args.grid_max:g}, balancers {', '.join(args.balancers) or 'none'}; "
+          f"{len(args.seeds)} seed(s), {args.steps} steps each: {len(specs)} fits.", flush=True)
+    start = time.perf_counter()
+
+    def progress(done: int, total: int, result) -> None:  # type: ignore[no-untyped-def]
+        elapsed = time.perf_counter() - start
+        print(f"  [{done:>{len(str(total))}}/{total}] {result.spec.label:<14} seed {result.spec.seed}: rel. L2 {result.relative_l2:.2e}  "
+              f"({result.seconds:.1f} s; {elapsed:.0f} s elapsed)", flush=True)
+
+    results = run_fits(specs, workers=args.workers, on_result=progress)
+    summaries = summarize(results)
+    table = write_table(summaries, out / "sweep.csv")
+    omega_text = "2π" if math.isclose(args.omega, 2 * math.pi) else f"{args.omega:g}"
+    title = f"harmonic IVP, ω = {omega_text}, {args.steps} steps, seeds {' '.join(map(str, args.seeds))}"
+    plot_sweep(summaries, results, out / "sweep.png", title)
+    (out / "sweep.md").write_text(f"# λ sweep: {title}\n\n{table}\n")
+    (out / "sweep.json").write_text(json.dumps(results_as_dicts(results), default=str))
+    print()
+    print(table)
+    fixed = [s for s in summaries if s.method == "fixed"]
+    if fixed:
+        best = min(fixed, key=lambda s: s.median_l2)
+        print(f"\nbest fixed weight: {best.label} (median rel. L2 {best.median_l2:.2e})")
+    print(f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'} and {out / 'sweep.json'} ({time.perf_counter() - start:.0f} s)")
+    return 0
 
 
 def _print_wrapped(prefix: str, message: str) -> None:
@@ -96,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo":
         return run_demo(args)
+    if args.command == "sweep":
+        return run_sweep(args)
     parser.print_help()
     return 0
 

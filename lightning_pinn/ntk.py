@@ -51,7 +51,8 @@ def jacobian_row_sq_norms(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     components = 2 if residual.is_complex() else 1
-    flat = torch.view_as_real(residual).reshape(-1) if components == 2 else residual.reshape(-1)
+    with torch.enable_grad():  # may run inside a backward pass, where grad mode is off
+        flat = torch.view_as_real(residual).reshape(-1) if components == 2 else residual.reshape(-1)
     num_points = residual.numel()
     if points is None:
         points = torch.arange(num_points, device=residual.device)

@@ -1,0 +1,393 @@
+"""Callbacks that rebalance the weights λ of a ``MultiTermLoss`` during training.
+
+The callbacks orchestrate; the formulas live in :mod:`lightning_pinn.rules`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_warn
+from torch import Tensor
+
+from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
+from lightning_pinn.callbacks._base import PerTermCallback, log_scalars
+from lightning_pinn.diagnostics import gradient_norms
+from lightning_pinn.engine import StepMeasurement, TraceRequest
+from lightning_pinn.ntk import DEFAULT_CHUNK_SIZE
+from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
+
+__all__ = ["WeightBalancer", "GradNormBalancer", "NTKBalancer"]
+
+
+def _check_number(owner: str, name: str, value: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number{hint}, got {value!r}.")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{owner}: {name} must be {'>' if low_open else '>='} {low:g}{hint}, got {value!r}.")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{owner}: {name} must be {'<' if high_open else '<='} {high:g}{hint}, got {value!r}.")
+    return float(value)
+
+
+class WeightBalancer(PerTermCallback):
+    """Base class: update λ from a rule every ``every_n_steps`` optimizer steps.
+
+    Subclasses define :meth:`_rule_inputs` (the per-term quantity the rule needs, e.g. gradient
+    norms) and :meth:`_rule` (target weights ``λ̂`` from it). This class validates the inputs,
+    smooths ``λ ← m·λ + (1 − m)·λ̂``, clamps, keeps ranks identical, writes λ between optimizer
+    steps (never mid-graph, never during validation), logs ``weight/<term>`` and saves its
+    state in checkpoints.
+
+    Args:
+        every_n_steps: Update every this many optimizer steps (after the optimizer step).
+        momentum: Smoothing ``m`` in ``[0, 1)``; 0 takes ``λ̂`` directly.
+        terms: Names of the terms whose λ may change (default: all); the others stay fixed
+            but still enter the rule (e.g. the max over all norms).
+        reference: A term held at ``λ = 1``: ``λ̂_i = q_ref / q_i`` for the rule's quantity
+            ``q``. ``None`` uses the rule's own normalisation.
+        min_weight: Lower clamp for λ (> 0, so a weight never collapses to 0).
+        max_weight: Upper clamp for λ.
+        warmup_steps: No update before this optimizer step.
+        smooth_first_update: If ``False`` (default), the first update takes ``λ̂`` directly,
+            so a badly chosen initial λ is corrected at once; if ``True`` it is smoothed too.
+        loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        momentum: float,
+        terms: Sequence[str] | None,
+        reference: str | None,
+        min_weight: float,
+        max_weight: float,
+        warmup_steps: int,
+        smooth_first_update: bool,
+        loss_module: str | None,
+    ) -> None:
+        super().__init__(every_n_steps, loss_module)
+        owner = type(self).__name__
+        self.momentum = _check_number(owner, "momentum", momentum, low=0.0, high=1.0, high_open=True, hint=" in [0, 1) (e.g. 0.9)")
+        if terms is not None:
+            if isinstance(terms, str) or not all(isinstance(t, str) for t in terms) or len(terms) == 0:
+                raise ValueError(f"{owner}: terms must be a non-empty list of term names (e.g. ['ic', 'bc']) or None for all terms, got {terms!r}.")
+            terms = list(dict.fromkeys(terms))
+        self.terms = terms
+        if reference is not None and not isinstance(reference, str):
+            raise ValueError(f"{owner}: reference must be a term name (e.g. 'pde') or None, got {reference!r}.")
+        self.reference = reference
+        self.min_weight = _check_number(owner, "min_weight", min_weight, low=0.0, low_open=True, hint=" > 0 (e.g. 1e-6)")
+        self.max_weight = _check_number(owner, "max_weight", max_weight, low=0.0, low_open=True, hint=" (e.g. 1e6)")
+        if self.max_weight <= self.min_weight:
+            raise ValueError(f"{owner}: max_weight ({max_weight!r}) must be larger than min_weight ({min_weight!r}).")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"{owner}: warmup_steps must be an integer >= 0 (optimizer steps before the first update), got {warmup_steps!r}.")
+        self.warmup_steps = warmup_steps
+        self.smooth_first_update = bool(smooth_first_update)
+        self.num_updates = 0
+        self.skipped_updates = 0
+        self.last_target: dict[str, float] = {}
+        self._adaptive: list[bool] = []
+        self._reference_index: int | None = None
+        self._zero_warned: set[str] = set()
+        self._clamp_warned: set[str] = set()
+
+    # ---------------------------------------------------------------- subclass API
+    def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
+        """The per-term quantity the rule uses, shape ``(K,)`` (e.g. gradient norms)."""
+        raise NotImplementedError
+
+    def _rule(self, values: Tensor) -> Tensor:
+        """Target weights ``λ̂`` from :meth:`_rule_inputs`; ``nan`` where undefined."""
+        raise NotImplementedError
+
+    _quantity = "gradient norm"
+
+    def _extra_metrics(self, measurement: StepMeasurement) -> dict[str, float]:
+        """More scalars to log at the measured step (e.g. the NTK traces)."""
+        return {}
+
+    # ---------------------------------------------------------------- identity
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "every_n_steps": self.every_n_steps,
+            "momentum": self.momentum,
+            "terms": None if self.terms is None else tuple(self.terms),
+            "reference": self.reference,
+            "loss_module": self.loss_module,
+        }
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._identity())
+
+    def _is_due(self, step: int) -> bool:
+        return step >= self.warmup_steps and step % self.every_n_steps == 0
+
+    # ---------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        names = self.criterion.term_names
+        owner = type(self).__name__
+        for name in list(self.terms or []) + ([self.reference] if self.reference else []):
+            if name not in names:
+                argument = "reference" if name == self.reference and name not in (self.terms or []) else "terms"
+                raise ValueError(f"{owner}({argument}=...): unknown term {name!r}; the MultiTermLoss has terms {names}. Use one of those names.")
+        self._adaptive = [self.terms is None or name in self.terms for name in names]
+        self._reference_index = None if self.reference is None else names.index(self.reference)
+        self._check_no_other_balancer_owns_my_terms(trainer, names)
+
+    def _check_no_other_balancer_owns_my_terms(self, trainer: pl.Trainer, names: tuple[str, ...]) -> None:
+        mine = {name for name, adaptive in zip(names, self._adaptive) if adaptive}
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, WeightBalancer) or other._loss is not self._loss:
+                continue
+            theirs = set(names) if other.terms is None else set(other.terms)
+            shared = sorted(mine & theirs, key=names.index)
+            if shared:
+                raise ValueError(
+                    f"{type(self).__name__} and {type(other).__name__} would both change the weight of term(s) "
+                    f"{', '.join(repr(n) for n in shared)} of the same MultiTermLoss. Give each balancer its own terms, "
+                    "e.g. GradNormBalancer(terms=['ic']) and NTKBalancer(terms=['bc'])."
+                )
+
+    def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
+        names = measurement.terms
+        step = measurement.step
+        values = self._rule_inputs(measurement).to(torch.float64)
+        value_list = values.tolist()
+        bad = [name for name, value in zip(names, value_list) if not math.isfinite(value)]
+        current = self.criterion.lambdas.detach().to(torch.float64).cpu()
+        if bad:
+            self.skipped_updates += 1
+            rank_zero_warn(
+                f"{type(self).__name__}: skipped the weight update at step {step}: the {self._quantity} of term(s) "
+                f"{', '.join(repr(n) for n in bad)} is NaN or infinite. The weights keep their last good values "
+                f"{dict(zip(names, current.tolist()))}. Look for NaN/inf in those residuals.",
+                category=WeightUpdateWarning,
+            )
+            return
+        for name, value in zip(names, value_list):
+            if value == 0 and name not in self._zero_warned:
+                self._zero_warned.add(name)
+                rank_zero_warn(
+                    f"{type(self).__name__}: term '{name}' has a zero {self._quantity} at step {step} (it reaches no "
+                    "trainable parameter, or its loss is exactly minimal), so the rule gives it no weight; its λ is left "
+                    "unchanged.",
+                    category=TermGradientWarning,
+                )
+        target = self._rule(values).cpu()
+        mask = torch.tensor(self._adaptive) & torch.isfinite(target)
+        if self.num_updates == 0 and not self.smooth_first_update:
+            proposed = target
+        else:
+            proposed = smooth(current, target, self.momentum)
+        new = torch.where(mask, proposed, current)
+        new = self._clamp(new, names, step)
+        new = trainer.strategy.broadcast(new, src=0)  # bit-identical on every rank
+        self.criterion.set_weights(new.to(torch.float32))
+        self.num_updates += 1
+        self.last_target = {name: value for name, value in zip(names, target.tolist()) if math.isfinite(value)}
+        metrics: dict[str, float] = {f"weight_target/{name}": value for name, value in self.last_target.items()}
+        metrics.update(self._extra_metrics(measurement))
+        if self.num_updates == 1:  # start the weight chart at the initial values
+            metrics.update({f"weight/{name}": value for name, value in zip(names, current.tolist())})
+        log_scalars(trainer, metrics, step)
+        # the new weights apply from the next optimizer step on
+        log_scalars(trainer, {f"weight/{name}": value for name, value in self.criterion.weights.items()}, step + 1)
+
+    def _clamp(self, weights: Tensor, names: tuple[str, ...], step: int) -> Tensor:
+        clamped = weights.clamp(self.min_weight, self.max_weight)
+        for name, before, after in zip(names, weights.tolist(), clamped.tolist()):
+            if before != after:
+                if name not in self._clamp_warned:
+                    self._clamp_warned.add(name)
+                    bound = "max_weight" if before > after else "min_weight"
+                    rank_zero_warn(
+                        f"{type(self).__name__}: the weight of term '{name}' ({before:.3g}) was clamped to {bound}={after:g} "
+                        f"at step {step}. Its {self._quantity} is extreme relative to the other terms; check its residual's "
+                        f"scale, or widen the range with {bound}=... .",
+                        category=WeightUpdateWarning,
+                    )
+            else:
+                self._clamp_warned.discard(name)
+        return clamped
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_updates": self.num_updates,
+            "skipped_updates": self.skipped_updates,
+            "last_target": dict(self.last_target),
+            "zero_warned": sorted(self._zero_warned),
+            "clamp_warned": sorted(self._clamp_warned),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_updates = int(state_dict["num_updates"])
+        self.skipped_updates = int(state_dict.get("skipped_updates", 0))
+        self.last_target = dict(state_dict.get("last_target", {}))
+        self._zero_warned = set(state_dict.get("zero_warned", []))
+        self._clamp_warned = set(state_dict.get("clamp_warned", []))
+
+
+class GradNormBalancer(WeightBalancer):
+    """Balance λ by per-term gradient norms of the unweighted losses.
+
+    Every ``every_n_steps`` optimizer steps (starting at ``warmup_steps``):
+
+    * ``rule="max"`` — Wang, Teng & Perdikaris 2021 (SIAM J. Sci. Comput. 43(5) A3055):
+      ``λ̂_i = max_j ‖∇θ L_j‖ / ‖∇θ L_i‖``;
+    * ``rule="mean"`` — Wang, Sankaran, Wang & Perdikaris 2023 (arXiv:2308.08468):
+      ``λ̂_i = mean_j ‖∇θ L_j‖ / ‖∇θ L_i‖``;
+
+    then ``λ ← m·λ + (1 − m)·λ̂`` (the first update takes ``λ̂`` directly unless
+    ``smooth_first_update=True``). After an update all weighted norms ``λ_i‖∇θ L_i‖`` are
+    equal (to the largest norm for "max", to the mean norm for "mean"). The gradients are the
+    ones the engine captures during the ordinary backward pass, so this costs about one
+    backward pass per update, shared with a :class:`GradientNormMonitor` on the same step.
+
+    Args:
+        rule: ``"max"`` or ``"mean"``.
+        every_n_steps: Update cadence in optimizer steps (the 2021 code used 10).
+        momentum: Smoothing ``m`` in ``[0, 1)`` (0.9 in both papers).
+        terms: Terms whose λ may change (default: all).
+        reference: Term held at ``λ = 1`` (``λ̂_i = ‖∇L_ref‖ / ‖∇L_i‖``), e.g. ``"pde"`` as in
+            the 2021 paper; ``None`` for the rule's own normalisation.
+        min_weight: Lower clamp for λ.
+        max_weight: Upper clamp for λ.
+        warmup_steps: First optimizer step at which λ may change.
+        smooth_first_update: Smooth the first update too (default: take ``λ̂`` directly).
+        loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
+    """
+
+    def __init__(
+        self,
+        rule: GradNormRule = "max",
+        every_n_steps: int = 10,
+        momentum: float = 0.9,
+        terms: Sequence[str] | None = None,
+        reference: str | None = None,
+        min_weight: float = 1e-6,
+        max_weight: float = 1e6,
+        warmup_steps: int = 0,
+        smooth_first_update: bool = False,
+        loss_module: str | None = None,
+    ) -> None:
+        if rule not in ("max", "mean"):
+            raise ValueError(f"GradNormBalancer: rule must be 'max' (Wang, Teng & Perdikaris 2021) or 'mean' (Wang et al. 2023), got {rule!r}.")
+        self.rule: GradNormRule = rule
+        super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
+
+    def _identity(self) -> dict[str, Any]:
+        return {"rule": self.rule, **super()._identity()}
+
+    def _wants(self) -> tuple[bool, TraceRequest | None]:
+        return True, None
+
+    def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
+        assert measurement.gradients is not None
+        return gradient_norms(measurement.gradients)
+
+    def _rule(self, values: Tensor) -> Tensor:
+        return grad_norm_weights(values, self.rule, self._reference_index)
+
+
+class NTKBalancer(WeightBalancer):
+    """Balance λ by the traces of the neural tangent kernel's diagonal blocks.
+
+    Every ``every_n_steps`` optimizer steps, for each term ``i`` with point-wise residual
+    ``r_i``, the per-point mean NTK trace
+
+        ``t_i = (1/N_i) Σ_x ‖∂r_i(x)/∂θ‖²``   (the diagonal of ``K_ii = J_i J_iᵀ``, averaged)
+
+    is computed on the current residual points, and ``λ̂_i = Σ_j t_j / t_i`` (Wang, Yu &
+    Perdikaris 2022, J. Comput. Phys. 449 110768; per-point mean as in Wang et al. 2023), then
+    ``λ ← m·λ + (1 − m)·λ̂``. Terms given to the loss as 0-dim losses have no point-wise
+    Jacobian and are refused with an error naming them.
+
+    The traces are exact by default: one vector-Jacobian product per point, batched with
+    ``torch.autograd.grad(..., is_grads_batched=True)`` in chunks of ``chunk_size`` points, so
+    memory stays bounded. With ``trace_points=m``, each term's trace is estimated from ``m``
+    points drawn uniformly without replacement (unbiased; relative standard error
+    ``sqrt((1 − m/N)/m) · CV`` where CV is the coefficient of variation of
+    ``‖∂r(x)/∂θ‖²`` over the term's points — see ``lightning_pinn.ntk.sample_points``).
+
+    Args:
+        every_n_steps: Update cadence (100 in the 2022 paper).
+        momentum: Smoothing ``m`` in ``[0, 1)`` (0.9 in the 2023 guide; 0 is the 2022 paper's
+            direct assignment).
+        trace_points: Points per term for a sub-sampled trace (``None``: all points, exact).
+        chunk_size: Points per batched vector-Jacobian product.
+        seed: Seed of the point sampler (used only with ``trace_points``).
+        terms: Terms whose λ may change (default: all).
+        reference: Term held at ``λ = 1`` (``λ̂_i = t_ref / t_i``); ``None``: ``Σ_j t_j / t_i``.
+        min_weight: Lower clamp for λ.
+        max_weight: Upper clamp for λ.
+        warmup_steps: First optimizer step at which λ may change.
+        smooth_first_update: Smooth the first update too (default: take ``λ̂`` directly).
+        loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
+    """
+
+    _quantity = "NTK trace"
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        momentum: float = 0.9,
+        trace_points: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        seed: int = 0,
+        terms: Sequence[str] | None = None,
+        reference: str | None = None,
+        min_weight: float = 1e-6,
+        max_weight: float = 1e6,
+        warmup_steps: int = 0,
+        smooth_first_update: bool = False,
+        loss_module: str | None = None,
+    ) -> None:
+        super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
+        if trace_points is not None and (isinstance(trace_points, bool) or not isinstance(trace_points, int) or trace_points < 1):
+            raise ValueError(f"NTKBalancer: trace_points must be an integer >= 1 (points sampled per term) or None for exact traces, got {trace_points!r}.")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"NTKBalancer: chunk_size must be an integer >= 1 (points per batched vector-Jacobian product), got {chunk_size!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"NTKBalancer: seed must be an integer, got {seed!r}.")
+        self.trace_points = trace_points
+        self.chunk_size = chunk_size
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+        self.last_traces: dict[str, float] = {}
+
+    def _identity(self) -> dict[str, Any]:
+        return {**super()._identity(), "trace_points": self.trace_points}
+
+    def _wants(self) -> tuple[bool, TraceRequest | None]:
+        return False, TraceRequest(self.trace_points, self.chunk_size, self._generator)
+
+    def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
+        assert measurement.traces is not None
+        self.last_traces = dict(zip(measurement.terms, measurement.traces.tolist()))
+        return measurement.traces
+
+    def _rule(self, values: Tensor) -> Tensor:
+        return ntk_trace_weights(values, self._reference_index)
+
+    def _extra_metrics(self, measurement: StepMeasurement) -> dict[str, float]:
+        return {f"ntk_trace/{name}": value for name, value in self.last_traces.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "generator_state": self._generator.get_state(), "last_traces": dict(self.last_traces)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "generator_state" in state_dict:
+            self._generator.set_state(state_dict["generator_state"])
+        self.last_traces = dict(state_dict.get("last_traces", {}))

@@ -1,0 +1,280 @@
+"""The λ sweep on the harmonic oscillator: fixed weights on a grid against the balancers.
+
+Reproduces the "manual weight tuner" experiment: one fresh fit per λ_IC on a log grid (the
+Goldilocks curve: too small and too large both fail) plus one fit per balancer, which needs no
+λ at all. Fits run in worker processes (one thread each) to use all CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import multiprocessing
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["FitSpec", "FitResult", "BALANCERS", "run_fit", "run_fits", "grid_weights", "summarize", "write_table", "plot_sweep"]
+
+#: Balancer names accepted by the sweep, and how each is built (with its defaults).
+BALANCERS: dict[str, str] = {
+    "gradnorm-max": "GradNormBalancer(rule='max')",
+    "gradnorm-mean": "GradNormBalancer(rule='mean')",
+    "ntk": "NTKBalancer()",
+}
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """One harmonic-oscillator fit: a fixed λ_IC, or a balancer starting from λ_IC = 1."""
+
+    method: str  # "fixed" or a key of BALANCERS
+    ic_weight: float = 1.0
+    seed: int = 0
+    steps: int = 2000
+    omega: float = 2 * math.pi
+    history_every: int = 10
+    error_every: int = 0  # evaluate the relative L² error every this many steps (0: only at the end)
+
+    @property
+    def label(self) -> str:
+        return f"λ_IC={self.ic_weight:g}" if self.method == "fixed" else self.method
+
+
+@dataclass
+class FitResult:
+    """What a fit produced."""
+
+    spec: FitSpec
+    relative_l2: float
+    final_weights: dict[str, float]
+    seconds: float
+    history_steps: list[int] = field(default_factory=list)
+    history_losses: dict[str, list[float]] = field(default_factory=dict)
+    history_weights: dict[str, list[float]] = field(default_factory=dict)
+    error_steps: list[int] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)
+
+    def steps_to(self, target: float) -> int | None:
+        """First evaluated step whose relative L² error is at or below ``target``."""
+        for step, error in zip(self.error_steps, self.errors):
+            if error <= target:
+                return step
+        return None
+
+
+def grid_weights(low: float, high: float, step: float) -> list[float]:
+    """``10**e`` for ``e`` from ``low`` to ``high`` (inclusive) in increments of ``step``."""
+    if step <= 0 or high < low:
+        raise ValueError(f"grid: need grid_step > 0 and grid_max >= grid_min, got min={low}, max={high}, step={step}.")
+    count = int(math.floor((high - low) / step + 1e-9)) + 1
+    return [10.0 ** (low + i * step) for i in range(count)]
+
+
+def _make_balancer(method: str) -> Any:
+    from lightning_pinn.callbacks import GradNormBalancer, NTKBalancer
+
+    builders: dict[str, Callable[[], Any]] = {
+        "gradnorm-max": lambda: GradNormBalancer(rule="max"),
+        "gradnorm-mean": lambda: GradNormBalancer(rule="mean"),
+        "ntk": lambda: NTKBalancer(),
+    }
+    if method not in builders:
+        raise ValueError(f"unknown balancer {method!r}; choose from {sorted(builders)}.")
+    return builders[method]()
+
+
+def run_fit(spec: FitSpec) -> FitResult:
+    """Train the harmonic IVP as described by ``spec`` and record its history."""
+    import pytorch_lightning as pl
+
+    from lightning_pinn.demo import quiet_lightning
+    from lightning_pinn.problems import HarmonicOscillator
+
+    class _Recorder(pl.Callback):
+        def __init__(self) -> None:
+            self.result = FitResult(spec=spec, relative_l2=math.nan, final_weights={}, seconds=0.0)
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            step = trainer.global_step - 1  # the optimizer step just taken
+            result = self.result
+            if step % spec.history_every == 0:
+                result.history_steps.append(step)
+                for name, loss in pl_module.criterion.last_losses.items():
+                    result.history_losses.setdefault(name, []).append(float(loss.detach()))
+                for name, weight in pl_module.criterion.weights.items():
+                    result.history_weights.setdefault(name, []).append(weight)
+            if spec.error_every and trainer.global_step % spec.error_every == 0:
+                result.error_steps.append(trainer.global_step)
+                result.errors.append(pl_module.relative_l2_error())
+
+    pl.seed_everything(spec.seed, verbose=False)
+    model = HarmonicOscillator(omega=spec.omega, ic_weight=spec.ic_weight, steps_per_epoch=spec.steps)
+    recorder = _Recorder()
+    callbacks: list[pl.Callback] = [recorder]
+    if spec.method != "fixed":
+        callbacks.append(_make_balancer(spec.method))
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(
+            max_steps=spec.steps,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            callbacks=callbacks,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        start = time.perf_counter()
+        trainer.fit(model)
+        seconds = time.perf_counter() - start
+    result = recorder.result
+    result.relative_l2 = model.relative_l2_error()
+    result.final_weights = model.criterion.weights
+    result.seconds = seconds
+    return result
+
+
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def run_fits(specs: Sequence[FitSpec], workers: int = 0, on_result: Callable[[int, int, FitResult], None] | None = None) -> list[FitResult]:
+    """Run the fits, ``workers`` at a time (0: one per CPU core), in the order of ``specs``.
+
+    ``on_result(done, total, result)`` is called as each fit finishes (for progress output).
+    """
+    workers = workers or (os.cpu_count() or 1)
+    results: list[FitResult | None] = [None] * len(specs)
+
+    def finished() -> Iterator[tuple[int, FitResult]]:
+        if workers == 1:
+            for index, spec in enumerate(specs):
+                yield index, run_fit(spec)
+            return
+        context = multiprocessing.get_context("spawn")
+        with context.Pool(processes=min(workers, len(specs)), initializer=_worker_init) as pool:
+            yield from pool.imap_unordered(_indexed_run, list(enumerate(specs)))
+
+    for done, (index, result) in enumerate(finished(), start=1):
+        results[index] = result
+        if on_result is not None:
+            on_result(done, len(specs), result)
+    return [result for result in results if result is not None]
+
+
+def _indexed_run(item: tuple[int, FitSpec]) -> tuple[int, FitResult]:
+    index, spec = item
+    return index, run_fit(spec)
+
+
+@dataclass
+class MethodSummary:
+    """Median over seeds for one method (a fixed λ_IC or a balancer)."""
+
+    label: str
+    method: str
+    ic_weight: float
+    median_l2: float
+    l2_by_seed: list[float]
+    final_ic_over_pde: float
+    median_seconds: float
+
+
+def summarize(results: Sequence[FitResult]) -> list[MethodSummary]:
+    """Group results by method (and λ_IC for fixed weights) and take medians over seeds."""
+    groups: dict[tuple[str, float], list[FitResult]] = {}
+    for result in results:
+        key = (result.spec.method, result.spec.ic_weight if result.spec.method == "fixed" else math.nan)
+        groups.setdefault(key, []).append(result)
+    summaries = []
+    for (method, weight), group in groups.items():
+        group.sort(key=lambda r: r.spec.seed)
+        ratios = [r.final_weights["ic"] / r.final_weights["pde"] if r.final_weights.get("pde") else math.nan for r in group]
+        summaries.append(
+            MethodSummary(
+                label=group[0].spec.label,
+                method=method,
+                ic_weight=group[0].spec.ic_weight,
+                median_l2=statistics.median(r.relative_l2 for r in group),
+                l2_by_seed=[r.relative_l2 for r in group],
+                final_ic_over_pde=statistics.median(ratios),
+                median_seconds=statistics.median(r.seconds for r in group),
+            )
+        )
+    return summaries
+
+
+def write_table(summaries: Sequence[MethodSummary], path: Path) -> str:
+    """Write the summaries as CSV to ``path`` and return them as a Markdown table."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "ic_weight_initial", "median_relative_l2", "relative_l2_by_seed", "final_ic_over_pde", "median_seconds"])
+        for s in summaries:
+            writer.writerow([s.method, s.ic_weight, f"{s.median_l2:.4g}", " ".join(f"{v:.3g}" for v in s.l2_by_seed), f"{s.final_ic_over_pde:.4g}", f"{s.median_seconds:.2f}"])
+    lines = ["| run | median rel. L2 | per seed | final λ_IC/λ_PDE | time/fit |", "|---|---|---|---|---|"]
+    for s in summaries:
+        lines.append(
+            f"| {s.label} | {s.median_l2:.2e} | {' '.join(f'{v:.1e}' for v in s.l2_by_seed)} | {s.final_ic_over_pde:.3g} | {s.median_seconds:.1f} s |"
+        )
+    return "\n".join(lines)
+
+
+def plot_sweep(summaries: Sequence[MethodSummary], results: Sequence[FitResult], path: Path, title: str) -> None:
+    """PNG: relative L² against λ_IC (balancers as horizontal lines), and per-term loss histories."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fixed = sorted((s for s in summaries if s.method == "fixed"), key=lambda s: s.ic_weight)
+    balanced = [s for s in summaries if s.method != "fixed"]
+    figure = plt.figure(figsize=(13, 8.5), constrained_layout=True)
+    grid = figure.add_gridspec(2, 3, height_ratios=[1.25, 1])
+    curve = figure.add_subplot(grid[0, :])
+    if fixed:
+        curve.loglog([s.ic_weight for s in fixed], [s.median_l2 for s in fixed], "o-", color="black", label="fixed λ_IC (λ_PDE = 1)")
+    colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
+    for colour, s in zip(colours, balanced):
+        curve.axhline(s.median_l2, color=colour, linestyle="--", label=f"{s.label} (starts at λ = 1; ends at λ_IC/λ_PDE ≈ {s.final_ic_over_pde:.3g})")
+    curve.set_xlabel("λ_IC")
+    curve.set_ylabel("relative L² error (median over seeds)")
+    curve.set_title(title)
+    curve.grid(True, which="both", alpha=0.3)
+    curve.legend(loc="best", fontsize=9)
+
+    seed = min(r.spec.seed for r in results)
+    by_label = {r.spec.label: r for r in results if r.spec.seed == seed}
+    cases: list[tuple[str, FitResult]] = []
+    if "λ_IC=1" in by_label:
+        cases.append(("bad: λ_IC = 1", by_label["λ_IC=1"]))
+    if fixed:
+        best = min(fixed, key=lambda s: s.median_l2)
+        if best.label in by_label:
+            cases.append((f"good: best fixed {best.label}", by_label[best.label]))
+    if balanced:
+        best_balanced = min(balanced, key=lambda s: s.median_l2)
+        cases.append((f"balanced: {best_balanced.label}", by_label[best_balanced.label]))
+    for column, (name, result) in enumerate(cases[:3]):
+        axis = figure.add_subplot(grid[1, column])
+        for term, values in result.history_losses.items():
+            axis.semilogy(result.history_steps, values, label=f"L_{term}")
+        axis.set_title(f"{name}\nrel. L² = {result.relative_l2:.2e} (seed {seed})", fontsize=10)
+        axis.set_xlabel("step")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def results_as_dicts(results: Sequence[FitResult]) -> list[dict[str, Any]]:
+    """Plain dictionaries (for JSON)."""
+    return [asdict(r) for r in results]
