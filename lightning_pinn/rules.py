@@ -49,6 +49,14 @@ def inverse_ratio_weights(values: Tensor, scale: Tensor | float) -> Tensor:
     return torch.where(usable, torch.as_tensor(scale, dtype=torch.float64) / safe, torch.full_like(values, float("nan")))
 
 
+def _reference_weights(values: Tensor, reference: int) -> Tensor:
+    """``values[reference] / values_i``; all ``nan`` if the reference value is zero or not finite."""
+    scale = values[reference]
+    if not (torch.isfinite(scale) and scale > 0):
+        return torch.full_like(values, float("nan"))
+    return inverse_ratio_weights(values, scale)
+
+
 def _usable(values: Tensor) -> Tensor:
     values = values.to(torch.float64)
     return values[torch.isfinite(values) & (values > 0)]
@@ -70,7 +78,7 @@ def grad_norm_weights(norms: Tensor, rule: GradNormRule = "max", reference: int 
         raise ValueError(f"grad_norm_weights: rule must be 'max' or 'mean', got {rule!r}.")
     norms = norms.to(torch.float64)
     if reference is not None:
-        return inverse_ratio_weights(norms, norms[reference])
+        return _reference_weights(norms, reference)
     usable = _usable(norms)
     if usable.numel() == 0:
         return torch.full_like(norms, float("nan"))
@@ -86,7 +94,7 @@ def ntk_trace_weights(traces: Tensor, reference: int | None = None) -> Tensor:
     """
     traces = traces.to(torch.float64)
     if reference is not None:
-        return inverse_ratio_weights(traces, traces[reference])
+        return _reference_weights(traces, reference)
     usable = _usable(traces)
     if usable.numel() == 0:
         return torch.full_like(traces, float("nan"))

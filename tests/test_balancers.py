@@ -1,0 +1,334 @@
+"""GradNormBalancer and NTKBalancer on real fits: direction, timing, options, state, bad input."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from conftest import TwoTermPoisson, make_trainer
+from lightning_pinn import MultiTermLoss
+from lightning_pinn.alerts import WeightUpdateWarning
+from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer
+from lightning_pinn.engine import TermGradientEngine
+from lightning_pinn.problems import HarmonicOscillator
+from lightning_pinn.rules import grad_norm_weights
+from tb import load_events, scalar_series
+
+
+class Recorder(pl.Callback):
+    """λ seen by each forward pass, and λ after each batch."""
+
+    def __init__(self) -> None:
+        self.at_forward: list[dict[str, float]] = []
+        self.after_batch: list[dict[str, float]] = []
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: Any, loss: torch.Tensor) -> None:
+        self.at_forward.append(pl_module.criterion.weights)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+        self.after_batch.append(pl_module.criterion.weights)
+
+
+def _quiet_fit(model: pl.LightningModule, steps: int, callbacks: list[Any], **kwargs: Any) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(steps, callbacks, **kwargs).fit(model)
+    return list(caught)
+
+
+# ------------------------------------------------------------------ direction and formulas
+def test_gradnorm_first_update_equalises_weighted_norms() -> None:
+    model = TwoTermPoisson()
+    initial = copy.deepcopy(model)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    balancer = GradNormBalancer(every_n_steps=1)
+    _quiet_fit(model, 1, [monitor, balancer])
+    report = monitor.last_report
+    assert report is not None
+    # step 0's norms decide λ for step 1: λ_i ‖g_i‖ = max_j ‖g_j‖
+    expected = grad_norm_weights(torch.tensor(report.norms), "max").tolist()
+    assert list(model.criterion.weights.values()) == pytest.approx(expected, rel=1e-5)
+    big, small = sorted(range(2), key=lambda i: report.norms[i], reverse=True)
+    names = model.criterion.term_names
+    assert model.criterion.weights[names[small]] > model.criterion.weights[names[big]], "smaller gradient, larger weight"
+    assert initial.criterion.weights == {"pde": 1.0, "bc": 1.0}
+
+
+def test_ntk_direction_on_a_fit() -> None:
+    """Scale one term's residual by 10: its trace grows 100x, so its weight must be ~100x smaller."""
+
+    class Scaled(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            u = self.net(self.x)
+            return self.criterion(pde=10.0 * u, bc=u)
+
+    model = Scaled()
+    balancer = NTKBalancer(every_n_steps=1, momentum=0.0)
+    _quiet_fit(model, 1, [balancer])
+    weights = model.criterion.weights
+    assert weights["bc"] / weights["pde"] == pytest.approx(100.0, rel=1e-4)
+    assert balancer.last_traces["pde"] / balancer.last_traces["bc"] == pytest.approx(100.0, rel=1e-4)
+
+
+def test_smoothing_after_the_first_update() -> None:
+    model = TwoTermPoisson()
+    balancer = GradNormBalancer(every_n_steps=1, momentum=0.5)
+    recorder = Recorder()
+    _quiet_fit(model, 3, [balancer, recorder])
+    first_target = recorder.after_batch[0]
+    assert balancer.num_updates == 3
+    # the first update takes the target directly: the 'pde' or 'bc' weight jumps off 1
+    assert first_target != {"pde": 1.0, "bc": 1.0}
+    # later updates move half way (momentum 0.5) from the current λ to the new target
+    names = ("pde", "bc")
+    before, after = recorder.after_batch[1], recorder.after_batch[2]
+    target = balancer.last_target
+    for name in names:
+        assert after[name] == pytest.approx(0.5 * before[name] + 0.5 * target[name], rel=1e-5)
+
+
+def test_smooth_first_update_option() -> None:
+    model = TwoTermPoisson()
+    balancer = GradNormBalancer(every_n_steps=1, momentum=0.9, smooth_first_update=True)
+    recorder = Recorder()
+    _quiet_fit(model, 1, [balancer, recorder])
+    target = balancer.last_target
+    for name in ("pde", "bc"):
+        assert recorder.after_batch[0][name] == pytest.approx(0.9 * 1.0 + 0.1 * target[name], rel=1e-5)
+
+
+# ------------------------------------------------------------------ when weights change
+def test_weights_change_only_after_optimizer_steps_and_apply_from_the_next_step() -> None:
+    model = TwoTermPoisson()
+    recorder = Recorder()
+    _quiet_fit(model, 25, [GradNormBalancer(every_n_steps=10), recorder])
+    changes = [step for step in range(1, 25) if recorder.after_batch[step] != recorder.after_batch[step - 1]]
+    assert changes == [10, 20], "updates after steps 0, 10, 20 only"
+    assert recorder.after_batch[0] != {"pde": 1.0, "bc": 1.0}
+    for step in range(1, 25):
+        # the forward pass of step s uses what was set after step s-1: never a change mid-step
+        assert recorder.at_forward[step] == recorder.after_batch[step - 1]
+
+
+def test_validation_and_test_loops_never_change_weights() -> None:
+    class WithValidation(TwoTermPoisson):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            with torch.enable_grad():
+                self.log("val_loss", self.criterion(**self.residuals()), batch_size=1)
+
+        test_step = validation_step
+
+        def val_dataloader(self) -> range:
+            return range(3)
+
+        test_dataloader = val_dataloader
+
+    model = WithValidation()
+    balancer = GradNormBalancer(every_n_steps=1)
+    trainer = make_trainer(6, [balancer], val_check_interval=2, num_sanity_val_steps=2, inference_mode=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    assert balancer.num_updates == 6
+    before = model.criterion.weights
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.validate(model, verbose=False)
+        trainer.test(model, verbose=False)
+    assert model.criterion.weights == before
+    assert balancer.num_updates == 6
+
+
+def test_warmup_terms_and_reference() -> None:
+    class ThreeTerms(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=2.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            residuals = self.residuals()
+            return self.criterion(**residuals, data=self.net(self.x[:4]) - 0.3)
+
+    model = ThreeTerms()
+    recorder = Recorder()
+    balancer = GradNormBalancer(every_n_steps=1, warmup_steps=3, terms=["bc", "pde"], reference="pde")
+    _quiet_fit(model, 5, [balancer, recorder])
+    assert all(weights == {"pde": 1.0, "bc": 1.0, "data": 2.0} for weights in recorder.after_batch[:3]), "no update before warm-up"
+    assert balancer.num_updates == 2
+    final = model.criterion.weights
+    assert final["data"] == 2.0, "terms outside `terms` stay fixed"
+    assert final["pde"] == pytest.approx(1.0), "the reference term is held at 1"
+    assert final["bc"] != 1.0
+
+
+def test_clamping_is_warned() -> None:
+    class Tiny(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            u = self.net(self.x)
+            return self.criterion(pde=u, bc=1e-6 * u)
+
+    model = Tiny()
+    caught = _quiet_fit(model, 2, [GradNormBalancer(every_n_steps=1, max_weight=100.0)])
+    assert model.criterion.weights["bc"] == pytest.approx(100.0)
+    messages = [str(w.message) for w in caught if issubclass(w.category, WeightUpdateWarning)]
+    assert len(messages) == 1 and "term 'bc'" in messages[0] and "max_weight=100" in messages[0]
+
+
+def test_nonfinite_norms_skip_the_update_and_keep_the_last_good_weights() -> None:
+    class GoesNaN(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            residuals = self.residuals()
+            if self.global_step >= 2:
+                residuals["bc"] = residuals["bc"] * float("nan")
+            return self.criterion(**residuals)
+
+    model = GoesNaN()
+    balancer = GradNormBalancer(every_n_steps=1)
+    recorder = Recorder()
+    caught = _quiet_fit(model, 4, [balancer, recorder])
+    assert balancer.num_updates == 2 and balancer.skipped_updates == 2
+    good = recorder.after_batch[1]
+    assert all(math.isfinite(v) for v in good.values())
+    assert model.criterion.weights == good, "λ keeps its last good value"
+    skipped = [str(w.message) for w in caught if issubclass(w.category, WeightUpdateWarning)]
+    assert len(skipped) == 2
+    assert "step 2" in skipped[0] and "of term(s) 'bc' is NaN" in skipped[0]
+    # after the NaN step the parameters are NaN too, so every term is named
+    assert "step 3" in skipped[1] and "'pde', 'bc'" in skipped[1]
+
+
+def test_ntk_balancer_refuses_zero_dim_terms() -> None:
+    class Reduced(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            residuals = self.residuals()
+            return self.criterion(pde=residuals["pde"], bc=residuals["bc"].pow(2).mean())
+
+    with pytest.raises(ValueError, match="term 'bc' was given as a 0-dim"):
+        _quiet_fit(Reduced(), 2, [NTKBalancer(every_n_steps=1)])
+
+
+# ------------------------------------------------------------------ sharing, logging, state
+def test_monitor_and_balancer_share_one_gradient_computation(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    original = TermGradientEngine._backward
+
+    def counting(self: TermGradientEngine, capture: Any, grad_output: torch.Tensor) -> Any:
+        calls.append(len(capture.losses))
+        return original(self, capture, grad_output)
+
+    monkeypatch.setattr(TermGradientEngine, "_backward", counting)
+    grad_calls: list[int] = []
+    original_grad = torch.autograd.grad
+
+    def counting_grad(*args: Any, **kwargs: Any) -> Any:
+        grad_calls.append(1)
+        return original_grad(*args, **kwargs)
+
+    model = TwoTermPoisson()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    balancer = GradNormBalancer(every_n_steps=1)
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    _quiet_fit(model, 3, [monitor, balancer])
+    assert calls == [2, 2, 2], "one capture per step, K = 2 per-term gradients"
+    per_step_residual_derivatives = 2  # u' and u'' in TwoTermPoisson.residuals
+    assert len(grad_calls) == 3 * (2 + per_step_residual_derivatives)
+    assert monitor.diagnosis.measurements == 3 and balancer.num_updates == 3
+
+
+def test_two_balancers_on_the_same_term_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"would both change the weight of term\(s\) 'bc'"):
+        _quiet_fit(TwoTermPoisson(), 1, [GradNormBalancer(terms=["bc"]), NTKBalancer(terms=["bc", "pde"])])
+
+
+def test_two_balancers_on_different_terms_each_keep_their_state() -> None:
+    class ThreeTerms(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.criterion(**self.residuals(), data=self.net(self.x[:4]) - 0.3)
+
+    a, b = GradNormBalancer(every_n_steps=1, terms=["bc"]), NTKBalancer(every_n_steps=2, terms=["data"])
+    _quiet_fit(ThreeTerms(), 4, [a, b])
+    assert (a.num_updates, b.num_updates) == (4, 2)
+    assert a.state_key != b.state_key
+
+
+def test_weights_are_logged(tmp_path: Any) -> None:
+    model = TwoTermPoisson()
+    logger = TensorBoardLogger(str(tmp_path), name="bal", version=0)
+    _quiet_fit(model, 21, [GradNormBalancer(every_n_steps=10)], logger=logger)
+    events = load_events(tmp_path)
+    series = scalar_series(events, "weight/bc")
+    steps = [step for step, _ in series]
+    assert steps == [0, 1, 11, 21]
+    assert series[-1][1] == pytest.approx(model.criterion.weights["bc"])
+    assert "weight_target/bc" in events.Tags()["scalars"]
+
+
+def test_balancer_state_and_weights_survive_a_checkpoint(tmp_path: Any) -> None:
+    model = TwoTermPoisson()
+    balancer = GradNormBalancer(every_n_steps=2)
+    trainer = make_trainer(6, [balancer], enable_checkpointing=True, default_root_dir=str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    restored_model = TwoTermPoisson.load_from_checkpoint(path) if False else TwoTermPoisson()
+    checkpoint = torch.load(path, weights_only=False)
+    restored_model.load_state_dict(checkpoint["state_dict"])
+    assert restored_model.criterion.weights == model.criterion.weights
+    fresh = GradNormBalancer(every_n_steps=2)
+    fresh.load_state_dict(checkpoint["callbacks"][balancer.state_key])
+    assert fresh.num_updates == balancer.num_updates == 3
+    assert fresh.last_target == balancer.last_target
+
+
+# ------------------------------------------------------------------ accuracy (a few seconds)
+@pytest.mark.parametrize("balancer", [lambda: GradNormBalancer(), lambda: NTKBalancer()], ids=["gradnorm", "ntk"])
+def test_balanced_harmonic_fit_beats_unit_weights_by_far(balancer: Any) -> None:
+    pl.seed_everything(0, verbose=False)
+    model = HarmonicOscillator(ic_weight=1.0, steps_per_epoch=2000)
+    _quiet_fit(model, 2000, [balancer()])
+    error = model.relative_l2_error()
+    assert error < 1e-2, f"balanced error {error:.2e}; λ_IC = 1 gives ≈ 1"
+    assert model.criterion.weights["ic"] / model.criterion.weights["pde"] > 50
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: GradNormBalancer(rule="median"), "rule must be 'max'"),
+        (lambda: GradNormBalancer(every_n_steps=0), "every_n_steps"),
+        (lambda: GradNormBalancer(momentum=1.0), "momentum must be < 1"),
+        (lambda: GradNormBalancer(momentum=-0.1), "momentum must be >= 0"),
+        (lambda: GradNormBalancer(momentum=float("nan")), "momentum must be a finite number"),
+        (lambda: GradNormBalancer(min_weight=0.0), "min_weight must be > 0"),
+        (lambda: GradNormBalancer(min_weight=10.0, max_weight=1.0), "max_weight"),
+        (lambda: GradNormBalancer(warmup_steps=-1), "warmup_steps"),
+        (lambda: GradNormBalancer(terms=[]), "terms must be a non-empty list"),
+        (lambda: GradNormBalancer(terms="ic"), "terms must be a non-empty list"),
+        (lambda: NTKBalancer(trace_points=0), "trace_points"),
+        (lambda: NTKBalancer(chunk_size=0), "chunk_size"),
+    ],
+)
+def test_bad_arguments(factory: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+def test_unknown_term_names_fail_at_fit_start() -> None:
+    with pytest.raises(ValueError, match=r"terms=\.\.\.\): unknown term 'ic'.*\('pde', 'bc'\)"):
+        _quiet_fit(TwoTermPoisson(), 1, [GradNormBalancer(terms=["ic"])])
+    with pytest.raises(ValueError, match=r"reference=\.\.\.\): unknown term 'u'"):
+        _quiet_fit(TwoTermPoisson(), 1, [NTKBalancer(reference="u")])

@@ -1,0 +1,103 @@
+"""NTK traces: exact against closed forms, the batched path against a loop, and sampling error."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_pinn import MultiTermLoss
+from lightning_pinn.engine import TermGradientEngine, TraceRequest
+from lightning_pinn.ntk import jacobian_row_sq_norms, sample_points
+
+
+def _loop_reference(residual: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    out = []
+    for value in residual.reshape(-1):
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        out.append(sum(g.pow(2).sum() for g in grads if g is not None))
+    return torch.stack(out)
+
+
+def test_linear_model_traces_in_closed_form() -> None:
+    """For r(x) = c·(w·x + b − y), ∂r/∂θ = c·[x, 1], so ‖∂r/∂θ‖² = c²(‖x‖² + 1) exactly."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    params = list(model.parameters())
+    x = torch.randn(50, 3)
+    y = torch.randn(50, 1)
+    for c in (1.0, 3.0):
+        residual = c * (model(x) - y)
+        values = jacobian_row_sq_norms(residual, params, chunk_size=16)
+        expected = c**2 * (x.pow(2).sum(dim=1) + 1)
+        assert torch.allclose(values, expected, rtol=1e-5)
+
+
+def test_engine_traces_of_two_terms_in_closed_form() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    criterion = MultiTermLoss(a=1.0, b=1.0)
+    engine = TermGradientEngine.for_loss(criterion)
+    x_a, x_b = torch.randn(40, 2), 5 * torch.randn(7, 2)
+    engine.request(step=0, batch_key=0, params=list(model.parameters()), traces=TraceRequest(None, chunk_size=8))
+    criterion(a=model(x_a), b=0.1 * model(x_b)).backward()
+    measurement = engine.collect(0, criterion.term_names)
+    assert measurement is not None and measurement.traces is not None
+    expected = torch.stack([(x_a.pow(2).sum(1) + 1).mean(), 0.01 * (x_b.pow(2).sum(1) + 1).mean()]).double()
+    assert torch.allclose(measurement.traces, expected, rtol=1e-5)
+    assert measurement.trace_points.tolist() == [40.0, 7.0]
+
+
+def test_batched_traces_equal_a_per_point_loop_on_a_pinn_residual() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    params = list(net.parameters())
+    t = torch.linspace(0, 1, 37).reshape(-1, 1).requires_grad_(True)
+    u = net(t)
+    (du,) = torch.autograd.grad(u.sum(), t, create_graph=True)
+    (ddu,) = torch.autograd.grad(du.sum(), t, create_graph=True)
+    residual = ddu + 39.5 * u
+    batched = jacobian_row_sq_norms(residual, params, chunk_size=10)
+    assert torch.allclose(batched, _loop_reference(residual, params), rtol=1e-4, atol=1e-6)
+
+
+def test_complex_residual_counts_both_parts() -> None:
+    model = torch.nn.Linear(2, 1)
+    x = torch.randn(5, 2)
+    real = model(x)
+    residual = torch.complex(real, 2 * real)  # ‖∂Re‖² + ‖∂Im‖² = 5 ‖∂u‖²
+    values = jacobian_row_sq_norms(residual, list(model.parameters()))
+    assert torch.allclose(values, 5 * (x.pow(2).sum(1) + 1), rtol=1e-5)
+
+
+def test_subsampled_trace_is_unbiased_within_the_documented_error() -> None:
+    """The sampled mean of m of N values has relative standard error sqrt((1 − m/N)/m)·CV."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    params = list(net.parameters())
+    x = torch.linspace(-3, 3, 400).reshape(-1, 1)
+    residual = net(x) * (1 + x**2)  # per-point values vary a lot along x
+    exact_values = jacobian_row_sq_norms(residual, params)
+    exact = exact_values.mean().item()
+    cv = (exact_values.std(unbiased=False) / exact_values.mean()).item()
+    m, n = 40, 400
+    documented_rse = math.sqrt((1 - m / n) / m) * cv
+    generator = torch.Generator().manual_seed(1)
+    estimates = []
+    for _ in range(200):
+        points = sample_points(n, m, generator)
+        assert points is not None and len(points) == m and len(set(points.tolist())) == m
+        estimates.append(jacobian_row_sq_norms(residual, params, points).mean().item())
+    estimates_t = torch.tensor(estimates)
+    relative_errors = (estimates_t - exact) / exact
+    # unbiased: the mean of 200 estimates is within 4 standard errors of the mean
+    assert abs(relative_errors.mean().item()) < 4 * documented_rse / math.sqrt(200)
+    # the spread matches the documented standard error (within 25 %)
+    assert relative_errors.std().item() == pytest.approx(documented_rse, rel=0.25)
+
+
+def test_sample_points_returns_none_when_all_points_are_wanted() -> None:
+    assert sample_points(10, None, None) is None
+    assert sample_points(10, 10, None) is None
+    assert sample_points(10, 50, None) is None
