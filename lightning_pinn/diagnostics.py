@@ -50,18 +50,20 @@ class GradientReport:
 
     Attributes:
         terms: Term names in order.
-        losses: Unweighted losses ``L_i``.
+        losses: Unweighted losses ``L_i`` (``nan`` for an absent term).
         weights: Weights ``λ_i`` in effect for the step.
-        norms: ``‖∇θ L_i‖₂`` of the unweighted losses.
+        norms: ``‖∇θ L_i‖₂`` of the unweighted losses (``nan`` for an absent term).
         weighted_norms: ``λ_i · ‖∇θ L_i‖₂``.
         ratio: Largest over smallest weighted norm (``None`` with fewer than two usable terms).
         largest: Term with the largest weighted norm (``None`` when ``ratio`` is ``None``).
         smallest: Term with the smallest weighted norm.
         cosines: ``{(a, b): cos(g_a, g_b)}`` for each pair ``a`` before ``b`` whose gradients
             are both non-zero and finite.
-        zero_terms: Terms whose gradient is exactly zero (they reach no trainable parameter,
-            or their loss is at an exact minimum).
+        zero_terms: Present terms whose gradient is exactly zero.
+        unreached_terms: Present terms whose loss reaches no trainable parameter at all (a
+            subset of ``zero_terms``).
         nonfinite_terms: Terms whose gradient contains NaN or inf.
+        absent_terms: Terms passed as ``None`` throughout the step (left out of everything).
     """
 
     terms: tuple[str, ...]
@@ -74,32 +76,52 @@ class GradientReport:
     smallest: str | None
     cosines: dict[tuple[str, str], float]
     zero_terms: tuple[str, ...]
+    unreached_terms: tuple[str, ...]
     nonfinite_terms: tuple[str, ...]
+    absent_terms: tuple[str, ...]
+
+    @property
+    def present_terms(self) -> tuple[str, ...]:
+        """Terms measured in this step."""
+        return tuple(name for name in self.terms if name not in self.absent_terms)
 
 
-def summarize_gradients(terms: tuple[str, ...], losses: Tensor, weights: Tensor, gradients: Tensor, with_cosines: bool = True) -> GradientReport:
+def summarize_gradients(
+    terms: tuple[str, ...],
+    losses: Tensor,
+    weights: Tensor,
+    gradients: Tensor,
+    present: Tensor | None = None,
+    reached: Tensor | None = None,
+    with_cosines: bool = True,
+) -> GradientReport:
     """Compute norms, weighted norms, the imbalance ratio and pairwise cosines for one step.
 
     The norms and the Gram matrix ``G Gᵀ`` (for ``cos(g_a, g_b) = (G Gᵀ)_ab / (‖g_a‖ ‖g_b‖)``)
-    are moved to Python in one transfer.
+    are moved to Python in one transfer. Absent terms (``present`` false) are left out.
     """
+    count = len(terms)
+    is_present = [True] * count if present is None else [bool(v) for v in present.tolist()]
+    did_reach = [True] * count if reached is None else [bool(v) for v in reached.tolist()]
     grads = gradients.to(torch.float64)
     norms_t = torch.linalg.vector_norm(grads, dim=1)
     rows = torch.cat([norms_t[:, None], grads @ grads.T], dim=1).tolist()
-    count = len(terms)
-    norms = [row[0] for row in rows]
+    norms = [row[0] if is_present[i] else math.nan for i, row in enumerate(rows)]
     gram = [row[1:] for row in rows]
     lambdas = weights.to(torch.float64).tolist()
-    weighted = [lam * norm if lam != 0 else 0.0 for lam, norm in zip(lambdas, norms)]
-    nonfinite = tuple(name for name, norm in zip(terms, norms) if not math.isfinite(norm))
+    weighted = [(lam * norm if lam != 0 else 0.0) if is_present[i] else math.nan for i, (lam, norm) in enumerate(zip(lambdas, norms))]
+    absent = tuple(name for name, here in zip(terms, is_present) if not here)
+    nonfinite = tuple(name for name, norm, here in zip(terms, norms, is_present) if here and not math.isfinite(norm))
     zero = tuple(name for name, norm in zip(terms, norms) if norm == 0)
+    unreached = tuple(name for name, here, hit in zip(terms, is_present, did_reach) if here and not hit)
     found = imbalance(weighted)
     ratio, largest, smallest = (found[0], terms[found[1]], terms[found[2]]) if found else (None, None, None)
     cosines: dict[tuple[str, str], float] = {}
     if with_cosines:
+        usable = [norm > 0 and math.isfinite(norm) for norm in norms]
         for a in range(count):
             for b in range(a + 1, count):
-                if norms[a] > 0 and norms[b] > 0 and math.isfinite(norms[a]) and math.isfinite(norms[b]):
+                if usable[a] and usable[b]:
                     cosines[(terms[a], terms[b])] = max(-1.0, min(1.0, gram[a][b] / (norms[a] * norms[b])))
     return GradientReport(
         terms=terms,
@@ -112,5 +134,7 @@ def summarize_gradients(terms: tuple[str, ...], losses: Tensor, weights: Tensor,
         smallest=smallest,
         cosines=cosines,
         zero_terms=zero,
+        unreached_terms=unreached,
         nonfinite_terms=nonfinite,
+        absent_terms=absent,
     )

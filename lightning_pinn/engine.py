@@ -32,7 +32,7 @@ times per batch, the last evaluation of each batch counts.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -70,11 +70,18 @@ class StepMeasurement:
     Attributes:
         step: The optimizer step (``trainer.global_step`` before the step was taken).
         terms: Term names, in the loss's order.
-        losses: Unweighted losses ``L_i``, shape ``(K,)``.
+        losses: Unweighted losses ``L_i`` (mean over the micro-batches where the term was
+            present), shape ``(K,)``; ``nan`` for a term absent from the whole step.
         weights: The weights ``λ_i`` used in this step, shape ``(K,)``.
+        present: Whether each term was given (not ``None``) in at least one micro-batch.
+        reached: Whether each term's gradient reached at least one trainable parameter
+            (``None`` if gradients were not requested). A present term that never reaches a
+            parameter has a zero gradient by construction, not by accident.
         gradients: ``∇θ L_i`` of the unweighted losses, flattened over the trainable
-            parameters, shape ``(K, P)``; ``None`` if not requested.
-        traces: Per-point mean NTK traces ``t_i``, shape ``(K,)``; ``None`` if not requested.
+            parameters, shape ``(K, P)``: the mean over the step's micro-batches (the
+            gradient the optimizer steps with); ``None`` if not requested.
+        traces: Per-point mean NTK traces ``t_i``, shape ``(K,)``; ``None`` if not requested,
+            ``nan`` for an absent term.
         trace_points: Number of points each trace averages over (all ranks), shape ``(K,)``.
         micro_batches: Number of backward passes (over all ranks) the measurement averages.
     """
@@ -83,6 +90,8 @@ class StepMeasurement:
     terms: tuple[str, ...]
     losses: Tensor
     weights: Tensor
+    present: Tensor
+    reached: Tensor | None
     gradients: Tensor | None
     traces: Tensor | None
     trace_points: Tensor | None
@@ -94,25 +103,29 @@ class _Capture:
     """What one forward pass in capture mode records; filled in by the backward pass."""
 
     engine: TermGradientEngine
-    batch_key: Any
     params: list[Tensor]
-    losses: list[Tensor]
-    residuals: list[Tensor]
-    names: tuple[str, ...]
+    losses: list[Tensor | None]  # None: the term is absent from this micro-batch
+    present: list[bool]
+    residuals: list[Tensor | None]
     lambdas: Tensor
-    loss_values: Tensor  # detached L_i, in the dtype of the weights
+    loss_values: Tensor  # detached L_i (0 where absent), in the dtype of the weights
     trace_request: TraceRequest | None
     want_gradients: bool
     term_gradients: list[list[Tensor]] | None = None  # per term, per parameter, times the cotangent
+    reached: list[bool] | None = None
     cotangent: Tensor | None = None  # gradient reaching the total: AMP scale × 1/accumulation × user factor
     trace_sums: Tensor | None = None
     trace_counts: Tensor | None = None
     backward_done: bool = False
 
 
+#: Per-term accumulators of a window, in the order they are packed for the all-reduce.
+_SUMS = ("weights", "losses", "present", "reached", "trace_sum", "trace_count")
+
+
 @dataclass
 class _Window:
-    """Accumulators for the optimizer step being measured."""
+    """Accumulators for the optimizer step being measured (sums over its micro-batches)."""
 
     step: int
     params: list[Tensor]
@@ -121,13 +134,14 @@ class _Window:
     batch_key: Any = None
     pending: _Capture | None = None
     batches: int = 0
-    loss_sum: Tensor | None = None
-    weights: Tensor | None = None
-    gradient_sum: Tensor | None = None
-    trace_sum: Tensor | None = None
-    trace_count: Tensor | None = None
+    sums: dict[str, Tensor] = field(default_factory=dict)  # each (K,), float64
+    gradient_sum: Tensor | None = None  # (K, P)
     result: StepMeasurement | None = None
     collected: bool = False
+
+    def add(self, name: str, value: Tensor) -> None:
+        value = value.to(torch.float64)
+        self.sums[name] = value if name not in self.sums else self.sums[name] + value
 
 
 class _CapturedTotal(torch.autograd.Function):
@@ -199,27 +213,28 @@ class TermGradientEngine:
         self._capturing = False
 
     # ---------------------------------------------------------------- forward / backward
-    def weighted_total(self, names: tuple[str, ...], residuals: list[Tensor], losses: list[Tensor], lambdas: Tensor) -> Tensor:
-        """Return ``Σ λ_i L_i`` whose backward also records the per-term gradients."""
+    def weighted_total(self, names: tuple[str, ...], residuals: list[Tensor | None], losses: list[Tensor | None], lambdas: Tensor) -> Tensor:
+        """Return ``Σ λ_i L_i`` (over the present terms) whose backward also records per-term gradients."""
         window = self._window
         assert window is not None
         if window.trace_request is not None:
             for name, residual in zip(names, residuals):
-                if residual.dim() == 0:
+                if residual is not None and residual.dim() == 0:
                     raise ValueError(
                         f"NTK traces need point-wise residuals, but term '{name}' was given as a 0-dim (already reduced) "
                         f"loss. Pass the residual vector for '{name}' (its loss is then the mean of its squares), or "
                         "exclude the term from the NTK balancer."
                     )
         weights = lambdas.detach().clone()
-        loss_values = torch.stack([loss.detach() for loss in losses]).to(weights.dtype)
+        present = [loss for loss in losses if loss is not None]
+        loss_values = torch.zeros_like(weights)
+        loss_values[[i for i, loss in enumerate(losses) if loss is not None]] = torch.stack([loss.detach() for loss in present]).to(weights.dtype)
         capture = _Capture(
             engine=self,
-            batch_key=window.batch_key,
             params=window.params,
             losses=losses,
+            present=[loss is not None for loss in losses],
             residuals=residuals if window.trace_request is not None else [],
-            names=names,
             lambdas=weights,
             loss_values=loss_values,
             trace_request=window.trace_request,
@@ -232,18 +247,24 @@ class TermGradientEngine:
         params = capture.params
         if capture.trace_request is not None:
             self._record_traces(capture)
-        reached = [False] * len(params)
+        reached_param = [False] * len(params)
+        reached_term = []
         per_term: list[list[Tensor]] = []
         for loss in capture.losses:
+            if loss is None:
+                per_term.append([torch.zeros_like(p) for p in params])
+                reached_term.append(False)
+                continue
             grads = torch.autograd.grad(loss, params, grad_outputs=grad_output.to(loss.dtype), retain_graph=True, allow_unused=True)
             filled = []
             for j, (grad, param) in enumerate(zip(grads, params)):
                 if grad is None:
                     filled.append(torch.zeros_like(param))
                 else:
-                    reached[j] = True
+                    reached_param[j] = True
                     filled.append(grad)
             per_term.append(filled)
+            reached_term.append(any(grad is not None for grad in grads))
         # Σ_i λ_i ∇θ L_i (already multiplied by the cotangent): the parameters' gradient
         lambdas = capture.lambdas.to(grad_output.device)
         combined = torch._foreach_mul(per_term[0], lambdas[0])
@@ -251,23 +272,29 @@ class TermGradientEngine:
             torch._foreach_add_(combined, torch._foreach_mul(per_term[i], lambdas[i]))
         if capture.want_gradients:
             capture.term_gradients = per_term
+            capture.reached = reached_term
             capture.cotangent = grad_output.detach()
         capture.backward_done = True
         capture.losses = []
         capture.residuals = []
-        return [grad if hit else None for grad, hit in zip(combined, reached)]
+        return [grad if hit else None for grad, hit in zip(combined, reached_param)]
 
     def _record_traces(self, capture: _Capture) -> None:
         request = capture.trace_request
         assert request is not None
-        sums, counts = [], []
+        sums: list[Tensor] = []
+        counts: list[float] = []
         for residual in capture.residuals:
+            if residual is None:
+                sums.append(torch.zeros((), dtype=torch.float64))
+                counts.append(0.0)
+                continue
             points = sample_points(residual.numel(), request.sample_size, request.generator)
             values = jacobian_row_sq_norms(residual, capture.params, points, request.chunk_size)
-            sums.append(values.to(torch.float64).sum())
+            sums.append(values.to(torch.float64).sum().cpu())
             counts.append(float(values.numel()))
         capture.trace_sums = torch.stack(sums)
-        capture.trace_counts = torch.tensor(counts, dtype=torch.float64, device=capture.trace_sums.device)
+        capture.trace_counts = torch.tensor(counts, dtype=torch.float64)
 
     # ---------------------------------------------------------------- collecting
     def _commit_pending(self, window: _Window) -> None:
@@ -275,17 +302,18 @@ class TermGradientEngine:
         if capture is None or not capture.backward_done:
             return
         window.batches += 1
-        values = capture.loss_values.to(torch.float64)
-        window.loss_sum = values if window.loss_sum is None else window.loss_sum + values
-        window.weights = capture.lambdas
-        if capture.term_gradients is not None and capture.cotangent is not None:
+        window.add("weights", capture.lambdas)
+        window.add("losses", capture.loss_values)
+        window.add("present", torch.tensor(capture.present, dtype=torch.float64))
+        if capture.term_gradients is not None and capture.cotangent is not None and capture.reached is not None:
+            window.add("reached", torch.tensor(capture.reached, dtype=torch.float64))
             dtype = torch.float64 if any(p.dtype == torch.float64 for p in capture.params) else torch.float32
             flat = torch.stack([torch.cat([g.reshape(-1) for g in grads]).to(dtype) for grads in capture.term_gradients])
             grads = flat / capture.cotangent.to(dtype)  # ∇θ L_i of the unscaled, unweighted loss
             window.gradient_sum = grads if window.gradient_sum is None else window.gradient_sum + grads
-        if capture.trace_sums is not None:
-            window.trace_sum = capture.trace_sums if window.trace_sum is None else window.trace_sum + capture.trace_sums
-            window.trace_count = capture.trace_counts if window.trace_count is None else window.trace_count + capture.trace_counts
+        if capture.trace_sums is not None and capture.trace_counts is not None:
+            window.add("trace_sum", capture.trace_sums)
+            window.add("trace_count", capture.trace_counts)
 
     def collect(
         self,
@@ -312,50 +340,40 @@ class TermGradientEngine:
 
     def _reduce(self, window: _Window, terms: tuple[str, ...], all_reduce_sum: Callable[[Tensor], Tensor] | None) -> StepMeasurement | None:
         num_terms = len(terms)
-        want_traces = window.trace_request is not None
-        if all_reduce_sum is None:  # one process: nothing to exchange
-            batches = window.batches
-            loss_sum, trace_sum, trace_count, gradient_sum = window.loss_sum, window.trace_sum, window.trace_count, window.gradient_sum
-            weights = window.weights
-            if batches == 0 or loss_sum is None or weights is None:
-                return None
-            weights = weights.to(torch.float64)
-        else:
+        # The packed shapes depend only on what was requested, never on local data, so every rank
+        # joins the same collectives even if its own micro-batches produced no capture.
+        zeros = torch.zeros(num_terms, dtype=torch.float64)
+        packed = torch.cat([torch.tensor([float(window.batches)], dtype=torch.float64)] + [window.sums.get(name, zeros).cpu() for name in _SUMS])
+        gradient_sum = window.gradient_sum
+        if window.want_gradients and gradient_sum is None:
             num_params = sum(p.numel() for p in window.params)
             device = window.params[0].device if window.params else torch.device("cpu")
-            # The packed shape depends only on what was requested, never on local data, so every
-            # rank joins the same collective even if its own batch produced no capture.
-            sizes = [1, num_terms, num_terms]
-            parts = [
-                torch.tensor([float(window.batches)], dtype=torch.float64, device=device),
-                _or_zeros(window.loss_sum, (num_terms,), device),
-                _or_zeros(window.weights, (num_terms,), device).to(torch.float64) * window.batches,
-            ]
-            if want_traces:
-                sizes += [num_terms, num_terms]
-                parts += [_or_zeros(window.trace_sum, (num_terms,), device), _or_zeros(window.trace_count, (num_terms,), device)]
+            gradient_sum = torch.zeros(num_terms, num_params, dtype=torch.float64, device=device)
+        if all_reduce_sum is not None:
+            device = window.params[0].device if window.params else torch.device("cpu")
+            packed = all_reduce_sum(packed.to(device)).cpu()
             if window.want_gradients:
-                sizes.append(num_terms * num_params)
-                parts.append(_or_zeros(window.gradient_sum, (num_terms, num_params), device).reshape(-1))
-            packed = all_reduce_sum(torch.cat([part.to(device=device, dtype=torch.float64).reshape(-1) for part in parts]))
-            chunks = list(packed.split(sizes))
-            batches = int(chunks.pop(0).item())
-            if batches == 0:
-                return None
-            loss_sum, weights = chunks.pop(0), chunks.pop(0) / batches
-            trace_sum, trace_count = (chunks.pop(0), chunks.pop(0)) if want_traces else (None, None)
-            gradient_sum = chunks.pop(0).reshape(num_terms, num_params) if window.want_gradients else None
+                assert gradient_sum is not None
+                gradient_sum = all_reduce_sum(gradient_sum.to(torch.float64))
+        batches = int(packed[0].item())
+        if batches == 0:
+            return None
+        sums = dict(zip(_SUMS, packed[1:].split(num_terms)))
+        present = sums["present"] > 0
+        nan = torch.full((num_terms,), float("nan"), dtype=torch.float64)
+        traces = None
+        if window.trace_request is not None:
+            counts = sums["trace_count"]
+            traces = torch.where(counts > 0, sums["trace_sum"] / counts.clamp(min=1), nan)
         return StepMeasurement(
             step=window.step,
             terms=terms,
-            losses=loss_sum / batches,
-            weights=weights,
+            losses=torch.where(present, sums["losses"] / sums["present"].clamp(min=1), nan),
+            weights=sums["weights"] / batches,
+            present=present,
+            reached=(sums["reached"] > 0) if window.want_gradients else None,
             gradients=None if gradient_sum is None else gradient_sum / batches,
-            traces=None if trace_sum is None or trace_count is None else trace_sum / trace_count,
-            trace_points=trace_count,
+            traces=traces,
+            trace_points=sums["trace_count"] if window.trace_request is not None else None,
             micro_batches=batches,
         )
-
-
-def _or_zeros(value: Tensor | None, shape: tuple[int, ...], device: torch.device) -> Tensor:
-    return value if value is not None else torch.zeros(shape, dtype=torch.float64, device=device)

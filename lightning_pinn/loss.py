@@ -128,26 +128,36 @@ class MultiTermLoss(nn.Module):
             self.lambdas.copy_(torch.tensor(new, dtype=self.lambdas.dtype, device=self.lambdas.device))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, **residuals: Tensor) -> Tensor:
-        """Return ``Σ_i λ_i · L_i`` for the given per-term residuals (see the class docstring)."""
+    def forward(self, **residuals: Tensor | None) -> Tensor:
+        """Return ``Σ_i λ_i · L_i`` for the given per-term residuals (see the class docstring).
+
+        A term passed as ``None`` is absent from this step (e.g. a data term with no points in
+        this batch): it adds nothing to the loss, and the callbacks leave it out of this step's
+        measurement and keep its weight.
+        """
         self._check_names(residuals.keys(), context="MultiTermLoss.forward", require_all=True)
         grad_enabled = torch.is_grad_enabled()
         ordered = [self._checked_residual(name, residuals[name], grad_enabled) for name in self._term_names]
-        losses = [term_loss(residual) for residual in ordered]
-        self.last_residuals = dict(zip(self._term_names, ordered))
-        self.last_losses = dict(zip(self._term_names, losses))
+        if all(residual is None for residual in ordered):
+            raise ValueError(f"MultiTermLoss.forward: every term is None; pass a residual for at least one of {self._term_names}.")
+        losses = [None if residual is None else term_loss(residual) for residual in ordered]
+        self.last_residuals = {name: r for name, r in zip(self._term_names, ordered) if r is not None}
+        self.last_losses = {name: loss for name, loss in zip(self._term_names, losses) if loss is not None}
 
         engine = self._engine
         if engine is not None and self.training and grad_enabled and engine.is_capturing():
             return engine.weighted_total(self._term_names, ordered, losses, self.lambdas)
-        stacked = torch.stack([loss.to(self.lambdas.dtype) for loss in losses])
-        return torch.dot(self.lambdas, stacked)
+        if all(loss is not None for loss in losses):
+            return torch.dot(self.lambdas, torch.stack([loss.to(self.lambdas.dtype) for loss in losses]))  # type: ignore[union-attr]
+        return sum(self.lambdas[i] * loss for i, loss in enumerate(losses) if loss is not None)  # type: ignore[return-value]
 
-    def _checked_residual(self, name: str, residual: Any, grad_enabled: bool) -> Tensor:
+    def _checked_residual(self, name: str, residual: Any, grad_enabled: bool) -> Tensor | None:
+        if residual is None:
+            return None
         if not isinstance(residual, Tensor):
             raise TypeError(
-                f"MultiTermLoss: term '{name}' must be a torch.Tensor (a point-wise residual or a 0-dim loss), "
-                f"got {type(residual).__name__}. Compute it from the network output with torch operations."
+                f"MultiTermLoss: term '{name}' must be a torch.Tensor (a point-wise residual or a 0-dim loss) or None "
+                f"(absent this step), got {type(residual).__name__}. Compute it from the network output with torch operations."
             )
         if not (residual.is_floating_point() or residual.is_complex()):
             raise TypeError(
@@ -157,7 +167,7 @@ class MultiTermLoss(nn.Module):
         if residual.numel() == 0:
             raise ValueError(
                 f"MultiTermLoss: term '{name}' is an empty tensor (shape {tuple(residual.shape)}), so its mean square is "
-                "undefined. Give the term at least one point, or leave the term out of MultiTermLoss(...)."
+                f"undefined. Give the term at least one point, or pass {name}=None to leave it out of this step."
             )
         if grad_enabled and not residual.requires_grad:
             raise ValueError(

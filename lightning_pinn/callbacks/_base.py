@@ -122,6 +122,7 @@ class PerTermCallback(Callback):
         self._engine: TermGradientEngine | None = None
         self._step_at_batch_start: int | None = None
         self._parameters: list[Tensor] = []
+        self.last_measurement: StepMeasurement | None = None
 
     # ---------------------------------------------------------------- subclass API
     def _is_due(self, step: int) -> bool:
@@ -172,6 +173,7 @@ class PerTermCallback(Callback):
             return
         measurement = self._engine.collect(step, self.criterion.term_names, _all_reduce_sum(trainer))
         if measurement is not None:
+            self.last_measurement = measurement
             self._on_measurement(trainer, pl_module, measurement)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -161,7 +161,10 @@ class WeightBalancer(PerTermCallback):
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
         names = measurement.terms
         step = measurement.step
-        values = self._rule_inputs(measurement).to(torch.float64)
+        present = measurement.present.cpu()
+        # a term absent (None) for the whole step has nothing to measure: give the rule 0, which
+        # leaves its weight unchanged and keeps it out of the max/mean/sum over terms
+        values = torch.where(present, self._rule_inputs(measurement).to(torch.float64).cpu(), torch.zeros((), dtype=torch.float64))
         value_list = values.tolist()
         bad = [name for name, value in zip(names, value_list) if not math.isfinite(value)]
         current = self.criterion.lambdas.detach().to(torch.float64).cpu()
@@ -174,8 +177,8 @@ class WeightBalancer(PerTermCallback):
                 category=WeightUpdateWarning,
             )
             return
-        for name, value in zip(names, value_list):
-            if value == 0 and name not in self._zero_warned:
+        for name, value, here in zip(names, value_list, present.tolist()):
+            if here and value == 0 and name not in self._zero_warned:
                 self._zero_warned.add(name)
                 rank_zero_warn(
                     f"{type(self).__name__}: term '{name}' has a zero {self._quantity} at step {step} (it reaches no "

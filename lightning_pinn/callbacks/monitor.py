@@ -159,7 +159,9 @@ class GradientNormMonitor(PerTermCallback):
 
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
         assert measurement.gradients is not None
-        report = summarize_gradients(measurement.terms, measurement.losses, measurement.weights, measurement.gradients)
+        report = summarize_gradients(
+            measurement.terms, measurement.losses, measurement.weights, measurement.gradients, measurement.present, measurement.reached
+        )
         self.last_report = report
         step = measurement.step
         self._track_term_health(report, step)
@@ -168,8 +170,10 @@ class GradientNormMonitor(PerTermCallback):
 
         metrics: dict[str, float] = {}
         for name, loss, weight, norm, weighted in zip(report.terms, report.losses, report.weights, report.norms, report.weighted_norms):
-            metrics[f"loss/{name}"] = loss
             metrics[f"weight/{name}"] = weight
+            if name in report.absent_terms:
+                continue  # passed as None throughout this step: nothing was measured
+            metrics[f"loss/{name}"] = loss
             metrics[f"grad_norm/{name}"] = norm
             metrics[f"grad_norm_weighted/{name}"] = weighted
         if report.ratio is not None:
@@ -285,18 +289,30 @@ class GradientNormMonitor(PerTermCallback):
         return any(self._conflict_active.values())
 
     def _track_term_health(self, report: GradientReport, step: int) -> None:
-        for name in report.terms:
-            flag = "zero" if name in report.zero_terms else "nonfinite" if name in report.nonfinite_terms else ""
+        for name in report.present_terms:
+            if name in report.unreached_terms:
+                flag = "unreached"
+            elif name in report.zero_terms:
+                flag = "zero"
+            elif name in report.nonfinite_terms:
+                flag = "nonfinite"
+            else:
+                flag = ""
             if flag == self._term_flags.get(name, ""):
                 continue
             self._term_flags[name] = flag
-            if flag == "zero":
+            if flag in ("zero", "unreached"):
                 if name not in self.diagnosis.zero_gradient_terms:
                     self.diagnosis.zero_gradient_terms.append(name)
+                why = (
+                    "its loss does not reach any trainable parameter (the parameters it depends on are frozen, or its residual "
+                    "is computed from tensors that are not parameters of the model)"
+                    if flag == "unreached"
+                    else "its loss sits at an exact minimum (e.g. the residual is exactly 0)"
+                )
                 rank_zero_warn(
-                    f"GradientNormMonitor: term '{name}' has an exactly zero gradient at step {step}: its loss does not "
-                    "reach any trainable parameter (or sits at an exact minimum). It is left out of grad_ratio; check "
-                    "that its residual is computed from the network output.",
+                    f"GradientNormMonitor: term '{name}' has an exactly zero gradient at step {step}: {why}. It is left out "
+                    "of grad_ratio and the cosines; check that its residual is computed from the network output.",
                     category=TermGradientWarning,
                 )
             elif flag == "nonfinite":

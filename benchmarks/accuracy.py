@@ -1,0 +1,126 @@
+"""Accuracy of the balancers on the harmonic IVP, and the cost of one balancer update.
+
+Part 1 (accuracy): the harmonic oscillator of ../shared/README.md §2 (1-32-32-32-1 tanh,
+Adam 1e-3, 128 points), fixed λ_IC on the grid 10^-3 … 10^5 against GradNormBalancer (max and
+mean rules) and NTKBalancer with their default arguments, each starting from λ = 1. Median
+relative L² over the seeds, for ω = 2π and ω = 4π, plus the first step (checked every 100)
+at which the median error reaches 1e-2 and 1e-3.
+
+Part 2 (cost): in one fit per balancer, the wall time of every optimizer step is measured;
+the ratio of the median time of update steps to the median time of the other (plain) steps
+in the same fit is "one update in units of one plain step". Update and plain steps alternate
+within the run, so machine noise hits both alike.
+
+    python benchmarks/accuracy.py                      # 5 seeds, 2000 and 4000 steps: ~10 min on 2 cores
+    python benchmarks/accuracy.py --seeds 0 1 --steps 2000 --omegas 6.283185307179586
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def accuracy_table(omega: float, steps: int, seeds: list[int], workers: int) -> str:
+    from lightning_pinn.sweep import FitSpec, grid_weights, run_fits
+
+    methods: list[tuple[str, float]] = [("fixed", w) for w in grid_weights(-3, 5, 1)]
+    methods += [("gradnorm-max", 1.0), ("gradnorm-mean", 1.0), ("ntk", 1.0)]
+    specs = [FitSpec(method, weight, seed, steps, omega, error_every=100) for method, weight in methods for seed in seeds]
+    start = time.perf_counter()
+    results = run_fits(specs, workers=workers)
+    lines = [
+        f"ω = {omega / math.pi:g}π, {steps} steps, seeds {' '.join(map(str, seeds))} ({time.perf_counter() - start:.0f} s for {len(specs)} fits)",
+        "",
+        "| run | median rel. L2 | per seed | median reaches 1e-2 at step | median reaches 1e-3 at step | final λ_IC/λ_PDE (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    best_fixed = math.inf
+    for method, weight in methods:
+        group = [r for r in results if r.spec.method == method and r.spec.ic_weight == weight]
+        median = statistics.median(r.relative_l2 for r in group)
+        curve = [statistics.median(r.errors[i] for r in group) for i in range(len(group[0].errors))]
+        steps_at = group[0].error_steps
+        to_1e2 = next((s for s, e in zip(steps_at, curve) if e <= 1e-2), None)
+        to_1e3 = next((s for s, e in zip(steps_at, curve) if e <= 1e-3), None)
+        ratio = statistics.median(r.final_weights["ic"] / r.final_weights["pde"] for r in group)
+        label = group[0].spec.label
+        if method == "fixed":
+            best_fixed = min(best_fixed, median)
+        lines.append(
+            f"| {label} | {median:.2e} | {' '.join(f'{r.relative_l2:.1e}' for r in group)} | {to_1e2 or '-'} | {to_1e3 or '-'} | {ratio:.3g} |"
+        )
+    lines.append("")
+    lines.append(f"best fixed λ_IC on the grid: median {best_fixed:.2e}")
+    return "\n".join(lines)
+
+
+def update_cost(steps: int) -> str:
+    import pytorch_lightning as pl
+    import torch
+
+    from lightning_pinn.callbacks import GradNormBalancer, NTKBalancer
+    from lightning_pinn.demo import quiet_lightning
+    from lightning_pinn.problems import HarmonicOscillator
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: dict[int, float] = {}
+            self._start = 0.0
+
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            self.times[trainer.global_step - 1] = time.perf_counter() - self._start
+
+    rows = ["| balancer | update every | median update step | median plain step | update / plain |", "|---|---|---|---|---|"]
+    configs: list[tuple[str, Any, int]] = [
+        ("GradNormBalancer()", lambda: GradNormBalancer(), 10),
+        ("NTKBalancer() exact, N = 128 + 2", lambda: NTKBalancer(every_n_steps=10), 10),
+        ("NTKBalancer(trace_points=32)", lambda: NTKBalancer(every_n_steps=10, trace_points=32), 10),
+    ]
+    for name, factory, every in configs:
+        torch.manual_seed(0)
+        model = HarmonicOscillator(steps_per_epoch=steps)
+        timer = StepTimer()
+        with quiet_lightning(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(max_steps=steps, logger=False, callbacks=[factory(), timer], enable_progress_bar=False,
+                       enable_model_summary=False, enable_checkpointing=False).fit(model)
+        measured = {s: t for s, t in timer.times.items() if s >= 20}  # skip warm-up
+        update = statistics.median(t for s, t in measured.items() if s % every == 0)
+        plain = statistics.median(t for s, t in measured.items() if s % every != 0)
+        rows.append(f"| {name} | {every} | {update * 1e3:.2f} ms | {plain * 1e3:.2f} ms | {update / plain:.2f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--steps", type=int, nargs="+", default=[2000, 4000], help="step budgets to report (default 2000 4000)")
+    parser.add_argument("--omegas", type=float, nargs="+", default=[2 * math.pi, 4 * math.pi])
+    parser.add_argument("--workers", type=int, default=0, help="parallel fits (default: one per core)")
+    parser.add_argument("--skip-accuracy", action="store_true")
+    args = parser.parse_args()
+
+    print("## Cost of one balancer update (harmonic IVP, ratio of medians within one fit of 1000 steps)\n", flush=True)
+    print(update_cost(1000), flush=True)
+    if args.skip_accuracy:
+        return
+    for omega in args.omegas:
+        for steps in args.steps:
+            print(f"\n## Accuracy, {accuracy_table.__doc__ or ''}", flush=True)
+            print(accuracy_table(omega, steps, args.seeds, args.workers), flush=True)
+
+
+if __name__ == "__main__":
+    main()
