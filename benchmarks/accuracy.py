@@ -11,8 +11,8 @@ the ratio of the median time of update steps to the median time of the other (pl
 in the same fit is "one update in units of one plain step". Update and plain steps alternate
 within the run, so machine noise hits both alike.
 
-    python benchmarks/accuracy.py                      # 5 seeds, 2000 and 4000 steps: ~10 min on 2 cores
-    python benchmarks/accuracy.py --seeds 0 1 --steps 2000 --omegas 6.283185307179586
+    python benchmarks/accuracy.py                      # 5 seeds; ω=2π at 2000/4000 and ω=4π at 2000/6000 steps: ~15 min on 2 cores
+    python benchmarks/accuracy.py --seeds 0 1 --budgets 2:2000
 """
 
 from __future__ import annotations
@@ -106,20 +106,26 @@ def update_cost(steps: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
-    parser.add_argument("--steps", type=int, nargs="+", default=[2000, 4000], help="step budgets to report (default 2000 4000)")
-    parser.add_argument("--omegas", type=float, nargs="+", default=[2 * math.pi, 4 * math.pi])
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        default=["2:2000", "2:4000", "4:2000", "4:6000"],
+        help="runs as OMEGA_OVER_PI:STEPS (default: 2:2000 2:4000 4:2000 4:6000)",
+    )
     parser.add_argument("--workers", type=int, default=0, help="parallel fits (default: one per core)")
-    parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true", help="only measure the cost of an update")
+    parser.add_argument("--skip-cost", action="store_true", help="only measure accuracy")
     args = parser.parse_args()
 
-    print("## Cost of one balancer update (harmonic IVP, ratio of medians within one fit of 1000 steps)\n", flush=True)
-    print(update_cost(1000), flush=True)
+    print(f"# benchmarks/accuracy.py  (torch {__import__('torch').__version__}, {__import__('os').cpu_count()} CPU cores)", flush=True)
+    if not args.skip_cost:
+        print("\n## Cost of one balancer update (harmonic IVP, ratio of medians within one fit of 1000 steps)\n", flush=True)
+        print(update_cost(1000), flush=True)
     if args.skip_accuracy:
         return
-    for omega in args.omegas:
-        for steps in args.steps:
-            print(f"\n## Accuracy, {accuracy_table.__doc__ or ''}", flush=True)
-            print(accuracy_table(omega, steps, args.seeds, args.workers), flush=True)
+    for budget in args.budgets:
+        omega_over_pi, steps = budget.split(":")
+        print("\n## Accuracy: " + accuracy_table(float(omega_over_pi) * math.pi, int(steps), args.seeds, args.workers), flush=True)
 
 
 if __name__ == "__main__":

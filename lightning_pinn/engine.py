@@ -277,7 +277,12 @@ class TermGradientEngine:
         capture.backward_done = True
         capture.losses = []
         capture.residuals = []
-        return [grad if hit else None for grad, hit in zip(combined, reached_param)]
+        # match the parameters' memory layout (autograd may hand back transposed views), as
+        # AccumulateGrad and DDP's gradient buckets expect
+        return [
+            (grad if grad.stride() == param.stride() else grad.contiguous().view(-1).view(param.shape)) if hit else None
+            for grad, param, hit in zip(combined, params, reached_param)
+        ]
 
     def _record_traces(self, capture: _Capture) -> None:
         request = capture.trace_request
