@@ -171,9 +171,9 @@ class MultiTermLoss(nn.Module):
             )
         if grad_enabled and not residual.requires_grad:
             raise ValueError(
-                f"MultiTermLoss: term '{name}' does not require grad, so it cannot train the network. It was probably "
-                "computed under torch.no_grad(), or detached with .detach()/.item()/.numpy(); compute it from the "
-                "network output with torch operations."
+                f"MultiTermLoss: term '{name}' does not require grad, so it cannot train the network. It was computed "
+                "under torch.no_grad(), detached with .detach()/.item()/.numpy(), or depends only on frozen parameters "
+                "(requires_grad=False); compute it from the trainable network's output with torch operations."
             )
         return residual
 

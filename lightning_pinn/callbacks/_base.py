@@ -9,9 +9,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_warn
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
+from lightning_pinn.alerts import TermGradientWarning
 from lightning_pinn.engine import StepMeasurement, TermGradientEngine, TraceRequest
 from lightning_pinn.loss import MultiTermLoss
 
@@ -119,10 +121,12 @@ class PerTermCallback(Callback):
             raise TypeError(f"{type(self).__name__}: loss_module must be the attribute name of a MultiTermLoss (a string) or None, got {type(loss_module).__name__}.")
         self.loss_module = loss_module
         self._loss: MultiTermLoss | None = None
+        self._loss_path = ""
         self._engine: TermGradientEngine | None = None
         self._step_at_batch_start: int | None = None
         self._parameters: list[Tensor] = []
         self.last_measurement: StepMeasurement | None = None
+        self._scaler_skips = 0
 
     # ---------------------------------------------------------------- subclass API
     def _is_due(self, step: int) -> bool:
@@ -146,7 +150,7 @@ class PerTermCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _, self._loss = find_multi_term_loss(pl_module, self.loss_module, type(self).__name__)
+        self._loss_path, self._loss = find_multi_term_loss(pl_module, self.loss_module, type(self).__name__)
         self._engine = TermGradientEngine.for_loss(self._loss)
         self._parameters = list(pl_module.parameters())
 
@@ -155,6 +159,7 @@ class PerTermCallback(Callback):
         self._step_at_batch_start = step
         if self._engine is None or not self._is_due(step):
             return
+        self._check_loss_not_replaced(pl_module)
         gradients, traces = self._wants()
         self._engine.request(
             step=step,
@@ -172,9 +177,38 @@ class PerTermCallback(Callback):
         if not self._is_due(step):
             return
         measurement = self._engine.collect(step, self.criterion.term_names, _all_reduce_sum(trainer))
-        if measurement is not None:
-            self.last_measurement = measurement
-            self._on_measurement(trainer, pl_module, measurement)
+        if measurement is None:
+            return
+        if _scaler_skipped(trainer, measurement):
+            # A GradScaler found inf/NaN in the scaled gradients and skipped this optimizer
+            # step: that is its normal way of finding the loss scale, not a broken term.
+            self._scaler_skips += 1
+            if self._scaler_skips == 30:  # a GradScaler halves its scale per skip: 30 skips is no calibration
+                rank_zero_warn(
+                    f"{type(self).__name__}: 30 measured steps in a row had inf/NaN gradients under the AMP GradScaler and "
+                    "were skipped. If this goes on, a residual itself is NaN/inf (not just the loss scale).",
+                    category=TermGradientWarning,
+                )
+            return
+        self._scaler_skips = 0
+        self.last_measurement = measurement
+        self._on_measurement(trainer, pl_module, measurement)
+
+    def _check_loss_not_replaced(self, pl_module: pl.LightningModule) -> None:
+        """Fail clearly if the module's MultiTermLoss was swapped for another during the fit."""
+        try:
+            current = pl_module.get_submodule(self._loss_path)
+        except AttributeError:
+            current = None
+        if current is not self._loss:
+            old_terms = self.criterion.term_names
+            new_terms = current.term_names if isinstance(current, MultiTermLoss) else None
+            raise RuntimeError(
+                f"{type(self).__name__}: the MultiTermLoss at {self._loss_path!r} was replaced during training "
+                f"(terms {old_terms} -> {new_terms}). Weights, balancer state and logged series would no longer match. "
+                "Create the MultiTermLoss once, in __init__, with every term the model will ever use, and pass "
+                "term=None on steps where a term is absent."
+            )
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self._engine is not None:
@@ -183,6 +217,14 @@ class PerTermCallback(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._engine is not None:
             self._engine.stop_capturing()
+
+
+def _scaler_skipped(trainer: pl.Trainer, measurement: StepMeasurement) -> bool:
+    """Whether an AMP GradScaler is in use and this step's gradients overflowed (so it skipped the step)."""
+    if getattr(trainer.precision_plugin, "scaler", None) is None:
+        return False
+    values = [t for t in (measurement.gradients, measurement.traces) if t is not None]
+    return any(not bool(torch.isfinite(t[measurement.present]).all()) for t in values)
 
 
 def _all_reduce_sum(trainer: pl.Trainer):  # type: ignore[no-untyped-def]

@@ -143,6 +143,15 @@ class WeightBalancer(PerTermCallback):
         self._adaptive = [self.terms is None or name in self.terms for name in names]
         self._reference_index = None if self.reference is None else names.index(self.reference)
         self._check_no_other_balancer_owns_my_terms(trainer, names)
+        for checkpoint in trainer.checkpoint_callbacks:
+            if getattr(checkpoint, "save_weights_only", False):
+                rank_zero_warn(
+                    f"{type(self).__name__}: {type(checkpoint).__name__}(save_weights_only=True) saves the weights λ (they "
+                    f"are buffers of the MultiTermLoss) but not this balancer's state ({self.num_updates} updates so far, "
+                    "its last target). A fit started from such a file restarts the balancer: its first update takes the "
+                    "rule's target directly. Save full checkpoints to resume exactly.",
+                    category=WeightUpdateWarning,
+                )
 
     def _check_no_other_balancer_owns_my_terms(self, trainer: pl.Trainer, names: tuple[str, ...]) -> None:
         mine = {name for name, adaptive in zip(names, self._adaptive) if adaptive}

@@ -1,0 +1,297 @@
+"""Reliability: accumulation, mixed precision, frozen/unused parameters, hostile input, resume."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.precision import MixedPrecision
+
+from conftest import TwoTermPoisson, make_trainer
+from lightning_pinn import MultiTermLoss
+from lightning_pinn.alerts import LossBalanceWarning, TermGradientWarning, WeightUpdateWarning
+from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer
+from lightning_pinn.problems import HarmonicOscillator
+
+
+def _fit(model: pl.LightningModule, steps: int, callbacks: list[Any], **kwargs: Any) -> list[warnings.WarningMessage]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(steps, callbacks, **kwargs).fit(model)
+    return list(caught)
+
+
+def _messages(caught: list[warnings.WarningMessage], category: type[Warning]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, category)]
+
+
+class AlternatingBatches(TwoTermPoisson):
+    """Each batch uses a different half of the points, so micro-batches differ."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = self.x[batch_idx % 2 :: 2].clone().requires_grad_(True)
+        u = self.net(x)
+        from lightning_pinn.autodiff import derivative
+
+        r_pde = -derivative(u, x, order=2) - torch.pi**2 * torch.sin(torch.pi * x)
+        return self.criterion(pde=r_pde, bc=self.net(self.xb) * (1 + batch_idx % 2))
+
+
+class GradAtStep(pl.Callback):
+    """The flattened parameter gradient the optimizer is about to use, per optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.grads.append(torch.cat([p.grad.reshape(-1) for p in pl_module.parameters() if p.requires_grad]).clone())
+
+
+# ------------------------------------------------------------------ gradient accumulation
+def test_accumulation_measures_once_per_optimizer_step_on_the_whole_window() -> None:
+    model = AlternatingBatches()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    balancer = GradNormBalancer(every_n_steps=1)
+    spy = GradAtStep()
+    measurements: list[Any] = []
+
+    class Keep(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if monitor.last_measurement is not None and (not measurements or measurements[-1] is not monitor.last_measurement):
+                measurements.append(monitor.last_measurement)
+
+    _fit(model, 3, [monitor, balancer, spy, Keep()], accumulate_grad_batches=2)
+    assert monitor.diagnosis.measurements == 3 and balancer.num_updates == 3
+    assert [m.micro_batches for m in measurements] == [2, 2, 2]
+    for measurement, grad in zip(measurements, spy.grads):
+        # Σ_i λ_i ∇θ L_i over the window is exactly the gradient the optimizer steps with
+        combined = measurement.weights.float() @ measurement.gradients.float()
+        assert torch.allclose(combined, grad, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------ mixed precision
+def _step0_norms(**trainer_kwargs: Any) -> tuple[float, ...]:
+    torch.manual_seed(0)
+    model = TwoTermPoisson()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    _fit(model, 1, [monitor], **trainer_kwargs)
+    assert monitor.last_report is not None
+    return monitor.last_report.norms
+
+
+def test_bf16_mixed_norms_match_float32() -> None:
+    reference = _step0_norms()
+    mixed = _step0_norms(precision="bf16-mixed")
+    assert mixed == pytest.approx(reference, rel=3e-2)
+
+
+def test_fp16_grad_scaler_scale_is_removed_from_the_norms() -> None:
+    reference = _step0_norms()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    scaled = _step0_norms(plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert scaled == pytest.approx(reference, rel=3e-2), "norms must be of the unscaled loss, not 256x larger"
+
+
+def test_grad_scaler_overflow_steps_are_skipped_quietly() -> None:
+    """At a too-large loss scale the scaler skips the step; so do the callbacks, without alarms."""
+    torch.manual_seed(0)
+    model = TwoTermPoisson()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    balancer = GradNormBalancer(every_n_steps=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    caught = _fit(model, 12, [monitor, balancer], plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert scaler.get_scale() < 2.0**20, "the scaler must have met overflowing steps"
+    assert not _messages(caught, TermGradientWarning) and not _messages(caught, WeightUpdateWarning)
+    assert 0 < monitor.diagnosis.measurements < 12
+    assert balancer.num_updates == monitor.diagnosis.measurements
+    assert all(math.isfinite(v) for v in model.criterion.weights.values())
+
+
+# ------------------------------------------------------------------ frozen and unused parameters
+def test_frozen_parameters_are_left_out() -> None:
+    model = TwoTermPoisson()
+    model.net[0].weight.requires_grad_(False)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    _fit(model, 2, [monitor, GradNormBalancer(every_n_steps=1)])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert monitor.last_measurement is not None and monitor.last_measurement.gradients is not None
+    assert monitor.last_measurement.gradients.shape == (2, trainable)
+    assert model.net[0].weight.grad is None
+
+
+def test_term_on_frozen_parameters_only_is_named() -> None:
+    class FrozenTerm(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, prior=1.0)
+            self.prior_net = torch.nn.Linear(1, 1).requires_grad_(False)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.criterion(**self.residuals(), prior=self.prior_net(self.x))
+
+    with pytest.raises(ValueError, match=r"term 'prior' does not require grad.*frozen parameters"):
+        _fit(FrozenTerm(), 1, [GradientNormMonitor()])
+
+
+def test_term_that_reaches_no_trainable_parameter_is_warned() -> None:
+    class Detached(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, other=1.0)
+            self.leaf = torch.ones(3, requires_grad=True)  # requires grad, but is no parameter
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.criterion(**self.residuals(), other=self.leaf * 2)
+
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    balancer = GradNormBalancer(every_n_steps=1)
+    caught = _fit(Detached(), 3, [monitor, balancer])
+    messages = _messages(caught, TermGradientWarning)
+    assert any("term 'other'" in m and "does not reach any trainable parameter" in m for m in messages)
+    assert monitor.last_report is not None and monitor.last_report.unreached_terms == ("other",)
+    assert balancer.criterion.weights["other"] == 1.0, "no defined weight: λ unchanged"
+
+
+# ------------------------------------------------------------------ hostile input
+def test_extreme_gradient_ratios_stay_finite_and_are_clamped() -> None:
+    class Extreme(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            u = self.net(self.x)
+            return self.criterion(pde=1e15 * (u - 1), bc=1e-15 * (u + 1))
+
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    balancer = GradNormBalancer(every_n_steps=1)
+    caught = _fit(Extreme(), 2, [monitor, balancer])
+    report = monitor.last_report
+    assert report is not None and report.ratio is not None and math.isfinite(report.ratio) and report.ratio > 1e25
+    assert _messages(caught, LossBalanceWarning)
+    weights = balancer.criterion.weights
+    assert weights["bc"] == pytest.approx(balancer.max_weight) and all(math.isfinite(v) for v in weights.values())
+    assert any("clamped to max_weight" in m for m in _messages(caught, WeightUpdateWarning))
+
+
+def test_tiny_term_driven_to_the_lower_clamp() -> None:
+    class Huge(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            u = self.net(self.x)
+            return self.criterion(pde=u - 1, bc=1e12 * (u + 1))
+
+    balancer = GradNormBalancer(every_n_steps=1, reference="pde", min_weight=1e-8)
+    caught = _fit(Huge(), 2, [balancer])
+    assert balancer.criterion.weights["bc"] == pytest.approx(1e-8)
+    assert any("clamped to min_weight" in m for m in _messages(caught, WeightUpdateWarning))
+
+
+def test_term_absent_on_some_steps() -> None:
+    class Sometimes(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            data = self.net(self.x[:3]) - 0.5 if batch_idx % 3 == 0 else None
+            return self.criterion(**self.residuals(), data=data)
+
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    balancer = GradNormBalancer(every_n_steps=1, terms=["data"])
+    recorded: list[tuple[tuple[str, ...], float]] = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+            recorded.append((monitor.last_report.absent_terms, pl_module.criterion.weights["data"]))  # type: ignore[union-attr]
+
+    caught = _fit(Sometimes(), 6, [monitor, balancer, Record()])
+    assert [absent for absent, _ in recorded] == [(), ("data",), ("data",), (), ("data",), ("data",)]
+    # the weight of an absent term does not move on the steps it is absent
+    assert recorded[1][1] == recorded[0][1] and recorded[2][1] == recorded[0][1]
+    assert recorded[3][1] != recorded[2][1]
+    assert not _messages(caught, TermGradientWarning)
+    assert all(math.isfinite(w) for _, w in recorded)
+
+
+def test_all_terms_none_is_an_error() -> None:
+    with pytest.raises(ValueError, match="every term is None"):
+        MultiTermLoss(pde=1.0)(pde=None)
+
+
+def test_callback_attached_twice_is_refused() -> None:
+    monitor = GradientNormMonitor()
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `GradientNormMonitor`"):
+        make_trainer(1, [monitor, monitor])
+    with pytest.raises(RuntimeError, match="state_key"):
+        make_trainer(1, [GradNormBalancer(), GradNormBalancer()])
+
+
+def test_replacing_the_loss_mid_training_is_a_clear_error() -> None:
+    class Replacer(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+            if trainer.global_step == 2:
+                pl_module.criterion = MultiTermLoss(pde=1.0, bc=1.0, extra=1.0)
+
+    with pytest.raises(RuntimeError, match=r"was replaced during training \(terms \('pde', 'bc'\) -> \('pde', 'bc', 'extra'\)\)"):
+        _fit(TwoTermPoisson(), 5, [Replacer(), GradientNormMonitor(every_n_steps=1, verbose=False)])
+
+
+def test_two_monitors_with_different_arguments_keep_their_own_state() -> None:
+    fast, slow = GradientNormMonitor(every_n_steps=1, verbose=False), GradientNormMonitor(every_n_steps=3, verbose=False)
+    _fit(TwoTermPoisson(), 6, [fast, slow])
+    assert (fast.diagnosis.measurements, slow.diagnosis.measurements) == (6, 2)
+    assert fast.state_key != slow.state_key
+
+
+# ------------------------------------------------------------------ checkpoints and resume
+def _resume_case(tmp_path: Path, interrupted: bool, total: int = 60, split: int = 30) -> tuple[HarmonicOscillator, list[Any]]:
+    torch.manual_seed(0)
+    model = HarmonicOscillator(steps_per_epoch=1000)
+    callbacks = lambda: [  # noqa: E731
+        GradientNormMonitor(every_n_steps=5, verbose=False),
+        GradNormBalancer(every_n_steps=7, terms=["ic"]),
+        NTKBalancer(every_n_steps=11, terms=["pde"], trace_points=16, seed=3),
+    ]
+    first = callbacks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if not interrupted:
+            make_trainer(total, first).fit(model)
+            return model, first
+        trainer = make_trainer(split, first, default_root_dir=str(tmp_path))
+        trainer.fit(model)
+        path = tmp_path / "mid.ckpt"
+        trainer.save_checkpoint(path)
+        torch.manual_seed(123)  # a different process state: everything must come from the checkpoint
+        resumed_model = HarmonicOscillator(steps_per_epoch=1000)
+        second = callbacks()
+        make_trainer(total, second, default_root_dir=str(tmp_path)).fit(resumed_model, ckpt_path=str(path))
+    return resumed_model, second
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    straight, straight_callbacks = _resume_case(tmp_path, interrupted=False)
+    resumed, resumed_callbacks = _resume_case(tmp_path, interrupted=True)
+    assert resumed.criterion.weights == straight.criterion.weights
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    monitor_a, grad_a, ntk_a = straight_callbacks
+    monitor_b, grad_b, ntk_b = resumed_callbacks
+    assert monitor_b.diagnosis == monitor_a.diagnosis
+    assert (grad_b.num_updates, grad_b.last_target) == (grad_a.num_updates, grad_a.last_target)
+    assert (ntk_b.num_updates, ntk_b.last_traces) == (ntk_a.num_updates, ntk_a.last_traces)
+    assert torch.equal(ntk_b._generator.get_state(), ntk_a._generator.get_state())
+
+
+def test_weights_only_checkpoint_keeps_weights_and_says_balancer_state_is_not_saved(tmp_path: Path) -> None:
+    model = TwoTermPoisson()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_weights_only=True, every_n_train_steps=3)
+    caught = _fit(model, 3, [GradNormBalancer(every_n_steps=1), checkpoint], enable_checkpointing=True)
+    assert any("save_weights_only=True" in m and "not this balancer's state" in m for m in _messages(caught, WeightUpdateWarning))
+    saved = torch.load(next(tmp_path.glob("*.ckpt")), weights_only=False)
+    assert "callbacks" not in saved
+    restored = TwoTermPoisson()
+    restored.load_state_dict(saved["state_dict"])
+    assert restored.criterion.weights == model.criterion.weights != {"pde": 1.0, "bc": 1.0}
