@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lightning_pinn.ntk import DEFAULT_CHUNK_SIZE, jacobian_row_sq_norms, sample_points
+from lightning_pinn.ntk import jacobian_row_sq_norms, sample_points
 
 __all__ = ["TermGradientEngine", "StepMeasurement", "TraceRequest"]
 
@@ -49,7 +49,7 @@ class TraceRequest:
     """Which NTK traces to compute: all points (``sample_size=None``) or a uniform sample."""
 
     sample_size: int | None = None
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int | None = None  # None: lightning_pinn.ntk.auto_chunk_size
     generator: torch.Generator | None = None
 
     def merged(self, other: TraceRequest | None) -> TraceRequest:
@@ -60,7 +60,8 @@ class TraceRequest:
             size = None
         else:
             size = max(self.sample_size, other.sample_size)
-        return TraceRequest(size, min(self.chunk_size, other.chunk_size), self.generator or other.generator)
+        chunks = [c for c in (self.chunk_size, other.chunk_size) if c is not None]
+        return TraceRequest(size, min(chunks) if chunks else None, self.generator or other.generator)
 
 
 @dataclass(frozen=True)

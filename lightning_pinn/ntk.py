@@ -20,18 +20,26 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["jacobian_row_sq_norms", "sample_points", "DEFAULT_CHUNK_SIZE"]
+__all__ = ["jacobian_row_sq_norms", "sample_points", "auto_chunk_size", "CHUNK_BUDGET"]
 
-#: Points per batched vector-Jacobian product. Memory of one chunk is about
-#: ``chunk × (number of parameters + activations of one point)`` values.
-DEFAULT_CHUNK_SIZE = 128
+#: Target size, in cotangent entries (points per chunk × points in the residual), of one
+#: batched vector-Jacobian product. The residual's graph runs over all N points, so each VJP
+#: costs O(N) whatever the cotangent, and a chunk of c points moves c × N values through every
+#: layer: exact traces cost O(N²) in total. This budget keeps a chunk's memory at a few MB per
+#: hidden unit while amortising the per-call overhead.
+CHUNK_BUDGET = 16384
+
+
+def auto_chunk_size(num_points: int) -> int:
+    """Points per batched VJP for a residual of ``num_points`` points: ``CHUNK_BUDGET / N``, within [8, N]."""
+    return max(1, min(num_points, max(8, CHUNK_BUDGET // max(num_points, 1))))
 
 
 def jacobian_row_sq_norms(
     residual: Tensor,
     params: Sequence[Tensor],
     points: Tensor | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> Tensor:
     """Return ``‖∂r(x)/∂θ‖²`` for the selected points of ``residual``.
 
@@ -41,13 +49,15 @@ def jacobian_row_sq_norms(
             ``‖∂Re r/∂θ‖² + ‖∂Im r/∂θ‖²``.
         params: The parameters ``θ``; a parameter the residual does not reach contributes 0.
         points: Flat indices of the points to evaluate (default: all points).
-        chunk_size: Points per batched vector-Jacobian product.
+        chunk_size: Points per batched vector-Jacobian product (default: :func:`auto_chunk_size`).
 
     Returns:
         A float tensor of shape ``(len(points),)``. The graph of ``residual`` is retained.
     """
     if residual.dim() == 0:
         raise ValueError("jacobian_row_sq_norms needs a point-wise residual, got a 0-dim tensor.")
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(residual.numel())
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     components = 2 if residual.is_complex() else 1

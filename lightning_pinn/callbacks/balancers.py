@@ -18,7 +18,6 @@ from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks._base import PerTermCallback, log_scalars
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest
-from lightning_pinn.ntk import DEFAULT_CHUNK_SIZE
 from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
 
 __all__ = ["WeightBalancer", "GradNormBalancer", "NTKBalancer"]
@@ -327,7 +326,8 @@ class NTKBalancer(WeightBalancer):
 
     The traces are exact by default: one vector-Jacobian product per point, batched with
     ``torch.autograd.grad(..., is_grads_batched=True)`` in chunks of ``chunk_size`` points, so
-    memory stays bounded. With ``trace_points=m``, each term's trace is estimated from ``m``
+    memory stays bounded. Each product runs through the residual's graph over all N points,
+    so an exact update costs O(N²): use ``trace_points`` for large N. With ``trace_points=m``, each term's trace is estimated from ``m``
     points drawn uniformly without replacement (unbiased; relative standard error
     ``sqrt((1 − m/N)/m) · CV`` where CV is the coefficient of variation of
     ``‖∂r(x)/∂θ‖²`` over the term's points — see ``lightning_pinn.ntk.sample_points``).
@@ -337,7 +337,8 @@ class NTKBalancer(WeightBalancer):
         momentum: Smoothing ``m`` in ``[0, 1)`` (0.9 in the 2023 guide; 0 is the 2022 paper's
             direct assignment).
         trace_points: Points per term for a sub-sampled trace (``None``: all points, exact).
-        chunk_size: Points per batched vector-Jacobian product.
+        chunk_size: Points per batched vector-Jacobian product (``None``: about 16384 / N, at
+            least 8; see ``lightning_pinn.ntk.auto_chunk_size``).
         seed: Seed of the point sampler (used only with ``trace_points``).
         terms: Terms whose λ may change (default: all).
         reference: Term held at ``λ = 1`` (``λ̂_i = t_ref / t_i``); ``None``: ``Σ_j t_j / t_i``.
@@ -355,7 +356,7 @@ class NTKBalancer(WeightBalancer):
         every_n_steps: int = 100,
         momentum: float = 0.9,
         trace_points: int | None = None,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         seed: int = 0,
         terms: Sequence[str] | None = None,
         reference: str | None = None,
@@ -368,8 +369,8 @@ class NTKBalancer(WeightBalancer):
         super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
         if trace_points is not None and (isinstance(trace_points, bool) or not isinstance(trace_points, int) or trace_points < 1):
             raise ValueError(f"NTKBalancer: trace_points must be an integer >= 1 (points sampled per term) or None for exact traces, got {trace_points!r}.")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"NTKBalancer: chunk_size must be an integer >= 1 (points per batched vector-Jacobian product), got {chunk_size!r}.")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"NTKBalancer: chunk_size must be an integer >= 1 (points per batched vector-Jacobian product) or None for automatic, got {chunk_size!r}.")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"NTKBalancer: seed must be an integer, got {seed!r}.")
         self.trace_points = trace_points
