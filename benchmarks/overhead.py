@@ -13,6 +13,9 @@ Configurations:
     lightning         PINNModule fit, TensorBoardLogger, no callback
     monitor-default   + GradientNormMonitor() at its default cadence
     monitor-every     + GradientNormMonitor(every_n_steps=1): per-term gradients on every step
+    balancer-every    + GradNormBalancer(every_n_steps=1): a weight update on every step
+    capture-every     + a callback that only asks for the per-term gradients on every step
+                      (the engine's cost alone, without logging or rules)
 """
 
 from __future__ import annotations
@@ -34,10 +37,21 @@ from pytorch_lightning.loggers import TensorBoardLogger
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_pinn.autodiff import derivative  # noqa: E402
-from lightning_pinn.callbacks import GradientNormMonitor  # noqa: E402
+from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer  # noqa: E402
+from lightning_pinn.callbacks._base import PerTermCallback  # noqa: E402
 from lightning_pinn.demo import quiet_lightning  # noqa: E402
 from lightning_pinn.nn import mlp  # noqa: E402
 from lightning_pinn.problems import HarmonicOscillator  # noqa: E402
+
+
+class CaptureOnly(PerTermCallback):
+    """Requests the per-term gradients every step and does nothing with them."""
+
+    def __init__(self) -> None:
+        super().__init__(every_n_steps=1, loss_module=None)
+
+    def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: object) -> None:
+        pass
 
 
 def plain_loop(steps: int, ic_weight: float = 100.0, omega: float = 2 * math.pi) -> float:
@@ -84,7 +98,7 @@ def lightning_fit(steps: int, callbacks: Callable[[], list[pl.Callback]], log_ro
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5, help="runs of each configuration (default 5)")
+    parser.add_argument("--rounds", type=int, default=9, help="runs of each configuration (default 9)")
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (default 2000)")
     args = parser.parse_args()
 
@@ -94,6 +108,8 @@ def main() -> None:
             "lightning": lambda: lightning_fit(args.steps, lambda: [], log_root),
             "monitor-default": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False)], log_root),
             "monitor-every": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(every_n_steps=1, verbose=False)], log_root),
+            "balancer-every": lambda: lightning_fit(args.steps, lambda: [GradNormBalancer(every_n_steps=1)], log_root),
+            "capture-every": lambda: lightning_fit(args.steps, lambda: [CaptureOnly()], log_root),
         }
         for run in configs.values():  # warm-up: imports, allocator, first TensorBoard writer
             run()
@@ -110,7 +126,9 @@ def main() -> None:
         print(f"{name:<18}{value:>8.3f}s")
     print("\nratios of medians:")
     print(f"  monitor-default / lightning   = {medians['monitor-default'] / medians['lightning']:.3f}   (GradientNormMonitor at its default cadence)")
-    print(f"  monitor-every   / lightning   = {medians['monitor-every'] / medians['lightning']:.3f}   (per-term gradients on every step)")
+    print(f"  capture-every   / lightning   = {medians['capture-every'] / medians['lightning']:.3f}   (per-term gradients on every step, engine only)")
+    print(f"  balancer-every  / lightning   = {medians['balancer-every'] / medians['lightning']:.3f}   (GradNormBalancer updating every step)")
+    print(f"  monitor-every   / lightning   = {medians['monitor-every'] / medians['lightning']:.3f}   (monitor logging 13 scalars every step)")
     print(f"  lightning       / plain-loop  = {medians['lightning'] / medians['plain-loop']:.3f}   (Lightning itself)")
     print(f"  monitor-default / plain-loop  = {medians['monitor-default'] / medians['plain-loop']:.3f}   (end to end, with the monitor)")
 

@@ -137,6 +137,7 @@ class _Window:
     batches: int = 0
     sums: dict[str, Tensor] = field(default_factory=dict)  # each (K,), float64
     gradient_sum: Tensor | None = None  # (K, P)
+    only: _Capture | None = None  # the window's single micro-batch, until a second one arrives
     result: StepMeasurement | None = None
     collected: bool = False
 
@@ -227,9 +228,11 @@ class TermGradientEngine:
                         "exclude the term from the NTK balancer."
                     )
         weights = lambdas.detach().clone()
-        present = [loss for loss in losses if loss is not None]
-        loss_values = torch.zeros_like(weights)
-        loss_values[[i for i, loss in enumerate(losses) if loss is not None]] = torch.stack([loss.detach() for loss in present]).to(weights.dtype)
+        if all(loss is not None for loss in losses):
+            loss_values = torch.stack([loss.detach() for loss in losses]).to(weights.dtype)  # type: ignore[union-attr]
+        else:
+            zero = weights.new_zeros(())
+            loss_values = torch.stack([zero if loss is None else loss.detach().to(weights.dtype) for loss in losses])
         capture = _Capture(
             engine=self,
             params=window.params,
@@ -307,15 +310,34 @@ class TermGradientEngine:
         capture, window.pending = window.pending, None
         if capture is None or not capture.backward_done:
             return
+        # The usual window has one micro-batch: keep it as is and only start summing when a
+        # second one arrives (gradient accumulation), so the common case does no extra work.
+        if window.batches == 0:
+            window.only = capture
+        else:
+            if window.only is not None:
+                self._accumulate(window, window.only)
+                window.only = None
+            self._accumulate(window, capture)
         window.batches += 1
+
+    @staticmethod
+    def _flat_gradients(capture: _Capture) -> Tensor | None:
+        """``(K, P)`` per-term gradients of the unscaled, unweighted losses (cotangent removed)."""
+        if capture.term_gradients is None or capture.cotangent is None:
+            return None
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in capture.params) else torch.float32
+        flat = torch.stack([torch.cat([g.reshape(-1) for g in grads]) for grads in capture.term_gradients]).to(dtype)
+        return flat / capture.cotangent.to(dtype)
+
+    @staticmethod
+    def _accumulate(window: _Window, capture: _Capture) -> None:
         window.add("weights", capture.lambdas)
         window.add("losses", capture.loss_values)
         window.add("present", torch.tensor(capture.present, dtype=torch.float64))
-        if capture.term_gradients is not None and capture.cotangent is not None and capture.reached is not None:
+        grads = TermGradientEngine._flat_gradients(capture)
+        if grads is not None and capture.reached is not None:
             window.add("reached", torch.tensor(capture.reached, dtype=torch.float64))
-            dtype = torch.float64 if any(p.dtype == torch.float64 for p in capture.params) else torch.float32
-            flat = torch.stack([torch.cat([g.reshape(-1) for g in grads]).to(dtype) for grads in capture.term_gradients])
-            grads = flat / capture.cotangent.to(dtype)  # ∇θ L_i of the unscaled, unweighted loss
             window.gradient_sum = grads if window.gradient_sum is None else window.gradient_sum + grads
         if capture.trace_sums is not None and capture.trace_counts is not None:
             window.add("trace_sum", capture.trace_sums)
@@ -346,25 +368,30 @@ class TermGradientEngine:
 
     def _reduce(self, window: _Window, terms: tuple[str, ...], all_reduce_sum: Callable[[Tensor], Tensor] | None) -> StepMeasurement | None:
         num_terms = len(terms)
-        # The packed shapes depend only on what was requested, never on local data, so every rank
-        # joins the same collectives even if its own micro-batches produced no capture.
+        if window.only is not None and all_reduce_sum is None:
+            return self._single(window, window.only, terms)
+        if window.only is not None:
+            self._accumulate(window, window.only)
+            window.only = None
         zeros = torch.zeros(num_terms, dtype=torch.float64)
-        packed = torch.cat([torch.tensor([float(window.batches)], dtype=torch.float64)] + [window.sums.get(name, zeros).cpu() for name in _SUMS])
         gradient_sum = window.gradient_sum
-        if window.want_gradients and gradient_sum is None:
-            num_params = sum(p.numel() for p in window.params)
+        if all_reduce_sum is None:  # one process: nothing to exchange
+            batches = window.batches
+            sums = {name: window.sums[name].cpu() if name in window.sums else zeros for name in _SUMS}
+        else:
+            # The packed shapes depend only on what was requested, never on local data, so every
+            # rank joins the same collectives even if its own micro-batches produced no capture.
             device = window.params[0].device if window.params else torch.device("cpu")
-            gradient_sum = torch.zeros(num_terms, num_params, dtype=torch.float64, device=device)
-        if all_reduce_sum is not None:
-            device = window.params[0].device if window.params else torch.device("cpu")
+            packed = torch.cat([torch.tensor([float(window.batches)], dtype=torch.float64)] + [window.sums.get(name, zeros).cpu() for name in _SUMS])
             packed = all_reduce_sum(packed.to(device)).cpu()
             if window.want_gradients:
-                assert gradient_sum is not None
+                if gradient_sum is None:
+                    gradient_sum = torch.zeros(num_terms, sum(p.numel() for p in window.params), dtype=torch.float64, device=device)
                 gradient_sum = all_reduce_sum(gradient_sum.to(torch.float64))
-        batches = int(packed[0].item())
+            batches = int(packed[0].item())
+            sums = dict(zip(_SUMS, packed[1:].split(num_terms)))
         if batches == 0:
             return None
-        sums = dict(zip(_SUMS, packed[1:].split(num_terms)))
         present = sums["present"] > 0
         nan = torch.full((num_terms,), float("nan"), dtype=torch.float64)
         traces = None
@@ -382,4 +409,26 @@ class TermGradientEngine:
             traces=traces,
             trace_points=sums["trace_count"] if window.trace_request is not None else None,
             micro_batches=batches,
+        )
+
+    @staticmethod
+    def _single(window: _Window, capture: _Capture, terms: tuple[str, ...]) -> StepMeasurement:
+        """The measurement of a one-process window with a single micro-batch (the common case)."""
+        present = torch.tensor(capture.present)
+        losses = capture.loss_values.to(torch.float64)
+        traces = None
+        if capture.trace_sums is not None and capture.trace_counts is not None:
+            counts = capture.trace_counts
+            traces = torch.where(counts > 0, capture.trace_sums / counts.clamp(min=1), torch.full_like(counts, float("nan")))
+        return StepMeasurement(
+            step=window.step,
+            terms=terms,
+            losses=losses if all(capture.present) else torch.where(present, losses.cpu(), torch.full((len(terms),), float("nan"), dtype=torch.float64)),
+            weights=capture.lambdas.to(torch.float64),
+            present=present,
+            reached=None if capture.reached is None else torch.tensor(capture.reached),
+            gradients=TermGradientEngine._flat_gradients(capture),
+            traces=traces,
+            trace_points=capture.trace_counts,
+            micro_batches=1,
         )

@@ -27,82 +27,81 @@ and the 2023 guide).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Literal
-
-import torch
-from torch import Tensor
 
 __all__ = ["GradNormRule", "grad_norm_weights", "ntk_trace_weights", "inverse_ratio_weights", "smooth"]
 
 GradNormRule = Literal["max", "mean"]
 
+# The rules work on plain Python floats: K is small (a handful of terms), the inputs are K
+# numbers already reduced from the gradients, and list arithmetic costs microseconds where a
+# chain of tiny tensor operations costs tens of them on every update.
 
-def inverse_ratio_weights(values: Tensor, scale: Tensor | float) -> Tensor:
+
+def _usable(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def inverse_ratio_weights(values: Sequence[float], scale: float) -> list[float]:
     """``λ̂_i = scale / values_i`` for positive finite ``values_i``; ``nan`` where undefined.
 
     A term whose value is zero or not finite has no defined weight (it would be infinite or
     NaN); callers keep that term's current weight.
     """
-    values = values.to(torch.float64)
-    usable = torch.isfinite(values) & (values > 0)
-    safe = torch.where(usable, values, torch.ones_like(values))
-    return torch.where(usable, torch.as_tensor(scale, dtype=torch.float64) / safe, torch.full_like(values, float("nan")))
+    return [scale / value if _usable(value) else math.nan for value in values]
 
 
-def _reference_weights(values: Tensor, reference: int) -> Tensor:
+def _reference_weights(values: Sequence[float], reference: int) -> list[float]:
     """``values[reference] / values_i``; all ``nan`` if the reference value is zero or not finite."""
     scale = values[reference]
-    if not (torch.isfinite(scale) and scale > 0):
-        return torch.full_like(values, float("nan"))
+    if not _usable(scale):
+        return [math.nan] * len(values)
     return inverse_ratio_weights(values, scale)
 
 
-def _usable(values: Tensor) -> Tensor:
-    values = values.to(torch.float64)
-    return values[torch.isfinite(values) & (values > 0)]
-
-
-def grad_norm_weights(norms: Tensor, rule: GradNormRule = "max", reference: int | None = None) -> Tensor:
+def grad_norm_weights(norms: Sequence[float], rule: GradNormRule = "max", reference: int | None = None) -> list[float]:
     """Target weights from per-term gradient norms ``‖∇θ L_i‖`` of the unweighted losses.
 
     Args:
-        norms: ``(K,)`` gradient norms.
+        norms: The K gradient norms.
         rule: ``"max"`` (Wang, Teng & Perdikaris 2021) or ``"mean"`` (Wang et al. 2023).
         reference: Index of the term held at ``λ = 1`` (``λ̂_i = ‖g_ref‖ / ‖g_i‖``), or ``None``.
 
     Returns:
-        ``(K,)`` float64 target weights; ``nan`` for terms whose norm is zero or not finite
-        (and for all terms if the reference's norm is unusable or no term has a usable norm).
+        K target weights; ``nan`` for terms whose norm is zero or not finite (and for all
+        terms if the reference's norm is unusable or no term has a usable norm).
     """
     if rule not in ("max", "mean"):
         raise ValueError(f"grad_norm_weights: rule must be 'max' or 'mean', got {rule!r}.")
-    norms = norms.to(torch.float64)
+    norms = [float(v) for v in norms]
     if reference is not None:
         return _reference_weights(norms, reference)
-    usable = _usable(norms)
-    if usable.numel() == 0:
-        return torch.full_like(norms, float("nan"))
-    scale = usable.max() if rule == "max" else usable.mean()
+    usable = [v for v in norms if _usable(v)]
+    if not usable:
+        return [math.nan] * len(norms)
+    scale = max(usable) if rule == "max" else sum(usable) / len(usable)
     return inverse_ratio_weights(norms, scale)
 
 
-def ntk_trace_weights(traces: Tensor, reference: int | None = None) -> Tensor:
+def ntk_trace_weights(traces: Sequence[float], reference: int | None = None) -> list[float]:
     """Target weights from per-term NTK traces ``t_i`` (Wang, Yu & Perdikaris 2022).
 
     ``λ̂_i = Σ_j t_j / t_i``, or ``t_ref / t_i`` with a reference term. Returns ``nan`` where a
     trace is zero or not finite.
     """
-    traces = traces.to(torch.float64)
+    traces = [float(v) for v in traces]
     if reference is not None:
         return _reference_weights(traces, reference)
-    usable = _usable(traces)
-    if usable.numel() == 0:
-        return torch.full_like(traces, float("nan"))
-    return inverse_ratio_weights(traces, usable.sum())
+    usable = [v for v in traces if _usable(v)]
+    if not usable:
+        return [math.nan] * len(traces)
+    return inverse_ratio_weights(traces, sum(usable))
 
 
-def smooth(current: Tensor, target: Tensor, momentum: float) -> Tensor:
-    """Exponential moving average ``m·current + (1 − m)·target``."""
+def smooth(current: Sequence[float], target: Sequence[float], momentum: float) -> list[float]:
+    """Exponential moving average ``m·current + (1 − m)·target``, term by term."""
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"smooth: momentum must be in [0, 1), got {momentum}.")
-    return momentum * current.to(torch.float64) + (1.0 - momentum) * target.to(torch.float64)
+    return [momentum * c + (1.0 - momentum) * t for c, t in zip(current, target)]

@@ -61,3 +61,6 @@ class DumpPerStep(pl.Callback):
             {"weights": pl_module.criterion.lambdas.detach().clone(), "norms": report.norms, "losses": report.losses, "cosines": report.cosines},
             Path(self.folder) / f"rank{trainer.global_rank}_step{trainer.global_step - 1}.pt",
         )
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        (Path(self.folder) / f"rank{trainer.global_rank}_done").touch()

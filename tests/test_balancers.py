@@ -53,7 +53,7 @@ def test_gradnorm_first_update_equalises_weighted_norms() -> None:
     report = monitor.last_report
     assert report is not None
     # step 0's norms decide λ for step 1: λ_i ‖g_i‖ = max_j ‖g_j‖
-    expected = grad_norm_weights(torch.tensor(report.norms), "max").tolist()
+    expected = grad_norm_weights(report.norms, "max")
     assert list(model.criterion.weights.values()) == pytest.approx(expected, rel=1e-5)
     big, small = sorted(range(2), key=lambda i: report.norms[i], reverse=True)
     names = model.criterion.term_names

@@ -11,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy
+from torch.multiprocessing.spawn import ProcessExitedException
 
 from ddp_helpers import DumpPerStep, SplitPoisson
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
@@ -35,7 +36,15 @@ def _fit(model: pl.LightningModule, folder: Path, devices: int) -> None:
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(model)
+        try:
+            trainer.fit(model)
+        except ProcessExitedException as error:
+            # gloo sometimes aborts a worker while the interpreter exits ("terminate called without
+            # an active exception"), also with no callback of ours: accept that only if every rank
+            # finished the fit and wrote all its data.
+            finished = all((folder / f"rank{rank}_done").exists() for rank in range(devices))
+            if not finished or "SIGABRT" not in str(error):
+                raise
 
 
 def _load(folder: Path, rank: int, step: int) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int) ->
     than one ``add_scalar`` per value. Loggers are rank-zero only, so on other ranks this does
     nothing.
     """
-    if not metrics or trainer.global_rank != 0:
+    if not metrics or trainer.global_rank != 0 or not trainer.loggers:
         return
     for logger in trainer.loggers:
         if not _write_tensorboard_event(logger, metrics, step):
@@ -127,6 +127,7 @@ class PerTermCallback(Callback):
         self._parameters: list[Tensor] = []
         self.last_measurement: StepMeasurement | None = None
         self._scaler_skips = 0
+        self._state_key: str | None = None
 
     # ---------------------------------------------------------------- subclass API
     def _is_due(self, step: int) -> bool:
@@ -138,6 +139,21 @@ class PerTermCallback(Callback):
 
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
         raise NotImplementedError
+
+    def _identity(self) -> dict[str, Any]:
+        """The arguments that tell two instances apart (they make the ``state_key``)."""
+        return {"every_n_steps": self.every_n_steps, "loss_module": self.loss_module}
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in checkpoints, built from its identifying arguments.
+
+        Cached: Lightning reads it on every hook call (for its profiler), and the arguments
+        are fixed once the callback is built.
+        """
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(**self._identity())
+        return self._state_key
 
     @property
     def criterion(self) -> MultiTermLoss:

@@ -101,7 +101,7 @@ class WeightBalancer(PerTermCallback):
         """The per-term quantity the rule uses, shape ``(K,)`` (e.g. gradient norms)."""
         raise NotImplementedError
 
-    def _rule(self, values: Tensor) -> Tensor:
+    def _rule(self, values: list[float]) -> list[float]:
         """Target weights ``λ̂`` from :meth:`_rule_inputs`; ``nan`` where undefined."""
         raise NotImplementedError
 
@@ -120,10 +120,6 @@ class WeightBalancer(PerTermCallback):
             "reference": self.reference,
             "loss_module": self.loss_module,
         }
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(**self._identity())
 
     def _is_due(self, step: int) -> bool:
         return step >= self.warmup_steps and step % self.every_n_steps == 0
@@ -169,23 +165,46 @@ class WeightBalancer(PerTermCallback):
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
         names = measurement.terms
         step = measurement.step
-        present = measurement.present.cpu()
-        # a term absent (None) for the whole step has nothing to measure: give the rule 0, which
-        # leaves its weight unchanged and keeps it out of the max/mean/sum over terms
-        values = torch.where(present, self._rule_inputs(measurement).to(torch.float64).cpu(), torch.zeros((), dtype=torch.float64))
-        value_list = values.tolist()
-        bad = [name for name, value in zip(names, value_list) if not math.isfinite(value)]
-        current = self.criterion.lambdas.detach().to(torch.float64).cpu()
+        present = measurement.present.tolist()
+        # A term absent (None) for the whole step has nothing to measure: the rule gets 0 for it,
+        # which leaves its weight unchanged and keeps it out of the max/mean/sum over terms.
+        values = [value if here else 0.0 for value, here in zip(self._rule_inputs(measurement).tolist(), present)]
+        current = self.criterion.lambdas.tolist()
+        bad = [name for name, value in zip(names, values) if not math.isfinite(value)]
         if bad:
             self.skipped_updates += 1
             rank_zero_warn(
                 f"{type(self).__name__}: skipped the weight update at step {step}: the {self._quantity} of term(s) "
                 f"{', '.join(repr(n) for n in bad)} is NaN or infinite. The weights keep their last good values "
-                f"{dict(zip(names, current.tolist()))}. Look for NaN/inf in those residuals.",
+                f"{dict(zip(names, current))}. Look for NaN/inf in those residuals.",
                 category=WeightUpdateWarning,
             )
             return
-        for name, value, here in zip(names, value_list, present.tolist()):
+        self._warn_zero_terms(names, values, present, step)
+        target = self._rule(values)
+        if self.num_updates == 0 and not self.smooth_first_update:
+            proposed = target
+        else:
+            proposed = smooth(current, target, self.momentum)
+        new = [
+            self._clamped(name, value, step) if adaptive and math.isfinite(value) else old
+            for name, value, old, adaptive in zip(names, proposed, current, self._adaptive)
+        ]
+        new = trainer.strategy.broadcast(new, src=0)  # bit-identical on every rank
+        self.criterion.set_weights(torch.tensor(new, dtype=self.criterion.lambdas.dtype, device=self.criterion.lambdas.device))
+        self.num_updates += 1
+        self.last_target = {name: value for name, value in zip(names, target) if math.isfinite(value)}
+        measured = self._extra_metrics(measurement)
+        if self.num_updates == 1:  # start the weight chart at the initial values
+            measured.update({f"weight/{name}": value for name, value in zip(names, current)})
+        log_scalars(trainer, measured, step)
+        # the new weights, and the targets that produced them, apply from the next optimizer step on
+        applied = {f"weight/{name}": value for name, value in self.criterion.weights.items()}
+        applied.update({f"weight_target/{name}": value for name, value in self.last_target.items()})
+        log_scalars(trainer, applied, step + 1)
+
+    def _warn_zero_terms(self, names: tuple[str, ...], values: list[float], present: list[bool], step: int) -> None:
+        for name, value, here in zip(names, values, present):
             if here and value == 0 and name not in self._zero_warned:
                 self._zero_warned.add(name)
                 rank_zero_warn(
@@ -194,41 +213,21 @@ class WeightBalancer(PerTermCallback):
                     "unchanged.",
                     category=TermGradientWarning,
                 )
-        target = self._rule(values).cpu()
-        mask = torch.tensor(self._adaptive) & torch.isfinite(target)
-        if self.num_updates == 0 and not self.smooth_first_update:
-            proposed = target
-        else:
-            proposed = smooth(current, target, self.momentum)
-        new = torch.where(mask, proposed, current)
-        new = self._clamp(new, names, step)
-        new = trainer.strategy.broadcast(new, src=0)  # bit-identical on every rank
-        self.criterion.set_weights(new.to(torch.float32))
-        self.num_updates += 1
-        self.last_target = {name: value for name, value in zip(names, target.tolist()) if math.isfinite(value)}
-        metrics: dict[str, float] = {f"weight_target/{name}": value for name, value in self.last_target.items()}
-        metrics.update(self._extra_metrics(measurement))
-        if self.num_updates == 1:  # start the weight chart at the initial values
-            metrics.update({f"weight/{name}": value for name, value in zip(names, current.tolist())})
-        log_scalars(trainer, metrics, step)
-        # the new weights apply from the next optimizer step on
-        log_scalars(trainer, {f"weight/{name}": value for name, value in self.criterion.weights.items()}, step + 1)
 
-    def _clamp(self, weights: Tensor, names: tuple[str, ...], step: int) -> Tensor:
-        clamped = weights.clamp(self.min_weight, self.max_weight)
-        for name, before, after in zip(names, weights.tolist(), clamped.tolist()):
-            if before != after:
-                if name not in self._clamp_warned:
-                    self._clamp_warned.add(name)
-                    bound = "max_weight" if before > after else "min_weight"
-                    rank_zero_warn(
-                        f"{type(self).__name__}: the weight of term '{name}' ({before:.3g}) was clamped to {bound}={after:g} "
-                        f"at step {step}. Its {self._quantity} is extreme relative to the other terms; check its residual's "
-                        f"scale, or widen the range with {bound}=... .",
-                        category=WeightUpdateWarning,
-                    )
-            else:
-                self._clamp_warned.discard(name)
+    def _clamped(self, name: str, value: float, step: int) -> float:
+        """``value`` clamped to ``[min_weight, max_weight]``, warning once per episode when it is."""
+        clamped = min(max(value, self.min_weight), self.max_weight)
+        if clamped == value:
+            self._clamp_warned.discard(name)
+        elif name not in self._clamp_warned:
+            self._clamp_warned.add(name)
+            bound = "max_weight" if value > clamped else "min_weight"
+            rank_zero_warn(
+                f"{type(self).__name__}: the weight of term '{name}' ({value:.3g}) was clamped to {bound}={clamped:g} "
+                f"at step {step}. Its {self._quantity} is extreme relative to the other terms; check its residual's "
+                f"scale, or widen the range with {bound}=... .",
+                category=WeightUpdateWarning,
+            )
         return clamped
 
     # ---------------------------------------------------------------- state
@@ -307,7 +306,7 @@ class GradNormBalancer(WeightBalancer):
         assert measurement.gradients is not None
         return gradient_norms(measurement.gradients)
 
-    def _rule(self, values: Tensor) -> Tensor:
+    def _rule(self, values: list[float]) -> list[float]:
         return grad_norm_weights(values, self.rule, self._reference_index)
 
 
@@ -390,7 +389,7 @@ class NTKBalancer(WeightBalancer):
         self.last_traces = dict(zip(measurement.terms, measurement.traces.tolist()))
         return measurement.traces
 
-    def _rule(self, values: Tensor) -> Tensor:
+    def _rule(self, values: list[float]) -> list[float]:
         return ntk_trace_weights(values, self._reference_index)
 
     def _extra_metrics(self, measurement: StepMeasurement) -> dict[str, float]:

@@ -141,16 +141,15 @@ class GradientNormMonitor(PerTermCallback):
         self._term_flags: dict[str, str] = {}
         self.last_report: GradientReport | None = None
 
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_steps=self.every_n_steps,
-            threshold=self.threshold,
-            cosine_threshold=self.cosine_threshold,
-            cosine_patience=self.cosine_patience,
-            conflict_min_decrease=self.conflict_min_decrease,
-            loss_module=self.loss_module,
-        )
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "every_n_steps": self.every_n_steps,
+            "threshold": self.threshold,
+            "cosine_threshold": self.cosine_threshold,
+            "cosine_patience": self.cosine_patience,
+            "conflict_min_decrease": self.conflict_min_decrease,
+            "loss_module": self.loss_module,
+        }
 
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
