@@ -1,0 +1,160 @@
+"""Cost of NTK traces: time per NTKBalancer update, batched vs per-point loop, and peak memory.
+
+1. One ``NTKBalancer`` update on the harmonic IVP with N = 128 and N = 1024 collocation points,
+   exact and sub-sampled, in units of one plain training step: in one fit, the median time of
+   update steps over the median time of the other steps (side by side, same run).
+2. Exact traces with the batched vector-Jacobian products of ``lightning_pinn.ntk`` against a
+   per-point loop of ``torch.autograd.grad`` calls (ratio of medians, alternated).
+3. Peak memory of one exact (auto-chunked) and one sub-sampled trace computation for N up to
+   10⁴, and of a single unchunked batch where it fits, each in a fresh process (growth of the
+   resident-set high-water mark during the computation).
+
+    python benchmarks/ntk_cost.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _harmonic_residual(points: int) -> tuple[Any, list[Any]]:
+    import torch
+
+    from lightning_pinn.autodiff import derivative
+    from lightning_pinn.nn import mlp
+
+    torch.manual_seed(0)
+    net = mlp(1, (32, 32, 32), 1)
+    t = torch.linspace(0, 1, points).reshape(-1, 1).requires_grad_(True)
+    u = net(t)
+    return derivative(u, t, order=2) + (2 * math.pi) ** 2 * u, list(net.parameters())
+
+
+def update_cost(points: int, trace_points: int | None, steps: int = 200, every: int = 20) -> tuple[float, float]:
+    """(median update step, median plain step) in seconds, in one fit."""
+    import pytorch_lightning as pl
+    import torch
+
+    from lightning_pinn.callbacks import NTKBalancer
+    from lightning_pinn.demo import quiet_lightning
+    from lightning_pinn.problems import HarmonicOscillator
+
+    class StepTimer(pl.Callback):
+        def __init__(self) -> None:
+            self.times: dict[int, float] = {}
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            self.times[trainer.global_step - 1] = time.perf_counter() - self._start
+
+    torch.manual_seed(0)
+    model = HarmonicOscillator(collocation_points=points, steps_per_epoch=steps)
+    timer = StepTimer()
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(max_steps=steps, logger=False, callbacks=[NTKBalancer(every_n_steps=every, trace_points=trace_points), timer],
+                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(model)
+    measured = {s: t for s, t in timer.times.items() if s >= every}
+    return statistics.median(t for s, t in measured.items() if s % every == 0), statistics.median(t for s, t in measured.items() if s % every)
+
+
+def batched_vs_loop(points: int, rounds: int = 5) -> tuple[float, float]:
+    """(median batched seconds, median loop seconds) for exact traces of one residual."""
+    import torch
+
+    from lightning_pinn.ntk import jacobian_row_sq_norms
+
+    residual, params = _harmonic_residual(points)
+
+    def loop() -> Any:
+        values = []
+        for value in residual.reshape(-1):
+            grads = torch.autograd.grad(value, params, retain_graph=True)
+            values.append(sum(g.square().sum() for g in grads))
+        return torch.stack(values)
+
+    batched_times, loop_times = [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fast = jacobian_row_sq_norms(residual, params)
+        batched_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        slow = loop()
+        loop_times.append(time.perf_counter() - start)
+    assert torch.allclose(fast, slow, rtol=1e-4), "batched and looped traces differ"
+    return statistics.median(batched_times), statistics.median(loop_times)
+
+
+def _memory_child(points: int, mode: str) -> None:
+    """Run in a fresh process: print the peak-RSS growth (MiB) of one trace computation."""
+    import resource
+
+    import torch
+
+    from lightning_pinn.ntk import jacobian_row_sq_norms, sample_points
+
+    residual, params = _harmonic_residual(points)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if mode == "exact":
+        jacobian_row_sq_norms(residual, params)
+    elif mode == "sampled":
+        jacobian_row_sq_norms(residual, params, sample_points(points, 128, torch.Generator().manual_seed(0)))
+    else:  # one unchunked batch of N one-hot cotangents
+        jacobian_row_sq_norms(residual, params, chunk_size=points)
+    seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"mib": (after - before) / 1024, "seconds": seconds}))
+
+
+def memory(points: int, mode: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--memory-child", str(points), mode], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--memory-child":
+        _memory_child(int(sys.argv[2]), sys.argv[3])
+        return
+    import torch
+
+    torch.set_num_threads(2)
+    print(f"# benchmarks/ntk_cost.py  (torch {torch.__version__}, harmonic IVP network 1-32-32-32-1)\n")
+    print("## One NTKBalancer update, in plain training steps (median update step / median other step, same fit)\n")
+    print("| N points | traces | update step | plain step | update / plain |\n|---|---|---|---|---|")
+    for points in (128, 1024):
+        for trace_points in (None, 64):
+            update, plain = update_cost(points, trace_points, steps=120 if points > 500 else 300)
+            label = "exact" if trace_points is None else f"sampled, {trace_points} points/term"
+            print(f"| {points} | {label} | {update * 1e3:.1f} ms | {plain * 1e3:.2f} ms | {update / plain:.1f} |", flush=True)
+
+    print("\n## Exact traces: batched VJPs vs a per-point loop of autograd.grad (ratio of medians of 5)\n")
+    print("| N points | batched | loop | loop / batched |\n|---|---|---|---|")
+    for points in (128, 1024):
+        batched, loop = batched_vs_loop(points, rounds=5 if points <= 128 else 3)
+        print(f"| {points} | {batched * 1e3:.0f} ms | {loop * 1e3:.0f} ms | {loop / batched:.1f} |", flush=True)
+
+    print("\n## Peak memory of one trace computation (fresh process each; growth of peak RSS)\n")
+    print("| N points | exact, auto chunks | sampled, 128 points | exact, one unchunked batch |\n|---|---|---|---|")
+    for points in (128, 1024, 4096, 10000):
+        exact = memory(points, "exact")
+        sampled = memory(points, "sampled")
+        whole = memory(points, "unchunked") if points <= 2048 else None
+        whole_text = f"{whole['mib']:.0f} MiB, {whole['seconds']:.2f} s" if whole else "not run (N² cotangents)"
+        print(f"| {points} | {exact['mib']:.0f} MiB, {exact['seconds']:.2f} s | {sampled['mib']:.0f} MiB, {sampled['seconds']:.2f} s | {whole_text} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

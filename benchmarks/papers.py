@@ -1,0 +1,221 @@
+"""The papers' problems, plain PINN against the balancers, side by side; writes benchmarks/RESULTS.md.
+
+Problems (see ../lightning_pinn/problems/ and the shared reference README §2):
+
+* ``helmholtz`` — Wang, Teng & Perdikaris 2021: 2D Helmholtz, a₁ = 1, a₂ = 4, 2-50-50-50-1 tanh
+  (the paper's network), Adam 1e-3 · 0.9^(step/1000), fresh 128 residual + 4×128 edge points
+  per step, error on a 100×100 grid. Plain vs GradNormBalancer (max and mean rules).
+* ``wave`` — Wang, Yu & Perdikaris 2022: 1D wave, c = 2, fresh 300 residual + 100 initial +
+  2×100 boundary points per step, Adam 1e-3 · 0.9^(step/1000), NTK weights every 100 steps.
+  Plain vs NTKBalancer vs GradNormBalancer; the network is reduced from 3×500 to fit 2 CPU
+  cores (``--wave-width``).
+* ``harmonic`` — the harmonic IVP of the sweep: every method, 5 seeds.
+
+Each fit records its relative L² error every ``--eval-every`` steps and the training wall time
+(evaluation excluded) at which the error first reached 1e-2 (time-to-accuracy). Fits run in
+parallel worker processes, one thread each.
+
+    python benchmarks/papers.py                                   # everything, ~1 h on 2 cores
+    python benchmarks/papers.py --problems helmholtz --seeds 0 --helmholtz-steps 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+@dataclass(frozen=True)
+class Run:
+    problem: str
+    method: str
+    seed: int
+    steps: int
+    options: tuple[tuple[str, Any], ...] = ()
+    eval_every: int = 500
+
+
+@dataclass
+class Outcome:
+    run: Run
+    final_error: float
+    train_seconds: float
+    errors: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train seconds, error)
+    final_weights: dict[str, float] = field(default_factory=dict)
+
+    def time_to(self, target: float) -> float | None:
+        for _, seconds, error in self.errors:
+            if error <= target:
+                return seconds
+        return None
+
+
+def _build(run: Run) -> tuple[Any, list[Any]]:
+    from lightning_pinn.callbacks import GradNormBalancer, NTKBalancer
+    from lightning_pinn.problems import HarmonicOscillator, Helmholtz2D, Wave1D
+
+    options = dict(run.options)
+    if run.problem == "helmholtz":
+        model = Helmholtz2D(lr_decay=0.9, steps_per_epoch=run.steps)
+    elif run.problem == "wave":
+        width = options.get("width", 128)
+        model = Wave1D(hidden=(width, width, width), lr_decay=0.9, steps_per_epoch=run.steps)
+    elif run.problem == "harmonic":
+        ic_weight = float(run.method.removeprefix("fixed-")) if run.method.startswith("fixed-") else 1.0
+        model = HarmonicOscillator(ic_weight=ic_weight, steps_per_epoch=run.steps)
+    else:
+        raise ValueError(run.problem)
+    callbacks: list[Any] = []
+    if run.method == "gradnorm-max":
+        callbacks.append(GradNormBalancer(rule="max"))
+    elif run.method == "gradnorm-mean":
+        callbacks.append(GradNormBalancer(rule="mean"))
+    elif run.method == "ntk":
+        callbacks.append(NTKBalancer(every_n_steps=100, trace_points=options.get("trace_points")))
+    elif run.method != "plain" and not run.method.startswith("fixed-"):
+        raise ValueError(run.method)
+    return model, callbacks
+
+
+def execute(run: Run) -> Outcome:
+    """Train one configuration and return its error history."""
+    import pytorch_lightning as pl
+    import torch
+
+    from lightning_pinn.demo import quiet_lightning
+
+    torch.set_num_threads(1)
+
+    class Evaluator(pl.Callback):
+        def __init__(self) -> None:
+            self.train_seconds = 0.0
+            self.errors: list[tuple[int, float, float]] = []
+            self._start = 0.0
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            self._start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+            self.train_seconds += time.perf_counter() - self._start
+            if trainer.global_step % run.eval_every == 0:
+                self.errors.append((trainer.global_step, self.train_seconds, pl_module.relative_l2_error()))
+
+    pl.seed_everything(run.seed, verbose=False)
+    model, callbacks = _build(run)
+    evaluator = Evaluator()
+    with quiet_lightning(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = pl.Trainer(
+            max_steps=run.steps,
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            callbacks=[*callbacks, evaluator],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(model)
+    return Outcome(run, model.relative_l2_error(), evaluator.train_seconds, evaluator.errors, model.criterion.weights)
+
+
+def run_all(runs: list[Run], workers: int) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes=min(workers, len(runs))) as pool:
+        for done, outcome in enumerate(pool.imap_unordered(execute, runs), start=1):
+            outcomes.append(outcome)
+            r = outcome.run
+            print(f"  [{done}/{len(runs)}] {r.problem} {r.method} seed {r.seed}: rel. L2 {outcome.final_error:.2e} "
+                  f"({outcome.train_seconds:.0f} s training; {time.perf_counter() - start:.0f} s elapsed)", flush=True)
+    return outcomes
+
+
+def table(outcomes: list[Outcome], methods: list[str]) -> str:
+    lines = [
+        "| method | median rel. L2 | per seed | median time to 1e-2 | median training time | final weights (seed 0) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method in methods:
+        group = sorted((o for o in outcomes if o.run.method == method), key=lambda o: o.run.seed)
+        if not group:
+            continue
+        times = [o.time_to(1e-2) for o in group]
+        reached = [t for t in times if t is not None]
+        to_target = f"{statistics.median(reached):.0f} s ({len(reached)}/{len(group)} seeds)" if reached else f"never (0/{len(group)})"
+        weights = ", ".join(f"{k} {v:.3g}" for k, v in group[0].final_weights.items())
+        lines.append(
+            f"| {method} | {statistics.median(o.final_error for o in group):.2e} | {' '.join(f'{o.final_error:.2e}' for o in group)} | "
+            f"{to_target} | {statistics.median(o.train_seconds for o in group):.0f} s | {weights} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problems", nargs="+", default=["helmholtz", "wave", "harmonic"], choices=["helmholtz", "wave", "harmonic"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--helmholtz-steps", type=int, default=40001)
+    parser.add_argument("--wave-steps", type=int, default=30000)
+    parser.add_argument("--wave-width", type=int, default=128)
+    parser.add_argument("--harmonic-steps", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--output", type=Path, default=RESULTS, help="Markdown file to (over)write")
+    args = parser.parse_args()
+
+    sections = []
+    command = "python benchmarks/papers.py " + " ".join(sys.argv[1:])
+    started = time.perf_counter()
+    plans: dict[str, tuple[list[Run], list[str], str]] = {}
+    if "helmholtz" in args.problems:
+        methods = ["plain", "gradnorm-max", "gradnorm-mean"]
+        runs = [Run("helmholtz", m, s, args.helmholtz_steps, eval_every=1000) for m in methods for s in args.seeds]
+        plans["helmholtz"] = (runs, methods, f"2D Helmholtz (Wang, Teng & Perdikaris 2021), 2-50-50-50-1 tanh, {args.helmholtz_steps} steps")
+    if "wave" in args.problems:
+        methods = ["plain", "ntk", "gradnorm-max"]
+        width = (("width", args.wave_width),)
+        runs = [Run("wave", m, s, args.wave_steps, width, eval_every=500) for m in methods for s in args.seeds]
+        plans["wave"] = (runs, methods, f"1D wave (Wang, Yu & Perdikaris 2022), 2-{args.wave_width}-{args.wave_width}-{args.wave_width}-1 tanh (paper: 3×500), {args.wave_steps} steps (paper: 80,001)")
+    if "harmonic" in args.problems:
+        seeds = sorted(set(args.seeds) | {0, 1, 2, 3, 4})
+        methods = ["plain", "fixed-100", "fixed-1000", "gradnorm-max", "gradnorm-mean", "ntk"]
+        runs = [Run("harmonic", m, s, args.harmonic_steps, eval_every=100) for s in seeds for m in methods]
+        plans["harmonic"] = (runs, methods, f"harmonic IVP, ω = 2π, 1-32-32-32-1 tanh, {args.harmonic_steps} steps, λ_IC = 1 unless fixed")
+
+    for name, (runs, methods, title) in plans.items():
+        print(f"\n{title}: {len(runs)} fits", flush=True)
+        outcomes = run_all(runs, args.workers)
+        text = table(outcomes, methods)
+        print(text, flush=True)
+        seeds = sorted({o.run.seed for o in outcomes})
+        sections.append(f"## {title}\n\nseeds {' '.join(map(str, seeds))}\n\n{text}\n")
+
+    header = (
+        "# Benchmark results\n\n"
+        f"Written by `{command.strip()}` on {time.strftime('%Y-%m-%d')}; {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Python {platform.python_version()}, torch {__import__('torch').__version__}, one thread per fit, "
+        f"{args.workers} fits in parallel; total wall time {time.perf_counter() - started:.0f} s.\n\n"
+        "Relative L² error of the final network; time to 1e-2 is training wall time (evaluations excluded) until the "
+        "first evaluation at or below 1e-2.\n\n"
+    )
+    args.output.write_text(header + "\n".join(sections))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
