@@ -210,6 +210,30 @@ class TermGradientEngine:
         """Whether the next training forward pass should record per-term quantities."""
         return self._capturing
 
+    def needs_backward(self) -> bool:
+        """Whether the request needs per-term gradients or traces (else only the losses are recorded)."""
+        window = self._window
+        return window is not None and (window.want_gradients or window.trace_request is not None)
+
+    def record_losses(self, losses: list[Tensor | None], lambdas: Tensor) -> None:
+        """Record this micro-batch's per-term losses only (for rules that need no gradients)."""
+        window = self._window
+        assert window is not None
+        weights = lambdas.detach().clone()
+        zero = weights.new_zeros(())
+        window.pending = _Capture(
+            engine=self,
+            params=window.params,
+            losses=[],
+            present=[loss is not None for loss in losses],
+            residuals=[],
+            lambdas=weights,
+            loss_values=torch.stack([zero if loss is None else loss.detach().to(weights.dtype) for loss in losses]),
+            trace_request=None,
+            want_gradients=False,
+            backward_done=True,
+        )
+
     def stop_capturing(self) -> None:
         """Leave capture mode (e.g. when a batch ends without an optimizer step being measured)."""
         self._capturing = False

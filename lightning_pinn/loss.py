@@ -164,7 +164,9 @@ class MultiTermLoss(nn.Module):
 
         engine = self._engine
         if engine is not None and self.training and grad_enabled and engine.is_capturing():
-            return engine.weighted_total(self._term_names, ordered, losses, self.lambdas)
+            if engine.needs_backward():
+                return engine.weighted_total(self._term_names, ordered, losses, self.lambdas)
+            engine.record_losses(losses, self.lambdas)
         if all(loss is not None for loss in losses):
             dtype = self.lambdas.dtype
             return torch.dot(self.lambdas, torch.stack([loss if loss.dtype == dtype else loss.to(dtype) for loss in losses]))  # type: ignore[union-attr]

@@ -29,9 +29,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["GradNormRule", "grad_norm_weights", "ntk_trace_weights", "inverse_ratio_weights", "smooth"]
+if TYPE_CHECKING:
+    from torch import Tensor
+
+__all__ = [
+    "GradNormRule",
+    "grad_norm_weights",
+    "ntk_trace_weights",
+    "inverse_ratio_weights",
+    "smooth",
+    "softadapt_weights",
+    "relobralo_balance",
+    "relobralo_weights",
+    "lr_annealing_weights",
+    "gradnorm_objective",
+    "uncertainty_objective",
+]
 
 GradNormRule = Literal["max", "mean"]
 
@@ -105,3 +120,119 @@ def smooth(current: Sequence[float], target: Sequence[float], momentum: float) -
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"smooth: momentum must be in [0, 1), got {momentum}.")
     return [momentum * c + (1.0 - momentum) * t for c, t in zip(current, target)]
+
+
+# --------------------------------------------------------------------------- loss-based rules
+def _softmax_times_k(scores: Sequence[float]) -> list[float]:
+    """``K · softmax(scores)``: weights that average to 1."""
+    top = max(scores)
+    exps = [math.exp(score - top) for score in scores]
+    total = sum(exps)
+    return [len(scores) * e / total for e in exps]
+
+
+def softadapt_weights(losses: Sequence[float], previous: Sequence[float], beta: float = 0.1, normalized: bool = True, loss_weighted: bool = False) -> list[float]:
+    """SoftAdapt: weight each term by how badly its loss is progressing.
+
+    Heydari, Thompson & Mehmood 2019, "SoftAdapt: techniques for adaptive loss weighting of
+    neural networks with multi-part loss functions", arXiv:1912.12355. With the rate of change
+    ``s_i = L_i(t) − L_i(t−1)`` (divided by ``Σ_j |s_j|`` when ``normalized``),
+
+        ``λ̂_i = K · exp(β s_i) / Σ_j exp(β s_j)``      (``loss_weighted``: ``∝ L_i exp(β s_i)``),
+
+    so a term whose loss falls slowest (or rises) gets the largest weight. The weights average
+    to 1.
+    """
+    slopes = [now - before for now, before in zip(losses, previous)]
+    if normalized:
+        scale = sum(abs(s) for s in slopes)
+        slopes = [s / scale if scale > 0 else 0.0 for s in slopes]
+    weights = _softmax_times_k([beta * s for s in slopes])
+    if loss_weighted:
+        scaled = [w * loss for w, loss in zip(weights, losses)]
+        total = sum(scaled)
+        weights = [len(scaled) * v / total for v in scaled] if total > 0 else weights
+    return weights
+
+
+def relobralo_balance(losses: Sequence[float], reference: Sequence[float], temperature: float = 0.1) -> list[float]:
+    """ReLoBRaLo's balancing term ``λ̂_i(t, t') = K · softmax_i(L_i(t) / (T · L_i(t')))``.
+
+    Bischof & Kraus 2021, "Multi-objective loss balancing for physics-informed deep learning",
+    arXiv:2110.09813. A term whose loss fell least since ``t'`` (largest ratio) gets the largest
+    weight.
+    """
+    return _softmax_times_k([now / (temperature * before) if before > 0 else 0.0 for now, before in zip(losses, reference)])
+
+
+def relobralo_weights(
+    current: Sequence[float],
+    losses: Sequence[float],
+    previous: Sequence[float],
+    initial: Sequence[float],
+    alpha: float = 0.999,
+    rho: float = 1.0,
+    temperature: float = 0.1,
+) -> list[float]:
+    """One ReLoBRaLo update (Bischof & Kraus 2021, eq. 11):
+
+        ``λ_i(t) = α (ρ λ_i(t−1) + (1 − ρ) λ̂_i(t, 0)) + (1 − α) λ̂_i(t, t−1)``
+
+    where ``ρ`` is a Bernoulli draw ("saudade": with probability ``1 − E[ρ]`` the history is
+    replaced by the balance against the initial losses) and ``λ̂`` is :func:`relobralo_balance`.
+    """
+    against_start = relobralo_balance(losses, initial, temperature)
+    against_last = relobralo_balance(losses, previous, temperature)
+    return [alpha * (rho * old + (1 - rho) * start) + (1 - alpha) * last for old, start, last in zip(current, against_start, against_last)]
+
+
+# --------------------------------------------------------------------------- gradient statistics
+def lr_annealing_weights(numerator_stats: Sequence[float], denominator_stats: Sequence[float], reference: int) -> list[float]:
+    """Learning-rate annealing as in the 2021 code of Wang, Teng & Perdikaris.
+
+    ``λ̂_i = stat₁(|∇θ L_ref|) / stat₂(|∇θ L_i|)`` where the statistics are taken over the
+    gradient's entries: the released code uses ``max`` for the reference (PDE residual) term
+    and ``mean`` for the others (``numerator_stats[ref] = max |∇θ L_ref|``,
+    ``denominator_stats[i] = mean |∇θ L_i|``). Unlike the norm rule this compares the largest
+    single entry with a typical one, so the weights come out larger. ``nan`` where undefined;
+    the reference term gets 1.
+    """
+    top = numerator_stats[reference]
+    if not _usable(top):
+        return [math.nan] * len(denominator_stats)
+    weights = inverse_ratio_weights(denominator_stats, top)
+    weights[reference] = 1.0
+    return weights
+
+
+# --------------------------------------------------------------------------- weights trained by gradient
+def gradnorm_objective(weights: Tensor, grad_norms: Tensor, loss_ratios: Tensor, alpha: float) -> Tensor:
+    """GradNorm's gradient loss (Chen, Badrinarayanan, Lee & Rabinovich 2018, ICML), to minimise over ``weights``.
+
+    With ``G_i = w_i ‖∇θ L_i‖`` (the paper takes the last shared layer; here all trainable
+    parameters), the inverse training rate ``r_i = L̃_i / mean_j L̃_j`` (``L̃_i = L_i(t)/L_i(0)``)
+    and the target ``mean_j G_j · r_i^α`` held constant:
+
+        ``L_grad = Σ_i |G_i − mean_j G_j · r_i^α|``.
+
+    A term with a small gradient (or a slow-falling loss) has ``G_i`` below target, so
+    gradient descent raises its weight.
+    """
+    import torch
+
+    g = weights * grad_norms
+    target = (g.mean() * loss_ratios.pow(alpha)).detach()
+    return torch.sum(torch.abs(g - target))
+
+
+def uncertainty_objective(log_variances: Tensor, losses: Tensor) -> Tensor:
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla 2018, CVPR), to minimise over ``s = log σ²``.
+
+        ``Σ_i exp(−s_i) L_i + s_i``   (the regression form ``L_i/(2σ_i²) + log σ_i``, times 2),
+
+    whose minimum is at ``exp(−s_i) = 1 / L_i``: the weight ``λ_i = exp(−s_i)`` of a term with a
+    smaller loss grows.
+    """
+    import torch
+
+    return torch.sum(torch.exp(-log_variances) * losses + log_variances)

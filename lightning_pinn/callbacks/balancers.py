@@ -106,6 +106,8 @@ class WeightBalancer(PerTermCallback):
         raise NotImplementedError
 
     _quantity = "gradient norm"
+    #: Whether a zero input means the rule cannot weight the term (true for gradients and traces).
+    _zero_is_undefined = True
 
     def _extra_metrics(self, measurement: StepMeasurement) -> dict[str, float]:
         """More scalars to log at the measured step (e.g. the NTK traces)."""
@@ -180,12 +182,12 @@ class WeightBalancer(PerTermCallback):
                 category=WeightUpdateWarning,
             )
             return
-        self._warn_zero_terms(names, values, present, step)
-        target = self._rule(values)
-        if self.num_updates == 0 and not self.smooth_first_update:
-            proposed = target
-        else:
-            proposed = smooth(current, target, self.momentum)
+        if self._zero_is_undefined:
+            self._warn_zero_terms(names, values, present, step)
+        proposal = self._propose(current, values, measurement)
+        if proposal is None:
+            return
+        proposed, target = proposal
         new = [
             self._clamped(name, value, step) if adaptive and math.isfinite(value) else old
             for name, value, old, adaptive in zip(names, proposed, current, self._adaptive)
@@ -202,6 +204,18 @@ class WeightBalancer(PerTermCallback):
         applied = {f"weight/{name}": value for name, value in self.criterion.weights.items()}
         applied.update({f"weight_target/{name}": value for name, value in self.last_target.items()})
         log_scalars(trainer, applied, step + 1)
+
+    def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
+        """``(proposed λ, rule target λ̂)`` for this update, or ``None`` to skip it.
+
+        The default applies :meth:`_rule` and smooths: ``λ ← m·λ + (1 − m)·λ̂`` (the first update
+        takes ``λ̂`` directly unless ``smooth_first_update``). Entries that are ``nan`` keep
+        their current weight.
+        """
+        target = self._rule(values)
+        if self.num_updates == 0 and not self.smooth_first_update:
+            return target, target
+        return smooth(current, target, self.momentum), target
 
     def _warn_zero_terms(self, names: tuple[str, ...], values: list[float], present: list[bool], step: int) -> None:
         for name, value, here in zip(names, values, present):

@@ -1,0 +1,481 @@
+"""More weighting rules from the field, each a callback on the same engine and base class.
+
+Formulas live in :mod:`lightning_pinn.rules`; these classes hold the state each rule needs
+(previous losses, trainable weights and their optimizer) and decide when to update.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from lightning_pinn.callbacks.balancers import WeightBalancer, _check_number
+from lightning_pinn.diagnostics import gradient_norms
+from lightning_pinn.engine import StepMeasurement, TraceRequest
+from lightning_pinn.rules import gradnorm_objective, lr_annealing_weights, relobralo_weights, softadapt_weights, uncertainty_objective
+
+__all__ = ["SoftAdaptBalancer", "ReLoBRaLoBalancer", "LRAnnealingBalancer", "GradNormWeighting", "UncertaintyWeighting", "WeightSchedule"]
+
+
+class _LossRule(WeightBalancer):
+    """A rule that needs only the per-term losses: the engine records them without any backward work."""
+
+    _quantity = "loss"
+    _zero_is_undefined = False
+
+    def _wants(self) -> tuple[bool, TraceRequest | None]:
+        return False, None
+
+    def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
+        return measurement.losses
+
+
+class SoftAdaptBalancer(_LossRule):
+    """SoftAdapt (Heydari, Thompson & Mehmood 2019, arXiv:1912.12355): weight by loss progress.
+
+    Every ``every_n_steps`` steps, with ``s_i = L_i(t) − L_i(t − n)`` (normalised by
+    ``Σ_j |s_j|``), ``λ̂_i = K · softmax(β s)_i`` — the term whose loss falls slowest (or rises)
+    gets the largest weight — then ``λ ← m·λ + (1 − m)·λ̂``. Needs only the losses, so an
+    update costs almost nothing. Terms may be 0-dim losses.
+
+    Args:
+        beta: Softmax temperature β (> 0); larger concentrates the weight on the worst term.
+        every_n_steps: Update cadence (the slope is taken over this many steps).
+        momentum: Smoothing in ``[0, 1)``.
+        normalized: Divide the slopes by ``Σ_j |s_j|`` (the paper's "normalized" variant).
+        loss_weighted: Multiply by ``L_i`` (the paper's "loss-weighted" variant).
+        terms: Terms whose λ may change (default: all).
+        min_weight: Lower clamp for λ.
+        max_weight: Upper clamp for λ.
+        warmup_steps: First step at which λ may change.
+        loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
+    """
+
+    def __init__(
+        self,
+        beta: float = 0.1,
+        every_n_steps: int = 10,
+        momentum: float = 0.0,
+        normalized: bool = True,
+        loss_weighted: bool = False,
+        terms: Sequence[str] | None = None,
+        min_weight: float = 1e-6,
+        max_weight: float = 1e6,
+        warmup_steps: int = 0,
+        loss_module: str | None = None,
+    ) -> None:
+        super().__init__(every_n_steps, momentum, terms, None, min_weight, max_weight, warmup_steps, True, loss_module)
+        self.beta = _check_number("SoftAdaptBalancer", "beta", beta, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
+        self.normalized = bool(normalized)
+        self.loss_weighted = bool(loss_weighted)
+        self._previous: list[float] | None = None
+
+    def _identity(self) -> dict[str, Any]:
+        return {**super()._identity(), "beta": self.beta}
+
+    def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
+        previous, self._previous = self._previous, values
+        if previous is None:
+            return None  # the first measurement only gives the starting losses
+        target = softadapt_weights(values, previous, self.beta, self.normalized, self.loss_weighted)
+        return [self.momentum * c + (1 - self.momentum) * t for c, t in zip(current, target)], target
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "previous": self._previous}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._previous = state_dict.get("previous")
+
+
+class ReLoBRaLoBalancer(_LossRule):
+    """ReLoBRaLo (Bischof & Kraus 2021, arXiv:2110.09813): relative loss balancing with random lookback.
+
+    Every ``every_n_steps`` steps:
+
+        ``λ_i ← α (ρ λ_i + (1 − ρ) λ̂_i(t, 0)) + (1 − α) λ̂_i(t, t − n)``,
+        ``λ̂_i(t, t') = K · softmax_j(L_j(t) / (T · L_j(t')))_i``,
+
+    with ``ρ ~ Bernoulli(expected_rho)`` drawn from a seeded generator (saved in checkpoints).
+    The term whose loss fell least relative to the reference step gets the largest weight.
+    Needs only the losses. The defaults are the paper's (α = 0.999, E[ρ] = 0.999, T = 0.1).
+
+    Args:
+        alpha: Weight of the history against the most recent balance, in ``[0, 1]``.
+        expected_rho: Probability of keeping the history (else it restarts from the balance
+            against the initial losses), in ``[0, 1]``.
+        temperature: Softmax temperature ``T`` (> 0).
+        every_n_steps: Update cadence.
+        seed: Seed of the Bernoulli draws.
+        terms: Terms whose λ may change (default: all).
+        min_weight: Lower clamp for λ.
+        max_weight: Upper clamp for λ.
+        warmup_steps: First step at which λ may change.
+        loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.999,
+        expected_rho: float = 0.999,
+        temperature: float = 0.1,
+        every_n_steps: int = 1,
+        seed: int = 0,
+        terms: Sequence[str] | None = None,
+        min_weight: float = 1e-6,
+        max_weight: float = 1e6,
+        warmup_steps: int = 0,
+        loss_module: str | None = None,
+    ) -> None:
+        super().__init__(every_n_steps, 0.0, terms, None, min_weight, max_weight, warmup_steps, True, loss_module)
+        self.alpha = _check_number("ReLoBRaLoBalancer", "alpha", alpha, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)")
+        self.expected_rho = _check_number("ReLoBRaLoBalancer", "expected_rho", expected_rho, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)")
+        self.temperature = _check_number("ReLoBRaLoBalancer", "temperature", temperature, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
+        self.seed = seed
+        self._generator = torch.Generator().manual_seed(seed)
+        self._initial: list[float] | None = None
+        self._previous: list[float] | None = None
+
+    def _identity(self) -> dict[str, Any]:
+        return {**super()._identity(), "alpha": self.alpha, "expected_rho": self.expected_rho, "temperature": self.temperature}
+
+    def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
+        previous, self._previous = self._previous, values
+        if previous is None or self._initial is None:
+            self._initial = values
+            return None
+        rho = float(torch.rand((), generator=self._generator).item() < self.expected_rho)
+        new = relobralo_weights(current, values, previous, self._initial, self.alpha, rho, self.temperature)
+        return new, new
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "initial": self._initial, "previous": self._previous, "generator_state": self._generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._initial = state_dict.get("initial")
+        self._previous = state_dict.get("previous")
+        if "generator_state" in state_dict:
+            self._generator.set_state(state_dict["generator_state"])
+
+
+class LRAnnealingBalancer(WeightBalancer):
+    """Learning-rate annealing with the statistics of the 2021 code (Wang, Teng & Perdikaris 2021).
+
+    ``λ̂_i = stat_num(|∇θ L_ref|) / stat_den(|∇θ L_i|)`` over the gradient's entries; the
+    released code uses ``max`` for the reference (PDE residual) term and ``mean`` for the
+    others, then ``λ ← 0.9·λ + 0.1·λ̂`` every 10 steps. Compared with
+    :class:`GradNormBalancer` (norms), the max/mean statistics give larger weights. The
+    gradients are those of the *unweighted* losses (the release differentiated ``λ·L``, which
+    makes the fixed point the square root of the intended ratio).
+
+    Args:
+        reference: The term whose gradient is the numerator and whose λ stays 1 (e.g. "pde").
+        numerator: ``"max"`` (the code) or ``"mean"`` of ``|∇θ L_ref|``.
+        denominator: ``"mean"`` (the code) or ``"max"`` of ``|∇θ L_i|``.
+        every_n_steps: Update cadence.
+        momentum: Smoothing in ``[0, 1)``.
+        terms: Terms whose λ may change (default: all but the reference).
+        min_weight: Lower clamp for λ.
+        max_weight: Upper clamp for λ.
+        warmup_steps: First step at which λ may change.
+        smooth_first_update: Smooth the first update too.
+        loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
+    """
+
+    def __init__(
+        self,
+        reference: str,
+        numerator: Literal["max", "mean"] = "max",
+        denominator: Literal["max", "mean"] = "mean",
+        every_n_steps: int = 10,
+        momentum: float = 0.9,
+        terms: Sequence[str] | None = None,
+        min_weight: float = 1e-6,
+        max_weight: float = 1e6,
+        warmup_steps: int = 0,
+        smooth_first_update: bool = False,
+        loss_module: str | None = None,
+    ) -> None:
+        if not isinstance(reference, str):
+            raise ValueError(f"LRAnnealingBalancer: reference must name the residual term whose λ stays 1, e.g. reference='pde'; got {reference!r}.")
+        for name, value in (("numerator", numerator), ("denominator", denominator)):
+            if value not in ("max", "mean"):
+                raise ValueError(f"LRAnnealingBalancer: {name} must be 'max' or 'mean', got {value!r}.")
+        self.numerator, self.denominator = numerator, denominator
+        super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
+
+    def _identity(self) -> dict[str, Any]:
+        return {**super()._identity(), "numerator": self.numerator, "denominator": self.denominator}
+
+    def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
+        assert measurement.gradients is not None
+        self._abs = measurement.gradients.abs()
+        return gradient_norms(measurement.gradients)  # for the finiteness and zero checks
+
+    def _rule(self, values: list[float]) -> list[float]:
+        assert self._reference_index is not None
+        stat = {"max": lambda t: t.max(dim=1).values, "mean": lambda t: t.mean(dim=1)}
+        top = stat[self.numerator](self._abs).tolist()
+        bottom = stat[self.denominator](self._abs).tolist()
+        return lr_annealing_weights(top, bottom, self._reference_index)
+
+
+class _TrainedWeights(WeightBalancer):
+    """Base for rules that train the weights by gradient descent with their own optimizer.
+
+    The weights' optimizer lives in the callback (and its state in the callback's checkpoint
+    state), so the user's ``configure_optimizers`` stays as it is.
+    """
+
+    def __init__(self, learning_rate: float, every_n_steps: int, terms: Sequence[str] | None, min_weight: float, max_weight: float, warmup_steps: int, loss_module: str | None) -> None:
+        super().__init__(every_n_steps, 0.0, terms, None, min_weight, max_weight, warmup_steps, True, loss_module)
+        self.learning_rate = _check_number(type(self).__name__, "learning_rate", learning_rate, low=0.0, low_open=True, hint=" > 0 (e.g. 0.01)")
+        self._parameter: Tensor | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._pending_state: dict[str, Any] | None = None
+
+    def _identity(self) -> dict[str, Any]:
+        return {**super()._identity(), "learning_rate": self.learning_rate}
+
+    def _initial_parameter(self, weights: list[float]) -> Tensor:
+        raise NotImplementedError
+
+    def _ensure_parameter(self) -> Tensor:
+        if self._parameter is None:
+            self._parameter = self._initial_parameter(self.criterion.lambdas.tolist()).requires_grad_(True)
+            self._optimizer = torch.optim.Adam([self._parameter], lr=self.learning_rate)
+            if self._pending_state is not None:
+                with torch.no_grad():
+                    self._parameter.copy_(self._pending_state["parameter"])
+                self._optimizer.load_state_dict(self._pending_state["optimizer"])
+                self._pending_state = None
+        return self._parameter
+
+    def _step(self, objective: Tensor) -> None:
+        assert self._optimizer is not None
+        self._optimizer.zero_grad()
+        objective.backward()
+        self._optimizer.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._parameter is not None and self._optimizer is not None:
+            state.update(parameter=self._parameter.detach().clone(), optimizer=self._optimizer.state_dict())
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "parameter" in state_dict:
+            self._parameter = None
+            self._pending_state = {"parameter": state_dict["parameter"], "optimizer": state_dict["optimizer"]}
+
+
+class GradNormWeighting(_TrainedWeights):
+    """GradNorm (Chen, Badrinarayanan, Lee & Rabinovich 2018, ICML): weights trained to equalise gradient norms.
+
+    Each update takes one Adam step on trainable weights ``w`` for
+
+        ``L_grad = Σ_i |w_i ‖∇θ L_i‖ − mean_j(w_j ‖∇θ L_j‖) · r_i^α|``,
+        ``r_i = (L_i(t)/L_i(0)) / mean_j (L_j(t)/L_j(0))``  (target held constant),
+
+    then renormalises ``Σ_i w_i = K`` and sets ``λ = w``. A term with a small gradient, or a
+    loss falling slower than the others, gets a growing weight; ``α`` sets how strongly the
+    training rates pull. Gradient norms are taken over all trainable parameters (the paper
+    uses the last shared layer). Shares the per-term gradients with the monitor.
+
+    Args:
+        alpha: Asymmetry α (≥ 0; the paper uses 0.12–3, 1.5 typical).
+        learning_rate: Adam learning rate of the weights.
+        every_n_steps: Update cadence.
+        terms: Terms whose λ may change (default: all).
+        min_weight: Lower clamp for λ.
+        max_weight: Upper clamp for λ.
+        warmup_steps: First step at which λ may change.
+        loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.5,
+        learning_rate: float = 0.01,
+        every_n_steps: int = 1,
+        terms: Sequence[str] | None = None,
+        min_weight: float = 1e-6,
+        max_weight: float = 1e6,
+        warmup_steps: int = 0,
+        loss_module: str | None = None,
+    ) -> None:
+        super().__init__(learning_rate, every_n_steps, terms, min_weight, max_weight, warmup_steps, loss_module)
+        self.alpha = _check_number("GradNormWeighting", "alpha", alpha, low=0.0, hint=" >= 0 (e.g. 1.5)")
+        self._initial_losses: list[float] | None = None
+
+    def _identity(self) -> dict[str, Any]:
+        return {**super()._identity(), "alpha": self.alpha}
+
+    def _wants(self) -> tuple[bool, TraceRequest | None]:
+        return True, None
+
+    def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
+        assert measurement.gradients is not None
+        self._losses = measurement.losses.tolist()
+        return gradient_norms(measurement.gradients)
+
+    def _initial_parameter(self, weights: list[float]) -> Tensor:
+        total = sum(weights)
+        return torch.tensor([len(weights) * w / total for w in weights], dtype=torch.float64)
+
+    def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
+        if self._initial_losses is None:
+            self._initial_losses = list(self._losses)
+        weights = self._ensure_parameter()
+        ratios = [now / start if start > 0 else 1.0 for now, start in zip(self._losses, self._initial_losses)]
+        mean_ratio = sum(ratios) / len(ratios)
+        inverse_rates = torch.tensor([r / mean_ratio if mean_ratio > 0 else 1.0 for r in ratios], dtype=torch.float64)
+        self._step(gradnorm_objective(weights, torch.tensor(values, dtype=torch.float64), inverse_rates, self.alpha))
+        with torch.no_grad():
+            weights.clamp_(min=self.min_weight)
+            weights.mul_(len(values) / weights.sum())
+        new = weights.tolist()
+        return new, new
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "initial_losses": self._initial_losses}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._initial_losses = state_dict.get("initial_losses")
+
+
+class UncertaintyWeighting(_TrainedWeights):
+    """Homoscedastic uncertainty weighting (Kendall, Gal & Cipolla 2018, CVPR).
+
+    Trains one log-variance ``s_i`` per term with its own Adam optimizer on
+
+        ``Σ_i exp(−s_i) L_i + s_i``   (the regression form ``L_i / (2σ_i²) + log σ_i``, doubled),
+
+    and sets ``λ_i = exp(−s_i)``. The fixed point is ``λ_i = 1 / L_i``: a term with a smaller
+    loss gets a larger weight. Since ``s`` does not change the network's gradient except
+    through λ, training it in a callback is the same as adding it to the model's loss.
+    Needs only the losses.
+
+    Args:
+        learning_rate: Adam learning rate of the log-variances.
+        every_n_steps: Update cadence.
+        terms: Terms whose λ may change (default: all).
+        min_weight: Lower clamp for λ.
+        max_weight: Upper clamp for λ.
+        warmup_steps: First step at which λ may change.
+        loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
+    """
+
+    _quantity = "loss"
+    _zero_is_undefined = False
+
+    def __init__(
+        self,
+        learning_rate: float = 0.01,
+        every_n_steps: int = 1,
+        terms: Sequence[str] | None = None,
+        min_weight: float = 1e-6,
+        max_weight: float = 1e6,
+        warmup_steps: int = 0,
+        loss_module: str | None = None,
+    ) -> None:
+        super().__init__(learning_rate, every_n_steps, terms, min_weight, max_weight, warmup_steps, loss_module)
+
+    def _wants(self) -> tuple[bool, TraceRequest | None]:
+        return False, None
+
+    def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
+        return measurement.losses
+
+    def _initial_parameter(self, weights: list[float]) -> Tensor:
+        return torch.tensor([-math.log(max(w, 1e-30)) for w in weights], dtype=torch.float64)
+
+    def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
+        log_variances = self._ensure_parameter()
+        self._step(uncertainty_objective(log_variances, torch.tensor(values, dtype=torch.float64)))
+        new = torch.exp(-log_variances.detach()).tolist()
+        target = [1.0 / v if v > 0 else math.nan for v in values]
+        return new, target
+
+
+class WeightSchedule(WeightBalancer):
+    """A fixed schedule for λ: piecewise linear or stepwise in the optimizer step.
+
+    ``schedule`` maps a term to ``[(step, λ), ...]`` knots (sorted by step). Before the first
+    knot λ is the first knot's value, after the last the last's; in between it is interpolated
+    linearly (``interpolation="linear"``) or held from the previous knot (``"step"``). λ is set
+    after each optimizer step for the next, like every balancer here, and at the start of the
+    fit (also on resume).
+
+    Args:
+        schedule: ``{term: [(step, weight), ...]}``, e.g. ``{"ic": [(0, 1.0), (1000, 100.0)]}``.
+        interpolation: ``"linear"`` or ``"step"``.
+        loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
+    """
+
+    _quantity = "loss"
+    _zero_is_undefined = False
+
+    def __init__(self, schedule: Mapping[str, Sequence[tuple[int, float]]], interpolation: Literal["linear", "step"] = "linear", loss_module: str | None = None) -> None:
+        if not isinstance(schedule, Mapping) or not schedule:
+            raise ValueError("WeightSchedule: schedule must map term names to [(step, weight), ...] knots, e.g. {'ic': [(0, 1.0), (1000, 100.0)]}.")
+        knots: dict[str, list[tuple[int, float]]] = {}
+        for term, points in schedule.items():
+            try:
+                pairs = [(int(step), float(weight)) for step, weight in points]
+            except (TypeError, ValueError):
+                raise ValueError(f"WeightSchedule: the knots of term '{term}' must be (step, weight) pairs, got {points!r}.") from None
+            if not pairs:
+                raise ValueError(f"WeightSchedule: term '{term}' has no knots; give at least one (step, weight).")
+            steps = [step for step, _ in pairs]
+            if steps != sorted(steps) or len(set(steps)) != len(steps):
+                raise ValueError(f"WeightSchedule: the steps of term '{term}' must be strictly increasing, got {steps}.")
+            for step, weight in pairs:
+                if not math.isfinite(weight) or weight < 0:
+                    raise ValueError(f"WeightSchedule: weight {weight!r} at step {step} of term '{term}' must be finite and >= 0.")
+            knots[term] = pairs
+        if interpolation not in ("linear", "step"):
+            raise ValueError(f"WeightSchedule: interpolation must be 'linear' or 'step', got {interpolation!r}.")
+        super().__init__(1, 0.0, list(knots), None, 1e-300, 1e300, 0, True, loss_module)
+        self.schedule = knots
+        self.interpolation = interpolation
+
+    def _identity(self) -> dict[str, Any]:
+        return {"schedule": tuple((k, tuple(v)) for k, v in self.schedule.items()), "interpolation": self.interpolation, "loss_module": self.loss_module}
+
+    def weight_at(self, term: str, step: int) -> float:
+        """The scheduled λ of ``term`` at optimizer step ``step``."""
+        pairs = self.schedule[term]
+        steps = [s for s, _ in pairs]
+        index = bisect.bisect_right(steps, step)
+        if index == 0:
+            return pairs[0][1]
+        if index == len(pairs) or self.interpolation == "step":
+            return pairs[index - 1][1]
+        (s0, w0), (s1, w1) = pairs[index - 1], pairs[index]
+        return w0 + (w1 - w0) * (step - s0) / (s1 - s0)
+
+    def _wants(self) -> tuple[bool, TraceRequest | None]:
+        return False, None
+
+    def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
+        return measurement.losses
+
+    def _clamped(self, name: str, value: float, step: int) -> float:
+        return value  # the schedule is the user's explicit choice; it was validated at construction
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.criterion.set_weights({term: self.weight_at(term, trainer.global_step) for term in self.schedule})
+
+    def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
+        new = [self.weight_at(name, measurement.step + 1) if name in self.schedule else old for name, old in zip(measurement.terms, current)]
+        return new, new

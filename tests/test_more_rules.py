@@ -1,0 +1,196 @@
+"""The other rules of the field: formulas, direction, and each callback on a real fit."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import TwoTermPoisson, make_trainer
+from lightning_pinn import MultiTermLoss
+from lightning_pinn.callbacks import (
+    GradNormWeighting,
+    LRAnnealingBalancer,
+    ReLoBRaLoBalancer,
+    SoftAdaptBalancer,
+    UncertaintyWeighting,
+    WeightSchedule,
+)
+from lightning_pinn.rules import gradnorm_objective, lr_annealing_weights, relobralo_balance, relobralo_weights, softadapt_weights, uncertainty_objective
+
+
+# ------------------------------------------------------------------ pure formulas
+def test_softadapt_weights_the_slowest_term_most() -> None:
+    weights = softadapt_weights([0.9, 0.5], [1.0, 1.0], beta=5.0)  # 'a' fell by 0.1, 'b' by 0.5
+    assert weights[0] > weights[1] and sum(weights) == pytest.approx(2.0)
+    slopes = [-0.1 / 0.6, -0.5 / 0.6]
+    exps = [math.exp(5 * s) for s in slopes]
+    assert weights == pytest.approx([2 * e / sum(exps) for e in exps])
+    rising = softadapt_weights([1.2, 0.5], [1.0, 1.0], beta=1.0)
+    assert rising[0] > rising[1]
+
+
+def test_relobralo_balance_and_update() -> None:
+    balance = relobralo_balance([1.0, 0.1], [1.0, 1.0], temperature=1.0)  # 'b' fell 10x, 'a' not at all
+    assert balance[0] > balance[1] and sum(balance) == pytest.approx(2.0)
+    expected = [2 * math.exp(1) / (math.exp(1) + math.exp(0.1)), 2 * math.exp(0.1) / (math.exp(1) + math.exp(0.1))]
+    assert balance == pytest.approx(expected)
+    new = relobralo_weights([1.0, 1.0], [1.0, 0.1], [1.0, 1.0], [2.0, 2.0], alpha=0.5, rho=1.0, temperature=1.0)
+    assert new == pytest.approx([0.5 * 1.0 + 0.5 * expected[0], 0.5 * 1.0 + 0.5 * expected[1]])
+    restart = relobralo_weights([1.0, 1.0], [1.0, 0.1], [1.0, 1.0], [1.0, 1.0], alpha=1.0, rho=0.0, temperature=1.0)
+    assert restart == pytest.approx(expected), "ρ = 0 replaces the history by the balance against step 0"
+
+
+def test_lr_annealing_uses_max_over_mean_entries() -> None:
+    weights = lr_annealing_weights([8.0, 3.0], [2.0, 0.04], reference=0)
+    assert weights == pytest.approx([1.0, 200.0])
+    assert weights[1] > weights[0], "the term with smaller gradient entries gets the larger weight"
+
+
+def test_gradnorm_objective_raises_the_weight_of_the_small_gradient() -> None:
+    weights = torch.tensor([1.0, 1.0], requires_grad=True)
+    objective = gradnorm_objective(weights, torch.tensor([10.0, 0.1]), torch.tensor([1.0, 1.0]), alpha=1.5)
+    objective.backward()
+    assert weights.grad is not None and weights.grad[1] < 0 < weights.grad[0], "descent raises w_small and lowers w_big"
+
+
+def test_uncertainty_objective_fixed_point_is_inverse_loss() -> None:
+    s = torch.zeros(2, requires_grad=True)
+    optimizer = torch.optim.Adam([s], lr=0.05)
+    losses = torch.tensor([4.0, 0.25])
+    for _ in range(2000):
+        optimizer.zero_grad()
+        uncertainty_objective(s, losses).backward()
+        optimizer.step()
+    assert torch.exp(-s).tolist() == pytest.approx([0.25, 4.0], rel=1e-2)
+
+
+# ------------------------------------------------------------------ callbacks on real fits
+class Unequal(TwoTermPoisson):
+    """'bc' is 1000x smaller in scale than 'pde': smaller loss, smaller gradient."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        residuals = self.residuals()
+        return self.criterion(pde=residuals["pde"], bc=1e-3 * (self.net(self.x) - 1))
+
+
+def _fit(callback: pl.Callback, steps: int = 30, model: pl.LightningModule | None = None) -> pl.LightningModule:
+    model = model or Unequal()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(steps, [callback]).fit(model)
+    return model
+
+
+@pytest.mark.parametrize(
+    "callback",
+    [
+        lambda: LRAnnealingBalancer(reference="pde", every_n_steps=1),
+        lambda: GradNormWeighting(learning_rate=0.05),
+        lambda: UncertaintyWeighting(learning_rate=0.1),
+    ],
+    ids=["lr-annealing", "gradnorm", "uncertainty"],
+)
+def test_small_term_gets_the_larger_weight(callback: Any) -> None:
+    model = _fit(callback())
+    weights = model.criterion.weights
+    assert weights["bc"] > weights["pde"], weights
+    assert all(math.isfinite(v) and v > 0 for v in weights.values())
+
+
+@pytest.mark.parametrize("callback", [lambda: SoftAdaptBalancer(beta=10.0, every_n_steps=2), lambda: ReLoBRaLoBalancer(alpha=0.5, temperature=1.0)], ids=["softadapt", "relobralo"])
+def test_loss_rules_favour_the_stalled_term(callback: Any) -> None:
+    class Stalled(TwoTermPoisson):
+        """'fixed' cannot improve (its residual ignores the network's output); 'pde' can."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, fixed=1.0)
+            self.offset = torch.nn.Parameter(torch.zeros(()))
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.criterion(pde=self.residuals()["pde"], fixed=1.0 + 0.0 * self.offset + torch.zeros(4))
+
+    model = _fit(callback(), steps=20, model=Stalled())
+    weights = model.criterion.weights
+    assert weights["fixed"] > weights["pde"], weights
+
+
+def test_loss_rules_do_no_backward_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_pinn.engine import TermGradientEngine
+
+    calls: list[int] = []
+    original = TermGradientEngine.weighted_total
+    monkeypatch.setattr(TermGradientEngine, "weighted_total", lambda *a, **k: calls.append(1) or original(*a, **k))
+    balancer = SoftAdaptBalancer(every_n_steps=1)
+    _fit(balancer, steps=5)
+    assert calls == [] and balancer.num_updates == 4
+
+
+def test_weight_schedule_linear_and_step() -> None:
+    recorded: list[float] = []
+
+    class Record(pl.Callback):
+        def on_before_backward(self, trainer: pl.Trainer, pl_module: Any, loss: torch.Tensor) -> None:
+            recorded.append(pl_module.criterion.weights["bc"])
+
+    schedule = WeightSchedule({"bc": [(0, 1.0), (4, 5.0)]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(7, [schedule, Record()]).fit(TwoTermPoisson())
+    assert recorded == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0])
+    step = WeightSchedule({"bc": [(0, 1.0), (2, 10.0)]}, interpolation="step")
+    assert [step.weight_at("bc", s) for s in range(4)] == [1.0, 1.0, 10.0, 10.0]
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: WeightSchedule({}), "schedule must map"),
+        (lambda: WeightSchedule({"bc": [(5, 1.0), (2, 2.0)]}), "strictly increasing"),
+        (lambda: WeightSchedule({"bc": [(0, -1.0)]}), "finite and >= 0"),
+        (lambda: WeightSchedule({"bc": [(0, 1.0)]}, interpolation="cubic"), "interpolation"),
+        (lambda: SoftAdaptBalancer(beta=0), "beta"),
+        (lambda: ReLoBRaLoBalancer(alpha=2), "alpha"),
+        (lambda: LRAnnealingBalancer(reference=None), "reference"),  # type: ignore[arg-type]
+        (lambda: LRAnnealingBalancer(reference="pde", numerator="median"), "numerator"),  # type: ignore[arg-type]
+        (lambda: GradNormWeighting(learning_rate=0), "learning_rate"),
+        (lambda: UncertaintyWeighting(learning_rate=-1), "learning_rate"),
+    ],
+)
+def test_bad_arguments(factory: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        factory()
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: SoftAdaptBalancer(every_n_steps=1),
+        lambda: ReLoBRaLoBalancer(expected_rho=0.5, seed=1),
+        lambda: GradNormWeighting(),
+        lambda: UncertaintyWeighting(),
+    ],
+    ids=["softadapt", "relobralo", "gradnorm", "uncertainty"],
+)
+def test_resume_is_exact(tmp_path: Any, factory: Any) -> None:
+    def run(interrupted: bool) -> dict[str, float]:
+        torch.manual_seed(0)
+        model = Unequal()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if not interrupted:
+                make_trainer(12, [factory()]).fit(model)
+                return model.criterion.weights
+            trainer = make_trainer(6, [factory()], default_root_dir=str(tmp_path))
+            trainer.fit(model)
+            trainer.save_checkpoint(tmp_path / "mid.ckpt")
+            resumed = Unequal()
+            make_trainer(12, [factory()], default_root_dir=str(tmp_path)).fit(resumed, ckpt_path=str(tmp_path / "mid.ckpt"))
+            return resumed.criterion.weights
+
+    assert run(True) == run(False)
