@@ -4,10 +4,12 @@ Problems (see ../lightning_pinn/problems/ and the shared reference README §2):
 
 * ``helmholtz`` — Wang, Teng & Perdikaris 2021: 2D Helmholtz, a₁ = 1, a₂ = 4, 2-50-50-50-1 tanh
   (the paper's network), Adam 1e-3 · 0.9^(step/1000), fresh 128 residual + 4×128 edge points
-  per step, error on a 100×100 grid. Plain vs GradNormBalancer (max and mean rules).
+  per step, error on a 100×100 grid. Plain vs GradNormBalancer (max and mean rules) vs
+  LRAnnealingBalancer (the 2021 code's max|∇L_r| / mean|∇L_i| statistics, which the paper's
+  numbers come from).
 * ``wave`` — Wang, Yu & Perdikaris 2022: 1D wave, c = 2, fresh 300 residual + 100 initial +
   2×100 boundary points per step, Adam 1e-3 · 0.9^(step/1000), NTK weights every 100 steps.
-  Plain vs NTKBalancer vs GradNormBalancer; the network is reduced from 3×500 to fit 2 CPU
+  Plain vs NTKBalancer vs GradNormBalancer vs LRAnnealingBalancer; the network is reduced from 3×500 to fit 2 CPU
   cores (``--wave-width``).
 * ``harmonic`` — the harmonic IVP of the sweep: every method, 5 seeds.
 
@@ -65,7 +67,7 @@ class Outcome:
 
 
 def _build(run: Run) -> tuple[Any, list[Any]]:
-    from lightning_pinn.callbacks import GradNormBalancer, NTKBalancer
+    from lightning_pinn.callbacks import GradNormBalancer, LRAnnealingBalancer, NTKBalancer
     from lightning_pinn.problems import HarmonicOscillator, Helmholtz2D, Wave1D
 
     options = dict(run.options)
@@ -84,6 +86,8 @@ def _build(run: Run) -> tuple[Any, list[Any]]:
         callbacks.append(GradNormBalancer(rule="max"))
     elif run.method == "gradnorm-mean":
         callbacks.append(GradNormBalancer(rule="mean"))
+    elif run.method == "lr-annealing":
+        callbacks.append(LRAnnealingBalancer(reference="pde"))
     elif run.method == "ntk":
         callbacks.append(NTKBalancer(every_n_steps=100, trace_points=options.get("trace_points")))
     elif run.method != "plain" and not run.method.startswith("fixed-"):
@@ -183,11 +187,11 @@ def main() -> None:
     started = time.perf_counter()
     plans: dict[str, tuple[list[Run], list[str], str]] = {}
     if "helmholtz" in args.problems:
-        methods = ["plain", "gradnorm-max", "gradnorm-mean"]
+        methods = ["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing"]
         runs = [Run("helmholtz", m, s, args.helmholtz_steps, eval_every=1000) for m in methods for s in args.seeds]
         plans["helmholtz"] = (runs, methods, f"2D Helmholtz (Wang, Teng & Perdikaris 2021), 2-50-50-50-1 tanh, {args.helmholtz_steps} steps")
     if "wave" in args.problems:
-        methods = ["plain", "ntk", "gradnorm-max"]
+        methods = ["plain", "ntk", "gradnorm-max", "lr-annealing"]
         width = (("width", args.wave_width),)
         runs = [Run("wave", m, s, args.wave_steps, width, eval_every=500) for m in methods for s in args.seeds]
         plans["wave"] = (runs, methods, f"1D wave (Wang, Yu & Perdikaris 2022), 2-{args.wave_width}-{args.wave_width}-{args.wave_width}-1 tanh (paper: 3×500), {args.wave_steps} steps (paper: 80,001)")
