@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,6 +14,7 @@ from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, T
 from lightning_pinn.callbacks._base import PerTermCallback, log_scalars, tensorboard_writers
 from lightning_pinn.diagnostics import GradientReport, summarize_gradients
 from lightning_pinn.engine import StepMeasurement
+from lightning_pinn.report import History, write_report
 from lightning_pinn.tensorboard import write_layout
 
 __all__ = ["GradientNormMonitor", "MonitorDiagnosis"]
@@ -102,6 +104,9 @@ class GradientNormMonitor(PerTermCallback):
         loss_module: Attribute name of the ``MultiTermLoss`` to monitor (as in
             ``pl_module.named_modules()``); needed only when the module holds several.
         verbose: Print the end-of-fit diagnosis.
+        report: At the end of the fit, write ``diagnosis.md`` (a plain-language report) and
+            ``diagnosis.png`` (gradient norms and weights over the steps) into the logger's
+            directory (``trainer.log_dir``); needs a logger. A one-off cost of about 0.5 s.
     """
 
     def __init__(
@@ -113,6 +118,7 @@ class GradientNormMonitor(PerTermCallback):
         conflict_min_decrease: float | None = 0.05,
         loss_module: str | None = None,
         verbose: bool = True,
+        report: bool = True,
     ) -> None:
         super().__init__(every_n_steps, loss_module)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 1:
@@ -134,6 +140,9 @@ class GradientNormMonitor(PerTermCallback):
         self.cosine_threshold = None if cosine_threshold is None else float(cosine_threshold)
         self.cosine_patience = cosine_patience
         self.verbose = verbose
+        self.report = bool(report)
+        self.report_path: Path | None = None
+        self.history = History()
         self.diagnosis = MonitorDiagnosis()
         self._conflict_streak: dict[str, int] = {}
         self._conflict_losses: dict[str, list[float]] = {}
@@ -183,6 +192,7 @@ class GradientNormMonitor(PerTermCallback):
         metrics["alarm/grad_ratio"] = float(ratio_alarm)
         metrics["alarm/grad_conflict"] = float(conflict_alarm)
         log_scalars(trainer, metrics, step)
+        self.history.add(metrics, step)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
@@ -194,6 +204,10 @@ class GradientNormMonitor(PerTermCallback):
         for writer in tensorboard_writers(trainer):
             writer.add_text("diagnosis", _as_markdown(text), global_step=self.diagnosis.last_step)
             writer.flush()
+        if self.report and trainer.loggers and trainer.is_global_zero and trainer.log_dir is not None:
+            self.report_path, _ = write_report(self.history, trainer.log_dir, cosine_threshold=self.cosine_threshold or -0.5)
+            if self.verbose:
+                rank_zero_info(f"GradientNormMonitor: wrote {self.report_path} and diagnosis.png")
 
     # ---------------------------------------------------------------- alarms
     def _track_ratio(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:

@@ -14,9 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_pinn.autodiff import derivative
+from lightning_pinn.constraints import IVPAnsatz
 from lightning_pinn.module import PINNModule
 from lightning_pinn.nn import mlp
 
@@ -33,6 +34,8 @@ class HarmonicOscillator(PINNModule):
         hidden: Hidden layer widths of the tanh network.
         collocation_points: Uniformly spaced residual points on ``[0, 1]`` (fixed, full batch).
         learning_rate: Adam's learning rate.
+        hard_ic: Impose the initial conditions exactly, ``u = 1 + t²·N(t)``
+            (:class:`~lightning_pinn.constraints.IVPAnsatz`): the ``ic`` term disappears.
         **kwargs: Passed to :class:`~lightning_pinn.PINNModule` (e.g. ``lr_decay``).
 
     The IC term's residual is the vector ``[u(0) − 1, u'(0)]``.
@@ -46,11 +49,15 @@ class HarmonicOscillator(PINNModule):
         hidden: Sequence[int] = (32, 32, 32),
         collocation_points: int = 128,
         learning_rate: float = 1e-3,
+        hard_ic: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(weights={"pde": pde_weight, "ic": ic_weight}, learning_rate=learning_rate, **kwargs)
+        weights = {"pde": pde_weight} if hard_ic else {"pde": pde_weight, "ic": ic_weight}
+        super().__init__(weights=weights, learning_rate=learning_rate, **kwargs)
         self.omega = float(omega)
-        self.net = mlp(1, hidden, 1)
+        self.hard_ic = bool(hard_ic)
+        free = mlp(1, hidden, 1)
+        self.net: nn.Module = IVPAnsatz(free, u0=1.0, v0=0.0) if hard_ic else free
         self.register_buffer("t_collocation", torch.linspace(0.0, 1.0, collocation_points).reshape(-1, 1))
         self.register_buffer("t_initial", torch.zeros(1, 1))
 
@@ -58,6 +65,8 @@ class HarmonicOscillator(PINNModule):
         t = self.t_collocation.clone().requires_grad_(True)
         u = self.net(t)
         r_pde = derivative(u, t, order=2) + self.omega**2 * u
+        if self.hard_ic:
+            return {"pde": r_pde}
         t0 = self.t_initial.clone().requires_grad_(True)
         u0 = self.net(t0)
         r_ic = torch.cat([u0 - 1.0, derivative(u0, t0)]).reshape(-1)

@@ -1,0 +1,57 @@
+"""Hard constraints: wrap a network so an initial or boundary condition holds exactly.
+
+A condition imposed exactly is a loss term that disappears: nothing to weight, nothing to
+balance, no gradient conflict with the PDE term. This is often the most effective remedy for
+the loss-balance crisis (Lagaris, Likas & Fotiadis 1998, IEEE Trans. Neural Netw. 9(5); Lu et
+al. 2021, "Physics-informed neural networks with hard constraints for inverse design").
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["IVPAnsatz", "DirichletAnsatz1D"]
+
+
+class IVPAnsatz(nn.Module):
+    """``u(t) = u₀ + v₀ (t − t₀) + (t − t₀)² N(t)``: ``u(t₀) = u₀`` and ``u'(t₀) = v₀`` exactly.
+
+    Args:
+        net: The free network ``N``, mapping ``(N, 1)`` times to ``(N, 1)`` outputs.
+        u0: Initial value.
+        v0: Initial velocity (first derivative).
+        t0: Initial time.
+    """
+
+    def __init__(self, net: nn.Module, u0: float, v0: float = 0.0, t0: float = 0.0) -> None:
+        super().__init__()
+        self.net = net
+        self.u0, self.v0, self.t0 = float(u0), float(v0), float(t0)
+
+    def forward(self, t: Tensor) -> Tensor:
+        shifted = t - self.t0
+        return self.u0 + self.v0 * shifted + shifted.square() * self.net(t)
+
+
+class DirichletAnsatz1D(nn.Module):
+    """``u(x) = u_a (b − x)/(b − a) + u_b (x − a)/(b − a) + (x − a)(b − x) N(x)``: ``u(a) = u_a``, ``u(b) = u_b`` exactly.
+
+    Args:
+        net: The free network ``N``, mapping ``(N, 1)`` points to ``(N, 1)`` outputs.
+        a: Left end of the interval.
+        b: Right end of the interval.
+        ua: Value at ``a``.
+        ub: Value at ``b``.
+    """
+
+    def __init__(self, net: nn.Module, a: float, b: float, ua: float, ub: float) -> None:
+        super().__init__()
+        if not b > a:
+            raise ValueError(f"DirichletAnsatz1D: need a < b, got a={a}, b={b}.")
+        self.net = net
+        self.a, self.b, self.ua, self.ub = float(a), float(b), float(ua), float(ub)
+
+    def forward(self, x: Tensor) -> Tensor:
+        length = self.b - self.a
+        line = self.ua * (self.b - x) / length + self.ub * (x - self.a) / length
+        return line + (x - self.a) * (self.b - x) * self.net(x)

@@ -1,0 +1,287 @@
+"""A plain-language diagnosis of a fit, from the scalars the monitor logs.
+
+The same report is written at the end of a fit (from the monitor's own record of what it
+logged) and by ``lightning-pinn report LOGDIR`` (from TensorBoard event files): a Markdown
+file that says which pairs of terms crossed the gradient-ratio threshold, when and for how
+long, which pairs fought (opposed gradients while the loss stalled), how the weights λ moved,
+and what to try; and a PNG of the per-term gradient norms and weights over the steps.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from array import array
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["History", "Diagnosis", "read_history", "diagnose", "render_markdown", "plot_history", "write_report", "find_runs", "report_runs"]
+
+
+class History:
+    """Scalar series by tag: ``history[tag] -> (steps, values)``, stored compactly."""
+
+    def __init__(self) -> None:
+        self._steps: dict[str, array] = {}
+        self._values: dict[str, array] = {}
+
+    def add(self, metrics: Mapping[str, float], step: int) -> None:
+        """Append one measurement (``{tag: value}`` at ``step``)."""
+        for tag, value in metrics.items():
+            if tag not in self._steps:
+                self._steps[tag], self._values[tag] = array("q"), array("d")
+            self._steps[tag].append(step)
+            self._values[tag].append(float(value))
+
+    def __contains__(self, tag: str) -> bool:
+        return tag in self._steps
+
+    def __getitem__(self, tag: str) -> tuple[list[int], list[float]]:
+        return list(self._steps[tag]), list(self._values[tag])
+
+    def tags(self) -> list[str]:
+        return list(self._steps)
+
+    def terms(self, prefix: str) -> list[str]:
+        """Names after ``prefix/`` among the tags, in first-seen order (e.g. terms of ``grad_norm``)."""
+        return [tag.split("/", 1)[1] for tag in self._steps if tag.startswith(prefix + "/")]
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+
+def read_history(run_dir: str | Path) -> History:
+    """All scalars of the TensorBoard run in ``run_dir`` (a folder holding event files)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    history = History()
+    for tag in accumulator.Tags().get("scalars", []):
+        for event in accumulator.Scalars(tag):
+            history.add({tag: event.value}, event.step)
+    return history
+
+
+def find_runs(logdir: str | Path) -> list[Path]:
+    """Folders under ``logdir`` (itself included) that hold TensorBoard event files."""
+    root = Path(logdir)
+    return sorted({path.parent for path in root.rglob("events.out.tfevents.*")})
+
+
+@dataclass
+class Diagnosis:
+    """What :func:`diagnose` found; :func:`render_markdown` turns it into text."""
+
+    first_step: int | None = None
+    last_step: int | None = None
+    measurements: int = 0
+    threshold: float | None = None
+    worst_ratio: float | None = None
+    worst_ratio_step: int | None = None
+    worst_pair: tuple[str, str] | None = None
+    ratio_spans: list[tuple[int, int | None]] = field(default_factory=list)
+    ratio_measurements_above: int = 0
+    conflict_spans: list[tuple[str, str, int, int | None, float]] = field(default_factory=list)
+    weights: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)  # first, last, min, max
+    losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # first, last
+    stalled_terms: list[str] = field(default_factory=list)
+    advice: list[str] = field(default_factory=list)
+
+
+def _spans(steps: list[int], flags: list[bool]) -> list[tuple[int, int | None]]:
+    spans: list[tuple[int, int | None]] = []
+    start: int | None = None
+    for step, on in zip(steps, flags):
+        if on and start is None:
+            start = step
+        elif not on and start is not None:
+            spans.append((start, step))
+            start = None
+    if start is not None:
+        spans.append((start, None))
+    return spans
+
+
+def diagnose(history: History, threshold: float | None = None, cosine_threshold: float = -0.5) -> Diagnosis:
+    """Read the verdict out of a history of the monitor's scalars (see the README's tag table)."""
+    result = Diagnosis()
+    terms = history.terms("grad_norm")
+    if "grad_ratio_threshold" in history and threshold is None:
+        threshold = history["grad_ratio_threshold"][1][-1]
+    result.threshold = threshold
+    if terms:
+        steps, _ = history[f"grad_norm/{terms[0]}"]
+        result.first_step, result.last_step, result.measurements = steps[0], steps[-1], len(steps)
+
+    if "grad_ratio" in history:
+        steps, ratios = history["grad_ratio"]
+        worst = max(range(len(ratios)), key=ratios.__getitem__)
+        result.worst_ratio, result.worst_ratio_step = ratios[worst], steps[worst]
+        weighted = {t: dict(zip(*history[f"grad_norm_weighted/{t}"])) for t in history.terms("grad_norm_weighted")}
+        at_worst = {t: series[steps[worst]] for t, series in weighted.items() if steps[worst] in series and series[steps[worst]] > 0}
+        if len(at_worst) >= 2:
+            result.worst_pair = (max(at_worst, key=at_worst.get), min(at_worst, key=at_worst.get))  # type: ignore[arg-type]
+        if "alarm/grad_ratio" in history:
+            flag_steps, flags = history["alarm/grad_ratio"]
+            result.ratio_spans = _spans(flag_steps, [f > 0.5 for f in flags])
+            result.ratio_measurements_above = sum(f > 0.5 for f in flags)
+        elif threshold is not None:
+            result.ratio_spans = _spans(steps, [r > threshold for r in ratios])
+            result.ratio_measurements_above = sum(r > threshold for r in ratios)
+
+    if "alarm/grad_conflict" in history:
+        flag_steps, flags = history["alarm/grad_conflict"]
+        cosines = {tag.split("/", 1)[1]: dict(zip(*history[tag])) for tag in history.tags() if tag.startswith("grad_cosine/")}
+        for start, end in _spans(flag_steps, [f > 0.5 for f in flags]):
+            inside = [s for s in flag_steps if s >= start and (end is None or s < end)]
+            best: tuple[str, float] | None = None
+            for pair, series in cosines.items():
+                values = [series[s] for s in inside if s in series]
+                if values and (best is None or sum(values) / len(values) < best[1]):
+                    best = (pair, sum(values) / len(values))
+            if best is not None:
+                a, b = best[0].split("_vs_", 1)
+                result.conflict_spans.append((a, b, start, end, best[1]))
+
+    for term in history.terms("weight"):
+        _, values = history[f"weight/{term}"]
+        result.weights[term] = (values[0], values[-1], min(values), max(values))
+    for term in history.terms("loss"):
+        steps, values = history[f"loss/{term}"]
+        finite = [v for v in values if math.isfinite(v)]
+        if finite:
+            result.losses[term] = (finite[0], finite[-1])
+            tail = [v for s, v in zip(steps, values) if math.isfinite(v) and s >= steps[0] + 0.75 * (steps[-1] - steps[0])]
+            if len(tail) >= 3 and tail[0] > 0 and tail[-1] / tail[0] > 0.9 and finite[-1] > 1e-3 * finite[0]:
+                result.stalled_terms.append(term)
+    result.advice = _advice(result)
+    return result
+
+
+def _advice(d: Diagnosis) -> list[str]:
+    advice = []
+    adapted = any(last != first for first, last, _, _ in d.weights.values())
+    if d.ratio_spans:
+        if adapted:
+            advice.append("The weights did change during the fit, but the ratio still crossed the threshold: update more often "
+                          "(smaller every_n_steps), or let the balancer start earlier (warmup_steps=0).")
+        elif d.worst_pair and d.worst_ratio:
+            big, small = d.worst_pair
+            now = d.weights.get(small, (1.0,))[0]
+            advice.append(f"Add `GradNormBalancer()` (or `NTKBalancer()`) to the Trainer's callbacks so λ follows the gradients, or raise "
+                          f"λ_{small} by about {d.worst_ratio:.3g}x (to ≈ {now * d.worst_ratio:.3g}) so that its gradient is not "
+                          f"drowned by '{big}'.")
+    if d.conflict_spans:
+        pairs = sorted({f"'{a}' and '{b}'" for a, b, *_ in d.conflict_spans})
+        advice.append(f"The gradients of {', '.join(pairs)} fought while the loss stalled. Reweighting cannot fix opposed gradients: "
+                      "impose the initial/boundary condition exactly with a hard constraint (`lightning_pinn.constraints.IVPAnsatz`, "
+                      "`DirichletAnsatz1D`), which removes that term, or lower the learning rate.")
+    if d.stalled_terms and not d.conflict_spans:
+        advice.append(f"Term(s) {', '.join(repr(t) for t in d.stalled_terms)} stopped improving in the last quarter of the fit; "
+                      "train longer with a decaying learning rate, or add points where their residual is large.")
+    if not advice:
+        advice.append("Nothing to fix: no alarm fired and no term stalled.")
+    return advice
+
+
+def _steps_text(start: int, end: int | None) -> str:
+    return f"steps {start}–{'end' if end is None else end}"
+
+
+def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
+    """The diagnosis as a short Markdown document in plain language."""
+    lines = [f"# {title}", ""]
+    if d.measurements == 0:
+        return "\n".join(lines + ["No gradient-norm measurements were found (was a GradientNormMonitor attached?)."]) + "\n"
+    lines.append(f"{d.measurements} measurements, steps {d.first_step}–{d.last_step}.")
+    lines += ["", "## Gradient-norm ratio", ""]
+    if d.worst_ratio is None:
+        lines.append("- Fewer than two terms had a non-zero gradient: there was nothing to compare.")
+    else:
+        threshold = f"{d.threshold:g}x" if d.threshold else "the threshold"
+        pair = f" ('{d.worst_pair[0]}' over '{d.worst_pair[1]}')" if d.worst_pair else ""
+        lines.append(f"- Worst ratio: {d.worst_ratio:.3g}x at step {d.worst_ratio_step}{pair}; threshold {threshold}.")
+        if d.ratio_spans:
+            spans = ", ".join(_steps_text(s, e) for s, e in d.ratio_spans)
+            lines.append(f"- Above the threshold in {len(d.ratio_spans)} episode(s): {spans} ({d.ratio_measurements_above} of {d.measurements} measurements).")
+        else:
+            lines.append("- Never above the threshold.")
+    lines += ["", "## Gradient conflict", ""]
+    if d.conflict_spans:
+        for a, b, start, end, cosine in d.conflict_spans:
+            lines.append(f"- '{a}' vs '{b}': opposed gradients (mean cosine {cosine:.2f}) while their loss stalled, {_steps_text(start, end)}.")
+    else:
+        lines.append("- No conflict alarm.")
+    lines += ["", "## Weights λ", ""]
+    for term, (first, last, low, high) in d.weights.items():
+        if first == last == low == high:
+            lines.append(f"- {term}: fixed at {first:.4g}.")
+        else:
+            lines.append(f"- {term}: {first:.4g} → {last:.4g} (range {low:.4g}–{high:.4g}, ×{last / first:.3g} overall)." if first else f"- {term}: {first:.4g} → {last:.4g}.")
+    lines += ["", "## Losses", ""]
+    for term, (first, last) in d.losses.items():
+        note = " — stalled in the last quarter" if term in d.stalled_terms else ""
+        lines.append(f"- {term}: {first:.3g} → {last:.3g}{note}.")
+    lines += ["", "## What to try", ""]
+    lines += [f"- {item}" for item in d.advice]
+    return "\n".join(lines) + "\n"
+
+
+def plot_history(history: History, path: str | Path, title: str = "") -> None:
+    """PNG: per-term gradient norms (raw and weighted) and weights λ over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (norms_axis, weights_axis) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for index, term in enumerate(history.terms("grad_norm")):
+        colour = f"C{index}"
+        steps, values = history[f"grad_norm/{term}"]
+        norms_axis.semilogy(steps, [v if v > 0 else math.nan for v in values], color=colour, label=f"‖∇L_{term}‖")
+        if f"grad_norm_weighted/{term}" in history:
+            steps, values = history[f"grad_norm_weighted/{term}"]
+            norms_axis.semilogy(steps, [v if v > 0 else math.nan for v in values], color=colour, linestyle="--", label=f"λ‖∇L_{term}‖")
+    norms_axis.set_ylabel("gradient norm")
+    norms_axis.legend(fontsize=8, ncol=2)
+    norms_axis.grid(True, alpha=0.3)
+    for index, term in enumerate(history.terms("weight")):
+        steps, values = history[f"weight/{term}"]
+        weights_axis.semilogy(steps, [v if v > 0 else math.nan for v in values], color=f"C{index}", label=f"λ_{term}")
+    weights_axis.set_ylabel("weight λ")
+    weights_axis.set_xlabel("step")
+    weights_axis.legend(fontsize=8)
+    weights_axis.grid(True, alpha=0.3)
+    if title:
+        norms_axis.set_title(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def write_report(history: History, folder: str | Path, title: str = "Loss-balance diagnosis", cosine_threshold: float = -0.5) -> tuple[Path, Path]:
+    """Write ``diagnosis.md`` and ``diagnosis.png`` into ``folder``; return their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    markdown = folder / "diagnosis.md"
+    picture = folder / "diagnosis.png"
+    text = render_markdown(diagnose(history, cosine_threshold=cosine_threshold), title)
+    markdown.write_text(text + "\n![gradient norms and weights](diagnosis.png)\n")
+    plot_history(history, picture, title)
+    return markdown, picture
+
+
+def _natural_key(path: Path) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def report_runs(logdir: str | Path) -> list[tuple[Path, str]]:
+    """Write a report beside every run under ``logdir``; return ``(run folder, markdown)`` pairs."""
+    out = []
+    for run in sorted(find_runs(logdir), key=_natural_key):
+        history = read_history(run)
+        markdown_path, _ = write_report(history, run, title=f"Loss-balance diagnosis: {run}")
+        out.append((run, markdown_path.read_text()))
+    return out
