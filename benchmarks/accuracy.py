@@ -94,8 +94,14 @@ def update_cost(steps: int) -> str:
         timer = StepTimer()
         with quiet_lightning(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pl.Trainer(max_steps=steps, logger=False, callbacks=[factory(), timer], enable_progress_bar=False,
-                       enable_model_summary=False, enable_checkpointing=False).fit(model)
+            pl.Trainer(
+                max_steps=steps,
+                logger=False,
+                callbacks=[factory(), timer],
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+            ).fit(model)
         measured = {s: t for s, t in timer.times.items() if s >= 20}  # skip warm-up
         update = statistics.median(t for s, t in measured.items() if s % every == 0)
         plain = statistics.median(t for s, t in measured.items() if s % every != 0)

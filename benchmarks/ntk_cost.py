@@ -64,10 +64,18 @@ def update_cost(points: int, trace_points: int | None, steps: int = 200, every: 
     timer = StepTimer()
     with quiet_lightning(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pl.Trainer(max_steps=steps, logger=False, callbacks=[NTKBalancer(every_n_steps=every, trace_points=trace_points), timer],
-                   enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False).fit(model)
+        pl.Trainer(
+            max_steps=steps,
+            logger=False,
+            callbacks=[NTKBalancer(every_n_steps=every, trace_points=trace_points), timer],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        ).fit(model)
     measured = {s: t for s, t in timer.times.items() if s >= every}
-    return statistics.median(t for s, t in measured.items() if s % every == 0), statistics.median(t for s, t in measured.items() if s % every)
+    return statistics.median(t for s, t in measured.items() if s % every == 0), statistics.median(
+        t for s, t in measured.items() if s % every
+    )
 
 
 def batched_vs_loop(points: int, rounds: int = 5) -> tuple[float, float]:
@@ -153,7 +161,10 @@ def main() -> None:
         sampled = memory(points, "sampled")
         whole = memory(points, "unchunked") if points <= 2048 else None
         whole_text = f"{whole['mib']:.0f} MiB, {whole['seconds']:.2f} s" if whole else "not run (N² cotangents)"
-        print(f"| {points} | {exact['mib']:.0f} MiB, {exact['seconds']:.2f} s | {sampled['mib']:.0f} MiB, {sampled['seconds']:.2f} s | {whole_text} |", flush=True)
+        print(
+            f"| {points} | {exact['mib']:.0f} MiB, {exact['seconds']:.2f} s | {sampled['mib']:.0f} MiB, {sampled['seconds']:.2f} s | {whole_text} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -120,15 +120,25 @@ def main() -> None:
             print(f"round {round_index + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()), flush=True)
 
     medians = {name: statistics.median(values) for name, values in times.items()}
-    print(f"\nharmonic IVP, {args.steps} steps, {args.rounds} alternating rounds, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"\nharmonic IVP, {args.steps} steps, {args.rounds} alternating rounds, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"{'configuration':<18}{'median':>9}")
     for name, value in medians.items():
         print(f"{name:<18}{value:>8.3f}s")
     print("\nratios of medians:")
-    print(f"  monitor-default / lightning   = {medians['monitor-default'] / medians['lightning']:.3f}   (GradientNormMonitor at its default cadence)")
-    print(f"  capture-every   / lightning   = {medians['capture-every'] / medians['lightning']:.3f}   (per-term gradients on every step, engine only)")
-    print(f"  balancer-every  / lightning   = {medians['balancer-every'] / medians['lightning']:.3f}   (GradNormBalancer updating every step)")
-    print(f"  monitor-every   / lightning   = {medians['monitor-every'] / medians['lightning']:.3f}   (monitor logging 13 scalars every step)")
+    print(
+        f"  monitor-default / lightning   = {medians['monitor-default'] / medians['lightning']:.3f}   (GradientNormMonitor at its default cadence)"
+    )
+    print(
+        f"  capture-every   / lightning   = {medians['capture-every'] / medians['lightning']:.3f}   (per-term gradients on every step, engine only)"
+    )
+    print(
+        f"  balancer-every  / lightning   = {medians['balancer-every'] / medians['lightning']:.3f}   (GradNormBalancer updating every step)"
+    )
+    print(
+        f"  monitor-every   / lightning   = {medians['monitor-every'] / medians['lightning']:.3f}   (monitor logging 13 scalars every step)"
+    )
     print(f"  lightning       / plain-loop  = {medians['lightning'] / medians['plain-loop']:.3f}   (Lightning itself)")
     print(f"  monitor-default / plain-loop  = {medians['monitor-default'] / medians['plain-loop']:.3f}   (end to end, with the monitor)")
 

@@ -24,7 +24,6 @@ parallel worker processes, one thread each.
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing
 import os
 import platform
@@ -145,8 +144,11 @@ def run_all(runs: list[Run], workers: int) -> list[Outcome]:
         for done, outcome in enumerate(pool.imap_unordered(execute, runs), start=1):
             outcomes.append(outcome)
             r = outcome.run
-            print(f"  [{done}/{len(runs)}] {r.problem} {r.method} seed {r.seed}: rel. L2 {outcome.final_error:.2e} "
-                  f"({outcome.train_seconds:.0f} s training; {time.perf_counter() - start:.0f} s elapsed)", flush=True)
+            print(
+                f"  [{done}/{len(runs)}] {r.problem} {r.method} seed {r.seed}: rel. L2 {outcome.final_error:.2e} "
+                f"({outcome.train_seconds:.0f} s training; {time.perf_counter() - start:.0f} s elapsed)",
+                flush=True,
+            )
     return outcomes
 
 
@@ -189,19 +191,27 @@ def main() -> None:
     if "helmholtz" in args.problems:
         methods = ["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing"]
         runs = [Run("helmholtz", m, s, args.helmholtz_steps, eval_every=1000) for m in methods for s in args.seeds]
-        plans["helmholtz"] = (runs, methods, f"2D Helmholtz (Wang, Teng & Perdikaris 2021), 2-50-50-50-1 tanh, {args.helmholtz_steps} steps")
+        plans["helmholtz"] = (
+            runs,
+            methods,
+            f"2D Helmholtz (Wang, Teng & Perdikaris 2021), 2-50-50-50-1 tanh, {args.helmholtz_steps} steps",
+        )
     if "wave" in args.problems:
         methods = ["plain", "ntk", "gradnorm-max", "lr-annealing"]
         width = (("width", args.wave_width),)
         runs = [Run("wave", m, s, args.wave_steps, width, eval_every=500) for m in methods for s in args.seeds]
-        plans["wave"] = (runs, methods, f"1D wave (Wang, Yu & Perdikaris 2022), 2-{args.wave_width}-{args.wave_width}-{args.wave_width}-1 tanh (paper: 3×500), {args.wave_steps} steps (paper: 80,001)")
+        plans["wave"] = (
+            runs,
+            methods,
+            f"1D wave (Wang, Yu & Perdikaris 2022), 2-{args.wave_width}-{args.wave_width}-{args.wave_width}-1 tanh (paper: 3×500), {args.wave_steps} steps (paper: 80,001)",
+        )
     if "harmonic" in args.problems:
         seeds = sorted(set(args.seeds) | {0, 1, 2, 3, 4})
         methods = ["plain", "fixed-100", "fixed-1000", "gradnorm-max", "gradnorm-mean", "ntk"]
         runs = [Run("harmonic", m, s, args.harmonic_steps, eval_every=100) for s in seeds for m in methods]
         plans["harmonic"] = (runs, methods, f"harmonic IVP, ω = 2π, 1-32-32-32-1 tanh, {args.harmonic_steps} steps, λ_IC = 1 unless fixed")
 
-    for name, (runs, methods, title) in plans.items():
+    for runs, methods, title in plans.values():
         print(f"\n{title}: {len(runs)} fits", flush=True)
         outcomes = run_all(runs, args.workers)
         text = table(outcomes, methods)

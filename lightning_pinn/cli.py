@@ -35,7 +35,9 @@ def _non_negative_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lightning-pinn``."""
-    parser = argparse.ArgumentParser(prog="lightning-pinn", description="Per-term gradient diagnostics and loss balancing for PINNs in PyTorch Lightning.")
+    parser = argparse.ArgumentParser(
+        prog="lightning-pinn", description="Per-term gradient diagnostics and loss balancing for PINNs in PyTorch Lightning."
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -43,7 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="show the loss-balance crisis on the harmonic oscillator, and its fix",
         description="Train u'' + ω²u = 0, u(0)=1, u'(0)=0 on [0,1] with a GradientNormMonitor, once per λ_IC, and compare.",
     )
-    demo.add_argument("--ic-weights", type=_non_negative_float, nargs="+", default=[1.0, 100.0, 1e5], metavar="W", help="λ_IC values to train with (default: 1 100 100000)")
+    demo.add_argument(
+        "--ic-weights",
+        type=_non_negative_float,
+        nargs="+",
+        default=[1.0, 100.0, 1e5],
+        metavar="W",
+        help="λ_IC values to train with (default: 1 100 100000)",
+    )
     demo.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
     demo.add_argument("--omega", type=float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
     demo.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
@@ -61,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid-min", type=float, default=-3.0, help="smallest log10 λ_IC (default: -3)")
     sweep.add_argument("--grid-max", type=float, default=5.0, help="largest log10 λ_IC (default: 5)")
     sweep.add_argument("--grid-step", type=float, default=1.0, help="grid spacing in log10 λ_IC (default: 1)")
-    sweep.add_argument("--balancers", nargs="*", default=["gradnorm-max", "gradnorm-mean", "ntk"], choices=["gradnorm-max", "gradnorm-mean", "ntk"], help="balancers to compare (default: all three)")
+    sweep.add_argument(
+        "--balancers",
+        nargs="*",
+        default=["gradnorm-max", "gradnorm-mean", "ntk"],
+        choices=["gradnorm-max", "gradnorm-mean", "ntk"],
+        help="balancers to compare (default: all three)",
+    )
     sweep.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; the table reports the median (default: 0)")
     sweep.add_argument("--omega", type=float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
@@ -85,7 +100,10 @@ def run_report(args: argparse.Namespace) -> int:
     from lightning_pinn.report import report_runs
 
     if not Path(args.logdir).exists():
-        print(f"lightning-pinn report: {args.logdir} does not exist; give the folder you passed to TensorBoardLogger (or `tensorboard --logdir`).", file=sys.stderr)
+        print(
+            f"lightning-pinn report: {args.logdir} does not exist; give the folder you passed to TensorBoardLogger (or `tensorboard --logdir`).",
+            file=sys.stderr,
+        )
         return 2
     reports = report_runs(args.logdir)
     if not reports:
@@ -113,14 +131,20 @@ def run_sweep(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     specs = [FitSpec("fixed", weight, seed, args.steps, args.omega) for seed in args.seeds for weight in weights]
     specs += [FitSpec(name, 1.0, seed, args.steps, args.omega) for seed in args.seeds for name in args.balancers]
-    print(f"Sweep: {len(weights)} fixed λ_IC from 1e{args.grid_min:g} to 1e{args.grid_max:g}, balancers {', '.join(args.balancers) or 'none'}; "
-          f"{len(args.seeds)} seed(s), {args.steps} steps each: {len(specs)} fits.", flush=True)
+    print(
+        f"Sweep: {len(weights)} fixed λ_IC from 1e{args.grid_min:g} to 1e{args.grid_max:g}, balancers {', '.join(args.balancers) or 'none'}; "
+        f"{len(args.seeds)} seed(s), {args.steps} steps each: {len(specs)} fits.",
+        flush=True,
+    )
     start = time.perf_counter()
 
     def progress(done: int, total: int, result) -> None:  # type: ignore[no-untyped-def]
         elapsed = time.perf_counter() - start
-        print(f"  [{done:>{len(str(total))}}/{total}] {result.spec.label:<14} seed {result.spec.seed}: rel. L2 {result.relative_l2:.2e}  "
-              f"({result.seconds:.1f} s; {elapsed:.0f} s elapsed)", flush=True)
+        print(
+            f"  [{done:>{len(str(total))}}/{total}] {result.spec.label:<14} seed {result.spec.seed}: rel. L2 {result.relative_l2:.2e}  "
+            f"({result.seconds:.1f} s; {elapsed:.0f} s elapsed)",
+            flush=True,
+        )
 
     results = run_fits(specs, workers=args.workers, on_result=progress)
     summaries = summarize(results)
@@ -136,7 +160,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     if fixed:
         best = min(fixed, key=lambda s: s.median_l2)
         print(f"\nbest fixed weight: {best.label} (median rel. L2 {best.median_l2:.2e})")
-    print(f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'} and {out / 'sweep.json'} ({time.perf_counter() - start:.0f} s)")
+    print(
+        f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'} and {out / 'sweep.json'} ({time.perf_counter() - start:.0f} s)"
+    )
     return 0
 
 
@@ -150,7 +176,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     omega_text = "2π" if math.isclose(args.omega, 2 * math.pi) else f"{args.omega:g}"
     print(f"Harmonic oscillator u'' + ω²u = 0, u(0) = 1, u'(0) = 0 on [0, 1], ω = {omega_text}: exact u = cos(ωt).")
-    print(f"Network 1-32-32-32-1 tanh, Adam lr 1e-3, {args.steps} full-batch steps on 128 points; GradientNormMonitor every {args.every_n_steps} steps.\n")
+    print(
+        f"Network 1-32-32-32-1 tanh, Adam lr 1e-3, {args.steps} full-batch steps on 128 points; GradientNormMonitor every {args.every_n_steps} steps.\n"
+    )
     runs = []
     for weight in args.ic_weights:
         print(f"training with λ_IC = {weight:g} ...", flush=True)
@@ -166,7 +194,11 @@ def run_demo(args: argparse.Namespace) -> int:
         runs.append(run)
     if not args.no_hard_ic:
         print("training with the initial conditions imposed exactly (u = 1 + t²·N(t), no ic term) ...", flush=True)
-        runs.append(run_harmonic(steps=args.steps, omega=args.omega, seed=args.seed, every_n_steps=args.every_n_steps, log_dir=args.logdir, hard_ic=True))
+        runs.append(
+            run_harmonic(
+                steps=args.steps, omega=args.omega, seed=args.seed, every_n_steps=args.every_n_steps, log_dir=args.logdir, hard_ic=True
+            )
+        )
     print()
     print(format_table(runs))
     print()

@@ -239,7 +239,9 @@ class TermGradientEngine:
         self._capturing = False
 
     # ---------------------------------------------------------------- forward / backward
-    def weighted_total(self, names: tuple[str, ...], residuals: list[Tensor | None], losses: list[Tensor | None], lambdas: Tensor) -> Tensor:
+    def weighted_total(
+        self, names: tuple[str, ...], residuals: list[Tensor | None], losses: list[Tensor | None], lambdas: Tensor
+    ) -> Tensor:
         """Return ``Σ λ_i L_i`` (over the present terms) whose backward also records per-term gradients."""
         window = self._window
         assert window is not None
@@ -406,7 +408,9 @@ class TermGradientEngine:
             # The packed shapes depend only on what was requested, never on local data, so every
             # rank joins the same collectives even if its own micro-batches produced no capture.
             device = window.params[0].device if window.params else torch.device("cpu")
-            packed = torch.cat([torch.tensor([float(window.batches)], dtype=torch.float64)] + [window.sums.get(name, zeros).cpu() for name in _SUMS])
+            packed = torch.cat(
+                [torch.tensor([float(window.batches)], dtype=torch.float64)] + [window.sums.get(name, zeros).cpu() for name in _SUMS]
+            )
             packed = all_reduce_sum(packed.to(device)).cpu()
             if window.want_gradients:
                 if gradient_sum is None:
@@ -447,7 +451,9 @@ class TermGradientEngine:
         return StepMeasurement(
             step=window.step,
             terms=terms,
-            losses=losses if all(capture.present) else torch.where(present, losses.cpu(), torch.full((len(terms),), float("nan"), dtype=torch.float64)),
+            losses=losses
+            if all(capture.present)
+            else torch.where(present, losses.cpu(), torch.full((len(terms),), float("nan"), dtype=torch.float64)),
             weights=capture.lambdas.to(torch.float64),
             present=present,
             reached=None if capture.reached is None else torch.tensor(capture.reached),

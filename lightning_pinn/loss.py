@@ -127,7 +127,9 @@ class MultiTermLoss(nn.Module):
         """
         if isinstance(weights, Tensor):
             if weights.shape != self.lambdas.shape:
-                raise ValueError(f"set_weights: expected {len(self._term_names)} weights for terms {self._term_names}, got shape {tuple(weights.shape)}.")
+                raise ValueError(
+                    f"set_weights: expected {len(self._term_names)} weights for terms {self._term_names}, got shape {tuple(weights.shape)}."
+                )
             if bool(torch.isfinite(weights).all()) and bool((weights >= 0).all()):  # fast path, no per-term Python
                 with torch.no_grad():
                     self.lambdas.copy_(weights)

@@ -44,7 +44,9 @@ class PINNModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         if not isinstance(weights, Mapping):
-            raise TypeError(f"PINNModule: weights must be a mapping of term name to initial weight, e.g. {{'pde': 1.0, 'ic': 1.0}}; got {type(weights).__name__}.")
+            raise TypeError(
+                f"PINNModule: weights must be a mapping of term name to initial weight, e.g. {{'pde': 1.0, 'ic': 1.0}}; got {type(weights).__name__}."
+            )
         if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
             raise ValueError(f"PINNModule: learning_rate must be a finite number > 0, got {learning_rate!r}.")
         if lr_decay is not None and not (isinstance(lr_decay, (int, float)) and 0 < lr_decay <= 1):
@@ -65,7 +67,9 @@ class PINNModule(pl.LightningModule):
         Each residual is a point-wise tensor (its loss is the mean of its squares) or a 0-dim
         loss, computed from the network output so that it carries gradients.
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement residuals(self, batch) -> dict[str, Tensor] returning one tensor per term in {self.criterion.term_names}.")
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement residuals(self, batch) -> dict[str, Tensor] returning one tensor per term in {self.criterion.term_names}."
+        )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Evaluate the network; subclasses with an attribute ``net`` get ``self.net(x)``."""

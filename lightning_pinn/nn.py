@@ -9,7 +9,9 @@ from torch import nn
 __all__ = ["mlp"]
 
 
-def mlp(in_features: int, hidden: Sequence[int], out_features: int, activation: type[nn.Module] = nn.Tanh, init: str = "default") -> nn.Sequential:
+def mlp(
+    in_features: int, hidden: Sequence[int], out_features: int, activation: type[nn.Module] = nn.Tanh, init: str = "default"
+) -> nn.Sequential:
     """A fully connected network ``in → hidden[0] → … → out`` with ``activation`` between layers.
 
     Args:

@@ -16,7 +16,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["History", "Diagnosis", "read_history", "diagnose", "render_markdown", "plot_history", "write_report", "find_runs", "report_runs"]
+__all__ = [
+    "History",
+    "Diagnosis",
+    "read_history",
+    "diagnose",
+    "render_markdown",
+    "plot_history",
+    "write_report",
+    "find_runs",
+    "report_runs",
+]
 
 
 class History:
@@ -165,22 +175,30 @@ def _advice(d: Diagnosis) -> list[str]:
     adapted = any(last != first for first, last, _, _ in d.weights.values())
     if d.ratio_spans:
         if adapted:
-            advice.append("The weights did change during the fit, but the ratio still crossed the threshold: update more often "
-                          "(smaller every_n_steps), or let the balancer start earlier (warmup_steps=0).")
+            advice.append(
+                "The weights did change during the fit, but the ratio still crossed the threshold: update more often "
+                "(smaller every_n_steps), or let the balancer start earlier (warmup_steps=0)."
+            )
         elif d.worst_pair and d.worst_ratio:
             big, small = d.worst_pair
             now = d.weights.get(small, (1.0,))[0]
-            advice.append(f"Add `GradNormBalancer()` (or `NTKBalancer()`) to the Trainer's callbacks so λ follows the gradients, or raise "
-                          f"λ_{small} by about {d.worst_ratio:.3g}x (to ≈ {now * d.worst_ratio:.3g}) so that its gradient is not "
-                          f"drowned by '{big}'.")
+            advice.append(
+                f"Add `GradNormBalancer()` (or `NTKBalancer()`) to the Trainer's callbacks so λ follows the gradients, or raise "
+                f"λ_{small} by about {d.worst_ratio:.3g}x (to ≈ {now * d.worst_ratio:.3g}) so that its gradient is not "
+                f"drowned by '{big}'."
+            )
     if d.conflict_spans:
         pairs = sorted({f"'{a}' and '{b}'" for a, b, *_ in d.conflict_spans})
-        advice.append(f"The gradients of {', '.join(pairs)} fought while the loss stalled. Reweighting cannot fix opposed gradients: "
-                      "impose the initial/boundary condition exactly with a hard constraint (`lightning_pinn.constraints.IVPAnsatz`, "
-                      "`DirichletAnsatz1D`), which removes that term, or lower the learning rate.")
+        advice.append(
+            f"The gradients of {', '.join(pairs)} fought while the loss stalled. Reweighting cannot fix opposed gradients: "
+            "impose the initial/boundary condition exactly with a hard constraint (`lightning_pinn.constraints.IVPAnsatz`, "
+            "`DirichletAnsatz1D`), which removes that term, or lower the learning rate."
+        )
     if d.stalled_terms and not d.conflict_spans:
-        advice.append(f"Term(s) {', '.join(repr(t) for t in d.stalled_terms)} stopped improving in the last quarter of the fit; "
-                      "train longer with a decaying learning rate, or add points where their residual is large.")
+        advice.append(
+            f"Term(s) {', '.join(repr(t) for t in d.stalled_terms)} stopped improving in the last quarter of the fit; "
+            "train longer with a decaying learning rate, or add points where their residual is large."
+        )
     if not advice:
         advice.append("Nothing to fix: no alarm fired and no term stalled.")
     return advice
@@ -205,13 +223,17 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
         lines.append(f"- Worst ratio: {d.worst_ratio:.3g}x at step {d.worst_ratio_step}{pair}; threshold {threshold}.")
         if d.ratio_spans:
             spans = ", ".join(_steps_text(s, e) for s, e in d.ratio_spans)
-            lines.append(f"- Above the threshold in {len(d.ratio_spans)} episode(s): {spans} ({d.ratio_measurements_above} of {d.measurements} measurements).")
+            lines.append(
+                f"- Above the threshold in {len(d.ratio_spans)} episode(s): {spans} ({d.ratio_measurements_above} of {d.measurements} measurements)."
+            )
         else:
             lines.append("- Never above the threshold.")
     lines += ["", "## Gradient conflict", ""]
     if d.conflict_spans:
         for a, b, start, end, cosine in d.conflict_spans:
-            lines.append(f"- '{a}' vs '{b}': opposed gradients (mean cosine {cosine:.2f}) while their loss stalled, {_steps_text(start, end)}.")
+            lines.append(
+                f"- '{a}' vs '{b}': opposed gradients (mean cosine {cosine:.2f}) while their loss stalled, {_steps_text(start, end)}."
+            )
     else:
         lines.append("- No conflict alarm.")
     lines += ["", "## Weights λ", ""]
@@ -219,7 +241,11 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
         if first == last == low == high:
             lines.append(f"- {term}: fixed at {first:.4g}.")
         else:
-            lines.append(f"- {term}: {first:.4g} → {last:.4g} (range {low:.4g}–{high:.4g}, ×{last / first:.3g} overall)." if first else f"- {term}: {first:.4g} → {last:.4g}.")
+            lines.append(
+                f"- {term}: {first:.4g} → {last:.4g} (range {low:.4g}–{high:.4g}, ×{last / first:.3g} overall)."
+                if first
+                else f"- {term}: {first:.4g} → {last:.4g}."
+            )
     lines += ["", "## Losses", ""]
     for term, (first, last) in d.losses.items():
         note = " — stalled in the last quarter" if term in d.stalled_terms else ""
@@ -261,7 +287,9 @@ def plot_history(history: History, path: str | Path, title: str = "") -> None:
     plt.close(figure)
 
 
-def write_report(history: History, folder: str | Path, title: str = "Loss-balance diagnosis", cosine_threshold: float = -0.5) -> tuple[Path, Path]:
+def write_report(
+    history: History, folder: str | Path, title: str = "Loss-balance diagnosis", cosine_threshold: float = -0.5
+) -> tuple[Path, Path]:
     """Write ``diagnosis.md`` and ``diagnosis.png`` into ``folder``; return their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

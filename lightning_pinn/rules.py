@@ -131,7 +131,9 @@ def _softmax_times_k(scores: Sequence[float]) -> list[float]:
     return [len(scores) * e / total for e in exps]
 
 
-def softadapt_weights(losses: Sequence[float], previous: Sequence[float], beta: float = 0.1, normalized: bool = True, loss_weighted: bool = False) -> list[float]:
+def softadapt_weights(
+    losses: Sequence[float], previous: Sequence[float], beta: float = 0.1, normalized: bool = True, loss_weighted: bool = False
+) -> list[float]:
     """SoftAdapt: weight each term by how badly its loss is progressing.
 
     Heydari, Thompson & Mehmood 2019, "SoftAdapt: techniques for adaptive loss weighting of

@@ -191,12 +191,12 @@ class MethodSummary:
 
 def summarize(results: Sequence[FitResult]) -> list[MethodSummary]:
     """Group results by method (and λ_IC for fixed weights) and take medians over seeds."""
-    groups: dict[tuple[str, float], list[FitResult]] = {}
+    groups: dict[tuple[str, float | None], list[FitResult]] = {}
     for result in results:
-        key = (result.spec.method, result.spec.ic_weight if result.spec.method == "fixed" else math.nan)
+        key = (result.spec.method, result.spec.ic_weight if result.spec.method == "fixed" else None)
         groups.setdefault(key, []).append(result)
     summaries = []
-    for (method, weight), group in groups.items():
+    for (method, _), group in groups.items():
         group.sort(key=lambda r: r.spec.seed)
         ratios = [r.final_weights["ic"] / r.final_weights["pde"] if r.final_weights.get("pde") else math.nan for r in group]
         summaries.append(
@@ -219,7 +219,16 @@ def write_table(summaries: Sequence[MethodSummary], path: Path) -> str:
         writer = csv.writer(handle)
         writer.writerow(["method", "ic_weight_initial", "median_relative_l2", "relative_l2_by_seed", "final_ic_over_pde", "median_seconds"])
         for s in summaries:
-            writer.writerow([s.method, s.ic_weight, f"{s.median_l2:.4g}", " ".join(f"{v:.3g}" for v in s.l2_by_seed), f"{s.final_ic_over_pde:.4g}", f"{s.median_seconds:.2f}"])
+            writer.writerow(
+                [
+                    s.method,
+                    s.ic_weight,
+                    f"{s.median_l2:.4g}",
+                    " ".join(f"{v:.3g}" for v in s.l2_by_seed),
+                    f"{s.final_ic_over_pde:.4g}",
+                    f"{s.median_seconds:.2f}",
+                ]
+            )
     lines = ["| run | median rel. L2 | per seed | final λ_IC/λ_PDE | time/fit |", "|---|---|---|---|---|"]
     for s in summaries:
         lines.append(
@@ -244,7 +253,9 @@ def plot_sweep(summaries: Sequence[MethodSummary], results: Sequence[FitResult],
         curve.loglog([s.ic_weight for s in fixed], [s.median_l2 for s in fixed], "o-", color="black", label="fixed λ_IC (λ_PDE = 1)")
     colours = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple"]
     for colour, s in zip(colours, balanced):
-        curve.axhline(s.median_l2, color=colour, linestyle="--", label=f"{s.label} (starts at λ = 1; ends at λ_IC/λ_PDE ≈ {s.final_ic_over_pde:.3g})")
+        curve.axhline(
+            s.median_l2, color=colour, linestyle="--", label=f"{s.label} (starts at λ = 1; ends at λ_IC/λ_PDE ≈ {s.final_ic_over_pde:.3g})"
+        )
     curve.set_xlabel("λ_IC")
     curve.set_ylabel("relative L² error (median over seeds)")
     curve.set_title(title)

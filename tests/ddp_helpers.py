@@ -58,7 +58,12 @@ class DumpPerStep(pl.Callback):
         monitor = next(cb for cb in trainer.callbacks if type(cb).__name__ == "GradientNormMonitor")  # type: ignore[attr-defined]
         report = monitor.last_report
         torch.save(
-            {"weights": pl_module.criterion.lambdas.detach().clone(), "norms": report.norms, "losses": report.losses, "cosines": report.cosines},
+            {
+                "weights": pl_module.criterion.lambdas.detach().clone(),
+                "norms": report.norms,
+                "losses": report.losses,
+                "cosines": report.cosines,
+            },
             Path(self.folder) / f"rank{trainer.global_rank}_step{trainer.global_step - 1}.pt",
         )
 

@@ -10,16 +10,16 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import TensorBoardLogger
-
 from conftest import TwoTermPoisson, make_trainer
+from pytorch_lightning.loggers import TensorBoardLogger
+from tb import load_events, scalar_series
+
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import WeightUpdateWarning
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer
 from lightning_pinn.engine import TermGradientEngine
 from lightning_pinn.problems import HarmonicOscillator
 from lightning_pinn.rules import grad_norm_weights
-from tb import load_events, scalar_series
 
 
 class Recorder(pl.Callback):

@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from ddp_helpers import DumpPerStep, SplitPoisson
 from pytorch_lightning.strategies import DDPStrategy
 from torch.multiprocessing.spawn import ProcessExitedException
 
-from ddp_helpers import DumpPerStep, SplitPoisson
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")

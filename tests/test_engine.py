@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import TwoTermPoisson, make_trainer
+
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.callbacks import GradientNormMonitor
 from lightning_pinn.diagnostics import imbalance, summarize_gradients

@@ -7,18 +7,20 @@ from typing import Any
 
 import pytest
 import torch
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-
 from conftest import TwoTermPoisson, make_trainer
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from tb import custom_scalars_layout, load_events, scalar_series, texts
+
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
 from lightning_pinn.callbacks import GradientNormMonitor
 from lightning_pinn.problems import HarmonicOscillator
 from lightning_pinn.tensorboard import LAYOUT_CATEGORY
-from tb import custom_scalars_layout, load_events, scalar_series, texts
 
 
-def _fit_harmonic(ic_weight: float, steps: int, **monitor_kwargs: Any) -> tuple[HarmonicOscillator, GradientNormMonitor, list[warnings.WarningMessage]]:
+def _fit_harmonic(
+    ic_weight: float, steps: int, **monitor_kwargs: Any
+) -> tuple[HarmonicOscillator, GradientNormMonitor, list[warnings.WarningMessage]]:
     torch.manual_seed(0)
     model = HarmonicOscillator(ic_weight=ic_weight, steps_per_epoch=steps)
     monitor = GradientNormMonitor(verbose=False, **monitor_kwargs)
@@ -65,9 +67,19 @@ def test_tags_layout_and_alarm_text_in_tensorboard(tmp_path: Any) -> None:
     events = load_events(tmp_path)
     tags = set(events.Tags()["scalars"])
     expected = {
-        "grad_norm/pde", "grad_norm/ic", "grad_norm_weighted/pde", "grad_norm_weighted/ic", "grad_ratio",
-        "grad_ratio_threshold", "grad_cosine/pde_vs_ic", "loss/pde", "loss/ic", "weight/pde", "weight/ic",
-        "alarm/grad_ratio", "alarm/grad_conflict",
+        "grad_norm/pde",
+        "grad_norm/ic",
+        "grad_norm_weighted/pde",
+        "grad_norm_weighted/ic",
+        "grad_ratio",
+        "grad_ratio_threshold",
+        "grad_cosine/pde_vs_ic",
+        "loss/pde",
+        "loss/ic",
+        "weight/pde",
+        "weight/ic",
+        "alarm/grad_ratio",
+        "alarm/grad_conflict",
     }
     assert expected <= tags, expected - tags
     # one measurement every 10 steps, from step 0, whatever log_every_n_steps says
@@ -81,7 +93,15 @@ def test_tags_layout_and_alarm_text_in_tensorboard(tmp_path: Any) -> None:
     assert LAYOUT_CATEGORY in categories
     charts = {chart.title: list(chart.multiline.tag) for chart in categories[LAYOUT_CATEGORY].chart}
     regexes = [regex for chart in charts.values() for regex in chart]
-    for tag in ["grad_norm/pde", "loss/ic", "weight/pde", "grad_ratio", "grad_ratio_threshold", "grad_cosine/pde_vs_ic", "alarm/grad_ratio"]:
+    for tag in [
+        "grad_norm/pde",
+        "loss/ic",
+        "weight/pde",
+        "grad_ratio",
+        "grad_ratio_threshold",
+        "grad_cosine/pde_vs_ic",
+        "alarm/grad_ratio",
+    ]:
         import re
 
         assert any(re.search(regex, tag) for regex in regexes), tag
@@ -229,7 +249,9 @@ def test_bad_threshold(value: float) -> None:
         GradientNormMonitor(threshold=value)
 
 
-@pytest.mark.parametrize("kwargs", [{"cosine_threshold": 1.0}, {"cosine_threshold": -1.5}, {"cosine_patience": 0}, {"conflict_min_decrease": 1.0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"cosine_threshold": 1.0}, {"cosine_threshold": -1.5}, {"cosine_patience": 0}, {"conflict_min_decrease": 1.0}]
+)
 def test_bad_conflict_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         GradientNormMonitor(**kwargs)

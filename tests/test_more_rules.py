@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from conftest import TwoTermPoisson, make_trainer
+
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.callbacks import (
     GradNormWeighting,
@@ -20,7 +20,14 @@ from lightning_pinn.callbacks import (
     UncertaintyWeighting,
     WeightSchedule,
 )
-from lightning_pinn.rules import gradnorm_objective, lr_annealing_weights, relobralo_balance, relobralo_weights, softadapt_weights, uncertainty_objective
+from lightning_pinn.rules import (
+    gradnorm_objective,
+    lr_annealing_weights,
+    relobralo_balance,
+    relobralo_weights,
+    softadapt_weights,
+    uncertainty_objective,
+)
 
 
 # ------------------------------------------------------------------ pure formulas
@@ -102,7 +109,11 @@ def test_small_term_gets_the_larger_weight(callback: Any) -> None:
     assert all(math.isfinite(v) and v > 0 for v in weights.values())
 
 
-@pytest.mark.parametrize("callback", [lambda: SoftAdaptBalancer(beta=10.0, every_n_steps=2), lambda: ReLoBRaLoBalancer(alpha=0.5, temperature=1.0)], ids=["softadapt", "relobralo"])
+@pytest.mark.parametrize(
+    "callback",
+    [lambda: SoftAdaptBalancer(beta=10.0, every_n_steps=2), lambda: ReLoBRaLoBalancer(alpha=0.5, temperature=1.0)],
+    ids=["softadapt", "relobralo"],
+)
 def test_loss_rules_favour_the_stalled_term(callback: Any) -> None:
     class Stalled(TwoTermPoisson):
         """'fixed' cannot improve (its residual ignores the network's output); 'pde' can."""

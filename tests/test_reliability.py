@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import TwoTermPoisson, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 
-from conftest import TwoTermPoisson, make_trainer
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import LossBalanceWarning, TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer

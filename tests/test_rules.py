@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+
 from lightning_pinn.rules import grad_norm_weights, ntk_trace_weights, smooth
 
 

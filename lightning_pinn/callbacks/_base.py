@@ -36,7 +36,9 @@ def find_multi_term_loss(pl_module: torch.nn.Module, name: str | None, owner: st
             if path == name:
                 return path, module
         available = ", ".join(repr(path) for path, _ in found) or "none"
-        raise ValueError(f"{owner}(loss_module={name!r}): {model} has no MultiTermLoss at {name!r} (found: {available}). Pass the attribute name of the loss, e.g. loss_module='criterion'.")
+        raise ValueError(
+            f"{owner}(loss_module={name!r}): {model} has no MultiTermLoss at {name!r} (found: {available}). Pass the attribute name of the loss, e.g. loss_module='criterion'."
+        )
     if not found:
         raise ValueError(
             f"{owner}: {model} has no MultiTermLoss, so there are no loss terms to monitor. Add one in __init__, e.g. "
@@ -45,7 +47,9 @@ def find_multi_term_loss(pl_module: torch.nn.Module, name: str | None, owner: st
         )
     if len(found) > 1:
         names = ", ".join(repr(path) for path, _ in found)
-        raise ValueError(f"{owner}: {model} has several MultiTermLoss modules ({names}); name the one to use, e.g. {owner}(loss_module={found[0][0]!r}).")
+        raise ValueError(
+            f"{owner}: {model} has several MultiTermLoss modules ({names}); name the one to use, e.g. {owner}(loss_module={found[0][0]!r})."
+        )
     return found[0]
 
 
@@ -81,9 +85,7 @@ def _write_tensorboard_event(logger: Any, metrics: Mapping[str, float], step: in
         return False
     prefix = getattr(logger, "_prefix", "")
     join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-    values = [
-        Summary.Value(tag=f"{prefix}{join}{name}" if prefix else name, simple_value=float(value)) for name, value in metrics.items()
-    ]
+    values = [Summary.Value(tag=f"{prefix}{join}{name}" if prefix else name, simple_value=float(value)) for name, value in metrics.items()]
     get_file_writer().add_summary(Summary(value=values), step)
     return True
 
@@ -118,7 +120,9 @@ class PerTermCallback(Callback):
     def __init__(self, every_n_steps: int, loss_module: str | None) -> None:
         self.every_n_steps = check_every_n_steps(type(self).__name__, every_n_steps)
         if loss_module is not None and not isinstance(loss_module, str):
-            raise TypeError(f"{type(self).__name__}: loss_module must be the attribute name of a MultiTermLoss (a string) or None, got {type(loss_module).__name__}.")
+            raise TypeError(
+                f"{type(self).__name__}: loss_module must be the attribute name of a MultiTermLoss (a string) or None, got {type(loss_module).__name__}."
+            )
         self.loss_module = loss_module
         self._loss: MultiTermLoss | None = None
         self._loss_path = ""

@@ -23,7 +23,17 @@ from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weig
 __all__ = ["WeightBalancer", "GradNormBalancer", "NTKBalancer"]
 
 
-def _check_number(owner: str, name: str, value: Any, *, low: float | None = None, high: float | None = None, low_open: bool = False, high_open: bool = False, hint: str = "") -> float:
+def _check_number(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{owner}: {name} must be a finite number{hint}, got {value!r}.")
     if low is not None and (value < low or (low_open and value == low)):
@@ -74,7 +84,9 @@ class WeightBalancer(PerTermCallback):
         self.momentum = _check_number(owner, "momentum", momentum, low=0.0, high=1.0, high_open=True, hint=" in [0, 1) (e.g. 0.9)")
         if terms is not None:
             if isinstance(terms, str) or not all(isinstance(t, str) for t in terms) or len(terms) == 0:
-                raise ValueError(f"{owner}: terms must be a non-empty list of term names (e.g. ['ic', 'bc']) or None for all terms, got {terms!r}.")
+                raise ValueError(
+                    f"{owner}: terms must be a non-empty list of term names (e.g. ['ic', 'bc']) or None for all terms, got {terms!r}."
+                )
             terms = list(dict.fromkeys(terms))
         self.terms = terms
         if reference is not None and not isinstance(reference, str):
@@ -85,7 +97,9 @@ class WeightBalancer(PerTermCallback):
         if self.max_weight <= self.min_weight:
             raise ValueError(f"{owner}: max_weight ({max_weight!r}) must be larger than min_weight ({min_weight!r}).")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"{owner}: warmup_steps must be an integer >= 0 (optimizer steps before the first update), got {warmup_steps!r}.")
+            raise ValueError(
+                f"{owner}: warmup_steps must be an integer >= 0 (optimizer steps before the first update), got {warmup_steps!r}."
+            )
         self.warmup_steps = warmup_steps
         self.smooth_first_update = bool(smooth_first_update)
         self.num_updates = 0
@@ -136,7 +150,9 @@ class WeightBalancer(PerTermCallback):
         for name in list(self.terms or []) + ([self.reference] if self.reference else []):
             if name not in names:
                 argument = "reference" if name == self.reference and name not in (self.terms or []) else "terms"
-                raise ValueError(f"{owner}({argument}=...): unknown term {name!r}; the MultiTermLoss has terms {names}. Use one of those names.")
+                raise ValueError(
+                    f"{owner}({argument}=...): unknown term {name!r}; the MultiTermLoss has terms {names}. Use one of those names."
+                )
         self._adaptive = [self.terms is None or name in self.terms for name in names]
         self._reference_index = None if self.reference is None else names.index(self.reference)
         self._check_no_other_balancer_owns_my_terms(trainer, names)
@@ -306,7 +322,9 @@ class GradNormBalancer(WeightBalancer):
         loss_module: str | None = None,
     ) -> None:
         if rule not in ("max", "mean"):
-            raise ValueError(f"GradNormBalancer: rule must be 'max' (Wang, Teng & Perdikaris 2021) or 'mean' (Wang et al. 2023), got {rule!r}.")
+            raise ValueError(
+                f"GradNormBalancer: rule must be 'max' (Wang, Teng & Perdikaris 2021) or 'mean' (Wang et al. 2023), got {rule!r}."
+            )
         self.rule: GradNormRule = rule
         super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
 
@@ -381,9 +399,13 @@ class NTKBalancer(WeightBalancer):
     ) -> None:
         super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
         if trace_points is not None and (isinstance(trace_points, bool) or not isinstance(trace_points, int) or trace_points < 1):
-            raise ValueError(f"NTKBalancer: trace_points must be an integer >= 1 (points sampled per term) or None for exact traces, got {trace_points!r}.")
+            raise ValueError(
+                f"NTKBalancer: trace_points must be an integer >= 1 (points sampled per term) or None for exact traces, got {trace_points!r}."
+            )
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"NTKBalancer: chunk_size must be an integer >= 1 (points per batched vector-Jacobian product) or None for automatic, got {chunk_size!r}.")
+            raise ValueError(
+                f"NTKBalancer: chunk_size must be an integer >= 1 (points per batched vector-Jacobian product) or None for automatic, got {chunk_size!r}."
+            )
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"NTKBalancer: seed must be an integer, got {seed!r}.")
         self.trace_points = trace_points

@@ -107,6 +107,10 @@ class GradientNormMonitor(PerTermCallback):
         report: At the end of the fit, write ``diagnosis.md`` (a plain-language report) and
             ``diagnosis.png`` (gradient norms and weights over the steps) into the logger's
             directory (``trainer.log_dir``); needs a logger. A one-off cost of about 0.5 s.
+        print_every_n_steps: Also print a compact table (term, loss, λ, ‖∇L‖, λ‖∇L‖, ratio)
+            every this many steps through Lightning's rank-zero info (the textbook advice:
+            "print the per-term gradient norms every 100 steps"). ``None``: never.
+        progress_bar: Show ``grad_ratio`` in the progress bar (when the Trainer has one).
     """
 
     def __init__(
@@ -119,26 +123,46 @@ class GradientNormMonitor(PerTermCallback):
         loss_module: str | None = None,
         verbose: bool = True,
         report: bool = True,
+        print_every_n_steps: int | None = None,
+        progress_bar: bool = True,
     ) -> None:
         super().__init__(every_n_steps, loss_module)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 1:
-            raise ValueError(f"GradientNormMonitor: threshold must be a finite number > 1 (the largest allowed ratio of weighted gradient norms, e.g. 100.0), got {threshold!r}.")
+            raise ValueError(
+                f"GradientNormMonitor: threshold must be a finite number > 1 (the largest allowed ratio of weighted gradient norms, e.g. 100.0), got {threshold!r}."
+            )
         if cosine_threshold is not None and (
             isinstance(cosine_threshold, bool) or not isinstance(cosine_threshold, (int, float)) or not -1.0 <= cosine_threshold < 1.0
         ):
-            raise ValueError(f"GradientNormMonitor: cosine_threshold must be a number in [-1, 1) (e.g. -0.5), or None to disable the conflict alarm; got {cosine_threshold!r}.")
-        if cosine_patience is not None and (isinstance(cosine_patience, bool) or not isinstance(cosine_patience, int) or cosine_patience < 1):
-            raise ValueError(f"GradientNormMonitor: cosine_patience must be an integer >= 1 (consecutive measurements) or None for about 200 steps' worth; got {cosine_patience!r}.")
+            raise ValueError(
+                f"GradientNormMonitor: cosine_threshold must be a number in [-1, 1) (e.g. -0.5), or None to disable the conflict alarm; got {cosine_threshold!r}."
+            )
+        if cosine_patience is not None and (
+            isinstance(cosine_patience, bool) or not isinstance(cosine_patience, int) or cosine_patience < 1
+        ):
+            raise ValueError(
+                f"GradientNormMonitor: cosine_patience must be an integer >= 1 (consecutive measurements) or None for about 200 steps' worth; got {cosine_patience!r}."
+            )
         if cosine_patience is None:
             cosine_patience = max(3, math.ceil(200 / self.every_n_steps))
         if conflict_min_decrease is not None and (
-            isinstance(conflict_min_decrease, bool) or not isinstance(conflict_min_decrease, (int, float)) or not 0.0 <= conflict_min_decrease < 1.0
+            isinstance(conflict_min_decrease, bool)
+            or not isinstance(conflict_min_decrease, (int, float))
+            or not 0.0 <= conflict_min_decrease < 1.0
         ):
-            raise ValueError(f"GradientNormMonitor: conflict_min_decrease must be a fraction in [0, 1) (e.g. 0.05), or None to alarm on the cosine alone; got {conflict_min_decrease!r}.")
+            raise ValueError(
+                f"GradientNormMonitor: conflict_min_decrease must be a fraction in [0, 1) (e.g. 0.05), or None to alarm on the cosine alone; got {conflict_min_decrease!r}."
+            )
         self.conflict_min_decrease = None if conflict_min_decrease is None else float(conflict_min_decrease)
         self.threshold = float(threshold)
         self.cosine_threshold = None if cosine_threshold is None else float(cosine_threshold)
         self.cosine_patience = cosine_patience
+        if print_every_n_steps is not None and (
+            isinstance(print_every_n_steps, bool) or not isinstance(print_every_n_steps, int) or print_every_n_steps < 1
+        ):
+            raise ValueError(f"GradientNormMonitor: print_every_n_steps must be an integer >= 1 or None, got {print_every_n_steps!r}.")
+        self.print_every_n_steps = print_every_n_steps
+        self.progress_bar = bool(progress_bar)
         self.verbose = verbose
         self.report = bool(report)
         self.report_path: Path | None = None
@@ -149,6 +173,9 @@ class GradientNormMonitor(PerTermCallback):
         self._conflict_active: dict[str, bool] = {}
         self._term_flags: dict[str, str] = {}
         self.last_report: GradientReport | None = None
+
+    def _is_due(self, step: int) -> bool:
+        return step % self.every_n_steps == 0 or (self.print_every_n_steps is not None and step % self.print_every_n_steps == 0)
 
     def _identity(self) -> dict[str, Any]:
         return {
@@ -193,6 +220,10 @@ class GradientNormMonitor(PerTermCallback):
         metrics["alarm/grad_conflict"] = float(conflict_alarm)
         log_scalars(trainer, metrics, step)
         self.history.add(metrics, step)
+        if self.progress_bar and report.ratio is not None and trainer.progress_bar_callback is not None:
+            pl_module.log("grad_ratio", report.ratio, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+        if self.print_every_n_steps is not None and step % self.print_every_n_steps == 0:
+            rank_zero_info(format_table(report, step, self.threshold))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
@@ -234,7 +265,9 @@ class GradientNormMonitor(PerTermCallback):
         elif not above and diagnosis.ratio_alarm_active:
             if diagnosis.ratio_alarm_spans:
                 diagnosis.ratio_alarm_spans[-1][1] = step
-            message = f"GradientNormMonitor: gradient-norm ratio back to {report.ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
+            message = (
+                f"GradientNormMonitor: gradient-norm ratio back to {report.ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
+            )
             rank_zero_info(message)
             self._write_text(trainer, "alarms", message, step)
         diagnosis.ratio_alarm_active = above
@@ -273,7 +306,12 @@ class GradientNormMonitor(PerTermCallback):
                         if span[0] == a and span[1] == b and span[3] is None:
                             span[3] = step
                             break
-                    self._write_text(trainer, "alarms", f"GradientNormMonitor: gradient conflict between '{a}' and '{b}' ended at step {step} (cosine {cosine:.2f}).", step)
+                    self._write_text(
+                        trainer,
+                        "alarms",
+                        f"GradientNormMonitor: gradient conflict between '{a}' and '{b}' ended at step {step} (cosine {cosine:.2f}).",
+                        step,
+                    )
                 continue
             streak = self._conflict_streak.get(key, 0) + 1
             self._conflict_streak[key] = streak
@@ -346,7 +384,9 @@ class GradientNormMonitor(PerTermCallback):
     def summary(self) -> str:
         """A short plain-language diagnosis of the fit so far."""
         d = self.diagnosis
-        lines = [f"GradientNormMonitor diagnosis: {d.measurements} measurement(s), steps {d.first_step}-{d.last_step}, every {self.every_n_steps} step(s)."]
+        lines = [
+            f"GradientNormMonitor diagnosis: {d.measurements} measurement(s), steps {d.first_step}-{d.last_step}, every {self.every_n_steps} step(s)."
+        ]
         if d.worst_ratio is None:
             lines.append("  gradient-norm ratio: fewer than two terms with a non-zero gradient; nothing to compare.")
         else:
@@ -399,3 +439,21 @@ class GradientNormMonitor(PerTermCallback):
 
 def _as_markdown(text: str) -> str:
     return "\n".join(f"    {line}" for line in text.splitlines())
+
+
+def format_table(report: GradientReport, step: int, threshold: float) -> str:
+    """A compact aligned table of one measurement (for the console)."""
+    rows = [["term", "loss", "λ", "‖∇L‖", "λ‖∇L‖"]]
+    for name, loss, weight, norm, weighted in zip(report.terms, report.losses, report.weights, report.norms, report.weighted_norms):
+        if name in report.absent_terms:
+            rows.append([name, "absent", f"{weight:.3g}", "-", "-"])
+        else:
+            rows.append([name, f"{loss:.3e}", f"{weight:.3g}", f"{norm:.3e}", f"{weighted:.3e}"])
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [f"step {step}:"] + [
+        "  " + "  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))) for row in rows
+    ]
+    if report.ratio is not None:
+        flag = "  <-- ALARM" if report.ratio > threshold else ""
+        lines.append(f"  grad_ratio {report.ratio:.3g}x ('{report.largest}' / '{report.smallest}'), threshold {threshold:g}x{flag}")
+    return "\n".join(lines)

@@ -135,7 +135,9 @@ class ReLoBRaLoBalancer(_LossRule):
     ) -> None:
         super().__init__(every_n_steps, 0.0, terms, None, min_weight, max_weight, warmup_steps, True, loss_module)
         self.alpha = _check_number("ReLoBRaLoBalancer", "alpha", alpha, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)")
-        self.expected_rho = _check_number("ReLoBRaLoBalancer", "expected_rho", expected_rho, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)")
+        self.expected_rho = _check_number(
+            "ReLoBRaLoBalancer", "expected_rho", expected_rho, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)"
+        )
         self.temperature = _check_number("ReLoBRaLoBalancer", "temperature", temperature, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
         self.seed = seed
         self._generator = torch.Generator().manual_seed(seed)
@@ -155,7 +157,12 @@ class ReLoBRaLoBalancer(_LossRule):
         return new, new
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "initial": self._initial, "previous": self._previous, "generator_state": self._generator.get_state()}
+        return {
+            **super().state_dict(),
+            "initial": self._initial,
+            "previous": self._previous,
+            "generator_state": self._generator.get_state(),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -204,7 +211,9 @@ class LRAnnealingBalancer(WeightBalancer):
         loss_module: str | None = None,
     ) -> None:
         if not isinstance(reference, str):
-            raise ValueError(f"LRAnnealingBalancer: reference must name the residual term whose λ stays 1, e.g. reference='pde'; got {reference!r}.")
+            raise ValueError(
+                f"LRAnnealingBalancer: reference must name the residual term whose λ stays 1, e.g. reference='pde'; got {reference!r}."
+            )
         for name, value in (("numerator", numerator), ("denominator", denominator)):
             if value not in ("max", "mean"):
                 raise ValueError(f"LRAnnealingBalancer: {name} must be 'max' or 'mean', got {value!r}.")
@@ -234,9 +243,20 @@ class _TrainedWeights(WeightBalancer):
     state), so the user's ``configure_optimizers`` stays as it is.
     """
 
-    def __init__(self, learning_rate: float, every_n_steps: int, terms: Sequence[str] | None, min_weight: float, max_weight: float, warmup_steps: int, loss_module: str | None) -> None:
+    def __init__(
+        self,
+        learning_rate: float,
+        every_n_steps: int,
+        terms: Sequence[str] | None,
+        min_weight: float,
+        max_weight: float,
+        warmup_steps: int,
+        loss_module: str | None,
+    ) -> None:
         super().__init__(every_n_steps, 0.0, terms, None, min_weight, max_weight, warmup_steps, True, loss_module)
-        self.learning_rate = _check_number(type(self).__name__, "learning_rate", learning_rate, low=0.0, low_open=True, hint=" > 0 (e.g. 0.01)")
+        self.learning_rate = _check_number(
+            type(self).__name__, "learning_rate", learning_rate, low=0.0, low_open=True, hint=" > 0 (e.g. 0.01)"
+        )
         self._parameter: Tensor | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -425,9 +445,16 @@ class WeightSchedule(WeightBalancer):
     _quantity = "loss"
     _zero_is_undefined = False
 
-    def __init__(self, schedule: Mapping[str, Sequence[tuple[int, float]]], interpolation: Literal["linear", "step"] = "linear", loss_module: str | None = None) -> None:
+    def __init__(
+        self,
+        schedule: Mapping[str, Sequence[tuple[int, float]]],
+        interpolation: Literal["linear", "step"] = "linear",
+        loss_module: str | None = None,
+    ) -> None:
         if not isinstance(schedule, Mapping) or not schedule:
-            raise ValueError("WeightSchedule: schedule must map term names to [(step, weight), ...] knots, e.g. {'ic': [(0, 1.0), (1000, 100.0)]}.")
+            raise ValueError(
+                "WeightSchedule: schedule must map term names to [(step, weight), ...] knots, e.g. {'ic': [(0, 1.0), (1000, 100.0)]}."
+            )
         knots: dict[str, list[tuple[int, float]]] = {}
         for term, points in schedule.items():
             try:
@@ -450,7 +477,11 @@ class WeightSchedule(WeightBalancer):
         self.interpolation = interpolation
 
     def _identity(self) -> dict[str, Any]:
-        return {"schedule": tuple((k, tuple(v)) for k, v in self.schedule.items()), "interpolation": self.interpolation, "loss_module": self.loss_module}
+        return {
+            "schedule": tuple((k, tuple(v)) for k, v in self.schedule.items()),
+            "interpolation": self.interpolation,
+            "loss_module": self.loss_module,
+        }
 
     def weight_at(self, term: str, step: int) -> float:
         """The scheduled λ of ``term`` at optimizer step ``step``."""
@@ -477,5 +508,7 @@ class WeightSchedule(WeightBalancer):
         self.criterion.set_weights({term: self.weight_at(term, trainer.global_step) for term in self.schedule})
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
-        new = [self.weight_at(name, measurement.step + 1) if name in self.schedule else old for name, old in zip(measurement.terms, current)]
+        new = [
+            self.weight_at(name, measurement.step + 1) if name in self.schedule else old for name, old in zip(measurement.terms, current)
+        ]
         return new, new

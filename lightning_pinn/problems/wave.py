@@ -71,7 +71,9 @@ class Wave1D(PINNModule):
         values = torch.cat([initial, boundary])
         r_u = self.net(values) - self.exact(values)
         # initial velocity u_t(x, 0) = 0
-        x0t = torch.cat([torch.rand(self.initial_points, 1, device=device), torch.zeros(self.initial_points, 1, device=device)], 1).requires_grad_(True)
+        x0t = torch.cat(
+            [torch.rand(self.initial_points, 1, device=device), torch.zeros(self.initial_points, 1, device=device)], 1
+        ).requires_grad_(True)
         r_ut = gradient(self.net(x0t), x0t)[:, 1:2]
         # PDE residual u_tt − c² u_xx
         xt = torch.rand(self.residual_points, 2, device=device).requires_grad_(True)

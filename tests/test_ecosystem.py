@@ -1,0 +1,193 @@
+"""Fitting the ecosystem: LightningCLI configs, a live TensorBoard server, the report, the console."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import TwoTermPoisson, make_trainer
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
+from lightning_pinn.cli import main as cli_main
+from lightning_pinn.problems import HarmonicOscillator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ LightningCLI
+def test_example_config_runs_through_lightning_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("jsonargparse")
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from cli import main as lightning_cli
+    finally:
+        sys.path.pop(0)
+    monkeypatch.chdir(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = lightning_cli(
+            [
+                "fit",
+                "--config",
+                str(ROOT / "examples" / "harmonic_balanced.yaml"),
+                "--trainer.max_steps",
+                "60",
+                "--trainer.enable_progress_bar",
+                "false",
+            ]
+        )
+    assert isinstance(cli.model, HarmonicOscillator)
+    kinds = {type(callback).__name__: callback for callback in cli.trainer.callbacks}
+    assert kinds["GradientNormMonitor"].every_n_steps == 50 and kinds["GradientNormMonitor"].print_every_n_steps == 500
+    assert kinds["GradNormBalancer"].rule == "max" and kinds["GradNormBalancer"].num_updates == 6
+    assert cli.model.criterion.weights["ic"] > 10
+    assert list(tmp_path.rglob("diagnosis.md")), "the monitor's report is written beside the logs"
+
+
+# ------------------------------------------------------------------ live TensorBoard
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback only
+        return json.loads(response.read().decode())
+
+
+def test_live_tensorboard_serves_the_tags_and_the_layout(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(str(tmp_path), name="live", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(40, [GradientNormMonitor(every_n_steps=10, verbose=False, report=False)], logger=logger).fit(TwoTermPoisson())
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        "--logdir",
+        str(tmp_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--load_fast",
+        "false",
+        "--reload_interval",
+        "1",
+    ]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        tags: dict[str, Any] = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                pytest.fail(f"tensorboard exited early: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
+            try:
+                tags = _get_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags")
+                if tags and any("grad_ratio" in run_tags for run_tags in tags.values()):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert tags, "tensorboard did not serve any scalar tags within 60 s"
+        run_tags = next(iter(tags.values()))
+        for tag in [
+            "grad_norm/pde",
+            "grad_norm/bc",
+            "grad_norm_weighted/bc",
+            "grad_ratio",
+            "grad_cosine/pde_vs_bc",
+            "loss/pde",
+            "weight/bc",
+            "alarm/grad_ratio",
+        ]:
+            assert tag in run_tags, tag
+        layout = _get_json(f"http://127.0.0.1:{port}/data/plugin/custom_scalars/layout")
+        category = next(c for c in layout["category"] if c["title"] == "lightning-pinn")
+        regexes = [regex for chart in category["chart"] for regex in chart["multiline"]["tag"]]
+        assert r"^grad_norm/" in regexes and r"^grad_ratio$" in regexes and r"^weight/" in regexes
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+# ------------------------------------------------------------------ the report
+def test_report_from_event_files_and_at_fit_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = HarmonicOscillator(ic_weight=1.0, steps_per_epoch=600)
+    logger = TensorBoardLogger(str(tmp_path), name="harmonic", version=0)
+    monitor = GradientNormMonitor(every_n_steps=20, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(600, [monitor], logger=logger).fit(model)
+    run = tmp_path / "harmonic" / "version_0"
+    at_fit_end = (run / "diagnosis.md").read_text()
+    assert monitor.report_path == run / "diagnosis.md" and (run / "diagnosis.png").stat().st_size > 10_000
+    for needle in [
+        "Worst ratio: 499x at step 0 ('pde' over 'ic')",
+        "steps 0–40",
+        "'pde' vs 'ic'",
+        "GradNormBalancer",
+        "hard constraint",
+        "stalled",
+    ]:
+        assert needle in at_fit_end, needle
+
+    (run / "diagnosis.md").unlink()
+    (run / "diagnosis.png").unlink()
+    assert cli_main(["report", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    from_events = (run / "diagnosis.md").read_text()
+    assert "Worst ratio: 499x at step 0 ('pde' over 'ic')" in printed and (run / "diagnosis.png").exists()
+    # the same facts from the event files as from the monitor's memory
+    assert from_events.split("## Gradient-norm ratio")[1] == at_fit_end.split("## Gradient-norm ratio")[1]
+
+
+def test_report_on_a_folder_without_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["report", str(tmp_path)]) == 2
+    assert "no TensorBoard event files" in capsys.readouterr().err
+    assert cli_main(["report", str(tmp_path / "missing")]) == 2
+
+
+# ------------------------------------------------------------------ console
+def test_console_table_and_progress_bar(caplog: pytest.LogCaptureFixture) -> None:
+    monitor = GradientNormMonitor(every_n_steps=50, print_every_n_steps=20, verbose=False)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(41, [monitor], enable_progress_bar=True)
+        trainer.fit(TwoTermPoisson())
+    tables = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [t.splitlines()[0] for t in tables] == ["step 0:", "step 20:", "step 40:"]
+    assert "λ‖∇L‖" in tables[0] and "grad_ratio" in tables[0] and "pde" in tables[0]
+    assert "grad_ratio" in trainer.progress_bar_metrics
+
+
+def test_package_is_typed() -> None:
+    import lightning_pinn
+
+    assert (Path(lightning_pinn.__file__).parent / "py.typed").exists()
+
+
+def test_balancer_config_round_trip() -> None:
+    """Callback arguments are plain serialisable values (what LightningCLI writes to config.yaml)."""
+    balancer = GradNormBalancer(rule="mean", terms=["ic"], reference=None, every_n_steps=5)
+    assert balancer.state_key == GradNormBalancer(rule="mean", terms=("ic",), every_n_steps=5).state_key
+    assert shutil.which(sys.executable)
