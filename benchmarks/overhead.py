@@ -11,7 +11,9 @@ absolute time.
 Configurations:
     plain-loop        plain PyTorch loop, no Lightning (the floor)
     lightning         PINNModule fit, TensorBoardLogger, no callback
-    monitor-default   + GradientNormMonitor() at its default cadence
+    monitor-default   + GradientNormMonitor() with all defaults (every 50 steps, end-of-fit report)
+    monitor-per-step  + GradientNormMonitor(report=False): the per-step cost alone, without the
+                      one-off ~0.4 s end-of-fit report (diagnosis.md + PNG)
     monitor-every     + GradientNormMonitor(every_n_steps=1): per-term gradients on every step
     balancer-every    + GradNormBalancer(every_n_steps=1): a weight update on every step
     capture-every     + a callback that only asks for the per-term gradients on every step
@@ -107,6 +109,7 @@ def main() -> None:
             "plain-loop": lambda: plain_loop(args.steps),
             "lightning": lambda: lightning_fit(args.steps, lambda: [], log_root),
             "monitor-default": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False)], log_root),
+            "monitor-per-step": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False, report=False)], log_root),
             "monitor-every": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(every_n_steps=1, verbose=False)], log_root),
             "balancer-every": lambda: lightning_fit(args.steps, lambda: [GradNormBalancer(every_n_steps=1)], log_root),
             "capture-every": lambda: lightning_fit(args.steps, lambda: [CaptureOnly()], log_root),
