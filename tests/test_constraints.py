@@ -1,0 +1,35 @@
+"""Hard constraints hold exactly, and remove their term from the loss."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_pinn.autodiff import derivative
+from lightning_pinn.constraints import DirichletAnsatz1D, IVPAnsatz
+from lightning_pinn.nn import mlp
+from lightning_pinn.problems import HarmonicOscillator
+
+
+def test_ivp_ansatz_holds_value_and_slope() -> None:
+    torch.manual_seed(0)
+    u = IVPAnsatz(mlp(1, (8,), 1), u0=1.5, v0=-2.0, t0=0.25)
+    t0 = torch.tensor([[0.25]], requires_grad=True)
+    value = u(t0)
+    assert value.item() == 1.5
+    assert derivative(value, t0).item() == -2.0
+
+
+def test_dirichlet_ansatz_holds_both_ends() -> None:
+    torch.manual_seed(0)
+    u = DirichletAnsatz1D(mlp(1, (8,), 1), a=-1.0, b=2.0, ua=3.0, ub=-4.0)
+    ends = u(torch.tensor([[-1.0], [2.0]]))
+    assert ends.flatten().tolist() == [3.0, -4.0]
+
+
+def test_hard_ic_harmonic_has_only_the_pde_term() -> None:
+    model = HarmonicOscillator(hard_ic=True)
+    assert model.criterion.term_names == ("pde",)
+    assert set(model.residuals(None)) == {"pde"}
+    t0 = torch.zeros(1, 1, requires_grad=True)
+    u0 = model.net(t0)
+    assert u0.item() == 1.0 and derivative(u0, t0).item() == 0.0
