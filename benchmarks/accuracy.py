@@ -22,11 +22,11 @@ import math
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def accuracy_table(omega: float, steps: int, seeds: list[int], workers: int) -> str:
@@ -64,48 +64,22 @@ def accuracy_table(omega: float, steps: int, seeds: list[int], workers: int) -> 
 
 
 def update_cost(steps: int) -> str:
-    import pytorch_lightning as pl
     import torch
+    from step_timing import update_vs_plain
 
     from lightning_pinn.callbacks import GradNormBalancer, NTKBalancer
-    from lightning_pinn.demo import quiet_lightning
     from lightning_pinn.problems import HarmonicOscillator
 
-    class StepTimer(pl.Callback):
-        def __init__(self) -> None:
-            self.times: dict[int, float] = {}
-            self._start = 0.0
-
-        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            self.times[trainer.global_step - 1] = time.perf_counter() - self._start
-
     rows = ["| balancer | update every | median update step | median plain step | update / plain |", "|---|---|---|---|---|"]
-    configs: list[tuple[str, Any, int]] = [
-        ("GradNormBalancer()", lambda: GradNormBalancer(), 10),
-        ("NTKBalancer() exact, N = 128 + 2", lambda: NTKBalancer(every_n_steps=10), 10),
-        ("NTKBalancer(trace_points=32)", lambda: NTKBalancer(every_n_steps=10, trace_points=32), 10),
+    configs: list[tuple[str, Any]] = [
+        ("GradNormBalancer()", lambda: GradNormBalancer()),
+        ("NTKBalancer() exact, N = 128 + 2", lambda: NTKBalancer(every_n_steps=10)),
+        ("NTKBalancer(trace_points=32)", lambda: NTKBalancer(every_n_steps=10, trace_points=32)),
     ]
-    for name, factory, every in configs:
+    for name, factory in configs:
         torch.manual_seed(0)
-        model = HarmonicOscillator(steps_per_epoch=steps)
-        timer = StepTimer()
-        with quiet_lightning(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pl.Trainer(
-                max_steps=steps,
-                logger=False,
-                callbacks=[factory(), timer],
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                enable_checkpointing=False,
-            ).fit(model)
-        measured = {s: t for s, t in timer.times.items() if s >= 20}  # skip warm-up
-        update = statistics.median(t for s, t in measured.items() if s % every == 0)
-        plain = statistics.median(t for s, t in measured.items() if s % every != 0)
-        rows.append(f"| {name} | {every} | {update * 1e3:.2f} ms | {plain * 1e3:.2f} ms | {update / plain:.2f} |")
+        update, plain = update_vs_plain(HarmonicOscillator(steps_per_epoch=steps), factory(), steps, every=10, warmup=20)
+        rows.append(f"| {name} | 10 | {update * 1e3:.2f} ms | {plain * 1e3:.2f} ms | {update / plain:.2f} |")
     return "\n".join(rows)
 
 

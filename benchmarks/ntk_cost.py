@@ -20,11 +20,11 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def _harmonic_residual(points: int) -> tuple[Any, list[Any]]:
@@ -42,40 +42,15 @@ def _harmonic_residual(points: int) -> tuple[Any, list[Any]]:
 
 def update_cost(points: int, trace_points: int | None, steps: int = 200, every: int = 20) -> tuple[float, float]:
     """(median update step, median plain step) in seconds, in one fit."""
-    import pytorch_lightning as pl
     import torch
+    from step_timing import update_vs_plain
 
     from lightning_pinn.callbacks import NTKBalancer
-    from lightning_pinn.demo import quiet_lightning
     from lightning_pinn.problems import HarmonicOscillator
-
-    class StepTimer(pl.Callback):
-        def __init__(self) -> None:
-            self.times: dict[int, float] = {}
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            self.times[trainer.global_step - 1] = time.perf_counter() - self._start
 
     torch.manual_seed(0)
     model = HarmonicOscillator(collocation_points=points, steps_per_epoch=steps)
-    timer = StepTimer()
-    with quiet_lightning(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pl.Trainer(
-            max_steps=steps,
-            logger=False,
-            callbacks=[NTKBalancer(every_n_steps=every, trace_points=trace_points), timer],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        ).fit(model)
-    measured = {s: t for s, t in timer.times.items() if s >= every}
-    return statistics.median(t for s, t in measured.items() if s % every == 0), statistics.median(
-        t for s, t in measured.items() if s % every
-    )
+    return update_vs_plain(model, NTKBalancer(every_n_steps=every, trace_points=trace_points), steps, every=every, warmup=every)
 
 
 def batched_vs_loop(points: int, rounds: int = 5) -> tuple[float, float]:

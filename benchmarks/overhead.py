@@ -130,7 +130,9 @@ def main() -> None:
     for name, value in medians.items():
         print(f"{name:<18}{value:>8.3f}s")
     print("\nratios of medians:")
-    print(f"  monitor-default / lightning   = {medians['monitor-default'] / medians['lightning']:.3f}   (GradientNormMonitor(), all defaults)")
+    print(
+        f"  monitor-default / lightning   = {medians['monitor-default'] / medians['lightning']:.3f}   (GradientNormMonitor(), all defaults)"
+    )
     print(
         f"  monitor-per-step / lightning  = {medians['monitor-per-step'] / medians['lightning']:.3f}   "
         "(default cadence, without the one-off end-of-fit report)"
