@@ -5,12 +5,13 @@ Problems (see ../lightning_pinn/problems/ and the shared reference README §2):
 * ``helmholtz`` — Wang, Teng & Perdikaris 2021: 2D Helmholtz, a₁ = 1, a₂ = 4, 2-50-50-50-1 tanh
   (the paper's network), Adam 1e-3 · 0.9^(step/1000), fresh 128 residual + 4×128 edge points
   per step, error on a 100×100 grid. Plain vs GradNormBalancer (max and mean rules) vs
-  LRAnnealingBalancer (the 2021 code's max|∇L_r| / mean|∇L_i| statistics, which the paper's
-  numbers come from).
+  LRAnnealingBalancer (the 2021 code's max|∇L_r| / mean|∇L_i| statistics) with the paper's
+  formula (``lr-annealing``: gradients of the unweighted losses) and as the released code ran it
+  (``lr-annealing-code``: gradients of the weighted losses, so λ settles at the square root).
 * ``wave`` — Wang, Yu & Perdikaris 2022: 1D wave, c = 2, fresh 300 residual + 100 initial +
   2×100 boundary points per step, Adam 1e-3 · 0.9^(step/1000), NTK weights every 100 steps.
-  Plain vs NTKBalancer vs GradNormBalancer vs LRAnnealingBalancer; the network is reduced from 3×500 to fit 2 CPU
-  cores (``--wave-width``).
+  Plain vs NTKBalancer (exact traces) vs GradNormBalancer; the network is reduced from 3×500 and the
+  budget from 80,001 steps to fit 2 CPU cores (``--wave-width``, ``--wave-steps``).
 * ``harmonic`` — the harmonic IVP of the sweep: every method, 5 seeds.
 
 Each fit records its relative L² error every ``--eval-every`` steps and the training wall time
@@ -87,6 +88,8 @@ def _build(run: Run) -> tuple[Any, list[Any]]:
         callbacks.append(GradNormBalancer(rule="mean"))
     elif run.method == "lr-annealing":
         callbacks.append(LRAnnealingBalancer(reference="pde"))
+    elif run.method == "lr-annealing-code":
+        callbacks.append(LRAnnealingBalancer(reference="pde", gradients="weighted"))
     elif run.method == "ntk":
         callbacks.append(NTKBalancer(every_n_steps=100, trace_points=options.get("trace_points")))
     elif run.method != "plain" and not run.method.startswith("fixed-"):
@@ -177,7 +180,7 @@ def main() -> None:
     parser.add_argument("--problems", nargs="+", default=["helmholtz", "wave", "harmonic"], choices=["helmholtz", "wave", "harmonic"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--helmholtz-steps", type=int, default=40001)
-    parser.add_argument("--wave-steps", type=int, default=30000)
+    parser.add_argument("--wave-steps", type=int, default=20000)
     parser.add_argument("--wave-width", type=int, default=128)
     parser.add_argument("--harmonic-steps", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
@@ -189,7 +192,7 @@ def main() -> None:
     started = time.perf_counter()
     plans: dict[str, tuple[list[Run], list[str], str]] = {}
     if "helmholtz" in args.problems:
-        methods = ["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing"]
+        methods = ["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing", "lr-annealing-code"]
         runs = [Run("helmholtz", m, s, args.helmholtz_steps, eval_every=1000) for m in methods for s in args.seeds]
         plans["helmholtz"] = (
             runs,
@@ -197,7 +200,7 @@ def main() -> None:
             f"2D Helmholtz (Wang, Teng & Perdikaris 2021), 2-50-50-50-1 tanh, {args.helmholtz_steps} steps",
         )
     if "wave" in args.problems:
-        methods = ["plain", "ntk", "gradnorm-max", "lr-annealing"]
+        methods = ["plain", "ntk", "gradnorm-max"]
         width = (("width", args.wave_width),)
         runs = [Run("wave", m, s, args.wave_steps, width, eval_every=500) for m in methods for s in args.seeds]
         plans["wave"] = (
@@ -207,7 +210,7 @@ def main() -> None:
         )
     if "harmonic" in args.problems:
         seeds = sorted(set(args.seeds) | {0, 1, 2, 3, 4})
-        methods = ["plain", "fixed-100", "fixed-1000", "gradnorm-max", "gradnorm-mean", "ntk"]
+        methods = ["plain", "fixed-100", "fixed-1000", "gradnorm-max", "gradnorm-mean", "ntk", "lr-annealing-code"]
         runs = [Run("harmonic", m, s, args.harmonic_steps, eval_every=100) for s in seeds for m in methods]
         plans["harmonic"] = (runs, methods, f"harmonic IVP, ω = 2π, 1-32-32-32-1 tanh, {args.harmonic_steps} steps, λ_IC = 1 unless fixed")
 

@@ -178,14 +178,20 @@ class LRAnnealingBalancer(WeightBalancer):
     ``λ̂_i = stat_num(|∇θ L_ref|) / stat_den(|∇θ L_i|)`` over the gradient's entries; the
     released code uses ``max`` for the reference (PDE residual) term and ``mean`` for the
     others, then ``λ ← 0.9·λ + 0.1·λ̂`` every 10 steps. Compared with
-    :class:`GradNormBalancer` (norms), the max/mean statistics give larger weights. The
-    gradients are those of the *unweighted* losses (the release differentiated ``λ·L``, which
-    makes the fixed point the square root of the intended ratio).
+    :class:`GradNormBalancer` (norms), the max/mean statistics give larger weights.
+
+    Which gradients: the paper's Algorithm 1 differentiates the *unweighted* losses
+    (``gradients="unweighted"``, the default), so λ settles where ``max|∇L_ref| = λ·mean|∇L_i|``.
+    The released code differentiated the already-weighted ``λ·L_i``, so ``λ̂ = max/(λ·mean)``
+    and λ settles at the *square root* of that ratio — much smaller weights, and the ones behind
+    the paper's reported errors. ``gradients="weighted"`` reproduces the release.
 
     Args:
         reference: The term whose gradient is the numerator and whose λ stays 1 (e.g. "pde").
         numerator: ``"max"`` (the code) or ``"mean"`` of ``|∇θ L_ref|``.
         denominator: ``"mean"`` (the code) or ``"max"`` of ``|∇θ L_i|``.
+        gradients: ``"unweighted"`` (the paper's formula: ``∇θ L_i``) or ``"weighted"`` (the
+            released code: ``∇θ (λ_i L_i)``, whose fixed point is the square root of the ratio).
         every_n_steps: Update cadence.
         momentum: Smoothing in ``[0, 1)``.
         terms: Terms whose λ may change (default: all but the reference).
@@ -201,6 +207,7 @@ class LRAnnealingBalancer(WeightBalancer):
         reference: str,
         numerator: Literal["max", "mean"] = "max",
         denominator: Literal["max", "mean"] = "mean",
+        gradients: Literal["unweighted", "weighted"] = "unweighted",
         every_n_steps: int = 10,
         momentum: float = 0.9,
         terms: Sequence[str] | None = None,
@@ -217,15 +224,22 @@ class LRAnnealingBalancer(WeightBalancer):
         for name, value in (("numerator", numerator), ("denominator", denominator)):
             if value not in ("max", "mean"):
                 raise ValueError(f"LRAnnealingBalancer: {name} must be 'max' or 'mean', got {value!r}.")
-        self.numerator, self.denominator = numerator, denominator
+        if gradients not in ("unweighted", "weighted"):
+            raise ValueError(
+                f"LRAnnealingBalancer: gradients must be 'unweighted' (the paper's formula) or 'weighted' (the released code), got {gradients!r}."
+            )
+        self.numerator, self.denominator, self.gradients = numerator, denominator, gradients
         super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
 
     def _identity(self) -> dict[str, Any]:
-        return {**super()._identity(), "numerator": self.numerator, "denominator": self.denominator}
+        return {**super()._identity(), "numerator": self.numerator, "denominator": self.denominator, "gradients": self.gradients}
 
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         assert measurement.gradients is not None
         self._abs = measurement.gradients.abs()
+        if self.gradients == "weighted":  # |∇θ(λ_i L_i)| = λ_i |∇θ L_i|
+            lambdas = self.criterion.lambdas.to(device=self._abs.device, dtype=self._abs.dtype)
+            self._abs = self._abs * lambdas.unsqueeze(1)
         return gradient_norms(measurement.gradients)  # for the finiteness and zero checks
 
     def _rule(self, values: list[float]) -> list[float]:
