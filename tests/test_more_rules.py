@@ -58,6 +58,32 @@ def test_lr_annealing_uses_max_over_mean_entries() -> None:
     assert weights[1] > weights[0], "the term with smaller gradient entries gets the larger weight"
 
 
+def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, params, allow_unused=True)  # the pde term misses the last bias
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+
+
+def test_lr_annealing_paper_formula_and_release_variant_on_a_real_step() -> None:
+    """gradients='unweighted': max|∇L_pde| / mean|∇L_bc| by hand; 'weighted' (the 2021 release): that over λ_bc."""
+    targets = {}
+    for gradients in ("unweighted", "weighted"):
+        torch.manual_seed(0)
+        model = Unequal()
+        model.criterion.set_weights({"bc": 4.0})
+        if gradients == "unweighted":
+            params = [p for p in model.parameters() if p.requires_grad]
+            g_pde = _flat_grad(model.residuals()["pde"].square().mean(), params)
+            g_bc = _flat_grad((1e-3 * (model.net(model.x) - 1)).square().mean(), params)
+            by_hand = (g_pde.abs().max() / g_bc.abs().mean()).item()
+        callback = LRAnnealingBalancer(reference="pde", every_n_steps=1, momentum=0.0, gradients=gradients, max_weight=1e12)
+        _fit(callback, steps=1, model=model)
+        targets[gradients] = model.criterion.weights["bc"]
+    assert targets["unweighted"] == pytest.approx(by_hand, rel=1e-4)
+    assert targets["weighted"] == pytest.approx(by_hand / 4.0, rel=1e-4)
+    with pytest.raises(ValueError, match="gradients must be 'unweighted'"):
+        LRAnnealingBalancer(reference="pde", gradients="scaled")  # type: ignore[arg-type]
+
+
 def test_gradnorm_objective_raises_the_weight_of_the_small_gradient() -> None:
     weights = torch.tensor([1.0, 1.0], requires_grad=True)
     objective = gradnorm_objective(weights, torch.tensor([10.0, 0.1]), torch.tensor([1.0, 1.0]), alpha=1.5)
