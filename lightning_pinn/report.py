@@ -256,13 +256,18 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
 
 
 def plot_history(history: History, path: str | Path, title: str = "") -> None:
-    """PNG: per-term gradient norms (raw and weighted) and weights λ over the steps."""
-    import matplotlib
+    """PNG: per-term gradient norms (raw and weighted) and weights λ over the steps.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Uses matplotlib's object API with the Agg canvas (no pyplot state, no GUI backend) and a
+    fixed layout, so the end-of-fit report stays a small one-off cost.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    figure, (norms_axis, weights_axis) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    figure = Figure(figsize=(9, 7))
+    FigureCanvasAgg(figure)
+    norms_axis, weights_axis = figure.subplots(2, 1, sharex=True)
+    figure.subplots_adjust(left=0.1, right=0.97, top=0.94 if title else 0.97, bottom=0.08, hspace=0.08)
     for index, term in enumerate(history.terms("grad_norm")):
         colour = f"C{index}"
         steps, values = history[f"grad_norm/{term}"]
@@ -282,9 +287,7 @@ def plot_history(history: History, path: str | Path, title: str = "") -> None:
     weights_axis.grid(True, alpha=0.3)
     if title:
         norms_axis.set_title(title)
-    figure.tight_layout()
     figure.savefig(path, dpi=90)
-    plt.close(figure)
 
 
 def write_report(
