@@ -39,6 +39,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+PROBLEMS = ("helmholtz", "wave", "harmonic")
 
 
 @dataclass(frozen=True)
@@ -177,19 +179,19 @@ def table(outcomes: list[Outcome], methods: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problems", nargs="+", default=["helmholtz", "wave", "harmonic"], choices=["helmholtz", "wave", "harmonic"])
+    parser.add_argument("--problems", nargs="+", default=["helmholtz", "wave", "harmonic"], choices=list(PROBLEMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--helmholtz-steps", type=int, default=40001)
     parser.add_argument("--wave-steps", type=int, default=20000)
     parser.add_argument("--wave-width", type=int, default=128)
     parser.add_argument("--harmonic-steps", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--output", type=Path, default=RESULTS, help="Markdown file to (over)write")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="Markdown file assembled from every problem's latest section")
+    parser.add_argument("--sections-dir", type=Path, default=RESULTS_DIR, help="where each problem's section is kept")
     args = parser.parse_args()
+    args.sections_dir.mkdir(parents=True, exist_ok=True)
 
-    sections = []
     command = "python benchmarks/papers.py " + " ".join(sys.argv[1:])
-    started = time.perf_counter()
     plans: dict[str, tuple[list[Run], list[str], str]] = {}
     if "helmholtz" in args.problems:
         methods = ["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing", "lr-annealing-code"]
@@ -214,24 +216,37 @@ def main() -> None:
         runs = [Run("harmonic", m, s, args.harmonic_steps, eval_every=100) for s in seeds for m in methods]
         plans["harmonic"] = (runs, methods, f"harmonic IVP, ω = 2π, 1-32-32-32-1 tanh, {args.harmonic_steps} steps, λ_IC = 1 unless fixed")
 
-    for runs, methods, title in plans.values():
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
+        f"torch {__import__('torch').__version__}, one thread per fit, {args.workers} fits in parallel"
+    )
+    for problem, (runs, methods, title) in plans.items():
         print(f"\n{title}: {len(runs)} fits", flush=True)
+        started = time.perf_counter()
         outcomes = run_all(runs, args.workers)
         text = table(outcomes, methods)
         print(text, flush=True)
         seeds = sorted({o.run.seed for o in outcomes})
-        sections.append(f"## {title}\n\nseeds {' '.join(map(str, seeds))}\n\n{text}\n")
-
-    header = (
-        "# Benchmark results\n\n"
-        f"Written by `{command.strip()}` on {time.strftime('%Y-%m-%d')}; {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, torch {__import__('torch').__version__}, one thread per fit, "
-        f"{args.workers} fits in parallel; total wall time {time.perf_counter() - started:.0f} s.\n\n"
-        "Relative L² error of the final network; time to 1e-2 is training wall time (evaluations excluded) until the "
-        "first evaluation at or below 1e-2.\n\n"
-    )
-    args.output.write_text(header + "\n".join(sections))
+        section = (
+            f"## {title}\n\n`{command.strip()}` on {time.strftime('%Y-%m-%d')}; {machine}; seeds {' '.join(map(str, seeds))}; "
+            f"wall time {time.perf_counter() - started:.0f} s.\n\n{text}\n"
+        )
+        (args.sections_dir / f"papers_{problem}.md").write_text(section)
+    write_results(args.output, args.sections_dir)
     print(f"\nwrote {args.output}")
+
+
+def write_results(output: Path, sections_dir: Path) -> None:
+    """Assemble RESULTS.md from the latest section of each problem (``results/papers_<problem>.md``)."""
+    sections = [path.read_text() for problem in PROBLEMS if (path := sections_dir / f"papers_{problem}.md").exists()]
+    header = (
+        "# Benchmark results: the papers' problems\n\n"
+        "Written by `benchmarks/papers.py` (each section names the command that produced it). Relative L² error of "
+        "the final network; time to 1e-2 is training wall time (evaluations excluded) until the first evaluation at "
+        "or below 1e-2. Overhead and NTK cost: [`results/overhead.md`](results/overhead.md), "
+        "[`results/ntk_cost.md`](results/ntk_cost.md).\n\n"
+    )
+    output.write_text(header + "\n".join(sections))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""The benchmark problems are the papers' problems: exact solutions solve them, losses are the papers'."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_pinn.autodiff import laplacian
+from lightning_pinn.problems import Helmholtz2D
+
+
+def test_helmholtz_source_matches_the_exact_solution() -> None:
+    model = Helmholtz2D()
+    xy = (2 * torch.rand(64, 2) - 1).requires_grad_(True)
+    u = model.exact(xy)
+    residual = laplacian(u, xy) + model.k**2 * u - model.source(xy)
+    assert residual.abs().max().item() < 1e-3 * model.source(xy).abs().max().item()
+
+
+def test_helmholtz_boundary_loss_is_the_papers_sum_over_four_edges() -> None:
+    torch.manual_seed(0)
+    summed = Helmholtz2D(edge_points=16)
+    averaged = Helmholtz2D(edge_points=16, edge_loss="mean")
+    averaged.load_state_dict(summed.state_dict())
+    torch.manual_seed(1)
+    bc_sum = summed.residuals(None)["bc"]
+    torch.manual_seed(1)
+    bc_mean = averaged.residuals(None)["bc"]
+    edges = bc_mean.reshape(4, 16)  # the four edges, 16 points each
+    assert bc_sum.square().mean().item() == pytest.approx(edges.square().mean(dim=1).sum().item(), rel=1e-5)
+    assert bc_mean.square().mean().item() == pytest.approx(edges.square().mean().item(), rel=1e-5)
+
+
+def test_helmholtz_standardises_inputs_but_differentiates_in_original_coordinates() -> None:
+    torch.manual_seed(0)
+    model = Helmholtz2D()
+    xy = torch.tensor([[0.5, -0.25]])
+    assert torch.allclose(model.u(xy), model.net(xy * math.sqrt(3.0)))
+    plain = Helmholtz2D(standardize_inputs=False)
+    plain.load_state_dict(model.state_dict())
+    assert torch.allclose(plain.u(xy), model.net(xy))
+    with pytest.raises(ValueError, match="edge_loss must be 'sum'"):
+        Helmholtz2D(edge_loss="max")
