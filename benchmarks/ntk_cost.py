@@ -140,9 +140,9 @@ def main() -> None:
 
     print("\n## Peak memory of one trace computation (fresh process each; growth of peak RSS)\n")
     print(
-        "Live tensors never exceed one chunk's working set; the rest of the exact column's growth is glibc keeping freed\n"
-        "blocks in its heap. The last column reruns the exact computation with MALLOC_MMAP_THRESHOLD_=65536 (large blocks\n"
-        "go back to the system at once: the live peak, at a cost in time).\n"
+        "Live tensors never exceed one chunk's working set. The last column reruns the exact computation with\n"
+        "MALLOC_MMAP_THRESHOLD_=65536 (glibc returns large blocks to the system at once, so the peak is the live peak,\n"
+        "at a cost in time): the exact column should stay close to it; heap fragmentation would show as a gap.\n"
     )
     print(
         "| N points | one auto-sized chunk (working set) | exact, auto chunks | sampled, 128 points | exact, one unchunked batch "

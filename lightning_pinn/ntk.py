@@ -69,7 +69,11 @@ def jacobian_row_sq_norms(
     else:
         points = points.to(device=residual.device, dtype=torch.long)
     out_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
-    results: list[Tensor] = []
+    # The output is allocated once, before the loop: small tensors kept alive between the chunks'
+    # large, short-lived buffers pin holes in the allocator's heap, and the process's peak memory
+    # then grows with N although the live working set (one chunk) does not.
+    values = torch.zeros(len(points), dtype=out_dtype, device=flat.device)
+    start = 0
     for chunk in points.split(chunk_size):
         rows = chunk.repeat_interleave(components) * components
         if components == 2:
@@ -79,16 +83,15 @@ def jacobian_row_sq_norms(
         grads = torch.autograd.grad(
             flat, list(params), grad_outputs=cotangents, is_grads_batched=True, retain_graph=True, allow_unused=True
         )
-        squared = torch.zeros(len(rows), dtype=out_dtype, device=flat.device)
+        del cotangents
+        squared = values[start : start + len(chunk)]
         for grad in grads:
             if grad is not None:
-                squared += grad.reshape(len(rows), -1).to(out_dtype).square().sum(dim=1)
-        if components == 2:
-            squared = squared.view(len(chunk), 2).sum(dim=1)
-        results.append(squared)
-    if not results:
-        return torch.zeros(0, dtype=out_dtype, device=flat.device)
-    return torch.cat(results)
+                per_row = grad.reshape(len(rows), -1).to(out_dtype).square().sum(dim=1)
+                squared += per_row.view(len(chunk), components).sum(dim=1) if components == 2 else per_row
+        del grads
+        start += len(chunk)
+    return values
 
 
 def sample_points(num_points: int, sample_size: int | None, generator: torch.Generator | None) -> Tensor | None:
