@@ -26,6 +26,28 @@ from lightning_pinn.problems import HarmonicOscillator
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# ------------------------------------------------------------------ the example a user copies
+def test_existing_trainer_example_logs_every_tag(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from existing_trainer import Poisson1D
+    finally:
+        sys.path.pop(0)
+    from tb import load_events
+
+    model = Poisson1D()
+    trainer = make_trainer(
+        40, [GradientNormMonitor(every_n_steps=20, verbose=False)], logger=TensorBoardLogger(str(tmp_path), name="example")
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    tags = set(load_events(trainer.log_dir).Tags()["scalars"])
+    for tag in ("grad_norm/pde", "grad_norm/bc", "grad_ratio", "loss/pde", "weight/bc", "grad_cosine/pde_vs_bc"):
+        assert tag in tags, (tag, sorted(tags))
+    assert (Path(trainer.log_dir) / "diagnosis.md").exists()
+
+
 # ------------------------------------------------------------------ LightningCLI
 def test_example_config_runs_through_lightning_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("jsonargparse")
