@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_pinn.autodiff import derivative  # noqa: E402
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer  # noqa: E402
 from lightning_pinn.callbacks._base import PerTermCallback  # noqa: E402
-from lightning_pinn.demo import quiet_lightning  # noqa: E402
+from lightning_pinn.demo import quiet_lightning, quiet_trainer  # noqa: E402
 from lightning_pinn.nn import mlp  # noqa: E402
 from lightning_pinn.problems import HarmonicOscillator  # noqa: E402
 
@@ -83,16 +83,7 @@ def lightning_fit(steps: int, callbacks: Callable[[], list[pl.Callback]], log_ro
     model = HarmonicOscillator(ic_weight=100.0, steps_per_epoch=steps)
     with quiet_lightning(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = pl.Trainer(
-            max_steps=steps,
-            accelerator="cpu",
-            devices=1,
-            logger=TensorBoardLogger(log_root, name="bench"),
-            callbacks=callbacks(),
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        )
+        trainer = quiet_trainer(steps, callbacks(), logger=TensorBoardLogger(log_root, name="bench"))
         start = time.perf_counter()
         trainer.fit(model)
         return time.perf_counter() - start

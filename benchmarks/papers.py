@@ -104,7 +104,7 @@ def execute(run: Run) -> Outcome:
     import pytorch_lightning as pl
     import torch
 
-    from lightning_pinn.demo import quiet_lightning
+    from lightning_pinn.demo import quiet_lightning, quiet_trainer
 
     torch.set_num_threads(1)
 
@@ -127,16 +127,7 @@ def execute(run: Run) -> Outcome:
     evaluator = Evaluator()
     with quiet_lightning(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = pl.Trainer(
-            max_steps=run.steps,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            callbacks=[*callbacks, evaluator],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        )
+        trainer = quiet_trainer(run.steps, [*callbacks, evaluator])
         trainer.fit(model)
     return Outcome(run, model.relative_l2_error(), evaluator.train_seconds, evaluator.errors, model.criterion.weights)
 

@@ -14,7 +14,7 @@ def update_vs_plain(model: Any, callback: Any, steps: int, every: int, warmup: i
     the same run, so machine noise affects both alike."""
     import pytorch_lightning as pl
 
-    from lightning_pinn.demo import quiet_lightning
+    from lightning_pinn.demo import quiet_lightning, quiet_trainer
 
     times: dict[int, float] = {}
     clock: list[float] = [0.0]
@@ -28,14 +28,7 @@ def update_vs_plain(model: Any, callback: Any, steps: int, every: int, warmup: i
 
     with quiet_lightning(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = pl.Trainer(
-            max_steps=steps,
-            logger=False,
-            callbacks=[callback, StepTimer()],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        )
+        trainer = quiet_trainer(steps, [callback, StepTimer()])
         trainer.fit(model)
     measured = {s: t for s, t in times.items() if s >= warmup}
     update = statistics.median(t for s, t in measured.items() if s % every == 0)

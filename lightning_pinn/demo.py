@@ -46,6 +46,26 @@ class HarmonicRun:
     monitor: GradientNormMonitor
 
 
+def quiet_trainer(max_steps: int, callbacks: Sequence[pl.Callback] = (), **overrides: Any) -> pl.Trainer:
+    """A single-CPU ``Trainer`` without progress bar, model summary, checkpoints or logger (``overrides`` win).
+
+    The Trainer the demo, the sweep and the benchmarks train with; build it inside
+    :func:`quiet_lightning` to silence the start-up banners too.
+    """
+    options: dict[str, Any] = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    options.update(overrides)
+    return pl.Trainer(**options)
+
+
 @contextmanager
 def quiet_lightning() -> Iterator[None]:
     """Silence Lightning's start-up banners (GPU available…, tips) for a tidy console."""
@@ -99,23 +119,13 @@ def run_harmonic(
     if log_dir is not None:
         name = run_name or ("hard_ic" if hard_ic else f"ic_weight_{ic_weight:g}")
         logger = TensorBoardLogger(str(log_dir), name=name, version=f"seed_{seed}", default_hp_metric=False)
-    options: dict[str, Any] = dict(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=logger,
-        callbacks=[monitor, *callbacks],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        log_every_n_steps=every_n_steps,
-    )
+    options: dict[str, Any] = dict(logger=logger, log_every_n_steps=every_n_steps)
     options.update(trainer_kwargs or {})
     ratio_alarms: list[str] = []
     conflict_alarms: list[str] = []
     with warnings.catch_warnings(record=True) as caught, quiet_lightning():
         warnings.simplefilter("always")
-        trainer = pl.Trainer(**options)
+        trainer = quiet_trainer(steps, [monitor, *callbacks], **options)
         start = time.perf_counter()
         trainer.fit(model)
         seconds = time.perf_counter() - start

@@ -93,7 +93,7 @@ def run_fit(spec: FitSpec) -> FitResult:
     """Train the harmonic IVP as described by ``spec`` and record its history."""
     import pytorch_lightning as pl
 
-    from lightning_pinn.demo import quiet_lightning
+    from lightning_pinn.demo import quiet_lightning, quiet_trainer
     from lightning_pinn.problems import HarmonicOscillator
 
     class _Recorder(pl.Callback):
@@ -121,16 +121,7 @@ def run_fit(spec: FitSpec) -> FitResult:
         callbacks.append(_make_balancer(spec.method))
     with quiet_lightning(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = pl.Trainer(
-            max_steps=spec.steps,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            callbacks=callbacks,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-        )
+        trainer = quiet_trainer(spec.steps, callbacks)
         start = time.perf_counter()
         trainer.fit(model)
         seconds = time.perf_counter() - start
