@@ -73,8 +73,7 @@ def jacobian_row_sq_norms(
     # large, short-lived buffers pin holes in the allocator's heap, and the process's peak memory
     # then grows with N although the live working set (one chunk) does not.
     values = torch.zeros(len(points), dtype=out_dtype, device=flat.device)
-    start = 0
-    for chunk in points.split(chunk_size):
+    for chunk, squared in zip(points.split(chunk_size), values.split(chunk_size)):
         rows = chunk.repeat_interleave(components) * components
         if components == 2:
             rows = rows + torch.arange(2, device=rows.device).repeat(len(chunk))
@@ -84,13 +83,11 @@ def jacobian_row_sq_norms(
             flat, list(params), grad_outputs=cotangents, is_grads_batched=True, retain_graph=True, allow_unused=True
         )
         del cotangents
-        squared = values[start : start + len(chunk)]
         for grad in grads:
             if grad is not None:
-                per_row = grad.reshape(len(rows), -1).to(out_dtype).square().sum(dim=1)
-                squared += per_row.view(len(chunk), components).sum(dim=1) if components == 2 else per_row
+                # one row per (point, real/imaginary part); a point's value sums its parts
+                squared += grad.reshape(len(chunk), -1).to(out_dtype).square().sum(dim=1)
         del grads
-        start += len(chunk)
     return values
 
 
