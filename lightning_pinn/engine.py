@@ -353,8 +353,12 @@ class TermGradientEngine:
         if capture.term_gradients is None or capture.cotangent is None:
             return None
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in capture.params) else torch.float32
-        flat = torch.stack([torch.cat([g.reshape(-1) for g in grads]) for grads in capture.term_gradients]).to(dtype)
-        return flat / capture.cotangent.to(dtype)
+        # one concatenation of all K·(number of parameters) pieces, viewed as (K, P)
+        pieces = [g.reshape(-1) for grads in capture.term_gradients for g in grads]
+        flat = torch.cat(pieces).view(len(capture.term_gradients), -1) if pieces else torch.zeros(len(capture.term_gradients), 0)
+        if flat.dtype != dtype:
+            flat = flat.to(dtype)
+        return flat.div_(capture.cotangent.to(dtype))
 
     @staticmethod
     def _accumulate(window: _Window, capture: _Capture) -> None:

@@ -130,11 +130,11 @@ class MultiTermLoss(nn.Module):
                 raise ValueError(
                     f"set_weights: expected {len(self._term_names)} weights for terms {self._term_names}, got shape {tuple(weights.shape)}."
                 )
-            if bool(torch.isfinite(weights).all()) and bool((weights >= 0).all()):  # fast path, no per-term Python
-                with torch.no_grad():
-                    self.lambdas.copy_(weights)
+            values = weights.detach().tolist()
+            if all(math.isfinite(value) and value >= 0 for value in values):  # fast path: one transfer, no tensor ops
+                self.lambdas.copy_(weights.detach())
                 return
-            new = [_check_weight(name, value, "set_weights") for name, value in zip(self._term_names, weights.tolist())]
+            new = [_check_weight(name, value, "set_weights") for name, value in zip(self._term_names, values)]
         else:
             self._check_names(weights.keys(), context="set_weights", require_all=False)
             current = self.weights

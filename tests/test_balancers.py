@@ -262,16 +262,25 @@ def test_two_balancers_on_different_terms_each_keep_their_state() -> None:
     assert a.state_key != b.state_key
 
 
-def test_weights_are_logged(tmp_path: Any) -> None:
+@pytest.mark.parametrize(
+    ("log_every_n_steps", "expected_steps"),
+    [
+        (1, [0, 1, 11, 21, 31]),  # every update, at the step from which it applies (step 0: initial λ)
+        (20, [0, 1, 21, 31]),  # at most one per 20 steps; the fit's last update is always written
+        (50, [0, 1, 31]),
+    ],
+)
+def test_weights_are_logged_at_the_trainers_cadence(tmp_path: Any, log_every_n_steps: int, expected_steps: list[int]) -> None:
     model = TwoTermPoisson()
     logger = TensorBoardLogger(str(tmp_path), name="bal", version=0)
-    _quiet_fit(model, 21, [GradNormBalancer(every_n_steps=10)], logger=logger)
+    balancer = GradNormBalancer(every_n_steps=10)
+    _quiet_fit(model, 31, [balancer], logger=logger, log_every_n_steps=log_every_n_steps)
+    assert balancer.num_updates == 4
     events = load_events(tmp_path)
     series = scalar_series(events, "weight/bc")
-    steps = [step for step, _ in series]
-    assert steps == [0, 1, 11, 21]
+    assert [step for step, _ in series] == expected_steps
     assert series[-1][1] == pytest.approx(model.criterion.weights["bc"])
-    assert "weight_target/bc" in events.Tags()["scalars"]
+    assert [step for step, _ in scalar_series(events, "weight_target/bc")] == expected_steps[1:]
 
 
 def test_balancer_state_and_weights_survive_a_checkpoint(tmp_path: Any) -> None:

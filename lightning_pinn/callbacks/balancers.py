@@ -109,6 +109,8 @@ class WeightBalancer(PerTermCallback):
         self._reference_index: int | None = None
         self._zero_warned: set[str] = set()
         self._clamp_warned: set[str] = set()
+        self._last_logged_step: int | None = None  # step of the last logged weights (logging only, not state)
+        self._unlogged: tuple[int, dict[str, float]] | None = None
 
     # ---------------------------------------------------------------- subclass API
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
@@ -147,6 +149,7 @@ class WeightBalancer(PerTermCallback):
             return
         names = self.criterion.term_names
         owner = type(self).__name__
+        self._last_logged_step, self._unlogged = None, None
         for name in list(self.terms or []) + ([self.reference] if self.reference else []):
             if name not in names:
                 argument = "reference" if name == self.reference and name not in (self.terms or []) else "terms"
@@ -212,14 +215,36 @@ class WeightBalancer(PerTermCallback):
         self.criterion.set_weights(torch.tensor(new, dtype=self.criterion.lambdas.dtype, device=self.criterion.lambdas.device))
         self.num_updates += 1
         self.last_target = {name: value for name, value in zip(names, target) if math.isfinite(value)}
+        # the new weights, and the targets that produced them, apply from the next optimizer step on
+        applied = {f"weight/{name}": value for name, value in self.criterion.weights.items()}
+        applied.update({f"weight_target/{name}": value for name, value in self.last_target.items()})
+        if not self._logging_due(trainer, step + 1):
+            self._unlogged = (step + 1, applied)  # written at the end of the fit unless a later update is logged
+            return
         measured = self._extra_metrics(measurement)
         if self.num_updates == 1:  # start the weight chart at the initial values
             measured.update({f"weight/{name}": value for name, value in zip(names, current)})
         log_scalars(trainer, measured, step)
-        # the new weights, and the targets that produced them, apply from the next optimizer step on
-        applied = {f"weight/{name}": value for name, value in self.criterion.weights.items()}
-        applied.update({f"weight_target/{name}": value for name, value in self.last_target.items()})
         log_scalars(trainer, applied, step + 1)
+        self._last_logged_step, self._unlogged = step + 1, None
+
+    def _logging_due(self, trainer: pl.Trainer, applied_step: int) -> bool:
+        """Whether to log this update: the first one, then at most one per ``trainer.log_every_n_steps`` steps.
+
+        Like Lightning's ``LearningRateMonitor``, the weights follow the Trainer's logging
+        cadence: a balancer updating every step would otherwise write a logger event every
+        step, which with TensorBoard costs more than the update itself. Updates sparser than
+        ``log_every_n_steps`` are all logged; the last update of a fit is always logged.
+        """
+        interval = trainer.log_every_n_steps
+        return self._last_logged_step is None or interval <= 1 or applied_step - self._last_logged_step >= interval
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        if self._unlogged is not None:
+            applied_step, applied = self._unlogged
+            log_scalars(trainer, applied, applied_step)
+            self._unlogged = None
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
         """``(proposed λ, rule target λ̂)`` for this update, or ``None`` to skip it.
