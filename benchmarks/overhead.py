@@ -13,7 +13,7 @@ Configurations:
     lightning         PINNModule fit, TensorBoardLogger, no callback
     monitor-default   + GradientNormMonitor() with all defaults (every 50 steps, end-of-fit report)
     monitor-per-step  + GradientNormMonitor(report=False): the per-step cost alone, without the
-                      one-off ~0.4 s end-of-fit report (diagnosis.md + PNG)
+                      one-off end-of-fit report (diagnosis.md + PNG, ~0.1 s)
     monitor-every     + GradientNormMonitor(every_n_steps=1): per-term gradients on every step
     balancer-every    + GradNormBalancer(every_n_steps=1): a weight update on every step
     capture-every     + a callback that only asks for the per-term gradients on every step
