@@ -295,3 +295,58 @@ def test_weights_only_checkpoint_keeps_weights_and_says_balancer_state_is_not_sa
     restored = TwoTermPoisson()
     restored.load_state_dict(saved["state_dict"])
     assert restored.criterion.weights == model.criterion.weights != {"pde": 1.0, "bc": 1.0}
+
+
+# ------------------------------------------------------------------ other optimisation loops
+class ManualOptimization(TwoTermPoisson):
+    """Manual optimisation: the user calls manual_backward and steps the optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        loss = self.criterion(**self.residuals())
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss.detach()
+
+
+def test_manual_optimization_is_measured_and_balanced() -> None:
+    model = ManualOptimization()
+    initial = TwoTermPoisson()
+    initial.load_state_dict(model.state_dict())
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=2)
+    _fit(model, 4, [monitor, balancer])
+    assert monitor.diagnosis.measurements == 4 and balancer.num_updates == 2
+    # the step-0 measurement equals a hand computation on the initial network
+    residuals = initial.residuals()
+    params = [p for p in initial.parameters() if p.requires_grad]
+    hand = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(r.square().mean(), params, allow_unused=True) if g is not None]).norm().item()
+        for r in residuals.values()
+    ]
+    assert monitor.history["grad_norm/pde"][1][0] == pytest.approx(hand[0], rel=1e-4)
+    assert monitor.history["grad_norm/bc"][1][0] == pytest.approx(hand[1], rel=1e-4)
+    assert all(math.isfinite(w) and w > 0 for w in model.criterion.weights.values())
+
+
+class ClosureOptimizer(TwoTermPoisson):
+    """L-BFGS evaluates the loss several times per optimizer step through a closure."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.parameters(), lr=0.5, max_iter=4)
+
+
+def test_lbfgs_closure_is_measured_once_per_step() -> None:
+    model = ClosureOptimizer()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=1)
+    caught = _fit(model, 3, [monitor, balancer])
+    assert monitor.diagnosis.measurements == 3 and balancer.num_updates == 3
+    steps, norms = monitor.history["grad_norm/pde"]
+    assert steps == [0, 1, 2] and all(math.isfinite(n) and n > 0 for n in norms)
+    assert not _messages(caught, WeightUpdateWarning)
