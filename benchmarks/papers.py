@@ -175,6 +175,9 @@ def main() -> None:
     parser.add_argument("--helmholtz-steps", type=int, default=40001)
     parser.add_argument("--wave-steps", type=int, default=20000)
     parser.add_argument("--wave-width", type=int, default=128)
+    parser.add_argument(
+        "--wave-methods", nargs="+", default=["plain", "ntk", "gradnorm-max"], choices=["plain", "ntk", "gradnorm-max", "gradnorm-mean"]
+    )
     parser.add_argument("--harmonic-steps", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--output", type=Path, default=RESULTS, help="Markdown file assembled from every problem's latest section")
@@ -193,7 +196,7 @@ def main() -> None:
             f"2D Helmholtz (Wang, Teng & Perdikaris 2021), 2-50-50-50-1 tanh, {args.helmholtz_steps} steps",
         )
     if "wave" in args.problems:
-        methods = ["plain", "ntk", "gradnorm-max"]
+        methods = list(args.wave_methods)
         width = (("width", args.wave_width),)
         runs = [Run("wave", m, s, args.wave_steps, width, eval_every=500) for m in methods for s in args.seeds]
         plans["wave"] = (
