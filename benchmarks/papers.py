@@ -246,8 +246,11 @@ def write_results(output: Path, sections_dir: Path) -> None:
         "in [`results/papers_helmholtz_v0.md`](results/papers_helmholtz_v0.md) (plain 0.34 there).\n"
         "* `lr-annealing` is the 2021 paper's formula on the unweighted losses; `lr-annealing-code` differentiates "
         "the weighted loss as the released code did (λ settles at the square root of the paper's ratio).\n"
-        "* Wave: 3×128 instead of 3×500 and 20,000 instead of 80,001 steps (2 CPU cores); NTK weights exact, "
-        "every 100 steps, as in the paper.\n"
+        "* Wave: 3×128 instead of 3×500, and fewer steps than the paper's 80,001 (the section says how many; 2 CPU "
+        "cores); NTK weights exact, every 100 steps, as in the paper. An earlier 20,000-step run that also includes "
+        "GradNormBalancer is kept in [`results/papers_wave_20k.md`](results/papers_wave_20k.md); why gradient-norm "
+        "balancing fails on this problem: [`results/wave_weights.md`](results/wave_weights.md) "
+        "(`benchmarks/wave_weights.py`).\n"
         "* The harmonic IVP is this project's sweep problem (../shared/README.md §2).\n\n"
     )
     output.write_text(header + "\n".join(sections))
