@@ -130,6 +130,8 @@ class MultiTermLoss(nn.Module):
                 raise ValueError(
                     f"set_weights: expected {len(self._term_names)} weights for terms {self._term_names}, got shape {tuple(weights.shape)}."
                 )
+            if weights.is_complex():
+                raise TypeError(f"set_weights: weights must be real, got a {weights.dtype} tensor for terms {self._term_names}.")
             values = weights.detach().tolist()
             if all(math.isfinite(value) and value >= 0 for value in values):  # fast path: one transfer, no tensor ops
                 self.lambdas.copy_(weights.detach())

@@ -137,6 +137,19 @@ def test_set_weights_rejects_bad_values(value: float) -> None:
     assert loss.weights == {"pde": 1.0, "ic": 1.0}
 
 
+def test_set_weights_tensor_path_checks_every_value() -> None:
+    loss = MultiTermLoss(pde=1.0, ic=1.0)
+    with pytest.raises(ValueError, match="term 'ic'"):
+        loss.set_weights(torch.tensor([2.0, float("nan")]))
+    with pytest.raises(ValueError, match="term 'pde'"):
+        loss.set_weights(torch.tensor([-1.0, 2.0]))
+    with pytest.raises(TypeError, match="must be real"):
+        loss.set_weights(torch.tensor([1.0, 2.0], dtype=torch.complex64))
+    assert loss.weights == {"pde": 1.0, "ic": 1.0}
+    loss.set_weights(torch.tensor([2.0, 3.0], requires_grad=True))
+    assert loss.weights == {"pde": 2.0, "ic": 3.0} and not loss.lambdas.requires_grad
+
+
 def test_set_weights_rejects_unknown_term() -> None:
     loss = MultiTermLoss(pde=1.0, ic=1.0)
     with pytest.raises(ValueError, match="unknown term"):
