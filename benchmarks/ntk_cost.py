@@ -9,11 +9,13 @@
    10⁴, and of a single unchunked batch where it fits, each in a fresh process (growth of the
    resident-set high-water mark during the computation).
 
-    python benchmarks/ntk_cost.py
+    python benchmarks/ntk_cost.py                                  # everything, ~15 min on 2 cores
+    python benchmarks/ntk_cost.py --points 128 --memory-points 128 1024
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -120,24 +122,33 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--memory-child":
         _memory_child(int(sys.argv[2]), sys.argv[3])
         return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--points", type=int, nargs="+", default=[128, 1024], help="N for the update-cost and batched-vs-loop tables")
+    parser.add_argument(
+        "--memory-points", type=int, nargs="*", default=[128, 1024, 4096, 10000], help="N for the memory table (none: skip it)"
+    )
+    parser.add_argument("--update-steps", type=int, default=0, help="steps of each update-cost fit (default: 300, 120 for N > 500)")
+    args = parser.parse_args()
     import torch
 
     torch.set_num_threads(2)
     print(f"# benchmarks/ntk_cost.py  (torch {torch.__version__}, harmonic IVP network 1-32-32-32-1)\n")
     print("## One NTKBalancer update, in plain training steps (median update step / median other step, same fit)\n")
     print("| N points | traces | update step | plain step | update / plain |\n|---|---|---|---|---|")
-    for points in (128, 1024):
+    for points in args.points:
         for trace_points in (None, 64):
-            update, plain = update_cost(points, trace_points, steps=120 if points > 500 else 300)
+            update, plain = update_cost(points, trace_points, steps=args.update_steps or (120 if points > 500 else 300))
             label = "exact" if trace_points is None else f"sampled, {trace_points} points/term"
             print(f"| {points} | {label} | {update * 1e3:.1f} ms | {plain * 1e3:.2f} ms | {update / plain:.1f} |", flush=True)
 
     print("\n## Exact traces: batched VJPs vs a per-point loop of autograd.grad (ratio of medians of 5)\n")
     print("| N points | batched | loop | loop / batched |\n|---|---|---|---|")
-    for points in (128, 1024):
+    for points in args.points:
         batched, loop = batched_vs_loop(points, rounds=5 if points <= 128 else 3)
         print(f"| {points} | {batched * 1e3:.0f} ms | {loop * 1e3:.0f} ms | {loop / batched:.1f} |", flush=True)
 
+    if not args.memory_points:
+        return
     print("\n## Peak memory of one trace computation (fresh process each; growth of peak RSS)\n")
     print(
         "Live tensors never exceed one chunk's working set. The last column reruns the exact computation with\n"
@@ -148,7 +159,7 @@ def main() -> None:
         "| N points | one auto-sized chunk (working set) | exact, auto chunks | sampled, 128 points | exact, one unchunked batch "
         "| exact, MALLOC_MMAP_THRESHOLD_=65536 |\n|---|---|---|---|---|---|"
     )
-    for points in (128, 1024, 4096, 10000):
+    for points in args.memory_points:
         chunk = memory(points, "one-chunk")
         exact = memory(points, "exact")
         sampled = memory(points, "sampled")
