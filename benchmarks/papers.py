@@ -105,31 +105,19 @@ def execute(run: Run) -> Outcome:
     import torch
 
     from lightning_pinn.demo import quiet_lightning, quiet_trainer
+    from lightning_pinn.recording import HistoryRecorder
 
     torch.set_num_threads(1)
-
-    class Evaluator(pl.Callback):
-        def __init__(self) -> None:
-            self.train_seconds = 0.0
-            self.errors: list[tuple[int, float, float]] = []
-            self._start = 0.0
-
-        def on_train_batch_start(self, *args: Any) -> None:
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
-            self.train_seconds += time.perf_counter() - self._start
-            if trainer.global_step % run.eval_every == 0:
-                self.errors.append((trainer.global_step, self.train_seconds, pl_module.relative_l2_error()))
-
     pl.seed_everything(run.seed, verbose=False)
     model, callbacks = _build(run)
-    evaluator = Evaluator()
+    recorder = HistoryRecorder(error_every=run.eval_every)
     with quiet_lightning(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = quiet_trainer(run.steps, [*callbacks, evaluator])
+        trainer = quiet_trainer(run.steps, [*callbacks, recorder])
         trainer.fit(model)
-    return Outcome(run, model.relative_l2_error(), evaluator.train_seconds, evaluator.errors, model.criterion.weights)
+    history = recorder.history
+    errors = list(zip(history.error_steps, history.error_seconds, history.errors))
+    return Outcome(run, model.relative_l2_error(), history.train_seconds, errors, model.criterion.weights)
 
 
 def run_all(runs: list[Run], workers: int) -> list[Outcome]:

@@ -95,28 +95,12 @@ def run_fit(spec: FitSpec) -> FitResult:
 
     from lightning_pinn.demo import quiet_lightning, quiet_trainer
     from lightning_pinn.problems import HarmonicOscillator
-
-    class _Recorder(pl.Callback):
-        def __init__(self) -> None:
-            self.result = FitResult(spec=spec, relative_l2=math.nan, final_weights={}, seconds=0.0)
-
-        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            step = trainer.global_step - 1  # the optimizer step just taken
-            result = self.result
-            if step % spec.history_every == 0:
-                result.history_steps.append(step)
-                for name, loss in pl_module.criterion.last_losses.items():
-                    result.history_losses.setdefault(name, []).append(float(loss.detach()))
-                for name, weight in pl_module.criterion.weights.items():
-                    result.history_weights.setdefault(name, []).append(weight)
-            if spec.error_every and trainer.global_step % spec.error_every == 0:
-                result.error_steps.append(trainer.global_step)
-                result.errors.append(pl_module.relative_l2_error())
+    from lightning_pinn.recording import HistoryRecorder
 
     pl.seed_everything(spec.seed, verbose=False)
     model = HarmonicOscillator(omega=spec.omega, ic_weight=spec.ic_weight, steps_per_epoch=spec.steps)
-    recorder = _Recorder()
-    callbacks: list[pl.Callback] = [recorder]
+    recorder = HistoryRecorder(history_every=spec.history_every, error_every=spec.error_every)
+    callbacks: list[pl.Callback] = [recorder]  # first: it records the weights each step trained with
     if spec.method != "fixed":
         callbacks.append(_make_balancer(spec.method))
     with quiet_lightning(), warnings.catch_warnings():
@@ -125,11 +109,18 @@ def run_fit(spec: FitSpec) -> FitResult:
         start = time.perf_counter()
         trainer.fit(model)
         seconds = time.perf_counter() - start
-    result = recorder.result
-    result.relative_l2 = model.relative_l2_error()
-    result.final_weights = model.criterion.weights
-    result.seconds = seconds
-    return result
+    history = recorder.history
+    return FitResult(
+        spec=spec,
+        relative_l2=model.relative_l2_error(),
+        final_weights=model.criterion.weights,
+        seconds=seconds,
+        history_steps=history.steps,
+        history_losses=history.losses,
+        history_weights=history.weights,
+        error_steps=history.error_steps,
+        errors=history.errors,
+    )
 
 
 def _worker_init() -> None:

@@ -1,0 +1,70 @@
+"""The λ sweep (`lightning-pinn sweep`) and the history recorder it is built on."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_trainer
+
+from lightning_pinn.callbacks import GradNormBalancer
+from lightning_pinn.problems import HarmonicOscillator
+from lightning_pinn.recording import HistoryRecorder
+from lightning_pinn.sweep import grid_weights
+
+
+def _sweep_command() -> list[str]:
+    installed = shutil.which("lightning-pinn", path=str(Path(sys.executable).parent))
+    return [installed] if installed else [sys.executable, "-m", "lightning_pinn.cli"]
+
+
+def test_sweep_command_writes_table_plot_and_histories(tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = ["sweep", "--grid-min", "0", "--grid-max", "2", "--steps", "30", "--balancers", "gradnorm-max", "ntk"]
+    done = subprocess.run([*_sweep_command(), *args, "--workers", "2", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # progress: one line per fit as it finishes (3 fixed weights + 2 balancers)
+    progress = [line for line in done.stdout.splitlines() if line.startswith("  [")]
+    assert len(progress) == 5 and progress[-1].startswith("  [5/5]") and all("rel. L2" in line for line in progress)
+    for name in ("sweep.csv", "sweep.md", "sweep.png", "sweep.json"):
+        assert (out / name).stat().st_size > 0
+    table = (out / "sweep.md").read_text()
+    for label in ("λ_IC=1", "λ_IC=10", "λ_IC=100", "gradnorm-max", "ntk"):
+        assert f"| {label} |" in table
+    fits = json.loads((out / "sweep.json").read_text())
+    assert len(fits) == 5
+    balanced = next(fit for fit in fits if fit["spec"]["method"] == "gradnorm-max")
+    assert balanced["history_weights"]["ic"][0] == 1.0  # the balancer starts from λ_IC = 1 ...
+    assert balanced["final_weights"]["ic"] > 10  # ... and raises it (the IC gradient is ~250x smaller)
+    assert all(math.isfinite(fit["relative_l2"]) for fit in fits)
+
+
+def test_sweep_rejects_an_empty_grid() -> None:
+    with pytest.raises(ValueError, match="grid_max >= grid_min"):
+        grid_weights(2, 1, 1)
+    assert grid_weights(-1, 1, 1) == pytest.approx([0.1, 1.0, 10.0])
+
+
+def test_history_recorder_records_losses_weights_and_errors() -> None:
+    torch.manual_seed(0)
+    model = HarmonicOscillator(steps_per_epoch=20)
+    recorder = HistoryRecorder(history_every=5, error_every=10)
+    balancer = GradNormBalancer(every_n_steps=5)
+    make_trainer(20, [recorder, balancer]).fit(model)
+    history = recorder.history
+    assert history.steps == [0, 5, 10, 15]
+    assert set(history.losses) == {"pde", "ic"} and all(len(v) == 4 for v in history.losses.values())
+    # the recorder runs before the balancer: it sees the weights each recorded step trained with
+    assert history.weights["ic"][0] == 1.0 and history.weights["ic"][1] > 10
+    assert history.error_steps == [10, 20] and history.errors[-1] == pytest.approx(model.relative_l2_error())
+    assert 0 < history.error_seconds[0] <= history.error_seconds[1] <= history.train_seconds
+    reached: Any = history.first_reaching(10.0)
+    assert reached == (10, history.error_seconds[0])
+    assert history.first_reaching(0.0) is None
