@@ -14,7 +14,9 @@ Configurations:
     monitor-default   + GradientNormMonitor() with all defaults (every 50 steps, end-of-fit report)
     monitor-per-step  + GradientNormMonitor(report=False): the per-step cost alone, without the
                       one-off end-of-fit report (diagnosis.md + PNG, ~0.1 s)
-    monitor-every     + GradientNormMonitor(every_n_steps=1): per-term gradients on every step
+    monitor-every     + GradientNormMonitor(every_n_steps=1, report=False): per-term gradients and
+                      13 scalars logged on every step
+    monitor-every-nolog  the same with no logger at all (the difference is TensorBoard's writer)
     balancer-every    + GradNormBalancer(every_n_steps=1): a weight update on every step
     capture-every     + a callback that only asks for the per-term gradients on every step
                       (the engine's cost alone, without logging or rules)
@@ -77,13 +79,14 @@ def plain_loop(steps: int, ic_weight: float = 100.0, omega: float = 2 * math.pi)
     return time.perf_counter() - start
 
 
-def lightning_fit(steps: int, callbacks: Callable[[], list[pl.Callback]], log_root: str) -> float:
-    """A PINNModule fit with a TensorBoardLogger and the given callbacks; returns seconds of ``fit``."""
+def lightning_fit(steps: int, callbacks: Callable[[], list[pl.Callback]], log_root: str, tensorboard: bool = True) -> float:
+    """A PINNModule fit with a TensorBoardLogger (or none) and the given callbacks; returns seconds of ``fit``."""
     torch.manual_seed(0)
     model = HarmonicOscillator(ic_weight=100.0, steps_per_epoch=steps)
     with quiet_lightning(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = quiet_trainer(steps, callbacks(), logger=TensorBoardLogger(log_root, name="bench"))
+        logger = TensorBoardLogger(log_root, name="bench") if tensorboard else False
+        trainer = quiet_trainer(steps, callbacks(), logger=logger)
         start = time.perf_counter()
         trainer.fit(model)
         return time.perf_counter() - start
@@ -101,7 +104,12 @@ def main() -> None:
             "lightning": lambda: lightning_fit(args.steps, lambda: [], log_root),
             "monitor-default": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False)], log_root),
             "monitor-per-step": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False, report=False)], log_root),
-            "monitor-every": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(every_n_steps=1, verbose=False)], log_root),
+            "monitor-every": lambda: lightning_fit(
+                args.steps, lambda: [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], log_root
+            ),
+            "monitor-every-nolog": lambda: lightning_fit(
+                args.steps, lambda: [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], log_root, tensorboard=False
+            ),
             "balancer-every": lambda: lightning_fit(args.steps, lambda: [GradNormBalancer(every_n_steps=1)], log_root),
             "capture-every": lambda: lightning_fit(args.steps, lambda: [CaptureOnly()], log_root),
         }
@@ -135,7 +143,11 @@ def main() -> None:
         f"  balancer-every  / lightning   = {medians['balancer-every'] / medians['lightning']:.3f}   (GradNormBalancer updating every step)"
     )
     print(
-        f"  monitor-every   / lightning   = {medians['monitor-every'] / medians['lightning']:.3f}   (monitor logging 13 scalars every step)"
+        f"  monitor-every   / lightning   = {medians['monitor-every'] / medians['lightning']:.3f}   (monitor logging 13 scalars every step, report=False)"
+    )
+    print(
+        f"  monitor-every-nolog / lightning = {medians['monitor-every-nolog'] / medians['lightning']:.3f}   "
+        "(the same monitor without a logger: what TensorBoard's writer costs)"
     )
     print(f"  lightning       / plain-loop  = {medians['lightning'] / medians['plain-loop']:.3f}   (Lightning itself)")
     print(f"  monitor-default / plain-loop  = {medians['monitor-default'] / medians['plain-loop']:.3f}   (end to end, with the monitor)")
