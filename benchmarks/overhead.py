@@ -98,18 +98,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (default 2000)")
     args = parser.parse_args()
 
+    def every_step_monitor() -> list[pl.Callback]:
+        return [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)]
+
     with tempfile.TemporaryDirectory() as log_root:
         configs: dict[str, Callable[[], float]] = {
             "plain-loop": lambda: plain_loop(args.steps),
             "lightning": lambda: lightning_fit(args.steps, lambda: [], log_root),
             "monitor-default": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False)], log_root),
             "monitor-per-step": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False, report=False)], log_root),
-            "monitor-every": lambda: lightning_fit(
-                args.steps, lambda: [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], log_root
-            ),
-            "monitor-every-nolog": lambda: lightning_fit(
-                args.steps, lambda: [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], log_root, tensorboard=False
-            ),
+            "monitor-every": lambda: lightning_fit(args.steps, every_step_monitor, log_root),
+            "monitor-every-nolog": lambda: lightning_fit(args.steps, every_step_monitor, log_root, tensorboard=False),
             "balancer-every": lambda: lightning_fit(args.steps, lambda: [GradNormBalancer(every_n_steps=1)], log_root),
             "capture-every": lambda: lightning_fit(args.steps, lambda: [CaptureOnly()], log_root),
         }

@@ -38,6 +38,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lightning_pinn.recording import FitHistory  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROBLEMS = ("helmholtz", "wave", "harmonic")
@@ -57,15 +59,17 @@ class Run:
 class Outcome:
     run: Run
     final_error: float
-    train_seconds: float
-    errors: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train seconds, error)
+    history: FitHistory  # errors over the steps, with the training time at each evaluation
     final_weights: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def train_seconds(self) -> float:
+        return self.history.train_seconds
+
     def time_to(self, target: float) -> float | None:
-        for _, seconds, error in self.errors:
-            if error <= target:
-                return seconds
-        return None
+        """Training seconds until the error first reached ``target`` (``None``: never)."""
+        reached = self.history.first_reaching(target)
+        return None if reached is None else reached[1]
 
 
 def _build(run: Run) -> tuple[Any, list[Any]]:
@@ -115,9 +119,7 @@ def execute(run: Run) -> Outcome:
         warnings.simplefilter("ignore")
         trainer = quiet_trainer(run.steps, [*callbacks, recorder])
         trainer.fit(model)
-    history = recorder.history
-    errors = list(zip(history.error_steps, history.error_seconds, history.errors))
-    return Outcome(run, model.relative_l2_error(), history.train_seconds, errors, model.criterion.weights)
+    return Outcome(run, model.relative_l2_error(), recorder.history, model.criterion.weights)
 
 
 def run_all(runs: list[Run], workers: int) -> list[Outcome]:
@@ -158,7 +160,7 @@ def table(outcomes: list[Outcome], methods: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--problems", nargs="+", default=["helmholtz", "wave", "harmonic"], choices=list(PROBLEMS))
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--helmholtz-steps", type=int, default=40001)
     parser.add_argument("--wave-steps", type=int, default=20000)
