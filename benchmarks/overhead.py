@@ -17,6 +17,9 @@ Configurations:
     monitor-every     + GradientNormMonitor(every_n_steps=1, report=False): per-term gradients and
                       13 scalars logged on every step
     monitor-every-nolog  the same with no logger at all (the difference is TensorBoard's writer)
+    monitor-every-unbatched  the same with TensorBoard, each event handed to TensorBoard's writer
+                      as soon as it is measured (PendingEvents(limit=1)) instead of in batches
+                      when Lightning logs: what the batching saves
     balancer-every    + GradNormBalancer(every_n_steps=1): a weight update on every step
     capture-every     + a callback that only asks for the per-term gradients on every step
                       (the engine's cost alone, without logging or rules)
@@ -42,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_pinn.autodiff import derivative  # noqa: E402
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer  # noqa: E402
-from lightning_pinn.callbacks._base import PerTermCallback  # noqa: E402
+from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback  # noqa: E402
 from lightning_pinn.demo import quiet_lightning, quiet_trainer  # noqa: E402
 from lightning_pinn.nn import mlp  # noqa: E402
 from lightning_pinn.problems import HarmonicOscillator  # noqa: E402
@@ -101,6 +104,11 @@ def main() -> None:
     def every_step_monitor() -> list[pl.Callback]:
         return [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)]
 
+    def every_step_monitor_unbatched() -> list[pl.Callback]:
+        monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+        monitor._pending = PendingEvents(limit=1)  # every event reaches the writer at once
+        return [monitor]
+
     with tempfile.TemporaryDirectory() as log_root:
         configs: dict[str, Callable[[], float]] = {
             "plain-loop": lambda: plain_loop(args.steps),
@@ -109,6 +117,7 @@ def main() -> None:
             "monitor-per-step": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False, report=False)], log_root),
             "monitor-every": lambda: lightning_fit(args.steps, every_step_monitor, log_root),
             "monitor-every-nolog": lambda: lightning_fit(args.steps, every_step_monitor, log_root, tensorboard=False),
+            "monitor-every-unbatched": lambda: lightning_fit(args.steps, every_step_monitor_unbatched, log_root),
             "balancer-every": lambda: lightning_fit(args.steps, lambda: [GradNormBalancer(every_n_steps=1)], log_root),
             "capture-every": lambda: lightning_fit(args.steps, lambda: [CaptureOnly()], log_root),
         }
@@ -147,6 +156,10 @@ def main() -> None:
     print(
         f"  monitor-every-nolog / lightning = {medians['monitor-every-nolog'] / medians['lightning']:.3f}   "
         "(the same monitor without a logger: what TensorBoard's writer costs)"
+    )
+    print(
+        f"  monitor-every-unbatched / lightning = {medians['monitor-every-unbatched'] / medians['lightning']:.3f}   "
+        "(the every-step monitor handing each event to TensorBoard at once)"
     )
     print(f"  lightning       / plain-loop  = {medians['lightning'] / medians['plain-loop']:.3f}   (Lightning itself)")
     print(f"  monitor-default / plain-loop  = {medians['monitor-default'] / medians['plain-loop']:.3f}   (end to end, with the monitor)")

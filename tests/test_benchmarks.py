@@ -27,6 +27,7 @@ def test_overhead_script_prints_ratios() -> None:
         "monitor-default / lightning",
         "capture-every   / lightning",
         "balancer-every  / lightning",
+        "monitor-every-unbatched / lightning",
         "lightning       / plain-loop",
     ):
         assert name in out

@@ -6,6 +6,7 @@ import warnings
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import TwoTermPoisson, make_trainer
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -111,6 +112,43 @@ def test_tags_layout_and_alarm_text_in_tensorboard(tmp_path: Any) -> None:
     alarm_texts = texts(events, "alarms")
     assert alarm_texts and alarm_texts[0][0] == 0 and "loss-balance alarm" in alarm_texts[0][1]
     assert texts(events, "diagnosis"), "the end-of-fit diagnosis is written as a text entry"
+
+
+def test_every_step_measurements_reach_tensorboard_in_batches(tmp_path: Any) -> None:
+    """Every measurement is in the event file at its own step and wall time, though TensorBoard
+    gets them in batches when Lightning logs (every log_every_n_steps steps) and at the end."""
+    model = TwoTermPoisson()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    waiting: list[int] = []
+
+    class Spy(pl.Callback):  # runs after the monitor: how many events wait after each step
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            waiting.append(len(monitor._pending))
+
+    make_trainer(25, [monitor, Spy()], logger=logger, log_every_n_steps=10).fit(model)
+    assert waiting[:10] == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0] and waiting[10:20] == waiting[:10]
+    events = load_events(tmp_path)
+    series = events.Scalars("grad_norm/pde")
+    assert [event.step for event in series] == list(range(25))
+    assert [value for _, value in scalar_series(events, "loss/bc")] == monitor.history["loss/bc"][1]
+    wall_times = [event.wall_time for event in series]
+    assert wall_times == sorted(wall_times) and len(set(wall_times)) > 1, "each event keeps the time it was measured"
+
+
+def test_measurements_before_a_failure_reach_tensorboard(tmp_path: Any) -> None:
+    class FailsAtStep7(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if self.global_step == 7:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        make_trainer(20, [monitor], logger=logger, log_every_n_steps=50).fit(FailsAtStep7())
+    logger.experiment.flush()
+    assert [step for step, _ in scalar_series(load_events(tmp_path), "grad_norm/pde")] == list(range(7))
 
 
 def test_existing_lightning_module_with_csv_logger(tmp_path: Any) -> None:

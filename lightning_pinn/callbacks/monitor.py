@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
-from lightning_pinn.callbacks._base import PerTermCallback, log_scalars, tensorboard_writers
+from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, log_scalars, tensorboard_writers
 from lightning_pinn.diagnostics import GradientReport, summarize_gradients
 from lightning_pinn.engine import StepMeasurement
 from lightning_pinn.report import History, write_report
@@ -173,6 +173,7 @@ class GradientNormMonitor(PerTermCallback):
         self._conflict_active: dict[str, bool] = {}
         self._term_flags: dict[str, str] = {}
         self.last_report: GradientReport | None = None
+        self._pending = PendingEvents()
 
     def _is_due(self, step: int) -> bool:
         return step % self.every_n_steps == 0 or (self.print_every_n_steps is not None and step % self.print_every_n_steps == 0)
@@ -218,15 +219,30 @@ class GradientNormMonitor(PerTermCallback):
             metrics[f"grad_cosine/{a}_vs_{b}"] = cosine
         metrics["alarm/grad_ratio"] = float(ratio_alarm)
         metrics["alarm/grad_conflict"] = float(conflict_alarm)
-        log_scalars(trainer, metrics, step)
+        log_scalars(trainer, metrics, step, self._pending)
         self.history.add(metrics, step)
         if self.progress_bar and report.ratio is not None and trainer.progress_bar_callback is not None:
             pl_module.log("grad_ratio", report.ratio, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         if self.print_every_n_steps is not None and step % self.print_every_n_steps == 0:
             rank_zero_info(format_table(report, step, self.threshold))
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # TensorBoard gets the waiting measurements (each at its own step) when Lightning logs
+        # and flushes the writer itself: every log_every_n_steps optimizer steps.
+        if self._pending and trainer.global_step % trainer.log_every_n_steps == 0:
+            self._pending.flush()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pending.flush()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._pending.flush()  # keep what was measured before the failure
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
+        self._pending.flush()
         if self.diagnosis.measurements == 0:
             return
         text = self.summary()
