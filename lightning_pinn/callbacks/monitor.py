@@ -86,6 +86,11 @@ class GradientNormMonitor(PerTermCallback):
     entries and a custom-scalars layout groups the charts. At the end of the fit the monitor
     prints a short diagnosis (see :attr:`diagnosis`).
 
+    Every measurement goes to every logger with its own step. A ``TensorBoardLogger`` gets each
+    step's values as one event, and the events are handed to its writer in batches (when
+    Lightning logs, every ``log_every_n_steps`` optimizer steps, at the end of training and on an
+    exception), which keeps an every-step monitor cheap; other loggers get ``log_metrics`` at once.
+
     Args:
         every_n_steps: Measure every this many optimizer steps (step 0 always included).
         threshold: Alarm when the largest weighted gradient norm exceeds the smallest by more
