@@ -11,6 +11,7 @@
 
     python benchmarks/ntk_cost.py                                  # everything, ~15 min on 2 cores
     python benchmarks/ntk_cost.py --points 128 --memory-points 128 1024
+    python benchmarks/ntk_cost.py --cuda-memory-points 128 1024 4096 10000   # only the CUDA memory table (GPU)
 """
 
 from __future__ import annotations
@@ -30,15 +31,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _harmonic_residual(points: int) -> tuple[Any, list[Any]]:
+def _harmonic_residual(points: int, device: str = "cpu") -> tuple[Any, list[Any]]:
     import torch
 
     from lightning_pinn.autodiff import derivative
     from lightning_pinn.nn import mlp
 
     torch.manual_seed(0)
-    net = mlp(1, (32, 32, 32), 1)
-    t = torch.linspace(0, 1, points).reshape(-1, 1).requires_grad_(True)
+    net = mlp(1, (32, 32, 32), 1).to(device)
+    t = torch.linspace(0, 1, points, device=device).reshape(-1, 1).requires_grad_(True)
     u = net(t)
     return derivative(u, t, order=2) + (2 * math.pi) ** 2 * u, list(net.parameters())
 
@@ -118,6 +119,28 @@ def memory(points: int, mode: str, env: dict[str, str] | None = None) -> dict[st
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def cuda_memory(points: int, mode: str) -> dict[str, float]:
+    """Peak CUDA memory allocated by one trace computation beyond the residual's graph (MiB), and its time."""
+    import torch
+
+    from lightning_pinn.ntk import auto_chunk_size, jacobian_row_sq_norms
+
+    residual, params = _harmonic_residual(points, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    start = time.perf_counter()
+    if mode == "exact":
+        jacobian_row_sq_norms(residual, params)
+    elif mode == "one-chunk":
+        jacobian_row_sq_norms(residual, params, torch.arange(auto_chunk_size(points)))
+    else:
+        jacobian_row_sq_norms(residual, params, chunk_size=points)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"mib": (torch.cuda.max_memory_allocated() - before) / 2**20, "seconds": seconds}
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--memory-child":
         _memory_child(int(sys.argv[2]), sys.argv[3])
@@ -127,10 +150,28 @@ def main() -> None:
     parser.add_argument(
         "--memory-points", type=int, nargs="*", default=[128, 1024, 4096, 10000], help="N for the memory table (none: skip it)"
     )
+    parser.add_argument(
+        "--cuda-memory-points",
+        type=int,
+        nargs="*",
+        default=[],
+        help="N for a CUDA memory table (peak allocated by PyTorch's caching allocator; needs a GPU; default: none)",
+    )
     parser.add_argument("--update-steps", type=int, default=0, help="steps of each update-cost fit (default: 300, 120 for N > 500)")
     args = parser.parse_args()
     import torch
 
+    if args.cuda_memory_points:
+        print(f"# benchmarks/ntk_cost.py on {torch.cuda.get_device_name()} (torch {torch.__version__})\n")
+        print("## Peak CUDA memory of one exact trace computation, beyond the residual's graph (torch.cuda.max_memory_allocated)\n")
+        print("| N points | one auto-sized chunk | exact, auto chunks | exact, one unchunked batch |\n|---|---|---|---|")
+        for points in args.cuda_memory_points:
+            cuda_memory(points, "one-chunk")  # warm-up: CUDA context, kernels
+            chunk, exact = cuda_memory(points, "one-chunk"), cuda_memory(points, "exact")
+            whole = cuda_memory(points, "unchunked") if points <= 4096 else None
+            whole_text = f"{whole['mib']:.0f} MiB, {whole['seconds']:.3f} s" if whole else "not run (N² cotangents)"
+            print(f"| {points} | {chunk['mib']:.0f} MiB | {exact['mib']:.0f} MiB, {exact['seconds']:.3f} s | {whole_text} |", flush=True)
+        return
     torch.set_num_threads(2)
     print(f"# benchmarks/ntk_cost.py  (torch {torch.__version__}, harmonic IVP network 1-32-32-32-1)\n")
     print("## One NTKBalancer update, in plain training steps (median update step / median other step, same fit)\n")
