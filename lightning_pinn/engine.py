@@ -26,7 +26,10 @@ gradients themselves are rank-local and are all-reduced by :meth:`TermGradientEn
 A measurement covers one optimizer step: with gradient accumulation the per-term losses,
 gradients and traces are averaged over the micro-batches of the window (that is the gradient
 the optimizer steps with); with a closure optimizer (L-BFGS) that evaluates the loss several
-times per batch, the last evaluation of each batch counts.
+times per batch, the last evaluation of each batch counts. Only a call of the loss whose result
+is backpropagated counts: a second call in the same training step whose result is discarded
+(e.g. evaluated for logging) is ignored, and several calls that are all backpropagated (e.g.
+``loss = criterion(...) + criterion(...)``) count as micro-batches of the step.
 """
 
 from __future__ import annotations
@@ -118,6 +121,7 @@ class _Capture:
     trace_sums: Tensor | None = None
     trace_counts: Tensor | None = None
     backward_done: bool = False
+    evaluation: int = 0  # which evaluation of the loss in its batch (closure optimizers evaluate several times)
 
 
 #: Per-term accumulators of a window, in the order they are packed for the all-reduce.
@@ -133,7 +137,8 @@ class _Window:
     want_gradients: bool = False
     trace_request: TraceRequest | None = None
     batch_key: Any = None
-    pending: _Capture | None = None
+    pending: list[_Capture] = field(default_factory=list)  # this batch's calls of the loss, in order
+    evaluation: int = 0
     batches: int = 0
     sums: dict[str, Tensor] = field(default_factory=dict)  # each (K,), float64
     gradient_sum: Tensor | None = None  # (K, P)
@@ -161,6 +166,22 @@ class _CapturedTotal(torch.autograd.Function):
         ctx.capture = None
         param_grads = capture.engine._backward(capture, grad_output)
         return (None, None, *param_grads)
+
+
+class _BackwardMarker(torch.autograd.Function):
+    """Identity on a total loss whose backward marks its capture as backpropagated."""
+
+    @staticmethod
+    def forward(ctx: Any, capture: _Capture, total: Tensor) -> Tensor:  # noqa: D102
+        ctx.capture = capture
+        return total.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        ctx.capture.backward_done = True
+        ctx.capture = None
+        return None, grad_output
 
 
 class TermGradientEngine:
@@ -215,13 +236,17 @@ class TermGradientEngine:
         window = self._window
         return window is not None and (window.want_gradients or window.trace_request is not None)
 
-    def record_losses(self, losses: list[Tensor | None], lambdas: Tensor) -> None:
-        """Record this micro-batch's per-term losses only (for rules that need no gradients)."""
+    def record_losses(self, losses: list[Tensor | None], lambdas: Tensor, total: Tensor) -> Tensor:
+        """Record this call's per-term losses only (for rules that need no gradients); return ``total``.
+
+        The returned total is ``total`` itself, passed through an identity whose backward marks
+        the call as backpropagated (only such calls count, see the module docstring).
+        """
         window = self._window
         assert window is not None
         weights = lambdas.detach().clone()
         zero = weights.new_zeros(())
-        window.pending = _Capture(
+        capture = _Capture(
             engine=self,
             params=window.params,
             losses=[],
@@ -231,8 +256,9 @@ class TermGradientEngine:
             loss_values=torch.stack([zero if loss is None else loss.detach().to(weights.dtype) for loss in losses]),
             trace_request=None,
             want_gradients=False,
-            backward_done=True,
         )
+        self._add_pending(window, capture)
+        return _BackwardMarker.apply(capture, total)
 
     def stop_capturing(self) -> None:
         """Leave capture mode (e.g. when a batch ends without an optimizer step being measured)."""
@@ -270,8 +296,16 @@ class TermGradientEngine:
             trace_request=window.trace_request,
             want_gradients=window.want_gradients,
         )
-        window.pending = capture
+        self._add_pending(window, capture)
         return _CapturedTotal.apply(capture, torch.dot(weights, loss_values), *window.params)
+
+    @staticmethod
+    def _add_pending(window: _Window, capture: _Capture) -> None:
+        """Queue a call of the loss; a call after a backward starts a new evaluation of the batch."""
+        if window.pending and window.pending[-1].backward_done:
+            window.evaluation += 1  # e.g. L-BFGS evaluating its closure again
+        capture.evaluation = window.evaluation
+        window.pending.append(capture)
 
     def _backward(self, capture: _Capture, grad_output: Tensor) -> list[Tensor | None]:
         params = capture.params
@@ -333,9 +367,16 @@ class TermGradientEngine:
 
     # ---------------------------------------------------------------- collecting
     def _commit_pending(self, window: _Window) -> None:
-        capture, window.pending = window.pending, None
-        if capture is None or not capture.backward_done:
+        """Add the batch's backpropagated calls of its last backpropagated evaluation to the window."""
+        captures, window.pending = window.pending, []
+        done = [capture for capture in captures if capture.backward_done]
+        if not done:
             return
+        for capture in done:
+            if capture.evaluation == done[-1].evaluation:
+                self._commit(window, capture)
+
+    def _commit(self, window: _Window, capture: _Capture) -> None:
         # The usual window has one micro-batch: keep it as is and only start summing when a
         # second one arrives (gradient accumulation), so the common case does no extra work.
         if window.batches == 0:

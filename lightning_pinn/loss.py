@@ -170,7 +170,10 @@ class MultiTermLoss(nn.Module):
         if engine is not None and self.training and grad_enabled and engine.is_capturing():
             if engine.needs_backward():
                 return engine.weighted_total(self._term_names, ordered, losses, self.lambdas)
-            engine.record_losses(losses, self.lambdas)
+            return engine.record_losses(losses, self.lambdas, self._weighted_sum(losses))
+        return self._weighted_sum(losses)
+
+    def _weighted_sum(self, losses: list[Tensor | None]) -> Tensor:
         if all(loss is not None for loss in losses):
             dtype = self.lambdas.dtype
             return torch.dot(self.lambdas, torch.stack([loss if loss.dtype == dtype else loss.to(dtype) for loss in losses]))  # type: ignore[union-attr]

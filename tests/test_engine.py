@@ -110,3 +110,77 @@ def test_summary_of_zero_and_nonfinite_gradients() -> None:
     assert report.cosines == {("a", "b"): pytest.approx(-1.0)}
     assert report.zero_terms == ("zero",) and report.nonfinite_terms == ("bad",)
     assert report.ratio == pytest.approx(2.0) and (report.largest, report.smallest) == ("b", "a")
+
+
+def _engine_for(model: TwoTermPoisson, **request: object) -> TermGradientEngine:
+    engine = TermGradientEngine.for_loss(model.criterion)
+    engine.request(step=0, batch_key=0, params=[p for p in model.parameters() if p.requires_grad], **request)  # type: ignore[arg-type]
+    return engine
+
+
+def test_a_call_whose_result_is_not_backpropagated_is_ignored() -> None:
+    """A second call of the loss in the same step (e.g. for logging) must not replace the measured one."""
+    model = TwoTermPoisson()
+    hand = _hand_gradients(copy.deepcopy(model))
+    for needs_gradients in (True, False):  # the gradient path and the losses-only path
+        engine = _engine_for(model, gradients=needs_gradients)
+        residuals = model.residuals()
+        total = model.criterion(**residuals)
+        model.criterion(pde=model.residuals()["pde"] + 1.0, bc=model.residuals()["bc"])  # evaluated, never backpropagated
+        total.backward()
+        measurement = engine.collect(0, model.criterion.term_names)
+        assert measurement is not None and measurement.micro_batches == 1
+        assert measurement.losses[0].item() == pytest.approx(residuals["pde"].pow(2).mean().item(), rel=1e-6)
+        if needs_gradients:
+            assert measurement.gradients is not None
+            assert torch.allclose(measurement.gradients[0].float(), hand["pde"], rtol=1e-4, atol=1e-7)
+        model.zero_grad()
+
+
+def test_a_call_after_the_backward_does_not_erase_the_measurement() -> None:
+    """Manual optimisation: backward, then the loss evaluated again (not backpropagated) before the step ends."""
+    model = TwoTermPoisson()
+    hand = _hand_gradients(copy.deepcopy(model))
+    engine = _engine_for(model, gradients=True)
+    model.criterion(**model.residuals()).backward()
+    model.criterion(**model.residuals())  # e.g. re-evaluated for a progress bar
+    measurement = engine.collect(0, model.criterion.term_names)
+    assert measurement is not None and measurement.gradients is not None
+    assert torch.allclose(measurement.gradients[1].float(), hand["bc"], rtol=1e-4, atol=1e-7)
+
+
+def test_several_backpropagated_calls_count_as_micro_batches() -> None:
+    model = TwoTermPoisson()
+    hand = _hand_gradients(copy.deepcopy(model))
+    engine = _engine_for(model, gradients=True)
+    residuals = model.residuals()
+    half = {name: r[: max(1, len(r) // 2)] for name, r in residuals.items()}
+    (model.criterion(**residuals) + model.criterion(**half)).backward()
+    measurement = engine.collect(0, model.criterion.term_names)
+    assert measurement is not None and measurement.micro_batches == 2 and measurement.gradients is not None
+    half_model_pde = torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1)
+            for g, p in zip(
+                torch.autograd.grad(half["pde"].pow(2).mean(), list(model.parameters()), retain_graph=True, allow_unused=True),
+                model.parameters(),
+            )
+        ]
+    )
+    assert torch.allclose(measurement.gradients[0].float(), (hand["pde"] + half_model_pde) / 2, rtol=1e-4, atol=1e-7)
+
+
+def test_fit_whose_training_step_evaluates_the_loss_twice_is_measured() -> None:
+    class EvaluatesTwice(TwoTermPoisson):
+        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+            loss = self.criterion(**self.residuals())
+            self.criterion(**self.residuals())  # e.g. a user computing it again for a log line
+            return loss
+
+    model = EvaluatesTwice()
+    initial = copy.deepcopy(model)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    make_trainer(3, [monitor]).fit(model)
+    assert monitor.diagnosis.measurements == 3
+    first = monitor.history["grad_norm/pde"][1][0]
+    assert first == pytest.approx(_hand_gradients(initial)["pde"].norm().item(), rel=1e-5)
