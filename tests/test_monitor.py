@@ -136,6 +136,13 @@ def test_every_step_measurements_reach_tensorboard_in_batches(tmp_path: Any) -> 
     assert wall_times == sorted(wall_times) and len(set(wall_times)) > 1, "each event keeps the time it was measured"
 
 
+def test_tensorboard_gets_everything_when_lightning_never_logs_steps(tmp_path: Any) -> None:
+    monitor = GradientNormMonitor(every_n_steps=2, verbose=False, report=False)
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    make_trainer(9, [monitor], logger=logger, log_every_n_steps=0).fit(TwoTermPoisson())
+    assert [step for step, _ in scalar_series(load_events(tmp_path), "grad_ratio")] == [0, 2, 4, 6, 8]
+
+
 def test_measurements_before_a_failure_reach_tensorboard(tmp_path: Any) -> None:
     class FailsAtStep7(TwoTermPoisson):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
