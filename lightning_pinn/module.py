@@ -23,6 +23,12 @@ class PINNModule(pl.LightningModule):
     optimizer and a training "data loader" that simply counts steps (PINN points usually live
     in the module, as buffers or sampled inside ``residuals``).
 
+    Every fit logs ``loss/<term>`` (unweighted) and ``weight/<term>`` to the Trainer's loggers
+    every ``log_every_n_steps`` optimizer steps from step 0, written to the loggers directly (one
+    event, no ``self.log`` bookkeeping on the other steps). With a
+    :class:`~lightning_pinn.callbacks.GradientNormMonitor` attached, the monitor logs them with
+    each of its measurements instead.
+
     Args:
         weights: Initial weight per term, e.g. ``{"pde": 1.0, "ic": 1.0}``; the keys are the
             term names ``residuals`` must return.
@@ -80,6 +86,33 @@ class PINNModule(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.criterion(**self.residuals(batch))
+
+    def on_train_start(self) -> None:
+        from lightning_pinn.callbacks.monitor import GradientNormMonitor
+
+        # the monitor logs loss/<term> and weight/<term> itself, at its own cadence
+        self._log_terms = bool(self.trainer.loggers) and not any(isinstance(cb, GradientNormMonitor) for cb in self.trainer.callbacks)
+        self.__dict__["_logging_step"] = None  # plain attribute writes: nn.Module.__setattr__ is slow per step
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step, interval = self.trainer.global_step, self.trainer.log_every_n_steps
+        due = getattr(self, "_log_terms", False) and interval > 0 and step % interval == 0
+        # the weights in effect for this step (a balancer may change them after it)
+        self.__dict__["_logging_step"] = (step, self.criterion.weights) if due else None
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        logging_step = self.__dict__.get("_logging_step")
+        if logging_step is None or self.trainer.global_step == logging_step[0]:
+            return  # not a logging step, or no optimizer step yet in this batch (gradient accumulation)
+        from lightning_pinn.callbacks._base import log_scalars
+
+        step, weights = logging_step
+        self.__dict__["_logging_step"] = None
+        losses = self.criterion.last_losses
+        values = torch.stack([loss.detach().to(torch.float64) for loss in losses.values()]).tolist() if losses else []
+        metrics = {f"loss/{name}": value for name, value in zip(losses, values)}
+        metrics.update({f"weight/{name}": weight for name, weight in weights.items()})
+        log_scalars(self.trainer, metrics, step)
 
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.parameters(), lr=self.learning_rate)

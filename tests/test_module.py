@@ -1,0 +1,60 @@
+"""PINNModule: the per-term losses and weights it logs on its own."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from conftest import make_trainer
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from tb import load_events, scalar_series
+
+from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
+from lightning_pinn.problems import HarmonicOscillator
+
+
+def _fit(tmp_path: Any, steps: int, callbacks: list[Any], **kwargs: Any) -> HarmonicOscillator:
+    torch.manual_seed(0)
+    model = HarmonicOscillator(ic_weight=1.0, steps_per_epoch=steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(steps, callbacks, **kwargs).fit(model)
+    return model
+
+
+def test_every_fit_logs_term_losses_and_weights_at_the_trainers_cadence(tmp_path: Any) -> None:
+    in_effect: dict[int, float] = {}
+
+    class WeightsInEffect(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+            in_effect[trainer.global_step] = pl_module.criterion.weights["ic"]
+
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    model = _fit(tmp_path, 25, [GradNormBalancer(every_n_steps=5), WeightsInEffect()], logger=logger, log_every_n_steps=10)
+    events = load_events(tmp_path)
+    assert [step for step, _ in scalar_series(events, "loss/pde")] == [0, 10, 20]
+    assert [step for step, _ in scalar_series(events, "loss/ic")] == [0, 10, 20]
+    logged = scalar_series(events, "weight/ic")  # PINNModule's and the balancer's entries
+    for step in (0, 10, 20):  # PINNModule logs the weight in effect during the step, not the one set after it
+        assert any(s == step and v == pytest.approx(in_effect[step], rel=1e-6) for s, v in logged)
+    assert in_effect[10] != in_effect[11] and model.criterion.weights["ic"] > 1.0
+
+
+def test_term_losses_reach_a_csv_logger(tmp_path: Any) -> None:
+    logger = CSVLogger(str(tmp_path), name="csv")
+    _fit(tmp_path, 12, [], logger=logger, log_every_n_steps=4)
+    logger.save()
+    import csv
+
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    assert sorted(int(row["step"]) for row in rows if row.get("loss/pde")) == [0, 4, 8]
+    assert all(float(row["weight/ic"]) == 1.0 for row in rows if row.get("weight/ic"))
+
+
+def test_with_a_monitor_the_monitor_logs_them_once(tmp_path: Any) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    _fit(tmp_path, 20, [GradientNormMonitor(every_n_steps=3, verbose=False, report=False)], logger=logger, log_every_n_steps=10)
+    assert [step for step, _ in scalar_series(load_events(tmp_path), "loss/pde")] == [0, 3, 6, 9, 12, 15, 18]
