@@ -136,6 +136,19 @@ def test_every_step_measurements_reach_tensorboard_in_batches(tmp_path: Any) -> 
     assert wall_times == sorted(wall_times) and len(set(wall_times)) > 1, "each event keeps the time it was measured"
 
 
+def test_measurements_no_more_frequent_than_lightnings_logging_are_written_at_once(tmp_path: Any) -> None:
+    monitor = GradientNormMonitor(every_n_steps=10, verbose=False, report=False)
+    waiting: list[int] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            waiting.append(len(monitor._pending))
+
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    make_trainer(25, [monitor, Spy()], logger=logger, log_every_n_steps=10).fit(TwoTermPoisson())
+    assert monitor.diagnosis.measurements == 3 and waiting == [0] * 25
+
+
 def test_tensorboard_gets_everything_when_lightning_never_logs_steps(tmp_path: Any) -> None:
     monitor = GradientNormMonitor(every_n_steps=2, verbose=False, report=False)
     logger = TensorBoardLogger(str(tmp_path), name="run", version=0)

@@ -87,9 +87,10 @@ class GradientNormMonitor(PerTermCallback):
     prints a short diagnosis (see :attr:`diagnosis`).
 
     Every measurement goes to every logger with its own step. A ``TensorBoardLogger`` gets each
-    step's values as one event, and the events are handed to its writer in batches (when
-    Lightning logs, every ``log_every_n_steps`` optimizer steps, at the end of training and on an
-    exception), which keeps an every-step monitor cheap; other loggers get ``log_metrics`` at once.
+    step's values as one event; when the monitor measures more often than the Trainer's
+    ``log_every_n_steps``, the events are handed to its writer in batches (when Lightning logs,
+    at the end of training and on an exception), which keeps an every-step monitor cheap. Other
+    loggers get ``log_metrics`` at once.
 
     Args:
         every_n_steps: Measure every this many optimizer steps (step 0 always included).
@@ -224,7 +225,9 @@ class GradientNormMonitor(PerTermCallback):
             metrics[f"grad_cosine/{a}_vs_{b}"] = cosine
         metrics["alarm/grad_ratio"] = float(ratio_alarm)
         metrics["alarm/grad_conflict"] = float(conflict_alarm)
-        log_scalars(trainer, metrics, step, self._pending)
+        # Measurements more frequent than Lightning's own logging wait and go to TensorBoard in
+        # batches; sparser ones go at once (batching would save nothing).
+        log_scalars(trainer, metrics, step, self._pending if self.every_n_steps < trainer.log_every_n_steps else None)
         self.history.add(metrics, step)
         if self.progress_bar and report.ratio is not None and trainer.progress_bar_callback is not None:
             pl_module.log("grad_ratio", report.ratio, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
