@@ -17,6 +17,9 @@ Configurations:
     monitor-every     + GradientNormMonitor(every_n_steps=1, report=False): per-term gradients and
                       13 scalars logged on every step
     monitor-every-nolog  the same with no logger at all (the difference is TensorBoard's writer)
+    monitor-every-bar  the every-step monitor with Lightning's progress bar on (as for users), its
+                      grad_ratio refreshed once per log_every_n_steps; -each-step: refreshed on
+                      every step (pl_module.log each step), what the monitor did before
     monitor-every-unbatched  the same with TensorBoard, each event handed to TensorBoard's writer
                       as soon as it is measured (PendingEvents(limit=1)) instead of in batches
                       when Lightning logs: what the batching saves
@@ -28,6 +31,8 @@ Configurations:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import statistics
 import sys
@@ -82,14 +87,20 @@ def plain_loop(steps: int, ic_weight: float = 100.0, omega: float = 2 * math.pi)
     return time.perf_counter() - start
 
 
-def lightning_fit(steps: int, callbacks: Callable[[], list[pl.Callback]], log_root: str, tensorboard: bool = True) -> float:
-    """A PINNModule fit with a TensorBoardLogger (or none) and the given callbacks; returns seconds of ``fit``."""
+def lightning_fit(
+    steps: int, callbacks: Callable[[], list[pl.Callback]], log_root: str, tensorboard: bool = True, progress_bar: bool = False
+) -> float:
+    """A PINNModule fit with a TensorBoardLogger (or none) and the given callbacks; returns seconds of ``fit``.
+
+    With ``progress_bar``, Lightning's progress bar is on (as by default for users), drawn into
+    a discarded stream.
+    """
     torch.manual_seed(0)
     model = HarmonicOscillator(ic_weight=100.0, steps_per_epoch=steps)
-    with quiet_lightning(), warnings.catch_warnings():
+    with quiet_lightning(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         logger = TensorBoardLogger(log_root, name="bench") if tensorboard else False
-        trainer = quiet_trainer(steps, callbacks(), logger=logger)
+        trainer = quiet_trainer(steps, callbacks(), logger=logger, enable_progress_bar=progress_bar)
         start = time.perf_counter()
         trainer.fit(model)
         return time.perf_counter() - start
@@ -109,6 +120,11 @@ def main() -> None:
         monitor._pending = PendingEvents(limit=1)  # every event reaches the writer at once
         return [monitor]
 
+    def every_step_monitor_bar_each_step() -> list[pl.Callback]:
+        monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+        monitor._progress_bar_due = lambda trainer, step: True  # type: ignore[method-assign]  # refresh the bar every step
+        return [monitor]
+
     with tempfile.TemporaryDirectory() as log_root:
         configs: dict[str, Callable[[], float]] = {
             "plain-loop": lambda: plain_loop(args.steps),
@@ -120,6 +136,8 @@ def main() -> None:
             "monitor-every-unbatched": lambda: lightning_fit(args.steps, every_step_monitor_unbatched, log_root),
             "balancer-every": lambda: lightning_fit(args.steps, lambda: [GradNormBalancer(every_n_steps=1)], log_root),
             "capture-every": lambda: lightning_fit(args.steps, lambda: [CaptureOnly()], log_root),
+            "monitor-every-bar": lambda: lightning_fit(args.steps, every_step_monitor, log_root, progress_bar=True),
+            "monitor-every-bar-each-step": lambda: lightning_fit(args.steps, every_step_monitor_bar_each_step, log_root, progress_bar=True),
         }
         for run in configs.values():  # warm-up: imports, allocator, first TensorBoard writer
             run()
@@ -144,6 +162,7 @@ def main() -> None:
         ("monitor-every", "lightning", "monitor logging 13 scalars every step, report=False"),
         ("monitor-every-nolog", "lightning", "the same monitor without a logger: what TensorBoard's writer costs"),
         ("monitor-every-unbatched", "lightning", "the every-step monitor handing each event to TensorBoard at once"),
+        ("monitor-every-bar-each-step", "monitor-every-bar", "progress bar on: grad_ratio refreshed every step vs every log_every_n_steps"),
         ("lightning", "plain-loop", "Lightning itself"),
         ("monitor-default", "plain-loop", "end to end, with the monitor"),
     ]

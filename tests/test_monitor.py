@@ -171,6 +171,30 @@ def test_measurements_before_a_failure_reach_tensorboard(tmp_path: Any) -> None:
     assert [step for step, _ in scalar_series(load_events(tmp_path), "grad_norm/pde")] == list(range(7))
 
 
+def test_progress_bar_ratio_is_refreshed_at_the_logging_cadence() -> None:
+    calls: list[int] = []
+
+    class Counting(TwoTermPoisson):
+        def log(self, name: str, *args: Any, **kwargs: Any) -> None:
+            if name == "grad_ratio":
+                calls.append(self.global_step)
+            super().log(name, *args, **kwargs)
+
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    trainer = make_trainer(20, [monitor], enable_progress_bar=True, log_every_n_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Counting())
+    assert monitor.diagnosis.measurements == 20
+    assert len(calls) == 4, "pl_module.log costs more than a measurement: once per log_every_n_steps steps"
+    assert "grad_ratio" in trainer.progress_bar_metrics
+    calls.clear()  # the same monitor in a second fit, whose steps start again at 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(10, [monitor], enable_progress_bar=True, log_every_n_steps=5).fit(Counting())
+    assert len(calls) == 2
+
+
 def test_existing_lightning_module_with_csv_logger(tmp_path: Any) -> None:
     model = TwoTermPoisson()
     monitor = GradientNormMonitor(every_n_steps=5, verbose=False)

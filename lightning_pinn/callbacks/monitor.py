@@ -116,7 +116,8 @@ class GradientNormMonitor(PerTermCallback):
         print_every_n_steps: Also print a compact table (term, loss, λ, ‖∇L‖, λ‖∇L‖, ratio)
             every this many steps through Lightning's rank-zero info (the textbook advice:
             "print the per-term gradient norms every 100 steps"). ``None``: never.
-        progress_bar: Show ``grad_ratio`` in the progress bar (when the Trainer has one).
+        progress_bar: Show ``grad_ratio`` in the progress bar (when the Trainer has one),
+            refreshed at most once per ``log_every_n_steps`` steps.
     """
 
     def __init__(
@@ -180,6 +181,7 @@ class GradientNormMonitor(PerTermCallback):
         self._term_flags: dict[str, str] = {}
         self.last_report: GradientReport | None = None
         self._pending = PendingEvents()
+        self._progress_bar_step: int | None = None
 
     def _is_due(self, step: int) -> bool:
         return step % self.every_n_steps == 0 or (self.print_every_n_steps is not None and step % self.print_every_n_steps == 0)
@@ -196,6 +198,7 @@ class GradientNormMonitor(PerTermCallback):
 
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._progress_bar_step = None  # a reused monitor starts refreshing the bar afresh
         for writer in tensorboard_writers(trainer):
             write_layout(writer)
 
@@ -229,10 +232,28 @@ class GradientNormMonitor(PerTermCallback):
         # batches; sparser ones go at once (batching would save nothing).
         log_scalars(trainer, metrics, step, self._pending if self.every_n_steps < trainer.log_every_n_steps else None)
         self.history.add(metrics, step)
-        if self.progress_bar and report.ratio is not None and trainer.progress_bar_callback is not None:
+        if (
+            self.progress_bar
+            and report.ratio is not None
+            and trainer.progress_bar_callback is not None
+            and self._progress_bar_due(trainer, step)
+        ):
             pl_module.log("grad_ratio", report.ratio, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
         if self.print_every_n_steps is not None and step % self.print_every_n_steps == 0:
             rank_zero_info(format_table(report, step, self.threshold))
+
+    def _progress_bar_due(self, trainer: pl.Trainer, step: int) -> bool:
+        """Refresh the progress bar's ``grad_ratio`` at most once per ``log_every_n_steps`` steps.
+
+        ``pl_module.log`` costs about 0.6 ms a call with the progress bar on (measured on the
+        harmonic fit: an every-step monitor took 1.26x as long with it as without), more than
+        the measurement; the bar keeps showing the last value between refreshes.
+        """
+        interval = max(1, trainer.log_every_n_steps)
+        if self._progress_bar_step is not None and step - self._progress_bar_step < interval:
+            return False
+        self._progress_bar_step = step
+        return True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
