@@ -245,9 +245,9 @@ class GradientNormMonitor(PerTermCallback):
     def _progress_bar_due(self, trainer: pl.Trainer, step: int) -> bool:
         """Refresh the progress bar's ``grad_ratio`` at most once per ``log_every_n_steps`` steps.
 
-        ``pl_module.log`` costs about 0.6 ms a call with the progress bar on (measured on the
-        harmonic fit: an every-step monitor took 1.26x as long with it as without), more than
-        the measurement; the bar keeps showing the last value between refreshes.
+        ``pl_module.log`` costs about 0.5 ms a call with the progress bar on, more than the
+        measurement (``benchmarks/overhead.py``: an every-step monitor refreshing the bar every
+        step took 1.2x as long); the bar keeps showing the last value between refreshes.
         """
         interval = max(1, trainer.log_every_n_steps)
         if self._progress_bar_step is not None and step - self._progress_bar_step < interval:
