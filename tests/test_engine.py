@@ -184,3 +184,39 @@ def test_fit_whose_training_step_evaluates_the_loss_twice_is_measured() -> None:
     assert monitor.diagnosis.measurements == 3
     first = monitor.history["grad_norm/pde"][1][0]
     assert first == pytest.approx(_hand_gradients(initial)["pde"].norm().item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("hook", ["setup", "configure_model"])
+def test_network_and_loss_built_in_a_late_hook_are_found(hook: str) -> None:
+    """Lightning runs the callbacks' setup before the module's setup() and configure_model()."""
+
+    class BuiltLate(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            del self.net, self.criterion
+
+        def _build(self) -> None:
+            if not hasattr(self, "net"):
+                torch.manual_seed(0)
+                self.net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+                self.criterion = MultiTermLoss(pde=1.0, bc=1.0)
+
+        def setup(self, stage: str) -> None:
+            if hook == "setup":
+                self._build()
+
+        def configure_model(self) -> None:
+            if hook == "configure_model":
+                self._build()
+
+    model = BuiltLate()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    balancer = GradNormBalancer(every_n_steps=1)
+    make_trainer(2, [monitor, balancer]).fit(model)
+    reference = TwoTermPoisson()
+    torch.manual_seed(0)
+    reference.net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    assert monitor.history["grad_norm/pde"][1][0] == pytest.approx(_hand_gradients(reference)["pde"].norm().item(), rel=1e-5)
+    assert balancer.num_updates == 2

@@ -203,18 +203,22 @@ class PerTermCallback(Callback):
 
     @property
     def criterion(self) -> MultiTermLoss:
-        """The :class:`MultiTermLoss` this callback works on (known after ``setup``)."""
+        """The :class:`MultiTermLoss` this callback works on (known once the fit starts)."""
         if self._loss is None:
-            raise RuntimeError(f"{type(self).__name__} is not attached to a fit yet; its loss is found in setup().")
+            raise RuntimeError(f"{type(self).__name__} is not attached to a fit yet; its loss is found when the fit starts.")
         return self._loss
 
     # ---------------------------------------------------------------- hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Found here, not in setup(): Lightning runs the callbacks' setup before the module's own
+        # setup() and configure_model(), where a user may still be building the network or the loss.
         self._loss_path, self._loss = find_multi_term_loss(pl_module, self.loss_module, type(self).__name__)
         self._engine = TermGradientEngine.for_loss(self._loss)
         self._parameters = list(pl_module.parameters())
+        self._on_attach(trainer, pl_module)
+
+    def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Subclass hook: the loss and parameters are known (at fit start, before the first step)."""
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step

@@ -143,10 +143,7 @@ class WeightBalancer(PerTermCallback):
         return step >= self.warmup_steps and step % self.every_n_steps == 0
 
     # ---------------------------------------------------------------- hooks
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
-        if stage != "fit":
-            return
+    def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = self.criterion.term_names
         owner = type(self).__name__
         self._last_logged_step, self._unlogged = None, None

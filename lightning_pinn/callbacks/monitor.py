@@ -198,6 +198,7 @@ class GradientNormMonitor(PerTermCallback):
 
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
         self._progress_bar_step = None  # a reused monitor starts refreshing the bar afresh
         for writer in tensorboard_writers(trainer):
             write_layout(writer)
