@@ -209,6 +209,24 @@ def test_existing_lightning_module_with_csv_logger(tmp_path: Any) -> None:
     assert monitor.diagnosis.measurements == 4
 
 
+def test_alarm_text_knows_a_balancer_is_attached() -> None:
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    _, monitor, caught = _fit_harmonic(1.0, 60, every_n_steps=10, conflict_min_decrease=None)
+    alone = _of(caught, LossBalanceWarning)[0]
+    assert "add GradNormBalancer / NTKBalancer" in alone
+
+    torch.manual_seed(0)
+    model = HarmonicOscillator(ic_weight=1.0, steps_per_epoch=60)
+    monitor = GradientNormMonitor(every_n_steps=10, verbose=False, report=False)
+    with warnings.catch_warnings(record=True) as balanced:
+        warnings.simplefilter("always")
+        make_trainer(60, [monitor, GradNormBalancer(every_n_steps=10)]).fit(model)
+    message = _of(list(balanced), LossBalanceWarning)[0]
+    assert "step 0" in message and "GradNormBalancer is attached to this loss" in message
+    assert "GradNormBalancer was attached" in monitor.summary()
+
+
 def test_ratio_alarm_comes_back_after_recovery() -> None:
     from pytorch_lightning import Callback
 

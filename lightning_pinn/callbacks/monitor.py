@@ -182,6 +182,7 @@ class GradientNormMonitor(PerTermCallback):
         self.last_report: GradientReport | None = None
         self._pending = PendingEvents()
         self._progress_bar_step: int | None = None
+        self._balancer_names: list[str] = []
 
     def _is_due(self, step: int) -> bool:
         return step % self.every_n_steps == 0 or (self.print_every_n_steps is not None and step % self.print_every_n_steps == 0)
@@ -265,6 +266,16 @@ class GradientNormMonitor(PerTermCallback):
         if self._pending and interval > 0 and trainer.global_step % interval == 0:
             self._pending.flush()
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_pinn.callbacks.balancers import WeightBalancer
+
+        # balancers on the same loss (all callbacks are attached by now): the alarm text says so
+        self._balancer_names = [
+            type(cb).__name__
+            for cb in trainer.callbacks  # type: ignore[attr-defined]
+            if isinstance(cb, WeightBalancer) and cb._loss is self._loss
+        ]
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pending.flush()
 
@@ -307,7 +318,7 @@ class GradientNormMonitor(PerTermCallback):
         if above and not diagnosis.ratio_alarm_active:
             diagnosis.ratio_alarm_episodes += 1
             diagnosis.ratio_alarm_spans.append([step, None])
-            message = self._ratio_message(report, step)
+            message = self._ratio_message(report, step, self._balancer_names)
             rank_zero_warn(message, category=LossBalanceWarning)
             self._write_text(trainer, "alarms", message, step)
         elif not above and diagnosis.ratio_alarm_active:
@@ -321,7 +332,7 @@ class GradientNormMonitor(PerTermCallback):
         diagnosis.ratio_alarm_active = above
         return above
 
-    def _ratio_message(self, report: GradientReport, step: int) -> str:
+    def _ratio_message(self, report: GradientReport, step: int, balancers: list[str] | None = None) -> str:
         big, small = report.largest, report.smallest
         assert big is not None and small is not None and report.ratio is not None
         index = report.terms.index
@@ -331,9 +342,15 @@ class GradientNormMonitor(PerTermCallback):
             f"GradientNormMonitor: loss-balance alarm at step {step}: the weighted gradient norm of term '{big}' "
             f"(λ·‖∇L‖ = {big_w:.3g}) is {report.ratio:.3g}x that of term '{small}' ({small_w:.3g}), above the "
             f"threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
-            f"'{small}'. Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} "
-            "would match the norms), or add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance "
-            "automatically."
+            f"'{small}'. "
+            + (
+                f"{' and '.join(balancers)} is attached to this loss and updates λ after its update steps; if the alarm "
+                "stays on, check its every_n_steps, terms and max_weight."
+                if balancers
+                else f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} "
+                "would match the norms), or add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance "
+                "automatically."
+            )
         )
 
     def _track_conflicts(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
@@ -448,7 +465,12 @@ class GradientNormMonitor(PerTermCallback):
                 state = "still on at the last measurement" if d.ratio_alarm_active else "off at the last measurement"
                 lines.append(
                     f"  loss-balance alarm: {d.ratio_alarm_episodes} episode(s), above threshold at {d.ratio_alarm_measurements} of "
-                    f"{d.measurements} measurements, {state}. Try GradNormBalancer or NTKBalancer, or raise the small term's weight."
+                    f"{d.measurements} measurements, {state}. "
+                    + (
+                        f"{' and '.join(self._balancer_names)} was attached and updated λ after its update steps."
+                        if self._balancer_names
+                        else "Try GradNormBalancer or NTKBalancer, or raise the small term's weight."
+                    )
                 )
             else:
                 lines.append("  loss-balance alarm: never fired.")
