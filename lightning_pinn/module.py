@@ -26,8 +26,8 @@ class PINNModule(pl.LightningModule):
     Every fit logs ``loss/<term>`` (unweighted) and ``weight/<term>`` to the Trainer's loggers
     every ``log_every_n_steps`` optimizer steps from step 0, written to the loggers directly (one
     event, no ``self.log`` bookkeeping on the other steps). With a
-    :class:`~lightning_pinn.callbacks.GradientNormMonitor` attached, the monitor logs them with
-    each of its measurements instead.
+    :class:`~lightning_pinn.callbacks.GradientNormMonitor` attached, the monitor logs both with
+    each of its measurements instead; with a balancer attached, the balancer logs ``weight/<term>``.
 
     Args:
         weights: Initial weight per term, e.g. ``{"pde": 1.0, "ic": 1.0}``; the keys are the
@@ -88,10 +88,13 @@ class PINNModule(pl.LightningModule):
         return self.criterion(**self.residuals(batch))
 
     def on_train_start(self) -> None:
+        from lightning_pinn.callbacks.balancers import WeightBalancer
         from lightning_pinn.callbacks.monitor import GradientNormMonitor
 
-        # the monitor logs loss/<term> and weight/<term> itself, at its own cadence
-        self._log_terms = bool(self.trainer.loggers) and not any(isinstance(cb, GradientNormMonitor) for cb in self.trainer.callbacks)
+        # A monitor logs loss/<term> and weight/<term> itself, a balancer weight/<term>: no duplicates.
+        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        self._log_terms = bool(self.trainer.loggers) and not any(isinstance(cb, GradientNormMonitor) for cb in callbacks)
+        self._log_weights = not any(isinstance(cb, WeightBalancer) for cb in callbacks)
         self.__dict__["_logging_step"] = None  # plain attribute writes: nn.Module.__setattr__ is slow per step
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -111,7 +114,8 @@ class PINNModule(pl.LightningModule):
         losses = self.criterion.last_losses
         values = torch.stack([loss.detach().to(torch.float64) for loss in losses.values()]).tolist() if losses else []
         metrics = {f"loss/{name}": value for name, value in zip(losses, values)}
-        metrics.update({f"weight/{name}": weight for name, weight in weights.items()})
+        if self._log_weights:
+            metrics.update({f"weight/{name}": weight for name, weight in weights.items()})
         log_scalars(self.trainer, metrics, step)
 
     def configure_optimizers(self) -> Any:
