@@ -84,25 +84,32 @@ def batched_vs_loop(points: int, rounds: int = 5) -> tuple[float, float]:
     return statistics.median(batched_times), statistics.median(loop_times)
 
 
-def _memory_child(points: int, mode: str) -> None:
-    """Run in a fresh process: print the peak-RSS growth (MiB) of one trace computation."""
-    import resource
-
+def _trace(residual: Any, params: list[Any], mode: str) -> None:
+    """One trace computation: ``exact`` (auto chunks), ``one-chunk`` (the working set of one auto-sized
+    chunk), ``sampled`` (128 points) or ``unchunked`` (one batch of N one-hot cotangents)."""
     import torch
 
     from lightning_pinn.ntk import auto_chunk_size, jacobian_row_sq_norms, sample_points
 
-    residual, params = _harmonic_residual(points)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
+    points = residual.numel()
     if mode == "exact":
         jacobian_row_sq_norms(residual, params)
-    elif mode == "one-chunk":  # the working set of one auto-sized chunk
+    elif mode == "one-chunk":
         jacobian_row_sq_norms(residual, params, torch.arange(auto_chunk_size(points)))
     elif mode == "sampled":
         jacobian_row_sq_norms(residual, params, sample_points(points, 128, torch.Generator().manual_seed(0)))
-    else:  # one unchunked batch of N one-hot cotangents
+    else:
         jacobian_row_sq_norms(residual, params, chunk_size=points)
+
+
+def _memory_child(points: int, mode: str) -> None:
+    """Run in a fresh process: print the peak-RSS growth (MiB) of one trace computation."""
+    import resource
+
+    residual, params = _harmonic_residual(points)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    _trace(residual, params, mode)
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"mib": (after - before) / 1024, "seconds": seconds}))
@@ -123,19 +130,12 @@ def cuda_memory(points: int, mode: str) -> dict[str, float]:
     """Peak CUDA memory allocated by one trace computation beyond the residual's graph (MiB), and its time."""
     import torch
 
-    from lightning_pinn.ntk import auto_chunk_size, jacobian_row_sq_norms
-
     residual, params = _harmonic_residual(points, "cuda")
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     start = time.perf_counter()
-    if mode == "exact":
-        jacobian_row_sq_norms(residual, params)
-    elif mode == "one-chunk":
-        jacobian_row_sq_norms(residual, params, torch.arange(auto_chunk_size(points)))
-    else:
-        jacobian_row_sq_norms(residual, params, chunk_size=points)
+    _trace(residual, params, mode)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return {"mib": (torch.cuda.max_memory_allocated() - before) / 2**20, "seconds": seconds}

@@ -260,10 +260,9 @@ class GradientNormMonitor(PerTermCallback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # TensorBoard gets the waiting measurements (each at its own step) when Lightning logs
-        # and flushes the writer itself: every log_every_n_steps optimizer steps (0: Lightning
-        # never logs steps; then at the end of training, or when PendingEvents.limit are waiting).
-        interval = trainer.log_every_n_steps
-        if self._pending and interval > 0 and trainer.global_step % interval == 0:
+        # and flushes the writer itself: every log_every_n_steps optimizer steps. (Nothing waits
+        # when log_every_n_steps is 0: see _on_measurement.)
+        if self._pending and trainer.global_step % trainer.log_every_n_steps == 0:
             self._pending.flush()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -275,9 +274,6 @@ class GradientNormMonitor(PerTermCallback):
             for cb in trainer.callbacks  # type: ignore[attr-defined]
             if isinstance(cb, WeightBalancer) and cb._loss is self._loss
         ]
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._pending.flush()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
