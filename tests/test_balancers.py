@@ -219,9 +219,9 @@ def test_monitor_and_balancer_share_one_gradient_computation(monkeypatch: pytest
     calls: list[int] = []
     original = TermGradientEngine._backward
 
-    def counting(self: TermGradientEngine, capture: Any, grad_output: torch.Tensor) -> Any:
-        calls.append(len(capture.losses))
-        return original(self, capture, grad_output)
+    def counting(self: TermGradientEngine, capture: Any, losses: list[Any], *args: Any) -> Any:
+        calls.append(len(losses))
+        return original(self, capture, losses, *args)
 
     monkeypatch.setattr(TermGradientEngine, "_backward", counting)
     grad_calls: list[int] = []

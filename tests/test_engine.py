@@ -220,3 +220,74 @@ def test_network_and_loss_built_in_a_late_hook_are_found(hook: str) -> None:
     reference.net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     assert monitor.history["grad_norm/pde"][1][0] == pytest.approx(_hand_gradients(reference)["pde"].norm().item(), rel=1e-5)
     assert balancer.num_updates == 2
+
+
+# ------------------------------------------------------------------ leaves outside the parameters, (un)freezing
+class _InverseProblem(TwoTermPoisson):
+    """u' = k·u with an unknown k kept as a plain tensor (not an nn.Parameter) in the optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.criterion = MultiTermLoss(pde=1.0, data=1.0)
+        self.k = torch.zeros((), requires_grad=True)
+        self.k_grads: list[float | None] = []
+        self.point_grads: list[torch.Tensor] = []
+
+    def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+        x = self.x.clone().requires_grad_(True)
+        u = self.net(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        loss = self.criterion(pde=du - self.k * u, data=u - torch.exp(2 * self.x))
+        # where the loss is most sensitive to the points (as adaptive sampling does)
+        self.point_grads.append(torch.autograd.grad(loss, x, retain_graph=True)[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.k_grads.append(None if self.k.grad is None else self.k.grad.item())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam([*self.parameters(), self.k], lr=1e-2)
+
+
+def test_leaves_outside_the_parameters_get_their_gradient_on_measured_steps() -> None:
+    """A coefficient optimised outside the module's parameters, and the loss's gradient with
+    respect to the points, are what a plain backward gives (they were lost on measured steps)."""
+    plain, measured = _InverseProblem(), _InverseProblem()
+    measured.load_state_dict(plain.state_dict())
+    make_trainer(4).fit(plain)
+    make_trainer(4, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)]).fit(measured)
+    assert None not in measured.k_grads
+    assert measured.k_grads == pytest.approx(plain.k_grads, rel=1e-5)
+    assert measured.k.item() == pytest.approx(plain.k.item(), rel=1e-5)
+    for a, b in zip(measured.point_grads, plain.point_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("change", ["freeze", "unfreeze"])
+def test_layers_frozen_or_unfrozen_in_the_modules_batch_hook_are_honoured(change: str) -> None:
+    """The module's on_train_batch_start runs after the callbacks': the engine reads
+    requires_grad at the forward pass, so training equals a fit without callbacks."""
+
+    class Switching(TwoTermPoisson):
+        def on_train_batch_start(self, batch: object, batch_idx: int) -> None:
+            if self.trainer.global_step == 2:
+                self.net[0].weight.requires_grad_(change == "unfreeze")
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+    def run(callbacks: list[GradientNormMonitor]) -> Switching:
+        torch.manual_seed(0)
+        model = Switching()
+        model.net[0].weight.requires_grad_(change == "freeze")
+        make_trainer(4, callbacks).fit(model)
+        return model
+
+    plain = run([])
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    measured = run([monitor])
+    for p, q in zip(measured.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+    trainable = sum(p.numel() for p in measured.parameters() if p.requires_grad)
+    assert monitor.last_measurement is not None and monitor.last_measurement.gradients is not None
+    assert monitor.last_measurement.gradients.shape == (2, trainable)

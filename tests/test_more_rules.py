@@ -157,6 +157,45 @@ def test_loss_rules_favour_the_stalled_term(callback: Any) -> None:
     assert weights["fixed"] > weights["pde"], weights
 
 
+@pytest.mark.parametrize(
+    "callback",
+    [
+        lambda: SoftAdaptBalancer(beta=10.0, every_n_steps=1),
+        lambda: ReLoBRaLoBalancer(alpha=0.5, temperature=1.0),
+        lambda: GradNormWeighting(learning_rate=0.05),
+        lambda: UncertaintyWeighting(learning_rate=0.1),
+    ],
+    ids=["softadapt", "relobralo", "gradnorm", "uncertainty"],
+)
+def test_a_term_passed_as_none_keeps_its_weight(callback: Any) -> None:
+    """A term absent from a step (``None``) has no loss to compare: its λ and history stay put.
+
+    These rules used to read the absent term's loss as 0 (λ drifting every step), and
+    GradNormWeighting fixed the ratio of a term absent at its first update at 1 for good.
+    """
+
+    class Intermittent(TwoTermPoisson):
+        """'data' is given only on steps 0-1 and from step 12 on."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
+            self.seen: list[tuple[int, float]] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            step = self.trainer.global_step
+            self.seen.append((step, self.criterion.weights["data"]))
+            data = None if 2 <= step < 12 else 0.1 * (self.net(self.x) - 1)
+            return self.criterion(**self.residuals(), data=data)
+
+    model = _fit(callback(), steps=16, model=Intermittent())
+    weights = dict(model.seen)
+    # absent on steps 2..11: the weight used on step 12 is the one set after step 1's update
+    assert [weights[s] for s in range(3, 13)] == [weights[2]] * 10, weights
+    assert weights[15] != weights[12]  # back in the rule once it is present again
+    assert all(math.isfinite(v) and v > 0 for v in model.criterion.weights.values())
+
+
 def test_loss_rules_do_no_backward_work(monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_pinn.engine import TermGradientEngine
 

@@ -18,7 +18,7 @@ from lightning_pinn.alerts import TermGradientWarning
 from lightning_pinn.engine import StepMeasurement, TermGradientEngine, TraceRequest
 from lightning_pinn.loss import MultiTermLoss
 
-__all__ = ["PerTermCallback", "find_multi_term_loss", "trainable_parameters", "log_scalars", "PendingEvents", "tensorboard_writers"]
+__all__ = ["PerTermCallback", "find_multi_term_loss", "log_scalars", "PendingEvents", "tensorboard_writers"]
 
 
 def find_multi_term_loss(pl_module: torch.nn.Module, name: str | None, owner: str) -> tuple[str, MultiTermLoss]:
@@ -52,11 +52,6 @@ def find_multi_term_loss(pl_module: torch.nn.Module, name: str | None, owner: st
             f"{owner}: {model} has several MultiTermLoss modules ({names}); name the one to use, e.g. {owner}(loss_module={found[0][0]!r})."
         )
     return found[0]
-
-
-def trainable_parameters(pl_module: torch.nn.Module) -> list[Tensor]:
-    """The parameters gradients are taken with respect to: those with ``requires_grad=True``."""
-    return [p for p in pl_module.parameters() if p.requires_grad]
 
 
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pending: PendingEvents | None = None) -> None:
@@ -230,7 +225,7 @@ class PerTermCallback(Callback):
         self._engine.request(
             step=step,
             batch_key=(trainer.current_epoch, batch_idx),
-            params=[p for p in self._parameters if p.requires_grad],  # re-read: parameters may be frozen mid-fit
+            params=self._parameters,  # the engine reads requires_grad at the forward pass (layers may be frozen mid-fit)
             gradients=gradients,
             traces=traces,
         )

@@ -205,9 +205,9 @@ class WeightBalancer(PerTermCallback):
             return
         proposed, target = proposal
         new = [
-            self._clamped(name, value, step) if adaptive and math.isfinite(value) else old
-            for name, value, old, adaptive in zip(names, proposed, current, self._adaptive)
-        ]
+            self._clamped(name, value, step) if adaptive and here and math.isfinite(value) else old
+            for name, value, old, adaptive, here in zip(names, proposed, current, self._adaptive, present)
+        ]  # a term absent from the whole step keeps its weight, whatever the rule
         new = trainer.strategy.broadcast(new, src=0)  # bit-identical on every rank
         self.criterion.set_weights(torch.tensor(new, dtype=self.criterion.lambdas.dtype, device=self.criterion.lambdas.device))
         self.num_updates += 1

@@ -23,6 +23,29 @@ from lightning_pinn.rules import gradnorm_objective, lr_annealing_weights, relob
 __all__ = ["SoftAdaptBalancer", "ReLoBRaLoBalancer", "LRAnnealingBalancer", "GradNormWeighting", "UncertaintyWeighting", "WeightSchedule"]
 
 
+def _comparable(present: list[bool], *histories: list[float] | None) -> list[int]:
+    """Indices of the terms present now whose earlier values (``nan``: never seen) are all known.
+
+    The loss-comparing and trained rules work on these terms only: a term passed as ``None``
+    has no loss to compare, so it keeps its weight and its history until it comes back.
+    """
+    return [
+        i for i, here in enumerate(present) if here and all(h is not None and math.isfinite(h[i]) for h in histories)
+    ]
+
+
+def _remember(old: list[float] | None, values: list[float], present: list[bool]) -> list[float]:
+    """``values`` for the present terms, the remembered value (``nan`` if none) for the others."""
+    return [v if here else (math.nan if old is None else old[i]) for i, (v, here) in enumerate(zip(values, present))]
+
+
+def _scatter(size: int, indices: list[int], values: list[float]) -> list[float]:
+    out = [math.nan] * size
+    for i, value in zip(indices, values):
+        out[i] = value
+    return out
+
+
 class _LossRule(WeightBalancer):
     """A rule that needs only the per-term losses: the engine records them without any backward work."""
 
@@ -80,11 +103,14 @@ class SoftAdaptBalancer(_LossRule):
         return {**super()._identity(), "beta": self.beta}
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
-        previous, self._previous = self._previous, values
-        if previous is None:
-            return None  # the first measurement only gives the starting losses
-        target = softadapt_weights(values, previous, self.beta, self.normalized, self.loss_weighted)
-        return [self.momentum * c + (1 - self.momentum) * t for c, t in zip(current, target)], target
+        present = measurement.present.tolist()
+        previous, self._previous = self._previous, _remember(self._previous, values, present)
+        terms = _comparable(present, previous)  # the first measurement only gives the starting losses
+        if len(terms) < 2:
+            return None
+        sub = softadapt_weights([values[i] for i in terms], [previous[i] for i in terms], self.beta, self.normalized, self.loss_weighted)  # type: ignore[index]
+        target = _scatter(len(values), terms, sub)
+        return [c if math.isnan(t) else self.momentum * c + (1 - self.momentum) * t for c, t in zip(current, target)], target
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "previous": self._previous}
@@ -148,12 +174,26 @@ class ReLoBRaLoBalancer(_LossRule):
         return {**super()._identity(), "alpha": self.alpha, "expected_rho": self.expected_rho, "temperature": self.temperature}
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
-        previous, self._previous = self._previous, values
-        if previous is None or self._initial is None:
-            self._initial = values
+        present = measurement.present.tolist()
+        previous, initial = self._previous, self._initial
+        self._previous = _remember(previous, values, present)
+        self._initial = _remember(initial, values, present) if initial is None else [
+            v if math.isnan(start) and here else start for v, start, here in zip(values, initial, present)
+        ]
+        terms = _comparable(present, previous, initial)
+        if len(terms) < 2:
             return None
         rho = float(torch.rand((), generator=self._generator).item() < self.expected_rho)
-        new = relobralo_weights(current, values, previous, self._initial, self.alpha, rho, self.temperature)
+        sub = relobralo_weights(
+            [current[i] for i in terms],
+            [values[i] for i in terms],
+            [previous[i] for i in terms],  # type: ignore[index]
+            [initial[i] for i in terms],  # type: ignore[index]
+            self.alpha,
+            rho,
+            self.temperature,
+        )
+        new = _scatter(len(values), terms, sub)
         return new, new
 
     def state_dict(self) -> dict[str, Any]:
@@ -366,16 +406,29 @@ class GradNormWeighting(_TrainedWeights):
         return torch.tensor([len(weights) * w / total for w in weights], dtype=torch.float64)
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
-        if self._initial_losses is None:
-            self._initial_losses = list(self._losses)
+        present = measurement.present.tolist()
+        initial = self._initial_losses
+        self._initial_losses = _remember(None, self._losses, present) if initial is None else [
+            now if math.isnan(start) and here else start for now, start, here in zip(self._losses, initial, present)
+        ]
+        terms = _comparable(present, self._initial_losses)
+        if len(terms) < 2:
+            return None
         weights = self._ensure_parameter()
-        ratios = [now / start if start > 0 else 1.0 for now, start in zip(self._losses, self._initial_losses)]
+        ratios = [self._losses[i] / self._initial_losses[i] if self._initial_losses[i] > 0 else 1.0 for i in terms]
         mean_ratio = sum(ratios) / len(ratios)
         inverse_rates = torch.tensor([r / mean_ratio if mean_ratio > 0 else 1.0 for r in ratios], dtype=torch.float64)
-        self._step(gradnorm_objective(weights, torch.tensor(values, dtype=torch.float64), inverse_rates, self.alpha))
+        index = torch.tensor(terms)
         with torch.no_grad():
-            weights.clamp_(min=self.min_weight)
-            weights.mul_(len(values) / weights.sum())
+            before = weights.detach().clone()
+        norms = torch.tensor([values[i] for i in terms], dtype=torch.float64)
+        self._step(gradnorm_objective(weights[index], norms, inverse_rates, self.alpha))
+        with torch.no_grad():
+            weights[index] = weights[index].clamp(min=self.min_weight)
+            weights[index] = weights[index] * (before[index].sum() / weights[index].sum())  # Σ w = K over the terms it saw
+            kept = torch.ones_like(weights, dtype=torch.bool)
+            kept[index] = False
+            weights[kept] = before[kept]  # an absent term's weight does not drift with the optimizer's momentum
         new = weights.tolist()
         return new, new
 
@@ -434,10 +487,20 @@ class UncertaintyWeighting(_TrainedWeights):
         return torch.tensor([-math.log(max(w, 1e-30)) for w in weights], dtype=torch.float64)
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
+        present = measurement.present.tolist()
+        terms = _comparable(present)
+        if not terms:
+            return None
         log_variances = self._ensure_parameter()
-        self._step(uncertainty_objective(log_variances, torch.tensor(values, dtype=torch.float64)))
+        index = torch.tensor(terms)
+        before = log_variances.detach().clone()
+        self._step(uncertainty_objective(log_variances[index], torch.tensor([values[i] for i in terms], dtype=torch.float64)))
+        with torch.no_grad():
+            kept = torch.ones_like(log_variances, dtype=torch.bool)
+            kept[index] = False
+            log_variances[kept] = before[kept]  # an absent term keeps its weight (no drift from Adam's momentum)
         new = torch.exp(-log_variances.detach()).tolist()
-        target = [1.0 / v if v > 0 else math.nan for v in values]
+        target = [1.0 / values[i] if present[i] and values[i] > 0 else math.nan for i in range(len(values))]
         return new, target
 
 
