@@ -354,7 +354,12 @@ class TermGradientEngine:
         window.pending.append(capture)
 
     def _backward(
-        self, capture: _Capture, losses: list[Tensor | None], residuals: list[Tensor | None], inputs: tuple[Tensor, ...], grad_output: Tensor
+        self,
+        capture: _Capture,
+        losses: list[Tensor | None],
+        residuals: list[Tensor | None],
+        inputs: tuple[Tensor, ...],
+        grad_output: Tensor,
     ) -> list[Tensor | None]:
         """``Σ λ_i ∇L_i`` for each input (times the cotangent); records the per-term gradients."""
         assert capture.trainable is not None

@@ -29,9 +29,7 @@ def _comparable(present: list[bool], *histories: list[float] | None) -> list[int
     The loss-comparing and trained rules work on these terms only: a term passed as ``None``
     has no loss to compare, so it keeps its weight and its history until it comes back.
     """
-    return [
-        i for i, here in enumerate(present) if here and all(h is not None and math.isfinite(h[i]) for h in histories)
-    ]
+    return [i for i, here in enumerate(present) if here and all(h is not None and math.isfinite(h[i]) for h in histories)]
 
 
 def _remember(old: list[float] | None, values: list[float], present: list[bool]) -> list[float]:
@@ -177,9 +175,11 @@ class ReLoBRaLoBalancer(_LossRule):
         present = measurement.present.tolist()
         previous, initial = self._previous, self._initial
         self._previous = _remember(previous, values, present)
-        self._initial = _remember(initial, values, present) if initial is None else [
-            v if math.isnan(start) and here else start for v, start, here in zip(values, initial, present)
-        ]
+        self._initial = (
+            _remember(initial, values, present)
+            if initial is None
+            else [v if math.isnan(start) and here else start for v, start, here in zip(values, initial, present)]
+        )
         terms = _comparable(present, previous, initial)
         if len(terms) < 2:
             return None
@@ -408,9 +408,11 @@ class GradNormWeighting(_TrainedWeights):
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
         present = measurement.present.tolist()
         initial = self._initial_losses
-        self._initial_losses = _remember(None, self._losses, present) if initial is None else [
-            now if math.isnan(start) and here else start for now, start, here in zip(self._losses, initial, present)
-        ]
+        self._initial_losses = (
+            _remember(None, self._losses, present)
+            if initial is None
+            else [now if math.isnan(start) and here else start for now, start, here in zip(self._losses, initial, present)]
+        )
         terms = _comparable(present, self._initial_losses)
         if len(terms) < 2:
             return None
