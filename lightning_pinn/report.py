@@ -60,6 +60,18 @@ class History:
     def __len__(self) -> int:
         return len(self._steps)
 
+    def to_state(self) -> dict[str, tuple[list[int], list[float]]]:
+        """Plain lists (safe for ``torch.load(weights_only=True)``), for a callback's checkpoint state."""
+        return {tag: (list(self._steps[tag]), list(self._values[tag])) for tag in self._steps}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, tuple[list[int], list[float]]]) -> History:
+        """The inverse of :meth:`to_state`."""
+        history = cls()
+        for tag, (steps, values) in state.items():
+            history._steps[tag], history._values[tag] = array("q", steps), array("d", values)
+        return history
+
 
 def read_history(run_dir: str | Path) -> History:
     """All scalars of the TensorBoard run in ``run_dir`` (a folder holding event files)."""
@@ -95,6 +107,7 @@ class Diagnosis:
     ratio_measurements_above: int = 0
     conflict_spans: list[tuple[str, str, int, int | None, float]] = field(default_factory=list)
     weights: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)  # first, last, min, max
+    weights_first_changed: int | None = None  # first step at which a weight differs from its first value
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # first, last
     stalled_terms: list[str] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
@@ -156,8 +169,11 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
                 result.conflict_spans.append((a, b, start, end, best[1]))
 
     for term in history.terms("weight"):
-        _, values = history[f"weight/{term}"]
+        steps, values = history[f"weight/{term}"]
         result.weights[term] = (values[0], values[-1], min(values), max(values))
+        changed = next((step for step, value in zip(steps, values) if value != values[0]), None)
+        if changed is not None and (result.weights_first_changed is None or changed < result.weights_first_changed):
+            result.weights_first_changed = changed
     for term in history.terms("loss"):
         steps, values = history[f"loss/{term}"]
         finite = [v for v in values if math.isfinite(v)]
@@ -173,7 +189,15 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
 def _advice(d: Diagnosis) -> list[str]:
     advice = []
     adapted = any(last != first for first, last, _, _ in d.weights.values())
-    if d.ratio_spans:
+    changed = d.weights_first_changed
+    if d.ratio_spans and adapted and changed is not None and all(end is not None and start < changed for start, end in d.ratio_spans):
+        # e.g. the step-0 measurement, taken before a balancer's first update
+        ends = max(end for _, end in d.ratio_spans if end is not None)
+        advice.append(
+            f"The ratio was above the threshold only before the weights first changed (step {changed}) and was back "
+            f"below it by step {ends}: the balancing worked, nothing to fix there."
+        )
+    elif d.ratio_spans:
         if adapted:
             advice.append(
                 "The weights did change during the fit, but the ratio still crossed the threshold: update more often "

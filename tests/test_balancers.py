@@ -341,3 +341,37 @@ def test_unknown_term_names_fail_at_fit_start() -> None:
         _quiet_fit(TwoTermPoisson(), 1, [GradNormBalancer(terms=["ic"])])
     with pytest.raises(ValueError, match=r"reference=\.\.\.\): unknown term 'u'"):
         _quiet_fit(TwoTermPoisson(), 1, [NTKBalancer(reference="u")])
+
+
+# ------------------------------------------------------------------ one writer per weight series
+@pytest.mark.parametrize("monitor_every", [1, 10])
+def test_monitor_and_balancers_write_each_weight_series_once(tmp_path: Any, monitor_every: int) -> None:
+    """With a monitor and two balancers on one loss, each ``weight/<term>`` has one point per
+    step, in step order, from its single writer; the end-of-fit report and one rebuilt from the
+    event files give the same final weights."""
+    from lightning_pinn.report import diagnose, read_history
+
+    class ThreeTerms(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.criterion(**self.residuals(), data=0.01 * (self.net(self.x) - 1))
+
+    model = ThreeTerms()
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    monitor = GradientNormMonitor(every_n_steps=monitor_every, verbose=False)
+    callbacks = [monitor, GradNormBalancer(every_n_steps=3, terms=["bc"]), NTKBalancer(every_n_steps=4, terms=["data"])]
+    _quiet_fit(model, 23, callbacks, logger=logger, log_every_n_steps=5)
+    events = load_events(tmp_path)
+    for term in ("pde", "bc", "data"):
+        steps = [step for step, _ in scalar_series(events, f"weight/{term}")]
+        assert steps == sorted(set(steps)), (term, steps)
+        assert steps[0] == 0
+    assert scalar_series(events, "weight/bc")[-1][1] == pytest.approx(model.criterion.weights["bc"])
+    assert scalar_series(events, "weight/data")[-1][1] == pytest.approx(model.criterion.weights["data"])
+    at_fit_end = diagnose(monitor.history).weights
+    from_files = diagnose(read_history(tmp_path / "run" / "version_0")).weights
+    assert {t: w[1] for t, w in at_fit_end.items()} == pytest.approx({t: w[1] for t, w in from_files.items()})
+    assert {t: w[1] for t, w in at_fit_end.items()} == pytest.approx(model.criterion.weights)

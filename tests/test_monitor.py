@@ -355,3 +355,55 @@ def test_bad_threshold(value: float) -> None:
 def test_bad_conflict_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         GradientNormMonitor(**kwargs)
+
+
+# ------------------------------------------------------------------ one monitor, several fits
+def test_a_reused_monitor_starts_each_fit_afresh(tmp_path: Any) -> None:
+    """One monitor object in a λ sweep: each fit raises its own alarm and writes its own report."""
+    monitor = GradientNormMonitor(every_n_steps=5, verbose=False)
+    alarms = []
+    for index, ic_weight in enumerate([1e-4, 1e-4, 100.0]):
+        model = HarmonicOscillator(ic_weight=ic_weight)
+        logger = TensorBoardLogger(str(tmp_path), name="sweep", version=index)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(20, [monitor], logger=logger).fit(model)
+        alarms.append(sum(issubclass(w.category, LossBalanceWarning) for w in caught))
+        assert monitor.diagnosis.measurements == 4
+        text = (tmp_path / "sweep" / f"version_{index}" / "diagnosis.md").read_text()
+        assert "4 measurements, steps 0–15." in text
+    assert alarms[:2] == [1, 1]  # the second fit's alarm is not swallowed by the first's (still on at its end)
+    assert alarms[2] == 0 and "Never above the threshold" in text
+
+
+def test_the_report_of_a_resumed_fit_covers_the_whole_run(tmp_path: Any) -> None:
+    """The history behind diagnosis.md is checkpointed with the alarm state, so the report and
+    the end-of-fit summary of a resumed fit tell the same story."""
+    model = HarmonicOscillator(ic_weight=1e-4)
+    first = make_trainer(10, [GradientNormMonitor(every_n_steps=5, verbose=False, report=False)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first.fit(model)
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    monitor = GradientNormMonitor(every_n_steps=5, verbose=False)
+    logger = TensorBoardLogger(str(tmp_path), name="resumed", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(20, [monitor], logger=logger).fit(HarmonicOscillator(ic_weight=1e-4), ckpt_path=tmp_path / "half.ckpt")
+    assert monitor.diagnosis.measurements == 4 and monitor.diagnosis.first_step == 0
+    text = (tmp_path / "resumed" / "version_0" / "diagnosis.md").read_text()
+    assert "4 measurements, steps 0–15." in text
+    assert "steps 0–end (4 of 4 measurements)" in text
+
+
+def test_the_report_does_not_blame_a_balancer_for_the_step_before_its_first_update() -> None:
+    from lightning_pinn.report import History, diagnose
+
+    history = History()
+    for step, ratio, weight in [(0, 500.0, 1.0), (50, 2.0, 480.0), (100, 1.5, 500.0)]:
+        history.add({"grad_norm/pde": 1.0, "grad_norm/ic": 1.0 / ratio, "grad_ratio": ratio, "weight/ic": weight}, step)
+        history.add({"alarm/grad_ratio": float(ratio > 100), "weight/pde": 1.0}, step)
+    advice = " ".join(diagnose(history, threshold=100.0).advice)
+    assert "only before the weights first changed (step 50)" in advice and "update more often" not in advice
+    history.add({"grad_ratio": 900.0, "alarm/grad_ratio": 1.0, "weight/ic": 500.0}, 150)  # and again later
+    assert "update more often" in " ".join(diagnose(history, threshold=100.0).advice)

@@ -134,6 +134,31 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
+def weight_terms_to_log(trainer: pl.Trainer, callback: PerTermCallback) -> list[str]:
+    """The terms whose ``weight/<term>`` series ``callback`` writes: each series has one writer.
+
+    A balancer writes the terms it may change; the terms no balancer changes are written by the
+    first :class:`GradientNormMonitor` on the same loss, else by the first balancer. Two writers
+    of one tag would give it two points at a step (or points out of step order).
+    """
+    from lightning_pinn.callbacks.balancers import WeightBalancer
+    from lightning_pinn.callbacks.monitor import GradientNormMonitor
+
+    loss = callback._loss
+    if loss is None:
+        return []
+    mine = [cb for cb in trainer.callbacks if isinstance(cb, PerTermCallback) and cb._loss is loss]  # type: ignore[attr-defined]
+    balancers = [cb for cb in mine if isinstance(cb, WeightBalancer)]
+    monitors = [cb for cb in mine if isinstance(cb, GradientNormMonitor)]
+    fallback = monitors[0] if monitors else balancers[0] if balancers else None
+    writers = {}
+    for balancer in balancers:
+        for name in loss.term_names:
+            if balancer.terms is None or name in balancer.terms:
+                writers.setdefault(name, balancer)
+    return [name for name in loss.term_names if writers.get(name, fallback) is callback]
+
+
 def logger_step(trainer: pl.Trainer) -> int:
     """The step Lightning's own logging uses for the current batch (as ``LearningRateMonitor`` does)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped

@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
-from lightning_pinn.callbacks._base import PerTermCallback, log_scalars
+from lightning_pinn.callbacks._base import PerTermCallback, log_scalars, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest
 from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
@@ -111,6 +111,7 @@ class WeightBalancer(PerTermCallback):
         self._clamp_warned: set[str] = set()
         self._last_logged_step: int | None = None  # step of the last logged weights (logging only, not state)
         self._unlogged: tuple[int, dict[str, float]] | None = None
+        self._weight_terms: list[str] = []  # the weight/<term> series this balancer writes
 
     # ---------------------------------------------------------------- subclass API
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
@@ -213,15 +214,13 @@ class WeightBalancer(PerTermCallback):
         self.num_updates += 1
         self.last_target = {name: value for name, value in zip(names, target) if math.isfinite(value)}
         # the new weights, and the targets that produced them, apply from the next optimizer step on
-        applied = {f"weight/{name}": value for name, value in self.criterion.weights.items()}
+        weights = self.criterion.weights
+        applied = {f"weight/{name}": weights[name] for name in self._weight_terms}
         applied.update({f"weight_target/{name}": value for name, value in self.last_target.items()})
         if not self._logging_due(trainer, step + 1):
             self._unlogged = (step + 1, applied)  # written at the end of the fit unless a later update is logged
             return
-        measured = self._extra_metrics(measurement)
-        if self.num_updates == 1:  # start the weight chart at the initial values
-            measured.update({f"weight/{name}": value for name, value in zip(names, current)})
-        log_scalars(trainer, measured, step)
+        log_scalars(trainer, self._extra_metrics(measurement), step)
         log_scalars(trainer, applied, step + 1)
         self._last_logged_step, self._unlogged = step + 1, None
 
@@ -236,8 +235,15 @@ class WeightBalancer(PerTermCallback):
         interval = trainer.log_every_n_steps
         return self._last_logged_step is None or interval <= 1 or applied_step - self._last_logged_step >= interval
 
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_end(trainer, pl_module)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # all callbacks are attached now: which weight series this balancer writes, starting
+        # with the weights in force at the first step (also after a resume or a warm-up)
+        self._weight_terms = weight_terms_to_log(trainer, self)
+        weights = self.criterion.weights
+        log_scalars(trainer, {f"weight/{name}": weights[name] for name in self._weight_terms}, trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the last update is always logged, before a monitor writes its report (on_fit_end)
         if self._unlogged is not None:
             applied_step, applied = self._unlogged
             log_scalars(trainer, applied, applied_step)

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
-from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, log_scalars, tensorboard_writers
+from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, log_scalars, tensorboard_writers, weight_terms_to_log
 from lightning_pinn.diagnostics import GradientReport, summarize_gradients
 from lightning_pinn.engine import StepMeasurement
 from lightning_pinn.report import History, write_report
@@ -173,6 +173,15 @@ class GradientNormMonitor(PerTermCallback):
         self.verbose = verbose
         self.report = bool(report)
         self.report_path: Path | None = None
+        self._restored = False
+        self._reset_fit_state()
+        self._pending = PendingEvents()
+        self._progress_bar_step: int | None = None
+        self._balancer_names: list[str] = []
+        self._weight_terms: list[str] = []  # the weight/<term> series this monitor writes (the rest: balancers)
+
+    def _reset_fit_state(self) -> None:
+        """Forget what earlier fits measured: each fit gets its own alarms, diagnosis and report."""
         self.history = History()
         self.diagnosis = MonitorDiagnosis()
         self._conflict_streak: dict[str, int] = {}
@@ -180,9 +189,6 @@ class GradientNormMonitor(PerTermCallback):
         self._conflict_active: dict[str, bool] = {}
         self._term_flags: dict[str, str] = {}
         self.last_report: GradientReport | None = None
-        self._pending = PendingEvents()
-        self._progress_bar_step: int | None = None
-        self._balancer_names: list[str] = []
 
     def _is_due(self, step: int) -> bool:
         return step % self.every_n_steps == 0 or (self.print_every_n_steps is not None and step % self.print_every_n_steps == 0)
@@ -200,7 +206,12 @@ class GradientNormMonitor(PerTermCallback):
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        self._progress_bar_step = None  # a reused monitor starts refreshing the bar afresh
+        # A monitor reused for another fit (e.g. one object in a λ sweep) starts afresh, unless
+        # this fit resumes from a checkpoint: Lightning has restored its state just before.
+        if not self._restored:
+            self._reset_fit_state()
+        self._restored = False
+        self._progress_bar_step = None
         for writer in tensorboard_writers(trainer):
             write_layout(writer)
 
@@ -216,8 +227,12 @@ class GradientNormMonitor(PerTermCallback):
         conflict_alarm = self._track_conflicts(trainer, report, step)
 
         metrics: dict[str, float] = {}
+        weights: dict[str, float] = {}  # all of them go into the history; those a balancer writes, not to the loggers
         for name, loss, weight, norm, weighted in zip(report.terms, report.losses, report.weights, report.norms, report.weighted_norms):
-            metrics[f"weight/{name}"] = weight
+            if name in self._weight_terms:
+                metrics[f"weight/{name}"] = weight
+            else:
+                weights[f"weight/{name}"] = weight
             if name in report.absent_terms:
                 continue  # passed as None throughout this step: nothing was measured
             metrics[f"loss/{name}"] = loss
@@ -234,6 +249,8 @@ class GradientNormMonitor(PerTermCallback):
         # batches; sparser ones go at once (batching would save nothing).
         log_scalars(trainer, metrics, step, self._pending if self.every_n_steps < trainer.log_every_n_steps else None)
         self.history.add(metrics, step)
+        if weights:
+            self.history.add(weights, step)
         if (
             self.progress_bar
             and report.ratio is not None
@@ -268,6 +285,7 @@ class GradientNormMonitor(PerTermCallback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_pinn.callbacks.balancers import WeightBalancer
 
+        self._weight_terms = weight_terms_to_log(trainer, self)
         # balancers on the same loss (all callbacks are attached by now): the alarm text says so
         self._balancer_names = [
             type(cb).__name__
@@ -284,6 +302,9 @@ class GradientNormMonitor(PerTermCallback):
         self._pending.flush()
         if self.diagnosis.measurements == 0:
             return
+        if self._loss is not None and trainer.global_step > (self.diagnosis.last_step or 0):
+            # the weights the fit ends with (a balancer may have changed them after the last measurement)
+            self.history.add({f"weight/{name}": value for name, value in self._loss.weights.items()}, trainer.global_step)
         text = self.summary()
         if self.verbose:
             rank_zero_info(text)
@@ -489,6 +510,7 @@ class GradientNormMonitor(PerTermCallback):
             "conflict_active": dict(self._conflict_active),
             "conflict_losses": {key: list(values) for key, values in self._conflict_losses.items()},
             "term_flags": dict(self._term_flags),
+            "history": self.history.to_state(),  # the report of a resumed fit covers the whole run
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -501,6 +523,8 @@ class GradientNormMonitor(PerTermCallback):
         self._conflict_active = dict(state_dict.get("conflict_active", {}))
         self._conflict_losses = {key: list(values) for key, values in state_dict.get("conflict_losses", {}).items()}
         self._term_flags = dict(state_dict.get("term_flags", {}))
+        self.history = History.from_state(state_dict.get("history", {}))
+        self._restored = True
 
 
 def _as_markdown(text: str) -> str:

@@ -585,6 +585,7 @@ class WeightSchedule(WeightBalancer):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.criterion.set_weights({term: self.weight_at(term, trainer.global_step) for term in self.schedule})
+        super().on_train_start(trainer, pl_module)
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
         new = [
