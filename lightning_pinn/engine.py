@@ -54,6 +54,7 @@ class TraceRequest:
     sample_size: int | None = None
     chunk_size: int | None = None  # None: lightning_pinn.ntk.auto_chunk_size
     generator: torch.Generator | None = None
+    untraced_ok: frozenset[str] = frozenset()  # terms that may be given as 0-dim losses (they get no trace)
 
     def merged(self, other: TraceRequest | None) -> TraceRequest:
         """The request that satisfies both ``self`` and ``other`` (exact beats sampled)."""
@@ -64,7 +65,8 @@ class TraceRequest:
         else:
             size = max(self.sample_size, other.sample_size)
         chunks = [c for c in (self.chunk_size, other.chunk_size) if c is not None]
-        return TraceRequest(size, min(chunks) if chunks else None, self.generator or other.generator)
+        untraced_ok = self.untraced_ok & other.untraced_ok  # a term one requester needs a trace of must have one
+        return TraceRequest(size, min(chunks) if chunks else None, self.generator or other.generator, untraced_ok)
 
 
 @dataclass(frozen=True)
@@ -311,12 +313,14 @@ class TermGradientEngine:
         window = self._window
         assert window is not None
         if window.trace_request is not None:
+            untraced_ok = window.trace_request.untraced_ok
             for name, residual in zip(names, residuals):
-                if residual is not None and residual.dim() == 0:
+                if residual is not None and residual.dim() == 0 and name not in untraced_ok:
                     raise ValueError(
                         f"NTK traces need point-wise residuals, but term '{name}' was given as a 0-dim (already reduced) "
                         f"loss. Pass the residual vector for '{name}' (its loss is then the mean of its squares), or "
-                        "exclude the term from the NTK balancer."
+                        f"leave '{name}' out of NTKBalancer(terms=[...]) (and out of reference=): such a term keeps its "
+                        "weight and is left out of the traces' sum."
                     )
         weights = lambdas.detach().clone()
         if all(loss is not None for loss in losses):
@@ -407,7 +411,7 @@ class TermGradientEngine:
         sums: list[Tensor] = []
         counts: list[float] = []
         for residual in residuals:
-            if residual is None:
+            if residual is None or residual.dim() == 0:  # absent, or a reduced loss allowed without a trace
                 sums.append(torch.zeros((), dtype=torch.float64))
                 counts.append(0.0)
                 continue

@@ -321,15 +321,19 @@ def plot_history(history: History, path: str | Path, title: str = "") -> None:
 
 
 def write_report(
-    history: History, folder: str | Path, title: str = "Loss-balance diagnosis", cosine_threshold: float = -0.5
+    history: History,
+    folder: str | Path,
+    title: str = "Loss-balance diagnosis",
+    cosine_threshold: float = -0.5,
+    name: str = "diagnosis",
 ) -> tuple[Path, Path]:
-    """Write ``diagnosis.md`` and ``diagnosis.png`` into ``folder``; return their paths."""
+    """Write ``<name>.md`` and ``<name>.png`` into ``folder``; return their paths."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    markdown = folder / "diagnosis.md"
-    picture = folder / "diagnosis.png"
+    markdown = folder / f"{name}.md"
+    picture = folder / f"{name}.png"
     text = render_markdown(diagnose(history, cosine_threshold=cosine_threshold), title)
-    markdown.write_text(text + "\n![gradient norms and weights](diagnosis.png)\n")
+    markdown.write_text(text + f"\n![gradient norms and weights]({picture.name})\n")
     plot_history(history, picture, title)
     return markdown, picture
 

@@ -7,6 +7,7 @@ cosines and the alarm flags.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "write_layout"]
@@ -15,24 +16,42 @@ __all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "write_layout"]
 LAYOUT_CATEGORY = "lightning-pinn"
 
 
-def dashboard_layout() -> dict[str, dict[str, list[Any]]]:
-    """The layout passed to ``SummaryWriter.add_custom_scalars`` (tag regexes, one chart each)."""
+def dashboard_layout(prefix: str = "") -> dict[str, dict[str, list[Any]]]:
+    """The layout passed to ``SummaryWriter.add_custom_scalars`` (tag regexes, one chart each).
+
+    ``prefix`` is a loss's tag prefix (``"<loss path>/"`` when a module holds several
+    ``MultiTermLoss``); each loss then gets its own category.
+    """
+    p = re.escape(prefix)
+    category = f"{LAYOUT_CATEGORY} ({prefix.rstrip('/')})" if prefix else LAYOUT_CATEGORY
     return {
-        LAYOUT_CATEGORY: {
-            "gradient norm per term  ‖∇θ L_i‖": ["Multiline", [r"^grad_norm/"]],
-            "weighted gradient norm per term  λ_i‖∇θ L_i‖": ["Multiline", [r"^grad_norm_weighted/"]],
-            "gradient-norm ratio (max/min weighted) vs alarm threshold": ["Multiline", [r"^grad_ratio$", r"^grad_ratio_threshold$"]],
-            "loss per term  L_i (unweighted)": ["Multiline", [r"^loss/"]],
-            "weight per term  λ_i": ["Multiline", [r"^weight/"]],
-            "gradient cosine per pair": ["Multiline", [r"^grad_cosine/"]],
-            "alarms (1 = on)": ["Multiline", [r"^alarm/"]],
+        category: {
+            "gradient norm per term  ‖∇θ L_i‖": ["Multiline", [rf"^{p}grad_norm/"]],
+            "weighted gradient norm per term  λ_i‖∇θ L_i‖": ["Multiline", [rf"^{p}grad_norm_weighted/"]],
+            "gradient-norm ratio (max/min weighted) vs alarm threshold": [
+                "Multiline",
+                [rf"^{p}grad_ratio$", rf"^{p}grad_ratio_threshold$"],
+            ],
+            "loss per term  L_i (unweighted)": ["Multiline", [rf"^{p}loss/"]],
+            "weight per term  λ_i": ["Multiline", [rf"^{p}weight/"]],
+            "gradient cosine per pair": ["Multiline", [rf"^{p}grad_cosine/"]],
+            "alarms (1 = on)": ["Multiline", [rf"^{p}alarm/"]],
         }
     }
 
 
-def write_layout(writer: Any) -> None:
-    """Write the layout once to a ``SummaryWriter`` (a second call on the same writer does nothing)."""
-    if getattr(writer, "_lightning_pinn_layout_written", False):
+def write_layout(writer: Any, prefix: str = "") -> None:
+    """Write the layout to a ``SummaryWriter``, once per writer and prefix.
+
+    TensorBoard keeps the last layout written to a run, so with several losses the layout
+    written holds every loss's category seen so far.
+    """
+    written: set[str] = getattr(writer, "_lightning_pinn_layouts", set())
+    if prefix in written:
         return
-    writer.add_custom_scalars(dashboard_layout())
-    writer._lightning_pinn_layout_written = True
+    written.add(prefix)
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for each in sorted(written):
+        layout.update(dashboard_layout(each))
+    writer.add_custom_scalars(layout)
+    writer._lightning_pinn_layouts = written

@@ -15,7 +15,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from tb import load_events, scalar_series
 
 from lightning_pinn import MultiTermLoss
-from lightning_pinn.alerts import WeightUpdateWarning
+from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer
 from lightning_pinn.engine import TermGradientEngine
 from lightning_pinn.problems import HarmonicOscillator
@@ -212,6 +212,32 @@ def test_ntk_balancer_refuses_zero_dim_terms() -> None:
 
     with pytest.raises(ValueError, match="term 'bc' was given as a 0-dim"):
         _quiet_fit(Reduced(), 2, [NTKBalancer(every_n_steps=1)])
+    with pytest.raises(ValueError, match="term 'bc' was given as a 0-dim"):  # a reference needs its trace
+        _quiet_fit(Reduced(), 2, [NTKBalancer(every_n_steps=1, terms=["pde"], reference="bc")])
+
+
+def test_ntk_balancer_leaves_a_zero_dim_term_outside_its_terms_out_of_the_sum() -> None:
+    """The error's advice works: a reduced data misfit outside ``terms`` keeps its weight."""
+
+    class WithData(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            misfit = torch.nn.functional.mse_loss(self.net(self.x), torch.ones_like(self.x))  # 0-dim
+            return self.criterion(**self.residuals(), data=misfit)
+
+    model = WithData()
+    balancer = NTKBalancer(every_n_steps=1, terms=["pde", "bc"])
+    caught = _quiet_fit(model, 1, [balancer, GradNormBalancer(every_n_steps=1, terms=["data"])])
+    assert not [w for w in caught if issubclass(w.category, (WeightUpdateWarning, TermGradientWarning))]
+    traces = balancer.last_traces
+    assert math.isnan(traces["data"]) and traces["pde"] > 0 and traces["bc"] > 0
+    total = traces["pde"] + traces["bc"]
+    weights = model.criterion.weights
+    assert weights["pde"] == pytest.approx(total / traces["pde"], rel=1e-5)
+    assert weights["bc"] == pytest.approx(total / traces["bc"], rel=1e-5)
 
 
 # ------------------------------------------------------------------ sharing, logging, state

@@ -332,6 +332,39 @@ def test_several_losses_need_a_name() -> None:
     assert monitor.diagnosis.measurements == 2
 
 
+def test_two_losses_with_a_monitor_each_keep_their_series_and_reports_apart(tmp_path: Any) -> None:
+    """Each loss's tags, alarms and report carry its path, so two monitors never share a series."""
+
+    class TwoLosses(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.second = MultiTermLoss(pde=1.0, bc=1e-3)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            residuals = self.residuals()
+            return self.criterion(**residuals) + self.second(**residuals)
+
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    monitors = [GradientNormMonitor(every_n_steps=2, loss_module=name, verbose=False) for name in ("criterion", "second")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(6, monitors, logger=logger).fit(TwoLosses())
+    events = load_events(tmp_path)
+    scalars = set(events.Tags()["scalars"])
+    for name in ("criterion", "second"):
+        assert {f"{name}/grad_norm/pde", f"{name}/grad_ratio", f"{name}/weight/bc"} <= scalars
+        assert [step for step, _ in scalar_series(events, f"{name}/grad_ratio")] == [0, 2, 4]
+    assert "grad_ratio" not in scalars
+    assert scalar_series(events, "second/weight/bc")[0][1] == pytest.approx(1e-3)
+    run = tmp_path / "run" / "version_0"
+    assert [m.report_path for m in monitors] == [run / "diagnosis_criterion.md", run / "diagnosis_second.md"]
+    assert all(
+        path.exists() and path.with_suffix(".png").exists() for path in (run / "diagnosis_criterion.md", run / "diagnosis_second.md")
+    )
+    categories = {category.title for category in custom_scalars_layout(events).category}
+    assert {"lightning-pinn (criterion)", "lightning-pinn (second)"} <= categories
+
+
 def test_unknown_loss_module_name() -> None:
     with pytest.raises(ValueError, match=r"loss_module='crit'.*found: 'criterion'"):
         make_trainer(2, [GradientNormMonitor(loss_module="crit")]).fit(TwoTermPoisson())

@@ -188,6 +188,7 @@ class PerTermCallback(Callback):
         self.loss_module = loss_module
         self._loss: MultiTermLoss | None = None
         self._loss_path = ""
+        self._tag_prefix = ""
         self._engine: TermGradientEngine | None = None
         self._step_at_batch_start: int | None = None
         self._parameters: list[Tensor] = []
@@ -233,9 +234,18 @@ class PerTermCallback(Callback):
         # Found here, not in setup(): Lightning runs the callbacks' setup before the module's own
         # setup() and configure_model(), where a user may still be building the network or the loss.
         self._loss_path, self._loss = find_multi_term_loss(pl_module, self.loss_module, type(self).__name__)
+        # With several losses in one module, each loss's tags (and report) carry its path, e.g.
+        # "criterion_b/grad_norm/pde", so two monitors never write the same series.
+        several = sum(isinstance(m, MultiTermLoss) for m in pl_module.modules()) > 1
+        self._tag_prefix = f"{self._loss_path}/" if several else ""
         self._engine = TermGradientEngine.for_loss(self._loss)
         self._parameters = list(pl_module.parameters())
         self._on_attach(trainer, pl_module)
+
+    def _log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pending: PendingEvents | None = None) -> None:
+        """:func:`log_scalars` with this loss's tag prefix (empty when the module has one loss)."""
+        prefix = self._tag_prefix
+        log_scalars(trainer, {f"{prefix}{tag}": value for tag, value in metrics.items()} if prefix else metrics, step, pending)
 
     def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Subclass hook: the loss and parameters are known (at fit start, before the first step)."""

@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
-from lightning_pinn.callbacks._base import PerTermCallback, log_scalars, weight_terms_to_log
+from lightning_pinn.callbacks._base import PerTermCallback, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest
 from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
@@ -130,6 +130,10 @@ class WeightBalancer(PerTermCallback):
         """More scalars to log at the measured step (e.g. the NTK traces)."""
         return {}
 
+    def _rule_present(self, measurement: StepMeasurement) -> list[bool]:
+        """Which terms the rule sees at this measurement (the others keep their weight)."""
+        return measurement.present.tolist()
+
     # ---------------------------------------------------------------- identity
     def _identity(self) -> dict[str, Any]:
         return {
@@ -184,7 +188,7 @@ class WeightBalancer(PerTermCallback):
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
         names = measurement.terms
         step = measurement.step
-        present = measurement.present.tolist()
+        present = self._rule_present(measurement)
         # A term absent (None) for the whole step has nothing to measure: the rule gets 0 for it,
         # which leaves its weight unchanged and keeps it out of the max/mean/sum over terms.
         values = [value if here else 0.0 for value, here in zip(self._rule_inputs(measurement).tolist(), present)]
@@ -220,8 +224,8 @@ class WeightBalancer(PerTermCallback):
         if not self._logging_due(trainer, step + 1):
             self._unlogged = (step + 1, applied)  # written at the end of the fit unless a later update is logged
             return
-        log_scalars(trainer, self._extra_metrics(measurement), step)
-        log_scalars(trainer, applied, step + 1)
+        self._log_scalars(trainer, self._extra_metrics(measurement), step)
+        self._log_scalars(trainer, applied, step + 1)
         self._last_logged_step, self._unlogged = step + 1, None
 
     def _logging_due(self, trainer: pl.Trainer, applied_step: int) -> bool:
@@ -240,13 +244,13 @@ class WeightBalancer(PerTermCallback):
         # with the weights in force at the first step (also after a resume or a warm-up)
         self._weight_terms = weight_terms_to_log(trainer, self)
         weights = self.criterion.weights
-        log_scalars(trainer, {f"weight/{name}": weights[name] for name in self._weight_terms}, trainer.global_step)
+        self._log_scalars(trainer, {f"weight/{name}": weights[name] for name in self._weight_terms}, trainer.global_step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the last update is always logged, before a monitor writes its report (on_fit_end)
         if self._unlogged is not None:
             applied_step, applied = self._unlogged
-            log_scalars(trainer, applied, applied_step)
+            self._log_scalars(trainer, applied, applied_step)
             self._unlogged = None
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
@@ -446,7 +450,15 @@ class NTKBalancer(WeightBalancer):
         return {**super()._identity(), "trace_points": self.trace_points}
 
     def _wants(self) -> tuple[bool, TraceRequest | None]:
-        return False, TraceRequest(self.trace_points, self.chunk_size, self._generator)
+        # terms this balancer does not change (nor uses as reference) may be 0-dim losses: no trace
+        names = self.criterion.term_names
+        untraced_ok = frozenset(name for name, adaptive in zip(names, self._adaptive) if not adaptive and name != self.reference)
+        return False, TraceRequest(self.trace_points, self.chunk_size, self._generator, untraced_ok)
+
+    def _rule_present(self, measurement: StepMeasurement) -> list[bool]:
+        # a term given as a 0-dim loss outside `terms` has no trace: left out of Σ_j t_j
+        assert measurement.trace_points is not None
+        return [bool(here) and points > 0 for here, points in zip(measurement.present.tolist(), measurement.trace_points.tolist())]
 
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         assert measurement.traces is not None
@@ -457,7 +469,7 @@ class NTKBalancer(WeightBalancer):
         return ntk_trace_weights(values, self._reference_index)
 
     def _extra_metrics(self, measurement: StepMeasurement) -> dict[str, float]:
-        return {f"ntk_trace/{name}": value for name, value in self.last_traces.items()}
+        return {f"ntk_trace/{name}": value for name, value in self.last_traces.items() if math.isfinite(value)}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator_state": self._generator.get_state(), "last_traces": dict(self.last_traces)}

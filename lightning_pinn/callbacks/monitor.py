@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
-from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, log_scalars, tensorboard_writers, weight_terms_to_log
+from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, tensorboard_writers, weight_terms_to_log
 from lightning_pinn.diagnostics import GradientReport, summarize_gradients
 from lightning_pinn.engine import StepMeasurement
 from lightning_pinn.report import History, write_report
@@ -213,7 +213,7 @@ class GradientNormMonitor(PerTermCallback):
         self._restored = False
         self._progress_bar_step = None
         for writer in tensorboard_writers(trainer):
-            write_layout(writer)
+            write_layout(writer, self._tag_prefix)
 
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
         assert measurement.gradients is not None
@@ -247,7 +247,7 @@ class GradientNormMonitor(PerTermCallback):
         metrics["alarm/grad_conflict"] = float(conflict_alarm)
         # Measurements more frequent than Lightning's own logging wait and go to TensorBoard in
         # batches; sparser ones go at once (batching would save nothing).
-        log_scalars(trainer, metrics, step, self._pending if self.every_n_steps < trainer.log_every_n_steps else None)
+        self._log_scalars(trainer, metrics, step, self._pending if self.every_n_steps < trainer.log_every_n_steps else None)
         self.history.add(metrics, step)
         if weights:
             self.history.add(weights, step)
@@ -309,12 +309,17 @@ class GradientNormMonitor(PerTermCallback):
         if self.verbose:
             rank_zero_info(text)
         for writer in tensorboard_writers(trainer):
-            writer.add_text("diagnosis", _as_markdown(text), global_step=self.diagnosis.last_step)
+            writer.add_text(f"{self._tag_prefix}diagnosis", _as_markdown(text), global_step=self.diagnosis.last_step)
             writer.flush()
         if self.report and trainer.loggers and trainer.is_global_zero and trainer.log_dir is not None:
-            self.report_path, _ = write_report(self.history, trainer.log_dir, cosine_threshold=self.cosine_threshold or -0.5)
+            self.report_path, _ = write_report(
+                self.history,
+                trainer.log_dir,
+                cosine_threshold=self.cosine_threshold or -0.5,
+                name=f"diagnosis_{self._loss_path}" if self._tag_prefix else "diagnosis",
+            )
             if self.verbose:
-                rank_zero_info(f"GradientNormMonitor: wrote {self.report_path} and diagnosis.png")
+                rank_zero_info(f"GradientNormMonitor: wrote {self.report_path} and {self.report_path.with_suffix('.png').name}")
 
     # ---------------------------------------------------------------- alarms
     def _track_ratio(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
@@ -460,7 +465,7 @@ class GradientNormMonitor(PerTermCallback):
 
     def _write_text(self, trainer: pl.Trainer, tag: str, message: str, step: int) -> None:
         for writer in tensorboard_writers(trainer):
-            writer.add_text(tag, message, global_step=step)
+            writer.add_text(f"{self._tag_prefix}{tag}", message, global_step=step)
 
     # ---------------------------------------------------------------- reporting
     def summary(self) -> str:
