@@ -162,6 +162,8 @@ def main() -> None:
     import torch
 
     if args.cuda_memory_points:
+        if not torch.cuda.is_available():
+            parser.error("--cuda-memory-points measures CUDA memory and needs a CUDA GPU; this PyTorch sees none.")
         print(f"# benchmarks/ntk_cost.py on {torch.cuda.get_device_name()} (torch {torch.__version__})\n")
         print("## Peak CUDA memory of one exact trace computation, beyond the residual's graph (torch.cuda.max_memory_allocated)\n")
         print("| N points | one auto-sized chunk | exact, auto chunks | exact, one unchunked batch |\n|---|---|---|---|")
