@@ -13,8 +13,10 @@ from conftest import TwoTermPoisson, make_trainer
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.callbacks import (
+    GradNormBalancer,
     GradNormWeighting,
     LRAnnealingBalancer,
+    NTKBalancer,
     ReLoBRaLoBalancer,
     SoftAdaptBalancer,
     UncertaintyWeighting,
@@ -270,3 +272,28 @@ def test_resume_is_exact(tmp_path: Any, factory: Any) -> None:
             return resumed.criterion.weights
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: GradNormBalancer(every_n_steps=2),
+        lambda: NTKBalancer(every_n_steps=2, trace_points=8),
+        lambda: SoftAdaptBalancer(beta=10.0, every_n_steps=2),
+        lambda: ReLoBRaLoBalancer(alpha=0.5, temperature=1.0),
+        lambda: GradNormWeighting(learning_rate=0.05),
+        lambda: UncertaintyWeighting(learning_rate=0.1),
+    ],
+    ids=["gradnorm", "ntk", "softadapt", "relobralo", "gradnorm-weighting", "uncertainty"],
+)
+def test_a_balancer_reused_for_another_fit_starts_afresh(factory: Any) -> None:
+    """One balancer object used for two fits (a seed sweep, say): the second fit's weights are
+    those of a fresh balancer (the first update takes λ̂ directly, no state from the first fit)."""
+
+    def fit(balancer: Any) -> dict[str, float]:
+        torch.manual_seed(0)
+        return _fit(balancer, steps=6, model=Unequal()).criterion.weights
+
+    reused = factory()
+    fit(reused)
+    assert fit(reused) == pytest.approx(fit(factory()), rel=1e-6)

@@ -195,6 +195,7 @@ class PerTermCallback(Callback):
         self.last_measurement: StepMeasurement | None = None
         self._scaler_skips = 0
         self._state_key: str | None = None
+        self._restored = False  # set by load_state_dict: the next fit resumes instead of starting afresh
 
     # ---------------------------------------------------------------- subclass API
     def _is_due(self, step: int) -> bool:
@@ -240,7 +241,15 @@ class PerTermCallback(Callback):
         self._tag_prefix = f"{self._loss_path}/" if several else ""
         self._engine = TermGradientEngine.for_loss(self._loss)
         self._parameters = list(pl_module.parameters())
+        # A callback object reused for another fit (one object in a λ sweep, say) starts afresh,
+        # unless this fit resumes from a checkpoint: Lightning has restored its state just before.
+        if not self._restored:
+            self._reset_fit_state()
+        self._restored = False
         self._on_attach(trainer, pl_module)
+
+    def _reset_fit_state(self) -> None:
+        """Subclass hook: forget what earlier fits left in this callback (not on a resumed fit)."""
 
     def _log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pending: PendingEvents | None = None) -> None:
         """:func:`log_scalars` with this loss's tag prefix (empty when the module has one loss)."""

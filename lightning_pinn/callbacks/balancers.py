@@ -293,6 +293,13 @@ class WeightBalancer(PerTermCallback):
         return clamped
 
     # ---------------------------------------------------------------- state
+    def _reset_fit_state(self) -> None:
+        self.num_updates = 0
+        self.skipped_updates = 0
+        self.last_target = {}
+        self._zero_warned = set()
+        self._clamp_warned = set()
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "num_updates": self.num_updates,
@@ -308,6 +315,7 @@ class WeightBalancer(PerTermCallback):
         self.last_target = dict(state_dict.get("last_target", {}))
         self._zero_warned = set(state_dict.get("zero_warned", []))
         self._clamp_warned = set(state_dict.get("clamp_warned", []))
+        self._restored = True
 
 
 class GradNormBalancer(WeightBalancer):
@@ -470,6 +478,11 @@ class NTKBalancer(WeightBalancer):
 
     def _extra_metrics(self, measurement: StepMeasurement) -> dict[str, float]:
         return {f"ntk_trace/{name}": value for name, value in self.last_traces.items() if math.isfinite(value)}
+
+    def _reset_fit_state(self) -> None:
+        super()._reset_fit_state()
+        self._generator.manual_seed(self.seed)
+        self.last_traces = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator_state": self._generator.get_state(), "last_traces": dict(self.last_traces)}

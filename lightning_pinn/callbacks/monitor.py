@@ -173,7 +173,6 @@ class GradientNormMonitor(PerTermCallback):
         self.verbose = verbose
         self.report = bool(report)
         self.report_path: Path | None = None
-        self._restored = False
         self._reset_fit_state()
         self._pending = PendingEvents()
         self._progress_bar_step: int | None = None
@@ -205,12 +204,7 @@ class GradientNormMonitor(PerTermCallback):
 
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        # A monitor reused for another fit (e.g. one object in a λ sweep) starts afresh, unless
-        # this fit resumes from a checkpoint: Lightning has restored its state just before.
-        if not self._restored:
-            self._reset_fit_state()
-        self._restored = False
+        super().on_fit_start(trainer, pl_module)  # resets the fit state unless the fit resumes
         self._progress_bar_step = None
         for writer in tensorboard_writers(trainer):
             write_layout(writer, self._tag_prefix)

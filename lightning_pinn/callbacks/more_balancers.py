@@ -110,6 +110,10 @@ class SoftAdaptBalancer(_LossRule):
         target = _scatter(len(values), terms, sub)
         return [c if math.isnan(t) else self.momentum * c + (1 - self.momentum) * t for c, t in zip(current, target)], target
 
+    def _reset_fit_state(self) -> None:
+        super()._reset_fit_state()
+        self._previous = None
+
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "previous": self._previous}
 
@@ -195,6 +199,12 @@ class ReLoBRaLoBalancer(_LossRule):
         )
         new = _scatter(len(values), terms, sub)
         return new, new
+
+    def _reset_fit_state(self) -> None:
+        super()._reset_fit_state()
+        self._generator.manual_seed(self.seed)
+        self._initial = None
+        self._previous = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -338,6 +348,12 @@ class _TrainedWeights(WeightBalancer):
         objective.backward()
         self._optimizer.step()
 
+    def _reset_fit_state(self) -> None:
+        super()._reset_fit_state()
+        self._parameter = None
+        self._optimizer = None
+        self._pending_state = None
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         if self._parameter is not None and self._optimizer is not None:
@@ -433,6 +449,10 @@ class GradNormWeighting(_TrainedWeights):
             weights[kept] = before[kept]  # an absent term's weight does not drift with the optimizer's momentum
         new = weights.tolist()
         return new, new
+
+    def _reset_fit_state(self) -> None:
+        super()._reset_fit_state()
+        self._initial_losses = None
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "initial_losses": self._initial_losses}
