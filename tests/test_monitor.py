@@ -346,9 +346,11 @@ def test_two_losses_with_a_monitor_each_keep_their_series_and_reports_apart(tmp_
 
     logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
     monitors = [GradientNormMonitor(every_n_steps=2, loss_module=name, verbose=False) for name in ("criterion", "second")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         make_trainer(6, monitors, logger=logger).fit(TwoLosses())
+    alarms = [str(w.message) for w in caught if issubclass(w.category, LossBalanceWarning)]
+    assert alarms and all(message.startswith("GradientNormMonitor[second]: loss-balance alarm") for message in alarms)
     events = load_events(tmp_path)
     scalars = set(events.Tags()["scalars"])
     for name in ("criterion", "second"):

@@ -179,6 +179,11 @@ class GradientNormMonitor(PerTermCallback):
         self._balancer_names: list[str] = []
         self._weight_terms: list[str] = []  # the weight/<term> series this monitor writes (the rest: balancers)
 
+    @property
+    def _name(self) -> str:
+        """How messages name this monitor: with the loss's path when the module has several losses."""
+        return f"GradientNormMonitor[{self._loss_path}]" if self._tag_prefix else "GradientNormMonitor"
+
     def _reset_fit_state(self) -> None:
         """Forget what earlier fits measured: each fit gets its own alarms, diagnosis and report."""
         self.history = History()
@@ -340,9 +345,7 @@ class GradientNormMonitor(PerTermCallback):
         elif not above and diagnosis.ratio_alarm_active:
             if diagnosis.ratio_alarm_spans:
                 diagnosis.ratio_alarm_spans[-1][1] = step
-            message = (
-                f"GradientNormMonitor: gradient-norm ratio back to {report.ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
-            )
+            message = f"{self._name}: gradient-norm ratio back to {report.ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
             rank_zero_info(message)
             self._write_text(trainer, "alarms", message, step)
         diagnosis.ratio_alarm_active = above
@@ -355,7 +358,7 @@ class GradientNormMonitor(PerTermCallback):
         big_w, small_w = report.weighted_norms[index(big)], report.weighted_norms[index(small)]
         small_lambda = report.weights[index(small)]
         return (
-            f"GradientNormMonitor: loss-balance alarm at step {step}: the weighted gradient norm of term '{big}' "
+            f"{self._name}: loss-balance alarm at step {step}: the weighted gradient norm of term '{big}' "
             f"(λ·‖∇L‖ = {big_w:.3g}) is {report.ratio:.3g}x that of term '{small}' ({small_w:.3g}), above the "
             f"threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
             f"'{small}'. "
@@ -390,7 +393,7 @@ class GradientNormMonitor(PerTermCallback):
                     self._write_text(
                         trainer,
                         "alarms",
-                        f"GradientNormMonitor: gradient conflict between '{a}' and '{b}' ended at step {step} (cosine {cosine:.2f}).",
+                        f"{self._name}: gradient conflict between '{a}' and '{b}' ended at step {step} (cosine {cosine:.2f}).",
                         step,
                     )
                 continue
@@ -409,7 +412,7 @@ class GradientNormMonitor(PerTermCallback):
             diagnosis.conflict_alarm_episodes += 1
             diagnosis.conflict_alarm_spans.append([a, b, step, None])
             message = (
-                f"GradientNormMonitor: gradient-conflict alarm at step {step}: the gradients of terms '{a}' and '{b}' "
+                f"{self._name}: gradient-conflict alarm at step {step}: the gradients of terms '{a}' and '{b}' "
                 f"point against each other (cosine {cosine:.2f}, below {self.cosine_threshold:g} for {streak} consecutive "
                 f"measurements) and their weighted loss has stalled (now {pair_loss:.3g}, {-100 * decrease:+.1f}% over the last "
                 f"{streak - 1} measurement(s)), so a step that lowers one term raises the other even if their norms "
@@ -443,7 +446,7 @@ class GradientNormMonitor(PerTermCallback):
                     else "its loss sits at an exact minimum (e.g. the residual is exactly 0)"
                 )
                 rank_zero_warn(
-                    f"GradientNormMonitor: term '{name}' has an exactly zero gradient at step {step}: {why}. It is left out "
+                    f"{self._name}: term '{name}' has an exactly zero gradient at step {step}: {why}. It is left out "
                     "of grad_ratio and the cosines; check that its residual is computed from the network output.",
                     category=TermGradientWarning,
                 )
@@ -451,7 +454,7 @@ class GradientNormMonitor(PerTermCallback):
                 if name not in self.diagnosis.nonfinite_terms:
                     self.diagnosis.nonfinite_terms.append(name)
                 rank_zero_warn(
-                    f"GradientNormMonitor: term '{name}' has a NaN or infinite gradient at step {step} "
+                    f"{self._name}: term '{name}' has a NaN or infinite gradient at step {step} "
                     f"(loss {report.losses[report.terms.index(name)]:.3g}). It is left out of grad_ratio; look for NaN/inf "
                     "in its residual (division by zero, log of a negative number, exploding network output).",
                     category=TermGradientWarning,
