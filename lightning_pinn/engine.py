@@ -114,7 +114,7 @@ class _Capture:
     present: list[bool]
     residuals: list[Tensor | None]
     lambdas: Tensor
-    loss_values: Tensor  # detached L_i (0 where absent), in the dtype of the weights
+    loss_values: Tensor  # detached L_i (0 where absent), in the wider of the losses' and the weights' dtypes
     trace_request: TraceRequest | None
     want_gradients: bool
     trainable: list[bool] | None = None  # which of ``params`` required grad at the forward pass
@@ -196,6 +196,21 @@ class _BackwardMarker(torch.autograd.Function):
         ctx.capture.backward_done = True
         ctx.capture = None
         return None, grad_output
+
+
+def _wider_dtype(losses: Sequence[Tensor | None], dtype: torch.dtype) -> torch.dtype:
+    """The widest of ``dtype`` (the weights') and the losses' dtypes: a float64 network's losses
+    are not rounded to a float32 λ buffer's precision."""
+    for loss in losses:
+        if loss is not None and loss.dtype != dtype:
+            dtype = torch.promote_types(dtype, loss.dtype)
+    return dtype
+
+
+def _promoted(losses: Sequence[Tensor | None], dtype: torch.dtype) -> list[Tensor | None]:
+    """``losses`` cast to :func:`_wider_dtype` (those already in it are returned as they are)."""
+    wide = _wider_dtype(losses, dtype)
+    return [loss if loss is None or loss.dtype == wide else loss.to(wide) for loss in losses]
 
 
 def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
@@ -286,7 +301,7 @@ class TermGradientEngine:
         window = self._window
         assert window is not None
         weights = lambdas.detach().clone()
-        zero = weights.new_zeros(())
+        zero = weights.new_zeros((), dtype=_wider_dtype(losses, weights.dtype))
         capture = _Capture(
             engine=self,
             params=window.params,
@@ -294,7 +309,7 @@ class TermGradientEngine:
             present=[loss is not None for loss in losses],
             residuals=[],
             lambdas=weights,
-            loss_values=torch.stack([zero if loss is None else loss.detach().to(weights.dtype) for loss in losses]),
+            loss_values=torch.stack([zero if loss is None else loss.detach() for loss in _promoted(losses, weights.dtype)]),
             trace_request=None,
             want_gradients=False,
         )
@@ -323,11 +338,12 @@ class TermGradientEngine:
                         "weight and is left out of the traces' sum."
                     )
         weights = lambdas.detach().clone()
-        if all(loss is not None for loss in losses):
-            loss_values = torch.stack([loss.detach() for loss in losses]).to(weights.dtype)  # type: ignore[union-attr]
+        promoted = _promoted(losses, weights.dtype)
+        if all(loss is not None for loss in promoted):
+            loss_values = torch.stack([loss.detach() for loss in promoted])  # type: ignore[union-attr]
         else:
-            zero = weights.new_zeros(())
-            loss_values = torch.stack([zero if loss is None else loss.detach().to(weights.dtype) for loss in losses])
+            zero = weights.new_zeros((), dtype=_wider_dtype(losses, weights.dtype))
+            loss_values = torch.stack([zero if loss is None else loss.detach() for loss in promoted])
         trainable = [p.requires_grad for p in window.params]  # read now: a hook may have (un)frozen some
         if window.layout is None:
             window.layout = trainable
@@ -347,7 +363,7 @@ class TermGradientEngine:
         self._add_pending(window, capture)
         inputs = [p for p, grad in zip(window.params, trainable) if grad]
         inputs += _other_leaves([loss for loss in losses if loss is not None], window.params)
-        return _CapturedTotal.apply(capture, torch.dot(weights, loss_values), *inputs)
+        return _CapturedTotal.apply(capture, torch.dot(weights.to(loss_values.dtype), loss_values), *inputs)
 
     @staticmethod
     def _add_pending(window: _Window, capture: _Capture) -> None:

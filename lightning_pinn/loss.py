@@ -174,10 +174,17 @@ class MultiTermLoss(nn.Module):
         return self._weighted_sum(losses)
 
     def _weighted_sum(self, losses: list[Tensor | None]) -> Tensor:
+        # in the wider of λ's and the losses' dtypes: a float64 network with a float32 λ buffer
+        # keeps float64 losses and gradients
+        lambdas = self.lambdas
         if all(loss is not None for loss in losses):
-            dtype = self.lambdas.dtype
-            return torch.dot(self.lambdas, torch.stack([loss if loss.dtype == dtype else loss.to(dtype) for loss in losses]))  # type: ignore[union-attr]
-        return sum(self.lambdas[i] * loss for i, loss in enumerate(losses) if loss is not None)  # type: ignore[return-value]
+            dtype = lambdas.dtype
+            for loss in losses:
+                if loss.dtype != dtype:  # type: ignore[union-attr]
+                    dtype = torch.promote_types(dtype, loss.dtype)  # type: ignore[union-attr]
+            stacked = torch.stack([loss if loss.dtype == dtype else loss.to(dtype) for loss in losses])  # type: ignore[union-attr]
+            return torch.dot(lambdas if lambdas.dtype == dtype else lambdas.to(dtype), stacked)
+        return sum(lambdas[i] * loss for i, loss in enumerate(losses) if loss is not None)  # type: ignore[return-value]
 
     def _checked_residual(self, name: str, residual: Any, grad_enabled: bool) -> Tensor | None:
         if residual is None:

@@ -401,3 +401,49 @@ def test_monitor_and_balancers_write_each_weight_series_once(tmp_path: Any, moni
     from_files = diagnose(read_history(tmp_path / "run" / "version_0")).weights
     assert {t: w[1] for t, w in at_fit_end.items()} == pytest.approx({t: w[1] for t, w in from_files.items()})
     assert {t: w[1] for t, w in at_fit_end.items()} == pytest.approx(model.criterion.weights)
+
+
+def test_an_update_that_changes_nothing_is_not_the_first_update() -> None:
+    """With the reference term absent at the first due step there is no target: the next update
+    still takes λ̂ directly (it used to be smoothed as if a first update had happened)."""
+
+    class LateReference(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            residuals = self.residuals()
+            return self.criterion(pde=residuals["pde"], bc=None if self.trainer.global_step == 0 else residuals["bc"])
+
+    model = LateReference()
+    monitor = GradientNormMonitor(every_n_steps=2, verbose=False)
+    balancer = GradNormBalancer(every_n_steps=2, reference="bc")
+    _quiet_fit(model, 3, [monitor, balancer])
+    assert balancer.num_updates == 1
+    report = monitor.last_report
+    assert report is not None and report.norms[1] > 0
+    assert model.criterion.weights["pde"] == pytest.approx(report.norms[1] / report.norms[0], rel=1e-5)
+
+
+def test_the_last_update_logs_its_ntk_traces_too(tmp_path: Any) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="ntk", version=0)
+    _quiet_fit(TwoTermPoisson(), 6, [NTKBalancer(every_n_steps=1)], logger=logger, log_every_n_steps=4)
+    events = load_events(tmp_path)
+    targets = [step for step, _ in scalar_series(events, "weight_target/bc")]
+    traces = [step for step, _ in scalar_series(events, "ntk_trace/bc")]
+    assert targets[-1] == 6 and traces == [step - 1 for step in targets]
+
+
+def test_a_float64_network_keeps_float64_losses_with_a_float32_weight_buffer() -> None:
+    """Only the network is float64 (λ stays a float32 buffer): losses, the total and the
+    gradients stay float64, with and without a measurement."""
+    model = TwoTermPoisson(bc_weight=3.0)
+    model.net.double()
+    model.x, model.xb = model.x.double(), model.xb.double()
+    assert model.criterion.lambdas.dtype == torch.float32
+    residuals = model.residuals()
+    exact = residuals["pde"].pow(2).mean() + 3.0 * residuals["bc"].pow(2).mean()
+    total = model.criterion(**residuals)
+    assert total.dtype == torch.float64 and total.item() == exact.item()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    losses = {name: r.pow(2).mean().item() for name, r in model.residuals().items()}
+    make_trainer(1, [monitor]).fit(model)
+    assert monitor.last_report is not None
+    assert list(monitor.last_report.losses) == [losses["pde"], losses["bc"]]

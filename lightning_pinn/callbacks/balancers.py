@@ -110,7 +110,7 @@ class WeightBalancer(PerTermCallback):
         self._zero_warned: set[str] = set()
         self._clamp_warned: set[str] = set()
         self._last_logged_step: int | None = None  # step of the last logged weights (logging only, not state)
-        self._unlogged: tuple[int, dict[str, float]] | None = None
+        self._unlogged: tuple[int, dict[str, float], dict[str, float]] | None = None  # (step, measured, applied)
         self._weight_terms: list[str] = []  # the weight/<term> series this balancer writes
 
     # ---------------------------------------------------------------- subclass API
@@ -209,6 +209,8 @@ class WeightBalancer(PerTermCallback):
         if proposal is None:
             return
         proposed, target = proposal
+        if not any(math.isfinite(t) for t, adaptive in zip(target, self._adaptive) if adaptive):
+            return  # nothing to update (e.g. the reference term is absent): not counted as an update
         new = [
             self._clamped(name, value, step) if adaptive and here and math.isfinite(value) else old
             for name, value, old, adaptive, here in zip(names, proposed, current, self._adaptive, present)
@@ -221,10 +223,11 @@ class WeightBalancer(PerTermCallback):
         weights = self.criterion.weights
         applied = {f"weight/{name}": weights[name] for name in self._weight_terms}
         applied.update({f"weight_target/{name}": value for name, value in self.last_target.items()})
+        measured = self._extra_metrics(measurement)
         if not self._logging_due(trainer, step + 1):
-            self._unlogged = (step + 1, applied)  # written at the end of the fit unless a later update is logged
+            self._unlogged = (step, measured, applied)  # written at the end of the fit unless a later update is logged
             return
-        self._log_scalars(trainer, self._extra_metrics(measurement), step)
+        self._log_scalars(trainer, measured, step)
         self._log_scalars(trainer, applied, step + 1)
         self._last_logged_step, self._unlogged = step + 1, None
 
@@ -249,8 +252,9 @@ class WeightBalancer(PerTermCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the last update is always logged, before a monitor writes its report (on_fit_end)
         if self._unlogged is not None:
-            applied_step, applied = self._unlogged
-            self._log_scalars(trainer, applied, applied_step)
+            step, measured, applied = self._unlogged
+            self._log_scalars(trainer, measured, step)
+            self._log_scalars(trainer, applied, step + 1)
             self._unlogged = None
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
@@ -392,8 +396,9 @@ class NTKBalancer(WeightBalancer):
 
     is computed on the current residual points, and ``λ̂_i = Σ_j t_j / t_i`` (Wang, Yu &
     Perdikaris 2022, J. Comput. Phys. 449 110768; per-point mean as in Wang et al. 2023), then
-    ``λ ← m·λ + (1 − m)·λ̂``. Terms given to the loss as 0-dim losses have no point-wise
-    Jacobian and are refused with an error naming them.
+    ``λ ← m·λ + (1 − m)·λ̂``. A term given to the loss as a 0-dim loss has no point-wise
+    Jacobian: it is refused with an error naming it, unless it is outside ``terms`` (and not the
+    ``reference``), where it keeps its λ and is left out of ``Σ_j t_j``.
 
     The traces are exact by default: one vector-Jacobian product per point, batched with
     ``torch.autograd.grad(..., is_grads_batched=True)`` in chunks of ``chunk_size`` points, so

@@ -244,7 +244,8 @@ class LRAnnealingBalancer(WeightBalancer):
             released code: ``∇θ (λ_i L_i)``, whose fixed point is the square root of the ratio).
         every_n_steps: Update cadence.
         momentum: Smoothing in ``[0, 1)``.
-        terms: Terms whose λ may change (default: all but the reference).
+        terms: Terms whose λ may change (default: all; the reference's target is 1, so its λ
+            goes to 1 at the first update unless it is left out of ``terms``).
         min_weight: Lower clamp for λ.
         max_weight: Upper clamp for λ.
         warmup_steps: First step at which λ may change.
