@@ -84,7 +84,8 @@ class StepMeasurement:
             (``None`` if gradients were not requested). A present term that never reaches a
             parameter has a zero gradient by construction, not by accident.
         gradients: ``∇θ L_i`` of the unweighted losses, flattened over the trainable
-            parameters, shape ``(K, P)``: the mean over the step's micro-batches (the
+            parameters, shape ``(K, P)``: the mean over the step's micro-batches and ranks
+            where the term was present, like ``losses`` (so with every term present, the
             gradient the optimizer steps with); ``None`` if not requested.
         traces: Per-point mean NTK traces ``t_i``, shape ``(K,)``; ``None`` if not requested,
             ``nan`` for an absent term.
@@ -386,6 +387,11 @@ class TermGradientEngine:
         num_params = sum(capture.trainable)  # the first inputs; the rest are other leaves of the graph
         if capture.trace_request is not None:
             self._record_traces(capture, residuals, list(inputs[:num_params]))
+        # A zero cotangent (the user returned 0·loss, e.g. a ramped-in term at its first step)
+        # would leave nothing to divide out: take the per-term gradients with a unit cotangent,
+        # and give the inputs a zero gradient, as a plain backward would.
+        zero_cotangent = not bool(grad_output.ne(0).item())
+        cotangent = torch.ones_like(grad_output) if zero_cotangent else grad_output
         reached_input = [False] * len(inputs)
         reached_term = []
         per_term: list[list[Tensor]] = []
@@ -394,7 +400,7 @@ class TermGradientEngine:
                 per_term.append([torch.zeros_like(x) for x in inputs])
                 reached_term.append(False)
                 continue
-            grads = torch.autograd.grad(loss, inputs, grad_outputs=grad_output.to(loss.dtype), retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(loss, inputs, grad_outputs=cotangent.to(loss.dtype), retain_graph=True, allow_unused=True)
             filled = []
             for j, (grad, x) in enumerate(zip(grads, inputs)):
                 if grad is None:
@@ -409,10 +415,12 @@ class TermGradientEngine:
         combined = torch._foreach_mul(per_term[0], lambdas[0])
         for i in range(1, len(per_term)):
             torch._foreach_add_(combined, torch._foreach_mul(per_term[i], lambdas[i]))
+        if zero_cotangent:
+            torch._foreach_mul_(combined, 0.0)
         if capture.want_gradients:
             capture.term_gradients = [grads[:num_params] for grads in per_term]
             capture.reached = reached_term
-            capture.cotangent = grad_output.detach()
+            capture.cotangent = cotangent.detach()
         capture.backward_done = True
         # match the inputs' memory layout (autograd may hand back transposed views), as
         # AccumulateGrad and DDP's gradient buckets expect
@@ -565,7 +573,9 @@ class TermGradientEngine:
             weights=sums["weights"] / batches,
             present=present,
             reached=(sums["reached"] > 0) if window.want_gradients else None,
-            gradients=None if gradient_sum is None else gradient_sum / batches,
+            # like the losses, each term's gradient is the mean over the micro-batches and ranks
+            # where it was present: the gradient of the loss on the union of their points
+            gradients=None if gradient_sum is None else gradient_sum / sums["present"].clamp(min=1).to(gradient_sum.device).unsqueeze(1),
             traces=traces,
             trace_points=sums["trace_count"] if window.trace_request is not None else None,
             micro_batches=batches,

@@ -17,16 +17,18 @@ class SplitPoisson(pl.LightningModule):
 
     Rank r of W uses points r, r + W, r + 2W, … of ``points`` collocation points, so a run on W
     ranks sees, together, exactly the points of a one-process run. With ``uneven=True`` rank 1
-    uses fewer points and drops its 'bc' term on step 1, so the ranks' batches differ.
+    uses fewer points and drops its 'bc' term on step 1, so the ranks' batches differ; with
+    ``drop_bc=True`` rank 1 only drops 'bc' on step 1.
     """
 
-    def __init__(self, points: int = 32, uneven: bool = False) -> None:
+    def __init__(self, points: int = 32, uneven: bool = False, drop_bc: bool = False) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
         self.criterion = MultiTermLoss(pde=1.0, bc=1.0)
         self.register_buffer("x", torch.linspace(0, 1, points).reshape(-1, 1))
         self.register_buffer("xb", torch.tensor([[0.0], [1.0]]))
         self.uneven = uneven
+        self.drop_bc = drop_bc  # only: rank 1 drops 'bc' on step 1 (same points otherwise)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         rank, world = self.global_rank, self.trainer.world_size
@@ -37,7 +39,7 @@ class SplitPoisson(pl.LightningModule):
         u = self.net(x)
         r_pde = -derivative(u, x, order=2) - torch.pi**2 * torch.sin(torch.pi * x)
         r_bc = self.net(self.xb)
-        if self.uneven and rank == 1 and self.global_step == 1:
+        if (self.uneven or self.drop_bc) and rank == 1 and self.global_step == 1:
             r_bc = None  # absent on this rank for this step
         return self.criterion(pde=r_pde, bc=r_bc)
 

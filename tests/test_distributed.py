@@ -77,3 +77,21 @@ def test_ddp_with_different_batches_per_rank_does_not_hang(tmp_path: Path) -> No
         rank0, rank1 = _load(tmp_path, 0, step), _load(tmp_path, 1, step)
         assert torch.equal(rank0["weights"], rank1["weights"])
         assert torch.isfinite(rank0["weights"]).all()
+
+
+def test_ddp_term_absent_on_one_rank_is_measured_on_the_ranks_that_have_it(tmp_path: Path) -> None:
+    """'bc' is absent on rank 1 at step 1: its loss and gradient are those of the union of the
+    points that have it (rank 0's), like a one-process run; the norm used to be halved."""
+    torch.manual_seed(0)
+    model = SplitPoisson(drop_bc=True)
+    single = SplitPoisson()
+    single.load_state_dict(model.state_dict())
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "one").mkdir()
+    _fit(model, tmp_path / "ddp", devices=2)
+    _fit(single, tmp_path / "one", devices=1)
+    for step in (0, 1):  # after step 1 the fits differ: rank 1's optimizer step had no 'bc'
+        ddp, reference = _load(tmp_path / "ddp", 0, step), _load(tmp_path / "one", 0, step)
+        assert ddp["norms"] == pytest.approx(reference["norms"], rel=1e-4)
+        assert ddp["losses"] == pytest.approx(reference["losses"], rel=1e-4)
+        assert ddp["weights"].tolist() == pytest.approx(reference["weights"].tolist(), rel=1e-4)

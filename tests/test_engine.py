@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import TwoTermPoisson, make_trainer
 
@@ -291,3 +293,35 @@ def test_layers_frozen_or_unfrozen_in_the_modules_batch_hook_are_honoured(change
     trainable = sum(p.numel() for p in measured.parameters() if p.requires_grad)
     assert monitor.last_measurement is not None and monitor.last_measurement.gradients is not None
     assert monitor.last_measurement.gradients.shape == (2, trainable)
+
+
+def test_a_loss_returned_times_zero_is_measured_and_trains_like_a_plain_backward() -> None:
+    """``ramp · criterion(...)`` with ``ramp = 0`` at the first step (a term phased in): the
+    per-term norms are those of the unweighted losses, not 0/0 = NaN, and the parameters get
+    the zero gradient a plain backward gives them."""
+    from lightning_pinn.alerts import TermGradientWarning
+
+    class Ramped(TwoTermPoisson):
+        def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+            return min(1.0, float(self.trainer.global_step)) * self.criterion(**self.residuals())
+
+    plain, measured = Ramped(), Ramped()
+    measured.load_state_dict(plain.state_dict())
+    initial = copy.deepcopy(plain)
+    make_trainer(3).fit(plain)
+    monitor = GradientNormMonitor(every_n_steps=2, verbose=False, report=False)
+    first: list[list[float]] = []
+
+    class First(pl.Callback):
+        def on_train_batch_end(self, *args: object) -> None:
+            if monitor.last_report is not None and not first:
+                first.append(list(monitor.last_report.norms))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(3, [monitor, First()]).fit(measured)
+    assert not [w for w in caught if issubclass(w.category, TermGradientWarning)]
+    hand = _hand_gradients(initial)
+    assert first[0] == pytest.approx([hand["pde"].norm().item(), hand["bc"].norm().item()], rel=1e-5)
+    for p, q in zip(measured.parameters(), plain.parameters()):
+        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)

@@ -297,3 +297,10 @@ def test_a_balancer_reused_for_another_fit_starts_afresh(factory: Any) -> None:
     reused = factory()
     fit(reused)
     assert fit(reused) == pytest.approx(fit(factory()), rel=1e-6)
+
+
+def test_the_base_class_is_not_a_balancer_by_itself() -> None:
+    from lightning_pinn.callbacks import WeightBalancer
+
+    with pytest.raises(TypeError, match="WeightBalancer is the base class.*use GradNormBalancer"):
+        WeightBalancer(1, 0.9, None, None, 1e-6, 1e6, 0, False, None)

@@ -79,6 +79,12 @@ class WeightBalancer(PerTermCallback):
         smooth_first_update: bool,
         loss_module: str | None,
     ) -> None:
+        if type(self) is WeightBalancer:
+            raise TypeError(
+                "WeightBalancer is the base class of the balancers and has no rule of its own: use GradNormBalancer, "
+                "NTKBalancer, SoftAdaptBalancer, ReLoBRaLoBalancer, LRAnnealingBalancer, GradNormWeighting, "
+                "UncertaintyWeighting or WeightSchedule, or subclass it and implement _rule_inputs and _rule."
+            )
         super().__init__(every_n_steps, loss_module)
         owner = type(self).__name__
         self.momentum = _check_number(owner, "momentum", momentum, low=0.0, high=1.0, high_open=True, hint=" in [0, 1) (e.g. 0.9)")
