@@ -220,25 +220,29 @@ def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     A plain ``backward`` gives these a gradient too (collocation points created with
     ``requires_grad=True``, a coefficient optimised outside the module's parameters), so the
     captured total must reach them. A walk over the graph's nodes: about 20 µs for a 3-layer
-    PINN with second derivatives, a few % of the per-term gradients it goes with.
+    PINN with second derivatives (≈ 170 nodes), a few % of the per-term gradients it goes with.
     """
     known = {id(p) for p in params}
     seen: set[Any] = set()
     stack = [root.grad_fn for root in roots if root.grad_fn is not None]
-    leaves: list[Tensor] = []
+    push, leaves = stack.append, []
     while stack:
         node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)  # an AccumulateGrad node: a leaf that requires grad
-        if variable is not None:
+        if type(node) is _ACCUMULATE_GRAD:  # a leaf that requires grad
+            variable = node.variable
             if id(variable) not in known:
                 known.add(id(variable))
                 leaves.append(variable)
             continue
-        stack.extend(child for child, _ in node.next_functions if child is not None and child not in seen)
+        for child, _ in node.next_functions:
+            if child is not None and child not in seen:
+                seen.add(child)
+                push(child)
     return leaves
+
+
+#: The autograd node that accumulates a leaf's gradient (its ``variable`` is the leaf).
+_ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
 
 class TermGradientEngine:
@@ -390,7 +394,7 @@ class TermGradientEngine:
         # A zero cotangent (the user returned 0·loss, e.g. a ramped-in term at its first step)
         # would leave nothing to divide out: take the per-term gradients with a unit cotangent,
         # and give the inputs a zero gradient, as a plain backward would.
-        zero_cotangent = not bool(grad_output.ne(0).item())
+        zero_cotangent = grad_output.item() == 0
         cotangent = torch.ones_like(grad_output) if zero_cotangent else grad_output
         reached_input = [False] * len(inputs)
         reached_term = []
