@@ -97,7 +97,8 @@ def lightning_fit(
     """
     torch.manual_seed(0)
     model = HarmonicOscillator(ic_weight=100.0, steps_per_epoch=steps)
-    with quiet_lightning(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+    # the bar draws to stdout: into a discarded stream, so the printed results stay readable
+    with quiet_lightning(), warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logger = TensorBoardLogger(log_root, name="bench") if tensorboard else False
         trainer = quiet_trainer(steps, callbacks(), logger=logger, enable_progress_bar=progress_bar)
