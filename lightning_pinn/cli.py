@@ -26,10 +26,38 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _exponent(text: str) -> float:
+    value = _finite_float(text)
+    if abs(value) > 30:
+        raise argparse.ArgumentTypeError(f"must be a log10 weight in [-30, 30] (a float32 weight holds up to ~3e38), got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (0: one per CPU core), got {text}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    if not math.isfinite(value) or value < 0 or value > 3.4e38:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 3.4e38] (a float32 weight), got {text}")
     return value
 
 
@@ -54,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="λ_IC values to train with (default: 1 100 100000)",
     )
     demo.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
-    demo.add_argument("--omega", type=float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
+    demo.add_argument("--omega", type=_positive_float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
     demo.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
     demo.add_argument("--every-n-steps", type=_positive_int, default=50, help="monitor cadence in steps (default: 50)")
     demo.add_argument("--logdir", default="lightning_pinn_runs/demo", help="TensorBoard log directory (default: lightning_pinn_runs/demo)")
@@ -67,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(starting from λ = 1); write a table and a plot of relative L² against λ_IC, with the per-term loss histories of "
         "the bad, good and balanced cases.",
     )
-    sweep.add_argument("--grid-min", type=float, default=-3.0, help="smallest log10 λ_IC (default: -3)")
-    sweep.add_argument("--grid-max", type=float, default=5.0, help="largest log10 λ_IC (default: 5)")
-    sweep.add_argument("--grid-step", type=float, default=1.0, help="grid spacing in log10 λ_IC (default: 1)")
+    sweep.add_argument("--grid-min", type=_exponent, default=-3.0, help="smallest log10 λ_IC (default: -3)")
+    sweep.add_argument("--grid-max", type=_exponent, default=5.0, help="largest log10 λ_IC (default: 5)")
+    sweep.add_argument("--grid-step", type=_positive_float, default=1.0, help="grid spacing in log10 λ_IC (default: 1)")
     sweep.add_argument(
         "--balancers",
         nargs="*",
@@ -79,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; the table reports the median (default: 0)")
-    sweep.add_argument("--omega", type=float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
-    sweep.add_argument("--workers", type=int, default=0, help="parallel fits (default: one per CPU core)")
+    sweep.add_argument("--omega", type=_positive_float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
+    sweep.add_argument("--workers", type=_non_negative_int, default=0, help="parallel fits (default: one per CPU core)")
     sweep.add_argument("--out", default="lightning_pinn_runs/sweep", help="output folder (default: lightning_pinn_runs/sweep)")
 
     report = commands.add_parser(
@@ -107,11 +135,16 @@ def run_report(args: argparse.Namespace) -> int:
         return 2
     reports = report_runs(args.logdir)
     if not reports:
-        print(f"lightning-pinn report: no TensorBoard event files under {args.logdir}.", file=sys.stderr)
+        print(
+            f"lightning-pinn report: no TensorBoard event files under {args.logdir}. The command reads a "
+            "TensorBoardLogger's folder; with another logger, the monitor already wrote diagnosis.md beside the logs "
+            "at the end of the fit.",
+            file=sys.stderr,
+        )
         return 2
-    for run, markdown in reports:
+    for path, markdown in reports:
         print(markdown)
-        print(f"(written to {run / 'diagnosis.md'} and {run / 'diagnosis.png'})\n")
+        print(f"(written to {path} and {path.with_suffix('.png')})\n")
     return 0
 
 

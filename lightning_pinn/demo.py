@@ -174,7 +174,7 @@ def format_table(runs: Sequence[HarmonicRun]) -> str:
     rows = [header]
     for run in runs:
         ratio = "-" if run.worst_ratio is None else f"{run.worst_ratio:.3g}x (step {run.worst_ratio_step})"
-        verdict = "solved" if run.relative_l2 < 1e-2 else "FAILED" if run.relative_l2 > 0.3 else "poor"
+        verdict = "solved" if run.relative_l2 < 1e-2 else "poor" if run.relative_l2 <= 0.3 else "FAILED"  # NaN: FAILED
         rows.append(
             [
                 run.label,

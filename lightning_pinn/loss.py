@@ -12,7 +12,9 @@ are saved in checkpoints and broadcast by DDP like any other buffer; callbacks i
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import numbers
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,7 +34,7 @@ def term_loss(residual: Tensor) -> Tensor:
     small squared values.
     """
     if residual.dim() == 0:
-        return residual
+        return residual  # MultiTermLoss checks that it is real; a negative one is warned about once
     if residual.is_complex():
         squared = residual.abs().square()
     else:
@@ -48,7 +50,7 @@ def _check_weight(term: str, value: Any, argument: str) -> float:
         if value.numel() != 1:
             raise ValueError(f"{argument}: weight of term '{term}' must be a single number, got a tensor of shape {tuple(value.shape)}.")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars are Real too
         raise TypeError(f"{argument}: weight of term '{term}' must be a number, got {type(value).__name__}. Pass e.g. {term}=1.0.")
     value = float(value)
     if not math.isfinite(value):
@@ -59,6 +61,18 @@ def _check_weight(term: str, value: Any, argument: str) -> float:
             f"residual). Pass a non-negative value such as {term}=1.0."
         )
     return value
+
+
+def _check_representable(names: Sequence[str], values: Sequence[float], dtype: torch.dtype, argument: str) -> None:
+    """Refuse weights that the weight buffer's dtype would turn into inf (or a positive one into 0)."""
+    info = torch.finfo(dtype)
+    for name, value in zip(names, values):
+        if value > info.max or 0 < value < info.tiny * info.eps:
+            raise ValueError(
+                f"{argument}: weight of term '{name}' is {value:g}, which a {dtype} weight buffer stores as "
+                f"{'inf' if value > info.max else 0}. Use a weight within [{info.tiny * info.eps:.3g}, {info.max:.3g}] "
+                "(rescale the term's residual instead), or keep the weights in float64 with criterion.double()."
+            )
 
 
 class MultiTermLoss(nn.Module):
@@ -82,13 +96,20 @@ class MultiTermLoss(nn.Module):
 
     lambdas: Tensor
 
-    def __init__(self, **initial_weights: float) -> None:
+    def __init__(self, *args: Any, **initial_weights: float) -> None:
         super().__init__()
+        if args:
+            raise TypeError(
+                f"MultiTermLoss takes the terms by keyword, with their initial weights, e.g. MultiTermLoss(pde=1.0, ic=1.0); "
+                f"got {len(args)} positional argument(s)."
+            )
         if not initial_weights:
             raise ValueError("MultiTermLoss needs at least one term, e.g. MultiTermLoss(pde=1.0, ic=1.0).")
         values = [_check_weight(name, value, "MultiTermLoss") for name, value in initial_weights.items()]
         self._term_names: tuple[str, ...] = tuple(initial_weights)
+        _check_representable(self._term_names, values, torch.float32, "MultiTermLoss")
         self._term_set = frozenset(self._term_names)
+        self._sign_checked: set[str] = set()  # 0-dim terms already checked for a negative value
         self.register_buffer("lambdas", torch.tensor(values, dtype=torch.float32))
         self._last: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
         self._engine: TermGradientEngine | None = None
@@ -125,6 +146,11 @@ class MultiTermLoss(nn.Module):
         between the forward pass and the backward pass of a step would change a tensor that
         autograd saved.
         """
+        if not isinstance(weights, (Tensor, Mapping)):
+            raise TypeError(
+                f"set_weights: pass a dict {{term: weight}} (e.g. set_weights({{'{self._term_names[0]}': 2.0}})) or a tensor "
+                f"holding every weight in term order {self._term_names}; got {type(weights).__name__}."
+            )
         if isinstance(weights, Tensor):
             if weights.shape != self.lambdas.shape:
                 raise ValueError(
@@ -133,8 +159,9 @@ class MultiTermLoss(nn.Module):
             if weights.is_complex():
                 raise TypeError(f"set_weights: weights must be real, got a {weights.dtype} tensor for terms {self._term_names}.")
             values = weights.detach().tolist()
-            if all(math.isfinite(value) and value >= 0 for value in values):  # fast path: one transfer, no tensor ops
-                self.lambdas.copy_(weights.detach())
+            info = torch.finfo(self.lambdas.dtype)
+            if all(math.isfinite(value) and (value == 0 or info.tiny * info.eps <= value <= info.max) for value in values):
+                self.lambdas.copy_(weights.detach())  # fast path: one transfer, no tensor ops
                 return
             new = [_check_weight(name, value, "set_weights") for name, value in zip(self._term_names, values)]
         else:
@@ -142,17 +169,23 @@ class MultiTermLoss(nn.Module):
             current = self.weights
             current.update({name: _check_weight(name, value, "set_weights") for name, value in weights.items()})
             new = [current[name] for name in self._term_names]
+        _check_representable(self._term_names, new, self.lambdas.dtype, "set_weights")
         with torch.no_grad():
             self.lambdas.copy_(torch.tensor(new, dtype=self.lambdas.dtype, device=self.lambdas.device))
 
     # ------------------------------------------------------------------ forward
-    def forward(self, **residuals: Tensor | None) -> Tensor:
+    def forward(self, *args: Any, **residuals: Tensor | None) -> Tensor:
         """Return ``Σ_i λ_i · L_i`` for the given per-term residuals (see the class docstring).
 
         A term passed as ``None`` is absent from this step (e.g. a data term with no points in
         this batch): it adds nothing to the loss, and the callbacks leave it out of this step's
         measurement and keep its weight.
         """
+        if args:
+            raise TypeError(
+                f"MultiTermLoss takes the residuals by keyword, e.g. criterion({', '.join(f'{n}=r_{n}' for n in self._term_names)}); "
+                f"got {len(args)} positional argument(s)."
+            )
         if residuals.keys() != self._term_set:
             self._check_names(residuals.keys(), context="MultiTermLoss.forward", require_all=True)
         grad_enabled = torch.is_grad_enabled()
@@ -204,6 +237,22 @@ class MultiTermLoss(nn.Module):
                 f"MultiTermLoss: term '{name}' is an empty tensor (shape {tuple(residual.shape)}), so its mean square is "
                 f"undefined. Give the term at least one point, or pass {name}=None to leave it out of this step."
             )
+        if residual.dim() == 0:
+            if residual.is_complex():
+                raise TypeError(
+                    f"MultiTermLoss: term '{name}' is a 0-dim complex tensor; a 0-dim term is taken as an already-reduced loss, "
+                    f"which must be real. Pass the residual with its points (at least 1-dim, e.g. r.reshape(1)) to have |r|² "
+                    "averaged, or reduce it yourself (r.abs().square().mean())."
+                )
+            if name not in self._sign_checked:  # once per term: .item() synchronises with the device
+                self._sign_checked.add(name)
+                if residual.detach().item() < 0:
+                    warnings.warn(
+                        f"MultiTermLoss: term '{name}' was given as a 0-dim tensor, which is taken as an already-reduced "
+                        f"loss and minimised as it is, and it is negative ({residual.item():.3g}). If it is a residual at a "
+                        f"single point, pass it with a dimension (e.g. r.reshape(1)) so that its square is minimised.",
+                        stacklevel=3,
+                    )
         if grad_enabled and not residual.requires_grad:
             raise ValueError(
                 f"MultiTermLoss: term '{name}' does not require grad, so it cannot train the network. It was computed "
@@ -235,6 +284,11 @@ class MultiTermLoss(nn.Module):
     def get_extra_state(self) -> dict[str, Any]:
         """Saved with the state dict, so a checkpoint records which term each weight belongs to."""
         return {"terms": list(self._term_names)}
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # check the terms before any buffer is copied: a refused checkpoint leaves λ untouched
+        self.set_extra_state(state_dict.get(prefix + "_extra_state", {}))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     def set_extra_state(self, state: Any) -> None:
         """Refuse a checkpoint whose terms differ from this loss's: the weights would be misassigned."""

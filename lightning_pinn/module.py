@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -53,19 +54,21 @@ class PINNModule(pl.LightningModule):
             raise TypeError(
                 f"PINNModule: weights must be a mapping of term name to initial weight, e.g. {{'pde': 1.0, 'ic': 1.0}}; got {type(weights).__name__}."
             )
-        if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate) and learning_rate > 0):
+        if isinstance(learning_rate, bool) or not (
+            isinstance(learning_rate, numbers.Real) and math.isfinite(learning_rate) and learning_rate > 0
+        ):
             raise ValueError(f"PINNModule: learning_rate must be a finite number > 0, got {learning_rate!r}.")
-        if lr_decay is not None and not (isinstance(lr_decay, (int, float)) and 0 < lr_decay <= 1):
+        if lr_decay is not None and (isinstance(lr_decay, bool) or not (isinstance(lr_decay, numbers.Real) and 0 < lr_decay <= 1)):
             raise ValueError(f"PINNModule: lr_decay must be in (0, 1] or None, got {lr_decay!r}.")
-        if not (isinstance(lr_decay_steps, int) and lr_decay_steps >= 1):
+        if isinstance(lr_decay_steps, bool) or not (isinstance(lr_decay_steps, numbers.Integral) and lr_decay_steps >= 1):
             raise ValueError(f"PINNModule: lr_decay_steps must be an integer >= 1, got {lr_decay_steps!r}.")
-        if not (isinstance(steps_per_epoch, int) and steps_per_epoch >= 1):
+        if isinstance(steps_per_epoch, bool) or not (isinstance(steps_per_epoch, numbers.Integral) and steps_per_epoch >= 1):
             raise ValueError(f"PINNModule: steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}.")
         self.criterion = MultiTermLoss(**weights)
         self.learning_rate = float(learning_rate)
-        self.lr_decay = lr_decay
-        self.lr_decay_steps = lr_decay_steps
-        self.steps_per_epoch = steps_per_epoch
+        self.lr_decay = None if lr_decay is None else float(lr_decay)
+        self.lr_decay_steps = int(lr_decay_steps)
+        self.steps_per_epoch = int(steps_per_epoch)
 
     def residuals(self, batch: Any) -> Mapping[str, Tensor]:
         """Return ``{term: residual}`` for this step (override in a subclass).
@@ -85,14 +88,21 @@ class PINNModule(pl.LightningModule):
         return net(*args, **kwargs)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.criterion(**self.residuals(batch))
+        residuals = self.residuals(batch)
+        if not isinstance(residuals, Mapping):
+            raise TypeError(
+                f"{type(self).__name__}.residuals() must return a dict of one tensor per term, e.g. "
+                f"{{{', '.join(f'{name!r}: r_{name}' for name in self.criterion.term_names)}}}; got {type(residuals).__name__}."
+            )
+        return self.criterion(**residuals)
 
     def on_train_start(self) -> None:
         from lightning_pinn.callbacks.balancers import WeightBalancer
         from lightning_pinn.callbacks.monitor import GradientNormMonitor
 
         # A monitor logs loss/<term> and weight/<term> itself, a balancer weight/<term>: no duplicates.
-        callbacks = self.trainer.callbacks  # type: ignore[attr-defined]
+        # (only callbacks on this module's own loss count: one on a second MultiTermLoss logs that one)
+        callbacks = [cb for cb in self.trainer.callbacks if getattr(cb, "_loss", None) is self.criterion]  # type: ignore[attr-defined]
         self._log_terms = bool(self.trainer.loggers) and not any(isinstance(cb, GradientNormMonitor) for cb in callbacks)
         self._log_weights = not any(isinstance(cb, WeightBalancer) for cb in callbacks)
         self.__dict__["_logging_step"] = None  # plain attribute writes: nn.Module.__setattr__ is slow per step

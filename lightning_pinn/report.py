@@ -89,6 +89,8 @@ def read_history(run_dir: str | Path) -> History:
 def find_runs(logdir: str | Path) -> list[Path]:
     """Folders under ``logdir`` (itself included) that hold TensorBoard event files."""
     root = Path(logdir)
+    if root.is_file() and root.name.startswith("events.out.tfevents."):
+        return [root.parent]  # an event file itself: its run folder
     return sorted({path.parent for path in root.rglob("events.out.tfevents.*")})
 
 
@@ -342,11 +344,45 @@ def _natural_key(path: Path) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
+def loss_prefixes(history: History) -> list[str]:
+    """The losses a run's monitors measured: ``""`` for the one-loss tags (``grad_norm/<term>``),
+    ``"<loss path>/"`` for each loss of a module with several (``second/grad_norm/<term>``)."""
+    prefixes = []
+    for tag in history.tags():
+        head, found, _ = tag.partition("grad_norm/")
+        if found and (head == "" or head.endswith("/")) and not head.endswith("grad_norm_weighted/") and head not in prefixes:
+            prefixes.append(head)
+    return prefixes
+
+
+def without_prefix(history: History, prefix: str) -> History:
+    """The series of one loss, with its prefix removed (``prefix=""``: the unprefixed tags)."""
+    out = History()
+    others = [p for p in loss_prefixes(history) if p]
+    for tag in history.tags():
+        if prefix and not tag.startswith(prefix):
+            continue
+        name = tag[len(prefix) :]
+        if not prefix and any(tag.startswith(p) for p in others):
+            continue
+        out._steps[name], out._values[name] = history._steps[tag], history._values[tag]
+    return out
+
+
 def report_runs(logdir: str | Path) -> list[tuple[Path, str]]:
-    """Write a report beside every run under ``logdir``; return ``(run folder, markdown)`` pairs."""
+    """Write a report beside every run under ``logdir`` (one per loss in a run with several
+    ``MultiTermLoss``); return ``(Markdown file, its text)`` pairs (the PNG is beside it)."""
     out = []
     for run in sorted(find_runs(logdir), key=_natural_key):
         history = read_history(run)
-        markdown_path, _ = write_report(history, run, title=f"Loss-balance diagnosis: {run}")
-        out.append((run, markdown_path.read_text()))
+        prefixes = loss_prefixes(history) or [""]
+        for prefix in prefixes:
+            loss = prefix.rstrip("/")
+            markdown_path, _ = write_report(
+                without_prefix(history, prefix),
+                run,
+                title=f"Loss-balance diagnosis: {run}" + (f" (loss '{loss}')" if loss else ""),
+                name=f"diagnosis_{loss}" if loss else "diagnosis",
+            )
+            out.append((markdown_path, markdown_path.read_text()))
     return out

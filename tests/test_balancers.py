@@ -395,6 +395,9 @@ def test_monitor_and_balancers_write_each_weight_series_once(tmp_path: Any, moni
         steps = [step for step, _ in scalar_series(events, f"weight/{term}")]
         assert steps == sorted(set(steps)), (term, steps)
         assert steps[0] == 0
+        if f"weight_target/{term}" in events.Tags()["scalars"]:  # also one writer (the term's balancer)
+            steps = [step for step, _ in scalar_series(events, f"weight_target/{term}")]
+            assert steps == sorted(set(steps)), (term, steps)
     assert scalar_series(events, "weight/bc")[-1][1] == pytest.approx(model.criterion.weights["bc"])
     assert scalar_series(events, "weight/data")[-1][1] == pytest.approx(model.criterion.weights["data"])
     at_fit_end = diagnose(monitor.history).weights

@@ -33,3 +33,10 @@ def test_hard_ic_harmonic_has_only_the_pde_term() -> None:
     t0 = torch.zeros(1, 1, requires_grad=True)
     u0 = model.net(t0)
     assert u0.item() == 1.0 and derivative(u0, t0).item() == 0.0
+
+
+def test_dirichlet_ends_hold_exactly_in_float32_for_any_interval() -> None:
+    ansatz = DirichletAnsatz1D(mlp(1, (8,), 1), a=0.1, b=0.7, ua=0.3, ub=-2.0)
+    ends = torch.tensor([[0.1], [0.7]], dtype=torch.float32)
+    u = ansatz(ends).detach()
+    assert u[0, 0].item() == torch.tensor(0.3).item() and u[1, 0].item() == -2.0

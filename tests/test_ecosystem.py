@@ -213,3 +213,21 @@ def test_balancer_config_round_trip() -> None:
     balancer = GradNormBalancer(rule="mean", terms=["ic"], reference=None, every_n_steps=5)
     assert balancer.state_key == GradNormBalancer(rule="mean", terms=("ic",), every_n_steps=5).state_key
     assert shutil.which(sys.executable)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ["sweep", "--grid-max", "inf"],
+        ["sweep", "--grid-min", "400", "--grid-max", "400"],
+        ["sweep", "--grid-step", "nan"],
+        ["sweep", "--workers", "-1"],
+        ["sweep", "--omega", "nan"],
+        ["demo", "--ic-weights", "1e39"],
+    ],
+)
+def test_cli_refuses_values_that_cannot_work(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli_main(arguments)
+    assert exited.value.code == 2
+    assert "must be" in capsys.readouterr().err

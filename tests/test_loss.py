@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -154,3 +155,53 @@ def test_set_weights_rejects_unknown_term() -> None:
     loss = MultiTermLoss(pde=1.0, ic=1.0)
     with pytest.raises(ValueError, match="unknown term"):
         loss.set_weights({"bc": 1.0})
+
+
+# ------------------------------------------------------------------ misuse found by new-user probing
+def test_weights_a_float32_buffer_cannot_hold_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"weight of term 'ic' is 1e\+39, which a torch.float32 weight buffer stores as inf"):
+        MultiTermLoss(pde=1.0, ic=1e39)
+    loss = MultiTermLoss(pde=1.0, ic=1.0)
+    with pytest.raises(ValueError, match="stores as inf"):
+        loss.set_weights({"ic": 1e39})
+    with pytest.raises(ValueError, match="stores as inf"):
+        loss.set_weights(torch.tensor([1.0, 1e39], dtype=torch.float64))
+    assert loss.weights == {"pde": 1.0, "ic": 1.0}
+    loss.double()
+    loss.set_weights({"ic": 1e39})  # a float64 buffer holds it
+    assert loss.weights["ic"] == 1e39
+
+
+def test_clear_errors_for_positional_arguments_and_set_weights_types() -> None:
+    import numpy as np
+
+    with pytest.raises(TypeError, match=r"takes the terms by keyword.*MultiTermLoss\(pde=1.0, ic=1.0\)"):
+        MultiTermLoss(1.0, 2.0)
+    loss = MultiTermLoss(pde=1.0, ic=np.float32(2.0))  # numpy scalars are numbers
+    assert loss.weights == {"pde": 1.0, "ic": 2.0}
+    r = torch.ones(3, requires_grad=True)
+    with pytest.raises(TypeError, match=r"takes the residuals by keyword, e.g. criterion\(pde=r_pde, ic=r_ic\)"):
+        loss(r, r)
+    with pytest.raises(TypeError, match=r"set_weights: pass a dict \{term: weight\}.*got list"):
+        loss.set_weights([1.0, 2.0])  # type: ignore[arg-type]
+
+
+def test_zero_dim_terms_complex_refused_negative_warned_once() -> None:
+    loss = MultiTermLoss(pde=1.0, ic=1.0)
+    r = torch.ones(4, requires_grad=True)
+    with pytest.raises(TypeError, match="term 'ic' is a 0-dim complex tensor"):
+        loss(pde=r, ic=torch.tensor(1 + 1j, requires_grad=True))
+    single = torch.tensor(-0.5, requires_grad=True)  # a one-point residual squeezed to 0-dim
+    with pytest.warns(UserWarning, match=r"term 'ic' was given as a 0-dim tensor.*negative.*r.reshape\(1\)"):
+        loss(pde=r, ic=single)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss(pde=r, ic=single)  # once per term: no .item() on later steps
+
+
+def test_a_refused_checkpoint_leaves_the_weights_alone() -> None:
+    source = MultiTermLoss(pde=1.0, ic=500.0)
+    target = MultiTermLoss(pde=2.0, bc=3.0)
+    with pytest.raises(ValueError, match=r"checkpoint holds weights for terms \('pde', 'ic'\)"):
+        target.load_state_dict(source.state_dict())
+    assert target.weights == {"pde": 2.0, "bc": 3.0}

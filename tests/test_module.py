@@ -58,3 +58,34 @@ def test_with_a_monitor_the_monitor_logs_them_once(tmp_path: Any) -> None:
     logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
     _fit(tmp_path, 20, [GradientNormMonitor(every_n_steps=3, verbose=False, report=False)], logger=logger, log_every_n_steps=10)
     assert [step for step, _ in scalar_series(load_events(tmp_path), "loss/pde")] == [0, 3, 6, 9, 12, 15, 18]
+
+
+def test_residuals_must_be_a_dict_and_a_monitor_on_another_loss_does_not_silence_the_modules_logging(tmp_path: Any) -> None:
+    import pytest
+
+    from lightning_pinn import MultiTermLoss
+
+    class Listy(HarmonicOscillator):
+        def residuals(self, batch: Any) -> Any:
+            return list(super().residuals(batch).values())
+
+    with pytest.raises(
+        TypeError, match=r"Listy.residuals\(\) must return a dict of one tensor per term, e.g. \{'pde': r_pde, 'ic': r_ic\}"
+    ):
+        make_trainer(1).fit(Listy())
+
+    class Second(HarmonicOscillator):
+        def __init__(self) -> None:
+            super().__init__()
+            self.second = MultiTermLoss(data=1.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return super().training_step(batch, batch_idx) + self.second(data=self.net(torch.ones(2, 1)) - 1)
+
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    monitor = GradientNormMonitor(every_n_steps=2, loss_module="second", verbose=False, report=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(4, [monitor], logger=logger, log_every_n_steps=2).fit(Second())
+    header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"loss/pde", "loss/ic", "weight/pde", "weight/ic", "second/grad_norm/data"} <= set(header)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from typing import Any
 
@@ -365,6 +367,17 @@ def test_two_losses_with_a_monitor_each_keep_their_series_and_reports_apart(tmp_
     )
     categories = {category.title for category in custom_scalars_layout(events).category}
     assert {"lightning-pinn (criterion)", "lightning-pinn (second)"} <= categories
+    # `lightning-pinn report` rebuilds one report per loss from the event files
+    from lightning_pinn.cli import main as cli_main
+
+    fit_end = {name: (run / f"diagnosis_{name}.md").read_text() for name in ("criterion", "second")}
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["report", str(run)]) == 0
+    for name in ("criterion", "second"):
+        rebuilt = (run / f"diagnosis_{name}.md").read_text()
+        assert f"(loss '{name}')" in rebuilt
+        assert rebuilt.split("\n", 1)[1] == fit_end[name].split("\n", 1)[1]  # same body, another title
+    assert not (run / "diagnosis.md").exists()
 
 
 def test_unknown_loss_module_name() -> None:

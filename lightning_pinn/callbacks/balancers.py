@@ -228,7 +228,7 @@ class WeightBalancer(PerTermCallback):
         # the new weights, and the targets that produced them, apply from the next optimizer step on
         weights = self.criterion.weights
         applied = {f"weight/{name}": weights[name] for name in self._weight_terms}
-        applied.update({f"weight_target/{name}": value for name, value in self.last_target.items()})
+        applied.update({f"weight_target/{name}": self.last_target[name] for name in self._weight_terms if name in self.last_target})
         measured = self._extra_metrics(measurement)
         if not self._logging_due(trainer, step + 1):
             self._unlogged = (step, measured, applied)  # written at the end of the fit unless a later update is logged
