@@ -202,8 +202,9 @@ def _advice(d: Diagnosis) -> list[str]:
     elif d.ratio_spans:
         if adapted:
             advice.append(
-                "The weights did change during the fit, but the ratio still crossed the threshold: update more often "
-                "(smaller every_n_steps), or let the balancer start earlier (warmup_steps=0)."
+                "The weights did change during the fit, but the ratio still crossed the threshold: if a balancer changed "
+                "them, update more often (smaller every_n_steps) or let it start earlier (warmup_steps=0); if you set them "
+                "by hand, add `GradNormBalancer()` (or `NTKBalancer()`) so λ follows the gradients."
             )
         elif d.worst_pair and d.worst_ratio:
             big, small = d.worst_pair

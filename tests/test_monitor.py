@@ -398,7 +398,14 @@ def test_bad_threshold(value: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"cosine_threshold": 1.0}, {"cosine_threshold": -1.5}, {"cosine_patience": 0}, {"conflict_min_decrease": 1.0}]
+    "kwargs",
+    [
+        {"cosine_threshold": 1.0},
+        {"cosine_threshold": -1.0},
+        {"cosine_threshold": -1.5},
+        {"cosine_patience": 0},
+        {"conflict_min_decrease": 1.0},
+    ],
 )
 def test_bad_conflict_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -455,3 +462,19 @@ def test_the_report_does_not_blame_a_balancer_for_the_step_before_its_first_upda
     assert "only before the weights first changed (step 50)" in advice and "update more often" not in advice
     history.add({"grad_ratio": 900.0, "alarm/grad_ratio": 1.0, "weight/ic": 500.0}, 150)  # and again later
     assert "update more often" in " ".join(diagnose(history, threshold=100.0).advice)
+
+
+def test_a_zero_gradient_with_a_nonzero_loss_is_not_called_a_minimum() -> None:
+    class Flat(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, flat=1.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.criterion(**self.residuals(), flat=0.0 * self.net(self.x) + 1.0)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(1, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)]).fit(Flat())
+    [message] = [str(w.message) for w in caught if issubclass(w.category, TermGradientWarning)]
+    assert "term 'flat' has an exactly zero gradient" in message and "its loss (1) does not change" in message

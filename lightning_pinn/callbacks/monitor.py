@@ -97,7 +97,8 @@ class GradientNormMonitor(PerTermCallback):
         threshold: Alarm when the largest weighted gradient norm exceeds the smallest by more
             than this factor. Must be > 1.
         cosine_threshold: Conflict alarm when a pair's gradient cosine is below this value;
-            in ``[-1, 1)``, or ``None`` to switch the conflict alarm off (cosines are still logged).
+            in ``(-1, 1)`` (a cosine is never below -1), or ``None`` to switch the conflict alarm off
+            (cosines are still logged).
         cosine_patience: Consecutive measurements below ``cosine_threshold`` before the
             conflict alarm fires (>= 1). ``None`` picks enough measurements to span about 200
             optimizer steps, at least 3 (``max(3, ceil(200 / every_n_steps))``), so that the
@@ -139,10 +140,11 @@ class GradientNormMonitor(PerTermCallback):
                 f"GradientNormMonitor: threshold must be a finite number > 1 (the largest allowed ratio of weighted gradient norms, e.g. 100.0), got {threshold!r}."
             )
         if cosine_threshold is not None and (
-            isinstance(cosine_threshold, bool) or not isinstance(cosine_threshold, (int, float)) or not -1.0 <= cosine_threshold < 1.0
+            isinstance(cosine_threshold, bool) or not isinstance(cosine_threshold, (int, float)) or not -1.0 < cosine_threshold < 1.0
         ):
             raise ValueError(
-                f"GradientNormMonitor: cosine_threshold must be a number in [-1, 1) (e.g. -0.5), or None to disable the conflict alarm; got {cosine_threshold!r}."
+                f"GradientNormMonitor: cosine_threshold must be a number in (-1, 1) (e.g. -0.5; a cosine is never below -1, so -1 "
+                f"would never alarm), or None to disable the conflict alarm; got {cosine_threshold!r}."
             )
         if cosine_patience is not None and (
             isinstance(cosine_patience, bool) or not isinstance(cosine_patience, int) or cosine_patience < 1
@@ -414,8 +416,12 @@ class GradientNormMonitor(PerTermCallback):
             message = (
                 f"{self._name}: gradient-conflict alarm at step {step}: the gradients of terms '{a}' and '{b}' "
                 f"point against each other (cosine {cosine:.2f}, below {self.cosine_threshold:g} for {streak} consecutive "
-                f"measurements) and their weighted loss has stalled (now {pair_loss:.3g}, {-100 * decrease:+.1f}% over the last "
-                f"{streak - 1} measurement(s)), so a step that lowers one term raises the other even if their norms "
+                + (
+                    f"measurements) and their weighted loss has stalled (now {pair_loss:.3g}, {-100 * decrease:+.1f}% over the last "
+                    if self.conflict_min_decrease is not None
+                    else f"measurements; their weighted loss is now {pair_loss:.3g}, {-100 * decrease:+.1f}% over the last "
+                )
+                + f"{streak - 1} measurement(s)), so a step that lowers one term raises the other even if their norms "
                 "are balanced. Try: hard-constrain the initial/boundary condition, change the weights, lower the "
                 "learning rate, or add collocation points where the terms meet."
             )
@@ -444,6 +450,9 @@ class GradientNormMonitor(PerTermCallback):
                     "is computed from tensors that are not parameters of the model)"
                     if flag == "unreached"
                     else "its loss sits at an exact minimum (e.g. the residual is exactly 0)"
+                    if report.losses[report.terms.index(name)] == 0
+                    else f"its loss ({report.losses[report.terms.index(name)]:.3g}) does not change with the trainable "
+                    "parameters here (e.g. the residual reaches them only through a factor that is 0)"
                 )
                 rank_zero_warn(
                     f"{self._name}: term '{name}' has an exactly zero gradient at step {step}: {why}. It is left out "
