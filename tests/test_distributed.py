@@ -51,15 +51,19 @@ def _load(folder: Path, rank: int, step: int) -> dict[str, Any]:
     return torch.load(folder / f"rank{rank}_step{step}.pt", weights_only=False)
 
 
-def test_ddp_norms_equal_the_union_and_weights_are_identical(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = SplitPoisson()
+def _fit_ddp_and_one_process(tmp_path: Path, model: SplitPoisson) -> None:
+    """Fit ``model`` on 2 ranks (into ``ddp/``) and a copy of its start on one process (``one/``)."""
     single = SplitPoisson()
     single.load_state_dict(model.state_dict())
     (tmp_path / "ddp").mkdir()
     (tmp_path / "one").mkdir()
     _fit(model, tmp_path / "ddp", devices=2)
     _fit(single, tmp_path / "one", devices=1)
+
+
+def test_ddp_norms_equal_the_union_and_weights_are_identical(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    _fit_ddp_and_one_process(tmp_path, SplitPoisson())
     for step in range(STEPS):
         rank0, rank1, reference = _load(tmp_path / "ddp", 0, step), _load(tmp_path / "ddp", 1, step), _load(tmp_path / "one", 0, step)
         assert torch.equal(rank0["weights"], rank1["weights"]), f"λ differ across ranks after step {step}"
@@ -83,13 +87,7 @@ def test_ddp_term_absent_on_one_rank_is_measured_on_the_ranks_that_have_it(tmp_p
     """'bc' is absent on rank 1 at step 1: its loss and gradient are those of the union of the
     points that have it (rank 0's), like a one-process run; the norm used to be halved."""
     torch.manual_seed(0)
-    model = SplitPoisson(drop_bc=True)
-    single = SplitPoisson()
-    single.load_state_dict(model.state_dict())
-    (tmp_path / "ddp").mkdir()
-    (tmp_path / "one").mkdir()
-    _fit(model, tmp_path / "ddp", devices=2)
-    _fit(single, tmp_path / "one", devices=1)
+    _fit_ddp_and_one_process(tmp_path, SplitPoisson(drop_bc=True))
     for step in (0, 1):  # after step 1 the fits differ: rank 1's optimizer step had no 'bc'
         ddp, reference = _load(tmp_path / "ddp", 0, step), _load(tmp_path / "one", 0, step)
         assert ddp["norms"] == pytest.approx(reference["norms"], rel=1e-4)
