@@ -478,3 +478,22 @@ def test_a_zero_gradient_with_a_nonzero_loss_is_not_called_a_minimum() -> None:
         make_trainer(1, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)]).fit(Flat())
     [message] = [str(w.message) for w in caught if issubclass(w.category, TermGradientWarning)]
     assert "term 'flat' has an exactly zero gradient" in message and "its loss (1) does not change" in message
+
+
+def test_a_trainer_fitted_again_continues_its_callbacks_state() -> None:
+    """The same Trainer fitted again with a higher max_steps continues (global_step > 0): the
+    monitor's diagnosis and the balancer's update count go on, unlike a fresh fit."""
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    model = TwoTermPoisson()
+    monitor = GradientNormMonitor(every_n_steps=2, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=2)
+    trainer = make_trainer(4, [monitor, balancer])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+        trainer.fit_loop.epoch_loop.max_steps = 8
+        trainer.fit(model)
+    assert trainer.global_step == 8
+    assert monitor.diagnosis.measurements == 4 and monitor.diagnosis.first_step == 0
+    assert balancer.num_updates == 4

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from lightning_pinn.autodiff import laplacian
-from lightning_pinn.problems import Helmholtz2D
+from lightning_pinn.problems import HarmonicOscillator, Helmholtz2D, Wave1D
 
 
 def test_helmholtz_source_matches_the_exact_solution() -> None:
@@ -43,3 +44,22 @@ def test_helmholtz_standardises_inputs_but_differentiates_in_original_coordinate
     assert torch.allclose(plain.u(xy), model.net(xy))
     with pytest.raises(ValueError, match="edge_loss must be 'sum'"):
         Helmholtz2D(edge_loss="max")
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: Wave1D(residual_points=0), "residual_points must be an integer >= 1"),
+        (lambda: Wave1D(initial_points=2.5), "initial_points must be an integer >= 1"),
+        (lambda: Wave1D(hidden=()), "hidden must be a non-empty sequence"),
+        (lambda: Wave1D(c=float("nan")), "c must be a finite number > 0"),
+        (lambda: Helmholtz2D(edge_points=0), "edge_points must be an integer >= 1"),
+        (lambda: Helmholtz2D(hidden=(-4,)), "hidden must be a non-empty sequence"),
+        (lambda: Helmholtz2D(k=float("inf")), "k must be a finite number"),
+        (lambda: HarmonicOscillator(collocation_points=0), "collocation_points must be an integer >= 1"),
+        (lambda: HarmonicOscillator(omega=0.0), "omega must be a finite number > 0"),
+    ],
+)
+def test_problems_refuse_bad_arguments_at_construction(factory: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        factory()

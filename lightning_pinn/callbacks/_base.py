@@ -241,9 +241,10 @@ class PerTermCallback(Callback):
         self._tag_prefix = f"{self._loss_path}/" if several else ""
         self._engine = TermGradientEngine.for_loss(self._loss)
         self._parameters = list(pl_module.parameters())
-        # A callback object reused for another fit (one object in a λ sweep, say) starts afresh,
-        # unless this fit resumes from a checkpoint: Lightning has restored its state just before.
-        if not self._restored:
+        # A callback object reused for another fit (one object in a λ sweep, say) starts afresh;
+        # a fit that resumes from a checkpoint (Lightning restored this state just before) or
+        # continues a trainer's earlier fit (global_step > 0, e.g. max_steps raised) goes on.
+        if not self._restored and trainer.global_step == 0:
             self._reset_fit_state()
         self._restored = False
         self._on_attach(trainer, pl_module)

@@ -20,6 +20,7 @@ from lightning_pinn.autodiff import derivative
 from lightning_pinn.constraints import IVPAnsatz
 from lightning_pinn.module import PINNModule
 from lightning_pinn.nn import mlp
+from lightning_pinn.problems._checks import check_finite, check_hidden, check_points
 
 __all__ = ["HarmonicOscillator"]
 
@@ -52,9 +53,13 @@ class HarmonicOscillator(PINNModule):
         hard_ic: bool = False,
         **kwargs: Any,
     ) -> None:
+        owner = type(self).__name__
+        omega = check_finite(owner, "omega", omega, positive=True)
+        hidden = check_hidden(owner, hidden)
+        collocation_points = check_points(owner, "collocation_points", collocation_points)
         weights = {"pde": pde_weight} if hard_ic else {"pde": pde_weight, "ic": ic_weight}
         super().__init__(weights=weights, learning_rate=learning_rate, **kwargs)
-        self.omega = float(omega)
+        self.omega = omega
         self.hard_ic = bool(hard_ic)
         free = mlp(1, hidden, 1)
         self.net: nn.Module = IVPAnsatz(free, u0=1.0, v0=0.0) if hard_ic else free

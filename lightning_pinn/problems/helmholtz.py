@@ -24,6 +24,7 @@ from torch import Tensor
 from lightning_pinn.autodiff import laplacian
 from lightning_pinn.module import PINNModule
 from lightning_pinn.nn import mlp
+from lightning_pinn.problems._checks import check_finite, check_hidden, check_points
 
 __all__ = ["Helmholtz2D"]
 
@@ -66,9 +67,14 @@ class Helmholtz2D(PINNModule):
     ) -> None:
         if edge_loss not in ("sum", "mean"):
             raise ValueError(f"Helmholtz2D: edge_loss must be 'sum' (the paper) or 'mean', got {edge_loss!r}.")
+        owner = type(self).__name__
+        k, a1, a2 = (check_finite(owner, name, value) for name, value in (("k", k), ("a1", a1), ("a2", a2)))
+        hidden = check_hidden(owner, hidden)
+        residual_points = check_points(owner, "residual_points", residual_points)
+        edge_points = check_points(owner, "edge_points", edge_points)
         super().__init__(weights={"pde": 1.0, "bc": bc_weight}, learning_rate=learning_rate, **kwargs)
         self.edge_loss, self.standardize_inputs = edge_loss, bool(standardize_inputs)
-        self.k, self.a1, self.a2 = float(k), float(a1), float(a2)
+        self.k, self.a1, self.a2 = k, a1, a2
         self.residual_points, self.edge_points = residual_points, edge_points
         self.net = mlp(2, hidden, 1, init="xavier")
 

@@ -20,6 +20,7 @@ from torch import Tensor
 from lightning_pinn.autodiff import derivative, gradient
 from lightning_pinn.module import PINNModule
 from lightning_pinn.nn import mlp
+from lightning_pinn.problems._checks import check_finite, check_hidden, check_points
 
 __all__ = ["Wave1D"]
 
@@ -50,9 +51,20 @@ class Wave1D(PINNModule):
         learning_rate: float = 1e-3,
         **kwargs: Any,
     ) -> None:
+        owner = type(self).__name__
+        c = check_finite(owner, "c", c, positive=True)
+        hidden = check_hidden(owner, hidden)
+        points = [
+            check_points(owner, name, value)
+            for name, value in (
+                ("residual_points", residual_points),
+                ("initial_points", initial_points),
+                ("boundary_points", boundary_points),
+            )
+        ]
         super().__init__(weights={"u": 1.0, "ut": 1.0, "pde": 1.0}, learning_rate=learning_rate, **kwargs)
-        self.c = float(c)
-        self.residual_points, self.initial_points, self.boundary_points = residual_points, initial_points, boundary_points
+        self.c = c
+        self.residual_points, self.initial_points, self.boundary_points = points
         self.net = mlp(2, hidden, 1, init="xavier")
 
     @staticmethod

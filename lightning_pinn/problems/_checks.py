@@ -1,0 +1,34 @@
+"""Argument checks shared by the problem classes: a clear error at construction, not at the first step."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+
+def check_points(owner: str, name: str, value: Any) -> int:
+    """A point count: an integer ``>= 1``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: {name} must be an integer >= 1 (points per step), got {value!r}.")
+    return int(value)
+
+
+def check_finite(owner: str, name: str, value: Any, positive: bool = False) -> float:
+    """A finite real number (``> 0`` if ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or (positive and value <= 0):
+        raise ValueError(f"{owner}: {name} must be a finite number{' > 0' if positive else ''}, got {value!r}.")
+    return float(value)
+
+
+def check_hidden(owner: str, hidden: Any) -> tuple[int, ...]:
+    """Hidden-layer widths: at least one layer (the PDE needs derivatives of a nonlinear network), each ``>= 1``."""
+    if (
+        isinstance(hidden, (str, bytes))
+        or not isinstance(hidden, Sequence)
+        or len(hidden) == 0
+        or any(isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in hidden)
+    ):
+        raise ValueError(f"{owner}: hidden must be a non-empty sequence of layer widths >= 1, e.g. (32, 32, 32); got {hidden!r}.")
+    return tuple(int(w) for w in hidden)
