@@ -351,6 +351,10 @@ def test_two_losses_with_a_monitor_each_keep_their_series_and_reports_apart(tmp_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer(6, monitors, logger=logger).fit(TwoLosses())
+    assert [m.summary().split(":", 1)[0] for m in monitors] == [
+        "GradientNormMonitor[criterion] diagnosis",
+        "GradientNormMonitor[second] diagnosis",
+    ]
     alarms = [str(w.message) for w in caught if issubclass(w.category, LossBalanceWarning)]
     assert alarms and all(message.startswith("GradientNormMonitor[second]: loss-balance alarm") for message in alarms)
     events = load_events(tmp_path)

@@ -478,7 +478,7 @@ class GradientNormMonitor(PerTermCallback):
         """A short plain-language diagnosis of the fit so far."""
         d = self.diagnosis
         lines = [
-            f"GradientNormMonitor diagnosis: {d.measurements} measurement(s), steps {d.first_step}-{d.last_step}, every {self.every_n_steps} step(s)."
+            f"{self._name} diagnosis: {d.measurements} measurement(s), steps {d.first_step}-{d.last_step}, every {self.every_n_steps} step(s)."
         ]
         if d.worst_ratio is None:
             lines.append("  gradient-norm ratio: fewer than two terms with a non-zero gradient; nothing to compare.")
