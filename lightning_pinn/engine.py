@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from lightning_pinn.loss import wider_dtype
 from lightning_pinn.ntk import jacobian_row_sq_norms, sample_points
 
 __all__ = ["TermGradientEngine", "StepMeasurement", "TraceRequest"]
@@ -199,19 +200,13 @@ class _BackwardMarker(torch.autograd.Function):
         return None, grad_output
 
 
-def _wider_dtype(losses: Sequence[Tensor | None], dtype: torch.dtype) -> torch.dtype:
-    """The widest of ``dtype`` (the weights') and the losses' dtypes: a float64 network's losses
-    are not rounded to a float32 λ buffer's precision."""
-    for loss in losses:
-        if loss is not None and loss.dtype != dtype:
-            dtype = torch.promote_types(dtype, loss.dtype)
-    return dtype
-
-
-def _promoted(losses: Sequence[Tensor | None], dtype: torch.dtype) -> list[Tensor | None]:
-    """``losses`` cast to :func:`_wider_dtype` (those already in it are returned as they are)."""
-    wide = _wider_dtype(losses, dtype)
-    return [loss if loss is None or loss.dtype == wide else loss.to(wide) for loss in losses]
+def _loss_values(losses: Sequence[Tensor | None], weights: Tensor) -> Tensor:
+    """Detached ``L_i`` (0 where absent), in the wider of the losses' and the weights' dtypes."""
+    dtype = wider_dtype(losses, weights.dtype)
+    if all(loss is not None for loss in losses):
+        return torch.stack([loss.detach() for loss in losses]).to(dtype)  # type: ignore[union-attr]
+    zero = weights.new_zeros((), dtype=dtype)
+    return torch.stack([zero if loss is None else loss.detach().to(dtype) for loss in losses])
 
 
 def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
@@ -306,7 +301,6 @@ class TermGradientEngine:
         window = self._window
         assert window is not None
         weights = lambdas.detach().clone()
-        zero = weights.new_zeros((), dtype=_wider_dtype(losses, weights.dtype))
         capture = _Capture(
             engine=self,
             params=window.params,
@@ -314,7 +308,7 @@ class TermGradientEngine:
             present=[loss is not None for loss in losses],
             residuals=[],
             lambdas=weights,
-            loss_values=torch.stack([zero if loss is None else loss.detach() for loss in _promoted(losses, weights.dtype)]),
+            loss_values=_loss_values(losses, weights),
             trace_request=None,
             want_gradients=False,
         )
@@ -343,12 +337,7 @@ class TermGradientEngine:
                         "weight and is left out of the traces' sum."
                     )
         weights = lambdas.detach().clone()
-        promoted = _promoted(losses, weights.dtype)
-        if all(loss is not None for loss in promoted):
-            loss_values = torch.stack([loss.detach() for loss in promoted])  # type: ignore[union-attr]
-        else:
-            zero = weights.new_zeros((), dtype=_wider_dtype(losses, weights.dtype))
-            loss_values = torch.stack([zero if loss is None else loss.detach() for loss in promoted])
+        loss_values = _loss_values(losses, weights)
         trainable = [p.requires_grad for p in window.params]  # read now: a hook may have (un)frozen some
         if window.layout is None:
             window.layout = trainable

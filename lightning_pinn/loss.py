@@ -44,6 +44,15 @@ def term_loss(residual: Tensor) -> Tensor:
     return squared.mean()
 
 
+def wider_dtype(losses: Sequence[Tensor | None], dtype: torch.dtype) -> torch.dtype:
+    """The widest of ``dtype`` (the weights') and the losses' dtypes: a float64 network's losses
+    are not rounded to a float32 λ buffer's precision."""
+    for loss in losses:
+        if loss is not None and loss.dtype != dtype:
+            dtype = torch.promote_types(dtype, loss.dtype)
+    return dtype
+
+
 def _check_weight(term: str, value: Any, argument: str) -> float:
     """Return ``value`` as a float, or raise naming the term, the argument and the fix."""
     if isinstance(value, Tensor):
@@ -159,9 +168,9 @@ class MultiTermLoss(nn.Module):
             if weights.is_complex():
                 raise TypeError(f"set_weights: weights must be real, got a {weights.dtype} tensor for terms {self._term_names}.")
             values = weights.detach().tolist()
-            info = torch.finfo(self.lambdas.dtype)
-            if all(math.isfinite(value) and (value == 0 or info.tiny * info.eps <= value <= info.max) for value in values):
-                self.lambdas.copy_(weights.detach())  # fast path: one transfer, no tensor ops
+            if all(math.isfinite(value) and value >= 0 for value in values):  # fast path: one transfer, no tensor ops
+                _check_representable(self._term_names, values, self.lambdas.dtype, "set_weights")
+                self.lambdas.copy_(weights.detach())
                 return
             new = [_check_weight(name, value, "set_weights") for name, value in zip(self._term_names, values)]
         else:
@@ -211,10 +220,7 @@ class MultiTermLoss(nn.Module):
         # keeps float64 losses and gradients
         lambdas = self.lambdas
         if all(loss is not None for loss in losses):
-            dtype = lambdas.dtype
-            for loss in losses:
-                if loss.dtype != dtype:  # type: ignore[union-attr]
-                    dtype = torch.promote_types(dtype, loss.dtype)  # type: ignore[union-attr]
+            dtype = wider_dtype(losses, lambdas.dtype)
             stacked = torch.stack([loss if loss.dtype == dtype else loss.to(dtype) for loss in losses])  # type: ignore[union-attr]
             return torch.dot(lambdas if lambdas.dtype == dtype else lambdas.to(dtype), stacked)
         return sum(lambdas[i] * loss for i, loss in enumerate(losses) if loss is not None)  # type: ignore[return-value]

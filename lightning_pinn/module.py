@@ -97,12 +97,13 @@ class PINNModule(pl.LightningModule):
         return self.criterion(**residuals)
 
     def on_train_start(self) -> None:
+        from lightning_pinn.callbacks._base import callbacks_on_loss
         from lightning_pinn.callbacks.balancers import WeightBalancer
         from lightning_pinn.callbacks.monitor import GradientNormMonitor
 
         # A monitor logs loss/<term> and weight/<term> itself, a balancer weight/<term>: no duplicates.
         # (only callbacks on this module's own loss count: one on a second MultiTermLoss logs that one)
-        callbacks = [cb for cb in self.trainer.callbacks if getattr(cb, "_loss", None) is self.criterion]  # type: ignore[attr-defined]
+        callbacks = callbacks_on_loss(self.trainer, self.criterion)
         self._log_terms = bool(self.trainer.loggers) and not any(isinstance(cb, GradientNormMonitor) for cb in callbacks)
         self._log_weights = not any(isinstance(cb, WeightBalancer) for cb in callbacks)
         self.__dict__["_logging_step"] = None  # plain attribute writes: nn.Module.__setattr__ is slow per step

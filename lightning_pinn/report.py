@@ -351,7 +351,7 @@ def loss_prefixes(history: History) -> list[str]:
     prefixes = []
     for tag in history.tags():
         head, found, _ = tag.partition("grad_norm/")
-        if found and (head == "" or head.endswith("/")) and not head.endswith("grad_norm_weighted/") and head not in prefixes:
+        if found and (head == "" or head.endswith("/")) and head not in prefixes:
             prefixes.append(head)
     return prefixes
 

@@ -18,7 +18,7 @@ from lightning_pinn.alerts import TermGradientWarning
 from lightning_pinn.engine import StepMeasurement, TermGradientEngine, TraceRequest
 from lightning_pinn.loss import MultiTermLoss
 
-__all__ = ["PerTermCallback", "find_multi_term_loss", "log_scalars", "PendingEvents", "tensorboard_writers"]
+__all__ = ["PerTermCallback", "callbacks_on_loss", "find_multi_term_loss", "log_scalars", "PendingEvents", "tensorboard_writers"]
 
 
 def find_multi_term_loss(pl_module: torch.nn.Module, name: str | None, owner: str) -> tuple[str, MultiTermLoss]:
@@ -134,6 +134,13 @@ def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
+def callbacks_on_loss(trainer: pl.Trainer, loss: MultiTermLoss | None) -> list[PerTermCallback]:
+    """The Trainer's lightning-pinn callbacks attached to ``loss`` (known from fit start on)."""
+    if loss is None:
+        return []
+    return [cb for cb in trainer.callbacks if isinstance(cb, PerTermCallback) and cb._loss is loss]  # type: ignore[attr-defined]
+
+
 def weight_terms_to_log(trainer: pl.Trainer, callback: PerTermCallback) -> list[str]:
     """The terms whose ``weight/<term>`` series ``callback`` writes: each series has one writer.
 
@@ -147,7 +154,7 @@ def weight_terms_to_log(trainer: pl.Trainer, callback: PerTermCallback) -> list[
     loss = callback._loss
     if loss is None:
         return []
-    mine = [cb for cb in trainer.callbacks if isinstance(cb, PerTermCallback) and cb._loss is loss]  # type: ignore[attr-defined]
+    mine = callbacks_on_loss(trainer, loss)
     balancers = [cb for cb in mine if isinstance(cb, WeightBalancer)]
     monitors = [cb for cb in mine if isinstance(cb, GradientNormMonitor)]
     fallback = monitors[0] if monitors else balancers[0] if balancers else None

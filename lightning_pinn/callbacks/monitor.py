@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
-from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, tensorboard_writers, weight_terms_to_log
+from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, tensorboard_writers, weight_terms_to_log
 from lightning_pinn.diagnostics import GradientReport, summarize_gradients
 from lightning_pinn.engine import StepMeasurement
 from lightning_pinn.report import History, write_report
@@ -288,11 +288,7 @@ class GradientNormMonitor(PerTermCallback):
 
         self._weight_terms = weight_terms_to_log(trainer, self)
         # balancers on the same loss (all callbacks are attached by now): the alarm text says so
-        self._balancer_names = [
-            type(cb).__name__
-            for cb in trainer.callbacks  # type: ignore[attr-defined]
-            if isinstance(cb, WeightBalancer) and cb._loss is self._loss
-        ]
+        self._balancer_names = [type(cb).__name__ for cb in callbacks_on_loss(trainer, self._loss) if isinstance(cb, WeightBalancer)]
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)

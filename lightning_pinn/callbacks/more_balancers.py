@@ -37,6 +37,13 @@ def _remember(old: list[float] | None, values: list[float], present: list[bool])
     return [v if here else (math.nan if old is None else old[i]) for i, (v, here) in enumerate(zip(values, present))]
 
 
+def _first_seen(first: list[float] | None, values: list[float], present: list[bool]) -> list[float]:
+    """Each term's value at the first measurement where it was present (``nan`` until then)."""
+    if first is None:
+        return _remember(None, values, present)
+    return [v if math.isnan(start) and here else start for v, start, here in zip(values, first, present)]
+
+
 def _scatter(size: int, indices: list[int], values: list[float]) -> list[float]:
     out = [math.nan] * size
     for i, value in zip(indices, values):
@@ -179,11 +186,7 @@ class ReLoBRaLoBalancer(_LossRule):
         present = measurement.present.tolist()
         previous, initial = self._previous, self._initial
         self._previous = _remember(previous, values, present)
-        self._initial = (
-            _remember(initial, values, present)
-            if initial is None
-            else [v if math.isnan(start) and here else start for v, start, here in zip(values, initial, present)]
-        )
+        self._initial = _first_seen(initial, values, present)
         terms = _comparable(present, previous, initial)
         if len(terms) < 2:
             return None
@@ -343,11 +346,22 @@ class _TrainedWeights(WeightBalancer):
                 self._pending_state = None
         return self._parameter
 
-    def _step(self, objective: Tensor) -> None:
-        assert self._optimizer is not None
+    def _step(self, objective: Tensor, terms: list[int]) -> Tensor:
+        """One optimizer step on ``objective`` (built from the entries ``terms``); return the entries before it.
+
+        The other entries (terms absent from this measurement) are put back after the step, so
+        Adam's momentum does not move a weight whose term was not seen.
+        """
+        assert self._optimizer is not None and self._parameter is not None
+        before = self._parameter.detach().clone()
         self._optimizer.zero_grad()
         objective.backward()
         self._optimizer.step()
+        with torch.no_grad():
+            kept = torch.ones_like(before, dtype=torch.bool)
+            kept[terms] = False
+            self._parameter[kept] = before[kept]
+        return before
 
     def _reset_fit_state(self) -> None:
         super()._reset_fit_state()
@@ -424,12 +438,7 @@ class GradNormWeighting(_TrainedWeights):
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
         present = measurement.present.tolist()
-        initial = self._initial_losses
-        self._initial_losses = (
-            _remember(None, self._losses, present)
-            if initial is None
-            else [now if math.isnan(start) and here else start for now, start, here in zip(self._losses, initial, present)]
-        )
+        self._initial_losses = _first_seen(self._initial_losses, self._losses, present)
         terms = _comparable(present, self._initial_losses)
         if len(terms) < 2:
             return None
@@ -437,17 +446,11 @@ class GradNormWeighting(_TrainedWeights):
         ratios = [self._losses[i] / self._initial_losses[i] if self._initial_losses[i] > 0 else 1.0 for i in terms]
         mean_ratio = sum(ratios) / len(ratios)
         inverse_rates = torch.tensor([r / mean_ratio if mean_ratio > 0 else 1.0 for r in ratios], dtype=torch.float64)
-        index = torch.tensor(terms)
-        with torch.no_grad():
-            before = weights.detach().clone()
         norms = torch.tensor([values[i] for i in terms], dtype=torch.float64)
-        self._step(gradnorm_objective(weights[index], norms, inverse_rates, self.alpha))
+        before = self._step(gradnorm_objective(weights[terms], norms, inverse_rates, self.alpha), terms)
         with torch.no_grad():
-            weights[index] = weights[index].clamp(min=self.min_weight)
-            weights[index] = weights[index] * (before[index].sum() / weights[index].sum())  # Σ w = K over the terms it saw
-            kept = torch.ones_like(weights, dtype=torch.bool)
-            kept[index] = False
-            weights[kept] = before[kept]  # an absent term's weight does not drift with the optimizer's momentum
+            weights[terms] = weights[terms].clamp(min=self.min_weight)
+            weights[terms] = weights[terms] * (before[terms].sum() / weights[terms].sum())  # Σ w = K over the terms it saw
         new = weights.tolist()
         return new, new
 
@@ -515,13 +518,7 @@ class UncertaintyWeighting(_TrainedWeights):
         if not terms:
             return None
         log_variances = self._ensure_parameter()
-        index = torch.tensor(terms)
-        before = log_variances.detach().clone()
-        self._step(uncertainty_objective(log_variances[index], torch.tensor([values[i] for i in terms], dtype=torch.float64)))
-        with torch.no_grad():
-            kept = torch.ones_like(log_variances, dtype=torch.bool)
-            kept[index] = False
-            log_variances[kept] = before[kept]  # an absent term keeps its weight (no drift from Adam's momentum)
+        self._step(uncertainty_objective(log_variances[terms], torch.tensor([values[i] for i in terms], dtype=torch.float64)), terms)
         new = torch.exp(-log_variances.detach()).tolist()
         target = [1.0 / values[i] if present[i] and values[i] > 0 else math.nan for i in range(len(values))]
         return new, target
