@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -56,6 +57,19 @@ class TwoTermPoisson(pl.LightningModule):
 
     def train_dataloader(self) -> range:
         return range(100)
+
+
+class ExtraTermPoisson(TwoTermPoisson):
+    """:class:`TwoTermPoisson` with a third term ``name`` whose residual is ``extra(model, batch_idx)``
+    (``None``: absent from that step), for tests that need one more term."""
+
+    def __init__(self, name: str, extra: Callable[[Any, int], torch.Tensor | None], weight: float = 1.0) -> None:
+        super().__init__()
+        self.criterion = MultiTermLoss(pde=1.0, bc=1.0, **{name: weight})
+        self.extra_name, self.extra = name, extra
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.criterion(**self.residuals(), **{self.extra_name: self.extra(self, batch_idx)})
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TwoTermPoisson, make_trainer
+from conftest import ExtraTermPoisson, TwoTermPoisson, make_trainer
 from pytorch_lightning.loggers import TensorBoardLogger
 from tb import load_events, scalar_series
 
-from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer
 from lightning_pinn.engine import TermGradientEngine
@@ -147,16 +146,7 @@ def test_validation_and_test_loops_never_change_weights() -> None:
 
 
 def test_warmup_terms_and_reference() -> None:
-    class ThreeTerms(TwoTermPoisson):
-        def __init__(self) -> None:
-            super().__init__()
-            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=2.0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            residuals = self.residuals()
-            return self.criterion(**residuals, data=self.net(self.x[:4]) - 0.3)
-
-    model = ThreeTerms()
+    model = ExtraTermPoisson("data", lambda m, _: m.net(m.x[:4]) - 0.3, weight=2.0)
     recorder = Recorder()
     balancer = GradNormBalancer(every_n_steps=1, warmup_steps=3, terms=["bc", "pde"], reference="pde")
     _quiet_fit(model, 5, [balancer, recorder])
@@ -219,16 +209,7 @@ def test_ntk_balancer_refuses_zero_dim_terms() -> None:
 def test_ntk_balancer_leaves_a_zero_dim_term_outside_its_terms_out_of_the_sum() -> None:
     """The error's advice works: a reduced data misfit outside ``terms`` keeps its weight."""
 
-    class WithData(TwoTermPoisson):
-        def __init__(self) -> None:
-            super().__init__()
-            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            misfit = torch.nn.functional.mse_loss(self.net(self.x), torch.ones_like(self.x))  # 0-dim
-            return self.criterion(**self.residuals(), data=misfit)
-
-    model = WithData()
+    model = ExtraTermPoisson("data", lambda m, _: torch.nn.functional.mse_loss(m.net(m.x), torch.ones_like(m.x)))  # 0-dim
     balancer = NTKBalancer(every_n_steps=1, terms=["pde", "bc"])
     caught = _quiet_fit(model, 1, [balancer, GradNormBalancer(every_n_steps=1, terms=["data"])])
     assert not [w for w in caught if issubclass(w.category, (WeightUpdateWarning, TermGradientWarning))]
@@ -274,16 +255,8 @@ def test_two_balancers_on_the_same_term_are_refused() -> None:
 
 
 def test_two_balancers_on_different_terms_each_keep_their_state() -> None:
-    class ThreeTerms(TwoTermPoisson):
-        def __init__(self) -> None:
-            super().__init__()
-            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return self.criterion(**self.residuals(), data=self.net(self.x[:4]) - 0.3)
-
     a, b = GradNormBalancer(every_n_steps=1, terms=["bc"]), NTKBalancer(every_n_steps=2, terms=["data"])
-    _quiet_fit(ThreeTerms(), 4, [a, b])
+    _quiet_fit(ExtraTermPoisson("data", lambda m, _: m.net(m.x[:4]) - 0.3), 4, [a, b])
     assert (a.num_updates, b.num_updates) == (4, 2)
     assert a.state_key != b.state_key
 
@@ -377,15 +350,7 @@ def test_monitor_and_balancers_write_each_weight_series_once(tmp_path: Any, moni
     event files give the same final weights."""
     from lightning_pinn.report import diagnose, read_history
 
-    class ThreeTerms(TwoTermPoisson):
-        def __init__(self) -> None:
-            super().__init__()
-            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return self.criterion(**self.residuals(), data=0.01 * (self.net(self.x) - 1))
-
-    model = ThreeTerms()
+    model = ExtraTermPoisson("data", lambda m, _: 0.01 * (m.net(m.x) - 1))
     logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
     monitor = GradientNormMonitor(every_n_steps=monitor_every, verbose=False)
     callbacks = [monitor, GradNormBalancer(every_n_steps=3, terms=["bc"]), NTKBalancer(every_n_steps=4, terms=["data"])]

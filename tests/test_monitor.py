@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TwoTermPoisson, make_trainer
+from conftest import ExtraTermPoisson, TwoTermPoisson, make_trainer
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tb import custom_scalars_layout, load_events, scalar_series, texts
 
@@ -469,17 +469,10 @@ def test_the_report_does_not_blame_a_balancer_for_the_step_before_its_first_upda
 
 
 def test_a_zero_gradient_with_a_nonzero_loss_is_not_called_a_minimum() -> None:
-    class Flat(TwoTermPoisson):
-        def __init__(self) -> None:
-            super().__init__()
-            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, flat=1.0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return self.criterion(**self.residuals(), flat=0.0 * self.net(self.x) + 1.0)
-
+    flat = ExtraTermPoisson("flat", lambda m, _: 0.0 * m.net(m.x) + 1.0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(1, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)]).fit(Flat())
+        make_trainer(1, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)]).fit(flat)
     [message] = [str(w.message) for w in caught if issubclass(w.category, TermGradientWarning)]
     assert "term 'flat' has an exactly zero gradient" in message and "its loss (1) does not change" in message
 

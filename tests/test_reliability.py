@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TwoTermPoisson, make_trainer
+from conftest import ExtraTermPoisson, TwoTermPoisson, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 
@@ -189,15 +189,6 @@ def test_tiny_term_driven_to_the_lower_clamp() -> None:
 
 
 def test_term_absent_on_some_steps() -> None:
-    class Sometimes(TwoTermPoisson):
-        def __init__(self) -> None:
-            super().__init__()
-            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            data = self.net(self.x[:3]) - 0.5 if batch_idx % 3 == 0 else None
-            return self.criterion(**self.residuals(), data=data)
-
     monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
     balancer = GradNormBalancer(every_n_steps=1, terms=["data"])
     recorded: list[tuple[tuple[str, ...], float]] = []
@@ -206,7 +197,7 @@ def test_term_absent_on_some_steps() -> None:
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
             recorded.append((monitor.last_report.absent_terms, pl_module.criterion.weights["data"]))  # type: ignore[union-attr]
 
-    caught = _fit(Sometimes(), 6, [monitor, balancer, Record()])
+    caught = _fit(ExtraTermPoisson("data", lambda m, i: m.net(m.x[:3]) - 0.5 if i % 3 == 0 else None), 6, [monitor, balancer, Record()])
     assert [absent for absent, _ in recorded] == [(), ("data",), ("data",), (), ("data",), ("data",)]
     # the weight of an absent term does not move on the steps it is absent
     assert recorded[1][1] == recorded[0][1] and recorded[2][1] == recorded[0][1]
