@@ -10,24 +10,33 @@ For a term with point-wise residual ``r_i(x)`` the diagonal block of the NTK is
 
 This module computes ``‖∂r(x)/∂θ‖²`` for a set of points from a residual tensor that still
 holds its autograd graph, with batched vector-Jacobian products (one-hot cotangents, vmapped by
-``torch.autograd.grad(..., is_grads_batched=True)``) in chunks so that memory stays bounded.
+``torch.func.vmap`` around ``torch.autograd.grad``) in chunks so that memory stays bounded. A
+graph whose backward cannot be vmapped (a custom ``autograd.Function`` that leaves torch, e.g.
+through numpy) is handled by a per-point loop of ``torch.autograd.grad`` calls, with a warning.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import warnings
+
 import torch
 from torch import Tensor
+
+#: torch >= 2.5 names it torch.OutOfMemoryError; earlier releases only torch.cuda.OutOfMemoryError.
+_OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 __all__ = ["jacobian_row_sq_norms", "sample_points", "auto_chunk_size", "CHUNK_BUDGET"]
 
 #: Target size, in cotangent entries (points per chunk × points in the residual), of one
 #: batched vector-Jacobian product. The residual's graph runs over all N points, so each VJP
 #: costs O(N) whatever the cotangent, and a chunk of c points moves c × N values through every
-#: layer: exact traces cost O(N²) in total. This budget keeps a chunk's memory at a few MB per
-#: hidden unit while amortising the per-call overhead.
-CHUNK_BUDGET = 16384
+#: layer: exact traces cost O(N²) in total. Measured on the harmonic IVP network
+#: (``benchmarks/ntk_cost.py``, 2 CPU cores): chunks of 16–128 points are equally fast at
+#: N = 128, 8–16 at N = 1024, and 256 points at N = 1024 are 3× slower (cache), so the budget
+#: keeps c × N near 8192 values.
+CHUNK_BUDGET = 8192
 
 
 def auto_chunk_size(num_points: int) -> int:
@@ -73,21 +82,58 @@ def jacobian_row_sq_norms(
     # large, short-lived buffers pin holes in the allocator's heap, and the process's peak memory
     # then grows with N although the live working set (one chunk) does not.
     values = torch.zeros(len(points), dtype=out_dtype, device=flat.device)
+    params = list(params)
+    batched = True
     for chunk, squared in zip(points.split(chunk_size), values.split(chunk_size)):
         rows = chunk.repeat_interleave(components) * components
         if components == 2:
             rows = rows + torch.arange(2, device=rows.device).repeat(len(chunk))
-        cotangents = torch.zeros(len(rows), flat.numel(), dtype=flat.dtype, device=flat.device)
-        cotangents[torch.arange(len(rows), device=rows.device), rows] = 1
-        grads = torch.autograd.grad(
-            flat, list(params), grad_outputs=cotangents, is_grads_batched=True, retain_graph=True, allow_unused=True
-        )
-        del cotangents
+        if batched:
+            try:
+                row_values = _vmapped_row_sq_norms(flat, params, rows, out_dtype)
+            except _OUT_OF_MEMORY:
+                raise
+            except RuntimeError as error:
+                warnings.warn(
+                    "lightning_pinn.ntk: the residual's backward cannot be vmapped "
+                    f"({str(error).splitlines()[0][:200]}); computing NTK traces with one "
+                    "torch.autograd.grad call per point instead (exact, slower).",
+                    stacklevel=2,
+                )
+                batched = False
+        if not batched:
+            row_values = _looped_row_sq_norms(flat, params, rows, out_dtype)
+        # one value per (point, real/imaginary part); a point's value sums its parts
+        squared += row_values.reshape(len(chunk), components).sum(dim=1)
+    return values
+
+
+def _vmapped_row_sq_norms(flat: Tensor, params: list[Tensor], rows: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """``‖∂flat[row]/∂θ‖²`` for each row, by vector-Jacobian products vmapped over one-hot cotangents."""
+    cotangents = torch.zeros(len(rows), flat.numel(), dtype=flat.dtype, device=flat.device)
+    cotangents[torch.arange(len(rows), device=rows.device), rows] = 1
+
+    def squared_norm(cotangent: Tensor) -> Tensor:
+        grads = torch.autograd.grad(flat, params, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
+        total = torch.zeros((), dtype=out_dtype, device=flat.device)
         for grad in grads:
             if grad is not None:
-                # one row per (point, real/imaginary part); a point's value sums its parts
-                squared += grad.reshape(len(chunk), -1).to(out_dtype).square().sum(dim=1)
-        del grads
+                total = total + grad.to(out_dtype).square().sum()
+        return total
+
+    return torch.func.vmap(squared_norm)(cotangents)
+
+
+def _looped_row_sq_norms(flat: Tensor, params: list[Tensor], rows: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """The same values as :func:`_vmapped_row_sq_norms`, one ``torch.autograd.grad`` call per row."""
+    values = torch.zeros(len(rows), dtype=out_dtype, device=flat.device)
+    for index, row in enumerate(rows.tolist()):
+        cotangent = torch.zeros_like(flat)
+        cotangent[row] = 1  # not flat[row]: indexing needs grad mode, which is off inside a backward pass
+        grads = torch.autograd.grad(flat, params, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
+        for grad in grads:
+            if grad is not None:
+                values[index] += grad.to(out_dtype).square().sum()
     return values
 
 

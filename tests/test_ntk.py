@@ -101,3 +101,30 @@ def test_sample_points_returns_none_when_all_points_are_wanted() -> None:
     assert sample_points(10, None, None) is None
     assert sample_points(10, 10, None) is None
     assert sample_points(10, 50, None) is None
+
+
+class _TimesThreeThroughNumpy(torch.autograd.Function):
+    """A user's custom op whose backward leaves torch (numpy), so it cannot run under vmap."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return 3 * x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.from_numpy(3 * grad.detach().numpy())
+
+
+def test_a_backward_that_cannot_be_vmapped_falls_back_to_an_exact_loop_with_a_warning() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    params = list(model.parameters())
+    x = torch.randn(20, 3)
+    residual = _TimesThreeThroughNumpy.apply(model(x))
+    with pytest.warns(UserWarning, match="cannot be vmapped.*one torch.autograd.grad call per point"):
+        values = jacobian_row_sq_norms(residual, params, chunk_size=8)
+    assert torch.allclose(values, 9 * (x.pow(2).sum(dim=1) + 1), rtol=1e-5)
+    # the fallback also works where grad mode is off (the engine computes traces inside backward)
+    with torch.no_grad(), pytest.warns(UserWarning, match="cannot be vmapped"):
+        again = jacobian_row_sq_norms(residual, params, chunk_size=8)
+    assert torch.equal(again, values)

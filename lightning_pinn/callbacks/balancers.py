@@ -407,7 +407,7 @@ class NTKBalancer(WeightBalancer):
     ``reference``), where it keeps its λ and is left out of ``Σ_j t_j``.
 
     The traces are exact by default: one vector-Jacobian product per point, batched with
-    ``torch.autograd.grad(..., is_grads_batched=True)`` in chunks of ``chunk_size`` points, so
+    ``torch.func.vmap`` over ``torch.autograd.grad`` in chunks of ``chunk_size`` points, so
     memory stays bounded. Each product runs through the residual's graph over all N points,
     so an exact update costs O(N²): use ``trace_points`` for large N. With ``trace_points=m``, each term's trace is estimated from ``m``
     points drawn uniformly without replacement (unbiased; relative standard error
@@ -419,7 +419,7 @@ class NTKBalancer(WeightBalancer):
         momentum: Smoothing ``m`` in ``[0, 1)`` (0.9 in the 2023 guide; 0 is the 2022 paper's
             direct assignment).
         trace_points: Points per term for a sub-sampled trace (``None``: all points, exact).
-        chunk_size: Points per batched vector-Jacobian product (``None``: about 16384 / N, at
+        chunk_size: Points per batched vector-Jacobian product (``None``: about 8192 / N, at
             least 8; see ``lightning_pinn.ntk.auto_chunk_size``).
         seed: Seed of the point sampler (used only with ``trace_points``).
         terms: Terms whose λ may change (default: all).
