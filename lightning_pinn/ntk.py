@@ -17,9 +17,8 @@ through numpy) is handled by a per-point loop of ``torch.autograd.grad`` calls, 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
