@@ -128,6 +128,7 @@ class _Capture:
     trace_counts: Tensor | None = None
     backward_done: bool = False
     evaluation: int = 0  # which evaluation of the loss in its batch (closure optimizers evaluate several times)
+    names: tuple[str, ...] = ()  # the terms, in the order of ``losses`` (for messages)
 
 
 #: Per-term accumulators of a window, in the order they are packed for the all-reduce.
@@ -353,6 +354,7 @@ class TermGradientEngine:
             want_gradients=window.want_gradients,
             trainable=trainable,
             layout=window.layout,
+            names=tuple(names),
         )
         self._add_pending(window, capture)
         inputs = [p for p, grad in zip(window.params, trainable) if grad]
@@ -427,13 +429,14 @@ class TermGradientEngine:
         assert request is not None
         sums: list[Tensor] = []
         counts: list[float] = []
-        for residual in residuals:
+        for index, residual in enumerate(residuals):
             if residual is None or residual.dim() == 0:  # absent, or a reduced loss allowed without a trace
                 sums.append(torch.zeros((), dtype=torch.float64))
                 counts.append(0.0)
                 continue
             points = sample_points(residual.numel(), request.sample_size, request.generator)
-            values = jacobian_row_sq_norms(residual, params, points, request.chunk_size)
+            name = capture.names[index] if index < len(capture.names) else None
+            values = jacobian_row_sq_norms(residual, params, points, request.chunk_size, term=name)
             sums.append(values.to(torch.float64).sum().cpu())
             counts.append(float(values.numel()))
         capture.trace_sums = torch.stack(sums)

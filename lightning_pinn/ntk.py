@@ -10,9 +10,11 @@ For a term with point-wise residual ``r_i(x)`` the diagonal block of the NTK is
 
 This module computes ``‖∂r(x)/∂θ‖²`` for a set of points from a residual tensor that still
 holds its autograd graph, with batched vector-Jacobian products (one-hot cotangents, vmapped by
-``torch.func.vmap`` around ``torch.autograd.grad``) in chunks so that memory stays bounded. A
-graph whose backward cannot be vmapped (a custom ``autograd.Function`` that leaves torch, e.g.
-through numpy) is handled by a per-point loop of ``torch.autograd.grad`` calls, with a warning.
+``torch.func.vmap`` around ``torch.autograd.grad``) in chunks so that memory stays bounded, or
+one product per point where batching does not pay (large N on a CPU, see
+:func:`auto_chunk_size`). A graph whose backward cannot be vmapped (a custom
+``autograd.Function`` that leaves torch, e.g. through numpy) falls back to the per-point
+products, with a warning.
 """
 
 from __future__ import annotations
@@ -26,21 +28,40 @@ from torch import Tensor
 #: torch >= 2.5 names it torch.OutOfMemoryError; earlier releases only torch.cuda.OutOfMemoryError.
 _OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
-__all__ = ["jacobian_row_sq_norms", "sample_points", "auto_chunk_size", "CHUNK_BUDGET"]
+#: PyTorch's notice that an op has no batching rule (vmap then loops over that op): correct
+#: values, nothing a user can act on, so it is silenced inside the batched products.
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 
-#: Target size, in cotangent entries (points per chunk × points in the residual), of one
-#: batched vector-Jacobian product. The residual's graph runs over all N points, so each VJP
-#: costs O(N) whatever the cotangent, and a chunk of c points moves c × N values through every
-#: layer: exact traces cost O(N²) in total. Measured on the harmonic IVP network
-#: (``benchmarks/ntk_cost.py``, 2 CPU cores): chunks of 16–128 points are equally fast at
-#: N = 128, 8–16 at N = 1024, and 256 points at N = 1024 are 3× slower (cache), so the budget
-#: keeps c × N near 8192 values.
-CHUNK_BUDGET = 8192
+__all__ = ["jacobian_row_sq_norms", "sample_points", "auto_chunk_size", "CHUNK_BUDGET", "ACCELERATOR_CHUNK_BUDGET"]
+
+#: CPU: target working set of one batched vector-Jacobian product, in values: points per chunk
+#: c × points in the residual N × the network's width, estimated as √(number of parameters).
+#: The residual's graph runs over all N points, so each product costs O(N) whatever the
+#: cotangent, and exact traces cost O(N²) in total; batching only amortises the per-call
+#: overhead, and a working set beyond the caches makes it slower than one call per point.
+#: Measured with ``benchmarks/ntk_cost.py``-style timings on 2 CPU cores (1-32-32-32-1 and
+#: 2-128-128-128-1 tanh MLPs, second-derivative residuals): the best chunk keeps c·N·√P near
+#: 4·10⁵, and below 8 points per chunk a plain loop of one product per point is as fast or faster
+#: (N ≳ 1000 for the 3×32 network, N ≳ 300 for 3×128).
+CHUNK_BUDGET = 400_000
+
+#: GPU (any non-CPU device): points per chunk × N. Per-call latency dominates there, so larger
+#: chunks pay (measured on an H100: one unchunked batch ran 4× faster than chunks of this budget,
+#: at N² memory); this keeps memory bounded while amortising the launches.
+ACCELERATOR_CHUNK_BUDGET = 16384
 
 
-def auto_chunk_size(num_points: int) -> int:
-    """Points per batched VJP for a residual of ``num_points`` points: ``CHUNK_BUDGET / N``, within [8, N]."""
-    return max(1, min(num_points, max(8, CHUNK_BUDGET // max(num_points, 1))))
+def auto_chunk_size(num_points: int, num_parameters: int, device: torch.device | str = "cpu") -> int:
+    """Points per batched vector-Jacobian product for a residual of ``num_points`` points.
+
+    CPU: ``CHUNK_BUDGET / (N·√P)`` within ``[1, N]``, and 1 (one product per point, no vmap)
+    where that is below 8. Other devices: ``ACCELERATOR_CHUNK_BUDGET / N`` within ``[8, N]``.
+    """
+    num_points = max(num_points, 1)
+    if torch.device(device).type != "cpu":
+        return max(1, min(num_points, max(8, ACCELERATOR_CHUNK_BUDGET // num_points)))
+    chunk = int(CHUNK_BUDGET / (num_points * max(num_parameters, 1) ** 0.5))
+    return min(num_points, chunk) if chunk >= 8 else 1
 
 
 def jacobian_row_sq_norms(
@@ -48,6 +69,7 @@ def jacobian_row_sq_norms(
     params: Sequence[Tensor],
     points: Tensor | None = None,
     chunk_size: int | None = None,
+    term: str | None = None,
 ) -> Tensor:
     """Return ``‖∂r(x)/∂θ‖²`` for the selected points of ``residual``.
 
@@ -57,15 +79,18 @@ def jacobian_row_sq_norms(
             ``‖∂Re r/∂θ‖² + ‖∂Im r/∂θ‖²``.
         params: The parameters ``θ``; a parameter the residual does not reach contributes 0.
         points: Flat indices of the points to evaluate (default: all points).
-        chunk_size: Points per batched vector-Jacobian product (default: :func:`auto_chunk_size`).
+        chunk_size: Points per batched vector-Jacobian product (default: :func:`auto_chunk_size`);
+            1 computes one product per point, without vmap.
+        term: The loss term ``residual`` belongs to, named in warnings.
 
     Returns:
         A float tensor of shape ``(len(points),)``. The graph of ``residual`` is retained.
     """
     if residual.dim() == 0:
         raise ValueError("jacobian_row_sq_norms needs a point-wise residual, got a 0-dim tensor.")
+    params = list(params)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(residual.numel())
+        chunk_size = auto_chunk_size(residual.numel(), sum(p.numel() for p in params), residual.device)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     components = 2 if residual.is_complex() else 1
@@ -74,15 +99,18 @@ def jacobian_row_sq_norms(
     num_points = residual.numel()
     if points is None:
         points = torch.arange(num_points, device=residual.device)
+    elif points.dtype == torch.bool or points.is_floating_point() or points.is_complex():
+        raise TypeError(f"points must be integer (flat) indices of the residual's points, got a {points.dtype} tensor.")
     else:
-        points = points.to(device=residual.device, dtype=torch.long)
+        points = points.to(device=residual.device, dtype=torch.long).reshape(-1)
     out_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
     # The output is allocated once, before the loop: small tensors kept alive between the chunks'
     # large, short-lived buffers pin holes in the allocator's heap, and the process's peak memory
     # then grows with N although the live working set (one chunk) does not.
     values = torch.zeros(len(points), dtype=out_dtype, device=flat.device)
-    params = list(params)
-    batched = True
+    if len(points) == 0:
+        return values
+    batched = chunk_size > 1
     for chunk, squared in zip(points.split(chunk_size), values.split(chunk_size)):
         rows = chunk.repeat_interleave(components) * components
         if components == 2:
@@ -93,14 +121,22 @@ def jacobian_row_sq_norms(
             except _OUT_OF_MEMORY:
                 raise
             except RuntimeError as error:
+                if "can't allocate memory" in str(error):  # the CPU allocator's out-of-memory
+                    raise
+                # Not every backward can run under vmap (a custom Function that leaves torch).
+                # Any other failure recurs in the plain loop below and propagates from there.
+                row_values = _looped_row_sq_norms(flat, params, rows, out_dtype)
+                batched = False
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+                of_term = f" of term '{term}'" if term is not None else ""
                 warnings.warn(
-                    "lightning_pinn.ntk: the residual's backward cannot be vmapped "
-                    f"({str(error).splitlines()[0][:200]}); computing NTK traces with one "
-                    "torch.autograd.grad call per point instead (exact, slower).",
+                    f"lightning_pinn.ntk: the backward of the residual{of_term} cannot be vmapped ({reason}); "
+                    "its NTK traces are computed with one torch.autograd.grad call per point instead (exact, "
+                    "slower). To speed them up, use NTKBalancer(trace_points=...) or make the custom "
+                    "autograd.Function's backward use torch operations only.",
                     stacklevel=2,
                 )
-                batched = False
-        if not batched:
+        else:
             row_values = _looped_row_sq_norms(flat, params, rows, out_dtype)
         # one value per (point, real/imaginary part); a point's value sums its parts
         squared += row_values.reshape(len(chunk), components).sum(dim=1)
@@ -120,7 +156,9 @@ def _vmapped_row_sq_norms(flat: Tensor, params: list[Tensor], rows: Tensor, out_
                 total = total + grad.to(out_dtype).square().sum()
         return total
 
-    return torch.func.vmap(squared_norm)(cotangents)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+        return torch.func.vmap(squared_norm)(cotangents)
 
 
 def _looped_row_sq_norms(flat: Tensor, params: list[Tensor], rows: Tensor, out_dtype: torch.dtype) -> Tensor:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.engine import TermGradientEngine, TraceRequest
-from lightning_pinn.ntk import jacobian_row_sq_norms, sample_points
+from lightning_pinn.ntk import auto_chunk_size, jacobian_row_sq_norms, sample_points
 
 
 def _loop_reference(residual: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
@@ -58,8 +59,10 @@ def test_batched_traces_equal_a_per_point_loop_on_a_pinn_residual() -> None:
     (du,) = torch.autograd.grad(u.sum(), t, create_graph=True)
     (ddu,) = torch.autograd.grad(du.sum(), t, create_graph=True)
     residual = ddu + 39.5 * u
-    batched = jacobian_row_sq_norms(residual, params, chunk_size=10)
-    assert torch.allclose(batched, _loop_reference(residual, params), rtol=1e-4, atol=1e-6)
+    reference = _loop_reference(residual, params)
+    for chunk_size in (None, 1, 10, 64):  # automatic, one product per point, batched, one batch
+        values = jacobian_row_sq_norms(residual, params, chunk_size=chunk_size)
+        assert torch.allclose(values, reference, rtol=1e-4, atol=1e-6), chunk_size
 
 
 def test_complex_residual_counts_both_parts() -> None:
@@ -128,3 +131,44 @@ def test_a_backward_that_cannot_be_vmapped_falls_back_to_an_exact_loop_with_a_wa
     with torch.no_grad(), pytest.warns(UserWarning, match="cannot be vmapped"):
         again = jacobian_row_sq_norms(residual, params, chunk_size=8)
     assert torch.equal(again, values)
+
+
+def test_the_fallback_warning_names_the_term_and_other_errors_propagate_without_it() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    criterion = MultiTermLoss(a=1.0, b=1.0)
+    engine = TermGradientEngine.for_loss(criterion)
+    x_a, x_b = torch.randn(6, 2), torch.randn(5, 2)
+    engine.request(step=0, batch_key=0, params=list(model.parameters()), traces=TraceRequest(None, chunk_size=4))
+    with pytest.warns(UserWarning, match="residual of term 'b' cannot be vmapped"):
+        criterion(a=model(x_a), b=_TimesThreeThroughNumpy.apply(model(x_b))).backward()
+    measurement = engine.collect(0, criterion.term_names)
+    assert measurement is not None and measurement.traces is not None
+    expected = torch.stack([(x_a.pow(2).sum(1) + 1).mean(), 9 * (x_b.pow(2).sum(1) + 1).mean()]).double()
+    assert torch.allclose(measurement.traces, expected, rtol=1e-5)
+
+    # a failure that has nothing to do with vmap is raised as it is, with no fallback warning
+    frozen = torch.nn.Linear(2, 1).requires_grad_(False)
+    residual = model(x_a) + frozen(x_a)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            jacobian_row_sq_norms(residual, [*model.parameters(), *frozen.parameters()])
+
+
+def test_points_must_be_integer_indices_and_may_be_empty() -> None:
+    model = torch.nn.Linear(3, 1)
+    residual = model(torch.randn(5, 3))
+    params = list(model.parameters())
+    assert jacobian_row_sq_norms(residual, params, torch.tensor([], dtype=torch.long)).shape == (0,)
+    with pytest.raises(TypeError, match="integer"):
+        jacobian_row_sq_norms(residual, params, torch.ones(5, dtype=torch.bool))
+
+
+def test_automatic_chunks_batch_small_problems_and_loop_over_large_ones_on_a_cpu() -> None:
+    small_net, wide_net = 2209, 33537  # parameters of 1-32-32-32-1 and 2-128-128-128-1 MLPs
+    assert 8 <= auto_chunk_size(128, small_net) <= 128
+    assert auto_chunk_size(100, 10) == 100  # never more than the points
+    assert auto_chunk_size(128, wide_net) < auto_chunk_size(128, small_net)  # a wider graph, smaller chunks
+    assert auto_chunk_size(4096, small_net) == 1  # one product per point
+    assert auto_chunk_size(4096, small_net, "cuda") >= 8  # GPUs batch whatever N
