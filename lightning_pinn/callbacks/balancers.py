@@ -408,8 +408,9 @@ class NTKBalancer(WeightBalancer):
 
     The traces are exact by default: one vector-Jacobian product per point, batched with
     ``torch.func.vmap`` over ``torch.autograd.grad`` in chunks of ``chunk_size`` points, so
-    memory stays bounded. Each product runs through the residual's graph over all N points,
-    so an exact update costs O(N²): use ``trace_points`` for large N. With ``trace_points=m``, each term's trace is estimated from ``m``
+    memory stays bounded (on a CPU, one product per point where batching does not pay). Each
+    product runs through the residual's graph over all N points, so an exact update costs
+    O(N²): use ``trace_points`` for large N. With ``trace_points=m``, each term's trace is estimated from ``m``
     points drawn uniformly without replacement (unbiased; relative standard error
     ``sqrt((1 − m/N)/m) · CV`` where CV is the coefficient of variation of
     ``‖∂r(x)/∂θ‖²`` over the term's points — see ``lightning_pinn.ntk.sample_points``).
@@ -419,8 +420,9 @@ class NTKBalancer(WeightBalancer):
         momentum: Smoothing ``m`` in ``[0, 1)`` (0.9 in the 2023 guide; 0 is the 2022 paper's
             direct assignment).
         trace_points: Points per term for a sub-sampled trace (``None``: all points, exact).
-        chunk_size: Points per batched vector-Jacobian product (``None``: about 8192 / N, at
-            least 8; see ``lightning_pinn.ntk.auto_chunk_size``).
+        chunk_size: Points per batched vector-Jacobian product; 1 computes one product per
+            point (``None``: automatic, from N, the parameter count and the device; see
+            ``lightning_pinn.ntk.auto_chunk_size``).
         seed: Seed of the point sampler (used only with ``trace_points``).
         terms: Terms whose λ may change (default: all).
         reference: Term held at ``λ = 1`` (``λ̂_i = t_ref / t_i``); ``None``: ``Σ_j t_j / t_i``.
