@@ -164,13 +164,15 @@ def _vmapped_row_sq_norms(flat: Tensor, params: list[Tensor], rows: Tensor, out_
 def _looped_row_sq_norms(flat: Tensor, params: list[Tensor], rows: Tensor, out_dtype: torch.dtype) -> Tensor:
     """The same values as :func:`_vmapped_row_sq_norms`, one ``torch.autograd.grad`` call per row."""
     values = torch.zeros(len(rows), dtype=out_dtype, device=flat.device)
+    # not flat[row]: indexing needs grad mode, which is off inside a backward pass
+    cotangent = torch.zeros_like(flat)
     for index, row in enumerate(rows.tolist()):
-        cotangent = torch.zeros_like(flat)
-        cotangent[row] = 1  # not flat[row]: indexing needs grad mode, which is off inside a backward pass
+        cotangent[row] = 1
         grads = torch.autograd.grad(flat, params, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
-        for grad in grads:
-            if grad is not None:
-                values[index] += grad.to(out_dtype).square().sum()
+        squares = [grad.to(out_dtype).square().sum() for grad in grads if grad is not None]
+        if squares:
+            values[index] = torch.stack(squares).sum()
+        cotangent[row] = 0  # after the squares: a gradient may be a view of the cotangent
     return values
 
 

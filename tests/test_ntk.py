@@ -172,3 +172,10 @@ def test_automatic_chunks_batch_small_problems_and_loop_over_large_ones_on_a_cpu
     assert auto_chunk_size(128, wide_net) < auto_chunk_size(128, small_net)  # a wider graph, smaller chunks
     assert auto_chunk_size(4096, small_net) == 1  # one product per point
     assert auto_chunk_size(4096, small_net, "cuda") >= 8  # GPUs batch whatever N
+
+
+def test_a_residual_that_is_a_view_of_a_parameter_has_unit_rows_in_every_mode() -> None:
+    """∂w_j/∂w = e_j: the per-point loop must not read a gradient that aliases its cotangent after resetting it."""
+    w = torch.nn.Parameter(torch.randn(6))
+    for chunk_size in (1, 4, None):
+        assert torch.equal(jacobian_row_sq_norms(w.view(2, 3), [w], chunk_size=chunk_size), torch.ones(6))
