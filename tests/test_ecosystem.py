@@ -231,3 +231,23 @@ def test_cli_refuses_values_that_cannot_work(arguments: list[str], capsys: pytes
         cli_main(arguments)
     assert exited.value.code == 2
     assert "must be" in capsys.readouterr().err
+
+
+def test_measurements_reach_callback_metrics_for_early_stopping_and_checkpoints(tmp_path: Path) -> None:
+    """Every logged value is the latest ``trainer.callback_metrics`` entry, also without a logger."""
+    from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+    torch.manual_seed(0)
+    monitor = GradientNormMonitor(every_n_steps=5, report=False)
+    # the first epoch-end check already meets the threshold: the fit stops after one epoch
+    stop = EarlyStopping(monitor="grad_ratio", stopping_threshold=1e12, mode="min", check_on_train_epoch_end=True)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="loss/pde", mode="min", save_on_train_epoch_end=True)
+    trainer = make_trainer(200, [monitor, GradNormBalancer(every_n_steps=5), stop, best], limit_train_batches=10, enable_checkpointing=True)
+    trainer.fit(TwoTermPoisson())
+    assert trainer.global_step == 10
+    metrics = trainer.callback_metrics
+    for tag in ("grad_norm/pde", "grad_norm_weighted/bc", "grad_ratio", "loss/pde", "weight/bc", "weight_target/bc"):
+        assert tag in metrics, tag
+    steps, values = monitor.history["grad_norm/pde"]
+    assert steps[-1] == 5 and float(metrics["grad_norm/pde"]) == pytest.approx(values[-1], rel=1e-12)
+    assert best.best_model_path and Path(best.best_model_path).exists()

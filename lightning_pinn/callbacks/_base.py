@@ -63,9 +63,17 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pe
     ``TensorBoardLogger`` gets all values of the step in one event, which is about 5x cheaper
     than one ``add_scalar`` per value. With ``pending``, TensorBoard events are queued there
     (with their step and wall time) until :meth:`PendingEvents.flush`. Loggers are rank-zero
-    only, so on other ranks this does nothing.
+    only; on other ranks only ``trainer.callback_metrics`` is updated.
+
+    Every value also becomes the latest entry of ``trainer.callback_metrics`` (on every rank),
+    as ``self.log`` would make it, so ``EarlyStopping(monitor="grad_ratio")`` or
+    ``ModelCheckpoint(monitor="loss/pde")`` work and the last values can be read after fit.
     """
-    if not metrics or trainer.global_rank != 0 or not trainer.loggers:
+    if not metrics:
+        return
+    values = torch.tensor(list(metrics.values()), dtype=torch.float64)
+    _callback_metrics(trainer).update(zip(metrics, values.unbind()))
+    if trainer.global_rank != 0 or not trainer.loggers:
         return
     for logger in trainer.loggers:
         file_writer = _tensorboard_file_writer(logger)
@@ -80,6 +88,17 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pe
             _write_event(file_writer, tags, values, step, time.time())
         else:
             pending.add(file_writer, tags, values, step)
+
+
+def _callback_metrics(trainer: pl.Trainer) -> dict[str, Tensor]:
+    """The dict behind ``trainer.callback_metrics``.
+
+    The public property first merges in every value logged with ``self.log`` (computing each
+    one) on every access; the dict it returns is the logger connector's, which is read here
+    directly when it exists, so publishing a measurement stays a dict update.
+    """
+    target = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
+    return target if isinstance(target, dict) else trainer.callback_metrics
 
 
 def _tensorboard_file_writer(logger: Any) -> Any | None:
