@@ -243,7 +243,10 @@ def test_measurements_reach_callback_metrics_for_early_stopping_and_checkpoints(
     stop = EarlyStopping(monitor="grad_ratio", stopping_threshold=1e12, mode="min", check_on_train_epoch_end=True)
     best = ModelCheckpoint(dirpath=tmp_path, monitor="loss/pde", mode="min", save_on_train_epoch_end=True)
     trainer = make_trainer(200, [monitor, GradNormBalancer(every_n_steps=5), stop, best], limit_train_batches=10, enable_checkpointing=True)
-    trainer.fit(TwoTermPoisson())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # measured often enough for the checks: no warning
+        warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|Checkpoint directory).*")
+        trainer.fit(TwoTermPoisson())
     assert trainer.global_step == 10
     metrics = trainer.callback_metrics
     for tag in ("grad_norm/pde", "grad_norm_weighted/bc", "grad_ratio", "loss/pde", "weight/bc", "weight_target/bc"):
@@ -251,3 +254,28 @@ def test_measurements_reach_callback_metrics_for_early_stopping_and_checkpoints(
     steps, values = monitor.history["grad_norm/pde"]
     assert steps[-1] == 5 and float(metrics["grad_norm/pde"]) == pytest.approx(values[-1], rel=1e-12)
     assert best.best_model_path and Path(best.best_model_path).exists()
+
+
+def test_a_check_more_frequent_than_the_measurements_is_warned_about(tmp_path: Path) -> None:
+    """EarlyStopping on a tag checked every epoch (4 steps) while the monitor measures every 50."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    stop = EarlyStopping(monitor="loss/pde", patience=3, check_on_train_epoch_end=True)
+    trainer = make_trainer(40, [GradientNormMonitor(report=False), stop], limit_train_batches=4)
+    with pytest.warns(UserWarning, match=r"EarlyStopping\(monitor='loss/pde'\) checks about every 4 optimizer.*every_n_steps=4"):
+        trainer.fit(TwoTermPoisson())
+
+
+def test_a_tensorboard_logger_subclass_that_overrides_log_metrics_gets_every_measurement(tmp_path: Path) -> None:
+    calls: list[tuple[int, list[str]]] = []
+
+    class RenamingTensorBoard(TensorBoardLogger):
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            calls.append((int(step or 0), sorted(metrics)))
+            super().log_metrics({f"pinn/{key}": value for key, value in metrics.items()}, step)
+
+    logger = RenamingTensorBoard(str(tmp_path), name="run")
+    trainer = make_trainer(20, [GradientNormMonitor(every_n_steps=5, report=False)], logger=logger)
+    trainer.fit(TwoTermPoisson())
+    measured = [step for step, keys in calls if "grad_norm/pde" in keys]
+    assert measured == [0, 5, 10, 15]

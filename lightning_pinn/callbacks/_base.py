@@ -102,8 +102,12 @@ def _callback_metrics(trainer: pl.Trainer) -> dict[str, Tensor]:
 
 
 def _tensorboard_file_writer(logger: Any) -> Any | None:
-    """The event-file writer behind a ``TensorBoardLogger``; ``None`` for any other logger."""
-    if not isinstance(logger, TensorBoardLogger):
+    """The event-file writer behind a ``TensorBoardLogger``; ``None`` for any other logger.
+
+    A subclass that overrides ``log_metrics`` (to rename, filter or mirror values) gets its
+    ``log_metrics`` called like any other logger: writing around it would skip the user's code.
+    """
+    if not isinstance(logger, TensorBoardLogger) or type(logger).log_metrics is not TensorBoardLogger.log_metrics:
         return None
     get_file_writer = getattr(logger.experiment, "_get_file_writer", None)
     return None if get_file_writer is None else get_file_writer()  # e.g. tensorboardX: the generic path

@@ -36,10 +36,14 @@ def _check_number(
 ) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{owner}: {name} must be a finite number{hint}, got {value!r}.")
+    # ``hint`` states the allowed range and an example (" in [0, 1) (e.g. 0.9)"); without one,
+    # the violated bound is named
     if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{owner}: {name} must be {'>' if low_open else '>='} {low:g}{hint}, got {value!r}.")
+        bound = hint or f" {'>' if low_open else '>='} {low:g}"
+        raise ValueError(f"{owner}: {name} must be{bound}, got {value!r}.")
     if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{owner}: {name} must be {'<' if high_open else '<='} {high:g}{hint}, got {value!r}.")
+        bound = hint or f" {'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{owner}: {name} must be{bound}, got {value!r}.")
     return float(value)
 
 
@@ -99,7 +103,7 @@ class WeightBalancer(PerTermCallback):
             raise ValueError(f"{owner}: reference must be a term name (e.g. 'pde') or None, got {reference!r}.")
         self.reference = reference
         self.min_weight = _check_number(owner, "min_weight", min_weight, low=0.0, low_open=True, hint=" > 0 (e.g. 1e-6)")
-        self.max_weight = _check_number(owner, "max_weight", max_weight, low=0.0, low_open=True, hint=" (e.g. 1e6)")
+        self.max_weight = _check_number(owner, "max_weight", max_weight, low=0.0, low_open=True, hint=" > 0 (e.g. 1e6)")
         if self.max_weight <= self.min_weight:
             raise ValueError(f"{owner}: max_weight ({max_weight!r}) must be larger than min_weight ({min_weight!r}).")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -129,6 +133,7 @@ class WeightBalancer(PerTermCallback):
         raise NotImplementedError
 
     _quantity = "gradient norm"
+    _zero_cause = "it reaches no trainable parameter, or its loss is exactly minimal"
     #: Whether a zero input means the rule cannot weight the term (true for gradients and traces).
     _zero_is_undefined = True
 
@@ -280,9 +285,8 @@ class WeightBalancer(PerTermCallback):
             if here and value == 0 and name not in self._zero_warned:
                 self._zero_warned.add(name)
                 rank_zero_warn(
-                    f"{type(self).__name__}: term '{name}' has a zero {self._quantity} at step {step} (it reaches no "
-                    "trainable parameter, or its loss is exactly minimal), so the rule gives it no weight; its λ is left "
-                    "unchanged.",
+                    f"{type(self).__name__}: term '{name}' has a zero {self._quantity} at step {step} ({self._zero_cause}), "
+                    "so the rule gives it no weight; its λ is left unchanged.",
                     category=TermGradientWarning,
                 )
 
@@ -434,6 +438,7 @@ class NTKBalancer(WeightBalancer):
     """
 
     _quantity = "NTK trace"
+    _zero_cause = "its residual does not change with any trainable parameter at these points"
 
     def __init__(
         self,

@@ -289,6 +289,42 @@ class GradientNormMonitor(PerTermCallback):
         self._weight_terms = weight_terms_to_log(trainer, self)
         # balancers on the same loss (all callbacks are attached by now): the alarm text says so
         self._balancer_names = [type(cb).__name__ for cb in callbacks_on_loss(trainer, self._loss) if isinstance(cb, WeightBalancer)]
+        self._warn_if_watched_less_often(trainer)
+
+    #: Tags this monitor writes (after its loss prefix, if any): what EarlyStopping or
+    #: ModelCheckpoint may watch through ``trainer.callback_metrics``.
+    _OWN_TAG_PREFIXES = ("grad_norm/", "grad_norm_weighted/", "grad_ratio", "grad_cosine/", "loss/", "weight/", "alarm/")
+
+    def _warn_if_watched_less_often(self, trainer: pl.Trainer) -> None:
+        """Warn when EarlyStopping/ModelCheckpoint watch one of our tags more often than we measure it.
+
+        They read ``trainer.callback_metrics`` at their checks (an epoch's end, by default); with
+        fewer measurements than checks some checks see the previous measurement again, and an
+        ``EarlyStopping`` counts those repeats as "no improvement".
+        """
+        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0:  # inf: an iterable without a length
+            return
+        steps_per_epoch = max(1, batches // max(1, trainer.accumulate_grad_batches))
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            watched = getattr(callback, "monitor", None)
+            if not isinstance(callback, (EarlyStopping, ModelCheckpoint)) or not isinstance(watched, str):
+                continue
+            if not watched.startswith(self._tag_prefix) or not watched[len(self._tag_prefix) :].startswith(self._OWN_TAG_PREFIXES):
+                continue
+            interval = steps_per_epoch
+            every_n_train_steps = getattr(callback, "_every_n_train_steps", 0)
+            if isinstance(callback, ModelCheckpoint) and every_n_train_steps:
+                interval = min(interval, every_n_train_steps)
+            if self.every_n_steps > interval:
+                rank_zero_warn(
+                    f"{self._name}: {type(callback).__name__}(monitor={watched!r}) checks about every {interval} optimizer "
+                    f"step(s), but this monitor measures '{watched}' every {self.every_n_steps} steps, so some checks "
+                    "see the previous measurement again (an EarlyStopping counts such repeats as no improvement and "
+                    f"may stop early). Use GradientNormMonitor(every_n_steps={interval}) or a smaller value."
+                )
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
@@ -361,8 +397,13 @@ class GradientNormMonitor(PerTermCallback):
             f"threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
             f"'{small}'. "
             + (
-                f"{' and '.join(balancers)} is attached to this loss and updates λ after its update steps; if the alarm "
-                "stays on, check its every_n_steps, terms and max_weight."
+                (
+                    f"{balancers[0]} is attached to this loss and updates λ after its update steps; if the alarm stays on, "
+                    "check its every_n_steps, terms and max_weight."
+                    if len(balancers) == 1
+                    else f"{' and '.join(balancers)} are attached to this loss and update λ after their update steps; if "
+                    "the alarm stays on, check their every_n_steps, terms and max_weight."
+                )
                 if balancers
                 else f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} "
                 "would match the norms), or add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance "
