@@ -279,3 +279,5 @@ def test_a_tensorboard_logger_subclass_that_overrides_log_metrics_gets_every_mea
     trainer.fit(TwoTermPoisson())
     measured = [step for step, keys in calls if "grad_norm/pde" in keys]
     assert measured == [0, 5, 10, 15]
+    # with a logger, the values logged are also in trainer.logged_metrics (the last of each tag)
+    assert float(trainer.logged_metrics["grad_norm/pde"]) == float(trainer.callback_metrics["grad_norm/pde"]) > 0

@@ -65,15 +65,19 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pe
     (with their step and wall time) until :meth:`PendingEvents.flush`. Loggers are rank-zero
     only; on other ranks only ``trainer.callback_metrics`` is updated.
 
-    Every value also becomes the latest entry of ``trainer.callback_metrics`` (on every rank),
-    as ``self.log`` would make it, so ``EarlyStopping(monitor="grad_ratio")`` or
-    ``ModelCheckpoint(monitor="loss/pde")`` work and the last values can be read after fit.
+    Every value also becomes the latest entry of ``trainer.callback_metrics`` (on every rank)
+    and, with a logger, of ``trainer.logged_metrics``, as ``self.log`` would make it, so
+    ``EarlyStopping(monitor="grad_ratio")`` or ``ModelCheckpoint(monitor="loss/pde")`` work and
+    the last values can be read after fit.
     """
     if not metrics:
         return
-    values = torch.tensor(list(metrics.values()), dtype=torch.float64)
-    _callback_metrics(trainer).update(zip(metrics, values.unbind()))
-    if trainer.global_rank != 0 or not trainer.loggers:
+    values = torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()
+    _connector_metrics(trainer, "callback").update(zip(metrics, values))
+    if not trainer.loggers:
+        return
+    _connector_metrics(trainer, "logged").update(zip(metrics, values))  # as Lightning's log_metrics does
+    if trainer.global_rank != 0:
         return
     for logger in trainer.loggers:
         file_writer = _tensorboard_file_writer(logger)
@@ -90,15 +94,15 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pe
             pending.add(file_writer, tags, values, step)
 
 
-def _callback_metrics(trainer: pl.Trainer) -> dict[str, Tensor]:
-    """The dict behind ``trainer.callback_metrics``.
+def _connector_metrics(trainer: pl.Trainer, kind: str) -> dict[str, Tensor]:
+    """The dict behind ``trainer.callback_metrics`` (``kind="callback"``) or ``trainer.logged_metrics``.
 
-    The public property first merges in every value logged with ``self.log`` (computing each
-    one) on every access; the dict it returns is the logger connector's, which is read here
+    The public properties first merge in every value logged with ``self.log`` (computing each
+    one) on every access; the dict they return is the logger connector's, which is read here
     directly when it exists, so publishing a measurement stays a dict update.
     """
-    target = getattr(getattr(trainer, "_logger_connector", None), "_callback_metrics", None)
-    return target if isinstance(target, dict) else trainer.callback_metrics
+    target = getattr(getattr(trainer, "_logger_connector", None), f"_{kind}_metrics", None)
+    return target if isinstance(target, dict) else getattr(trainer, f"{kind}_metrics")
 
 
 def _tensorboard_file_writer(logger: Any) -> Any | None:
