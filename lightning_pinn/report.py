@@ -9,6 +9,7 @@ and what to try; and a PNG of the per-term gradient norms and weights over the s
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from array import array
@@ -37,12 +38,18 @@ class History:
         self._values: dict[str, array] = {}
 
     def add(self, metrics: Mapping[str, float], step: int) -> None:
-        """Append one measurement (``{tag: value}`` at ``step``)."""
+        """Add one measurement (``{tag: value}`` at ``step``); each tag's series stays in step order."""
         for tag, value in metrics.items():
             if tag not in self._steps:
                 self._steps[tag], self._values[tag] = array("q"), array("d")
-            self._steps[tag].append(step)
-            self._values[tag].append(float(value))
+            steps = self._steps[tag]
+            if not steps or steps[-1] <= step:
+                steps.append(step)
+                self._values[tag].append(float(value))
+            else:  # e.g. a balancer's weight, logged at the step it applies from, after a later measurement
+                index = bisect.bisect_right(steps, step)
+                steps.insert(index, step)
+                self._values[tag].insert(index, float(value))
 
     def __contains__(self, tag: str) -> bool:
         return tag in self._steps
@@ -112,6 +119,7 @@ class Diagnosis:
     weights_first_changed: int | None = None  # first step at which a weight differs from its first value
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # first, last
     stalled_terms: list[str] = field(default_factory=list)
+    last_quarter_change: dict[str, float] = field(default_factory=dict)  # stalled term: last/first loss of the last quarter
     advice: list[str] = field(default_factory=list)
 
 
@@ -184,6 +192,7 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
             tail = [v for s, v in zip(steps, values) if math.isfinite(v) and s >= steps[0] + 0.75 * (steps[-1] - steps[0])]
             if len(tail) >= 3 and tail[0] > 0 and tail[-1] / tail[0] > 0.9 and finite[-1] > 1e-3 * finite[0]:
                 result.stalled_terms.append(term)
+                result.last_quarter_change[term] = tail[-1] / tail[0]
     result.advice = _advice(result)
     return result
 
@@ -275,7 +284,10 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
             )
     lines += ["", "## Losses", ""]
     for term, (first, last) in d.losses.items():
-        note = " — stalled in the last quarter" if term in d.stalled_terms else ""
+        note = ""
+        if term in d.stalled_terms:
+            change = d.last_quarter_change.get(term, 1.0)
+            note = f" — rose ×{change:.3g} in the last quarter" if change > 1.1 else " — stalled in the last quarter"
         lines.append(f"- {term}: {first:.3g} → {last:.3g}{note}.")
     lines += ["", "## What to try", ""]
     lines += [f"- {item}" for item in d.advice]

@@ -281,3 +281,20 @@ def test_a_tensorboard_logger_subclass_that_overrides_log_metrics_gets_every_mea
     assert measured == [0, 5, 10, 15]
     # with a logger, the values logged are also in trainer.logged_metrics (the last of each tag)
     assert float(trainer.logged_metrics["grad_norm/pde"]) == float(trainer.callback_metrics["grad_norm/pde"]) > 0
+
+
+def test_the_fit_time_and_event_file_reports_date_the_first_weight_change_alike(tmp_path: Path) -> None:
+    from lightning_pinn.report import diagnose, read_history
+
+    torch.manual_seed(0)
+    monitor = GradientNormMonitor(every_n_steps=3, report=False)
+    trainer = make_trainer(
+        20, [monitor, GradNormBalancer(every_n_steps=5)], logger=TensorBoardLogger(str(tmp_path), name="run"), log_every_n_steps=7
+    )
+    trainer.fit(TwoTermPoisson())
+    from_events = diagnose(read_history(trainer.logger.log_dir))
+    at_fit_time = diagnose(monitor.history)
+    # the first update (step 0) applies from step 1; the monitor's next measurement is step 3
+    assert from_events.weights_first_changed == at_fit_time.weights_first_changed == 1
+    steps, _ = monitor.history["weight/bc"]
+    assert steps == sorted(steps)

@@ -494,3 +494,17 @@ def test_a_trainer_fitted_again_continues_its_callbacks_state() -> None:
     assert trainer.global_step == 8
     assert monitor.diagnosis.measurements == 4 and monitor.diagnosis.first_step == 0
     assert balancer.num_updates == 4
+
+
+def test_the_report_tells_a_rising_loss_from_a_stalled_one() -> None:
+    from lightning_pinn.report import History, diagnose, render_markdown
+
+    history = History()
+    for step in range(0, 101, 10):
+        rising = 0.155 if step < 75 else 0.155 * (1 + (step - 70) / 10)  # ×4 over the last quarter
+        history.add({"loss/pde": 10.0 / (1 + step), "loss/bc": rising, "loss/ic": 0.5}, step)
+        history.add({"grad_norm/pde": 1.0, "grad_norm/bc": 1.0, "grad_norm/ic": 1.0, "grad_ratio": 1.0, "alarm/grad_ratio": 0.0}, step)
+    text = render_markdown(diagnose(history, threshold=100.0))
+    assert "- bc: 0.155 → 0.62 — rose ×" in text
+    assert "- ic: 0.5 → 0.5 — stalled in the last quarter." in text
+    assert "- pde: 10 → 0.099." in text

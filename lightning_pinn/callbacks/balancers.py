@@ -6,7 +6,7 @@ The callbacks orchestrate; the formulas live in :mod:`lightning_pinn.rules`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,7 +15,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
-from lightning_pinn.callbacks._base import PerTermCallback, weight_terms_to_log
+from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest
 from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
@@ -131,6 +131,19 @@ class WeightBalancer(PerTermCallback):
     def _rule(self, values: list[float]) -> list[float]:
         """Target weights ``λ̂`` from :meth:`_rule_inputs`; ``nan`` where undefined."""
         raise NotImplementedError
+
+    def _log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pending: PendingEvents | None = None) -> None:
+        """Log, and give the weights to the monitors on this loss, whose reports then date λ's
+        changes by the steps they apply from (as the logged series does), not by the monitor's
+        next measurement."""
+        super()._log_scalars(trainer, metrics, step, pending)
+        weights = {tag: value for tag, value in metrics.items() if tag.startswith("weight/")}
+        if weights:
+            from lightning_pinn.callbacks.monitor import GradientNormMonitor
+
+            for callback in callbacks_on_loss(trainer, self._loss):
+                if isinstance(callback, GradientNormMonitor):
+                    callback.history.add(weights, step)
 
     _quantity = "gradient norm"
     _zero_cause = "it reaches no trainable parameter, or its loss is exactly minimal"
