@@ -150,12 +150,14 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
 
     if "grad_ratio" in history:
         steps, ratios = history["grad_ratio"]
-        worst = max(range(len(ratios)), key=ratios.__getitem__)
-        result.worst_ratio, result.worst_ratio_step = ratios[worst], steps[worst]
-        weighted = {t: dict(zip(*history[f"grad_norm_weighted/{t}"])) for t in history.terms("grad_norm_weighted")}
-        at_worst = {t: series[steps[worst]] for t, series in weighted.items() if steps[worst] in series and series[steps[worst]] > 0}
-        if len(at_worst) >= 2:
-            result.worst_pair = (max(at_worst, key=at_worst.get), min(at_worst, key=at_worst.get))  # type: ignore[arg-type]
+        finite = [index for index, ratio in enumerate(ratios) if math.isfinite(ratio)]  # NaN: a NaN/inf gradient
+        if finite:
+            worst = max(finite, key=ratios.__getitem__)
+            result.worst_ratio, result.worst_ratio_step = ratios[worst], steps[worst]
+            weighted = {t: dict(zip(*history[f"grad_norm_weighted/{t}"])) for t in history.terms("grad_norm_weighted")}
+            at_worst = {t: series[steps[worst]] for t, series in weighted.items() if steps[worst] in series and series[steps[worst]] > 0}
+            if len(at_worst) >= 2:
+                result.worst_pair = (max(at_worst, key=at_worst.get), min(at_worst, key=at_worst.get))  # type: ignore[arg-type]
         if "alarm/grad_ratio" in history:
             flag_steps, flags = history["alarm/grad_ratio"]
             result.ratio_spans = _spans(flag_steps, [f > 0.5 for f in flags])
@@ -252,7 +254,7 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
     lines.append(f"{d.measurements} measurements, steps {d.first_step}–{d.last_step}.")
     lines += ["", "## Gradient-norm ratio", ""]
     if d.worst_ratio is None:
-        lines.append("- Fewer than two terms had a non-zero gradient: there was nothing to compare.")
+        lines.append("- Fewer than two terms had a finite, non-zero gradient: there was nothing to compare.")
     else:
         threshold = f"{d.threshold:g}x" if d.threshold else "the threshold"
         pair = f" ('{d.worst_pair[0]}' over '{d.worst_pair[1]}')" if d.worst_pair else ""

@@ -14,14 +14,14 @@ from ddp_helpers import DumpPerStep, SplitPoisson
 from pytorch_lightning.strategies import DDPStrategy
 from torch.multiprocessing.spawn import ProcessExitedException
 
-from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
+from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer, ReLoBRaLoBalancer
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 STEPS = 4
 
 
-def _fit(model: pl.LightningModule, folder: Path, devices: int) -> None:
+def _fit(model: pl.LightningModule, folder: Path, devices: int, balancer: pl.Callback | None = None) -> None:
     strategy: Any = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)) if devices > 1 else "auto"
     trainer = pl.Trainer(
         max_steps=STEPS,
@@ -32,7 +32,11 @@ def _fit(model: pl.LightningModule, folder: Path, devices: int) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        callbacks=[GradientNormMonitor(every_n_steps=1, verbose=False), GradNormBalancer(every_n_steps=1), DumpPerStep(str(folder))],
+        callbacks=[
+            GradientNormMonitor(every_n_steps=1, verbose=False),
+            balancer or GradNormBalancer(every_n_steps=1),
+            DumpPerStep(str(folder)),
+        ],
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -93,3 +97,17 @@ def test_ddp_term_absent_on_one_rank_is_measured_on_the_ranks_that_have_it(tmp_p
         assert ddp["norms"] == pytest.approx(reference["norms"], rel=1e-4)
         assert ddp["losses"] == pytest.approx(reference["losses"], rel=1e-4)
         assert ddp["weights"].tolist() == pytest.approx(reference["weights"].tolist(), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "make_balancer", [lambda: NTKBalancer(every_n_steps=1, trace_points=4), lambda: ReLoBRaLoBalancer(every_n_steps=1)]
+)
+def test_ddp_spawn_carries_balancers_that_hold_a_random_generator(tmp_path: Path, make_balancer: Any) -> None:
+    """ddp_spawn pickles the callbacks into the new processes; a bare torch.Generator failed there."""
+    torch.manual_seed(0)
+    _fit(SplitPoisson(), tmp_path, devices=2, balancer=make_balancer())
+    for step in range(STEPS):
+        rank0, rank1 = _load(tmp_path, 0, step), _load(tmp_path, 1, step)
+        assert torch.equal(rank0["weights"], rank1["weights"])
+        assert torch.isfinite(rank0["weights"]).all()
+    assert not torch.equal(_load(tmp_path, 0, STEPS - 1)["weights"], torch.ones(2))  # the balancer did update

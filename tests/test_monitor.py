@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 from typing import Any
 
@@ -508,3 +509,33 @@ def test_the_report_tells_a_rising_loss_from_a_stalled_one() -> None:
     assert "- bc: 0.155 → 0.62 — rose ×" in text
     assert "- ic: 0.5 → 0.5 — stalled in the last quarter." in text
     assert "- pde: 10 → 0.099." in text
+
+
+class _DivergingPoisson(TwoTermPoisson):
+    """Every residual turns NaN from step 2 on (as after an fp16 overflow)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        residuals = self.residuals()
+        if self.global_step >= 2:
+            residuals = {name: r * float("nan") for name, r in residuals.items()}
+        return self.criterion(**residuals)
+
+
+def test_a_nan_gradient_makes_grad_ratio_nan_so_early_stopping_sees_it() -> None:
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    from lightning_pinn.report import diagnose, render_markdown
+
+    torch.manual_seed(0)
+    monitor = GradientNormMonitor(every_n_steps=1, report=False, verbose=False)
+    stop = EarlyStopping(monitor="grad_ratio", mode="min", check_finite=True, check_on_train_epoch_end=True)
+    trainer = make_trainer(30, [monitor, stop], limit_train_batches=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_DivergingPoisson())
+    assert trainer.global_step == 3  # stopped at the first epoch end, on the NaN ratio
+    steps, ratios = monitor.history["grad_ratio"]
+    assert steps == [0, 1, 2] and all(math.isfinite(r) for r in ratios[:2]) and math.isnan(ratios[2])
+    diagnosis = diagnose(monitor.history)
+    assert diagnosis.worst_ratio == max(ratios[:2]) and diagnosis.worst_ratio_step in (0, 1)
+    assert "Worst ratio" in render_markdown(diagnosis)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -205,6 +205,13 @@ def check_every_n_steps(owner: str, value: Any) -> int:
     return value
 
 
+class _PickledGenerator(NamedTuple):
+    """A ``torch.Generator`` in a form every pickler handles: its device and state bytes."""
+
+    device: str
+    state: bytes
+
+
 class PerTermCallback(Callback):
     """Base for callbacks that read per-term quantities from the shared engine on a step cadence.
 
@@ -230,6 +237,27 @@ class PerTermCallback(Callback):
         self._scaler_skips = 0
         self._state_key: str | None = None
         self._restored = False  # set by load_state_dict: the next fit resumes instead of starting afresh
+
+    # ---------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable state: a ``torch.Generator`` travels as its state's bytes.
+
+        ``ddp_spawn`` pickles the callbacks into each new process, and a bare ``torch.Generator``
+        does not survive that ("unable to resize file ... Invalid argument" in the child).
+        """
+        state = self.__dict__.copy()
+        for name, value in state.items():
+            if isinstance(value, torch.Generator):
+                state[name] = _PickledGenerator(str(value.device), bytes(value.get_state().numpy()))
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            if isinstance(value, _PickledGenerator):
+                generator = torch.Generator(device=value.device)
+                generator.set_state(torch.frombuffer(bytearray(value.state), dtype=torch.uint8))
+                state[name] = generator
+        self.__dict__.update(state)
 
     # ---------------------------------------------------------------- subclass API
     def _is_due(self, step: int) -> bool:

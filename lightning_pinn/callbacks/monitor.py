@@ -239,7 +239,10 @@ class GradientNormMonitor(PerTermCallback):
             metrics[f"loss/{name}"] = loss
             metrics[f"grad_norm/{name}"] = norm
             metrics[f"grad_norm_weighted/{name}"] = weighted
-        if report.ratio is not None:
+        if any(not math.isfinite(w) for name, w in zip(report.terms, report.weighted_norms) if name not in report.absent_terms):
+            # a NaN/inf gradient: say so in the ratio too (EarlyStopping's check_finite stops on it)
+            metrics["grad_ratio"] = math.nan
+        elif report.ratio is not None:
             metrics["grad_ratio"] = report.ratio
         metrics["grad_ratio_threshold"] = self.threshold
         for (a, b), cosine in report.cosines.items():
