@@ -1,6 +1,6 @@
 """Accuracy of the balancers on the harmonic IVP, and the cost of one balancer update.
 
-Part 1 (accuracy): the harmonic oscillator of ../shared/README.md §2 (1-32-32-32-1 tanh,
+Part 1 (accuracy): the harmonic oscillator u'' + ω²u = 0, u(0) = 1, u'(0) = 0 (1-32-32-32-1 tanh,
 Adam 1e-3, 128 points), fixed λ_IC on the grid 10^-3 … 10^5 against GradNormBalancer (max and
 mean rules) and NTKBalancer with their default arguments, each starting from λ = 1. Median
 relative L² over the seeds, for ω = 2π and ω = 4π, plus the first step (checked every 100)

@@ -1,6 +1,6 @@
 """The papers' problems, plain PINN against the balancers, side by side; writes benchmarks/RESULTS.md.
 
-Problems (see ../lightning_pinn/problems/ and the shared reference README §2):
+Problems (defined in lightning_pinn/problems/):
 
 * ``helmholtz`` — Wang, Teng & Perdikaris 2021: 2D Helmholtz, a₁ = 1, a₂ = 4, 2-50-50-50-1 tanh
   (the paper's network), Adam 1e-3 · 0.9^(step/1000), fresh 128 residual + 4×128 edge points
@@ -14,7 +14,7 @@ Problems (see ../lightning_pinn/problems/ and the shared reference README §2):
   budget from 80,001 steps to fit 2 CPU cores (``--wave-width``, ``--wave-steps``).
 * ``harmonic`` — the harmonic IVP of the sweep: every method, 5 seeds.
 
-Each fit records its relative L² error every ``--eval-every`` steps and the training wall time
+Each fit records its relative L² error every 1000 (Helmholtz), 500 (wave) or 100 (harmonic) steps and the training wall time
 (evaluation excluded) at which the error first reached 1e-2 (time-to-accuracy). Fits run in
 parallel worker processes, one thread each.
 
@@ -161,7 +161,9 @@ def table(outcomes: list[Outcome], methods: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="Helmholtz and wave seeds; the harmonic IVP always adds seeds 0-4"
+    )
     parser.add_argument("--helmholtz-steps", type=int, default=40001)
     parser.add_argument("--wave-steps", type=int, default=20000)
     parser.add_argument("--wave-width", type=int, default=128)
@@ -247,7 +249,7 @@ def write_results(output: Path, sections_dir: Path) -> None:
         "GradNormBalancer is kept in [`results/papers_wave_20k.md`](results/papers_wave_20k.md); why gradient-norm "
         "balancing fails on this problem: [`results/wave_weights.md`](results/wave_weights.md) "
         "(`benchmarks/wave_weights.py`).\n"
-        "* The harmonic IVP is this project's sweep problem (../shared/README.md §2).\n\n"
+        "* The harmonic IVP is this project's sweep problem (`lightning_pinn/problems/harmonic.py`).\n\n"
     )
     output.write_text(header + "\n".join(sections))
 

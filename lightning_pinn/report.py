@@ -105,6 +105,7 @@ def find_runs(logdir: str | Path) -> list[Path]:
 class Diagnosis:
     """What :func:`diagnose` found; :func:`render_markdown` turns it into text."""
 
+    terms: int = 0  # terms with a gradient-norm series
     first_step: int | None = None
     last_step: int | None = None
     measurements: int = 0
@@ -141,6 +142,7 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
     """Read the verdict out of a history of the monitor's scalars (see the README's tag table)."""
     result = Diagnosis()
     terms = history.terms("grad_norm")
+    result.terms = len(terms)
     if "grad_ratio_threshold" in history and threshold is None:
         threshold = history["grad_ratio_threshold"][1][-1]
     result.threshold = threshold
@@ -253,7 +255,9 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
         return "\n".join(lines + ["No gradient-norm measurements were found (was a GradientNormMonitor attached?)."]) + "\n"
     lines.append(f"{d.measurements} measurements, steps {d.first_step}–{d.last_step}.")
     lines += ["", "## Gradient-norm ratio", ""]
-    if d.worst_ratio is None:
+    if d.worst_ratio is None and d.terms < 2:
+        lines.append("- The loss has one term: there is no ratio to compare.")
+    elif d.worst_ratio is None:
         lines.append("- Fewer than two terms had a finite, non-zero gradient: there was nothing to compare.")
     else:
         threshold = f"{d.threshold:g}x" if d.threshold else "the threshold"

@@ -539,3 +539,12 @@ def test_a_nan_gradient_makes_grad_ratio_nan_so_early_stopping_sees_it() -> None
     diagnosis = diagnose(monitor.history)
     assert diagnosis.worst_ratio == max(ratios[:2]) and diagnosis.worst_ratio_step in (0, 1)
     assert "Worst ratio" in render_markdown(diagnosis)
+
+
+def test_a_one_term_report_says_so() -> None:
+    from lightning_pinn.report import History, diagnose, render_markdown
+
+    history = History()
+    for step in (0, 50):
+        history.add({"grad_norm/pde": 1.0, "grad_norm_weighted/pde": 1.0, "loss/pde": 1.0 / (1 + step)}, step)
+    assert "The loss has one term: there is no ratio to compare." in render_markdown(diagnose(history))
