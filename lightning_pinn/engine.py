@@ -128,7 +128,7 @@ class _Capture:
     trace_counts: Tensor | None = None
     backward_done: bool = False
     evaluation: int = 0  # which evaluation of the loss in its batch (closure optimizers evaluate several times)
-    names: tuple[str, ...] = ()  # the terms, in the order of ``losses`` (for messages)
+    names: tuple[str, ...] = ()  # the terms, in the order of ``losses`` (set where traces are recorded)
 
 
 #: Per-term accumulators of a window, in the order they are packed for the all-reduce.
@@ -429,13 +429,12 @@ class TermGradientEngine:
         assert request is not None
         sums: list[Tensor] = []
         counts: list[float] = []
-        for index, residual in enumerate(residuals):
+        for name, residual in zip(capture.names, residuals, strict=True):
             if residual is None or residual.dim() == 0:  # absent, or a reduced loss allowed without a trace
                 sums.append(torch.zeros((), dtype=torch.float64))
                 counts.append(0.0)
                 continue
             points = sample_points(residual.numel(), request.sample_size, request.generator)
-            name = capture.names[index] if index < len(capture.names) else None
             values = jacobian_row_sq_norms(residual, params, points, request.chunk_size, term=name)
             sums.append(values.to(torch.float64).sum().cpu())
             counts.append(float(values.numel()))

@@ -143,6 +143,15 @@ def jacobian_row_sq_norms(
     return values
 
 
+def _squared_norm(grads: Sequence[Tensor | None], out_dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``Σ ‖g‖²`` over the gradients (``None``: a parameter not reached, contributing 0)."""
+    total = torch.zeros((), dtype=out_dtype, device=device)
+    for grad in grads:
+        if grad is not None:
+            total = total + grad.to(out_dtype).square().sum()
+    return total
+
+
 def _vmapped_row_sq_norms(flat: Tensor, params: list[Tensor], rows: Tensor, out_dtype: torch.dtype) -> Tensor:
     """``‖∂flat[row]/∂θ‖²`` for each row, by vector-Jacobian products vmapped over one-hot cotangents."""
     cotangents = torch.zeros(len(rows), flat.numel(), dtype=flat.dtype, device=flat.device)
@@ -150,11 +159,7 @@ def _vmapped_row_sq_norms(flat: Tensor, params: list[Tensor], rows: Tensor, out_
 
     def squared_norm(cotangent: Tensor) -> Tensor:
         grads = torch.autograd.grad(flat, params, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
-        total = torch.zeros((), dtype=out_dtype, device=flat.device)
-        for grad in grads:
-            if grad is not None:
-                total = total + grad.to(out_dtype).square().sum()
-        return total
+        return _squared_norm(grads, out_dtype, flat.device)
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
@@ -169,9 +174,7 @@ def _looped_row_sq_norms(flat: Tensor, params: list[Tensor], rows: Tensor, out_d
     for index, row in enumerate(rows.tolist()):
         cotangent[row] = 1
         grads = torch.autograd.grad(flat, params, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
-        squares = [grad.to(out_dtype).square().sum() for grad in grads if grad is not None]
-        if squares:
-            values[index] = torch.stack(squares).sum()
+        values[index] = _squared_norm(grads, out_dtype, flat.device)
         cotangent[row] = 0  # after the squares: a gradient may be a view of the cotangent
     return values
 

@@ -119,9 +119,14 @@ class Diagnosis:
     weights: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)  # first, last, min, max
     weights_first_changed: int | None = None  # first step at which a weight differs from its first value
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # first, last
-    stalled_terms: list[str] = field(default_factory=list)
-    last_quarter_change: dict[str, float] = field(default_factory=dict)  # stalled term: last/first loss of the last quarter
+    # terms whose loss stopped improving in the last quarter: last/first loss of that quarter
+    last_quarter_change: dict[str, float] = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)
+
+    @property
+    def stalled_terms(self) -> list[str]:
+        """Terms whose loss stopped improving (or rose) in the last quarter of the fit."""
+        return list(self.last_quarter_change)
 
 
 def _spans(steps: list[int], flags: list[bool]) -> list[tuple[int, int | None]]:
@@ -195,7 +200,6 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
             result.losses[term] = (finite[0], finite[-1])
             tail = [v for s, v in zip(steps, values) if math.isfinite(v) and s >= steps[0] + 0.75 * (steps[-1] - steps[0])]
             if len(tail) >= 3 and tail[0] > 0 and tail[-1] / tail[0] > 0.9 and finite[-1] > 1e-3 * finite[0]:
-                result.stalled_terms.append(term)
                 result.last_quarter_change[term] = tail[-1] / tail[0]
     result.advice = _advice(result)
     return result
@@ -291,8 +295,8 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
     lines += ["", "## Losses", ""]
     for term, (first, last) in d.losses.items():
         note = ""
-        if term in d.stalled_terms:
-            change = d.last_quarter_change.get(term, 1.0)
+        if term in d.last_quarter_change:
+            change = d.last_quarter_change[term]
             note = f" — rose ×{change:.3g} in the last quarter" if change > 1.1 else " — stalled in the last quarter"
         lines.append(f"- {term}: {first:.3g} → {last:.3g}{note}.")
     lines += ["", "## What to try", ""]

@@ -132,19 +132,6 @@ class WeightBalancer(PerTermCallback):
         """Target weights ``λ̂`` from :meth:`_rule_inputs`; ``nan`` where undefined."""
         raise NotImplementedError
 
-    def _log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pending: PendingEvents | None = None) -> None:
-        """Log, and give the weights to the monitors on this loss, whose reports then date λ's
-        changes by the steps they apply from (as the logged series does), not by the monitor's
-        next measurement."""
-        super()._log_scalars(trainer, metrics, step, pending)
-        weights = {tag: value for tag, value in metrics.items() if tag.startswith("weight/")}
-        if weights:
-            from lightning_pinn.callbacks.monitor import GradientNormMonitor
-
-            for callback in callbacks_on_loss(trainer, self._loss):
-                if isinstance(callback, GradientNormMonitor):
-                    callback.history.add(weights, step)
-
     _quantity = "gradient norm"
     _zero_cause = "it reaches no trainable parameter, or its loss is exactly minimal"
     #: Whether a zero input means the rule cannot weight the term (true for gradients and traces).
@@ -272,6 +259,19 @@ class WeightBalancer(PerTermCallback):
         self._weight_terms = weight_terms_to_log(trainer, self)
         weights = self.criterion.weights
         self._log_scalars(trainer, {f"weight/{name}": weights[name] for name in self._weight_terms}, trainer.global_step)
+
+    def _log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pending: PendingEvents | None = None) -> None:
+        """Log, and give the weights to the monitors on this loss, whose reports then date λ's
+        changes by the steps they apply from (as the logged series does), not by the monitor's
+        next measurement."""
+        super()._log_scalars(trainer, metrics, step, pending)
+        weights = {tag: value for tag, value in metrics.items() if tag.startswith("weight/")}
+        if weights:
+            from lightning_pinn.callbacks.monitor import GradientNormMonitor
+
+            for callback in callbacks_on_loss(trainer, self._loss):
+                if isinstance(callback, GradientNormMonitor):
+                    callback.history.add(weights, step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the last update is always logged, before a monitor writes its report (on_fit_end)

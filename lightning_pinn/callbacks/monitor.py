@@ -239,7 +239,7 @@ class GradientNormMonitor(PerTermCallback):
             metrics[f"loss/{name}"] = loss
             metrics[f"grad_norm/{name}"] = norm
             metrics[f"grad_norm_weighted/{name}"] = weighted
-        if any(not math.isfinite(w) for name, w in zip(report.terms, report.weighted_norms) if name not in report.absent_terms):
+        if report.nonfinite_terms:
             # a NaN/inf gradient: say so in the ratio too (EarlyStopping's check_finite stops on it)
             metrics["grad_ratio"] = math.nan
         elif report.ratio is not None:
@@ -400,13 +400,9 @@ class GradientNormMonitor(PerTermCallback):
             f"threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
             f"'{small}'. "
             + (
-                (
-                    f"{balancers[0]} is attached to this loss and updates λ after its update steps; if the alarm stays on, "
-                    "check its every_n_steps, terms and max_weight."
-                    if len(balancers) == 1
-                    else f"{' and '.join(balancers)} are attached to this loss and update λ after their update steps; if "
-                    "the alarm stays on, check their every_n_steps, terms and max_weight."
-                )
+                f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
+                f"update{'' if len(balancers) > 1 else 's'} λ after {_its(balancers)} update steps; if the alarm stays "
+                f"on, check {_its(balancers)} every_n_steps, terms and max_weight."
                 if balancers
                 else f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} "
                 "would match the norms), or add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance "
@@ -504,7 +500,8 @@ class GradientNormMonitor(PerTermCallback):
                     self.diagnosis.nonfinite_terms.append(name)
                 rank_zero_warn(
                     f"{self._name}: term '{name}' has a NaN or infinite gradient at step {step} "
-                    f"(loss {report.losses[report.terms.index(name)]:.3g}). It is left out of grad_ratio; look for NaN/inf "
+                    f"(loss {report.losses[report.terms.index(name)]:.3g}). The logged grad_ratio is NaN while it lasts and the "
+                    "alarm compares the other terms; look for NaN/inf "
                     "in its residual (division by zero, log of a negative number, exploding network output).",
                     category=TermGradientWarning,
                 )
@@ -535,7 +532,8 @@ class GradientNormMonitor(PerTermCallback):
                     f"  loss-balance alarm: {d.ratio_alarm_episodes} episode(s), above threshold at {d.ratio_alarm_measurements} of "
                     f"{d.measurements} measurements, {state}. "
                     + (
-                        f"{' and '.join(self._balancer_names)} was attached and updated λ after its update steps."
+                        f"{' and '.join(self._balancer_names)} {'were' if len(self._balancer_names) > 1 else 'was'} "
+                        f"attached and updated λ after {_its(self._balancer_names)} update steps."
                         if self._balancer_names
                         else "Try GradNormBalancer or NTKBalancer, or raise the small term's weight."
                     )
@@ -598,3 +596,8 @@ def format_table(report: GradientReport, step: int, threshold: float) -> str:
         flag = "  <-- ALARM" if report.ratio > threshold else ""
         lines.append(f"  grad_ratio {report.ratio:.3g}x ('{report.largest}' / '{report.smallest}'), threshold {threshold:g}x{flag}")
     return "\n".join(lines)
+
+
+def _its(names: list[str]) -> str:
+    """The possessive for one named callback or several: "its" or "their"."""
+    return "their" if len(names) > 1 else "its"
