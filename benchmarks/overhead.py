@@ -7,10 +7,13 @@ absolute time.
 
     python benchmarks/overhead.py                 # default: 9 rounds of 2000 steps
     python benchmarks/overhead.py --rounds 7 --steps 1000
+    python benchmarks/overhead.py --only lightning empty-callback monitor-per-step monitor-default
 
 Configurations:
     plain-loop        plain PyTorch loop, no Lightning (the floor)
     lightning         PINNModule fit, TensorBoardLogger, no callback
+    empty-callback    + a bare ``pl.Callback()`` that overrides nothing: what Lightning's hook
+                      dispatch costs for any one callback (the floor for ours)
     monitor-default   + GradientNormMonitor() with all defaults (every 50 steps, end-of-fit report)
     monitor-per-step  + GradientNormMonitor(report=False): the per-step cost alone, without the
                       one-off end-of-fit report (diagnosis.md + PNG, ~0.1 s)
@@ -111,6 +114,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9, help="runs of each configuration (default 9)")
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (default 2000)")
+    parser.add_argument(
+        "--only", nargs="+", metavar="CONFIG", help="run only these configurations (names as listed above; default all)"
+    )
     args = parser.parse_args()
 
     def every_step_monitor() -> list[pl.Callback]:
@@ -130,6 +136,7 @@ def main() -> None:
         configs: dict[str, Callable[[], float]] = {
             "plain-loop": lambda: plain_loop(args.steps),
             "lightning": lambda: lightning_fit(args.steps, lambda: [], log_root),
+            "empty-callback": lambda: lightning_fit(args.steps, lambda: [pl.Callback()], log_root),
             "monitor-default": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False)], log_root),
             "monitor-per-step": lambda: lightning_fit(args.steps, lambda: [GradientNormMonitor(verbose=False, report=False)], log_root),
             "monitor-every": lambda: lightning_fit(args.steps, every_step_monitor, log_root),
@@ -140,6 +147,11 @@ def main() -> None:
             "monitor-every-bar": lambda: lightning_fit(args.steps, every_step_monitor, log_root, progress_bar=True),
             "monitor-every-bar-each-step": lambda: lightning_fit(args.steps, every_step_monitor_bar_each_step, log_root, progress_bar=True),
         }
+        if args.only:
+            unknown = sorted(set(args.only) - set(configs))
+            if unknown:
+                parser.error(f"unknown configuration(s) {unknown}; choose from {sorted(configs)}")
+            configs = {name: run for name, run in configs.items() if name in args.only}
         for run in configs.values():  # warm-up: imports, allocator, first TensorBoard writer
             run()
         times: dict[str, list[float]] = {name: [] for name in configs}
@@ -158,6 +170,8 @@ def main() -> None:
     comparisons = [
         ("monitor-default", "lightning", "GradientNormMonitor(), all defaults"),
         ("monitor-per-step", "lightning", "default cadence, without the one-off end-of-fit report"),
+        ("empty-callback", "lightning", "a callback that does nothing: Lightning's hook dispatch"),
+        ("monitor-per-step", "empty-callback", "the monitor's per-step cost beyond any callback's dispatch"),
         ("capture-every", "lightning", "per-term gradients on every step, engine only"),
         ("balancer-every", "lightning", "GradNormBalancer updating every step"),
         ("monitor-every", "lightning", "monitor logging 13 scalars every step, report=False"),
@@ -171,6 +185,8 @@ def main() -> None:
     # every configuration back to back) is steadier when the machine's speed drifts during a run.
     print("\nratio of medians, and in brackets the median of the per-round ratios:")
     for numerator, denominator, label in comparisons:
+        if numerator not in times or denominator not in times:
+            continue
         paired = statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
         name = f"{numerator} / {denominator}"
         print(f"  {name:<42} = {medians[numerator] / medians[denominator]:.3f}  [{paired:.3f}]   ({label})")

@@ -237,6 +237,16 @@ def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     return leaves
 
 
+def _real_flat(tensor: Tensor) -> Tensor:
+    """``tensor`` flattened to real numbers: a complex tensor as its (real, imaginary) pairs.
+
+    A complex parameter ``z = x + iy`` is two real coordinates; its gradient ``∂L/∂x + i∂L/∂y``
+    contributes ``|∂L/∂x|² + |∂L/∂y|²`` to ``‖∇θ L‖²`` and its real and imaginary parts to the
+    inner products between term gradients.
+    """
+    return torch.view_as_real(tensor).reshape(-1) if tensor.is_complex() else tensor.reshape(-1)
+
+
 #: The autograd node that accumulates a leaf's gradient (its ``variable`` is the leaf).
 _ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 
@@ -469,13 +479,13 @@ class TermGradientEngine:
         """``(K, P)`` per-term gradients of the unscaled, unweighted losses (cotangent removed)."""
         if capture.term_gradients is None or capture.cotangent is None:
             return None
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in capture.params) else torch.float32
+        dtype = torch.float64 if any(p.dtype in (torch.float64, torch.complex128) for p in capture.params) else torch.float32
         # one concatenation of all K·(number of parameters) pieces, viewed as (K, P) over the
         # parameters trainable at the window's first forward pass (a later micro-batch in which
         # one was frozen holds zeros for it; one unfrozen since is trained but not measured)
         trainable, layout = capture.trainable, capture.layout
         if trainable is None or trainable == layout:
-            pieces = [g.reshape(-1) for grads in capture.term_gradients for g in grads]
+            pieces = [_real_flat(g) for grads in capture.term_gradients for g in grads]
         else:
             assert layout is not None
             pieces = []
@@ -484,7 +494,7 @@ class TermGradientEngine:
                 for p, now, measured in zip(capture.params, trainable, layout):
                     grad = next(found) if now else None
                     if measured:
-                        pieces.append(p.new_zeros(p.numel()) if grad is None else grad.reshape(-1))
+                        pieces.append(_real_flat(p.new_zeros(p.shape)) if grad is None else _real_flat(grad))
         flat = torch.cat(pieces).view(len(capture.term_gradients), -1) if pieces else torch.zeros(len(capture.term_gradients), 0)
         if flat.dtype != dtype:
             flat = flat.to(dtype)
@@ -548,7 +558,7 @@ class TermGradientEngine:
             packed = all_reduce_sum(packed.to(device)).cpu()
             if window.want_gradients:
                 if gradient_sum is None:
-                    size = sum(p.numel() for p in window.params if p.requires_grad)
+                    size = sum(p.numel() * (2 if p.is_complex() else 1) for p in window.params if p.requires_grad)
                     gradient_sum = torch.zeros(num_terms, size, dtype=torch.float64, device=device)
                 gradient_sum = all_reduce_sum(gradient_sum.to(torch.float64))
             batches = int(packed[0].item())

@@ -147,8 +147,8 @@ def _squared_norm(grads: Sequence[Tensor | None], out_dtype: torch.dtype, device
     """``Σ ‖g‖²`` over the gradients (``None``: a parameter not reached, contributing 0)."""
     total = torch.zeros((), dtype=out_dtype, device=device)
     for grad in grads:
-        if grad is not None:
-            total = total + grad.to(out_dtype).square().sum()
+        if grad is not None:  # a complex parameter's gradient counts its real and imaginary parts
+            total = total + (torch.view_as_real(grad) if grad.is_complex() else grad).to(out_dtype).square().sum()
     return total
 
 

@@ -325,3 +325,30 @@ def test_a_loss_returned_times_zero_is_measured_and_trains_like_a_plain_backward
     assert first[0] == pytest.approx([hand["pde"].norm().item(), hand["bc"].norm().item()], rel=1e-5)
     for p, q in zip(measured.parameters(), plain.parameters()):
         assert torch.allclose(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_complex_parameters_count_real_and_imaginary_parts() -> None:
+    """A complex parameter is two real coordinates: ‖g‖² = Σ|g|², cosines over the real pairs."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(2, 3, dtype=torch.cfloat)
+    criterion = MultiTermLoss(a=1.0, b=2.0)
+    x = torch.randn(8, 2, dtype=torch.cfloat)
+    params = list(layer.parameters())
+
+    def residuals() -> dict[str, torch.Tensor]:
+        out = layer(x)
+        return {"a": out[:, 0] - 1, "b": out[:, 1:].abs() - 0.5}
+
+    hand = {}
+    for name in ("a", "b"):
+        loss = residuals()[name].abs().square().mean()
+        grads = torch.autograd.grad(loss, params)
+        hand[name] = torch.cat([torch.view_as_real(g).reshape(-1) for g in grads])
+    engine = TermGradientEngine.for_loss(criterion)
+    engine.request(step=0, batch_key=0, params=params, gradients=True)
+    criterion(**residuals()).backward()
+    measurement = engine.collect(0, criterion.term_names)
+    assert measurement is not None and measurement.gradients is not None
+    assert torch.allclose(measurement.gradients[0].float(), hand["a"], rtol=1e-5, atol=1e-7)
+    assert torch.allclose(measurement.gradients[1].float(), hand["b"], rtol=1e-5, atol=1e-7)
+    assert hand["a"].norm() > 0 and hand["b"].norm() > 0

@@ -179,3 +179,18 @@ def test_a_residual_that_is_a_view_of_a_parameter_has_unit_rows_in_every_mode() 
     w = torch.nn.Parameter(torch.randn(6))
     for chunk_size in (1, 4, None):
         assert torch.equal(jacobian_row_sq_norms(w.view(2, 3), [w], chunk_size=chunk_size), torch.ones(6))
+
+
+def test_complex_parameters_count_real_and_imaginary_parts() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(2, 1, dtype=torch.cfloat)
+    x = torch.randn(6, 2, dtype=torch.cfloat)
+    residual = layer(x).real  # a real residual of complex parameters
+    params = list(layer.parameters())
+    reference = []
+    for j in range(6):
+        grads = torch.autograd.grad(residual[j, 0], params, retain_graph=True)
+        reference.append(sum(torch.view_as_real(g).square().sum() for g in grads))
+    for chunk_size in (1, 3, None):
+        values = jacobian_row_sq_norms(residual, params, chunk_size=chunk_size)
+        assert torch.allclose(values, torch.stack(reference), rtol=1e-5), chunk_size
