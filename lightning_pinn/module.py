@@ -103,8 +103,9 @@ class PINNModule(pl.LightningModule):
 
         # A monitor logs loss/<term> and weight/<term> itself, a balancer weight/<term>: no duplicates.
         # (only callbacks on this module's own loss count: one on a second MultiTermLoss logs that one)
+        # Without a logger the values still reach trainer.callback_metrics (ModelCheckpoint, EarlyStopping).
         callbacks = callbacks_on_loss(self.trainer, self.criterion)
-        self._log_terms = bool(self.trainer.loggers) and not any(isinstance(cb, GradientNormMonitor) for cb in callbacks)
+        self._log_terms = not any(isinstance(cb, GradientNormMonitor) for cb in callbacks)
         self._log_weights = not any(isinstance(cb, WeightBalancer) for cb in callbacks)
         self.__dict__["_logging_step"] = None  # plain attribute writes: nn.Module.__setattr__ is slow per step
 

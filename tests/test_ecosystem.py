@@ -256,6 +256,22 @@ def test_measurements_reach_callback_metrics_for_early_stopping_and_checkpoints(
     assert best.best_model_path and Path(best.best_model_path).exists()
 
 
+def test_a_pinn_module_without_logger_or_monitor_still_publishes_its_term_losses(tmp_path: Path) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lightning_pinn.problems import HarmonicOscillator
+
+    torch.manual_seed(0)
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="loss/pde", mode="min", save_on_train_epoch_end=True)
+    trainer = make_trainer(6, [best], enable_checkpointing=True, log_every_n_steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "could not find the monitored key"
+        warnings.filterwarnings("ignore", message=".*(LeafSpec|does not have many workers|Checkpoint directory).*")
+        trainer.fit(HarmonicOscillator(hidden=(8,), collocation_points=16, steps_per_epoch=6))
+    assert float(trainer.callback_metrics["loss/pde"]) > 0 and "weight/ic" in trainer.callback_metrics
+    assert best.best_model_path and Path(best.best_model_path).exists()
+
+
 def test_a_check_more_frequent_than_the_measurements_is_warned_about(tmp_path: Path) -> None:
     """EarlyStopping on a tag checked every epoch (4 steps) while the monitor measures every 50."""
     from pytorch_lightning.callbacks import EarlyStopping
