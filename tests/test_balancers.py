@@ -103,6 +103,25 @@ def test_smooth_first_update_option() -> None:
         assert recorder.after_batch[0][name] == pytest.approx(0.9 * 1.0 + 0.1 * target[name], rel=1e-5)
 
 
+def test_a_term_first_present_later_takes_its_first_target_directly() -> None:
+    """A data term switched on at step 3: its first update is λ̂, not m·1 + (1 − m)·λ̂."""
+    model = ExtraTermPoisson("data", lambda m, batch_idx: None if m.trainer.global_step < 3 else 0.1 * m.net(m.x))
+    balancer = GradNormBalancer(every_n_steps=1, momentum=0.5)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False)
+    recorder = Recorder()
+    _quiet_fit(model, 5, [monitor, balancer, recorder])
+    steps, norms = monitor.history["grad_norm/data"]
+    assert steps[0] == 3
+    _, pde_norms = monitor.history["grad_norm/pde"]
+    _, bc_norms = monitor.history["grad_norm/bc"]
+    at3 = steps.index(3)
+    target = max(pde_norms[3], bc_norms[3], norms[at3]) / norms[at3]
+    assert recorder.after_batch[2]["data"] == 1.0  # absent: kept
+    assert recorder.after_batch[3]["data"] == pytest.approx(target, rel=1e-5)  # first update: the target itself
+    # the others were already updated: smoothed as usual
+    assert recorder.after_batch[3]["bc"] != pytest.approx(max(pde_norms[3], bc_norms[3], norms[at3]) / bc_norms[3], rel=1e-3)
+
+
 # ------------------------------------------------------------------ when weights change
 def test_weights_change_only_after_optimizer_steps_and_apply_from_the_next_step() -> None:
     model = TwoTermPoisson()

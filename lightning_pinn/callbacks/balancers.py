@@ -115,6 +115,7 @@ class WeightBalancer(PerTermCallback):
         self.num_updates = 0
         self.skipped_updates = 0
         self.last_target: dict[str, float] = {}
+        self._updated_terms: set[str] = set()  # terms whose λ this balancer has set at least once
         self._adaptive: list[bool] = []
         self._reference_index: int | None = None
         self._zero_warned: set[str] = set()
@@ -229,6 +230,9 @@ class WeightBalancer(PerTermCallback):
         new = trainer.strategy.broadcast(new, src=0)  # bit-identical on every rank
         self.criterion.set_weights(torch.tensor(new, dtype=self.criterion.lambdas.dtype, device=self.criterion.lambdas.device))
         self.num_updates += 1
+        self._updated_terms.update(
+            name for name, value, adaptive, here in zip(names, proposed, self._adaptive, present) if adaptive and here and math.isfinite(value)
+        )
         self.last_target = {name: value for name, value in zip(names, target) if math.isfinite(value)}
         # the new weights, and the targets that produced them, apply from the next optimizer step on
         weights = self.criterion.weights
@@ -284,14 +288,17 @@ class WeightBalancer(PerTermCallback):
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
         """``(proposed λ, rule target λ̂)`` for this update, or ``None`` to skip it.
 
-        The default applies :meth:`_rule` and smooths: ``λ ← m·λ + (1 − m)·λ̂`` (the first update
-        takes ``λ̂`` directly unless ``smooth_first_update``). Entries that are ``nan`` keep
-        their current weight.
+        The default applies :meth:`_rule` and smooths: ``λ ← m·λ + (1 − m)·λ̂``. A term's first
+        update takes ``λ̂`` directly unless ``smooth_first_update`` (also a term first present
+        after other terms' first updates, e.g. a data term switched on later). Entries that are
+        ``nan`` keep their current weight.
         """
         target = self._rule(values)
-        if self.num_updates == 0 and not self.smooth_first_update:
-            return target, target
-        return smooth(current, target, self.momentum), target
+        smoothed = smooth(current, target, self.momentum)
+        if self.smooth_first_update:
+            return smoothed, target
+        first = [name not in self._updated_terms for name in measurement.terms]
+        return [t if is_first and math.isfinite(t) else m for t, m, is_first in zip(target, smoothed, first)], target
 
     def _warn_zero_terms(self, names: tuple[str, ...], values: list[float], present: list[bool], step: int) -> None:
         for name, value, here in zip(names, values, present):
@@ -324,6 +331,7 @@ class WeightBalancer(PerTermCallback):
         self.num_updates = 0
         self.skipped_updates = 0
         self.last_target = {}
+        self._updated_terms = set()
         self._zero_warned = set()
         self._clamp_warned = set()
 
@@ -332,6 +340,7 @@ class WeightBalancer(PerTermCallback):
             "num_updates": self.num_updates,
             "skipped_updates": self.skipped_updates,
             "last_target": dict(self.last_target),
+            "updated_terms": sorted(self._updated_terms),
             "zero_warned": sorted(self._zero_warned),
             "clamp_warned": sorted(self._clamp_warned),
         }
@@ -340,6 +349,8 @@ class WeightBalancer(PerTermCallback):
         self.num_updates = int(state_dict["num_updates"])
         self.skipped_updates = int(state_dict.get("skipped_updates", 0))
         self.last_target = dict(state_dict.get("last_target", {}))
+        # (checkpoints from before per-term first updates: the terms the last update targeted)
+        self._updated_terms = set(state_dict.get("updated_terms", self.last_target if self.num_updates else []))
         self._zero_warned = set(state_dict.get("zero_warned", []))
         self._clamp_warned = set(state_dict.get("clamp_warned", []))
         self._restored = True
