@@ -114,9 +114,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=9, help="runs of each configuration (default 9)")
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps per run (default 2000)")
-    parser.add_argument(
-        "--only", nargs="+", metavar="CONFIG", help="run only these configurations (names as listed above; default all)"
-    )
+    parser.add_argument("--only", nargs="+", metavar="CONFIG", help="run only these configurations (names as listed above; default all)")
     args = parser.parse_args()
 
     def every_step_monitor() -> list[pl.Callback]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import warnings
 from typing import Any
 
@@ -435,3 +436,56 @@ def test_a_float64_network_keeps_float64_losses_with_a_float32_weight_buffer() -
     make_trainer(1, [monitor]).fit(model)
     assert monitor.last_report is not None
     assert list(monitor.last_report.losses) == [losses["pde"], losses["bc"]]
+
+
+def test_a_reference_that_is_absent_is_warned_about_once_and_stops_updates() -> None:
+    model = ExtraTermPoisson("data", lambda m, batch_idx: None)
+    balancer = GradNormBalancer(every_n_steps=1, reference="data")
+    caught = _quiet_fit(model, 4, [balancer])
+    messages = [str(w.message) for w in caught if issubclass(w.category, WeightUpdateWarning)]
+    assert len([m for m in messages if "reference term 'data' is absent" in m]) == 1, messages
+    assert balancer.num_updates == 0 and model.criterion.weights == {"pde": 1.0, "bc": 1.0, "data": 1.0}
+
+
+def test_the_reference_as_the_only_adaptive_term_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"reference='ic' is also the only term in terms=\['ic'\].*no weight could ever change"):
+        GradNormBalancer(terms=["ic"], reference="ic")
+
+
+def test_targets_are_logged_only_for_the_terms_the_balancer_changes() -> None:
+    balancer = GradNormBalancer(every_n_steps=1, terms=["bc"], reference="pde")
+    _quiet_fit(TwoTermPoisson(pde_weight=5.0), 2, [balancer])
+    assert set(balancer.last_target) == {"bc"}
+
+
+def test_numpy_scalars_are_accepted_as_arguments() -> None:
+    np = pytest.importorskip("numpy")
+    balancer = GradNormBalancer(every_n_steps=np.int64(2), momentum=np.float32(0.5), warmup_steps=np.int32(1), min_weight=np.float64(1e-3))
+    assert (balancer.every_n_steps, balancer.warmup_steps) == (2, 1) and type(balancer.every_n_steps) is int
+    assert balancer.momentum == 0.5
+    ntk = NTKBalancer(trace_points=np.int64(8), seed=np.int64(3))
+    assert (ntk.trace_points, ntk.seed) == (8, 3)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "stored"),
+    [("min_weight", 1e-50, "0"), ("max_weight", 1e39, "inf")],
+)
+def test_a_clamp_bound_the_float32_weights_cannot_hold_is_refused_at_fit_start(argument: str, value: float, stored: str) -> None:
+    balancer = GradNormBalancer(**{argument: value})
+    with pytest.raises(
+        ValueError, match=re.escape(f"{argument}={value:g} is stored as {stored} by the loss's torch.float32 weight buffer")
+    ):
+        _quiet_fit(TwoTermPoisson(), 1, [balancer])
+    double = TwoTermPoisson()
+    double.criterion.double()  # a float64 buffer holds it
+    _quiet_fit(double, 1, [GradNormBalancer(**{argument: value})])
+
+
+def test_a_schedule_weight_the_float32_weights_cannot_hold_is_refused_at_fit_start() -> None:
+    from lightning_pinn.callbacks import WeightSchedule
+
+    with pytest.raises(ValueError, match=r"WeightSchedule\(schedule=...\): weight 1e\+39 at step 10 of term 'bc' is stored as inf"):
+        _quiet_fit(TwoTermPoisson(), 1, [WeightSchedule({"bc": [(0, 1.0), (10, 1e39)]})])
+    with pytest.raises(ValueError, match=r"WeightSchedule\(schedule=...\): unknown term 'ic'"):
+        _quiet_fit(TwoTermPoisson(), 1, [WeightSchedule({"ic": [(0, 1.0)]})])

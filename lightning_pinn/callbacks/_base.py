@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -200,9 +201,9 @@ def logger_step(trainer: pl.Trainer) -> int:
 
 def check_every_n_steps(owner: str, value: Any) -> int:
     """Validate an ``every_n_steps`` argument: an integer ``>= 1``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{owner}: every_n_steps must be an integer >= 1 (1 = every optimizer step), got {value!r}.")
-    return value
+    return int(value)
 
 
 class _PickledGenerator(NamedTuple):

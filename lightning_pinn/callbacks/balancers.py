@@ -6,6 +6,7 @@ The callbacks orchestrate; the formulas live in :mod:`lightning_pinn.rules`.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,7 +35,7 @@ def _check_number(
     high_open: bool = False,
     hint: str = "",
 ) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{owner}: {name} must be a finite number{hint}, got {value!r}.")
     # ``hint`` states the allowed range and an example (" in [0, 1) (e.g. 0.9)"); without one,
     # the violated bound is named
@@ -101,16 +102,21 @@ class WeightBalancer(PerTermCallback):
         self.terms = terms
         if reference is not None and not isinstance(reference, str):
             raise ValueError(f"{owner}: reference must be a term name (e.g. 'pde') or None, got {reference!r}.")
+        if reference is not None and terms is not None and terms == [reference]:
+            raise ValueError(
+                f"{owner}: reference={reference!r} is also the only term in terms={terms!r}: the rule holds the reference at "
+                "λ = 1, so no weight could ever change. Let the other terms adapt (e.g. terms=None) or choose another reference."
+            )
         self.reference = reference
         self.min_weight = _check_number(owner, "min_weight", min_weight, low=0.0, low_open=True, hint=" > 0 (e.g. 1e-6)")
         self.max_weight = _check_number(owner, "max_weight", max_weight, low=0.0, low_open=True, hint=" > 0 (e.g. 1e6)")
         if self.max_weight <= self.min_weight:
             raise ValueError(f"{owner}: max_weight ({max_weight!r}) must be larger than min_weight ({min_weight!r}).")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
             raise ValueError(
                 f"{owner}: warmup_steps must be an integer >= 0 (optimizer steps before the first update), got {warmup_steps!r}."
             )
-        self.warmup_steps = warmup_steps
+        self.warmup_steps = int(warmup_steps)
         self.smooth_first_update = bool(smooth_first_update)
         self.num_updates = 0
         self.skipped_updates = 0
@@ -120,6 +126,7 @@ class WeightBalancer(PerTermCallback):
         self._reference_index: int | None = None
         self._zero_warned: set[str] = set()
         self._clamp_warned: set[str] = set()
+        self._reference_warned = False
         self._last_logged_step: int | None = None  # step of the last logged weights (logging only, not state)
         self._unlogged: tuple[int, dict[str, float], dict[str, float]] | None = None  # (step, measured, applied)
         self._weight_terms: list[str] = []  # the weight/<term> series this balancer writes
@@ -166,10 +173,11 @@ class WeightBalancer(PerTermCallback):
         self._last_logged_step, self._unlogged = None, None
         for name in list(self.terms or []) + ([self.reference] if self.reference else []):
             if name not in names:
-                argument = "reference" if name == self.reference and name not in (self.terms or []) else "terms"
+                argument = "reference" if name == self.reference and name not in (self.terms or []) else self._terms_argument
                 raise ValueError(
                     f"{owner}({argument}=...): unknown term {name!r}; the MultiTermLoss has terms {names}. Use one of those names."
                 )
+        self._check_representable(self.criterion.lambdas.dtype)
         self._adaptive = [self.terms is None or name in self.terms for name in names]
         self._reference_index = None if self.reference is None else names.index(self.reference)
         self._check_no_other_balancer_owns_my_terms(trainer, names)
@@ -181,6 +189,21 @@ class WeightBalancer(PerTermCallback):
                     "its last target). A fit started from such a file restarts the balancer: its first update takes the "
                     "rule's target directly. Save full checkpoints to resume exactly.",
                     category=WeightUpdateWarning,
+                )
+
+    #: The constructor argument that names the terms this balancer changes (for error messages).
+    _terms_argument = "terms"
+
+    def _check_representable(self, dtype: torch.dtype) -> None:
+        """Refuse a clamp bound that the weight buffer would store as 0 or inf (λ would then be 0 or inf)."""
+        info = torch.finfo(dtype)
+        smallest = info.tiny * info.eps
+        for argument, value in (("min_weight", self.min_weight), ("max_weight", self.max_weight)):
+            if value > info.max or value < smallest:
+                raise ValueError(
+                    f"{type(self).__name__}: {argument}={value:g} is stored as {'inf' if value > info.max else 0} by the loss's "
+                    f"{dtype} weight buffer. Use a value within [{smallest:.3g}, {info.max:.3g}], or keep the weights in "
+                    "float64 with criterion.double()."
                 )
 
     def _check_no_other_balancer_owns_my_terms(self, trainer: pl.Trainer, names: tuple[str, ...]) -> None:
@@ -222,6 +245,7 @@ class WeightBalancer(PerTermCallback):
             return
         proposed, target = proposal
         if not any(math.isfinite(t) for t, adaptive in zip(target, self._adaptive) if adaptive):
+            self._warn_unusable_reference(names, values, present, step)
             return  # nothing to update (e.g. the reference term is absent): not counted as an update
         new = [
             self._clamped(name, value, step) if adaptive and here and math.isfinite(value) else old
@@ -231,9 +255,14 @@ class WeightBalancer(PerTermCallback):
         self.criterion.set_weights(torch.tensor(new, dtype=self.criterion.lambdas.dtype, device=self.criterion.lambdas.device))
         self.num_updates += 1
         self._updated_terms.update(
-            name for name, value, adaptive, here in zip(names, proposed, self._adaptive, present) if adaptive and here and math.isfinite(value)
+            name
+            for name, value, adaptive, here in zip(names, proposed, self._adaptive, present)
+            if adaptive and here and math.isfinite(value)
         )
-        self.last_target = {name: value for name, value in zip(names, target) if math.isfinite(value)}
+        # the targets of the terms this balancer changes (another term's λ̂ is never applied)
+        self.last_target = {
+            name: value for name, value, adaptive in zip(names, target, self._adaptive) if adaptive and math.isfinite(value)
+        }
         # the new weights, and the targets that produced them, apply from the next optimizer step on
         weights = self.criterion.weights
         applied = {f"weight/{name}": weights[name] for name in self._weight_terms}
@@ -300,6 +329,21 @@ class WeightBalancer(PerTermCallback):
         first = [name not in self._updated_terms for name in measurement.terms]
         return [t if is_first and math.isfinite(t) else m for t, m, is_first in zip(target, smoothed, first)], target
 
+    def _warn_unusable_reference(self, names: tuple[str, ...], values: list[float], present: list[bool], step: int) -> None:
+        """Say once per fit that the reference term stopped every update (absent, or a zero measure)."""
+        index = self._reference_index
+        if index is None or self._reference_warned or (present[index] and values[index] != 0):
+            return
+        self._reference_warned = True
+        why = "is absent (None) from" if not present[index] else f"has a zero {self._quantity} at"
+        rank_zero_warn(
+            f"{type(self).__name__}: the reference term '{names[index]}' {why} step {step}, so the rule has no scale and "
+            "no weight changes at this update (nor at later ones while this lasts). Choose a reference term that is present "
+            "with a non-zero "
+            f"{self._quantity} on every step, or leave reference=None.",
+            category=WeightUpdateWarning,
+        )
+
     def _warn_zero_terms(self, names: tuple[str, ...], values: list[float], present: list[bool], step: int) -> None:
         for name, value, here in zip(names, values, present):
             if here and value == 0 and name not in self._zero_warned:
@@ -334,6 +378,7 @@ class WeightBalancer(PerTermCallback):
         self._updated_terms = set()
         self._zero_warned = set()
         self._clamp_warned = set()
+        self._reference_warned = False
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -480,19 +525,21 @@ class NTKBalancer(WeightBalancer):
         loss_module: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
-        if trace_points is not None and (isinstance(trace_points, bool) or not isinstance(trace_points, int) or trace_points < 1):
+        if trace_points is not None and (
+            isinstance(trace_points, bool) or not isinstance(trace_points, numbers.Integral) or trace_points < 1
+        ):
             raise ValueError(
                 f"NTKBalancer: trace_points must be an integer >= 1 (points sampled per term) or None for exact traces, got {trace_points!r}."
             )
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
             raise ValueError(
                 f"NTKBalancer: chunk_size must be an integer >= 1 (points per batched vector-Jacobian product) or None for automatic, got {chunk_size!r}."
             )
-        if isinstance(seed, bool) or not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise ValueError(f"NTKBalancer: seed must be an integer, got {seed!r}.")
-        self.trace_points = trace_points
-        self.chunk_size = chunk_size
-        self.seed = seed
+        self.trace_points = None if trace_points is None else int(trace_points)
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
+        self.seed = seed = int(seed)
         self._generator = torch.Generator().manual_seed(seed)
         self.last_traces: dict[str, float] = {}
 

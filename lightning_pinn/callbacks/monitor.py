@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,19 +136,19 @@ class GradientNormMonitor(PerTermCallback):
         progress_bar: bool = True,
     ) -> None:
         super().__init__(every_n_steps, loss_module)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 1:
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) or threshold <= 1:
             raise ValueError(
                 f"GradientNormMonitor: threshold must be a finite number > 1 (the largest allowed ratio of weighted gradient norms, e.g. 100.0), got {threshold!r}."
             )
         if cosine_threshold is not None and (
-            isinstance(cosine_threshold, bool) or not isinstance(cosine_threshold, (int, float)) or not -1.0 < cosine_threshold < 1.0
+            isinstance(cosine_threshold, bool) or not isinstance(cosine_threshold, numbers.Real) or not -1.0 < cosine_threshold < 1.0
         ):
             raise ValueError(
                 f"GradientNormMonitor: cosine_threshold must be a number in (-1, 1) (e.g. -0.5; a cosine is never below -1, so -1 "
                 f"would never alarm), or None to disable the conflict alarm; got {cosine_threshold!r}."
             )
         if cosine_patience is not None and (
-            isinstance(cosine_patience, bool) or not isinstance(cosine_patience, int) or cosine_patience < 1
+            isinstance(cosine_patience, bool) or not isinstance(cosine_patience, numbers.Integral) or cosine_patience < 1
         ):
             raise ValueError(
                 f"GradientNormMonitor: cosine_patience must be an integer >= 1 (consecutive measurements) or None for about 200 steps' worth; got {cosine_patience!r}."
@@ -156,7 +157,7 @@ class GradientNormMonitor(PerTermCallback):
             cosine_patience = max(3, math.ceil(200 / self.every_n_steps))
         if conflict_min_decrease is not None and (
             isinstance(conflict_min_decrease, bool)
-            or not isinstance(conflict_min_decrease, (int, float))
+            or not isinstance(conflict_min_decrease, numbers.Real)
             or not 0.0 <= conflict_min_decrease < 1.0
         ):
             raise ValueError(
@@ -165,12 +166,12 @@ class GradientNormMonitor(PerTermCallback):
         self.conflict_min_decrease = None if conflict_min_decrease is None else float(conflict_min_decrease)
         self.threshold = float(threshold)
         self.cosine_threshold = None if cosine_threshold is None else float(cosine_threshold)
-        self.cosine_patience = cosine_patience
+        self.cosine_patience = int(cosine_patience)
         if print_every_n_steps is not None and (
-            isinstance(print_every_n_steps, bool) or not isinstance(print_every_n_steps, int) or print_every_n_steps < 1
+            isinstance(print_every_n_steps, bool) or not isinstance(print_every_n_steps, numbers.Integral) or print_every_n_steps < 1
         ):
             raise ValueError(f"GradientNormMonitor: print_every_n_steps must be an integer >= 1 or None, got {print_every_n_steps!r}.")
-        self.print_every_n_steps = print_every_n_steps
+        self.print_every_n_steps = None if print_every_n_steps is None else int(print_every_n_steps)
         self.progress_bar = bool(progress_bar)
         self.verbose = verbose
         self.report = bool(report)

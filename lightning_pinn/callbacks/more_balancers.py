@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -174,7 +175,9 @@ class ReLoBRaLoBalancer(_LossRule):
             "ReLoBRaLoBalancer", "expected_rho", expected_rho, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)"
         )
         self.temperature = _check_number("ReLoBRaLoBalancer", "temperature", temperature, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
-        self.seed = seed
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise ValueError(f"ReLoBRaLoBalancer: seed must be an integer, got {seed!r}.")
+        self.seed = seed = int(seed)
         self._generator = torch.Generator().manual_seed(seed)
         self._initial: list[float] | None = None
         self._previous: list[float] | None = None
@@ -541,6 +544,7 @@ class WeightSchedule(WeightBalancer):
 
     _quantity = "loss"
     _zero_is_undefined = False
+    _terms_argument = "schedule"
 
     def __init__(
         self,
@@ -600,6 +604,18 @@ class WeightSchedule(WeightBalancer):
 
     def _clamped(self, name: str, value: float, step: int) -> float:
         return value  # the schedule is the user's explicit choice; it was validated at construction
+
+    def _check_representable(self, dtype: torch.dtype) -> None:
+        info = torch.finfo(dtype)
+        smallest = info.tiny * info.eps
+        for term, pairs in self.schedule.items():
+            for step, weight in pairs:
+                if weight > info.max or 0 < weight < smallest:
+                    raise ValueError(
+                        f"WeightSchedule(schedule=...): weight {weight:g} at step {step} of term '{term}' is stored as "
+                        f"{'inf' if weight > info.max else 0} by the loss's {dtype} weight buffer. Use weights within "
+                        f"[{smallest:.3g}, {info.max:.3g}] (or 0), or keep the weights in float64 with criterion.double()."
+                    )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.criterion.set_weights({term: self.weight_at(term, trainer.global_step) for term in self.schedule})
