@@ -181,8 +181,25 @@ class _CapturedTotal(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
         capture: _Capture = ctx.capture
-        grads = capture.engine._backward(capture, ctx.losses, ctx.residuals, ctx.inputs, grad_output)
+        try:
+            grads = capture.engine._backward(capture, ctx.losses, ctx.residuals, ctx.inputs, grad_output)
+        except RuntimeError as error:
+            if _DONATED_BUFFERS in str(error):
+                raise RuntimeError(_COMPILED_WITH_DONATED_BUFFERS) from error
+            raise
         return (None, None, *grads)
+
+
+#: PyTorch's error when a torch.compile'd backward that donated its buffers is run with retain_graph=True.
+_DONATED_BUFFERS = "donated buffers"
+
+_COMPILED_WITH_DONATED_BUFFERS = (
+    "lightning-pinn: a torch.compile'd part of the model has a compiled backward that frees its buffers after one "
+    "use ('donated buffers'), but measuring per-term gradients (and NTK traces) differentiates each term through the "
+    "shared graph, which needs retain_graph=True. Before the fit, set `import torch._functorch.config; "
+    "torch._functorch.config.donated_buffer = False` (the model stays compiled; the measurements are exact), or "
+    "remove GradientNormMonitor and the balancers from the Trainer."
+)
 
 
 class _BackwardMarker(torch.autograd.Function):

@@ -121,8 +121,8 @@ def jacobian_row_sq_norms(
             except _OUT_OF_MEMORY:
                 raise
             except RuntimeError as error:
-                if "can't allocate memory" in str(error):  # the CPU allocator's out-of-memory
-                    raise
+                if "can't allocate memory" in str(error) or "donated buffers" in str(error):
+                    raise  # the CPU allocator's out-of-memory; a compiled backward refusing retain_graph
                 # Not every backward can run under vmap (a custom Function that leaves torch).
                 # Any other failure recurs in the plain loop below and propagates from there.
                 row_values = _looped_row_sq_norms(flat, params, rows, out_dtype)

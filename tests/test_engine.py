@@ -352,3 +352,27 @@ def test_complex_parameters_count_real_and_imaginary_parts() -> None:
     assert torch.allclose(measurement.gradients[0].float(), hand["a"], rtol=1e-5, atol=1e-7)
     assert torch.allclose(measurement.gradients[1].float(), hand["b"], rtol=1e-5, atol=1e-7)
     assert hand["a"].norm() > 0 and hand["b"].norm() > 0
+
+
+def test_a_compiled_backward_with_donated_buffers_gets_an_error_that_names_the_setting() -> None:
+    """torch.compile's backward refuses retain_graph=True when it donated its buffers (simulated here)."""
+
+    class RefusesRetainGraph(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def]
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):  # type: ignore[no-untyped-def]
+            raise RuntimeError(
+                "This backward function was compiled with non-empty donated buffers which requires create_graph=False and "
+                "retain_graph=False."
+            )
+
+    class Compiled(TwoTermPoisson):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            residuals = self.residuals()
+            return self.criterion(pde=RefusesRetainGraph.apply(residuals["pde"]), bc=residuals["bc"])
+
+    with pytest.raises(RuntimeError, match=r"torch._functorch.config.donated_buffer = False"):
+        make_trainer(1, [GradientNormMonitor(verbose=False)]).fit(Compiled())
