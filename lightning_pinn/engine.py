@@ -56,6 +56,8 @@ class TraceRequest:
     chunk_size: int | None = None  # None: lightning_pinn.ntk.auto_chunk_size
     generator: torch.Generator | None = None
     untraced_ok: frozenset[str] = frozenset()  # terms that may be given as 0-dim losses (they get no trace)
+    #: terms already warned about (traces computed without vmap): the requester's, one warning per term and fit
+    fallback_warned: set[str] | None = field(default=None, compare=False)
 
     def merged(self, other: TraceRequest | None) -> TraceRequest:
         """The request that satisfies both ``self`` and ``other`` (exact beats sampled)."""
@@ -67,7 +69,8 @@ class TraceRequest:
             size = max(self.sample_size, other.sample_size)
         chunks = [c for c in (self.chunk_size, other.chunk_size) if c is not None]
         untraced_ok = self.untraced_ok & other.untraced_ok  # a term one requester needs a trace of must have one
-        return TraceRequest(size, min(chunks) if chunks else None, self.generator or other.generator, untraced_ok)
+        warned = self.fallback_warned if self.fallback_warned is not None else other.fallback_warned
+        return TraceRequest(size, min(chunks) if chunks else None, self.generator or other.generator, untraced_ok, warned)
 
 
 @dataclass(frozen=True)
@@ -462,7 +465,7 @@ class TermGradientEngine:
                 counts.append(0.0)
                 continue
             points = sample_points(residual.numel(), request.sample_size, request.generator)
-            values = jacobian_row_sq_norms(residual, params, points, request.chunk_size, term=name)
+            values = jacobian_row_sq_norms(residual, params, points, request.chunk_size, term=name, warned=request.fallback_warned)
             sums.append(values.to(torch.float64).sum().cpu())
             counts.append(float(values.numel()))
         capture.trace_sums = torch.stack(sums)

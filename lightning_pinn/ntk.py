@@ -70,6 +70,7 @@ def jacobian_row_sq_norms(
     points: Tensor | None = None,
     chunk_size: int | None = None,
     term: str | None = None,
+    warned: set[str] | None = None,
 ) -> Tensor:
     """Return ``‖∂r(x)/∂θ‖²`` for the selected points of ``residual``.
 
@@ -82,6 +83,9 @@ def jacobian_row_sq_norms(
         chunk_size: Points per batched vector-Jacobian product (default: :func:`auto_chunk_size`);
             1 computes one product per point, without vmap.
         term: The loss term ``residual`` belongs to, named in warnings.
+        warned: Terms already warned about falling back to one product per point: the
+            warning is given only for a term not in it, which is then added (one warning per
+            term across calls). ``None``: warn on every call that falls back.
 
     Returns:
         A float tensor of shape ``(len(points),)``. The graph of ``residual`` is retained.
@@ -129,13 +133,16 @@ def jacobian_row_sq_norms(
                 batched = False
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
                 of_term = f" of term '{term}'" if term is not None else ""
-                warnings.warn(
-                    f"lightning_pinn.ntk: the backward of the residual{of_term} cannot be vmapped ({reason}); "
-                    "its NTK traces are computed with one torch.autograd.grad call per point instead (exact, "
-                    "slower). To speed them up, use NTKBalancer(trace_points=...) or make the custom "
-                    "autograd.Function's backward use torch operations only.",
-                    stacklevel=2,
-                )
+                if warned is None or (term or "") not in warned:
+                    if warned is not None:
+                        warned.add(term or "")
+                    warnings.warn(
+                        f"lightning_pinn.ntk: the backward of the residual{of_term} cannot be vmapped ({reason}); "
+                        "its NTK traces are computed with one torch.autograd.grad call per point instead (exact, "
+                        "slower). To speed them up, use NTKBalancer(trace_points=...) or make the backward "
+                        "vmappable (e.g. a custom autograd.Function using torch operations only).",
+                        stacklevel=2,
+                    )
         else:
             row_values = _looped_row_sq_norms(flat, params, rows, out_dtype)
         # one value per (point, real/imaginary part); a point's value sums its parts

@@ -194,3 +194,20 @@ def test_complex_parameters_count_real_and_imaginary_parts() -> None:
     for chunk_size in (1, 3, None):
         values = jacobian_row_sq_norms(residual, params, chunk_size=chunk_size)
         assert torch.allclose(values, torch.stack(reference), rtol=1e-5), chunk_size
+
+
+def test_an_ntk_balancer_warns_once_per_term_about_the_fallback() -> None:
+    from conftest import TwoTermPoisson, make_trainer
+
+    from lightning_pinn.callbacks import NTKBalancer
+
+    class ThroughNumpy(TwoTermPoisson):
+        def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
+            residuals = self.residuals()
+            return self.criterion(pde=residuals["pde"], bc=_TimesThreeThroughNumpy.apply(residuals["bc"]))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(6, [NTKBalancer(every_n_steps=2, chunk_size=2)]).fit(ThroughNumpy())
+    fallbacks = [w for w in caught if "cannot be vmapped" in str(w.message)]
+    assert len(fallbacks) == 1 and "term 'bc'" in str(fallbacks[0].message)

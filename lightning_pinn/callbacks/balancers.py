@@ -542,6 +542,7 @@ class NTKBalancer(WeightBalancer):
         self.seed = seed = int(seed)
         self._generator = torch.Generator().manual_seed(seed)
         self.last_traces: dict[str, float] = {}
+        self._fallback_warned: set[str] = set()  # terms whose traces could not be vmapped (warned once each)
 
     def _identity(self) -> dict[str, Any]:
         return {**super()._identity(), "trace_points": self.trace_points}
@@ -550,7 +551,7 @@ class NTKBalancer(WeightBalancer):
         # terms this balancer does not change (nor uses as reference) may be 0-dim losses: no trace
         names = self.criterion.term_names
         untraced_ok = frozenset(name for name, adaptive in zip(names, self._adaptive) if not adaptive and name != self.reference)
-        return False, TraceRequest(self.trace_points, self.chunk_size, self._generator, untraced_ok)
+        return False, TraceRequest(self.trace_points, self.chunk_size, self._generator, untraced_ok, self._fallback_warned)
 
     def _rule_present(self, measurement: StepMeasurement) -> list[bool]:
         # a term given as a 0-dim loss outside `terms` has no trace: left out of Σ_j t_j
@@ -572,6 +573,7 @@ class NTKBalancer(WeightBalancer):
         super()._reset_fit_state()
         self._generator.manual_seed(self.seed)
         self.last_traces = {}
+        self._fallback_warned = set()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator_state": self._generator.get_state(), "last_traces": dict(self.last_traces)}
