@@ -257,6 +257,16 @@ def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     return leaves
 
 
+def untraceable_term_error(name: str) -> ValueError:
+    """The error for a term given as a 0-dim loss where its NTK trace is needed."""
+    return ValueError(
+        f"NTK traces need point-wise residuals, but term '{name}' was given as a 0-dim (already reduced) "
+        f"loss. Pass the residual vector for '{name}' (its loss is then the mean of its squares), or "
+        f"leave '{name}' out of NTKBalancer(terms=[...]) (and out of reference=): such a term keeps its "
+        "weight and is left out of the traces' sum."
+    )
+
+
 def _real_flat(tensor: Tensor) -> Tensor:
     """``tensor`` flattened to real numbers: a complex tensor as its (real, imaginary) pairs.
 
@@ -361,12 +371,7 @@ class TermGradientEngine:
             untraced_ok = window.trace_request.untraced_ok
             for name, residual in zip(names, residuals):
                 if residual is not None and residual.dim() == 0 and name not in untraced_ok:
-                    raise ValueError(
-                        f"NTK traces need point-wise residuals, but term '{name}' was given as a 0-dim (already reduced) "
-                        f"loss. Pass the residual vector for '{name}' (its loss is then the mean of its squares), or "
-                        f"leave '{name}' out of NTKBalancer(terms=[...]) (and out of reference=): such a term keeps its "
-                        "weight and is left out of the traces' sum."
-                    )
+                    raise untraceable_term_error(name)
         weights = lambdas.detach().clone()
         loss_values = _loss_values(losses, weights)
         trainable = [p.requires_grad for p in window.params]  # read now: a hook may have (un)frozen some

@@ -224,6 +224,11 @@ def test_ntk_balancer_refuses_zero_dim_terms() -> None:
         _quiet_fit(Reduced(), 2, [NTKBalancer(every_n_steps=1)])
     with pytest.raises(ValueError, match="term 'bc' was given as a 0-dim"):  # a reference needs its trace
         _quiet_fit(Reduced(), 2, [NTKBalancer(every_n_steps=1, terms=["pde"], reference="bc")])
+    # after a warm-up too, the error comes on the first step, not at the first update
+    model = Reduced()
+    with pytest.raises(ValueError, match="term 'bc' was given as a 0-dim"):
+        _quiet_fit(model, 200, [NTKBalancer(every_n_steps=100, warmup_steps=100)])
+    assert model.trainer.global_step <= 1
 
 
 def test_ntk_balancer_leaves_a_zero_dim_term_outside_its_terms_out_of_the_sum() -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms
-from lightning_pinn.engine import StepMeasurement, TraceRequest
+from lightning_pinn.engine import StepMeasurement, TraceRequest, untraceable_term_error
 from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
 
 __all__ = ["WeightBalancer", "GradNormBalancer", "NTKBalancer"]
@@ -543,6 +543,7 @@ class NTKBalancer(WeightBalancer):
         self._generator = torch.Generator().manual_seed(seed)
         self.last_traces: dict[str, float] = {}
         self._fallback_warned: set[str] = set()  # terms whose traces could not be vmapped (warned once each)
+        self._residuals_checked = False  # whether the first batch's residuals were checked for 0-dim terms
 
     def _identity(self) -> dict[str, Any]:
         return {**super()._identity(), "trace_points": self.trace_points}
@@ -552,6 +553,20 @@ class NTKBalancer(WeightBalancer):
         names = self.criterion.term_names
         untraced_ok = frozenset(name for name, adaptive in zip(names, self._adaptive) if not adaptive and name != self.reference)
         return False, TraceRequest(self.trace_points, self.chunk_size, self._generator, untraced_ok, self._fallback_warned)
+
+    def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super()._on_attach(trainer, pl_module)
+        self._residuals_checked = False
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self._residuals_checked and self._loss is not None:
+            # fail on the fit's first batch, not at the first update (after a warm-up, say)
+            self._residuals_checked = True
+            untraced_ok = self._wants()[1].untraced_ok  # type: ignore[union-attr]
+            for name, residual in self._loss.last_residuals.items():
+                if residual.dim() == 0 and name not in untraced_ok:
+                    raise untraceable_term_error(name)
 
     def _rule_present(self, measurement: StepMeasurement) -> list[bool]:
         # a term given as a 0-dim loss outside `terms` has no trace: left out of Σ_j t_j
