@@ -293,16 +293,24 @@ class MultiTermLoss(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # check the terms before any buffer is copied: a refused checkpoint leaves λ untouched
-        self.set_extra_state(state_dict.get(prefix + "_extra_state", {}))
+        self._check_saved_terms(state_dict.get(prefix + "_extra_state", {}), prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     def set_extra_state(self, state: Any) -> None:
         """Refuse a checkpoint whose terms differ from this loss's: the weights would be misassigned."""
+        self._check_saved_terms(state, "")
+
+    def _check_saved_terms(self, state: Any, prefix: str) -> None:
         saved = tuple(state.get("terms", ())) if isinstance(state, dict) else ()
         if saved and saved != self._term_names:
+            # (PyTorch hands every module strict=True and applies strict=False only to missing/unexpected keys,
+            # so a loss cannot tell a lenient load from a strict one: the refusal holds for both)
             raise ValueError(
                 f"MultiTermLoss: the checkpoint holds weights for terms {saved}, but this MultiTermLoss has terms "
-                f"{self._term_names}. Build the loss with the same terms, in the same order, as the run that saved it."
+                f"{self._term_names}. Build the loss with the same terms, in the same order, as the run that saved it; "
+                f"or, to load the rest of the checkpoint anyway (e.g. to fine-tune with an added term), remove "
+                f"'{prefix}lambdas' and '{prefix}_extra_state' from its state dict and load it with strict=False: this "
+                "loss then keeps the λ it was built with (set them with set_weights)."
             )
 
     def extra_repr(self) -> str:

@@ -205,3 +205,23 @@ def test_a_refused_checkpoint_leaves_the_weights_alone() -> None:
     with pytest.raises(ValueError, match=r"checkpoint holds weights for terms \('pde', 'ic'\)"):
         target.load_state_dict(source.state_dict())
     assert target.weights == {"pde": 2.0, "bc": 3.0}
+
+
+def test_a_checkpoint_with_other_terms_can_be_loaded_without_its_weights_as_the_error_says() -> None:
+    """Fine-tuning pde+ic into pde+ic+data: the error names the keys to drop; the rest then loads."""
+
+    class Model(torch.nn.Module):
+        def __init__(self, **weights: float) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(1, 1)
+            self.criterion = MultiTermLoss(**weights)
+
+    saved, target = Model(pde=2.0, ic=300.0), Model(pde=1.0, data=5.0, ic=1.0)
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match=r"remove 'criterion.lambdas' and 'criterion._extra_state' .* strict=False"):
+        target.load_state_dict(state)
+    assert target.criterion.weights == {"pde": 1.0, "data": 5.0, "ic": 1.0}  # refused: untouched
+    state = {key: value for key, value in state.items() if key not in ("criterion.lambdas", "criterion._extra_state")}
+    target.load_state_dict(state, strict=False)
+    assert torch.equal(target.net.weight, saved.net.weight)
+    assert target.criterion.weights == {"pde": 1.0, "data": 5.0, "ic": 1.0}
