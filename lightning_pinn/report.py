@@ -256,7 +256,14 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
     """The diagnosis as a short Markdown document in plain language."""
     lines = [f"# {title}", ""]
     if d.measurements == 0:
-        return "\n".join(lines + ["No gradient-norm measurements were found (was a GradientNormMonitor attached?)."]) + "\n"
+        lines.append(
+            "No gradient-norm measurements were found: attach a GradientNormMonitor to the Trainer for the gradient-norm "
+            "ratio and the conflict analysis."
+        )
+        if not d.weights and not d.losses:
+            return "\n".join(lines) + "\n"
+        lines += _weights_and_losses(d)
+        return "\n".join(lines) + "\n"
     lines.append(f"{d.measurements} measurements, steps {d.first_step}–{d.last_step}.")
     lines += ["", "## Gradient-norm ratio", ""]
     if d.worst_ratio is None and d.terms < 2:
@@ -282,7 +289,15 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
             )
     else:
         lines.append("- No conflict alarm.")
-    lines += ["", "## Weights λ", ""]
+    lines += _weights_and_losses(d)
+    lines += ["", "## What to try", ""]
+    lines += [f"- {item}" for item in d.advice]
+    return "\n".join(lines) + "\n"
+
+
+def _weights_and_losses(d: Diagnosis) -> list[str]:
+    """The report's sections on the weights' and the losses' course."""
+    lines = ["", "## Weights λ", ""]
     for term, (first, last, low, high) in d.weights.items():
         if first == last == low == high:
             lines.append(f"- {term}: fixed at {first:.4g}.")
@@ -299,9 +314,7 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
             change = d.last_quarter_change[term]
             note = f" — rose ×{change:.3g} in the last quarter" if change > 1.1 else " — stalled in the last quarter"
         lines.append(f"- {term}: {first:.3g} → {last:.3g}{note}.")
-    lines += ["", "## What to try", ""]
-    lines += [f"- {item}" for item in d.advice]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot_history(history: History, path: str | Path, title: str = "") -> None:
@@ -326,14 +339,21 @@ def plot_history(history: History, path: str | Path, title: str = "") -> None:
             steps, values = history[f"grad_norm_weighted/{term}"]
             norms_axis.semilogy(steps, [v if v > 0 else math.nan for v in values], color=colour, linestyle="--", label=f"λ‖∇L_{term}‖")
     norms_axis.set_ylabel("gradient norm")
-    norms_axis.legend(fontsize=8, ncol=2)
+    if not history.terms("grad_norm"):  # no monitor: the losses instead
+        for index, term in enumerate(history.terms("loss")):
+            steps, values = history[f"loss/{term}"]
+            norms_axis.semilogy(steps, [v if v > 0 else math.nan for v in values], color=f"C{index}", label=f"L_{term}")
+        norms_axis.set_ylabel("loss (no gradient norms measured)")
+    if norms_axis.get_legend_handles_labels()[0]:
+        norms_axis.legend(fontsize=8, ncol=2)
     norms_axis.grid(True, alpha=0.3)
     for index, term in enumerate(history.terms("weight")):
         steps, values = history[f"weight/{term}"]
         weights_axis.semilogy(steps, [v if v > 0 else math.nan for v in values], color=f"C{index}", label=f"λ_{term}")
     weights_axis.set_ylabel("weight λ")
     weights_axis.set_xlabel("step")
-    weights_axis.legend(fontsize=8)
+    if weights_axis.get_legend_handles_labels()[0]:
+        weights_axis.legend(fontsize=8)
     weights_axis.grid(True, alpha=0.3)
     if title:
         norms_axis.set_title(title)

@@ -6,6 +6,7 @@ import contextlib
 import io
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -548,3 +549,18 @@ def test_a_one_term_report_says_so() -> None:
     for step in (0, 50):
         history.add({"grad_norm/pde": 1.0, "grad_norm_weighted/pde": 1.0, "loss/pde": 1.0 / (1 + step)}, step)
     assert "The loss has one term: there is no ratio to compare." in render_markdown(diagnose(history))
+
+
+def test_a_report_without_gradient_norms_still_shows_the_losses_and_weights(tmp_path: Path) -> None:
+    from lightning_pinn.report import History, write_report
+
+    history = History()
+    for step in range(0, 100, 10):
+        history.add({"loss/pde": 1.0 / (step + 1), "loss/ic": 0.5, "weight/ic": 1.0 + step}, step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. matplotlib's "No artists with labels found to put in legend"
+        markdown, picture = write_report(history, tmp_path)
+    text = markdown.read_text()
+    assert "attach a GradientNormMonitor" in text
+    assert "- ic: 1 → 91" in text and "## Losses" in text and "- pde: 1 → 0.011" in text
+    assert picture.stat().st_size > 0
