@@ -205,13 +205,14 @@ def _print_wrapped(prefix: str, message: str) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """``lightning-pinn demo``: the crisis at a bad λ_IC beside a well-chosen one."""
-    from lightning_pinn.demo import format_table, run_harmonic
+    from lightning_pinn.demo import format_table, run_harmonic, warm_up
 
     omega_text = "2π" if math.isclose(args.omega, 2 * math.pi) else f"{args.omega:g}"
     print(f"Harmonic oscillator u'' + ω²u = 0, u(0) = 1, u'(0) = 0 on [0, 1], ω = {omega_text}: exact u = cos(ωt).")
     print(
         f"Network 1-32-32-32-1 tanh, Adam lr 1e-3, {args.steps} full-batch steps on 128 points; GradientNormMonitor every {args.every_n_steps} steps.\n"
     )
+    warm_up()  # so that the time column compares like with like
     runs = []
     for weight in args.ic_weights:
         print(f"training with λ_IC = {weight:g} ...", flush=True)

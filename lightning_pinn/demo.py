@@ -159,6 +159,15 @@ def run_harmonic(
     )
 
 
+def warm_up() -> None:
+    """A 5-step fit with a logger and the report, so the first timed run does not pay one-off start-up costs
+    (imports, the first TensorBoard writer, matplotlib) that the later ones do not."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        run_harmonic(1.0, steps=5, every_n_steps=1, log_dir=folder)
+
+
 def _spans_cell(spans: Sequence[tuple[int, int | None]]) -> str:
     """``"steps 0-50"`` / ``"steps 250-end"`` for the alarm episodes, ``"-"`` if none."""
     if not spans:
