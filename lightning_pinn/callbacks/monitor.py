@@ -397,8 +397,8 @@ class GradientNormMonitor(PerTermCallback):
         small_lambda = report.weights[index(small)]
         return (
             f"{self._name}: loss-balance alarm at step {step}: the weighted gradient norm of term '{big}' "
-            f"(λ·‖∇L‖ = {big_w:.3g}) is {report.ratio:.3g}x that of term '{small}' ({small_w:.3g}), above the "
-            f"threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
+            f"(λ·‖∇L‖ = {big_w:.3g}) is {report.ratio:.3g}x that of term '{small}' ({small_w:.3g}) — a ratio "
+            f"(grad_ratio) of {report.ratio:.3g}, above the threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
             f"'{small}'. "
             + (
                 f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
