@@ -312,5 +312,29 @@ def test_the_fit_time_and_event_file_reports_date_the_first_weight_change_alike(
     at_fit_time = diagnose(monitor.history)
     # the first update (step 0) applies from step 1; the monitor's next measurement is step 3
     assert from_events.weights_first_changed == at_fit_time.weights_first_changed == 1
+    # the same weight series, so the same λ ranges (the monitor's measurements between two throttled
+    # balancer logs used to add points the event files do not have)
+
+
+def test_the_fit_time_and_event_file_reports_read_the_same_weight_series(tmp_path: Path) -> None:
+    """The balancer logs λ once per log_every_n_steps; the monitor measures between those points."""
+    from lightning_pinn.report import diagnose, read_history
+
+    torch.manual_seed(0)
+    monitor = GradientNormMonitor(every_n_steps=2, report=False)
+    trainer = make_trainer(
+        30,
+        [monitor, GradNormBalancer(every_n_steps=1, momentum=0.5)],
+        logger=TensorBoardLogger(str(tmp_path), name="run"),
+        log_every_n_steps=10,
+    )
+    trainer.fit(TwoTermPoisson())
+    events = read_history(trainer.logger.log_dir)
+    for term in ("pde", "bc"):
+        logged = dict(zip(*events[f"weight/{term}"]))
+        assert dict(zip(*monitor.history[f"weight/{term}"])) == pytest.approx(logged, rel=1e-6), term
+    from_events, at_fit_time = diagnose(events), diagnose(monitor.history)
+    for term, values in at_fit_time.weights.items():
+        assert values == pytest.approx(from_events.weights[term], rel=1e-6), term
     steps, _ = monitor.history["weight/bc"]
     assert steps == sorted(steps)

@@ -229,12 +229,11 @@ class GradientNormMonitor(PerTermCallback):
         conflict_alarm = self._track_conflicts(trainer, report, step)
 
         metrics: dict[str, float] = {}
-        weights: dict[str, float] = {}  # all of them go into the history; those a balancer writes, not to the loggers
         for name, loss, weight, norm, weighted in zip(report.terms, report.losses, report.weights, report.norms, report.weighted_norms):
+            # the weights a balancer writes reach the history from it, as they reach the event
+            # files: the fit-time report and `lightning-pinn report` then read the same series
             if name in self._weight_terms:
                 metrics[f"weight/{name}"] = weight
-            else:
-                weights[f"weight/{name}"] = weight
             if name in report.absent_terms:
                 continue  # passed as None throughout this step: nothing was measured
             metrics[f"loss/{name}"] = loss
@@ -254,8 +253,6 @@ class GradientNormMonitor(PerTermCallback):
         # batches; sparser ones go at once (batching would save nothing).
         self._log_scalars(trainer, metrics, step, self._pending if self.every_n_steps < trainer.log_every_n_steps else None)
         self.history.add(metrics, step)
-        if weights:
-            self.history.add(weights, step)
         if (
             self.progress_bar
             and report.ratio is not None
