@@ -564,3 +564,26 @@ def test_a_report_without_gradient_norms_still_shows_the_losses_and_weights(tmp_
     assert "attach a GradientNormMonitor" in text
     assert "- ic: 1 → 91" in text and "## Losses" in text and "- pde: 1 → 0.011" in text
     assert picture.stat().st_size > 0
+
+
+def test_the_history_is_checkpointed_as_tensors_and_reads_the_older_list_form(tmp_path: Path) -> None:
+    import io
+
+    from lightning_pinn.report import History
+
+    history = History()
+    for step in range(5):
+        history.add({"grad_norm/pde": 0.5 * step, "weight/ic": 2.0}, step)
+    history.add({"weight/ic": 3.0}, 2)  # out of order: kept sorted
+    state = history.to_state()
+    steps, values = state["grad_norm/pde"]
+    assert steps.dtype == torch.int64 and values.dtype == torch.float64 and steps.tolist() == [0, 1, 2, 3, 4]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    restored = History.from_state(torch.load(buffer, weights_only=True))
+    for tag in history.tags():
+        assert restored[tag] == history[tag]
+    older = {tag: history[tag] for tag in history.tags()}  # lists, as checkpoints before stop 13 held
+    assert History.from_state(older)["weight/ic"] == history["weight/ic"]
+    assert History.from_state(History().to_state()).tags() == []
