@@ -187,7 +187,21 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
             result.ratio_spans = _spans(steps, [r > threshold for r in ratios])
             result.ratio_measurements_above = sum(r > threshold for r in ratios)
 
-    if "alarm/grad_conflict" in history:
+    pair_flags = [tag for tag in history.tags() if tag.startswith("alarm/grad_conflict/")]
+    if pair_flags:
+        # each pair's alarm, logged when it started (1) and ended (0): the pairs that actually alarmed
+        cosines = {tag.split("/", 1)[1]: dict(zip(*history[tag])) for tag in history.tags() if tag.startswith("grad_cosine/")}
+        measured = history["alarm/grad_conflict"][0] if "alarm/grad_conflict" in history else []
+        for tag in pair_flags:
+            pair = tag.split("/", 2)[2]
+            flag_steps, flags = history[tag]
+            for start, end in _spans(flag_steps, [f > 0.5 for f in flags]):
+                series = cosines.get(pair, {})
+                values = [series[s] for s in measured if s >= start and (end is None or s < end) and s in series]
+                a, b = pair.split("_vs_", 1)
+                result.conflict_spans.append((a, b, start, end, sum(values) / len(values) if values else math.nan))
+        result.conflict_spans.sort(key=lambda span: (span[2], span[0], span[1]))
+    elif "alarm/grad_conflict" in history:  # event files written before the per-pair flags: the most opposed pair
         flag_steps, flags = history["alarm/grad_conflict"]
         cosines = {tag.split("/", 1)[1]: dict(zip(*history[tag])) for tag in history.tags() if tag.startswith("grad_cosine/")}
         for start, end in _spans(flag_steps, [f > 0.5 for f in flags]):
@@ -299,7 +313,8 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
     if d.conflict_spans:
         for a, b, start, end, cosine in d.conflict_spans:
             lines.append(
-                f"- '{a}' vs '{b}': opposed gradients (mean cosine {cosine:.2f}) while their loss stalled, {_steps_text(start, end)}."
+                f"- '{a}' vs '{b}': opposed gradients{'' if math.isnan(cosine) else f' (mean cosine {cosine:.2f})'} while their loss "
+                f"stalled, {_steps_text(start, end)}."
             )
     else:
         lines.append("- No conflict alarm.")

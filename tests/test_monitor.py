@@ -295,6 +295,34 @@ def test_conflict_alarm_on_directly_opposed_terms() -> None:
     assert len(conflicts) == 1 and "'up' and 'down'" in conflicts[0]
     assert monitor.diagnosis.conflict_alarm_episodes == 1
     assert monitor.diagnosis.min_cosine is not None and monitor.diagnosis.min_cosine < -0.99
+    # the pair's alarm is logged when it starts, so the reports name the pair that alarmed
+    steps, flags = monitor.history["alarm/grad_conflict/up_vs_down"]
+    assert flags[0] == 1.0 and steps[0] == monitor.diagnosis.conflict_alarm_spans[0][2]
+
+
+def test_the_report_names_the_pairs_that_alarmed_not_the_most_opposed_one() -> None:
+    """a/b alarmed (stalled); a/c is more opposed but its loss was still falling, so it never alarmed."""
+    from lightning_pinn.report import History, diagnose, render_markdown
+
+    history = History()
+    for step in range(10):
+        history.add(
+            {
+                "grad_norm/a": 1.0,
+                "grad_norm/b": 1.0,
+                "grad_norm/c": 1.0,
+                "grad_cosine/a_vs_b": -0.8,
+                "grad_cosine/a_vs_c": -0.95,
+                "grad_cosine/b_vs_c": 0.1,
+                "alarm/grad_conflict": float(4 <= step < 8),
+            },
+            step,
+        )
+    history.add({"alarm/grad_conflict/a_vs_b": 1.0}, 4)
+    history.add({"alarm/grad_conflict/a_vs_b": 0.0}, 8)
+    diagnosis = diagnose(history)
+    assert diagnosis.conflict_spans == [("a", "b", 4, 8, pytest.approx(-0.8))]
+    assert "'a' vs 'b': opposed gradients (mean cosine -0.80) while their loss stalled, steps 4–8" in render_markdown(diagnosis)
 
 
 def test_summary_is_printed_at_fit_end(caplog: Any) -> None:

@@ -194,6 +194,7 @@ class GradientNormMonitor(PerTermCallback):
         self._conflict_streak: dict[str, int] = {}
         self._conflict_losses: dict[str, list[float]] = {}
         self._conflict_active: dict[str, bool] = {}
+        self._conflict_changes: dict[str, float] = {}
         self._term_flags: dict[str, str] = {}
         self.last_report: GradientReport | None = None
 
@@ -249,6 +250,8 @@ class GradientNormMonitor(PerTermCallback):
             metrics[f"grad_cosine/{a}_vs_{b}"] = cosine
         metrics["alarm/grad_ratio"] = float(ratio_alarm)
         metrics["alarm/grad_conflict"] = float(conflict_alarm)
+        # which pair's alarm started or ended: logged only then, so the reports name the pairs that alarmed
+        metrics.update(self._conflict_changes)
         # Measurements more frequent than Lightning's own logging wait and go to TensorBoard in
         # batches; sparser ones go at once (batching would save nothing).
         self._log_scalars(trainer, metrics, step, self._pending if self.every_n_steps < trainer.log_every_n_steps else None)
@@ -410,6 +413,7 @@ class GradientNormMonitor(PerTermCallback):
 
     def _track_conflicts(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
         diagnosis = self.diagnosis
+        self._conflict_changes = {}  # this measurement's per-pair alarm starts (1) and ends (0)
         index = report.terms.index
         for (a, b), cosine in report.cosines.items():
             if diagnosis.min_cosine is None or cosine < diagnosis.min_cosine:
@@ -422,6 +426,7 @@ class GradientNormMonitor(PerTermCallback):
                 self._conflict_streak[key] = 0
                 if self._conflict_active.get(key):
                     self._conflict_active[key] = False
+                    self._conflict_changes[f"alarm/grad_conflict/{key}"] = 0.0
                     for span in reversed(diagnosis.conflict_alarm_spans):
                         if span[0] == a and span[1] == b and span[3] is None:
                             span[3] = step
@@ -445,6 +450,7 @@ class GradientNormMonitor(PerTermCallback):
             if self.conflict_min_decrease is not None and decrease >= self.conflict_min_decrease:
                 continue  # opposed gradients, but the pair's loss is still falling: not a stall
             self._conflict_active[key] = True
+            self._conflict_changes[f"alarm/grad_conflict/{key}"] = 1.0
             diagnosis.conflict_alarm_episodes += 1
             diagnosis.conflict_alarm_spans.append([a, b, step, None])
             message = (
