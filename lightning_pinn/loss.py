@@ -29,18 +29,17 @@ __all__ = ["MultiTermLoss", "term_loss"]
 def term_loss(residual: Tensor) -> Tensor:
     """Unweighted loss of one term: ``mean_j |r_j|²`` for a point-wise residual.
 
-    A 0-dim tensor is taken as an already-reduced loss and returned unchanged. The reduction
-    runs in at least float32, so a bfloat16/float16 residual under autocast does not lose the
-    small squared values.
+    A 0-dim tensor is taken as an already-reduced loss and returned unchanged. A bfloat16/float16
+    residual (under autocast) is squared and averaged in float32: in float16 a residual of 300
+    would square to inf and one of 1e-4 to 0.
     """
     if residual.dim() == 0:
         return residual  # MultiTermLoss checks that it is real; a negative one is warned about once
-    if residual.is_complex():
-        squared = residual.abs().square()
-    else:
-        squared = residual.square()
-    if squared.dtype in (torch.float16, torch.bfloat16):
-        squared = squared.float()
+    if residual.dtype in (torch.float16, torch.bfloat16):
+        residual = residual.float()
+    elif residual.dtype == torch.complex32:
+        residual = residual.to(torch.complex64)
+    squared = residual.abs().square() if residual.is_complex() else residual.square()
     return squared.mean()
 
 

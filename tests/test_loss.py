@@ -68,6 +68,12 @@ def test_complex_residual_uses_squared_modulus() -> None:
 def test_low_precision_residual_is_reduced_in_float32() -> None:
     r = torch.full((1000,), 1e-3, dtype=torch.bfloat16, requires_grad=True)
     assert term_loss(r).dtype == torch.float32
+    # float16 squares overflow above ~256 and flush to 0 below ~2e-4: square in float32
+    big = torch.full((8,), 300.0, dtype=torch.float16)
+    small = torch.full((8,), 1e-4, dtype=torch.float16)
+    assert term_loss(big).item() == pytest.approx(9e4, rel=1e-3)
+    assert term_loss(small).item() > 0
+    assert term_loss(small).item() == pytest.approx(small.float().square().mean().item(), rel=1e-6)
 
 
 # ------------------------------------------------------------------------- bad input
