@@ -422,17 +422,22 @@ class TermGradientEngine:
         # and give the inputs a zero gradient, as a plain backward would.
         zero_cotangent = grad_output.item() == 0
         cotangent = torch.ones_like(grad_output) if zero_cotangent else grad_output
+        params = inputs[:num_params]
         reached_input = [False] * len(inputs)
         reached_term = []
-        per_term: list[list[Tensor]] = []
-        for loss in losses:
+        per_term: list[list[Tensor]] = []  # per term, per parameter (zeros where the term does not reach it)
+        lambdas = capture.lambdas.to(grad_output.device)
+        # the other leaves (e.g. collocation points with requires_grad) are mostly reached by one
+        # term each: summed sparsely, so K terms with K point sets cost no K² zero tensors
+        others: list[Tensor | None] = [None] * (len(inputs) - num_params)
+        for i, loss in enumerate(losses):
             if loss is None:
-                per_term.append([torch.zeros_like(x) for x in inputs])
+                per_term.append([torch.zeros_like(x) for x in params])
                 reached_term.append(False)
                 continue
             grads = torch.autograd.grad(loss, inputs, grad_outputs=cotangent.to(loss.dtype), retain_graph=True, allow_unused=True)
             filled = []
-            for j, (grad, x) in enumerate(zip(grads, inputs)):
+            for j, (grad, x) in enumerate(zip(grads[:num_params], params)):
                 if grad is None:
                     filled.append(torch.zeros_like(x))
                 else:
@@ -440,11 +445,17 @@ class TermGradientEngine:
                     filled.append(grad)
             per_term.append(filled)
             reached_term.append(any(grad is not None for grad in grads[:num_params]))
+            for k, grad in enumerate(grads[num_params:]):
+                if grad is not None:
+                    reached_input[num_params + k] = True
+                    weighted = grad * lambdas[i]
+                    others[k] = weighted if others[k] is None else others[k] + weighted  # type: ignore[operator]
         # Σ_i λ_i ∇ L_i (already multiplied by the cotangent): the inputs' gradient
-        lambdas = capture.lambdas.to(grad_output.device)
-        combined = torch._foreach_mul(per_term[0], lambdas[0])
+        combined = torch._foreach_mul(per_term[0], lambdas[0]) if params else []
         for i in range(1, len(per_term)):
-            torch._foreach_add_(combined, torch._foreach_mul(per_term[i], lambdas[i]))
+            if params:
+                torch._foreach_add_(combined, torch._foreach_mul(per_term[i], lambdas[i]))
+        combined = list(combined) + [torch.zeros_like(x) if grad is None else grad for grad, x in zip(others, inputs[num_params:])]
         if zero_cotangent:
             torch._foreach_mul_(combined, 0.0)
         if capture.want_gradients:

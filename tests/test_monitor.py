@@ -615,3 +615,26 @@ def test_the_history_is_checkpointed_as_tensors_and_reads_the_older_list_form(tm
     older = {tag: history[tag] for tag in history.tags()}  # lists, as checkpoints before stop 13 held
     assert History.from_state(older)["weight/ic"] == history["weight/ic"]
     assert History.from_state(History().to_state()).tags() == []
+
+
+def test_log_cosines_false_keeps_the_pairs_out_of_the_logs_but_still_alarms() -> None:
+    class Opposed(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(up=1.0, down=1.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            u = self.net(self.x)
+            return self.criterion(up=u - 1.0, down=u + 1.0)
+
+    monitor = GradientNormMonitor(every_n_steps=5, cosine_patience=3, verbose=False, log_cosines=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(100, [monitor]).fit(Opposed())
+    assert not [tag for tag in monitor.history.tags() if tag.startswith("grad_cosine/")]
+    assert len([w for w in caught if issubclass(w.category, GradientConflictWarning)]) == 1
+    from lightning_pinn.report import diagnose, render_markdown
+
+    diagnosis = diagnose(monitor.history)
+    assert [span[:2] for span in diagnosis.conflict_spans] == [("up", "down")]
+    assert "'up' vs 'down': opposed gradients while their loss stalled" in render_markdown(diagnosis)

@@ -120,6 +120,10 @@ class GradientNormMonitor(PerTermCallback):
             "print the per-term gradient norms every 100 steps"). ``None``: never.
         progress_bar: Show ``grad_ratio`` in the progress bar (when the Trainer has one),
             refreshed at most once per ``log_every_n_steps`` steps.
+        log_cosines: Log (and keep for the report) ``grad_cosine/<a>_vs_<b>`` for every pair of
+            terms. There are K(K−1)/2 pairs: with many terms (K = 40: 780 series), ``False``
+            keeps the event files, the history and the checkpoints small. The conflict alarm
+            still watches every pair.
     """
 
     def __init__(
@@ -134,6 +138,7 @@ class GradientNormMonitor(PerTermCallback):
         report: bool = True,
         print_every_n_steps: int | None = None,
         progress_bar: bool = True,
+        log_cosines: bool = True,
     ) -> None:
         super().__init__(every_n_steps, loss_module)
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) or threshold <= 1:
@@ -173,6 +178,7 @@ class GradientNormMonitor(PerTermCallback):
             raise ValueError(f"GradientNormMonitor: print_every_n_steps must be an integer >= 1 or None, got {print_every_n_steps!r}.")
         self.print_every_n_steps = None if print_every_n_steps is None else int(print_every_n_steps)
         self.progress_bar = bool(progress_bar)
+        self.log_cosines = bool(log_cosines)
         self.verbose = verbose
         self.report = bool(report)
         self.report_path: Path | None = None
@@ -246,8 +252,9 @@ class GradientNormMonitor(PerTermCallback):
         elif report.ratio is not None:
             metrics["grad_ratio"] = report.ratio
         metrics["grad_ratio_threshold"] = self.threshold
-        for (a, b), cosine in report.cosines.items():
-            metrics[f"grad_cosine/{a}_vs_{b}"] = cosine
+        if self.log_cosines:
+            for (a, b), cosine in report.cosines.items():
+                metrics[f"grad_cosine/{a}_vs_{b}"] = cosine
         metrics["alarm/grad_ratio"] = float(ratio_alarm)
         metrics["alarm/grad_conflict"] = float(conflict_alarm)
         # which pair's alarm started or ended: logged only then, so the reports name the pairs that alarmed
