@@ -356,33 +356,55 @@ def plot_history(history: History, path: str | Path, title: str = "") -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogFormatter
 
-    figure = Figure(figsize=(9, 7))
+    names: list[str] = []  # every term, in first-seen order: one colour per term on both axes
+    for prefix in ("grad_norm", "loss", "weight"):
+        names += [term for term in history.terms(prefix) if term not in names]
+    many = len(names) > 8  # one legend beside the axes, terms only, and colours that do not repeat
+    if many:
+        from matplotlib import colormaps
+
+        turbo = colormaps["turbo"]
+        colours = {term: turbo(0.05 + 0.9 * index / (len(names) - 1)) for index, term in enumerate(names)}
+    else:
+        colours = {term: f"C{index}" for index, term in enumerate(names)}
+    figure = Figure(figsize=(11, 7) if many else (9, 7))
     FigureCanvasAgg(figure)
     norms_axis, weights_axis = figure.subplots(2, 1, sharex=True)
-    figure.subplots_adjust(left=0.1, right=0.97, top=0.94 if title else 0.97, bottom=0.08, hspace=0.08)
-    for index, term in enumerate(history.terms("grad_norm")):
-        colour = f"C{index}"
+    figure.subplots_adjust(left=0.08 if many else 0.1, right=0.8 if many else 0.97, top=0.94 if title else 0.97, bottom=0.08, hspace=0.08)
+
+    def positive(values: list[float]) -> list[float]:
+        return [v if v > 0 else math.nan for v in values]
+
+    for term in history.terms("grad_norm"):
         steps, values = history[f"grad_norm/{term}"]
-        norms_axis.semilogy(steps, [v if v > 0 else math.nan for v in values], color=colour, label=f"‖∇L_{term}‖")
+        norms_axis.semilogy(steps, positive(values), color=colours[term], label=term if many else f"‖∇L_{term}‖")
         if f"grad_norm_weighted/{term}" in history:
             steps, values = history[f"grad_norm_weighted/{term}"]
-            norms_axis.semilogy(steps, [v if v > 0 else math.nan for v in values], color=colour, linestyle="--", label=f"λ‖∇L_{term}‖")
-    norms_axis.set_ylabel("gradient norm")
+            label = "_" if many else f"λ‖∇L_{term}‖"  # "_": no legend entry
+            norms_axis.semilogy(steps, positive(values), color=colours[term], linestyle="--", label=label)
+    norms_axis.set_ylabel("gradient norm (dashed: λ·norm)" if many else "gradient norm")
     if not history.terms("grad_norm"):  # no monitor: the losses instead
-        for index, term in enumerate(history.terms("loss")):
+        for term in history.terms("loss"):
             steps, values = history[f"loss/{term}"]
-            norms_axis.semilogy(steps, [v if v > 0 else math.nan for v in values], color=f"C{index}", label=f"L_{term}")
+            norms_axis.semilogy(steps, positive(values), color=colours[term], label=term if many else f"L_{term}")
         norms_axis.set_ylabel("loss (no gradient norms measured)")
-    if norms_axis.get_legend_handles_labels()[0]:
-        norms_axis.legend(fontsize=8, ncol=2)
-    norms_axis.grid(True, alpha=0.3)
-    for index, term in enumerate(history.terms("weight")):
+    for term in history.terms("weight"):
         steps, values = history[f"weight/{term}"]
-        weights_axis.semilogy(steps, [v if v > 0 else math.nan for v in values], color=f"C{index}", label=f"λ_{term}")
+        weights_axis.semilogy(steps, positive(values), color=colours[term], label="_" if many else f"λ_{term}")
     weights_axis.set_ylabel("weight λ")
     weights_axis.set_xlabel("step")
-    if weights_axis.get_legend_handles_labels()[0]:
-        weights_axis.legend(fontsize=8)
+    if many:
+        handles, labels = norms_axis.get_legend_handles_labels()
+        if not handles:  # weights only
+            handles, labels = weights_axis.get_legend_handles_labels()
+        figure.legend(
+            handles, labels, loc="upper left", bbox_to_anchor=(0.81, 0.97), fontsize=6, ncol=1 if len(names) <= 36 else 2, title="terms"
+        )
+    else:
+        for axis, columns in ((norms_axis, 2), (weights_axis, 1)):
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=8, ncol=columns)
+    norms_axis.grid(True, alpha=0.3)
     weights_axis.grid(True, alpha=0.3)
     if title:
         norms_axis.set_title(title)

@@ -638,3 +638,26 @@ def test_log_cosines_false_keeps_the_pairs_out_of_the_logs_but_still_alarms() ->
     diagnosis = diagnose(monitor.history)
     assert [span[:2] for span in diagnosis.conflict_spans] == [("up", "down")]
     assert "'up' vs 'down': opposed gradients while their loss stalled" in render_markdown(diagnosis)
+
+
+def test_the_report_plot_of_many_terms_has_one_legend_entry_per_term(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib.figure import Figure
+
+    from lightning_pinn.report import History, plot_history
+
+    legends: list[list[str]] = []
+    original = Figure.legend
+
+    def spy(self, handles, labels, *args, **kwargs):  # type: ignore[no-untyped-def]
+        legends.append(list(labels))
+        return original(self, handles, labels, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "legend", spy)
+    history = History()
+    for step in range(0, 100, 10):
+        history.add({f"{tag}/t{k}": 1.0 + k for k in range(20) for tag in ("grad_norm", "grad_norm_weighted", "weight")}, step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_history(history, tmp_path / "many.png")
+    assert legends == [[f"t{k}" for k in range(20)]]  # one entry per term, not three
+    assert (tmp_path / "many.png").stat().st_size > 0
