@@ -135,6 +135,8 @@ class Diagnosis:
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # first, last
     # terms whose loss stopped improving in the last quarter: last/first loss of that quarter
     last_quarter_change: dict[str, float] = field(default_factory=dict)
+    zero_gradient_terms: list[str] = field(default_factory=list)  # last measured gradient exactly 0
+    nonfinite_steps: dict[str, int] = field(default_factory=dict)  # first step with a NaN/inf gradient norm
     advice: list[str] = field(default_factory=list)
 
     @property
@@ -215,6 +217,14 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
                 a, b = best[0].split("_vs_", 1)
                 result.conflict_spans.append((a, b, start, end, best[1]))
 
+    for term in terms:
+        steps, values = history[f"grad_norm/{term}"]
+        bad = next((step for step, value in zip(steps, values) if not math.isfinite(value)), None)
+        if bad is not None:
+            result.nonfinite_steps[term] = bad
+        if values and values[-1] == 0:
+            result.zero_gradient_terms.append(term)
+
     for term in history.terms("weight"):
         steps, values = history[f"weight/{term}"]
         result.weights[term] = (values[0], values[-1], min(values), max(values))
@@ -266,9 +276,21 @@ def _advice(d: Diagnosis) -> list[str]:
             "impose the initial/boundary condition exactly with a hard constraint (`lightning_pinn.constraints.IVPAnsatz`, "
             "`DirichletAnsatz1D`), which removes that term, or lower the learning rate."
         )
-    if d.stalled_terms and not d.conflict_spans:
+    for term, step in d.nonfinite_steps.items():
         advice.append(
-            f"Term(s) {', '.join(repr(t) for t in d.stalled_terms)} stopped improving in the last quarter of the fit; "
+            f"Term '{term}' had a NaN/inf gradient from step {step}: look for NaN/inf in its residual (a division by zero, "
+            "the log or square root of a non-positive value), or lower the learning rate if the fit diverged."
+        )
+    if d.zero_gradient_terms:
+        advice.append(
+            f"Term(s) {', '.join(repr(t) for t in d.zero_gradient_terms)} ended with an exactly zero gradient: the residual "
+            "reaches no trainable parameter (is it computed from the network's output?) or is already exactly satisfied; "
+            "no weight can change that."
+        )
+    stalled = [t for t in d.stalled_terms if t not in d.zero_gradient_terms and t not in d.nonfinite_steps]
+    if stalled and not d.conflict_spans:
+        advice.append(
+            f"Term(s) {', '.join(repr(t) for t in stalled)} stopped improving in the last quarter of the fit; "
             "train longer with a decaying learning rate, or add points where their residual is large."
         )
     if not advice:

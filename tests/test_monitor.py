@@ -661,3 +661,26 @@ def test_the_report_plot_of_many_terms_has_one_legend_entry_per_term(tmp_path: P
         plot_history(history, tmp_path / "many.png")
     assert legends == [[f"t{k}" for k in range(20)]]  # one entry per term, not three
     assert (tmp_path / "many.png").stat().st_size > 0
+
+
+def test_the_report_names_zero_and_nan_gradient_terms_with_fitting_advice() -> None:
+    from lightning_pinn.report import History, diagnose, render_markdown
+
+    history = History()
+    for step in range(0, 100, 10):
+        history.add(
+            {
+                "grad_norm/pde": 1.0,
+                "grad_norm/const": 0.0,
+                "grad_norm/data": math.nan if step >= 50 else 1.0,
+                "loss/pde": 1.0 / (step + 1),
+                "loss/const": 1.0,
+                "loss/data": 1.0,
+            },
+            step,
+        )
+    diagnosis = diagnose(history)
+    assert diagnosis.zero_gradient_terms == ["const"] and diagnosis.nonfinite_steps == {"data": 50}
+    text = render_markdown(diagnosis)
+    assert "'const' ended with an exactly zero gradient" in text and "Term 'data' had a NaN/inf gradient from step 50" in text
+    assert "train longer" not in text  # the stalled 'const' is explained by its zero gradient, not by too few steps
