@@ -325,6 +325,48 @@ def test_manual_optimization_is_measured_and_balanced() -> None:
     assert all(math.isfinite(w) and w > 0 for w in model.criterion.weights.values())
 
 
+class TwoOptimizers(TwoTermPoisson):
+    """Manual optimisation stepping two optimizers per batch: global_step advances by 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.steps_seen: list[tuple[int, float]] = []  # (global_step at the forward, λ_bc used)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        first, last = list(self.net.parameters())[:2], list(self.net.parameters())[2:]
+        return [torch.optim.Adam(first, lr=1e-3), torch.optim.Adam(last, lr=1e-3)]
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_seen.append((self.trainer.global_step, self.criterion.weights["bc"]))
+        loss = self.criterion(**self.residuals())
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+        self.manual_backward(loss)
+        for optimizer in self.optimizers():
+            optimizer.step()
+        return loss.detach()
+
+
+def test_with_two_optimizers_the_weights_are_logged_at_the_step_they_apply_from() -> None:
+    from lightning_pinn.callbacks import WeightSchedule
+
+    model = TwoOptimizers()
+    monitor = GradientNormMonitor(every_n_steps=2, verbose=False, report=False)
+    _fit(model, 8, [monitor, GradNormBalancer(every_n_steps=2, terms=["bc"])], log_every_n_steps=1)
+    used = dict(model.steps_seen)  # global steps 0, 2, 4, 6: one batch each
+    assert sorted(used) == [0, 2, 4, 6]
+    logged = dict(zip(*monitor.history["weight/bc"]))
+    for step, weight in logged.items():
+        if step in used:
+            assert weight == pytest.approx(used[step]), step
+    assert set(logged) == {0, 2, 4, 6, 8}, "λ logged at the steps forward passes run at (8: after the last batch)"
+
+    schedule_model = TwoOptimizers()
+    _fit(schedule_model, 8, [WeightSchedule({"bc": [(0, 1.0), (6, 4.0)]})])
+    assert dict(schedule_model.steps_seen) == {0: 1.0, 2: 2.0, 4: 3.0, 6: 4.0}  # the schedule's value at each forward's step
+
+
 class ClosureOptimizer(TwoTermPoisson):
     """L-BFGS evaluates the loss several times per optimizer step through a closure."""
 

@@ -128,7 +128,8 @@ class WeightBalancer(PerTermCallback):
         self._clamp_warned: set[str] = set()
         self._reference_warned = False
         self._last_logged_step: int | None = None  # step of the last logged weights (logging only, not state)
-        self._unlogged: tuple[int, dict[str, float], dict[str, float]] | None = None  # (step, measured, applied)
+        self._unlogged: tuple[int, int, dict[str, float], dict[str, float]] | None = None  # (step, applied step, measured, applied)
+        self._applied_step = 0  # the step from which the weights of the latest measurement apply
         self._weight_terms: list[str] = []  # the weight/<term> series this balancer writes
 
     # ---------------------------------------------------------------- subclass API
@@ -223,6 +224,8 @@ class WeightBalancer(PerTermCallback):
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
         names = measurement.terms
         step = measurement.step
+        # the step the next forward pass runs at: step + 1, or more when one batch steps several optimizers
+        self._applied_step = max(trainer.global_step, step + 1)
         present = self._rule_present(measurement)
         # A term absent (None) for the whole step has nothing to measure: the rule gets 0 for it,
         # which leaves its weight unchanged and keeps it out of the max/mean/sum over terms.
@@ -268,12 +271,13 @@ class WeightBalancer(PerTermCallback):
         applied = {f"weight/{name}": weights[name] for name in self._weight_terms}
         applied.update({f"weight_target/{name}": self.last_target[name] for name in self._weight_terms if name in self.last_target})
         measured = self._extra_metrics(measurement)
-        if not self._logging_due(trainer, step + 1):
-            self._unlogged = (step, measured, applied)  # written at the end of the fit unless a later update is logged
+        applied_step = self._applied_step
+        if not self._logging_due(trainer, applied_step):
+            self._unlogged = (step, applied_step, measured, applied)  # written at the end of the fit unless a later update is logged
             return
         self._log_scalars(trainer, measured, step)
-        self._log_scalars(trainer, applied, step + 1)
-        self._last_logged_step, self._unlogged = step + 1, None
+        self._log_scalars(trainer, applied, applied_step)
+        self._last_logged_step, self._unlogged = applied_step, None
 
     def _logging_due(self, trainer: pl.Trainer, applied_step: int) -> bool:
         """Whether to log this update: the first one, then at most one per ``trainer.log_every_n_steps`` steps.
@@ -309,9 +313,9 @@ class WeightBalancer(PerTermCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the last update is always logged, before a monitor writes its report (on_fit_end)
         if self._unlogged is not None:
-            step, measured, applied = self._unlogged
+            step, applied_step, measured, applied = self._unlogged
             self._log_scalars(trainer, measured, step)
-            self._log_scalars(trainer, applied, step + 1)
+            self._log_scalars(trainer, applied, applied_step)
             self._unlogged = None
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:

@@ -622,7 +622,5 @@ class WeightSchedule(WeightBalancer):
         super().on_train_start(trainer, pl_module)
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
-        new = [
-            self.weight_at(name, measurement.step + 1) if name in self.schedule else old for name, old in zip(measurement.terms, current)
-        ]
+        new = [self.weight_at(name, self._applied_step) if name in self.schedule else old for name, old in zip(measurement.terms, current)]
         return new, new
