@@ -16,6 +16,8 @@ import textwrap
 import time
 from collections.abc import Sequence
 
+from lightning_pinn.sweep import BALANCERS
+
 __all__ = ["main", "build_parser"]
 
 
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--balancers",
         nargs="*",
         default=["gradnorm-max", "gradnorm-mean", "ntk"],
-        choices=["gradnorm-max", "gradnorm-mean", "ntk"],
+        choices=list(BALANCERS),
         help="balancers to compare (default: all three)",
     )
     sweep.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")

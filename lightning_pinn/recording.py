@@ -62,6 +62,7 @@ class HistoryRecorder(pl.Callback):
         self.error_every = error_every
         self.history = FitHistory()
         self._started = 0.0
+        self._last_global_step = 0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._started = time.perf_counter()
@@ -69,6 +70,9 @@ class HistoryRecorder(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         history = self.history
         history.train_seconds += time.perf_counter() - self._started
+        if trainer.global_step == self._last_global_step:
+            return  # no optimizer step in this batch (gradient accumulation)
+        self._last_global_step = trainer.global_step
         step = trainer.global_step - 1  # the optimizer step just taken
         if self.history_every and step % self.history_every == 0:
             history.steps.append(step)

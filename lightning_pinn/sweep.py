@@ -60,13 +60,6 @@ class FitResult:
     error_steps: list[int] = field(default_factory=list)
     errors: list[float] = field(default_factory=list)
 
-    def steps_to(self, target: float) -> int | None:
-        """First evaluated step whose relative L² error is at or below ``target``."""
-        for step, error in zip(self.error_steps, self.errors):
-            if error <= target:
-                return step
-        return None
-
 
 def grid_weights(low: float, high: float, step: float) -> list[float]:
     """``10**e`` for ``e`` from ``low`` to ``high`` (inclusive) in increments of ``step``."""
@@ -84,6 +77,7 @@ def _make_balancer(method: str) -> Any:
         "gradnorm-mean": lambda: GradNormBalancer(rule="mean"),
         "ntk": lambda: NTKBalancer(),
     }
+    assert set(builders) == set(BALANCERS)
     if method not in builders:
         raise ValueError(f"unknown balancer {method!r}; choose from {sorted(builders)}.")
     return builders[method]()

@@ -684,3 +684,14 @@ def test_the_report_names_zero_and_nan_gradient_terms_with_fitting_advice() -> N
     text = render_markdown(diagnosis)
     assert "'const' ended with an exactly zero gradient" in text and "Term 'data' had a NaN/inf gradient from step 50" in text
     assert "train longer" not in text  # the stalled 'const' is explained by its zero gradient, not by too few steps
+
+
+def test_printing_more_often_than_measuring_does_not_change_the_measurements(caplog: Any) -> None:
+    import logging
+
+    monitor = GradientNormMonitor(every_n_steps=20, print_every_n_steps=5, verbose=False, report=False)
+    with caplog.at_level(logging.INFO):
+        make_trainer(20, [monitor]).fit(TwoTermPoisson())
+    assert monitor.diagnosis.measurements == 1  # step 0 only: the cadence (and the alarms' patience) is every_n_steps
+    assert monitor.history["grad_norm/pde"][0] == [0]
+    assert sum(f"step {s}" in caplog.text for s in (0, 5, 10, 15)) == 4  # but the table is printed every 5 steps

@@ -304,3 +304,20 @@ def test_the_base_class_is_not_a_balancer_by_itself() -> None:
 
     with pytest.raises(TypeError, match="WeightBalancer is the base class.*use GradNormBalancer"):
         WeightBalancer(1, 0.9, None, None, 1e-6, 1e6, 0, False, None)
+
+
+def test_a_scheduled_term_absent_for_a_while_comes_back_with_its_scheduled_weight() -> None:
+    from conftest import ExtraTermPoisson, make_trainer
+
+    from lightning_pinn.callbacks import WeightSchedule
+
+    seen: list[tuple[int, float]] = []
+
+    def data(model, batch_idx):  # type: ignore[no-untyped-def]
+        step = model.trainer.global_step
+        seen.append((step, model.criterion.weights["data"]))
+        return None if step < 10 else 0.1 * model.net(model.x)
+
+    model = ExtraTermPoisson("data", data, weight=0.0)
+    make_trainer(12, [WeightSchedule({"data": [(0, 0.0), (20, 20.0)]})]).fit(model)
+    assert dict(seen)[10] == pytest.approx(10.0) and dict(seen)[11] == pytest.approx(11.0)

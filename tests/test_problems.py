@@ -63,3 +63,19 @@ def test_helmholtz_standardises_inputs_but_differentiates_in_original_coordinate
 def test_problems_refuse_bad_arguments_at_construction(factory: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+@pytest.mark.parametrize("c", [1.0, 2.0, 3.5])
+def test_the_wave_problems_exact_solution_solves_its_own_equation(c: float) -> None:
+    """u_tt = c² u_xx, u = 0 at x = 0 and 1, u_t(x, 0) = 0, for the problem's own c (not always c = 2)."""
+    from lightning_pinn.autodiff import derivative
+
+    problem = Wave1D(c=c, hidden=(8,))
+    xt = torch.rand(64, 2, dtype=torch.float64, requires_grad=True)
+    u = problem.exact(xt)
+    residual = derivative(u, xt, dim=1, order=2) - c**2 * derivative(u, xt, dim=0, order=2)
+    assert residual.abs().max().item() < 1e-9 * (1 + c**2) * 100
+    t0 = torch.cat([xt[:, :1], torch.zeros_like(xt[:, :1])], 1)
+    assert derivative(problem.exact(t0), t0, dim=1).abs().max().item() < 1e-9
+    edges = torch.tensor([[0.0, 0.3], [1.0, 0.7]], dtype=torch.float64)
+    assert problem.exact(edges).abs().max().item() < 1e-12

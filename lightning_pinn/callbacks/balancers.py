@@ -416,8 +416,9 @@ class GradNormBalancer(WeightBalancer):
       ``λ̂_i = mean_j ‖∇θ L_j‖ / ‖∇θ L_i‖``;
 
     then ``λ ← m·λ + (1 − m)·λ̂`` (the first update takes ``λ̂`` directly unless
-    ``smooth_first_update=True``). After an update all weighted norms ``λ_i‖∇θ L_i‖`` are
-    equal (to the largest norm for "max", to the mean norm for "mean"). The gradients are the
+    ``smooth_first_update=True``). The target makes all weighted norms ``λ̂_i‖∇θ L_i‖`` equal
+    (to the largest norm for "max", to the mean norm for "mean"); the first update reaches it
+    (and every update with ``momentum=0``), later ones move a fraction ``1 − m`` of the way. The gradients are the
     ones the engine captures during the ordinary backward pass, so this costs about one
     backward pass per update, shared with a :class:`GradientNormMonitor` on the same step.
 

@@ -229,8 +229,13 @@ class GradientNormMonitor(PerTermCallback):
         report = summarize_gradients(
             measurement.terms, measurement.losses, measurement.weights, measurement.gradients, measurement.present, measurement.reached
         )
-        self.last_report = report
         step = measurement.step
+        if step % self.every_n_steps != 0:
+            # measured only for print_every_n_steps: print, but keep the logs, the alarms' patience
+            # and the diagnosis on the every_n_steps cadence
+            rank_zero_info(format_table(report, step, self.threshold))
+            return
+        self.last_report = report
         self._track_term_health(report, step)
         ratio_alarm = self._track_ratio(trainer, report, step)
         conflict_alarm = self._track_conflicts(trainer, report, step)
@@ -468,7 +473,7 @@ class GradientNormMonitor(PerTermCallback):
                     if self.conflict_min_decrease is not None
                     else f"measurements; their weighted loss is now {pair_loss:.3g}, {-100 * decrease:+.1f}% over the last "
                 )
-                + f"{streak - 1} measurement(s)), so a step that lowers one term raises the other even if their norms "
+                + f"{len(self._conflict_losses[key]) - 1} measurement(s)), so a step that lowers one term raises the other even if their norms "
                 "are balanced. Try: hard-constrain the initial/boundary condition, change the weights, lower the "
                 "learning rate, or add collocation points where the terms meet."
             )

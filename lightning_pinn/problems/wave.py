@@ -67,11 +67,11 @@ class Wave1D(PINNModule):
         self.residual_points, self.initial_points, self.boundary_points = points
         self.net = mlp(2, hidden, 1, init="xavier")
 
-    @staticmethod
-    def exact(xt: Tensor) -> Tensor:
-        """The exact solution, shape ``(N, 1)``; columns of ``xt`` are (x, t)."""
+    def exact(self, xt: Tensor) -> Tensor:
+        """The exact solution ``sin(πx)cos(cπt) + ½ sin(4πx)cos(4cπt)``, shape ``(N, 1)``; columns of ``xt`` are (x, t)."""
         x, t = xt[:, :1], xt[:, 1:2]
-        return torch.sin(math.pi * x) * torch.cos(2 * math.pi * t) + 0.5 * torch.sin(4 * math.pi * x) * torch.cos(8 * math.pi * t)
+        c = self.c
+        return torch.sin(math.pi * x) * torch.cos(c * math.pi * t) + 0.5 * torch.sin(4 * math.pi * x) * torch.cos(4 * c * math.pi * t)
 
     def residuals(self, batch: Any) -> dict[str, Tensor]:
         device = self.net[0].weight.device
