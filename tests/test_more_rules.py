@@ -321,3 +321,24 @@ def test_a_scheduled_term_absent_for_a_while_comes_back_with_its_scheduled_weigh
     model = ExtraTermPoisson("data", data, weight=0.0)
     make_trainer(12, [WeightSchedule({"data": [(0, 0.0), (20, 20.0)]})]).fit(model)
     assert dict(seen)[10] == pytest.approx(10.0) and dict(seen)[11] == pytest.approx(11.0)
+
+
+def test_gradnorm_weighting_with_a_terms_subset_uses_the_fixed_terms_lambda() -> None:
+    """terms=['bc']: λ_pde = 5 stays, enters the objective as a constant, and anchors the scale."""
+    from conftest import TwoTermPoisson, make_trainer
+
+    from lightning_pinn.callbacks import GradientNormMonitor
+    from lightning_pinn.rules import gradnorm_objective
+
+    model = TwoTermPoisson(pde_weight=5.0, bc_weight=2.0)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    balancer = GradNormWeighting(learning_rate=0.05, every_n_steps=1, terms=["bc"])
+    make_trainer(1, [monitor, balancer]).fit(model)
+    assert model.criterion.weights["pde"] == 5.0
+    # the hand computation of one Adam step (lr 0.05: the first step moves w_bc by ±0.05) from w_bc = 2
+    norms = torch.tensor([monitor.history["grad_norm/pde"][1][0], monitor.history["grad_norm/bc"][1][0]], dtype=torch.float64)
+    w = torch.tensor([2.0], dtype=torch.float64, requires_grad=True)
+    objective = gradnorm_objective(torch.cat([torch.tensor([5.0], dtype=torch.float64), w]), norms, torch.ones(2, dtype=torch.float64), 1.5)
+    objective.backward()
+    expected = 2.0 - 0.05 * float(torch.sign(w.grad))
+    assert model.criterion.weights["bc"] == pytest.approx(expected, rel=1e-4)

@@ -440,6 +440,8 @@ class GradNormWeighting(_TrainedWeights):
         return gradient_norms(measurement.gradients)
 
     def _initial_parameter(self, weights: list[float]) -> Tensor:
+        if not all(self._adaptive):  # the fixed terms' λ set the scale: start from the λ in force
+            return torch.tensor(weights, dtype=torch.float64)
         total = sum(weights)
         return torch.tensor([len(weights) * w / total for w in weights], dtype=torch.float64)
 
@@ -447,17 +449,21 @@ class GradNormWeighting(_TrainedWeights):
         present = measurement.present.tolist()
         self._initial_losses = _first_seen(self._initial_losses, self._losses, present)
         terms = _comparable(present, self._initial_losses)
-        if len(terms) < 2:
+        trained = [i for i in terms if self._adaptive[i]]
+        if len(terms) < 2 or not trained:
             return None
         weights = self._ensure_parameter()
         ratios = [self._losses[i] / self._initial_losses[i] if self._initial_losses[i] > 0 else 1.0 for i in terms]
         mean_ratio = sum(ratios) / len(ratios)
         inverse_rates = torch.tensor([r / mean_ratio if mean_ratio > 0 else 1.0 for r in ratios], dtype=torch.float64)
         norms = torch.tensor([values[i] for i in terms], dtype=torch.float64)
-        before = self._step(gradnorm_objective(weights[terms], norms, inverse_rates, self.alpha), terms)
+        # a term outside `terms` enters the objective with the λ it keeps (a constant), not a trained w
+        used = torch.stack([weights[i] if self._adaptive[i] else weights.new_tensor(current[i]) for i in terms])
+        before = self._step(gradnorm_objective(used, norms, inverse_rates, self.alpha), trained)
         with torch.no_grad():
-            weights[terms] = weights[terms].clamp(min=self.min_weight)
-            weights[terms] = weights[terms] * (before[terms].sum() / weights[terms].sum())  # Σ w = K over the terms it saw
+            weights[trained] = weights[trained].clamp(min=self.min_weight)
+            if len(trained) == len(terms):  # Σ w = K over the terms it saw (with fixed terms, their λ anchor the scale)
+                weights[trained] = weights[trained] * (before[trained].sum() / weights[trained].sum())
         new = weights.tolist()
         return new, new
 
