@@ -342,3 +342,36 @@ def test_gradnorm_weighting_with_a_terms_subset_uses_the_fixed_terms_lambda() ->
     objective.backward()
     expected = 2.0 - 0.05 * float(torch.sign(w.grad))
     assert model.criterion.weights["bc"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_two_balancers_on_one_loss_give_the_same_weights_in_either_order() -> None:
+    """LRAnnealingBalancer(gradients="weighted") reads λ_pde, which GradNormBalancer owns: the λ in force at the measured step."""
+    from conftest import TwoTermPoisson, make_trainer
+
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    results = []
+    for order in (0, 1):
+        torch.manual_seed(0)
+        model = TwoTermPoisson()
+        callbacks = [
+            GradNormBalancer(rule="mean", every_n_steps=1, momentum=0.5, terms=["pde"]),
+            LRAnnealingBalancer(reference="pde", gradients="weighted", every_n_steps=1, terms=["bc"]),
+        ]
+        make_trainer(6, callbacks if order == 0 else callbacks[::-1]).fit(model)
+        results.append(model.criterion.weights)
+    assert results[0]["pde"] != 1.0 and results[0]["bc"] != 1.0
+    assert results[0] == pytest.approx(results[1], rel=1e-12)
+
+
+def test_trained_weights_stay_where_their_lambda_is_clamped() -> None:
+    from conftest import TwoTermPoisson, make_trainer
+
+    for balancer in (UncertaintyWeighting(learning_rate=0.5, max_weight=2.0), GradNormWeighting(learning_rate=0.5, max_weight=1.2)):
+        model = TwoTermPoisson()
+        make_trainer(20, [balancer]).fit(model)
+        parameter = balancer._parameter
+        assert parameter is not None
+        internal = torch.exp(-parameter) if isinstance(balancer, UncertaintyWeighting) else parameter
+        applied = torch.tensor(list(model.criterion.weights.values()), dtype=torch.float64)
+        assert torch.allclose(internal.detach(), applied, rtol=1e-5), type(balancer).__name__

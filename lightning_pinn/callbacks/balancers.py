@@ -230,7 +230,10 @@ class WeightBalancer(PerTermCallback):
         # A term absent (None) for the whole step has nothing to measure: the rule gets 0 for it,
         # which leaves its weight unchanged and keeps it out of the max/mean/sum over terms.
         values = [value if here else 0.0 for value, here in zip(self._rule_inputs(measurement).tolist(), present)]
-        current = self.criterion.lambdas.tolist()
+        # the rule reads the λ in force at the measured step (another balancer on this loss may
+        # already have written its terms' next λ: the result must not depend on callback order)
+        current = measurement.weights.tolist()
+        latest = self.criterion.lambdas.tolist()
         bad = [name for name, value in zip(names, values) if not math.isfinite(value)]
         if bad:
             self.skipped_updates += 1
@@ -252,8 +255,8 @@ class WeightBalancer(PerTermCallback):
             return  # nothing to update (e.g. the reference term is absent): not counted as an update
         new = [
             self._clamped(name, value, step) if adaptive and here and math.isfinite(value) else old
-            for name, value, old, adaptive, here in zip(names, proposed, current, self._adaptive, present)
-        ]  # a term absent from the whole step keeps its weight, whatever the rule
+            for name, value, old, adaptive, here in zip(names, proposed, latest, self._adaptive, present)
+        ]  # a term absent from the whole step keeps its weight, whatever the rule (and another balancer's, its latest)
         new = trainer.strategy.broadcast(new, src=0)  # bit-identical on every rank
         self.criterion.set_weights(torch.tensor(new, dtype=self.criterion.lambdas.dtype, device=self.criterion.lambdas.device))
         self.num_updates += 1

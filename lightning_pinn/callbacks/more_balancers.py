@@ -298,8 +298,8 @@ class LRAnnealingBalancer(WeightBalancer):
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         assert measurement.gradients is not None
         self._abs = measurement.gradients.abs()
-        if self.gradients == "weighted":  # |∇θ(λ_i L_i)| = λ_i |∇θ L_i|
-            lambdas = self.criterion.lambdas.to(device=self._abs.device, dtype=self._abs.dtype)
+        if self.gradients == "weighted":  # |∇θ(λ_i L_i)| = λ_i |∇θ L_i|, with the λ in force at the measured step
+            lambdas = measurement.weights.to(device=self._abs.device, dtype=self._abs.dtype)
             self._abs = self._abs * lambdas.unsqueeze(1)
         return gradient_norms(measurement.gradients)  # for the finiteness and zero checks
 
@@ -464,6 +464,7 @@ class GradNormWeighting(_TrainedWeights):
             weights[trained] = weights[trained].clamp(min=self.min_weight)
             if len(trained) == len(terms):  # Σ w = K over the terms it saw (with fixed terms, their λ anchor the scale)
                 weights[trained] = weights[trained] * (before[trained].sum() / weights[trained].sum())
+            weights[trained] = weights[trained].clamp(min=self.min_weight, max=self.max_weight)  # w stays where λ is clamped
         new = weights.tolist()
         return new, new
 
@@ -532,6 +533,8 @@ class UncertaintyWeighting(_TrainedWeights):
             return None
         log_variances = self._ensure_parameter()
         self._step(uncertainty_objective(log_variances[terms], torch.tensor([values[i] for i in terms], dtype=torch.float64)), terms)
+        with torch.no_grad():  # λ = exp(−s) within [min_weight, max_weight]: s stays where λ is clamped
+            log_variances[terms] = log_variances[terms].clamp(min=-math.log(self.max_weight), max=-math.log(self.min_weight))
         new = torch.exp(-log_variances.detach()).tolist()
         target = [1.0 / values[i] if present[i] and values[i] > 0 else math.nan for i in range(len(values))]
         return new, target
