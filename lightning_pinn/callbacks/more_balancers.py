@@ -139,7 +139,8 @@ class ReLoBRaLoBalancer(_LossRule):
         ``λ̂_i(t, t') = K · softmax_j(L_j(t) / (T · L_j(t')))_i``,
 
     with ``ρ ~ Bernoulli(expected_rho)`` drawn from a seeded generator (saved in checkpoints).
-    The term whose loss fell least relative to the reference step gets the largest weight.
+    "0" is the first measurement that saw the term (step ``warmup_steps`` or later, when a term
+    first appears later), "t − n" the term's previous measurement. The term whose loss fell least relative to the reference step gets the largest weight.
     Needs only the losses. The defaults are the paper's (α = 0.999, E[ρ] = 0.999, T = 0.1).
 
     Args:
@@ -396,6 +397,9 @@ class GradNormWeighting(_TrainedWeights):
 
         ``L_grad = Σ_i |w_i ‖∇θ L_i‖ − mean_j(w_j ‖∇θ L_j‖) · r_i^α|``,
         ``r_i = (L_i(t)/L_i(0)) / mean_j (L_j(t)/L_j(0))``  (target held constant),
+
+    where ``L_i(0)`` is the term's loss at the first measurement that saw it (the first update
+    after ``warmup_steps``, or the term's first appearance),
 
     then renormalises ``Σ_i w_i = K`` and sets ``λ = w``. A term with a small gradient, or a
     loss falling slower than the others, gets a growing weight; ``α`` sets how strongly the
