@@ -695,3 +695,23 @@ def test_printing_more_often_than_measuring_does_not_change_the_measurements(cap
     assert monitor.diagnosis.measurements == 1  # step 0 only: the cadence (and the alarms' patience) is every_n_steps
     assert monitor.history["grad_norm/pde"][0] == [0]
     assert sum(f"step {s}" in caplog.text for s in (0, 5, 10, 15)) == 4  # but the table is printed every 5 steps
+
+
+def test_a_resumed_fit_logs_no_second_weight_point_at_the_resume_step(tmp_path: Path) -> None:
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    def callbacks() -> list[Any]:
+        return [GradientNormMonitor(every_n_steps=3, verbose=False, report=False), GradNormBalancer(every_n_steps=2)]
+
+    torch.manual_seed(0)
+    whole = callbacks()
+    make_trainer(12, whole, log_every_n_steps=4).fit(TwoTermPoisson())
+    torch.manual_seed(0)
+    first = make_trainer(6, callbacks(), log_every_n_steps=4)
+    first.fit(TwoTermPoisson())
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    resumed = callbacks()
+    make_trainer(12, resumed, log_every_n_steps=4).fit(TwoTermPoisson(), ckpt_path=tmp_path / "half.ckpt")
+    steps, values = resumed[0].history["weight/bc"]
+    assert len(steps) == len(set(steps)), steps
+    assert (steps, values) == whole[0].history["weight/bc"]  # the same points as the uninterrupted fit

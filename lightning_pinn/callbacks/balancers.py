@@ -127,7 +127,10 @@ class WeightBalancer(PerTermCallback):
         self._zero_warned: set[str] = set()
         self._clamp_warned: set[str] = set()
         self._reference_warned = False
-        self._last_logged_step: int | None = None  # step of the last logged weights (logging only, not state)
+        self._last_logged_step: int | None = None  # step of the last logged weights (saved: a resumed fit goes on from it)
+        self._resumed_logged_step: int | None = None  # from a checkpoint, until the fit starts
+        self._resumed_pending = False  # whether that checkpoint's fit held an update not yet logged
+        self._skip_start_log = False
         self._unlogged: tuple[int, int, dict[str, float], dict[str, float]] | None = None  # (step, applied step, measured, applied)
         self._applied_step = 0  # the step from which the weights of the latest measurement apply
         self._weight_terms: list[str] = []  # the weight/<term> series this balancer writes
@@ -171,7 +174,10 @@ class WeightBalancer(PerTermCallback):
     def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = self.criterion.term_names
         owner = type(self).__name__
-        self._last_logged_step, self._unlogged = None, None
+        self._last_logged_step, self._unlogged = self._resumed_logged_step, None
+        # resumed, and the λ in force were logged before the checkpoint: no second point at this step
+        self._skip_start_log = self._resumed_logged_step is not None and not self._resumed_pending
+        self._resumed_logged_step, self._resumed_pending = None, False
         for name in list(self.terms or []) + ([self.reference] if self.reference else []):
             if name not in names:
                 argument = "reference" if name == self.reference and name not in (self.terms or []) else self._terms_argument
@@ -297,6 +303,8 @@ class WeightBalancer(PerTermCallback):
         # all callbacks are attached now: which weight series this balancer writes, starting
         # with the weights in force at the first step (also after a resume or a warm-up)
         self._weight_terms = weight_terms_to_log(trainer, self)
+        if self._skip_start_log:
+            return
         weights = self.criterion.weights
         self._log_scalars(trainer, {f"weight/{name}": weights[name] for name in self._weight_terms}, trainer.global_step)
 
@@ -393,6 +401,8 @@ class WeightBalancer(PerTermCallback):
             "skipped_updates": self.skipped_updates,
             "last_target": dict(self.last_target),
             "updated_terms": sorted(self._updated_terms),
+            "last_logged_step": self._last_logged_step,
+            "unlogged_pending": self._unlogged is not None,
             "zero_warned": sorted(self._zero_warned),
             "clamp_warned": sorted(self._clamp_warned),
         }
@@ -403,6 +413,8 @@ class WeightBalancer(PerTermCallback):
         self.last_target = dict(state_dict.get("last_target", {}))
         # (checkpoints from before per-term first updates: the terms the last update targeted)
         self._updated_terms = set(state_dict.get("updated_terms", self.last_target if self.num_updates else []))
+        self._resumed_logged_step = state_dict.get("last_logged_step")
+        self._resumed_pending = bool(state_dict.get("unlogged_pending", True))
         self._zero_warned = set(state_dict.get("zero_warned", []))
         self._clamp_warned = set(state_dict.get("clamp_warned", []))
         self._restored = True

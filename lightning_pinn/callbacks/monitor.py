@@ -352,8 +352,15 @@ class GradientNormMonitor(PerTermCallback):
         if self.diagnosis.measurements == 0:
             return
         if self._loss is not None and trainer.global_step > (self.diagnosis.last_step or 0):
-            # the weights the fit ends with (a balancer may have changed them after the last measurement)
-            self.history.add({f"weight/{name}": value for name, value in self._loss.weights.items()}, trainer.global_step)
+            # the weights the fit ends with, where they differ from the last ones recorded (a λ set
+            # by hand after the last measurement); a balancer's last update is already there
+            final = {}
+            for name, value in self._loss.weights.items():
+                tag = f"weight/{name}"
+                if tag not in self.history or self.history[tag][1][-1] != value:
+                    final[tag] = value
+            if final:
+                self.history.add(final, trainer.global_step)
         text = self.summary()
         if self.verbose:
             rank_zero_info(text)
