@@ -711,7 +711,9 @@ def test_a_resumed_fit_logs_no_second_weight_point_at_the_resume_step(tmp_path: 
     first.fit(TwoTermPoisson())
     first.save_checkpoint(tmp_path / "half.ckpt")
     resumed = callbacks()
-    make_trainer(12, resumed, log_every_n_steps=4).fit(TwoTermPoisson(), ckpt_path=tmp_path / "half.ckpt")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*dataloader is not resumable.*")
+        make_trainer(12, resumed, log_every_n_steps=4).fit(TwoTermPoisson(), ckpt_path=tmp_path / "half.ckpt")
     steps, values = resumed[0].history["weight/bc"]
     assert len(steps) == len(set(steps)), steps
     assert (steps, values) == whole[0].history["weight/bc"]  # the same points as the uninterrupted fit
