@@ -68,3 +68,12 @@ def test_history_recorder_records_losses_weights_and_errors() -> None:
     reached: Any = history.first_reaching(10.0)
     assert reached == (10, history.error_seconds[0])
     assert history.first_reaching(0.0) is None
+
+
+def test_history_recorder_records_each_optimizer_step_once_under_gradient_accumulation() -> None:
+    torch.manual_seed(0)
+    model = HarmonicOscillator(steps_per_epoch=40, hidden=(8,))
+    recorder = HistoryRecorder(history_every=2, error_every=2)
+    make_trainer(8, [recorder], accumulate_grad_batches=2).fit(model)
+    assert recorder.history.steps == [0, 2, 4, 6]
+    assert recorder.history.error_steps == [2, 4, 6, 8]
