@@ -246,13 +246,22 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
 def _advice(d: Diagnosis) -> list[str]:
     advice = []
     adapted = any(last != first for first, last, _, _ in d.weights.values())
+    # a weight that moved by at least 2x: enough to credit the balancing with the ratio's fall
+    rebalanced = any(low > 0 and high / low >= 2 for _, _, low, high in d.weights.values())
     changed = d.weights_first_changed
-    if d.ratio_spans and adapted and changed is not None and all(end is not None and start < changed for start, end in d.ratio_spans):
+    if d.ratio_spans and rebalanced and changed is not None and all(end is not None and start < changed for start, end in d.ratio_spans):
         # e.g. the step-0 measurement, taken before a balancer's first update
         ends = max(end for _, end in d.ratio_spans if end is not None)
         advice.append(
             f"The ratio was above the threshold only before the weights first changed (step {changed}) and was back "
             f"below it by step {ends}: the balancing worked, nothing to fix there."
+        )
+    elif d.ratio_spans and adapted and not rebalanced and all(end is not None for _, end in d.ratio_spans):
+        ends = max(end for _, end in d.ratio_spans if end is not None)
+        advice.append(
+            f"The ratio was back below the threshold by step {ends}, but the weights changed by less than 2x, so the "
+            "balancing did not bring it down. If it crosses again in a longer fit, add `GradNormBalancer()` (or "
+            "`NTKBalancer()`) for the terms involved."
         )
     elif d.ratio_spans:
         if adapted:

@@ -717,3 +717,14 @@ def test_a_resumed_fit_logs_no_second_weight_point_at_the_resume_step(tmp_path: 
     steps, values = resumed[0].history["weight/bc"]
     assert len(steps) == len(set(steps)), steps
     assert (steps, values) == whole[0].history["weight/bc"]  # the same points as the uninterrupted fit
+
+
+def test_the_report_credits_the_balancing_only_when_the_weights_moved_substantially() -> None:
+    from lightning_pinn.report import History, diagnose
+
+    history = History()
+    for step, ratio, weight in [(0, 500.0, 1.0), (50, 2.0, 1.005), (100, 1.5, 1.006)]:
+        history.add({"grad_norm/pde": 1.0, "grad_norm/ic": 1.0 / ratio, "grad_ratio": ratio, "weight/pde": weight}, step)
+        history.add({"alarm/grad_ratio": float(ratio > 100), "weight/ic": 1.0}, step)
+    advice = " ".join(diagnose(history, threshold=100.0).advice)
+    assert "the balancing worked" not in advice and "changed by less than 2x" in advice
