@@ -71,14 +71,31 @@ def _check_weight(term: str, value: Any, argument: str) -> float:
     return value
 
 
+def weight_range(dtype: torch.dtype) -> tuple[float, float]:
+    """The smallest positive and the largest weight a buffer of ``dtype`` holds (neither 0 nor inf)."""
+    info = torch.finfo(dtype)
+    return info.tiny * info.eps, info.max
+
+
+def stored_as(value: float, dtype: torch.dtype) -> str | None:
+    """``"inf"`` or ``"0"`` if a weight buffer of ``dtype`` would store ``value`` as that; ``None`` if it holds it."""
+    smallest, largest = weight_range(dtype)
+    if value > largest:
+        return "inf"
+    if 0 < value < smallest:
+        return "0"
+    return None
+
+
 def _check_representable(names: Sequence[str], values: Sequence[float], dtype: torch.dtype, argument: str) -> None:
     """Refuse weights that the weight buffer's dtype would turn into inf (or a positive one into 0)."""
-    info = torch.finfo(dtype)
     for name, value in zip(names, values):
-        if value > info.max or 0 < value < info.tiny * info.eps:
+        stored = stored_as(value, dtype)
+        if stored is not None:
+            smallest, largest = weight_range(dtype)
             raise ValueError(
                 f"{argument}: weight of term '{name}' is {value:g}, which a {dtype} weight buffer stores as "
-                f"{'inf' if value > info.max else 0}. Use a weight within [{info.tiny * info.eps:.3g}, {info.max:.3g}] "
+                f"{stored}. Use a weight within [{smallest:.3g}, {largest:.3g}] "
                 "(rescale the term's residual instead), or keep the weights in float64 with criterion.double()."
             )
 

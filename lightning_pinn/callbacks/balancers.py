@@ -19,6 +19,7 @@ from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest, untraceable_term_error
+from lightning_pinn.loss import stored_as, weight_range
 from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
 
 __all__ = ["WeightBalancer", "GradNormBalancer", "NTKBalancer"]
@@ -203,13 +204,13 @@ class WeightBalancer(PerTermCallback):
 
     def _check_representable(self, dtype: torch.dtype) -> None:
         """Refuse a clamp bound that the weight buffer would store as 0 or inf (λ would then be 0 or inf)."""
-        info = torch.finfo(dtype)
-        smallest = info.tiny * info.eps
         for argument, value in (("min_weight", self.min_weight), ("max_weight", self.max_weight)):
-            if value > info.max or value < smallest:
+            stored = stored_as(value, dtype)  # both bounds are > 0 (checked in __init__)
+            if stored is not None:
+                smallest, largest = weight_range(dtype)
                 raise ValueError(
-                    f"{type(self).__name__}: {argument}={value:g} is stored as {'inf' if value > info.max else 0} by the loss's "
-                    f"{dtype} weight buffer. Use a value within [{smallest:.3g}, {info.max:.3g}], or keep the weights in "
+                    f"{type(self).__name__}: {argument}={value:g} is stored as {stored} by the loss's "
+                    f"{dtype} weight buffer. Use a value within [{smallest:.3g}, {largest:.3g}], or keep the weights in "
                     "float64 with criterion.double()."
                 )
 

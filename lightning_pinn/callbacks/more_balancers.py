@@ -19,6 +19,7 @@ from torch import Tensor
 from lightning_pinn.callbacks.balancers import WeightBalancer, _check_number
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest
+from lightning_pinn.loss import stored_as, weight_range
 from lightning_pinn.rules import gradnorm_objective, lr_annealing_weights, relobralo_weights, softadapt_weights, uncertainty_objective
 
 __all__ = ["SoftAdaptBalancer", "ReLoBRaLoBalancer", "LRAnnealingBalancer", "GradNormWeighting", "UncertaintyWeighting", "WeightSchedule"]
@@ -627,15 +628,15 @@ class WeightSchedule(WeightBalancer):
         return value  # the schedule is the user's explicit choice; it was validated at construction
 
     def _check_representable(self, dtype: torch.dtype) -> None:
-        info = torch.finfo(dtype)
-        smallest = info.tiny * info.eps
         for term, pairs in self.schedule.items():
             for step, weight in pairs:
-                if weight > info.max or 0 < weight < smallest:
+                stored = stored_as(weight, dtype)
+                if stored is not None:
+                    smallest, largest = weight_range(dtype)
                     raise ValueError(
                         f"WeightSchedule(schedule=...): weight {weight:g} at step {step} of term '{term}' is stored as "
-                        f"{'inf' if weight > info.max else 0} by the loss's {dtype} weight buffer. Use weights within "
-                        f"[{smallest:.3g}, {info.max:.3g}] (or 0), or keep the weights in float64 with criterion.double()."
+                        f"{stored} by the loss's {dtype} weight buffer. Use weights within "
+                        f"[{smallest:.3g}, {largest:.3g}] (or 0), or keep the weights in float64 with criterion.double()."
                     )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
