@@ -277,16 +277,19 @@ def test_zero_gradient_term_is_reported_not_nan() -> None:
     assert ("pde", "const") not in report.cosines
 
 
+class Opposed(TwoTermPoisson):
+    """Two terms whose gradients point exactly against each other (u → 1 and u → −1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.criterion = MultiTermLoss(up=1.0, down=1.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        u = self.net(self.x)
+        return self.criterion(up=u - 1.0, down=u + 1.0)
+
+
 def test_conflict_alarm_on_directly_opposed_terms() -> None:
-    class Opposed(TwoTermPoisson):
-        def __init__(self) -> None:
-            super().__init__()
-            self.criterion = MultiTermLoss(up=1.0, down=1.0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            u = self.net(self.x)
-            return self.criterion(up=u - 1.0, down=u + 1.0)
-
     monitor = GradientNormMonitor(every_n_steps=5, cosine_threshold=-0.5, cosine_patience=3, verbose=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -618,15 +621,6 @@ def test_the_history_is_checkpointed_as_tensors_and_reads_the_older_list_form(tm
 
 
 def test_log_cosines_false_keeps_the_pairs_out_of_the_logs_but_still_alarms() -> None:
-    class Opposed(TwoTermPoisson):
-        def __init__(self) -> None:
-            super().__init__()
-            self.criterion = MultiTermLoss(up=1.0, down=1.0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            u = self.net(self.x)
-            return self.criterion(up=u - 1.0, down=u + 1.0)
-
     monitor = GradientNormMonitor(every_n_steps=5, cosine_patience=3, verbose=False, log_cosines=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
