@@ -43,6 +43,11 @@ def gradient(output: Tensor, inputs: Tensor) -> Tensor:
     shape ``(N, d)`` with ``requires_grad=True``; the result has the shape of ``inputs``.
     """
     _check_one_value_per_point("gradient", output, inputs)
+    return _gradient(output, inputs)
+
+
+def _gradient(output: Tensor, inputs: Tensor) -> Tensor:
+    """:func:`gradient` without the shape check, for outputs already known to hold one value per point."""
     (grad,) = torch.autograd.grad(output, inputs, grad_outputs=torch.ones_like(output), create_graph=True)
     return grad
 
@@ -54,8 +59,8 @@ def derivative(output: Tensor, inputs: Tensor, dim: int = 0, order: int = 1) -> 
     _check_one_value_per_point("derivative", output, inputs)
     dim = _check_coordinate("derivative", inputs, dim)
     result = output
-    for _ in range(order):
-        result = gradient(result, inputs)[..., dim : dim + 1]
+    for _ in range(order):  # checked once above: each derivative again holds one value per point
+        result = _gradient(result, inputs)[..., dim : dim + 1]
     return result
 
 
@@ -63,4 +68,4 @@ def laplacian(output: Tensor, inputs: Tensor) -> Tensor:
     """``Σ_k ∂²output/∂inputs[:, k]²``, shape ``(N, 1)``; ``output`` has one value per point."""
     _check_coordinate("laplacian", inputs, 0)
     first = gradient(output, inputs)
-    return sum(gradient(first[..., k : k + 1], inputs)[..., k : k + 1] for k in range(inputs.shape[-1]))  # type: ignore[return-value]
+    return sum(_gradient(first[..., k : k + 1], inputs)[..., k : k + 1] for k in range(inputs.shape[-1]))  # type: ignore[return-value]

@@ -451,11 +451,12 @@ class TermGradientEngine:
                     weighted = grad * lambdas[i]
                     others[k] = weighted if others[k] is None else others[k] + weighted  # type: ignore[operator]
         # Σ_i λ_i ∇ L_i (already multiplied by the cotangent): the inputs' gradient
-        combined = torch._foreach_mul(per_term[0], lambdas[0]) if params else []
-        for i in range(1, len(per_term)):
-            if params:
+        combined: list[Tensor] = []
+        if params:
+            combined = list(torch._foreach_mul(per_term[0], lambdas[0]))
+            for i in range(1, len(per_term)):
                 torch._foreach_add_(combined, torch._foreach_mul(per_term[i], lambdas[i]))
-        combined = list(combined) + [torch.zeros_like(x) if grad is None else grad for grad, x in zip(others, inputs[num_params:])]
+        combined += [torch.zeros_like(x) if grad is None else grad for grad, x in zip(others, inputs[num_params:])]
         if zero_cotangent:
             torch._foreach_mul_(combined, 0.0)
         if capture.want_gradients:
