@@ -129,8 +129,8 @@ class WeightBalancer(PerTermCallback):
         self._clamp_warned: set[str] = set()
         self._reference_warned = False
         self._last_logged_step: int | None = None  # step of the last logged weights (saved: a resumed fit goes on from it)
-        self._resumed_logged_step: int | None = None  # from a checkpoint, until the fit starts
-        self._resumed_pending = False  # whether that checkpoint's fit held an update not yet logged
+        # from a checkpoint, until the fit starts: (step of its last logged weights, whether those are the λ in force)
+        self._resumed_logging: tuple[int | None, bool] = (None, False)
         self._skip_start_log = False
         self._unlogged: tuple[int, int, dict[str, float], dict[str, float]] | None = None  # (step, applied step, measured, applied)
         self._applied_step = 0  # the step from which the weights of the latest measurement apply
@@ -175,10 +175,9 @@ class WeightBalancer(PerTermCallback):
     def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = self.criterion.term_names
         owner = type(self).__name__
-        self._last_logged_step, self._unlogged = self._resumed_logged_step, None
         # resumed, and the λ in force were logged before the checkpoint: no second point at this step
-        self._skip_start_log = self._resumed_logged_step is not None and not self._resumed_pending
-        self._resumed_logged_step, self._resumed_pending = None, False
+        (self._last_logged_step, self._skip_start_log), self._unlogged = self._resumed_logging, None
+        self._resumed_logging = (None, False)
         for name in list(self.terms or []) + ([self.reference] if self.reference else []):
             if name not in names:
                 argument = "reference" if name == self.reference and name not in (self.terms or []) else self._terms_argument
@@ -414,8 +413,8 @@ class WeightBalancer(PerTermCallback):
         self.last_target = dict(state_dict.get("last_target", {}))
         # (checkpoints from before per-term first updates: the terms the last update targeted)
         self._updated_terms = set(state_dict.get("updated_terms", self.last_target if self.num_updates else []))
-        self._resumed_logged_step = state_dict.get("last_logged_step")
-        self._resumed_pending = bool(state_dict.get("unlogged_pending", True))
+        last_logged = state_dict.get("last_logged_step")
+        self._resumed_logging = (last_logged, last_logged is not None and not state_dict.get("unlogged_pending", True))
         self._zero_warned = set(state_dict.get("zero_warned", []))
         self._clamp_warned = set(state_dict.get("clamp_warned", []))
         self._restored = True
