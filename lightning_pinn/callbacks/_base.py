@@ -199,9 +199,14 @@ def logger_step(trainer: pl.Trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+def is_integer(value: Any, low: int | None = None) -> bool:
+    """Whether ``value`` is an integer (Python or numpy, not a bool) and, given ``low``, at least ``low``."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and (low is None or value >= low)
+
+
 def check_every_n_steps(owner: str, value: Any) -> int:
     """Validate an ``every_n_steps`` argument: an integer ``>= 1``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if not is_integer(value, low=1):
         raise ValueError(f"{owner}: every_n_steps must be an integer >= 1 (1 = every optimizer step), got {value!r}.")
     return int(value)
 

@@ -16,7 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
-from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, weight_terms_to_log
+from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, is_integer, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest, untraceable_term_error
 from lightning_pinn.loss import stored_as, weight_range
@@ -113,7 +113,7 @@ class WeightBalancer(PerTermCallback):
         self.max_weight = _check_number(owner, "max_weight", max_weight, low=0.0, low_open=True, hint=" > 0 (e.g. 1e6)")
         if self.max_weight <= self.min_weight:
             raise ValueError(f"{owner}: max_weight ({max_weight!r}) must be larger than min_weight ({min_weight!r}).")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, numbers.Integral) or warmup_steps < 0:
+        if not is_integer(warmup_steps, low=0):
             raise ValueError(
                 f"{owner}: warmup_steps must be an integer >= 0 (optimizer steps before the first update), got {warmup_steps!r}."
             )
@@ -545,17 +545,15 @@ class NTKBalancer(WeightBalancer):
         loss_module: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
-        if trace_points is not None and (
-            isinstance(trace_points, bool) or not isinstance(trace_points, numbers.Integral) or trace_points < 1
-        ):
+        if trace_points is not None and (not is_integer(trace_points, low=1)):
             raise ValueError(
                 f"NTKBalancer: trace_points must be an integer >= 1 (points sampled per term) or None for exact traces, got {trace_points!r}."
             )
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        if chunk_size is not None and (not is_integer(chunk_size, low=1)):
             raise ValueError(
                 f"NTKBalancer: chunk_size must be an integer >= 1 (points per batched vector-Jacobian product) or None for automatic, got {chunk_size!r}."
             )
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        if not is_integer(seed):
             raise ValueError(f"NTKBalancer: seed must be an integer, got {seed!r}.")
         self.trace_points = None if trace_points is None else int(trace_points)
         self.chunk_size = None if chunk_size is None else int(chunk_size)

@@ -12,7 +12,14 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
-from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, tensorboard_writers, weight_terms_to_log
+from lightning_pinn.callbacks._base import (
+    PendingEvents,
+    PerTermCallback,
+    callbacks_on_loss,
+    is_integer,
+    tensorboard_writers,
+    weight_terms_to_log,
+)
 from lightning_pinn.diagnostics import GradientReport, summarize_gradients
 from lightning_pinn.engine import StepMeasurement
 from lightning_pinn.report import History, write_report
@@ -152,9 +159,7 @@ class GradientNormMonitor(PerTermCallback):
                 f"GradientNormMonitor: cosine_threshold must be a number in (-1, 1) (e.g. -0.5; a cosine is never below -1, so -1 "
                 f"would never alarm), or None to disable the conflict alarm; got {cosine_threshold!r}."
             )
-        if cosine_patience is not None and (
-            isinstance(cosine_patience, bool) or not isinstance(cosine_patience, numbers.Integral) or cosine_patience < 1
-        ):
+        if cosine_patience is not None and (not is_integer(cosine_patience, low=1)):
             raise ValueError(
                 f"GradientNormMonitor: cosine_patience must be an integer >= 1 (consecutive measurements) or None for about 200 steps' worth; got {cosine_patience!r}."
             )
@@ -172,9 +177,7 @@ class GradientNormMonitor(PerTermCallback):
         self.threshold = float(threshold)
         self.cosine_threshold = None if cosine_threshold is None else float(cosine_threshold)
         self.cosine_patience = int(cosine_patience)
-        if print_every_n_steps is not None and (
-            isinstance(print_every_n_steps, bool) or not isinstance(print_every_n_steps, numbers.Integral) or print_every_n_steps < 1
-        ):
+        if print_every_n_steps is not None and (not is_integer(print_every_n_steps, low=1)):
             raise ValueError(f"GradientNormMonitor: print_every_n_steps must be an integer >= 1 or None, got {print_every_n_steps!r}.")
         self.print_every_n_steps = None if print_every_n_steps is None else int(print_every_n_steps)
         self.progress_bar = bool(progress_bar)

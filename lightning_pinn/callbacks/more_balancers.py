@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -16,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_pinn.callbacks._base import is_integer
 from lightning_pinn.callbacks.balancers import WeightBalancer, _check_number
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest
@@ -177,7 +177,7 @@ class ReLoBRaLoBalancer(_LossRule):
             "ReLoBRaLoBalancer", "expected_rho", expected_rho, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)"
         )
         self.temperature = _check_number("ReLoBRaLoBalancer", "temperature", temperature, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        if not is_integer(seed):
             raise ValueError(f"ReLoBRaLoBalancer: seed must be an integer, got {seed!r}.")
         self.seed = seed = int(seed)
         self._generator = torch.Generator().manual_seed(seed)
