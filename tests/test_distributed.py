@@ -11,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from ddp_helpers import DumpPerStep, SplitPoisson
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 from torch.multiprocessing.spawn import ProcessExitedException
 
@@ -21,19 +22,19 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 STEPS = 4
 
 
-def _fit(model: pl.LightningModule, folder: Path, devices: int, balancer: pl.Callback | None = None) -> None:
+def _fit(model: pl.LightningModule, folder: Path, devices: int, balancer: pl.Callback | None = None, logger: Any = False) -> None:
     strategy: Any = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)) if devices > 1 else "auto"
     trainer = pl.Trainer(
         max_steps=STEPS,
         accelerator="cpu",
         devices=devices,
         strategy=strategy,
-        logger=False,
+        logger=logger,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
         callbacks=[
-            GradientNormMonitor(every_n_steps=1, verbose=False),
+            GradientNormMonitor(every_n_steps=1, verbose=False, report=logger is not False),
             balancer or GradNormBalancer(every_n_steps=1),
             DumpPerStep(str(folder)),
         ],
@@ -111,3 +112,14 @@ def test_ddp_spawn_carries_balancers_that_hold_a_random_generator(tmp_path: Path
         assert torch.equal(rank0["weights"], rank1["weights"])
         assert torch.isfinite(rank0["weights"]).all()
     assert not torch.equal(_load(tmp_path, 0, STEPS - 1)["weights"], torch.ones(2))  # the balancer did update
+
+
+def test_ddp_with_a_logger_writes_the_report_once_and_returns(tmp_path: Path) -> None:
+    """The end-of-fit report reads ``trainer.log_dir``, a broadcast under DDP: read on rank 0 only,
+    it left rank 1 gone and rank 0's fit crashed in ``on_fit_end`` ("Connection closed by peer")."""
+    torch.manual_seed(0)
+    logger = TensorBoardLogger(str(tmp_path / "logs"), name="ddp", version=0)
+    _fit(SplitPoisson(), tmp_path, devices=2, logger=logger)
+    assert (tmp_path / "rank0_done").exists() and (tmp_path / "rank1_done").exists()
+    reports = sorted(p.name for p in (tmp_path / "logs").rglob("diagnosis.*"))
+    assert reports == ["diagnosis.md", "diagnosis.png"]

@@ -17,6 +17,7 @@ from lightning_pinn.callbacks._base import (
     PerTermCallback,
     callbacks_on_loss,
     is_integer,
+    show_in_progress_bar,
     tensorboard_writers,
     weight_terms_to_log,
 )
@@ -126,7 +127,7 @@ class GradientNormMonitor(PerTermCallback):
             every this many steps through Lightning's rank-zero info (the textbook advice:
             "print the per-term gradient norms every 100 steps"). ``None``: never.
         progress_bar: Show ``grad_ratio`` in the progress bar (when the Trainer has one),
-            refreshed at most once per ``log_every_n_steps`` steps.
+            refreshed at every measurement.
         log_cosines: Log (and keep for the report) ``grad_cosine/<a>_vs_<b>`` for every pair of
             terms. There are K(K−1)/2 pairs: with many terms (K = 40: 780 series), ``False``
             keeps the event files, the history and the checkpoints small. The conflict alarm
@@ -187,7 +188,6 @@ class GradientNormMonitor(PerTermCallback):
         self.report_path: Path | None = None
         self._reset_fit_state()
         self._pending = PendingEvents()
-        self._progress_bar_step: int | None = None
         self._balancer_names: list[str] = []
         self._weight_terms: list[str] = []  # the weight/<term> series this monitor writes (the rest: balancers)
 
@@ -223,7 +223,6 @@ class GradientNormMonitor(PerTermCallback):
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # resets the fit state unless the fit resumes
-        self._progress_bar_step = None
         for writer in tensorboard_writers(trainer):
             write_layout(writer, self._tag_prefix)
 
@@ -271,28 +270,10 @@ class GradientNormMonitor(PerTermCallback):
         # batches; sparser ones go at once (batching would save nothing).
         self._log_scalars(trainer, metrics, step, self._pending if self.every_n_steps < trainer.log_every_n_steps else None)
         self.history.add(metrics, step)
-        if (
-            self.progress_bar
-            and report.ratio is not None
-            and trainer.progress_bar_callback is not None
-            and self._progress_bar_due(trainer, step)
-        ):
-            pl_module.log("grad_ratio", report.ratio, prog_bar=True, logger=False, on_step=True, on_epoch=False, batch_size=1)
+        if self.progress_bar and report.ratio is not None and trainer.progress_bar_callback is not None:
+            show_in_progress_bar(trainer, "grad_ratio", report.ratio)
         if self.print_every_n_steps is not None and step % self.print_every_n_steps == 0:
             rank_zero_info(format_table(report, step, self.threshold))
-
-    def _progress_bar_due(self, trainer: pl.Trainer, step: int) -> bool:
-        """Refresh the progress bar's ``grad_ratio`` at most once per ``log_every_n_steps`` steps.
-
-        ``pl_module.log`` costs about 0.5 ms a call with the progress bar on, more than the
-        measurement (``benchmarks/overhead.py``: an every-step monitor refreshing the bar every
-        step took 1.2x as long); the bar keeps showing the last value between refreshes.
-        """
-        interval = max(1, trainer.log_every_n_steps)
-        if self._progress_bar_step is not None and step - self._progress_bar_step < interval:
-            return False
-        self._progress_bar_step = step
-        return True
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -370,10 +351,12 @@ class GradientNormMonitor(PerTermCallback):
         for writer in tensorboard_writers(trainer):
             writer.add_text(f"{self._tag_prefix}diagnosis", _as_markdown(text), global_step=self.diagnosis.last_step)
             writer.flush()
-        if self.report and trainer.loggers and trainer.is_global_zero and trainer.log_dir is not None:
+        # trainer.log_dir is a collective under DDP (a broadcast from rank 0): every rank reads it
+        log_dir = trainer.log_dir if self.report and trainer.loggers else None
+        if log_dir is not None and trainer.is_global_zero:
             self.report_path, _ = write_report(
                 self.history,
-                trainer.log_dir,
+                log_dir,
                 cosine_threshold=self.cosine_threshold or -0.5,
                 name=f"diagnosis_{self._loss_path}" if self._tag_prefix else "diagnosis",
             )
