@@ -515,23 +515,28 @@ def test_a_zero_gradient_with_a_nonzero_loss_is_not_called_a_minimum() -> None:
     assert "term 'flat' has an exactly zero gradient" in message and "its loss (1) does not change" in message
 
 
-def test_a_trainer_fitted_again_continues_its_callbacks_state() -> None:
+def test_a_trainer_fitted_again_continues_its_callbacks_state(tmp_path: Path) -> None:
     """The same Trainer fitted again with a higher max_steps continues (global_step > 0): the
-    monitor's diagnosis and the balancer's update count go on, unlike a fresh fit."""
+    monitor's diagnosis and the balancer's update count go on, unlike a fresh fit, and the
+    weight series gets no second point where the first fit ended (it used to)."""
     from lightning_pinn.callbacks import GradNormBalancer
 
     model = TwoTermPoisson()
     monitor = GradientNormMonitor(every_n_steps=2, verbose=False, report=False)
-    balancer = GradNormBalancer(every_n_steps=2)
-    trainer = make_trainer(4, [monitor, balancer])
+    balancer = GradNormBalancer(every_n_steps=3)
+    logger = TensorBoardLogger(str(tmp_path), name="refit", version=0)
+    trainer = make_trainer(10, [monitor, balancer], logger=logger, log_every_n_steps=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model)
-        trainer.fit_loop.epoch_loop.max_steps = 8
+        trainer.fit_loop.epoch_loop.max_steps = 20
         trainer.fit(model)
-    assert trainer.global_step == 8
-    assert monitor.diagnosis.measurements == 4 and monitor.diagnosis.first_step == 0
-    assert balancer.num_updates == 4
+    assert trainer.global_step == 20
+    assert monitor.diagnosis.measurements == 10 and monitor.diagnosis.first_step == 0
+    assert balancer.num_updates == 7
+    logger.experiment.flush()
+    steps = [step for step, _ in scalar_series(load_events(tmp_path), "weight/bc")]
+    assert 10 in steps and len(steps) == len(set(steps)), steps
 
 
 def test_the_report_tells_a_rising_loss_from_a_stalled_one() -> None:
@@ -727,3 +732,25 @@ def test_the_report_credits_the_balancing_only_when_the_weights_moved_substantia
         history.add({"alarm/grad_ratio": float(ratio > 100), "weight/ic": 1.0}, step)
     advice = " ".join(diagnose(history, threshold=100.0).advice)
     assert "the balancing worked" not in advice and "changed by less than 2x" in advice
+
+
+def test_one_callback_object_in_two_trainers_warns_and_starts_afresh() -> None:
+    """Trainer A, then Trainer B, then A again with the same callback objects: the state is B's by
+    then, so A's continued fit used to append to B's history (A's own steps 0-4 were gone)."""
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    monitor = GradientNormMonitor(every_n_steps=2, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=2)
+    first, second = make_trainer(6, [monitor, balancer]), make_trainer(4, [monitor, balancer])
+    model = TwoTermPoisson()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first.fit(model)
+        second.fit(TwoTermPoisson())
+        assert not [w for w in caught if "another Trainer" in str(w.message)], "a fresh fit (step 0) starts afresh silently"
+        first.fit_loop.epoch_loop.max_steps = 10
+        first.fit(model)
+    messages = [str(w.message) for w in caught if "another Trainer" in str(w.message)]
+    assert len(messages) == 2 and "starts afresh at step 6" in messages[0] and "its own callback objects" in messages[0]
+    assert monitor.history["loss/pde"][0] == [6, 8]
+    assert balancer.num_updates == 2

@@ -367,6 +367,16 @@ def test_with_two_optimizers_the_weights_are_logged_at_the_step_they_apply_from(
     assert dict(schedule_model.steps_seen) == {0: 1.0, 2: 2.0, 4: 3.0, 6: 4.0}  # the schedule's value at each forward's step
 
 
+def test_with_two_optimizers_an_odd_cadence_is_kept() -> None:
+    """Each batch steps two optimizers, so global_step is 0, 2, 4, ... at batch starts: a cadence
+    of 5 used to fire only at multiples of 10. The batch after a jumped-over due step is measured."""
+    monitor = GradientNormMonitor(every_n_steps=5, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=3, warmup_steps=7)
+    _fit(TwoOptimizers(), 40, [monitor, balancer])
+    assert monitor.history["loss/pde"][0] == [0, 6, 10, 16, 20, 26, 30, 36]
+    assert balancer.num_updates == len([0 for step in range(8, 40, 2) if step // 3 > (step - 2) // 3 or step % 3 == 0])
+
+
 class ClosureOptimizer(TwoTermPoisson):
     """L-BFGS evaluates the loss several times per optimizer step through a closure."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numbers
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
@@ -256,6 +256,10 @@ class PerTermCallback(Callback):
         self._scaler_skips = 0
         self._state_key: str | None = None
         self._restored = False  # set by load_state_dict: the next fit resumes instead of starting afresh
+        self._trainer_id: int | None = None  # id() of the Trainer whose fit this state belongs to
+        self._decided_step: int | None = None  # the last step _due_at_batch decided, and its answer
+        self._due = False
+        self._previous_step: int | None = None  # the step decided before it (the previous batch's)
 
     # ---------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -325,9 +329,19 @@ class PerTermCallback(Callback):
         # A callback object reused for another fit (one object in a λ sweep, say) starts afresh;
         # a fit that resumes from a checkpoint (Lightning restored this state just before) or
         # continues a trainer's earlier fit (global_step > 0, e.g. max_steps raised) goes on.
-        if not self._restored and trainer.global_step == 0:
-            self._reset_fit_state()
+        if not self._restored:
+            if trainer.global_step > 0 and self._trainer_id not in (None, id(trainer)):
+                rank_zero_warn(
+                    f"{type(self).__name__}: this callback object last ran in another Trainer's fit, so it no longer "
+                    f"holds this Trainer's earlier state; it starts afresh at step {trainer.global_step}. Give each "
+                    "Trainer its own callback objects."
+                )
+                self._reset_fit_state()
+            elif trainer.global_step == 0:
+                self._reset_fit_state()
         self._restored = False
+        self._trainer_id = id(trainer)
+        self._decided_step = self._previous_step = None
         self._on_attach(trainer, pl_module)
 
     def _reset_fit_state(self) -> None:
@@ -341,10 +355,30 @@ class PerTermCallback(Callback):
     def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Subclass hook: the loss and parameters are known (at fit start, before the first step)."""
 
+    def _due_at_batch(self, step: int) -> bool:
+        """Whether the batch that starts at optimizer step ``step`` is measured: :meth:`_is_due`
+        through :meth:`_hits`, decided once per step so every micro-batch of an accumulated step
+        agrees."""
+        if step != self._decided_step:
+            self._previous_step, self._decided_step = self._decided_step, step
+            self._due = self._hits(step, self._is_due)
+        return self._due
+
+    def _hits(self, step: int, due: Callable[[int], bool]) -> bool:
+        """Whether the cadence ``due`` holds at ``step``, or at a step the previous batch jumped over.
+
+        A batch that steps several optimizers (two in manual optimisation, say) advances
+        ``global_step`` by more than one, so a due step can be skipped (``every_n_steps=5``
+        with two optimizers saw only steps 0, 2, 4, ...): the first batch after it is due instead.
+        """
+        previous = self._previous_step
+        skipped = range(previous + 1, step) if previous is not None and 0 < step - previous <= 64 else range(0)
+        return due(step) or any(due(k) for k in skipped)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         self._step_at_batch_start = step
-        if self._engine is None or not self._is_due(step):
+        if self._engine is None or not self._due_at_batch(step):
             return
         self._check_loss_not_replaced(pl_module)
         gradients, traces = self._wants()
@@ -361,7 +395,7 @@ class PerTermCallback(Callback):
         if step is None or self._engine is None or trainer.global_step == step:
             return  # no optimizer step in this batch (gradient accumulation, or a skipped step)
         self._step_at_batch_start = None
-        if not self._is_due(step):
+        if not self._due_at_batch(step):
             return
         measurement = self._engine.collect(step, self.criterion.term_names, _all_reduce_sum(trainer))
         if measurement is None:

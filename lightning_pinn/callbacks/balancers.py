@@ -175,9 +175,16 @@ class WeightBalancer(PerTermCallback):
     def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = self.criterion.term_names
         owner = type(self).__name__
-        # resumed, and the λ in force were logged before the checkpoint: no second point at this step
-        (self._last_logged_step, self._skip_start_log), self._unlogged = self._resumed_logging, None
+        resumed_step, resumed_in_force = self._resumed_logging
         self._resumed_logging = (None, False)
+        if resumed_step is None and trainer.global_step > 0:
+            # the same Trainer fitted again (max_steps raised): the last fit ended by logging the
+            # λ in force at this step (on_train_end), so the start needs no second point here
+            self._skip_start_log = self._last_logged_step == trainer.global_step
+        else:
+            # resumed, and the λ in force were logged before the checkpoint: no second point at this step
+            self._last_logged_step, self._skip_start_log = resumed_step, resumed_in_force
+        self._unlogged = None
         for name in list(self.terms or []) + ([self.reference] if self.reference else []):
             if name not in names:
                 argument = "reference" if name == self.reference and name not in (self.terms or []) else self._terms_argument
@@ -327,7 +334,7 @@ class WeightBalancer(PerTermCallback):
             step, applied_step, measured, applied = self._unlogged
             self._log_scalars(trainer, measured, step)
             self._log_scalars(trainer, applied, applied_step)
-            self._unlogged = None
+            self._last_logged_step, self._unlogged = applied_step, None
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
         """``(proposed λ, rule target λ̂)`` for this update, or ``None`` to skip it.
@@ -388,6 +395,7 @@ class WeightBalancer(PerTermCallback):
     # ---------------------------------------------------------------- state
     def _reset_fit_state(self) -> None:
         self.num_updates = 0
+        self._last_logged_step = None
         self.skipped_updates = 0
         self.last_target = {}
         self._updated_terms = set()

@@ -208,7 +208,13 @@ class GradientNormMonitor(PerTermCallback):
         self.last_report: GradientReport | None = None
 
     def _is_due(self, step: int) -> bool:
-        return step % self.every_n_steps == 0 or (self.print_every_n_steps is not None and step % self.print_every_n_steps == 0)
+        return self._on_cadence(step) or self._print_due(step)
+
+    def _on_cadence(self, step: int) -> bool:
+        return step % self.every_n_steps == 0
+
+    def _print_due(self, step: int) -> bool:
+        return self.print_every_n_steps is not None and step % self.print_every_n_steps == 0
 
     def _identity(self) -> dict[str, Any]:
         return {
@@ -232,7 +238,7 @@ class GradientNormMonitor(PerTermCallback):
             measurement.terms, measurement.losses, measurement.weights, measurement.gradients, measurement.present, measurement.reached
         )
         step = measurement.step
-        if step % self.every_n_steps != 0:
+        if not self._hits(step, self._on_cadence):
             # measured only for print_every_n_steps: print, but keep the logs, the alarms' patience
             # and the diagnosis on the every_n_steps cadence
             rank_zero_info(format_table(report, step, self.threshold))
@@ -272,7 +278,7 @@ class GradientNormMonitor(PerTermCallback):
         self.history.add(metrics, step)
         if self.progress_bar and report.ratio is not None and trainer.progress_bar_callback is not None:
             show_in_progress_bar(trainer, "grad_ratio", report.ratio)
-        if self.print_every_n_steps is not None and step % self.print_every_n_steps == 0:
+        if self._hits(step, self._print_due):
             rank_zero_info(format_table(report, step, self.threshold))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -353,7 +359,9 @@ class GradientNormMonitor(PerTermCallback):
             writer.flush()
         # trainer.log_dir is a collective under DDP (a broadcast from rank 0): every rank reads it
         log_dir = trainer.log_dir if self.report and trainer.loggers else None
-        if log_dir is not None and trainer.is_global_zero:
+        if log_dir is None:
+            return
+        if trainer.is_global_zero:
             self.report_path, _ = write_report(
                 self.history,
                 log_dir,
@@ -362,6 +370,9 @@ class GradientNormMonitor(PerTermCallback):
             )
             if self.verbose:
                 rank_zero_info(f"GradientNormMonitor: wrote {self.report_path} and {self.report_path.with_suffix('.png').name}")
+        # the other ranks wait for the report: a worker that exits first can take rank 0 down with
+        # it (a spawned gloo worker may abort at exit, and the launcher then stops the others)
+        trainer.strategy.barrier("lightning_pinn_report")
 
     # ---------------------------------------------------------------- alarms
     def _track_ratio(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
