@@ -10,18 +10,22 @@ trainable parameters, weights ``λ_i``.
 * cosine ``⟨g_a, g_b⟩ / (‖g_a‖ ‖g_b‖)`` between two terms' gradients: a strongly negative
   value means a step that lowers one term raises the other (gradient conflict; see Yu et al.
   2020, "Gradient surgery for multi-task learning", for the same diagnosis in multi-task
-  learning), which can stall training even when the norms are balanced.
+  learning), which can stall training even when the norms are balanced;
+* residual-scaled ratio ``(λ_a‖g_a‖/√L_a) / (λ_b‖g_b‖/√L_b)``: the imbalance per unit of RMS
+  residual, which tells a neglected term from a nearly satisfied one (see
+  :func:`residual_scaled_ratio`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["GradientReport", "gradient_norms", "imbalance", "summarize_gradients"]
+__all__ = ["GradientReport", "gradient_norms", "imbalance", "residual_scaled_ratio", "summarize_gradients"]
 
 
 def gradient_norms(gradients: Tensor) -> Tensor:
@@ -44,6 +48,22 @@ def imbalance(weighted_norms: list[float]) -> tuple[float, int, int] | None:
     return largest_value / smallest_value, largest, smallest
 
 
+def residual_scaled_ratio(weighted_norm_a: float, loss_a: float, weighted_norm_b: float, loss_b: float) -> float | None:
+    """``(λ_a‖g_a‖/√L_a) / (λ_b‖g_b‖/√L_b)``: the weighted gradient-norm ratio per unit of RMS residual.
+
+    For ``L = mean(r²)`` over ``N`` points, ``g = ∇θL = (2/N) Jᵀr``, so a term's gradient shrinks
+    with its residual: a term that is nearly satisfied has a small gradient without being
+    neglected. Dividing by ``√L`` (the RMS residual) removes that factor. A large
+    ``grad_ratio`` whose residual-scaled ratio is small comes from the small term's small
+    residual, not from the terms' scales; gradient-norm balancing (Wang, Teng & Perdikaris
+    2021) would still raise that term's weight roughly as ``1/√L``. ``None`` when a loss is not
+    positive and finite (e.g. a 0-dim term given as a negative loss).
+    """
+    if not all(math.isfinite(v) and v > 0 for v in (weighted_norm_a, loss_a, weighted_norm_b, loss_b)):
+        return None
+    return (weighted_norm_a / math.sqrt(loss_a)) / (weighted_norm_b / math.sqrt(loss_b))
+
+
 @dataclass(frozen=True)
 class GradientReport:
     """Everything the monitor logs about one measurement (plain Python numbers).
@@ -54,7 +74,8 @@ class GradientReport:
         weights: Weights ``λ_i`` in effect for the step.
         norms: ``‖∇θ L_i‖₂`` of the unweighted losses (``nan`` for an absent term).
         weighted_norms: ``λ_i · ‖∇θ L_i‖₂``.
-        ratio: Largest over smallest weighted norm (``None`` with fewer than two usable terms).
+        ratio: Largest over smallest weighted norm (``None`` with fewer than two usable terms),
+            over the monitor's ``ratio_terms`` when it has them.
         largest: Term with the largest weighted norm (``None`` when ``ratio`` is ``None``).
         smallest: Term with the smallest weighted norm.
         cosines: ``{(a, b): cos(g_a, g_b)}`` for each pair ``a`` before ``b`` whose gradients
@@ -94,11 +115,14 @@ def summarize_gradients(
     present: Tensor | None = None,
     reached: Tensor | None = None,
     with_cosines: bool = True,
+    ratio_terms: Collection[str] | None = None,
 ) -> GradientReport:
     """Compute norms, weighted norms, the imbalance ratio and pairwise cosines for one step.
 
     The norms and the Gram matrix ``G Gᵀ`` (for ``cos(g_a, g_b) = (G Gᵀ)_ab / (‖g_a‖ ‖g_b‖)``)
-    are moved to Python in one transfer. Absent terms (``present`` false) are left out.
+    are moved to Python in one transfer. Absent terms (``present`` false) are left out. With
+    ``ratio_terms``, the imbalance ratio compares those terms only (e.g. to leave a small
+    regulariser out of it); everything else still covers every term.
     """
     count = len(terms)
     is_present = [True] * count if present is None else [bool(v) for v in present.tolist()]
@@ -114,7 +138,7 @@ def summarize_gradients(
     nonfinite = tuple(name for name, norm, here in zip(terms, norms, is_present) if here and not math.isfinite(norm))
     zero = tuple(name for name, norm in zip(terms, norms) if norm == 0)
     unreached = tuple(name for name, here, hit in zip(terms, is_present, did_reach) if here and not hit)
-    found = imbalance(weighted)
+    found = imbalance(weighted if ratio_terms is None else [w if name in ratio_terms else math.nan for name, w in zip(terms, weighted)])
     ratio, largest, smallest = (found[0], terms[found[1]], terms[found[2]]) if found else (None, None, None)
     cosines: dict[tuple[str, str], float] = {}
     if with_cosines:

@@ -135,9 +135,30 @@ class MultiTermLoss(nn.Module):
         _check_representable(self._term_names, values, torch.float32, "MultiTermLoss")
         self._term_set = frozenset(self._term_names)
         self._sign_checked: set[str] = set()  # 0-dim terms already checked for a negative value
+        self._negative_warned: set[str] = set()  # terms already warned about a negative loss
         self.register_buffer("lambdas", torch.tensor(values, dtype=torch.float32))
         self._last: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
         self._engine: TermGradientEngine | None = None
+
+    def warn_negative_loss(self, name: str, value: float, step: int | None = None, stacklevel: int = 2) -> None:
+        """Warn, once per term, that term ``name``'s loss is negative.
+
+        Only a 0-dim term can be negative (it is taken as an already-reduced loss and minimised
+        as it is): typically a one-point residual squeezed to 0-dim, which gradient descent then
+        drives to -inf instead of 0. The forward checks a term's first value; the callbacks
+        check every measured loss (they read the values anyway), so a residual that starts
+        positive and turns negative is caught too.
+        """
+        if name in self._negative_warned:
+            return
+        self._negative_warned.add(name)
+        when = "" if step is None else f" at step {step}"
+        warnings.warn(
+            f"MultiTermLoss: term '{name}' was given as a 0-dim tensor, which is taken as an already-reduced loss and "
+            f"minimised as it is, and it is negative ({value:.3g}){when}. If it is a residual at a single point, pass it "
+            f"with a dimension (e.g. r.reshape(1)) so that its square is minimised.",
+            stacklevel=stacklevel,
+        )
 
     @property
     def last_residuals(self) -> dict[str, Tensor]:
@@ -268,13 +289,9 @@ class MultiTermLoss(nn.Module):
                 )
             if name not in self._sign_checked:  # once per term: .item() synchronises with the device
                 self._sign_checked.add(name)
-                if residual.detach().item() < 0:
-                    warnings.warn(
-                        f"MultiTermLoss: term '{name}' was given as a 0-dim tensor, which is taken as an already-reduced "
-                        f"loss and minimised as it is, and it is negative ({residual.item():.3g}). If it is a residual at a "
-                        f"single point, pass it with a dimension (e.g. r.reshape(1)) so that its square is minimised.",
-                        stacklevel=3,
-                    )
+                value = residual.detach().item()
+                if value < 0:
+                    self.warn_negative_loss(name, value, stacklevel=4)
         if grad_enabled and not residual.requires_grad:
             raise ValueError(
                 f"MultiTermLoss: term '{name}' does not require grad, so it cannot train the network. It was computed "

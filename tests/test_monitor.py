@@ -754,3 +754,72 @@ def test_one_callback_object_in_two_trainers_warns_and_starts_afresh() -> None:
     assert len(messages) == 2 and "starts afresh at step 6" in messages[0] and "its own callback objects" in messages[0]
     assert monitor.history["loss/pde"][0] == [6, 8]
     assert balancer.num_updates == 2
+
+
+def test_a_zero_dim_loss_that_turns_negative_later_is_warned_about_once() -> None:
+    """A one-point residual squeezed to 0-dim is minimised unsquared. The loss checks only a
+    term's first value (a device sync), so one that started positive went unnoticed; the
+    callbacks read every measured loss and warn, once per term, with monitor and balancer both."""
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    squeezed = ExtraTermPoisson("tip", lambda m, _: (m.net(m.x[:1]) * 0.0).sum() + 1.0 - 0.3 * m.global_step)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        monitor = GradientNormMonitor(every_n_steps=2, verbose=False, report=False)
+        make_trainer(10, [monitor, GradNormBalancer(every_n_steps=1)]).fit(squeezed)
+    messages = [str(w.message) for w in caught if "term 'tip'" in str(w.message) and "negative" in str(w.message)]
+    assert len(messages) == 1 and "at step 4" in messages[0] and "r.reshape(1)" in messages[0], messages
+
+
+def _offset(scale: float, offset: float) -> Any:
+    """A residual ``scale · (u − u.detach()) + offset``: constant value ``offset`` (loss offset²)
+    whose gradient is ``2·offset·scale·∇u``, i.e. ``scale`` sets the term's sensitivity."""
+    return lambda m, _: scale * (m.net(m.x[:4]) - m.net(m.x[:4]).detach()) + offset
+
+
+@pytest.mark.parametrize(("scale", "noted"), [(1.0, True), (1e-3, False)])
+def test_the_ratio_alarm_tells_a_nearly_satisfied_term_from_a_neglected_one(scale: float, noted: bool) -> None:
+    """A term whose residual is already tiny has a tiny gradient without being neglected: the
+    alarm used to advise raising its weight ~1e3x (and a gradient-norm balancer drove it to
+    max_weight and ruined a coupled-oscillator fit). A term that is small because of its scale
+    (a residual multiplied by 1e-3) is neglected, and gets no such note."""
+    offset = 1e-5 if scale == 1.0 else 1e-2
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = ExtraTermPoisson("tip", _offset(scale, offset))
+        make_trainer(1, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)]).fit(model)
+    [alarm] = [str(w.message) for w in caught if issubclass(w.category, LossBalanceWarning)]
+    assert "neglect 'tip'" in alarm
+    assert ("'tip' may simply be nearly satisfied" in alarm) is noted, alarm
+
+
+def test_a_balancer_clamping_a_nearly_satisfied_term_says_why() -> None:
+    from lightning_pinn.alerts import WeightUpdateWarning
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = ExtraTermPoisson("tip", _offset(1.0, 1e-5))
+        make_trainer(1, [GradNormBalancer(every_n_steps=1, max_weight=100.0)]).fit(model)
+    [clamp] = [str(w.message) for w in caught if issubclass(w.category, WeightUpdateWarning) and "clamped" in str(w.message)]
+    assert "term 'tip'" in clamp and "nearly satisfied" in clamp and "leave 'tip' out of terms=..." in clamp
+
+
+def test_ratio_terms_leave_a_weak_regulariser_out_of_the_ratio_and_its_alarm() -> None:
+    model = ExtraTermPoisson("prior", _offset(1e-3, 1e-2))
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False, ratio_terms=["pde", "bc"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(3, [monitor]).fit(model)
+    assert not [w for w in caught if issubclass(w.category, LossBalanceWarning)]
+    report = monitor.last_report
+    norms = dict(zip(report.terms, report.weighted_norms))
+    assert report.ratio == pytest.approx(max(norms["pde"], norms["bc"]) / min(norms["pde"], norms["bc"]))
+    assert max(norms.values()) / norms["prior"] > 100, "without ratio_terms the prior would alarm"
+    assert "grad_norm/prior" in monitor.history, "the prior is still measured and logged"
+    with pytest.raises(ValueError, match="at least two terms"):
+        GradientNormMonitor(ratio_terms=["pde"])
+    with pytest.raises(TypeError, match="list of term names"):
+        GradientNormMonitor(ratio_terms="pde")
+    with pytest.raises(ValueError, match=r"ratio_terms=\.\.\.\): unknown term\(s\) \['pdf'\]"):
+        make_trainer(1, [GradientNormMonitor(ratio_terms=["pdf", "bc"])]).fit(ExtraTermPoisson("prior", _offset(1e-3, 1e-2)))

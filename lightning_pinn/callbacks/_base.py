@@ -413,6 +413,11 @@ class PerTermCallback(Callback):
             return
         self._scaler_skips = 0
         self.last_measurement = measurement
+        negative = measurement.losses < 0  # only a 0-dim term can be (nan, for an absent term, is not)
+        if bool(negative.any()) and trainer.is_global_zero:
+            for name, value, below in zip(measurement.terms, measurement.losses.tolist(), negative.tolist()):
+                if below:
+                    self.criterion.warn_negative_loss(name, value, step)
         self._on_measurement(trainer, pl_module, measurement)
 
     def _check_loss_not_replaced(self, pl_module: pl.LightningModule) -> None:

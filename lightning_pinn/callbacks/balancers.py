@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, is_integer, weight_terms_to_log
-from lightning_pinn.diagnostics import gradient_norms
+from lightning_pinn.diagnostics import gradient_norms, residual_scaled_ratio
 from lightning_pinn.engine import StepMeasurement, TraceRequest, untraceable_term_error
 from lightning_pinn.loss import stored_as, weight_range
 from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
@@ -267,7 +267,9 @@ class WeightBalancer(PerTermCallback):
             self._warn_unusable_reference(names, values, present, step)
             return  # nothing to update (e.g. the reference term is absent): not counted as an update
         new = [
-            self._clamped(name, value, step) if adaptive and here and math.isfinite(value) else old
+            self._clamped(name, value, step, lambda name=name: self._satisfied_hint(name, values, measurement))
+            if adaptive and here and math.isfinite(value)
+            else old
             for name, value, old, adaptive, here in zip(names, proposed, latest, self._adaptive, present)
         ]  # a term absent from the whole step keeps its weight, whatever the rule (and another balancer's, its latest)
         new = trainer.strategy.broadcast(new, src=0)  # bit-identical on every rank
@@ -376,21 +378,43 @@ class WeightBalancer(PerTermCallback):
                     category=TermGradientWarning,
                 )
 
-    def _clamped(self, name: str, value: float, step: int) -> float:
-        """``value`` clamped to ``[min_weight, max_weight]``, warning once per episode when it is."""
+    def _clamped(self, name: str, value: float, step: int, hint: Callable[[], str] | None = None) -> float:
+        """``value`` clamped to ``[min_weight, max_weight]``, warning once per episode when it is
+        (``hint`` adds to the warning for the upper bound)."""
         clamped = min(max(value, self.min_weight), self.max_weight)
         if clamped == value:
             self._clamp_warned.discard(name)
         elif name not in self._clamp_warned:
             self._clamp_warned.add(name)
             bound = "max_weight" if value > clamped else "min_weight"
+            extra = hint() if hint is not None and bound == "max_weight" else ""
             rank_zero_warn(
                 f"{type(self).__name__}: the weight of term '{name}' ({value:.3g}) was clamped to {bound}={clamped:g} "
-                f"at step {step}. Its {self._quantity} is extreme relative to the other terms; check its residual's "
-                f"scale, or widen the range with {bound}=... .",
+                f"at step {step}. Its {self._quantity} is extreme relative to the other terms; "
+                + (extra or f"check its residual's scale, or widen the range with {bound}=... ."),
                 category=WeightUpdateWarning,
             )
         return clamped
+
+    def _satisfied_hint(self, name: str, norms: list[float], measurement: StepMeasurement) -> str:
+        """For a gradient-norm rule: the advice when term ``name``'s unweighted gradient is small
+        because its residual is, i.e. its gradient per unit of RMS residual is comparable to the
+        largest-gradient term's (:func:`~lightning_pinn.diagnostics.residual_scaled_ratio`)."""
+        if self._quantity != "gradient norm":
+            return ""  # an NTK trace does not shrink with the residual
+        names = list(measurement.terms)
+        losses = measurement.losses.tolist()
+        i = names.index(name)
+        j = max(range(len(names)), key=lambda k: norms[k] if math.isfinite(norms[k]) else -math.inf)
+        scaled = residual_scaled_ratio(norms[j], losses[j], norms[i], losses[i])
+        if j == i or scaled is None or not losses[i] < losses[j] or max(scaled, 1 / scaled) > 100:
+            return ""
+        return (
+            f"but its loss ({losses[i]:.3g}) is {losses[j] / losses[i]:.3g}x below '{names[j]}''s ({losses[j]:.3g}), and per unit "
+            f"of RMS residual the two gradients are within {max(scaled, 1 / scaled):.3g}x of each other: the term is nearly "
+            "satisfied, and the gradient-norm rule asks a weight that grows as 1/√L. A weight this large can destabilise "
+            f"the fit: leave '{name}' out of terms=... (its weight then stays fixed), or set a smaller max_weight."
+        )
 
     # ---------------------------------------------------------------- state
     def _reset_fit_state(self) -> None:

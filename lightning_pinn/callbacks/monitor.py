@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from lightning_pinn.callbacks._base import (
     tensorboard_writers,
     weight_terms_to_log,
 )
-from lightning_pinn.diagnostics import GradientReport, summarize_gradients
+from lightning_pinn.diagnostics import GradientReport, residual_scaled_ratio, summarize_gradients
 from lightning_pinn.engine import StepMeasurement
 from lightning_pinn.report import History, write_report
 from lightning_pinn.tensorboard import write_layout
@@ -132,6 +133,10 @@ class GradientNormMonitor(PerTermCallback):
             terms. There are K(K−1)/2 pairs: with many terms (K = 40: 780 series), ``False``
             keeps the event files, the history and the checkpoints small. The conflict alarm
             still watches every pair.
+        ratio_terms: The terms ``grad_ratio`` and its alarm compare (at least two); ``None``:
+            all. A term with a deliberately small gradient (a weak regulariser or prior) would
+            otherwise keep the alarm on for the whole fit. The other terms are still measured,
+            logged and watched for conflicts.
     """
 
     def __init__(
@@ -147,8 +152,21 @@ class GradientNormMonitor(PerTermCallback):
         print_every_n_steps: int | None = None,
         progress_bar: bool = True,
         log_cosines: bool = True,
+        ratio_terms: Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps, loss_module)
+        if ratio_terms is not None:
+            if isinstance(ratio_terms, str) or not all(isinstance(name, str) for name in ratio_terms):
+                raise TypeError(
+                    f"GradientNormMonitor: ratio_terms must be a list of term names (e.g. ['pde', 'bc']) or None, got {ratio_terms!r}."
+                )
+            ratio_terms = list(dict.fromkeys(ratio_terms))
+            if len(ratio_terms) < 2:
+                raise ValueError(
+                    f"GradientNormMonitor: ratio_terms must name at least two terms (a ratio compares two), got {ratio_terms!r}; "
+                    "leave it None to compare all terms."
+                )
+        self.ratio_terms: list[str] | None = ratio_terms
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) or threshold <= 1:
             raise ValueError(
                 f"GradientNormMonitor: threshold must be a finite number > 1 (the largest allowed ratio of weighted gradient norms, e.g. 100.0), got {threshold!r}."
@@ -229,13 +247,25 @@ class GradientNormMonitor(PerTermCallback):
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # resets the fit state unless the fit resumes
+        unknown = [name for name in self.ratio_terms or [] if name not in self.criterion.term_names]
+        if unknown:
+            raise ValueError(
+                f"GradientNormMonitor(ratio_terms=...): unknown term(s) {unknown}; the MultiTermLoss has terms "
+                f"{list(self.criterion.term_names)}. Use those names."
+            )
         for writer in tensorboard_writers(trainer):
             write_layout(writer, self._tag_prefix)
 
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
         assert measurement.gradients is not None
         report = summarize_gradients(
-            measurement.terms, measurement.losses, measurement.weights, measurement.gradients, measurement.present, measurement.reached
+            measurement.terms,
+            measurement.losses,
+            measurement.weights,
+            measurement.gradients,
+            measurement.present,
+            measurement.reached,
+            ratio_terms=self.ratio_terms,
         )
         step = measurement.step
         if not self._hits(step, self._on_cadence):
@@ -411,11 +441,23 @@ class GradientNormMonitor(PerTermCallback):
         index = report.terms.index
         big_w, small_w = report.weighted_norms[index(big)], report.weighted_norms[index(small)]
         small_lambda = report.weights[index(small)]
+        big_loss, small_loss = report.losses[index(big)], report.losses[index(small)]
+        scaled = residual_scaled_ratio(big_w, big_loss, small_w, small_loss)
+        satisfied = (
+            f"But '{small}' may simply be nearly satisfied: its loss ({small_loss:.3g}) is {big_loss / small_loss:.3g}x below "
+            f"'{big}''s ({big_loss:.3g}), and per unit of RMS residual (λ·‖∇L‖/√L) their gradients are within "
+            f"{max(scaled, 1 / scaled):.3g}x of each other, so the small gradient comes from a small residual. While its loss stays small nothing is "
+            f"neglected; a gradient-norm balancer would still raise its weight roughly as 1/√L, which can destabilise the "
+            f"fit (keep '{small}' out of the balancer's terms=..., or cap max_weight). "
+            if scaled is not None and small_loss < big_loss and scaled <= self.threshold
+            else ""
+        )
         return (
             f"{self._name}: loss-balance alarm at step {step}: the weighted gradient norm of term '{big}' "
             f"(λ·‖∇L‖ = {big_w:.3g}) is {report.ratio:.3g}x that of term '{small}' ({small_w:.3g}) — a ratio "
             f"(grad_ratio) of {report.ratio:.3g}, above the threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
             f"'{small}'. "
+            + satisfied
             + (
                 f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
                 f"update{'' if len(balancers) > 1 else 's'} λ after {_its(balancers)} update steps; if the alarm stays "

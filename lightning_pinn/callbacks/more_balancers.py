@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -624,7 +624,7 @@ class WeightSchedule(WeightBalancer):
         # a term absent from this step still follows the schedule (it gets its value when it comes back)
         return [True] * len(measurement.terms)
 
-    def _clamped(self, name: str, value: float, step: int) -> float:
+    def _clamped(self, name: str, value: float, step: int, hint: Callable[[], str] | None = None) -> float:
         return value  # the schedule is the user's explicit choice; it was validated at construction
 
     def _check_representable(self, dtype: torch.dtype) -> None:
