@@ -100,6 +100,20 @@ def _check_representable(names: Sequence[str], values: Sequence[float], dtype: t
             )
 
 
+def _check_term_name(name: str) -> None:
+    """Refuse a term name that would make the logged tags ambiguous.
+
+    Tags are ``<quantity>/<term>`` and pair tags ``grad_cosine/<a>_vs_<b>``: a ``/`` would add a
+    level to the first, ``_vs_`` would make the second unreadable (terms ``u_vs_v`` and ``v``
+    give ``u_vs_v_vs_v``), and whitespace is not kept by every logger.
+    """
+    if not name or name != name.strip() or any(c.isspace() for c in name) or "/" in name or "_vs_" in name:
+        raise ValueError(
+            f"MultiTermLoss: term name {name!r} cannot be used in the logged tags (grad_norm/<term>, "
+            "grad_cosine/<a>_vs_<b>): use a name without '/', whitespace or '_vs_', e.g. 'bc_left'."
+        )
+
+
 class MultiTermLoss(nn.Module):
     """Weighted sum of PINN loss terms, ``L = Σ_i λ_i · L_i`` with ``L_i = mean_j r_i(x_j)²``.
 
@@ -130,6 +144,8 @@ class MultiTermLoss(nn.Module):
             )
         if not initial_weights:
             raise ValueError("MultiTermLoss needs at least one term, e.g. MultiTermLoss(pde=1.0, ic=1.0).")
+        for name in initial_weights:
+            _check_term_name(name)
         values = [_check_weight(name, value, "MultiTermLoss") for name, value in initial_weights.items()]
         self._term_names: tuple[str, ...] = tuple(initial_weights)
         _check_representable(self._term_names, values, torch.float32, "MultiTermLoss")
@@ -326,25 +342,34 @@ class MultiTermLoss(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # check the terms before any buffer is copied: a refused checkpoint leaves λ untouched
-        self._check_saved_terms(state_dict.get(prefix + "_extra_state", {}), prefix)
+        saved = self._check_saved_terms(state_dict.get(prefix + "_extra_state", {}), prefix)
+        key = prefix + "lambdas"
+        if saved and saved != self._term_names and isinstance(state_dict, dict) and key in state_dict:
+            # the same terms in another order: take each λ by its name (torch's load_state_dict
+            # hands the modules its own copy of the dict, so the caller's is not changed)
+            saved_lambdas = state_dict[key]
+            state_dict[key] = saved_lambdas[[saved.index(name) for name in self._term_names]]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
 
     def set_extra_state(self, state: Any) -> None:
         """Refuse a checkpoint whose terms differ from this loss's: the weights would be misassigned."""
         self._check_saved_terms(state, "")
 
-    def _check_saved_terms(self, state: Any, prefix: str) -> None:
+    def _check_saved_terms(self, state: Any, prefix: str) -> tuple[str, ...]:
+        """The checkpoint's term names (empty for a checkpoint that does not record them);
+        refuses terms other than this loss's (the same terms in another order are taken by name)."""
         saved = tuple(state.get("terms", ())) if isinstance(state, dict) else ()
-        if saved and saved != self._term_names:
+        if saved and sorted(saved) != sorted(self._term_names):
             # (PyTorch hands every module strict=True and applies strict=False only to missing/unexpected keys,
             # so a loss cannot tell a lenient load from a strict one: the refusal holds for both)
             raise ValueError(
                 f"MultiTermLoss: the checkpoint holds weights for terms {saved}, but this MultiTermLoss has terms "
-                f"{self._term_names}. Build the loss with the same terms, in the same order, as the run that saved it; "
+                f"{self._term_names}. Build the loss with the same terms as the run that saved it (any order); "
                 f"or, to load the rest of the checkpoint anyway (e.g. to fine-tune with an added term), remove "
                 f"'{prefix}lambdas' and '{prefix}_extra_state' from its state dict and load it with strict=False: this "
                 "loss then keeps the λ it was built with (set them with set_weights)."
             )
+        return saved
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value:g}" for name, value in self.weights.items())

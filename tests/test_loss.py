@@ -60,6 +60,19 @@ def test_checkpoint_with_other_terms_is_refused() -> None:
         MultiTermLoss(pde=1.0, ic=1.0).load_state_dict(saved)
 
 
+def test_checkpoint_with_the_same_terms_in_another_order_loads_each_weight_by_name() -> None:
+    source = MultiTermLoss(pde=1.0, bc=2.0, ic=3.0)
+    saved = source.state_dict()
+    target = MultiTermLoss(ic=0.0, pde=0.0, bc=0.0)
+    target.load_state_dict(saved)
+    assert target.weights == {"ic": 3.0, "pde": 1.0, "bc": 2.0}
+    assert saved["lambdas"].tolist() == [1.0, 2.0, 3.0], "the caller's state dict is not changed"
+    wrapped = torch.nn.Module()  # nested, as in a LightningModule checkpoint
+    wrapped.criterion = MultiTermLoss(bc=0.0, ic=0.0, pde=0.0)
+    wrapped.load_state_dict({f"criterion.{key}": value for key, value in saved.items()})
+    assert wrapped.criterion.weights == {"bc": 2.0, "ic": 3.0, "pde": 1.0}
+
+
 def test_complex_residual_uses_squared_modulus() -> None:
     r = torch.randn(6, dtype=torch.complex64, requires_grad=True)
     assert torch.allclose(term_loss(r), r.abs().pow(2).mean())
@@ -231,3 +244,9 @@ def test_a_checkpoint_with_other_terms_can_be_loaded_without_its_weights_as_the_
     target.load_state_dict(state, strict=False)
     assert torch.equal(target.net.weight, saved.net.weight)
     assert target.criterion.weights == {"pde": 1.0, "data": 5.0, "ic": 1.0}
+
+
+@pytest.mark.parametrize("name", ["bc/left", "u_vs_v", "b c", ""])
+def test_term_names_that_would_make_tags_ambiguous_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match=r"term name .* cannot be used in the logged tags.*'_vs_'"):
+        MultiTermLoss(pde=1.0, **{name: 1.0})

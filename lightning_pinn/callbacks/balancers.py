@@ -199,9 +199,10 @@ class WeightBalancer(PerTermCallback):
             if getattr(checkpoint, "save_weights_only", False):
                 rank_zero_warn(
                     f"{type(self).__name__}: {type(checkpoint).__name__}(save_weights_only=True) saves the weights λ (they "
-                    f"are buffers of the MultiTermLoss) but not this balancer's state ({self.num_updates} updates so far, "
-                    "its last target). A fit started from such a file restarts the balancer: its first update takes the "
-                    "rule's target directly. Save full checkpoints to resume exactly.",
+                    "are buffers of the MultiTermLoss) but not this balancer's state (its update count, smoothing and last "
+                    "target), and Lightning cannot resume a fit (ckpt_path=...) from such a file. Loading it with "
+                    "load_from_checkpoint or load_state_dict restores λ; a new fit from there restarts the balancer, whose "
+                    "first update takes the rule's target directly. Save full checkpoints to resume exactly.",
                     category=WeightUpdateWarning,
                 )
 
