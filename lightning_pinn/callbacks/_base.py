@@ -413,10 +413,10 @@ class PerTermCallback(Callback):
             return
         self._scaler_skips = 0
         self.last_measurement = measurement
-        negative = measurement.losses < 0  # only a 0-dim term can be (nan, for an absent term, is not)
-        if bool(negative.any()) and trainer.is_global_zero:
-            for name, value, below in zip(measurement.terms, measurement.losses.tolist(), negative.tolist()):
-                if below:
+        if trainer.is_global_zero:
+            # only a 0-dim term's loss can be negative (nan, for an absent term, is not): a few floats
+            for name, value in zip(measurement.terms, measurement.losses.tolist()):
+                if value < 0:
                     self.criterion.warn_negative_loss(name, value, step)
         self._on_measurement(trainer, pl_module, measurement)
 
