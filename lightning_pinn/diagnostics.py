@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["GradientReport", "gradient_norms", "imbalance", "residual_scaled_ratio", "summarize_gradients"]
+__all__ = ["GradientReport", "gradient_norms", "imbalance", "nearly_satisfied", "residual_scaled_ratio", "summarize_gradients"]
 
 
 def gradient_norms(gradients: Tensor) -> Tensor:
@@ -48,20 +48,34 @@ def imbalance(weighted_norms: list[float]) -> tuple[float, int, int] | None:
     return largest_value / smallest_value, largest, smallest
 
 
-def residual_scaled_ratio(weighted_norm_a: float, loss_a: float, weighted_norm_b: float, loss_b: float) -> float | None:
-    """``(λ_a‖g_a‖/√L_a) / (λ_b‖g_b‖/√L_b)``: the weighted gradient-norm ratio per unit of RMS residual.
+def residual_scaled_ratio(norm_a: float, loss_a: float, norm_b: float, loss_b: float) -> float | None:
+    """``(‖g_a‖/√L_a) / (‖g_b‖/√L_b)``: a gradient-norm ratio per unit of RMS residual.
 
-    For ``L = mean(r²)`` over ``N`` points, ``g = ∇θL = (2/N) Jᵀr``, so a term's gradient shrinks
+    ``norm_a``/``norm_b`` are both weighted (``λ‖∇L‖``) or both unweighted (``‖∇L‖``). For
+    ``L = mean(r²)`` over ``N`` points, ``g = ∇θL = (2/N) Jᵀr``, so a term's gradient shrinks
     with its residual: a term that is nearly satisfied has a small gradient without being
-    neglected. Dividing by ``√L`` (the RMS residual) removes that factor. A large
-    ``grad_ratio`` whose residual-scaled ratio is small comes from the small term's small
-    residual, not from the terms' scales; gradient-norm balancing (Wang, Teng & Perdikaris
-    2021) would still raise that term's weight roughly as ``1/√L``. ``None`` when a loss is not
-    positive and finite (e.g. a 0-dim term given as a negative loss).
+    neglected. Dividing by ``√L`` (the RMS residual) removes that factor. ``None`` when a value
+    is not positive and finite (e.g. a 0-dim term given as a negative loss).
     """
-    if not all(math.isfinite(v) and v > 0 for v in (weighted_norm_a, loss_a, weighted_norm_b, loss_b)):
+    if not all(math.isfinite(v) and v > 0 for v in (norm_a, loss_a, norm_b, loss_b)):
         return None
-    return (weighted_norm_a / math.sqrt(loss_a)) / (weighted_norm_b / math.sqrt(loss_b))
+    return (norm_a / math.sqrt(loss_a)) / (norm_b / math.sqrt(loss_b))
+
+
+def nearly_satisfied(norm_big: float, loss_big: float, norm_small: float, loss_small: float, within: float) -> float | None:
+    """Whether term "small"'s smaller gradient comes from its smaller residual, not its scale.
+
+    True (returned as the factor ``≥ 1`` between the two gradients per unit of RMS residual,
+    :func:`residual_scaled_ratio`) when ``loss_small < loss_big`` and that factor is at most
+    ``within``, either way; ``None`` otherwise. Gradient-norm balancing (Wang, Teng &
+    Perdikaris 2021) still raises such a term's weight roughly as ``1/√L``, which can
+    destabilise a fit; an NTK trace does not shrink with the residual.
+    """
+    scaled = residual_scaled_ratio(norm_big, loss_big, norm_small, loss_small)
+    if scaled is None or not loss_small < loss_big:
+        return None
+    factor = max(scaled, 1 / scaled)
+    return factor if factor <= within else None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -104,13 +105,15 @@ def _check_term_name(name: str) -> None:
     """Refuse a term name that would make the logged tags ambiguous.
 
     Tags are ``<quantity>/<term>`` and pair tags ``grad_cosine/<a>_vs_<b>``: a ``/`` would add a
-    level to the first, ``_vs_`` would make the second unreadable (terms ``u_vs_v`` and ``v``
-    give ``u_vs_v_vs_v``), and whitespace is not kept by every logger.
+    level to the first; a ``vs`` word at the start or end of a name, or inside it between
+    underscores, would make two pairs share a tag (terms ``a``, ``a_vs``, ``vs_b``, ``b``: both
+    ``(a, vs_b)`` and ``(a_vs, b)`` give ``a_vs_vs_b``); whitespace is not kept by every logger.
     """
-    if not name or name != name.strip() or any(c.isspace() for c in name) or "/" in name or "_vs_" in name:
+    if not name or any(c.isspace() for c in name) or "/" in name or re.search(r"(^|_)vs(_|$)", name):
         raise ValueError(
             f"MultiTermLoss: term name {name!r} cannot be used in the logged tags (grad_norm/<term>, "
-            "grad_cosine/<a>_vs_<b>): use a name without '/', whitespace or '_vs_', e.g. 'bc_left'."
+            "grad_cosine/<a>_vs_<b>): use a name without '/', whitespace or a 'vs' word (as in 'u_vs_v', 'vs_b', "
+            "'a_vs'), e.g. 'bc_left'."
         )
 
 

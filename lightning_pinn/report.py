@@ -180,7 +180,13 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
             weighted = {t: dict(zip(*history[f"grad_norm_weighted/{t}"])) for t in history.terms("grad_norm_weighted")}
             at_worst = {t: series[steps[worst]] for t, series in weighted.items() if steps[worst] in series and series[steps[worst]] > 0}
             if len(at_worst) >= 2:
-                result.worst_pair = (max(at_worst, key=at_worst.get), min(at_worst, key=at_worst.get))  # type: ignore[arg-type]
+                # the pair whose ratio is the logged one (with the monitor's ratio_terms, the largest
+                # and smallest of all terms need not be it)
+                logged = math.log(ratios[worst])
+                result.worst_pair = min(
+                    ((a, b) for a in at_worst for b in at_worst if a != b and at_worst[a] >= at_worst[b]),
+                    key=lambda pair: abs(math.log(at_worst[pair[0]] / at_worst[pair[1]]) - logged),
+                )
         if "alarm/grad_ratio" in history:
             flag_steps, flags = history["alarm/grad_ratio"]
             result.ratio_spans = _spans(flag_steps, [f > 0.5 for f in flags])

@@ -376,3 +376,18 @@ def test_a_compiled_backward_with_donated_buffers_gets_an_error_that_names_the_s
 
     with pytest.raises(RuntimeError, match=r"torch._functorch.config.donated_buffer = False"):
         make_trainer(1, [GradientNormMonitor(verbose=False)]).fit(Compiled())
+
+
+def test_residual_scaled_ratio_and_nearly_satisfied_by_hand() -> None:
+    from lightning_pinn.diagnostics import nearly_satisfied, residual_scaled_ratio
+
+    # ‖g‖/√L: 4/√4 = 2 against 0.002/√1e-6 = 2 -> equal per unit of RMS residual
+    assert residual_scaled_ratio(4.0, 4.0, 0.002, 1e-6) == pytest.approx(1.0)
+    assert nearly_satisfied(4.0, 4.0, 0.002, 1e-6, within=100) == pytest.approx(1.0)
+    # the small term's gradient is small for its residual too (1e3x): neglected, not satisfied
+    assert nearly_satisfied(4.0, 4.0, 2e-6, 1e-6, within=100) is None
+    # far *larger* per unit of residual (1e-3x) is no "within" either (the alarm said "within 1e+03x")
+    assert nearly_satisfied(4.0, 4.0, 2.0, 1e-6, within=100) is None
+    # a small term whose loss is not the smaller one, or a negative (0-dim) loss: no note
+    assert nearly_satisfied(4.0, 1e-6, 0.002, 4.0, within=100) is None
+    assert residual_scaled_ratio(4.0, 4.0, 0.002, -1.0) is None

@@ -817,6 +817,11 @@ def test_ratio_terms_leave_a_weak_regulariser_out_of_the_ratio_and_its_alarm() -
     assert report.ratio == pytest.approx(max(norms["pde"], norms["bc"]) / min(norms["pde"], norms["bc"]))
     assert max(norms.values()) / norms["prior"] > 100, "without ratio_terms the prior would alarm"
     assert "grad_norm/prior" in monitor.history, "the prior is still measured and logged"
+    from lightning_pinn.report import diagnose
+
+    # the report names the pair behind the logged ratio (it used to name 'pde' over 'prior')
+    assert diagnose(monitor.history).worst_pair == monitor.diagnosis.worst_pair
+    assert set(monitor.diagnosis.worst_pair or ()) == {"pde", "bc"}
     with pytest.raises(ValueError, match="at least two terms"):
         GradientNormMonitor(ratio_terms=["pde"])
     with pytest.raises(TypeError, match="list of term names"):

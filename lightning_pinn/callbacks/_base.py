@@ -256,6 +256,7 @@ class PerTermCallback(Callback):
         self._scaler_skips = 0
         self._state_key: str | None = None
         self._restored = False  # set by load_state_dict: the next fit resumes instead of starting afresh
+        self._saved_terms: tuple[str, ...] = ()  # the term order of the restored state, checked at fit start
         self._trainer_id: int | None = None  # id() of the Trainer whose fit this state belongs to
         self._decided_step: int | None = None  # the last step _due_at_batch decided, and its answer
         self._due = False
@@ -329,7 +330,9 @@ class PerTermCallback(Callback):
         # A callback object reused for another fit (one object in a λ sweep, say) starts afresh;
         # a fit that resumes from a checkpoint (Lightning restored this state just before) or
         # continues a trainer's earlier fit (global_step > 0, e.g. max_steps raised) goes on.
-        if not self._restored:
+        if self._restored:
+            self._check_saved_term_order()
+        else:
             if trainer.global_step > 0 and self._trainer_id not in (None, id(trainer)):
                 rank_zero_warn(
                     f"{type(self).__name__}: this callback object last ran in another Trainer's fit, so it no longer "
@@ -346,6 +349,31 @@ class PerTermCallback(Callback):
 
     def _reset_fit_state(self) -> None:
         """Subclass hook: forget what earlier fits left in this callback (not on a resumed fit)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loss's term order; subclasses add their own state, some of it in that order."""
+        return {"terms": list(self._loss.term_names)} if self._loss is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved_terms = tuple(state_dict.get("terms", ()))
+
+    def _check_saved_term_order(self) -> None:
+        """Refuse to resume this callback's state into a loss whose terms come in another order.
+
+        ``MultiTermLoss`` takes λ by name from such a checkpoint, but callback state kept per
+        position (loss histories, trained weights with their optimizer state, pair keys
+        ``<a>_vs_<b>``) would be given to the wrong terms.
+        """
+        saved, self._saved_terms = self._saved_terms, ()
+        names = self.criterion.term_names
+        if saved and tuple(saved) != tuple(names):
+            raise ValueError(
+                f"{type(self).__name__}: the checkpoint's state for this callback was saved with the terms in the order "
+                f"{list(saved)}, but this MultiTermLoss has {list(names)}. Its state is kept per term position, so it "
+                f"cannot be resumed into another order: build the MultiTermLoss with the terms in the saved order "
+                f"(MultiTermLoss({', '.join(f'{n}=...' for n in saved)})). Loading only the model (load_from_checkpoint, "
+                "load_state_dict) takes each λ by name in any order."
+            )
 
     def _log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pending: PendingEvents | None = None) -> None:
         """:func:`log_scalars` with this loss's tag prefix (empty when the module has one loss)."""

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, is_integer, weight_terms_to_log
-from lightning_pinn.diagnostics import gradient_norms, residual_scaled_ratio
+from lightning_pinn.diagnostics import gradient_norms, nearly_satisfied
 from lightning_pinn.engine import StepMeasurement, TraceRequest, untraceable_term_error
 from lightning_pinn.loss import stored_as, weight_range
 from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
@@ -399,20 +399,20 @@ class WeightBalancer(PerTermCallback):
 
     def _satisfied_hint(self, name: str, norms: list[float], measurement: StepMeasurement) -> str:
         """For a gradient-norm rule: the advice when term ``name``'s unweighted gradient is small
-        because its residual is, i.e. its gradient per unit of RMS residual is comparable to the
-        largest-gradient term's (:func:`~lightning_pinn.diagnostics.residual_scaled_ratio`)."""
+        because its residual is: per unit of RMS residual it is within 100x (the monitor's default
+        alarm threshold) of the largest-gradient term's (:func:`~lightning_pinn.diagnostics.nearly_satisfied`)."""
         if self._quantity != "gradient norm":
             return ""  # an NTK trace does not shrink with the residual
         names = list(measurement.terms)
         losses = measurement.losses.tolist()
         i = names.index(name)
         j = max(range(len(names)), key=lambda k: norms[k] if math.isfinite(norms[k]) else -math.inf)
-        scaled = residual_scaled_ratio(norms[j], losses[j], norms[i], losses[i])
-        if j == i or scaled is None or not losses[i] < losses[j] or max(scaled, 1 / scaled) > 100:
+        within = None if j == i else nearly_satisfied(norms[j], losses[j], norms[i], losses[i], within=100.0)
+        if within is None:
             return ""
         return (
             f"but its loss ({losses[i]:.3g}) is {losses[j] / losses[i]:.3g}x below '{names[j]}''s ({losses[j]:.3g}), and per unit "
-            f"of RMS residual the two gradients are within {max(scaled, 1 / scaled):.3g}x of each other: the term is nearly "
+            f"of RMS residual the two gradients are within {within:.3g}x of each other: the term is nearly "
             "satisfied, and the gradient-norm rule asks a weight that grows as 1/√L. A weight this large can destabilise "
             f"the fit: leave '{name}' out of terms=... (its weight then stays fixed), or set a smaller max_weight."
         )
@@ -430,6 +430,7 @@ class WeightBalancer(PerTermCallback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            **super().state_dict(),
             "num_updates": self.num_updates,
             "skipped_updates": self.skipped_updates,
             "last_target": dict(self.last_target),
@@ -441,6 +442,7 @@ class WeightBalancer(PerTermCallback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self.num_updates = int(state_dict["num_updates"])
         self.skipped_updates = int(state_dict.get("skipped_updates", 0))
         self.last_target = dict(state_dict.get("last_target", {}))

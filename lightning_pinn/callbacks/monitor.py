@@ -22,7 +22,7 @@ from lightning_pinn.callbacks._base import (
     tensorboard_writers,
     weight_terms_to_log,
 )
-from lightning_pinn.diagnostics import GradientReport, residual_scaled_ratio, summarize_gradients
+from lightning_pinn.diagnostics import GradientReport, nearly_satisfied, summarize_gradients
 from lightning_pinn.engine import StepMeasurement
 from lightning_pinn.report import History, write_report
 from lightning_pinn.tensorboard import write_layout
@@ -391,18 +391,21 @@ class GradientNormMonitor(PerTermCallback):
         log_dir = trainer.log_dir if self.report and trainer.loggers else None
         if log_dir is None:
             return
-        if trainer.is_global_zero:
-            self.report_path, _ = write_report(
-                self.history,
-                log_dir,
-                cosine_threshold=self.cosine_threshold or -0.5,
-                name=f"diagnosis_{self._loss_path}" if self._tag_prefix else "diagnosis",
-            )
-            if self.verbose:
-                rank_zero_info(f"GradientNormMonitor: wrote {self.report_path} and {self.report_path.with_suffix('.png').name}")
-        # the other ranks wait for the report: a worker that exits first can take rank 0 down with
-        # it (a spawned gloo worker may abort at exit, and the launcher then stops the others)
-        trainer.strategy.barrier("lightning_pinn_report")
+        try:
+            if trainer.is_global_zero:
+                self.report_path, _ = write_report(
+                    self.history,
+                    log_dir,
+                    cosine_threshold=self.cosine_threshold or -0.5,
+                    name=f"diagnosis_{self._loss_path}" if self._tag_prefix else "diagnosis",
+                )
+                if self.verbose:
+                    rank_zero_info(f"GradientNormMonitor: wrote {self.report_path} and {self.report_path.with_suffix('.png').name}")
+        finally:
+            # the other ranks wait for the report (also when writing it failed): a worker that exits
+            # first can take rank 0 down with it (a spawned gloo worker may abort at exit, and the
+            # launcher then stops the others)
+            trainer.strategy.barrier("lightning_pinn_report")
 
     # ---------------------------------------------------------------- alarms
     def _track_ratio(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
@@ -442,14 +445,14 @@ class GradientNormMonitor(PerTermCallback):
         big_w, small_w = report.weighted_norms[index(big)], report.weighted_norms[index(small)]
         small_lambda = report.weights[index(small)]
         big_loss, small_loss = report.losses[index(big)], report.losses[index(small)]
-        scaled = residual_scaled_ratio(big_w, big_loss, small_w, small_loss)
+        within = nearly_satisfied(big_w, big_loss, small_w, small_loss, self.threshold)
         satisfied = (
             f"But '{small}' may simply be nearly satisfied: its loss ({small_loss:.3g}) is {big_loss / small_loss:.3g}x below "
             f"'{big}''s ({big_loss:.3g}), and per unit of RMS residual (λ·‖∇L‖/√L) their gradients are within "
-            f"{max(scaled, 1 / scaled):.3g}x of each other, so the small gradient comes from a small residual. While its loss stays small nothing is "
-            f"neglected; a gradient-norm balancer would still raise its weight roughly as 1/√L, which can destabilise the "
-            f"fit (keep '{small}' out of the balancer's terms=..., or cap max_weight). "
-            if scaled is not None and small_loss < big_loss and scaled <= self.threshold
+            f"{within:.3g}x of each other, so the small gradient comes from a small residual. While its loss stays small "
+            f"nothing is neglected; a gradient-norm balancer would still raise its weight roughly as 1/√L, which can "
+            f"destabilise the fit (keep '{small}' out of the balancer's terms=..., or cap max_weight). "
+            if within is not None
             else ""
         )
         return (
@@ -616,6 +619,7 @@ class GradientNormMonitor(PerTermCallback):
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         return {
+            **super().state_dict(),
             "diagnosis": asdict(self.diagnosis),
             "conflict_streak": dict(self._conflict_streak),
             "conflict_active": dict(self._conflict_active),
@@ -625,6 +629,7 @@ class GradientNormMonitor(PerTermCallback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         saved = dict(state_dict["diagnosis"])
         for key in ("worst_pair", "min_cosine_pair"):
             if saved.get(key) is not None:
