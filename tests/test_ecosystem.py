@@ -48,6 +48,25 @@ def test_existing_trainer_example_logs_every_tag(tmp_path: Path) -> None:
     assert (Path(trainer.log_dir) / "diagnosis.md").exists()
 
 
+def test_poisson2d_example_balances_checkpoints_and_resumes(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        from poisson2d_balanced import main as poisson2d
+    finally:
+        sys.path.pop(0)
+    root = str(tmp_path / "runs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = poisson2d(["--steps", "3", "--root", root])
+        print(first.trainer.callback_metrics)
+        assert first.criterion.weights["bc"] > 10 * first.criterion.weights["pde"], "the small boundary gradient gets the large λ"
+        assert (tmp_path / "runs" / "gradnorm" / "checkpoints" / "last.ckpt").exists()
+        resumed = poisson2d(["--steps", "5", "--root", root, "--resume"])
+        ntk = poisson2d(["--steps", "2", "--root", root, "--balancer", "ntk"])
+    assert resumed.trainer.global_step == 5
+    assert ntk.criterion.weights != {"pde": 1.0, "bc": 1.0}  # (at step 0 the PDE's NTK trace is the smaller one here)
+
+
 # ------------------------------------------------------------------ LightningCLI
 def test_example_config_runs_through_lightning_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("jsonargparse")
