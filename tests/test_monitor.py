@@ -537,6 +537,14 @@ def test_a_trainer_fitted_again_continues_its_callbacks_state(tmp_path: Path) ->
     logger.experiment.flush()
     steps = [step for step, _ in scalar_series(load_events(tmp_path), "weight/bc")]
     assert 10 in steps and len(steps) == len(set(steps)), steps
+    # weights set by hand between two fits: the series shows the new value where the next fit starts
+    model.criterion.set_weights({"bc": 7.0})
+    trainer.fit_loop.epoch_loop.max_steps = 21
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    logger.experiment.flush()
+    assert [value for step, value in scalar_series(load_events(tmp_path), "weight/bc") if step == 20][-1] == 7.0
 
 
 def test_the_report_tells_a_rising_loss_from_a_stalled_one() -> None:

@@ -49,6 +49,11 @@ def _check_number(
     return float(value)
 
 
+def _logged_weights(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``{term: λ}`` from logged ``weight/<term>`` metrics."""
+    return {tag.removeprefix("weight/"): value for tag, value in metrics.items() if tag.startswith("weight/")}
+
+
 class WeightBalancer(PerTermCallback):
     """Base class: update λ from a rule every ``every_n_steps`` optimizer steps.
 
@@ -129,6 +134,7 @@ class WeightBalancer(PerTermCallback):
         self._clamp_warned: set[str] = set()
         self._reference_warned = False
         self._last_logged_step: int | None = None  # step of the last logged weights (saved: a resumed fit goes on from it)
+        self._last_logged_weights: dict[str, float] = {}  # and their values (a refit of the same Trainer compares them)
         # from a checkpoint, until the fit starts: (step of its last logged weights, whether those are the λ in force)
         self._resumed_logging: tuple[int | None, bool] = (None, False)
         self._skip_start_log = False
@@ -180,7 +186,11 @@ class WeightBalancer(PerTermCallback):
         if resumed_step is None and trainer.global_step > 0:
             # the same Trainer fitted again (max_steps raised): the last fit ended by logging the
             # λ in force at this step (on_train_end), so the start needs no second point here
-            self._skip_start_log = self._last_logged_step == trainer.global_step
+            # (unless the weights were changed by hand in between, e.g. with set_weights)
+            weights = self.criterion.weights
+            self._skip_start_log = self._last_logged_step == trainer.global_step and all(
+                weights.get(name) == value for name, value in self._last_logged_weights.items()
+            )
         else:
             # resumed, and the λ in force were logged before the checkpoint: no second point at this step
             self._last_logged_step, self._skip_start_log = resumed_step, resumed_in_force
@@ -297,6 +307,7 @@ class WeightBalancer(PerTermCallback):
         self._log_scalars(trainer, measured, step)
         self._log_scalars(trainer, applied, applied_step)
         self._last_logged_step, self._unlogged = applied_step, None
+        self._last_logged_weights = _logged_weights(applied)
 
     def _logging_due(self, trainer: pl.Trainer, applied_step: int) -> bool:
         """Whether to log this update: the first one, then at most one per ``trainer.log_every_n_steps`` steps.
@@ -338,6 +349,7 @@ class WeightBalancer(PerTermCallback):
             self._log_scalars(trainer, measured, step)
             self._log_scalars(trainer, applied, applied_step)
             self._last_logged_step, self._unlogged = applied_step, None
+            self._last_logged_weights = _logged_weights(applied)
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
         """``(proposed λ, rule target λ̂)`` for this update, or ``None`` to skip it.
@@ -421,6 +433,7 @@ class WeightBalancer(PerTermCallback):
     def _reset_fit_state(self) -> None:
         self.num_updates = 0
         self._last_logged_step = None
+        self._last_logged_weights = {}
         self.skipped_updates = 0
         self.last_target = {}
         self._updated_terms = set()

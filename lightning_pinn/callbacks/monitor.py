@@ -306,8 +306,8 @@ class GradientNormMonitor(PerTermCallback):
         # batches; sparser ones go at once (batching would save nothing).
         self._log_scalars(trainer, metrics, step, self._pending if self.every_n_steps < trainer.log_every_n_steps else None)
         self.history.add(metrics, step)
-        if self.progress_bar and report.ratio is not None and trainer.progress_bar_callback is not None:
-            show_in_progress_bar(trainer, "grad_ratio", report.ratio)
+        if self.progress_bar and "grad_ratio" in metrics and trainer.progress_bar_callback is not None:
+            show_in_progress_bar(trainer, "grad_ratio", metrics["grad_ratio"])  # the logged value (NaN for a NaN gradient)
         if self._hits(step, self._print_due):
             rank_zero_info(format_table(report, step, self.threshold))
 
