@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import textwrap
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from lightning_pinn.sweep import BALANCERS
 
@@ -47,6 +49,28 @@ def _exponent(text: str) -> float:
     if abs(value) > 30:
         raise argparse.ArgumentTypeError(f"must be a log10 weight in [-30, 30] (a float32 weight holds up to ~3e38), got {text}")
     return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32) (a NumPy/PyTorch seed), got {text}")
+    return value
+
+
+def _writable_folder(path: Path, command: str) -> str | None:
+    """Create ``path`` if needed and check that files can be written there: an error message, or None.
+
+    Checked before any training, so a sweep does not run all its fits and then lose them.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".lightning_pinn_write_test_{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        return f"lightning-pinn {command}: cannot write to {str(path)!r} ({error.strerror or error}). Choose another folder."
+    return None
 
 
 def _non_negative_int(text: str) -> int:
@@ -85,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
     demo.add_argument("--omega", type=_positive_float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
-    demo.add_argument("--seed", type=int, default=0, help="initialisation seed (default: 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="initialisation seed (default: 0)")
     demo.add_argument("--every-n-steps", type=_positive_int, default=50, help="monitor cadence in steps (default: 50)")
     demo.add_argument("--logdir", default="lightning_pinn_runs/demo", help="TensorBoard log directory (default: lightning_pinn_runs/demo)")
     demo.add_argument("--no-hard-ic", action="store_true", help="skip the fit with the initial conditions imposed exactly")
@@ -108,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="balancers to compare (default: all three)",
     )
     sweep.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
-    sweep.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds; the table reports the median (default: 0)")
+    sweep.add_argument("--seeds", type=_seed, nargs="+", default=[0], help="seeds; the table reports the median (default: 0)")
     sweep.add_argument("--omega", type=_positive_float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
     sweep.add_argument("--workers", type=_non_negative_int, default=0, help="parallel fits (default: one per CPU core)")
     sweep.add_argument("--out", default="lightning_pinn_runs/sweep", help="output folder (default: lightning_pinn_runs/sweep)")
@@ -144,9 +168,12 @@ def run_report(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    for path, markdown in reports:
+    for path, markdown, problem in reports:
         print(markdown)
-        print(f"(written to {path} and {path.with_suffix('.png')})\n")
+        if problem is None:
+            print(f"(written to {path} and {path.with_suffix('.png')})\n")
+        else:
+            print(f"({path}: {problem})\n", file=sys.stderr)
     return 0
 
 
@@ -162,13 +189,25 @@ def run_sweep(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"lightning-pinn sweep: {error}", file=sys.stderr)
         return 2
+    if len(weights) > 1000:
+        print(
+            f"lightning-pinn sweep: the grid has {len(weights)} weights (grid_step {args.grid_step:g}); at most 1000 are "
+            "allowed (one fit each). Use a larger --grid-step.",
+            file=sys.stderr,
+        )
+        return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = [FitSpec("fixed", weight, seed, args.steps, args.omega) for seed in args.seeds for weight in weights]
-    specs += [FitSpec(name, 1.0, seed, args.steps, args.omega) for seed in args.seeds for name in args.balancers]
+    problem = _writable_folder(out, "sweep")
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 2
+    seeds = list(dict.fromkeys(args.seeds))  # a repeated seed would count twice in the median
+    balancers = list(dict.fromkeys(args.balancers))
+    specs = [FitSpec("fixed", weight, seed, args.steps, args.omega) for seed in seeds for weight in weights]
+    specs += [FitSpec(name, 1.0, seed, args.steps, args.omega) for seed in seeds for name in balancers]
     print(
-        f"Sweep: {len(weights)} fixed λ_IC from 1e{args.grid_min:g} to 1e{args.grid_max:g}, balancers {', '.join(args.balancers) or 'none'}; "
-        f"{len(args.seeds)} seed(s), {args.steps} steps each: {len(specs)} fits.",
+        f"Sweep: {len(weights)} fixed λ_IC from {weights[0]:.3g} to {weights[-1]:.3g}, balancers {', '.join(balancers) or 'none'}; "
+        f"{len(seeds)} seed(s), {args.steps} steps each: {len(specs)} fits.",
         flush=True,
     )
     start = time.perf_counter()
@@ -181,11 +220,26 @@ def run_sweep(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    results = run_fits(specs, workers=args.workers, on_result=progress)
+    finished: list = []
+
+    def keep(done: int, total: int, result) -> None:  # type: ignore[no-untyped-def]
+        finished.append(result)
+        progress(done, total, result)
+
+    interrupted = False
+    try:
+        results = run_fits(specs, workers=args.workers, on_result=keep)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into exit(1) inside a fit)
+        interrupted = True
+        if not finished:
+            print("\nlightning-pinn sweep: interrupted before any fit finished; nothing written.", file=sys.stderr)
+            return 130
+        print(f"\nlightning-pinn sweep: interrupted after {len(finished)} of {len(specs)} fits; writing those.", file=sys.stderr)
+        results = finished
     summaries = summarize(results)
     table = write_table(summaries, out / "sweep.csv")
     omega_text = "2π" if math.isclose(args.omega, 2 * math.pi) else f"{args.omega:g}"
-    title = f"harmonic IVP, ω = {omega_text}, {args.steps} steps, seeds {' '.join(map(str, args.seeds))}"
+    title = f"harmonic IVP, ω = {omega_text}, {args.steps} steps, seeds {' '.join(map(str, seeds))}"
     plot_sweep(summaries, results, out / "sweep.png", title)
     (out / "sweep.md").write_text(f"# λ sweep: {title}\n\n{table}\n")
     (out / "sweep.json").write_text(json.dumps(results_as_dicts(results), default=str))
@@ -198,7 +252,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(
         f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'} and {out / 'sweep.json'} ({time.perf_counter() - start:.0f} s)"
     )
-    return 0
+    return 130 if interrupted else 0
 
 
 def _print_wrapped(prefix: str, message: str) -> None:
@@ -214,6 +268,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(
         f"Network 1-32-32-32-1 tanh, Adam lr 1e-3, {args.steps} full-batch steps on 128 points; GradientNormMonitor every {args.every_n_steps} steps.\n"
     )
+    if args.logdir is not None:
+        problem = _writable_folder(Path(args.logdir), "demo")
+        if problem is not None:
+            print(problem, file=sys.stderr)
+            return 2
     warm_up()  # so that the time column compares like with like
     runs = []
     for weight in args.ic_weights:

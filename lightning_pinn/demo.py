@@ -80,6 +80,16 @@ def quiet_lightning() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def _fresh_version(folder: Path, version: str) -> str:
+    """``version``, or ``version_2``, ``version_3``, ... if a run already wrote there: two runs'
+    event files in one folder would be read as one run (by TensorBoard and by the report)."""
+    candidate, index = version, 1
+    while (folder / candidate).exists() and any((folder / candidate).glob("events.out.tfevents.*")):
+        index += 1
+        candidate = f"{version}_{index}"
+    return candidate
+
+
 def run_harmonic(
     ic_weight: float = 1.0,
     *,
@@ -118,7 +128,9 @@ def run_harmonic(
     logger: TensorBoardLogger | bool = False
     if log_dir is not None:
         name = run_name or ("hard_ic" if hard_ic else f"ic_weight_{ic_weight:g}")
-        logger = TensorBoardLogger(str(log_dir), name=name, version=f"seed_{seed}", default_hp_metric=False)
+        logger = TensorBoardLogger(
+            str(log_dir), name=name, version=_fresh_version(Path(log_dir) / name, f"seed_{seed}"), default_hp_metric=False
+        )
     options: dict[str, Any] = dict(logger=logger, log_every_n_steps=every_n_steps)
     options.update(trainer_kwargs or {})
     ratio_alarms: list[str] = []

@@ -95,7 +95,7 @@ class History:
 
 
 def read_history(run_dir: str | Path) -> History:
-    """All scalars of the TensorBoard run in ``run_dir`` (a folder holding event files)."""
+    """All scalars of the TensorBoard run in ``run_dir`` (a folder holding event files, or one event file)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
@@ -500,20 +500,30 @@ def without_prefix(history: History, prefix: str) -> History:
     return out
 
 
-def report_runs(logdir: str | Path) -> list[tuple[Path, str]]:
+def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
     """Write a report beside every run under ``logdir`` (one per loss in a run with several
-    ``MultiTermLoss``); return ``(Markdown file, its text)`` pairs (the PNG is beside it)."""
-    out = []
-    for run in sorted(find_runs(logdir), key=_natural_key):
-        history = read_history(run)
+    ``MultiTermLoss``); return ``(Markdown file, its text, None)`` per report, the PNG beside it.
+
+    ``logdir`` may also be one event file: then only that file is read (a folder's event files
+    are read together, as TensorBoard does, e.g. a run and its resumption). Where the report
+    cannot be written (a read-only folder), the text is still returned, with the reason as the
+    third element instead of ``None``.
+    """
+    root = Path(logdir)
+    single = root.is_file() and root.name.startswith("events.out.tfevents.")
+    out: list[tuple[Path, str, str | None]] = []
+    for run in [root.parent] if single else sorted(find_runs(logdir), key=_natural_key):
+        history = read_history(root if single else run)
         prefixes = loss_prefixes(history) or [""]
         for prefix in prefixes:
             loss = prefix.rstrip("/")
-            markdown_path, _ = write_report(
-                without_prefix(history, prefix),
-                run,
-                title=f"Loss-balance diagnosis: {run}" + (f" (loss '{loss}')" if loss else ""),
-                name=f"diagnosis_{loss}" if loss else "diagnosis",
-            )
-            out.append((markdown_path, markdown_path.read_text()))
+            title = f"Loss-balance diagnosis: {root if single else run}" + (f" (loss '{loss}')" if loss else "")
+            name = f"diagnosis_{loss}" if loss else "diagnosis"
+            try:
+                markdown_path, _ = write_report(without_prefix(history, prefix), run, title=title, name=name)
+            except OSError as error:
+                text = render_markdown(diagnose(without_prefix(history, prefix)), title)
+                out.append((run / f"{name}.md", text, f"could not write it: {error.strerror or error}"))
+                continue
+            out.append((markdown_path, markdown_path.read_text(), None))
     return out

@@ -202,6 +202,36 @@ def test_report_from_event_files_and_at_fit_end(tmp_path: Path, capsys: pytest.C
     assert from_events.split("## Gradient-norm ratio")[1] == at_fit_end.split("## Gradient-norm ratio")[1]
 
 
+def test_report_reads_only_the_event_file_it_is_given_and_survives_a_read_only_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(4, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], logger=logger).fit(
+            HarmonicOscillator(hidden=(8,))
+        )
+        logger.experiment.flush()
+        first = sorted((tmp_path / "run" / "version_0").glob("events.out.tfevents.*"))
+        second_logger = TensorBoardLogger(str(tmp_path), name="run", version=0)  # a second run into the same folder
+        make_trainer(2, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], logger=second_logger).fit(
+            HarmonicOscillator(hidden=(8,))
+        )
+        second_logger.experiment.flush()
+    assert cli_main(["report", str(first[0])]) == 0
+    assert "4 measurements" in capsys.readouterr().out, "only the given file (it used to read the whole folder: 6)"
+
+    import lightning_pinn.report as report_module
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(report_module, "write_report", read_only)
+    assert cli_main(["report", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert "Loss-balance diagnosis" in captured.out and "could not write it: Permission denied" in captured.err
+
+
 def test_report_on_a_folder_without_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["report", str(tmp_path)]) == 2
     assert "no TensorBoard event files" in capsys.readouterr().err
@@ -357,3 +387,15 @@ def test_the_fit_time_and_event_file_reports_read_the_same_weight_series(tmp_pat
         assert values == pytest.approx(from_events.weights[term], rel=1e-6), term
     steps, _ = monitor.history["weight/bc"]
     assert steps == sorted(steps)
+
+
+def test_demo_runs_into_the_same_folder_get_their_own_version(tmp_path: Path) -> None:
+    """Two runs' event files in one folder were read as one run (by TensorBoard and the report)."""
+    from lightning_pinn.demo import run_harmonic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = run_harmonic(1.0, steps=2, every_n_steps=1, log_dir=tmp_path)
+        second = run_harmonic(1.0, steps=2, every_n_steps=1, log_dir=tmp_path)
+    assert first.log_dir is not None and second.log_dir is not None
+    assert Path(first.log_dir).name == "seed_0" and Path(second.log_dir).name == "seed_0_2"

@@ -56,6 +56,8 @@ def test_helmholtz_standardises_inputs_but_differentiates_in_original_coordinate
         (lambda: Helmholtz2D(edge_points=0), "edge_points must be an integer >= 1"),
         (lambda: Helmholtz2D(hidden=(-4,)), "hidden must be a non-empty sequence"),
         (lambda: Helmholtz2D(k=float("inf")), "k must be a finite number"),
+        (lambda: Helmholtz2D(a1=0.5), "a1 must be a non-zero integer"),
+        (lambda: Helmholtz2D(a2=0), "a2 must be a non-zero integer"),
         (lambda: HarmonicOscillator(collocation_points=0), "collocation_points must be an integer >= 1"),
         (lambda: HarmonicOscillator(omega=0.0), "omega must be a finite number > 0"),
     ],
@@ -79,3 +81,14 @@ def test_the_wave_problems_exact_solution_solves_its_own_equation(c: float) -> N
     assert derivative(problem.exact(t0), t0, dim=1).abs().max().item() < 1e-9
     edges = torch.tensor([[0.0, 0.3], [1.0, 0.7]], dtype=torch.float64)
     assert problem.exact(edges).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("problem", [HarmonicOscillator, Helmholtz2D, Wave1D])
+def test_problems_evaluate_in_their_networks_dtype_after_a_float64_fit(problem: Any) -> None:
+    """After precision="64-true" the network is float64 but PyTorch's default dtype is float32
+    again: relative_l2_error() failed with "mat1 and mat2 must have the same dtype"."""
+    model = problem(hidden=(8,))
+    model.double()
+    assert math.isfinite(model.relative_l2_error())
+    if problem is not HarmonicOscillator:
+        assert all(r.dtype == torch.float64 for r in model.residuals(None).values())

@@ -52,6 +52,31 @@ def test_sweep_rejects_an_empty_grid() -> None:
     assert grid_weights(-1, 1, 1) == pytest.approx([0.1, 1.0, 10.0])
 
 
+def test_sweep_refuses_an_unwritable_folder_and_bad_seeds_before_training(tmp_path: Path) -> None:
+    """A folder that cannot be written used to fail after every fit had run (all work lost); a
+    seed NumPy cannot take failed inside a worker after the folder was made."""
+    from lightning_pinn.cli import main
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["sweep", "--steps", "1", "--grid-min", "0", "--grid-max", "0", "--out", str(blocker / "sweep")]) == 2
+    with pytest.raises(SystemExit) as exited:
+        main(["sweep", "--seeds", "-1", "--out", str(tmp_path / "never")])
+    assert exited.value.code == 2 and not (tmp_path / "never").exists()
+    assert main(["sweep", "--grid-step", "0.001", "--out", str(tmp_path / "fine")]) == 2  # 8001 fits: refused
+
+
+def test_sweep_in_one_process_keeps_one_thread_and_dedupes_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_pinn.cli import main
+
+    threads = torch.get_num_threads()
+    args = ["sweep", "--grid-min", "0", "--grid-max", "0", "--balancers", "--steps", "2", "--seeds", "0", "0", "--workers", "1"]
+    assert main([*args, "--out", str(tmp_path / "s")]) == 0
+    assert torch.get_num_threads() == threads, "the caller's thread count is restored"
+    assert "1 seed(s)" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "s" / "sweep.json").read_text())) == 1
+
+
 def test_history_recorder_records_losses_weights_and_errors() -> None:
     torch.manual_seed(0)
     model = HarmonicOscillator(steps_per_epoch=20)

@@ -7,6 +7,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+from torch import Tensor
+
 
 def check_points(owner: str, name: str, value: Any) -> int:
     """A point count: an integer ``>= 1``."""
@@ -32,3 +34,9 @@ def check_hidden(owner: str, hidden: Any) -> tuple[int, ...]:
     ):
         raise ValueError(f"{owner}: hidden must be a non-empty sequence of layer widths >= 1, e.g. (32, 32, 32); got {hidden!r}.")
     return tuple(int(w) for w in hidden)
+
+
+def like(tensor: Tensor) -> dict[str, Any]:
+    """Factory arguments (``device``, ``dtype``) for new points made to match ``tensor``: a
+    problem's points follow its network, e.g. to float64 after ``precision="64-true"``."""
+    return {"device": tensor.device, "dtype": tensor.dtype}

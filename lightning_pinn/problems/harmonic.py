@@ -84,6 +84,6 @@ class HarmonicOscillator(PINNModule):
     @torch.no_grad()
     def relative_l2_error(self, points: int = 1000) -> float:
         """``‖u_θ − u‖₂ / ‖u‖₂`` on ``points`` uniformly spaced points of ``[0, 1]``."""
-        t = torch.linspace(0.0, 1.0, points, device=self.t_collocation.device).reshape(-1, 1)
+        t = torch.linspace(0.0, 1.0, points, device=self.t_collocation.device, dtype=self.t_collocation.dtype).reshape(-1, 1)
         exact = self.exact(t)
         return ((self.net(t) - exact).norm() / exact.norm()).item()

@@ -24,7 +24,7 @@ from torch import Tensor
 from lightning_pinn.autodiff import laplacian
 from lightning_pinn.module import PINNModule
 from lightning_pinn.nn import mlp
-from lightning_pinn.problems._checks import check_finite, check_hidden, check_points
+from lightning_pinn.problems._checks import check_finite, check_hidden, check_points, like
 
 __all__ = ["Helmholtz2D"]
 
@@ -69,6 +69,12 @@ class Helmholtz2D(PINNModule):
             raise ValueError(f"Helmholtz2D: edge_loss must be 'sum' (the paper) or 'mean', got {edge_loss!r}.")
         owner = type(self).__name__
         k, a1, a2 = (check_finite(owner, name, value) for name, value in (("k", k), ("a1", a1), ("a2", a2)))
+        for name, value in (("a1", a1), ("a2", a2)):
+            if value == 0 or not float(value).is_integer():
+                raise ValueError(
+                    f"{owner}: {name} must be a non-zero integer (e.g. 1 or 4), got {value!r}: the exact solution "
+                    f"sin(a1·πx)·sin(a2·πy) vanishes on the edges of [-1, 1]² (the problem's u = 0) only then."
+                )
         hidden = check_hidden(owner, hidden)
         residual_points = check_points(owner, "residual_points", residual_points)
         edge_points = check_points(owner, "edge_points", edge_points)
@@ -91,15 +97,15 @@ class Helmholtz2D(PINNModule):
         return (self.k**2 - (self.a1**2 + self.a2**2) * math.pi**2) * self.exact(xy)
 
     def _boundary(self) -> Tensor:
-        device = self.net[0].weight.device
+        factory = like(self.net[0].weight)  # the network's device and dtype (float64 after precision='64-true')
         n = self.edge_points
-        s = 2 * torch.rand(n, 1, device=device) - 1
-        one = torch.ones(n, 1, device=device)
+        s = 2 * torch.rand(n, 1, **factory) - 1
+        one = torch.ones(n, 1, **factory)
         return torch.cat([torch.cat([s, -one], 1), torch.cat([s, one], 1), torch.cat([-one, s], 1), torch.cat([one, s], 1)])
 
     def residuals(self, batch: Any) -> dict[str, Tensor]:
-        device = self.net[0].weight.device
-        xy = (2 * torch.rand(self.residual_points, 2, device=device) - 1).requires_grad_(True)
+        factory = like(self.net[0].weight)  # the network's device and dtype (float64 after precision='64-true')
+        xy = (2 * torch.rand(self.residual_points, 2, **factory) - 1).requires_grad_(True)
         u = self.u(xy)
         r_pde = laplacian(u, xy) + self.k**2 * u - self.source(xy)
         edge_scale = 2.0 if self.edge_loss == "sum" else 1.0  # mean((2u)²) over 4 equal edges = Σ_edges mean(u²)
@@ -108,8 +114,8 @@ class Helmholtz2D(PINNModule):
     @torch.no_grad()
     def relative_l2_error(self, grid: int = 100) -> float:
         """Relative L² error on a ``grid × grid`` uniform grid of [−1, 1]²."""
-        device = self.net[0].weight.device
-        axis = torch.linspace(-1, 1, grid, device=device)
+        factory = like(self.net[0].weight)  # the network's device and dtype (float64 after precision='64-true')
+        axis = torch.linspace(-1, 1, grid, **factory)
         xy = torch.cartesian_prod(axis, axis)
         exact = self.exact(xy)
         return ((self.u(xy) - exact).norm() / exact.norm()).item()

@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning_pinn.autodiff import derivative, gradient
 from lightning_pinn.module import PINNModule
 from lightning_pinn.nn import mlp
-from lightning_pinn.problems._checks import check_finite, check_hidden, check_points
+from lightning_pinn.problems._checks import check_finite, check_hidden, check_points, like
 
 __all__ = ["Wave1D"]
 
@@ -74,21 +74,21 @@ class Wave1D(PINNModule):
         return torch.sin(math.pi * x) * torch.cos(c * math.pi * t) + 0.5 * torch.sin(4 * math.pi * x) * torch.cos(4 * c * math.pi * t)
 
     def residuals(self, batch: Any) -> dict[str, Tensor]:
-        device = self.net[0].weight.device
+        factory = like(self.net[0].weight)  # the network's device and dtype (float64 after precision='64-true')
         # initial values u(x, 0) and boundary values u(0, t), u(1, t)
-        x0 = torch.rand(self.initial_points, 1, device=device)
+        x0 = torch.rand(self.initial_points, 1, **factory)
         initial = torch.cat([x0, torch.zeros_like(x0)], 1)
-        tb = torch.rand(self.boundary_points, 1, device=device)
+        tb = torch.rand(self.boundary_points, 1, **factory)
         boundary = torch.cat([torch.cat([torch.zeros_like(tb), tb], 1), torch.cat([torch.ones_like(tb), tb], 1)])
         values = torch.cat([initial, boundary])
         r_u = self.net(values) - self.exact(values)
         # initial velocity u_t(x, 0) = 0
-        x0t = torch.cat(
-            [torch.rand(self.initial_points, 1, device=device), torch.zeros(self.initial_points, 1, device=device)], 1
-        ).requires_grad_(True)
+        x0t = torch.cat([torch.rand(self.initial_points, 1, **factory), torch.zeros(self.initial_points, 1, **factory)], 1).requires_grad_(
+            True
+        )
         r_ut = gradient(self.net(x0t), x0t)[:, 1:2]
         # PDE residual u_tt − c² u_xx
-        xt = torch.rand(self.residual_points, 2, device=device).requires_grad_(True)
+        xt = torch.rand(self.residual_points, 2, **factory).requires_grad_(True)
         u = self.net(xt)
         r_pde = derivative(u, xt, dim=1, order=2) - self.c**2 * derivative(u, xt, dim=0, order=2)
         return {"u": r_u, "ut": r_ut, "pde": r_pde}
@@ -96,8 +96,8 @@ class Wave1D(PINNModule):
     @torch.no_grad()
     def relative_l2_error(self, grid: int = 100) -> float:
         """Relative L² error on a ``grid × grid`` uniform grid of [0, 1]²."""
-        device = self.net[0].weight.device
-        axis = torch.linspace(0, 1, grid, device=device)
+        factory = like(self.net[0].weight)  # the network's device and dtype (float64 after precision='64-true')
+        axis = torch.linspace(0, 1, grid, **factory)
         xt = torch.cartesian_prod(axis, axis)
         exact = self.exact(xt)
         return ((self.net(xt) - exact).norm() / exact.norm()).item()
