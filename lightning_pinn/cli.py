@@ -322,8 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_sweep(args)
     if args.command == "report":
         return run_report(args)
-    parser.print_help()
-    return 0
+    parser.print_help(sys.stderr)
+    return 2  # no subcommand: a usage error, as argparse itself exits for one
 
 
 if __name__ == "__main__":  # pragma: no cover

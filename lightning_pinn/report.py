@@ -334,7 +334,15 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
     if d.worst_ratio is None and d.terms < 2:
         lines.append("- The loss has one term: there is no ratio to compare.")
     elif d.worst_ratio is None:
-        lines.append("- Fewer than two terms had a finite, non-zero gradient: there was nothing to compare.")
+        zero_weight = sorted(term for term, (_, last, _, high) in d.weights.items() if high == 0)
+        if zero_weight:
+            lines.append(
+                f"- Fewer than two terms had a finite, non-zero weighted gradient: the weight of "
+                f"{', '.join(repr(t) for t in zero_weight)} was 0 throughout, so that term did not train at all. "
+                "If that was not intended, give it a positive weight."
+            )
+        else:
+            lines.append("- Fewer than two terms had a finite, non-zero gradient: there was nothing to compare.")
     else:
         threshold = f"{d.threshold:g}x" if d.threshold else "the threshold"
         pair = f" ('{d.worst_pair[0]}' over '{d.worst_pair[1]}')" if d.worst_pair else ""

@@ -399,3 +399,8 @@ def test_demo_runs_into_the_same_folder_get_their_own_version(tmp_path: Path) ->
         second = run_harmonic(1.0, steps=2, every_n_steps=1, log_dir=tmp_path)
     assert first.log_dir is not None and second.log_dir is not None
     assert Path(first.log_dir).name == "seed_0" and Path(second.log_dir).name == "seed_0_2"
+
+
+def test_the_command_without_a_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main([]) == 2
+    assert "demo" in capsys.readouterr().err

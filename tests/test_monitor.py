@@ -836,3 +836,12 @@ def test_ratio_terms_leave_a_weak_regulariser_out_of_the_ratio_and_its_alarm() -
         GradientNormMonitor(ratio_terms="pde")
     with pytest.raises(ValueError, match=r"ratio_terms=\.\.\.\): unknown term\(s\) \['pdf'\]"):
         make_trainer(1, [GradientNormMonitor(ratio_terms=["pdf", "bc"])]).fit(ExtraTermPoisson("prior", _offset(1e-3, 1e-2)))
+
+
+def test_the_report_says_when_a_zero_weight_left_nothing_to_compare() -> None:
+    from lightning_pinn.report import diagnose, render_markdown
+
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    make_trainer(3, [monitor]).fit(TwoTermPoisson(bc_weight=0.0))
+    text = render_markdown(diagnose(monitor.history))
+    assert "the weight of 'bc' was 0 throughout" in text, text

@@ -92,3 +92,10 @@ def test_problems_evaluate_in_their_networks_dtype_after_a_float64_fit(problem: 
     assert math.isfinite(model.relative_l2_error())
     if problem is not HarmonicOscillator:
         assert all(r.dtype == torch.float64 for r in model.residuals(None).values())
+
+
+def test_problem_switches_must_be_booleans() -> None:
+    with pytest.raises(TypeError, match="hard_ic must be True or False, got 'no'"):
+        HarmonicOscillator(hard_ic="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="standardize_inputs must be True or False"):
+        Helmholtz2D(standardize_inputs=0)  # type: ignore[arg-type]

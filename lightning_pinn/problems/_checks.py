@@ -40,3 +40,10 @@ def like(tensor: Tensor) -> dict[str, Any]:
     """Factory arguments (``device``, ``dtype``) for new points made to match ``tensor``: a
     problem's points follow its network, e.g. to float64 after ``precision="64-true"``."""
     return {"device": tensor.device, "dtype": tensor.dtype}
+
+
+def check_flag(owner: str, name: str, value: Any) -> bool:
+    """A ``True``/``False`` switch (a string such as ``"no"`` would otherwise read as ``True``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, got {value!r}.")
+    return value

@@ -20,7 +20,7 @@ from lightning_pinn.autodiff import derivative
 from lightning_pinn.constraints import IVPAnsatz
 from lightning_pinn.module import PINNModule
 from lightning_pinn.nn import mlp
-from lightning_pinn.problems._checks import check_finite, check_hidden, check_points
+from lightning_pinn.problems._checks import check_finite, check_flag, check_hidden, check_points
 
 __all__ = ["HarmonicOscillator"]
 
@@ -60,7 +60,7 @@ class HarmonicOscillator(PINNModule):
         weights = {"pde": pde_weight} if hard_ic else {"pde": pde_weight, "ic": ic_weight}
         super().__init__(weights=weights, learning_rate=learning_rate, **kwargs)
         self.omega = omega
-        self.hard_ic = bool(hard_ic)
+        self.hard_ic = check_flag(type(self).__name__, "hard_ic", hard_ic)
         free = mlp(1, hidden, 1)
         self.net: nn.Module = IVPAnsatz(free, u0=1.0, v0=0.0) if hard_ic else free
         self.register_buffer("t_collocation", torch.linspace(0.0, 1.0, collocation_points).reshape(-1, 1))

@@ -24,7 +24,7 @@ from torch import Tensor
 from lightning_pinn.autodiff import laplacian
 from lightning_pinn.module import PINNModule
 from lightning_pinn.nn import mlp
-from lightning_pinn.problems._checks import check_finite, check_hidden, check_points, like
+from lightning_pinn.problems._checks import check_finite, check_flag, check_hidden, check_points, like
 
 __all__ = ["Helmholtz2D"]
 
@@ -79,7 +79,7 @@ class Helmholtz2D(PINNModule):
         residual_points = check_points(owner, "residual_points", residual_points)
         edge_points = check_points(owner, "edge_points", edge_points)
         super().__init__(weights={"pde": 1.0, "bc": bc_weight}, learning_rate=learning_rate, **kwargs)
-        self.edge_loss, self.standardize_inputs = edge_loss, bool(standardize_inputs)
+        self.edge_loss, self.standardize_inputs = edge_loss, check_flag(owner, "standardize_inputs", standardize_inputs)
         self.k, self.a1, self.a2 = k, a1, a2
         self.residual_points, self.edge_points = residual_points, edge_points
         self.net = mlp(2, hidden, 1, init="xavier")
