@@ -10,8 +10,9 @@ What a user copies from here:
 * collocation points drawn fresh each step by an ``IterableDataset`` (a batch is a dict of
   point sets, one per term);
 * ``GradientNormMonitor`` + a balancer (``--balancer gradnorm | ntk | none``);
-* ``ModelCheckpoint`` every 500 steps; ``--resume`` continues from the last checkpoint with λ
-  and the balancer's state restored (the random point stream starts again from its seed).
+* ``ModelCheckpoint`` every 500 steps; ``--resume`` continues the latest run from its last
+  checkpoint, in the same log folder, with λ and the balancer's state restored (the random
+  point stream starts again from its seed).
 
     python examples/poisson2d_balanced.py                       # GradNormBalancer, 2000 steps
     python examples/poisson2d_balanced.py --balancer none       # fixed λ = 1, for comparison
@@ -104,16 +105,22 @@ def main(argv: list[str] | None = None) -> Poisson2D:
         "ntk": lambda: [NTKBalancer(every_n_steps=100, trace_points=64)],  # sub-sampled traces: cheap
         "none": lambda: [],
     }[args.balancer]()
-    checkpoints = ModelCheckpoint(dirpath=Path(args.root) / args.balancer / "checkpoints", every_n_train_steps=500, save_last=True)
+    # --resume continues the latest run of this balancer in its own folder (logs and checkpoints),
+    # so TensorBoard and the report read the fit and its resumption as one run
+    last = None
+    if args.resume:
+        saved = sorted(Path(args.root, args.balancer).glob("version_*/checkpoints/last.ckpt"), key=lambda p: int(p.parts[-3][8:]))
+        last = saved[-1] if saved else None
+    logger = TensorBoardLogger(args.root, name=args.balancer, version=None if last is None else int(last.parts[-3][8:]))
     trainer = pl.Trainer(
         max_steps=args.steps,
-        logger=TensorBoardLogger(args.root, name=args.balancer),
-        callbacks=[GradientNormMonitor(every_n_steps=100), *balancer, checkpoints],
+        logger=logger,
+        # checkpoints go to <root>/<balancer>/version_<n>/checkpoints, beside the logs
+        callbacks=[GradientNormMonitor(every_n_steps=100), *balancer, ModelCheckpoint(every_n_train_steps=500, save_last=True)],
         enable_progress_bar=False,
     )
     model = Poisson2D()
-    last = Path(checkpoints.dirpath) / "last.ckpt"
-    trainer.fit(model, ckpt_path=str(last) if args.resume and last.exists() else None)
+    trainer.fit(model, ckpt_path=None if last is None else str(last))
     print(f"{args.balancer}: relative L2 {model.relative_l2_error():.3g} after {trainer.global_step} steps; λ = {model.criterion.weights}")
     return model
 

@@ -149,8 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_report(args: argparse.Namespace) -> int:
     """``lightning-pinn report LOGDIR``: the diagnosis of existing runs."""
-    from pathlib import Path
-
     from lightning_pinn.report import report_runs
 
     if not Path(args.logdir).exists():
@@ -180,22 +178,22 @@ def run_report(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace) -> int:
     """``lightning-pinn sweep``: the Goldilocks curve of λ_IC, and the balancers beside it."""
     import json
-    from pathlib import Path
 
-    from lightning_pinn.sweep import FitSpec, grid_weights, plot_sweep, results_as_dicts, run_fits, summarize, write_table
+    from lightning_pinn.sweep import FitSpec, grid_size, grid_weights, plot_sweep, results_as_dicts, run_fits, summarize, write_table
 
     try:
-        weights = grid_weights(args.grid_min, args.grid_max, args.grid_step)
+        size = grid_size(args.grid_min, args.grid_max, args.grid_step)
     except ValueError as error:
         print(f"lightning-pinn sweep: {error}", file=sys.stderr)
         return 2
-    if len(weights) > 1000:
+    if size > 1000:
         print(
-            f"lightning-pinn sweep: the grid has {len(weights)} weights (grid_step {args.grid_step:g}); at most 1000 are "
+            f"lightning-pinn sweep: the grid has {size} weights (grid_step {args.grid_step:g}); at most 1000 are "
             "allowed (one fit each). Use a larger --grid-step.",
             file=sys.stderr,
         )
         return 2
+    weights = grid_weights(args.grid_min, args.grid_max, args.grid_step)
     out = Path(args.out)
     problem = _writable_folder(out, "sweep")
     if problem is not None:
@@ -229,7 +227,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         results = run_fits(specs, workers=args.workers, on_result=keep)
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C (Lightning turns it into exit(1) inside a fit)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Ctrl-C; inside a fit Lightning turns it into exit(1). Any other exit (e.g. Lightning's
+        # SIGTERMException) is not an interruption to summarise: let it through.
+        if isinstance(stop, SystemExit) and (stop.code != 1 or type(stop) is not SystemExit):
+            raise
         interrupted = True
         if not finished:
             print("\nlightning-pinn sweep: interrupted before any fit finished; nothing written.", file=sys.stderr)

@@ -527,6 +527,8 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
             loss = prefix.rstrip("/")
             title = f"Loss-balance diagnosis: {root if single else run}" + (f" (loss '{loss}')" if loss else "")
             name = f"diagnosis_{loss}" if loss else "diagnosis"
+            if single:  # beside the run's own report (which covers all its event files), not over it
+                name += "." + root.name.removeprefix("events.out.tfevents.")
             try:
                 markdown_path, _ = write_report(without_prefix(history, prefix), run, title=title, name=name)
             except OSError as error:

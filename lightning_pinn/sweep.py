@@ -11,6 +11,7 @@ import csv
 import math
 import multiprocessing
 import os
+import signal
 import statistics
 import time
 import warnings
@@ -19,7 +20,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FitSpec", "FitResult", "BALANCERS", "run_fit", "run_fits", "grid_weights", "summarize", "write_table", "plot_sweep"]
+__all__ = [
+    "FitSpec",
+    "FitResult",
+    "BALANCERS",
+    "run_fit",
+    "run_fits",
+    "grid_size",
+    "grid_weights",
+    "summarize",
+    "write_table",
+    "plot_sweep",
+]
 
 #: Balancer names accepted by the sweep, and how each is built (with its defaults).
 BALANCERS: dict[str, str] = {
@@ -61,12 +73,16 @@ class FitResult:
     errors: list[float] = field(default_factory=list)
 
 
-def grid_weights(low: float, high: float, step: float) -> list[float]:
-    """``10**e`` for ``e`` from ``low`` to ``high`` (inclusive) in increments of ``step``."""
+def grid_size(low: float, high: float, step: float) -> int:
+    """How many weights :func:`grid_weights` gives for these bounds (without building them)."""
     if step <= 0 or high < low:
         raise ValueError(f"grid: need grid_step > 0 and grid_max >= grid_min, got min={low}, max={high}, step={step}.")
-    count = int(math.floor((high - low) / step + 1e-9)) + 1
-    return [10.0 ** (low + i * step) for i in range(count)]
+    return int(math.floor((high - low) / step + 1e-9)) + 1
+
+
+def grid_weights(low: float, high: float, step: float) -> list[float]:
+    """``10**e`` for ``e`` from ``low`` to ``high`` (inclusive) in increments of ``step``."""
+    return [10.0 ** (low + i * step) for i in range(grid_size(low, high, step))]
 
 
 def _make_balancer(method: str) -> Any:
@@ -118,8 +134,6 @@ def run_fit(spec: FitSpec) -> FitResult:
 
 
 def _worker_init() -> None:
-    import signal
-
     import torch
 
     torch.set_num_threads(1)
@@ -151,7 +165,14 @@ def run_fits(specs: Sequence[FitSpec], workers: int = 0, on_result: Callable[[in
                 torch.set_num_threads(threads)
             return
         context = multiprocessing.get_context("spawn")
-        with context.Pool(processes=min(workers, len(specs)), initializer=_worker_init) as pool:
+        # the workers inherit an ignored SIGINT while they start (importing torch takes seconds):
+        # Ctrl-C then reaches only this process, which stops the pool
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            pool = context.Pool(processes=min(workers, len(specs)), initializer=_worker_init)
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        with pool:
             yield from pool.imap_unordered(_indexed_run, list(enumerate(specs)))
 
     for done, (index, result) in enumerate(finished(), start=1):

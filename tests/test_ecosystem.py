@@ -60,8 +60,10 @@ def test_poisson2d_example_balances_checkpoints_and_resumes(tmp_path: Path) -> N
         first = poisson2d(["--steps", "3", "--root", root])
         print(first.trainer.callback_metrics)
         assert first.criterion.weights["bc"] > 10 * first.criterion.weights["pde"], "the small boundary gradient gets the large λ"
-        assert (tmp_path / "runs" / "gradnorm" / "checkpoints" / "last.ckpt").exists()
+        assert (tmp_path / "runs" / "gradnorm" / "version_0" / "checkpoints" / "last.ckpt").exists()
         resumed = poisson2d(["--steps", "5", "--root", root, "--resume"])
+        assert Path(resumed.trainer.log_dir).name == "version_0", "the resumption logs beside its fit"
+        assert len(list((tmp_path / "runs" / "gradnorm" / "version_0").glob("events.out.tfevents.*"))) == 2
         ntk = poisson2d(["--steps", "2", "--root", root, "--balancer", "ntk"])
     assert resumed.trainer.global_step == 5
     assert ntk.criterion.weights != {"pde": 1.0, "bc": 1.0}  # (at step 0 the PDE's NTK trace is the smaller one here)
@@ -218,8 +220,12 @@ def test_report_reads_only_the_event_file_it_is_given_and_survives_a_read_only_r
             HarmonicOscillator(hidden=(8,))
         )
         second_logger.experiment.flush()
+    run_report_path = tmp_path / "run" / "version_0" / "diagnosis.md"
+    assert cli_main(["report", str(tmp_path)]) == 0 and "6 measurements" in run_report_path.read_text()
     assert cli_main(["report", str(first[0])]) == 0
     assert "4 measurements" in capsys.readouterr().out, "only the given file (it used to read the whole folder: 6)"
+    assert "6 measurements" in run_report_path.read_text(), "the run's own report is not overwritten"
+    assert (run_report_path.parent / f"diagnosis.{first[0].name.removeprefix('events.out.tfevents.')}.md").exists()
 
     import lightning_pinn.report as report_module
 

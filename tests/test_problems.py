@@ -99,3 +99,6 @@ def test_problem_switches_must_be_booleans() -> None:
         HarmonicOscillator(hard_ic="no")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="standardize_inputs must be True or False"):
         Helmholtz2D(standardize_inputs=0)  # type: ignore[arg-type]
+    import numpy as np
+
+    assert HarmonicOscillator(hard_ic=np.True_, hidden=(4,)).hard_ic is True  # e.g. from a NumPy/pandas grid

@@ -64,6 +64,8 @@ def test_sweep_refuses_an_unwritable_folder_and_bad_seeds_before_training(tmp_pa
         main(["sweep", "--seeds", "-1", "--out", str(tmp_path / "never")])
     assert exited.value.code == 2 and not (tmp_path / "never").exists()
     assert main(["sweep", "--grid-step", "0.001", "--out", str(tmp_path / "fine")]) == 2  # 8001 fits: refused
+    # counted, not built: 6e10 weights used to be materialised before the check
+    assert main(["sweep", "--grid-min", "-30", "--grid-max", "30", "--grid-step", "1e-9", "--out", str(tmp_path / "huge")]) == 2
 
 
 def test_sweep_in_one_process_keeps_one_thread_and_dedupes_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

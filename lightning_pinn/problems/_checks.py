@@ -7,6 +7,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 
@@ -44,6 +45,6 @@ def like(tensor: Tensor) -> dict[str, Any]:
 
 def check_flag(owner: str, name: str, value: Any) -> bool:
     """A ``True``/``False`` switch (a string such as ``"no"`` would otherwise read as ``True``)."""
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{owner}: {name} must be True or False, got {value!r}.")
-    return value
+    return bool(value)

@@ -70,10 +70,10 @@ class Helmholtz2D(PINNModule):
         owner = type(self).__name__
         k, a1, a2 = (check_finite(owner, name, value) for name, value in (("k", k), ("a1", a1), ("a2", a2)))
         for name, value in (("a1", a1), ("a2", a2)):
-            if value == 0 or not float(value).is_integer():
+            if value == 0 or abs(value) > 1000 or not float(value).is_integer():
                 raise ValueError(
-                    f"{owner}: {name} must be a non-zero integer (e.g. 1 or 4), got {value!r}: the exact solution "
-                    f"sin(a1·πx)·sin(a2·πy) vanishes on the edges of [-1, 1]² (the problem's u = 0) only then."
+                    f"{owner}: {name} must be a non-zero integer of at most 1000 in size (e.g. 1 or 4), got {value!r}: the "
+                    f"exact solution sin(a1·πx)·sin(a2·πy) vanishes on the edges of [-1, 1]² (the problem's u = 0) only then."
                 )
         hidden = check_hidden(owner, hidden)
         residual_points = check_points(owner, "residual_points", residual_points)
