@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -225,6 +226,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         progress(done, total, result)
 
     interrupted = False
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         results = run_fits(specs, workers=args.workers, on_result=keep)
     except (KeyboardInterrupt, SystemExit) as stop:
@@ -238,10 +240,14 @@ def run_sweep(args: argparse.Namespace) -> int:
             return 130
         print(f"\nlightning-pinn sweep: interrupted after {len(finished)} of {len(specs)} fits; writing those.", file=sys.stderr)
         results = finished
+    finally:
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores SIGINT after handling a Ctrl-C in a fit
     summaries = summarize(results)
     table = write_table(summaries, out / "sweep.csv")
     omega_text = "2π" if math.isclose(args.omega, 2 * math.pi) else f"{args.omega:g}"
     title = f"harmonic IVP, ω = {omega_text}, {args.steps} steps, seeds {' '.join(map(str, seeds))}"
+    if interrupted:
+        title += f" (interrupted: {len(results)} of {len(specs)} fits)"
     plot_sweep(summaries, results, out / "sweep.png", title)
     (out / "sweep.md").write_text(f"# λ sweep: {title}\n\n{table}\n")
     (out / "sweep.json").write_text(json.dumps(results_as_dicts(results), default=str))

@@ -104,3 +104,21 @@ def test_history_recorder_records_each_optimizer_step_once_under_gradient_accumu
     make_trainer(8, [recorder], accumulate_grad_batches=2).fit(model)
     assert recorder.history.steps == [0, 2, 4, 6]
     assert recorder.history.error_steps == [2, 4, 6, 8]
+
+
+def test_an_interrupted_sweep_writes_the_fits_that_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning_pinn.sweep as sweep_module
+    from lightning_pinn.cli import main
+
+    real_run_fits = sweep_module.run_fits
+
+    def interrupted_after_one(specs: Any, workers: int = 0, on_result: Any = None) -> Any:
+        [result] = real_run_fits(specs[:1], workers=1)
+        on_result(1, len(specs), result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "run_fits", interrupted_after_one)
+    out = tmp_path / "s"
+    assert main(["sweep", "--grid-min", "0", "--grid-max", "1", "--balancers", "--steps", "2", "--out", str(out)]) == 130
+    assert "(interrupted: 1 of 2 fits)" in (out / "sweep.md").read_text()
+    assert len(json.loads((out / "sweep.json").read_text())) == 1
