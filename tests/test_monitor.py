@@ -785,13 +785,15 @@ def _offset(scale: float, offset: float) -> Any:
     return lambda m, _: scale * (m.net(m.x[:4]) - m.net(m.x[:4]).detach()) + offset
 
 
-@pytest.mark.parametrize(("scale", "noted"), [(1.0, True), (1e-3, False)])
+@pytest.mark.parametrize(("scale", "noted"), [(1.0, True), (0.03, False), (1e-3, False)])
 def test_the_ratio_alarm_tells_a_nearly_satisfied_term_from_a_neglected_one(scale: float, noted: bool) -> None:
     """A term whose residual is already tiny has a tiny gradient without being neglected: the
     alarm used to advise raising its weight ~1e3x (and a gradient-norm balancer drove it to
     max_weight and ruined a coupled-oscillator fit). A term that is small because of its scale
-    (a residual multiplied by 1e-3) is neglected, and gets no such note."""
-    offset = 1e-5 if scale == 1.0 else 1e-2
+    (a residual multiplied by 1e-3) is neglected, and gets no such note; so does one whose
+    gradient per unit of residual is 13x smaller (more than √threshold = 10x: the small residual
+    explains less than half of the ratio)."""
+    offset = 1e-2 if scale == 1e-3 else 1e-5
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = ExtraTermPoisson("tip", _offset(scale, offset))

@@ -411,15 +411,16 @@ class WeightBalancer(PerTermCallback):
 
     def _satisfied_hint(self, name: str, norms: list[float], measurement: StepMeasurement) -> str:
         """For a gradient-norm rule: the advice when term ``name``'s unweighted gradient is small
-        because its residual is: per unit of RMS residual it is within 100x (the monitor's default
-        alarm threshold) of the largest-gradient term's (:func:`~lightning_pinn.diagnostics.nearly_satisfied`)."""
+        because its residual is: per unit of RMS residual it is within 10x of the largest-gradient
+        term's, as for the monitor's note at its default 100x threshold
+        (:func:`~lightning_pinn.diagnostics.nearly_satisfied`)."""
         if self._quantity != "gradient norm":
             return ""  # an NTK trace does not shrink with the residual
         names = list(measurement.terms)
         losses = measurement.losses.tolist()
         i = names.index(name)
         j = max(range(len(names)), key=lambda k: norms[k] if math.isfinite(norms[k]) else -math.inf)
-        within = None if j == i else nearly_satisfied(norms[j], losses[j], norms[i], losses[i], within=100.0)
+        within = None if j == i else nearly_satisfied(norms[j], losses[j], norms[i], losses[i], within=10.0)
         if within is None:
             return ""
         return (

@@ -445,7 +445,9 @@ class GradientNormMonitor(PerTermCallback):
         big_w, small_w = report.weighted_norms[index(big)], report.weighted_norms[index(small)]
         small_lambda = report.weights[index(small)]
         big_loss, small_loss = report.losses[index(big)], report.losses[index(small)]
-        within = nearly_satisfied(big_w, big_loss, small_w, small_loss, self.threshold)
+        # the smaller residual must explain at least half of the ratio (in log scale): per unit of
+        # residual the gradients are within √threshold (10x for the default 100x)
+        within = nearly_satisfied(big_w, big_loss, small_w, small_loss, math.sqrt(self.threshold))
         satisfied = (
             f"But '{small}' may simply be nearly satisfied: its loss ({small_loss:.3g}) is {big_loss / small_loss:.3g}x below "
             f"'{big}''s ({big_loss:.3g}), and per unit of RMS residual (λ·‖∇L‖/√L) their gradients are within "
