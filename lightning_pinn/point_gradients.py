@@ -113,40 +113,21 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
     num_points = flat.numel()
     param_index = {id(p): i for i, p in enumerate(params)}
     order = _topological_order(root)
-    # "p": computed from parameters alone (one value for all points); "b": has the points' rows.
-    kind: dict[Any, str] = {}
-    for node in order:
-        if _is_leaf(node):
-            kind[node] = "p" if id(node.variable) in param_index else "b"
-            continue
-        children = [kind[child] for child, _ in node.next_functions if child is not None]
-        kind[node] = "b" if "b" in children or _has_constant_point_operand(node, num_points) else "p"
-    if kind[root] != "b":
-        raise _Unsupported("the residual does not reach the points through the graph")
-    boundary = [
-        node for node in order if kind[node] == "b" and any(c is not None and kind[c] == "p" for c, _ in node.next_functions)
-    ]
-    parameter_nodes = [node for node in order if kind[node] == "p" and not _is_leaf(node)]
-
+    # Every node's output gradient from one backward pass of Σ_n r_n (its row n is ∂r_n/∂(row n)
+    # where the rows stay apart); the classification below also needs the outputs' shapes.
     output_gradients: dict[Any, Tensor] = {}
-    output_shapes: dict[Any, tuple[torch.Size, int]] = {}
+    several_outputs: set[Any] = set()
 
     def keep_gradient(node: Any) -> Callable[[tuple[Tensor | None, ...]], None]:
         def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            if len(grad_outputs) != 1:
+                several_outputs.add(node)
             if grad_outputs and grad_outputs[0] is not None:
                 output_gradients[node] = grad_outputs[0]
 
         return hook
 
-    def keep_shape(node: Any) -> Callable[[tuple[Tensor | None, ...]], None]:
-        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
-            first = grad_outputs[0] if grad_outputs else None
-            output_shapes[node] = (first.shape if first is not None else torch.Size([-1]), len(grad_outputs))
-
-        return hook
-
-    handles = [node.register_prehook(keep_gradient(node)) for node in boundary]
-    handles += [node.register_prehook(keep_shape(node)) for node in parameter_nodes]
+    handles = [node.register_prehook(keep_gradient(node)) for node in order if not _is_leaf(node)]
     try:
         with torch.enable_grad():
             ones = torch.ones_like(flat)
@@ -154,16 +135,37 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
     finally:
         for handle in handles:
             handle.remove()
-    for node in parameter_nodes:
-        if node in output_shapes and output_shapes[node][1] != 1:
-            raise _Unsupported(f"{type(node).__name__} has several outputs")
+
+    # "p": computed from parameters alone, one value for all points; "b": has the points' rows.
+    # A node with a constant operand (no graph: points without requires_grad, or the ``ones``
+    # that autograd.grad(create_graph=True) starts a derivative from) has the points' rows
+    # when its output has N of them.
+    kind: dict[Any, str] = {}
+    for node in order:
+        if _is_leaf(node):
+            kind[node] = "p" if id(node.variable) in param_index else "b"
+            continue
+        children = [child for child, _ in node.next_functions]
+        if any(child is not None and kind[child] == "b" for child in children):
+            kind[node] = "b"
+        elif None in children and _rows(output_gradients.get(node)) == num_points:
+            kind[node] = "b"
+        else:
+            kind[node] = "p"
+    if kind[root] != "b":
+        raise _Unsupported("the residual does not reach the points through the graph")
+    boundary = [
+        node for node in order if kind[node] == "b" and any(c is not None and kind[c] == "p" for c, _ in node.next_functions)
+    ]
+    if any(kind[node] == "p" for node in several_outputs):
+        raise _Unsupported("a node of the parameters alone has several outputs")
 
     def shape_of(node: Any) -> torch.Size:
         if _is_leaf(node):
             return node.variable.shape
-        if node not in output_shapes:
+        if node not in output_gradients:
             raise _Unsupported("a parameter-derived operand received no gradient")
-        return output_shapes[node][0]
+        return output_gradients[node].shape
 
     contributions: list[tuple[Any, _Contribution]] = []
     for node in boundary:
@@ -214,16 +216,6 @@ def _backward_of(node: Any) -> Callable[[Tensor], tuple[Tensor, ...]]:
 
 def _add(pending: dict[Any, Tensor], node: Any, gradient: Tensor) -> None:
     pending[node] = pending[node] + gradient if node in pending else gradient
-
-
-def _has_constant_point_operand(node: Any, num_points: int) -> bool:
-    """A matrix product whose left operand holds points but no graph (points without ``requires_grad``)."""
-    name = type(node).__name__
-    if name == "AddmmBackward0" and node.next_functions[1][0] is None:
-        return _rows(node._saved_mat1) == num_points
-    if name == "MmBackward0" and node.next_functions[0][0] is None:
-        return _rows(node._saved_self) == num_points
-    return False
 
 
 def _rows(tensor: Tensor | None) -> int | None:

@@ -118,6 +118,18 @@ class _TimesThreeThroughNumpy(torch.autograd.Function):
         return torch.from_numpy(3 * grad.detach().numpy())
 
 
+class _ReversedTimesThreeThroughNumpy(torch.autograd.Function):
+    """Like :class:`_TimesThreeThroughNumpy`, and it reverses the points: row n is 3·x[N−1−n]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return 3 * x.flip(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.from_numpy(3 * grad.detach().numpy()[::-1].copy())
+
+
 def test_a_backward_that_cannot_be_vmapped_falls_back_to_an_exact_loop_with_a_warning() -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
@@ -125,12 +137,22 @@ def test_a_backward_that_cannot_be_vmapped_falls_back_to_an_exact_loop_with_a_wa
     x = torch.randn(20, 3)
     residual = _TimesThreeThroughNumpy.apply(model(x))
     with pytest.warns(UserWarning, match="cannot be vmapped.*one torch.autograd.grad call per point"):
-        values = jacobian_row_sq_norms(residual, params, chunk_size=8)
+        values = jacobian_row_sq_norms(residual, params, chunk_size=8, one_pass=False)
     assert torch.allclose(values, 9 * (x.pow(2).sum(dim=1) + 1), rtol=1e-5)
     # the fallback also works where grad mode is off (the engine computes traces inside backward)
     with torch.no_grad(), pytest.warns(UserWarning, match="cannot be vmapped"):
-        again = jacobian_row_sq_norms(residual, params, chunk_size=8)
+        again = jacobian_row_sq_norms(residual, params, chunk_size=8, one_pass=False)
     assert torch.equal(again, values)
+    # the one-pass method needs no vmap where the points' rows stay apart: exact, and no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one_pass = jacobian_row_sq_norms(residual, params, chunk_size=8)
+    assert torch.allclose(one_pass, values, rtol=1e-5)
+    # where the custom op also mixes the rows, the one-pass values fail the check: products again
+    mixed = _ReversedTimesThreeThroughNumpy.apply(model(x))
+    with pytest.warns(UserWarning, match="cannot be vmapped"):
+        reversed_values = jacobian_row_sq_norms(mixed, params, chunk_size=8)
+    assert torch.allclose(reversed_values, values.flip(0), rtol=1e-5)
 
 
 def test_the_fallback_warning_names_the_term_and_other_errors_propagate_without_it() -> None:
@@ -141,7 +163,7 @@ def test_the_fallback_warning_names_the_term_and_other_errors_propagate_without_
     x_a, x_b = torch.randn(6, 2), torch.randn(5, 2)
     engine.request(step=0, batch_key=0, params=list(model.parameters()), traces=TraceRequest(None, chunk_size=4))
     with pytest.warns(UserWarning, match="residual of term 'b' cannot be vmapped"):
-        criterion(a=model(x_a), b=_TimesThreeThroughNumpy.apply(model(x_b))).backward()
+        criterion(a=model(x_a), b=_ReversedTimesThreeThroughNumpy.apply(model(x_b))).backward()
     measurement = engine.collect(0, criterion.term_names)
     assert measurement is not None and measurement.traces is not None
     expected = torch.stack([(x_a.pow(2).sum(1) + 1).mean(), 9 * (x_b.pow(2).sum(1) + 1).mean()]).double()

@@ -1,0 +1,141 @@
+"""Per-point gradient norms from one backward pass (``lightning_pinn.point_gradients``).
+
+Every value is compared with the vector-Jacobian products for every point
+(``jacobian_row_sq_norms(..., one_pass=False)``), the definition of ``‖∂r(x)/∂θ‖²``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lightning_pinn.point_gradients as point_gradients
+from lightning_pinn.autodiff import derivative
+from lightning_pinn.ntk import jacobian_row_sq_norms
+from lightning_pinn.point_gradients import one_pass_row_sq_norms
+
+
+def _mlp(width: int = 16, inputs: int = 1, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(inputs, width), torch.nn.Tanh(), torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)
+    ).to(dtype)
+
+
+def _by_products(residual: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    return jacobian_row_sq_norms(residual, params, one_pass=False)
+
+
+def _one_pass(residual: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor | None:
+    flat = residual.reshape(-1)
+    return one_pass_row_sq_norms(flat, params, torch.float64 if flat.dtype == torch.float64 else torch.float32)
+
+
+def _pinn_residuals(model: torch.nn.Module, n: int = 40) -> dict[str, torch.Tensor]:
+    x = torch.rand(n, 1, dtype=torch.float64, requires_grad=True)
+    u = model(x)
+    u_xx = derivative(u, x, order=2)
+    x_data = torch.rand(n, 1, dtype=torch.float64)  # points without requires_grad: a data term
+    return {
+        "pde": u_xx + 4 * torch.pi**2 * u,
+        "squared": derivative(u, x) ** 2 - u,
+        "data": model(x_data) - torch.sin(x_data),
+    }
+
+
+@pytest.mark.parametrize("term", ["pde", "squared", "data"])
+def test_one_pass_equals_the_products_on_pinn_residuals(term: str) -> None:
+    model = _mlp()
+    params = list(model.parameters())
+    residual = _pinn_residuals(model)[term]
+    values = _one_pass(residual, params)
+    assert values is not None, "a PINN residual of independent points is one the one-pass method handles"
+    assert not values.requires_grad
+    torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0)
+
+
+def test_one_pass_follows_parameters_through_scales_sums_and_quotients() -> None:
+    torch.manual_seed(1)
+    weight = torch.nn.Parameter(torch.randn(2, 8, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.randn(8, dtype=torch.float64))
+    frequencies = torch.nn.Parameter(torch.randn(2, 4, dtype=torch.float64))  # trainable Fourier features
+    slope = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))  # an adaptive activation (Jagtap 2020)
+    head = torch.nn.Parameter(torch.randn(12, dtype=torch.float64))
+    params = [weight, bias, frequencies, slope, head]
+    x = torch.rand(30, 2, dtype=torch.float64, requires_grad=True)
+    hidden = torch.tanh(10 * slope * (x @ weight + bias))
+    features = torch.cat([hidden, torch.sin(x @ frequencies)], dim=1)
+    u = (features * head).sum(dim=1) / (1 + slope**2) - bias[0]
+    residual = derivative(u, x).sum(dim=1) - u / slope
+    values = _one_pass(residual, params)
+    assert values is not None
+    torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [
+        pytest.param(lambda u: u - u.mean(), id="minus-the-mean"),
+        pytest.param(lambda u: u - u.flip(0), id="periodic-pairs"),
+        pytest.param(lambda u: u[1:] - u[:-1], id="finite-differences"),
+        pytest.param(lambda u: u - 1e-3 * u.roll(1, 0), id="weak-coupling"),
+    ],
+)
+def test_residuals_whose_points_mix_get_the_products_values(mix) -> None:
+    model = _mlp()
+    params = list(model.parameters())
+    x = torch.rand(40, 1, dtype=torch.float64, requires_grad=True)
+    residual = mix(model(x))
+    torch.testing.assert_close(jacobian_row_sq_norms(residual, params), _by_products(residual, params), rtol=1e-10, atol=0)
+
+
+def test_graphs_it_does_not_know_are_declined() -> None:
+    model = _mlp()
+    params = list(model.parameters())
+    x = torch.rand(20, 1, dtype=torch.float64, requires_grad=True)
+    u = model(x)
+    # two residual values (u and u') from one point: its rows are not the residual's points
+    initial = torch.cat([u[:1] - 1, derivative(u, x)[:1]])
+    assert _one_pass(initial, params) is None
+    # the parameters on the left of a product with the points
+    matrix = torch.nn.Parameter(torch.randn(3, 20, dtype=torch.float64))
+    assert _one_pass(matrix @ torch.tanh(x), [matrix]) is None
+    # no path from the residual to the points
+    assert _one_pass(params[0].sum(dim=1), params) is None
+    for residual in (initial, matrix @ torch.tanh(x)):
+        wanted = params if residual is initial else [matrix]
+        torch.testing.assert_close(jacobian_row_sq_norms(residual, wanted), _by_products(residual, wanted))
+
+
+def test_chunks_of_points_give_the_same_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _mlp()
+    params = list(model.parameters())
+    residual = _pinn_residuals(model, n=50)["pde"]
+    whole = _one_pass(residual, params)
+    monkeypatch.setattr(point_gradients, "ONE_PASS_CHUNK_BUDGET", 1)  # one point per chunk
+    chunked = _one_pass(residual, params)
+    assert whole is not None and chunked is not None
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
+
+
+def test_sampled_points_and_float32_and_a_three_dimensional_batch() -> None:
+    model = _mlp(dtype=torch.float32)
+    params = list(model.parameters())
+    x = torch.rand(64, 1, requires_grad=True)
+    residual = derivative(model(x), x, order=2) + model(x)
+    points = torch.tensor([5, 0, 63, 17])
+    sampled = jacobian_row_sq_norms(residual, params, points)
+    torch.testing.assert_close(sampled, _by_products(residual, params)[points], rtol=1e-4, atol=0)
+    # a (points, 1, features) batch: nn.Linear flattens the leading dimensions
+    grid = torch.rand(64, 1, 1, requires_grad=True)
+    stacked = model(grid).reshape(-1)
+    torch.testing.assert_close(jacobian_row_sq_norms(stacked, params), _by_products(stacked, params), rtol=1e-4, atol=0)
+
+
+def test_mixed_precision_values_match_the_products_within_bfloat16_rounding() -> None:
+    model = _mlp(dtype=torch.float32)
+    params = list(model.parameters())
+    x = torch.rand(32, 1, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        residual = model(x).float() - 1
+    torch.testing.assert_close(jacobian_row_sq_norms(residual, params), _by_products(residual, params), rtol=2e-2, atol=0)
