@@ -176,9 +176,10 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
             raise _Unsupported("a node's rows are not the residual's points")
         contributions += _boundary_contributions(node, delta, kind, shape_of, num_points)
 
-    values_per_point = sum(int(shape_of(target).numel()) for target in {t for t, _ in contributions})
-    if values_per_point > 4 * sum(p.numel() for p in params) + 4096:
-        raise _Unsupported("per-point gradients larger than the parameters")
+    target_sizes = [int(shape_of(target).numel()) for target in {t for t, _ in contributions}]
+    if max(target_sizes, default=0) > 4 * sum(p.numel() for p in params) + 4096:
+        raise _Unsupported("a per-point gradient larger than the parameters")  # not parameter-derived after all
+    values_per_point = sum(target_sizes)
     chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(values_per_point, 1))
     result = torch.zeros(num_points, dtype=out_dtype, device=flat.device)
     leaf_nodes = {node for node in order if _is_leaf(node) and kind[node] == "p"}
