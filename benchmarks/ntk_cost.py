@@ -3,12 +3,14 @@
 1. One ``NTKBalancer`` update on the harmonic IVP with N = 128 and N = 1024 collocation points,
    exact and sub-sampled, in units of one plain training step: in one fit, the median time of
    update steps over the median time of the other steps (side by side, same run).
-2. Exact traces with ``lightning_pinn.ntk`` (vmapped vector-Jacobian products in automatic
-   chunks) against two per-point loops of ``torch.autograd.grad`` calls: one-hot cotangents on
-   the residual, and one call per element of ``residual.reshape(-1)`` (ratio of medians, alternated).
-3. Peak memory of one exact (auto-chunked) and one sub-sampled trace computation for N up to
-   10⁴, and of a single unchunked batch where it fits, each in a fresh process (growth of the
-   resident-set high-water mark during the computation).
+2. Exact traces with ``lightning_pinn.ntk``: its default (every point's gradient norm from one
+   backward pass, checked on four points against vector-Jacobian products) and its products
+   alone (``one_pass=False``: vmapped one-hot vector-Jacobian products in automatic chunks),
+   against two per-point loops of ``torch.autograd.grad`` calls: one-hot cotangents on the
+   residual, and one call per element of ``residual.reshape(-1)`` (ratio of medians, alternated).
+3. Peak memory of one exact trace computation (default; products in automatic chunks; products
+   in one unchunked batch where it fits) and one sub-sampled one for N up to 10⁴, each in a
+   fresh process (growth of the resident-set high-water mark during the computation).
 
     python benchmarks/ntk_cost.py                                  # everything, ~15 min on 2 cores
     python benchmarks/ntk_cost.py --points 128 --memory-points 128 1024
@@ -58,9 +60,9 @@ def update_cost(points: int, trace_points: int | None, steps: int = 200, every: 
     return update_vs_plain(model, NTKBalancer(every_n_steps=every, trace_points=trace_points), steps, every=every, warmup=every)
 
 
-def batched_vs_loop(points: int, rounds: int = 5) -> tuple[float, float, float]:
-    """(median library seconds, median one-hot loop seconds, median unbind loop seconds) for
-    exact traces of one residual, alternated.
+def batched_vs_loop(points: int, rounds: int = 5) -> dict[str, float]:
+    """Median seconds of exact traces of one residual by each method (``library``: the default,
+    ``products``: ``one_pass=False``, ``one-hot`` and ``unbind``: the loops), alternated.
 
     Two per-point loops of ``torch.autograd.grad``: one differentiates ``residual`` with a one-hot
     cotangent per point (the stronger baseline), the other differentiates each element of
@@ -89,10 +91,11 @@ def batched_vs_loop(points: int, rounds: int = 5) -> tuple[float, float, float]:
             values.append(sum(g.square().sum() for g in grads))
         return torch.stack(values)
 
-    times: dict[str, list[float]] = {"library": [], "one-hot": [], "unbind": []}
+    times: dict[str, list[float]] = {"library": [], "products": [], "one-hot": [], "unbind": []}
     for _ in range(rounds):
         for name, compute in (
             ("library", lambda: jacobian_row_sq_norms(residual, params)),
+            ("products", lambda: jacobian_row_sq_norms(residual, params, one_pass=False)),
             ("one-hot", one_hot_loop),
             ("unbind", unbind_loop),
         ):
@@ -103,12 +106,13 @@ def batched_vs_loop(points: int, rounds: int = 5) -> tuple[float, float, float]:
                 reference = values
             else:
                 assert torch.allclose(values, reference, rtol=1e-4), f"library and {name} loop traces differ"
-    return statistics.median(times["library"]), statistics.median(times["one-hot"]), statistics.median(times["unbind"])
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _trace(residual: Any, params: list[Any], mode: str) -> None:
-    """One trace computation: ``exact`` (auto chunks), ``one-chunk`` (the working set of one auto-sized
-    chunk), ``sampled`` (128 points) or ``unchunked`` (one batch of N one-hot cotangents)."""
+    """One trace computation: ``exact`` (the default, one pass), ``products`` (vector-Jacobian
+    products in automatic chunks), ``one-chunk`` (the working set of one auto-sized chunk of
+    products), ``sampled`` (128 points, default) or ``unchunked`` (one batch of N one-hot cotangents)."""
     import torch
 
     from lightning_pinn.ntk import auto_chunk_size, jacobian_row_sq_norms, sample_points
@@ -116,12 +120,15 @@ def _trace(residual: Any, params: list[Any], mode: str) -> None:
     points = residual.numel()
     if mode == "exact":
         jacobian_row_sq_norms(residual, params)
+    elif mode == "products":
+        jacobian_row_sq_norms(residual, params, one_pass=False)
     elif mode == "one-chunk":
-        jacobian_row_sq_norms(residual, params, torch.arange(auto_chunk_size(points, sum(p.numel() for p in params), residual.device)))
+        chunk = auto_chunk_size(points, sum(p.numel() for p in params), residual.device)
+        jacobian_row_sq_norms(residual, params, torch.arange(chunk), one_pass=False)
     elif mode == "sampled":
         jacobian_row_sq_norms(residual, params, sample_points(points, 128, torch.Generator().manual_seed(0)))
     else:
-        jacobian_row_sq_norms(residual, params, chunk_size=points)
+        jacobian_row_sq_norms(residual, params, chunk_size=points, one_pass=False)
 
 
 def _memory_child(points: int, mode: str) -> None:
@@ -207,14 +214,19 @@ def main() -> None:
             print(f"| {points} | {label} | {update * 1e3:.1f} ms | {plain * 1e3:.2f} ms | {update / plain:.1f} |", flush=True)
 
     print(
-        "\n## Exact traces: lightning_pinn.ntk (automatic chunks) vs per-point loops of autograd.grad (ratio of medians of 5, alternated)\n"
+        "\n## Exact traces: lightning_pinn.ntk (default: one backward pass; products: one_pass=False) vs per-point "
+        "loops of autograd.grad (ratio of medians, alternated)\n"
     )
-    print("| N points | library | one-hot loop | one-hot / library | unbind loop | unbind / library |\n|---|---|---|---|---|---|")
+    print(
+        "| N points | library (default) | library (products) | one-hot loop | unbind loop | products / default "
+        "| one-hot loop / default | unbind loop / default |\n|---|---|---|---|---|---|---|---|"
+    )
     for points in args.points:
-        library, one_hot, unbind = batched_vs_loop(points, rounds=5 if points <= 128 else 3)
+        t = batched_vs_loop(points, rounds=5 if points <= 128 else 3)
         print(
-            f"| {points} | {library * 1e3:.0f} ms | {one_hot * 1e3:.0f} ms | {one_hot / library:.1f} | "
-            f"{unbind * 1e3:.0f} ms | {unbind / library:.1f} |",
+            f"| {points} | {t['library'] * 1e3:.1f} ms | {t['products'] * 1e3:.0f} ms | {t['one-hot'] * 1e3:.0f} ms | "
+            f"{t['unbind'] * 1e3:.0f} ms | {t['products'] / t['library']:.1f} | {t['one-hot'] / t['library']:.1f} | "
+            f"{t['unbind'] / t['library']:.1f} |",
             flush=True,
         )
 
@@ -222,24 +234,24 @@ def main() -> None:
         return
     print("\n## Peak memory of one trace computation (fresh process each; growth of peak RSS)\n")
     print(
-        "Live tensors never exceed one chunk's working set. The last column reruns the exact computation with\n"
-        "MALLOC_MMAP_THRESHOLD_=65536 (glibc returns large blocks to the system at once, so the peak is the live peak,\n"
-        "at a cost in time): the exact column should stay close to it; heap fragmentation would show as a gap.\n"
+        "The default keeps every node's output gradient of one backward pass (O(N), like the graph itself) and\n"
+        "per-point gradients for at most 2**20 values at a time; the products keep one chunk of cotangents.\n"
     )
     print(
-        "| N points | one auto-sized chunk (working set) | exact, auto chunks | sampled, 128 points | exact, one unchunked batch "
-        "| exact, MALLOC_MMAP_THRESHOLD_=65536 |\n|---|---|---|---|---|---|"
+        "| N points | exact (default, one pass) | exact, products in auto chunks | products: one auto-sized chunk "
+        "| sampled, 128 points | products, one unchunked batch |\n|---|---|---|---|---|---|"
     )
     for points in args.memory_points:
-        chunk = memory(points, "one-chunk")
         exact = memory(points, "exact")
+        products = memory(points, "products") if points <= 4096 else None
+        chunk = memory(points, "one-chunk")
         sampled = memory(points, "sampled")
         whole = memory(points, "unchunked") if points <= 2048 else None
+        products_text = f"{products['mib']:.0f} MiB, {products['seconds']:.2f} s" if products else "not run (slow: O(N²))"
         whole_text = f"{whole['mib']:.0f} MiB, {whole['seconds']:.2f} s" if whole else "not run (N² cotangents)"
-        trimmed = memory(points, "exact", {"MALLOC_MMAP_THRESHOLD_": "65536"}) if points <= 4096 else None
-        trimmed_text = f"{trimmed['mib']:.0f} MiB, {trimmed['seconds']:.2f} s" if trimmed else "not run (slow)"
         print(
-            f"| {points} | {chunk['mib']:.0f} MiB | {exact['mib']:.0f} MiB, {exact['seconds']:.2f} s | {sampled['mib']:.0f} MiB, {sampled['seconds']:.2f} s | {whole_text} | {trimmed_text} |",
+            f"| {points} | {exact['mib']:.0f} MiB, {exact['seconds']:.2f} s | {products_text} | {chunk['mib']:.0f} MiB "
+            f"| {sampled['mib']:.0f} MiB, {sampled['seconds']:.2f} s | {whole_text} |",
             flush=True,
         )
 

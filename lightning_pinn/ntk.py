@@ -9,12 +9,14 @@ For a term with point-wise residual ``r_i(x)`` the diagonal block of the NTK is
     t_i = (1/N_i) · Σ_x ‖∂r_i(x)/∂θ‖²  =  tr(K_ii) / N_i.
 
 This module computes ``‖∂r(x)/∂θ‖²`` for a set of points from a residual tensor that still
-holds its autograd graph, with batched vector-Jacobian products (one-hot cotangents, vmapped by
-``torch.func.vmap`` around ``torch.autograd.grad``) in chunks so that memory stays bounded, or
-one product per point where batching does not pay (large N on a CPU, see
-:func:`auto_chunk_size`). A graph whose backward cannot be vmapped (a custom
-``autograd.Function`` that leaves torch, e.g. through numpy) falls back to the per-point
-products, with a warning.
+holds its autograd graph. First it tries :mod:`lightning_pinn.point_gradients`: every point's
+value from one backward pass, for residuals whose points are independent, and keeps those values
+if they match vector-Jacobian products on four points (:func:`_check_rows`). Otherwise it uses
+batched vector-Jacobian products (one-hot cotangents, vmapped by ``torch.func.vmap`` around
+``torch.autograd.grad``) in chunks so that memory stays bounded, or one product per point where
+batching does not pay (large N on a CPU, see :func:`auto_chunk_size`). A graph whose backward
+cannot be vmapped (a custom ``autograd.Function`` that leaves torch, e.g. through numpy) falls
+back to the per-point products, with a warning.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ _NO_BATCHING_RULE = "There is a performance drop because we have not yet impleme
 
 __all__ = ["jacobian_row_sq_norms", "sample_points", "auto_chunk_size", "CHUNK_BUDGET", "ACCELERATOR_CHUNK_BUDGET"]
 
-#: CPU: target working set of one batched vector-Jacobian product, in values: points per chunk
+#: CPU: target working set of one batched vector-Jacobian product (used where the one-pass
+#: method of :mod:`lightning_pinn.point_gradients` does not apply), in values: points per chunk
 #: c × points in the residual N × the network's width, estimated as √(number of parameters).
 #: The residual's graph runs over all N points, so each product costs O(N) whatever the
 #: cotangent, and exact traces cost O(N²) in total; batching only amortises the per-call
@@ -174,13 +177,16 @@ def _agrees_with_products(values: Tensor, flat: Tensor, params: list[Tensor], ou
     rounding differences of two orders of summation).
     """
     rows = torch.tensor(_check_rows(flat.numel()), device=flat.device)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            exact = _vmapped_row_sq_norms(flat, params, rows, out_dtype)
-    except RuntimeError as error:
-        if "can't allocate memory" in str(error):
-            raise
+    exact = None
+    if auto_chunk_size(flat.numel(), sum(p.numel() for p in params), flat.device) >= len(rows):
+        try:  # batched where a chunk of this size pays (and its working set is small)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                exact = _vmapped_row_sq_norms(flat, params, rows, out_dtype)
+        except RuntimeError as error:
+            if "can't allocate memory" in str(error):
+                raise
+    if exact is None:
         exact = _looped_row_sq_norms(flat, params, rows, out_dtype)
     fast = values[rows]
     if not bool(torch.isfinite(fast).all()) or not bool(torch.isfinite(exact).all()):

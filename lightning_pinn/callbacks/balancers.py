@@ -548,10 +548,15 @@ class NTKBalancer(WeightBalancer):
     Jacobian: it is refused with an error naming it, unless it is outside ``terms`` (and not the
     ``reference``), where it keeps its λ and is left out of ``Σ_j t_j``.
 
-    The traces are exact by default: one vector-Jacobian product per point, batched with
+    The traces are exact by default. Where a term's points are independent (row n of the
+    residual's graph depends on point n only, as for a network evaluated point by point and its
+    autograd derivatives), every point's ``‖∂r_i(x)/∂θ‖²`` comes from one backward pass
+    (``lightning_pinn.point_gradients``; O(N)), checked on four points against vector-Jacobian
+    products. Otherwise (points that mix, as in finite differences between points; operations
+    that module does not know) it is one vector-Jacobian product per point, batched with
     ``torch.func.vmap`` over ``torch.autograd.grad`` in chunks of ``chunk_size`` points, so
-    memory stays bounded (on a CPU, one product per point where batching does not pay). Each
-    product runs through the residual's graph over all N points, so an exact update costs
+    memory stays bounded (on a CPU, one product per point where batching does not pay); each
+    product runs through the residual's graph over all N points, so such an update costs
     O(N²): use ``trace_points`` for large N. With ``trace_points=m``, each term's trace is estimated from ``m``
     points drawn uniformly without replacement (unbiased; relative standard error
     ``sqrt((1 − m/N)/m) · CV`` where CV is the coefficient of variation of
@@ -562,8 +567,8 @@ class NTKBalancer(WeightBalancer):
         momentum: Smoothing ``m`` in ``[0, 1)`` (0.9 in the 2023 guide; 0 is the 2022 paper's
             direct assignment).
         trace_points: Points per term for a sub-sampled trace (``None``: all points, exact).
-        chunk_size: Points per batched vector-Jacobian product; 1 computes one product per
-            point (``None``: automatic, from N, the parameter count and the device; see
+        chunk_size: Points per batched vector-Jacobian product, where products are used; 1
+            computes one product per point (``None``: automatic, from N, the parameter count and the device; see
             ``lightning_pinn.ntk.auto_chunk_size``).
         seed: Seed of the point sampler (used only with ``trace_points``).
         terms: Terms whose λ may change (default: all).
