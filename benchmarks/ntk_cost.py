@@ -234,8 +234,9 @@ def main() -> None:
         return
     print("\n## Peak memory of one trace computation (fresh process each; growth of peak RSS)\n")
     print(
-        "The default keeps every node's output gradient of one backward pass (O(N), like the graph itself) and\n"
-        "per-point gradients for at most 2**20 values at a time; the products keep one chunk of cotangents.\n"
+        "The default keeps the output gradients of two backward passes at the nodes where parameters meet the points\n"
+        "(O(N), like the graph itself) and per-point gradients for at most 2**22 values at a time; the products keep one\n"
+        "chunk of cotangents.\n"
     )
     print(
         "| N points | exact (default, one pass) | exact, products in auto chunks | products: one auto-sized chunk "

@@ -39,14 +39,14 @@ __all__ = ["one_pass_row_sq_norms", "ONE_PASS_CHUNK_BUDGET"]
 #: the parameter uses); 2²⁰ float32 values are 4 MiB. Measured on 2 CPU cores (harmonic IVP,
 #: 1-32-32-32-1): as fast as 2²² from N = 128 to 10⁴, with peak memory at N = 10⁴ close to that
 #: of one plain backward pass.
-ONE_PASS_CHUNK_BUDGET = 1 << 20
+ONE_PASS_CHUNK_BUDGET = 1 << 22
 
 
 class _Unsupported(Exception):
     """The graph is not one this module can split into per-point gradients."""
 
 
-_Contribution = Callable[[slice], Tensor]
+_Contribution = Callable[[Tensor | slice], Tensor]
 
 
 def _topological_order(root: Any) -> list[Any]:
@@ -115,11 +115,8 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
     num_points = flat.numel()
     param_index = {id(p): i for i, p in enumerate(params)}
     order = _topological_order(root)
-    # Every node's output gradient from one backward pass of Σ_n r_n (its row n is ∂r_n/∂(row n)
-    # where the rows stay apart); the classification below also needs the outputs' shapes.
-    # Only nodes with an operand computed from parameters alone can be where parameters meet the
-    # points: their gradients are kept; of the others, only the shapes (memory stays that of a
-    # few of the graph's tensors).
+    # Only a node with an operand computed from parameters alone can be where parameters meet
+    # the points: those nodes' output gradients are kept; of the others only the shapes.
     from_parameters: dict[Any, bool] = {}
     for node in order:
         if _is_leaf(node):
@@ -129,51 +126,36 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
     candidates = {
         node for node in order if not _is_leaf(node) and any(c is not None and from_parameters[c] for c, _ in node.next_functions)
     }
-    output_gradients: dict[Any, Tensor] = {}
-    output_shapes: dict[Any, torch.Size] = {}
-    several_outputs: set[Any] = set()
-
-    def keep_gradient(node: Any) -> Callable[[tuple[Tensor | None, ...]], None]:
-        keep = node in candidates
-
-        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
-            if len(grad_outputs) != 1:
-                several_outputs.add(node)
-            if grad_outputs and grad_outputs[0] is not None:
-                output_shapes[node] = grad_outputs[0].shape
-                if keep:
-                    output_gradients[node] = grad_outputs[0]
-
-        return hook
-
-    handles = [node.register_prehook(keep_gradient(node)) for node in order if not _is_leaf(node)]
-    try:
-        with torch.enable_grad():
-            ones = torch.ones_like(flat)
-        torch.autograd.grad(flat, params, grad_outputs=ones, retain_graph=True, allow_unused=True)
-    finally:
-        for handle in handles:
-            handle.remove()
+    hooked = [node for node in order if not _is_leaf(node)]
+    # Two backward passes: of Σ_n r_n, and of Σ_n (n+1)·r_n. Where row m of a node serves point
+    # n alone, the second gradient is (n+1) times the first: that names the row's point.
+    with torch.enable_grad():
+        ones = torch.ones_like(flat)
+        codes = torch.arange(1, num_points + 1, device=flat.device).to(flat.dtype)
+    plain, output_shapes, several_outputs = _output_gradients(flat, params, ones, hooked, candidates)
+    coded, _, _ = _output_gradients(flat, params, codes, hooked, candidates)
 
     # "p": computed from parameters alone, one value for all points; "b": has the points' rows.
     # A node with a constant operand (no graph: points without requires_grad, or the ``ones``
-    # that autograd.grad(create_graph=True) starts a derivative from) has the points' rows
-    # when its output has N of them.
+    # that autograd.grad(create_graph=True) starts a derivative from) has the points' rows when
+    # its output has as many rows as the residual or as a tensor of points that requires grad.
+    point_rows = {num_points} | {int(n.variable.shape[0]) for n in order if _is_leaf(n) and not from_parameters[n] and n.variable.dim()}
+    point_rows |= {rows for node in order if (rows := _constant_points_rows(node)) is not None}
     kind: dict[Any, str] = {}
     for node in order:
         if _is_leaf(node):
-            kind[node] = "p" if id(node.variable) in param_index else "b"
+            kind[node] = "p" if from_parameters[node] else "b"
             continue
         children = [child for child, _ in node.next_functions]
+        shape = output_shapes.get(node)
         if any(child is not None and kind[child] == "b" for child in children):
             kind[node] = "b"
-        elif None in children and node in output_shapes and len(output_shapes[node]) > 0 and output_shapes[node][0] == num_points:
+        elif None in children and shape is not None and len(shape) > 0 and shape[0] in point_rows:
             kind[node] = "b"
         else:
             kind[node] = "p"
     if kind[root] != "b":
         raise _Unsupported("the residual does not reach the points through the graph")
-    boundary = [node for node in order if kind[node] == "b" and any(c is not None and kind[c] == "p" for c, _ in node.next_functions)]
     if any(kind[node] == "p" for node in several_outputs):
         raise _Unsupported("a node of the parameters alone has several outputs")
 
@@ -184,41 +166,130 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
             raise _Unsupported("a parameter-derived operand received no gradient")
         return output_shapes[node]
 
-    contributions: list[tuple[Any, _Contribution]] = []
-    for node in boundary:
-        delta = output_gradients.get(node)
+    uses: list[tuple[Any, Tensor | None, _Contribution]] = []  # (parameter-side node, point of each row, contribution)
+    for node in order:
+        if kind[node] != "b" or not any(c is not None and kind[c] == "p" for c, _ in node.next_functions):
+            continue
+        delta = plain.get(node)
         if delta is None:
             continue  # no gradient reached this use: it contributes nothing
-        if delta.dim() == 0 or delta.shape[0] != num_points:
-            raise _Unsupported("a node's rows are not the residual's points")
-        contributions += _boundary_contributions(node, delta, kind, shape_of, num_points)
+        if delta.dim() == 0:
+            raise _Unsupported("a node where parameters meet the points has no rows")
+        point_of_row = _points_of_rows(delta, coded[node], num_points)
+        for target, contribution in _boundary_contributions(node, delta, kind, shape_of):
+            uses.append((target, point_of_row, contribution))
 
-    target_sizes = [int(shape_of(target).numel()) for target in {t for t, _ in contributions}]
-    if max(target_sizes, default=0) > 4 * sum(p.numel() for p in params) + 4096:
+    target_sizes = {target: int(shape_of(target).numel()) for target, _, _ in uses}
+    if max(target_sizes.values(), default=0) > 4 * sum(p.numel() for p in params) + 4096:
         raise _Unsupported("a per-point gradient larger than the parameters")  # not parameter-derived after all
-    values_per_point = sum(target_sizes)
-    chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(values_per_point, 1))
+    chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(sum(target_sizes.values()), 1))
+    # each use's rows, sorted by the point they serve (rows serving no point left out)
+    sorted_uses: list[tuple[Any, Tensor | None, Tensor | None, _Contribution]] = []
+    for target, point_of_row, contribution in uses:
+        if point_of_row is None:
+            sorted_uses.append((target, None, None, contribution))
+            continue
+        served = torch.nonzero(point_of_row >= 0).reshape(-1)
+        points_served, order_of_rows = torch.sort(point_of_row[served], stable=True)
+        sorted_uses.append((target, points_served, served[order_of_rows], contribution))
     result = torch.zeros(num_points, dtype=out_dtype, device=flat.device)
     leaf_nodes = {node for node in order if _is_leaf(node) and kind[node] == "p"}
     reverse = [node for node in reversed(order) if kind[node] == "p"]
     for start in range(0, num_points, chunk):
-        rows = slice(start, min(start + chunk, num_points))
+        stop = min(start + chunk, num_points)
         pending: dict[Any, Tensor] = {}
-        for target, contribution in contributions:
-            _add(pending, target, contribution(rows))
+        for target, points_served, rows, contribution in sorted_uses:
+            if points_served is None or rows is None:  # row n serves point n
+                _add(pending, target, contribution(slice(start, stop)))
+                continue
+            first, last = torch.searchsorted(points_served, torch.tensor([start, stop], device=points_served.device)).tolist()
+            if first == last:
+                continue
+            per_row = contribution(rows[first:last])
+            per_point = per_row.new_zeros((stop - start, *per_row.shape[1:]))
+            per_point.index_add_(0, points_served[first:last] - start, per_row)
+            _add(pending, target, per_point)
         for node in reverse:  # consumers before producers
             gradient = pending.pop(node, None)
             if gradient is None:
                 continue
             if node in leaf_nodes:
                 value = torch.view_as_real(gradient) if gradient.is_complex() else gradient
-                result[rows] += value.reshape(value.shape[0], -1).to(out_dtype).square().sum(dim=1)
+                result[start:stop] += value.reshape(value.shape[0], -1).to(out_dtype).square().sum(dim=1)
                 continue
             inputs = torch.func.vmap(_backward_of(node))(gradient)
             for (child, _), child_gradient in zip(node.next_functions, inputs, strict=False):
                 if child is not None and kind[child] == "p":
                     _add(pending, child, child_gradient)
     return result
+
+
+def _constant_points_rows(node: Any) -> int | None:
+    """Rows of a constant left operand of a matrix product (points without ``requires_grad`` fed to a layer)."""
+    name = type(node).__name__
+    if name == "AddmmBackward0" and node.next_functions[1][0] is None:
+        return _rows(node._saved_mat1)
+    if name == "MmBackward0" and node.next_functions[0][0] is None:
+        return _rows(node._saved_self)
+    return None
+
+
+def _output_gradients(
+    flat: Tensor, params: list[Tensor], cotangent: Tensor, hooked: list[Any], kept: set[Any]
+) -> tuple[dict[Any, Tensor], dict[Any, torch.Size], set[Any]]:
+    """One backward pass of ``flat`` with ``cotangent``: the output gradients of the ``kept`` nodes,
+    the output shapes of all ``hooked`` nodes, and the nodes with several outputs."""
+    gradients: dict[Any, Tensor] = {}
+    shapes: dict[Any, torch.Size] = {}
+    several: set[Any] = set()
+
+    def hook_for(node: Any) -> Callable[[tuple[Tensor | None, ...]], None]:
+        keep = node in kept
+
+        def hook(grad_outputs: tuple[Tensor | None, ...]) -> None:
+            if len(grad_outputs) != 1:
+                several.add(node)
+            if grad_outputs and grad_outputs[0] is not None:
+                shapes[node] = grad_outputs[0].shape
+                if keep:
+                    gradients[node] = grad_outputs[0]
+
+        return hook
+
+    handles = [node.register_prehook(hook_for(node)) for node in hooked]
+    try:
+        torch.autograd.grad(flat, params, grad_outputs=cotangent, retain_graph=True, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return gradients, shapes, several
+
+
+def _points_of_rows(plain: Tensor, coded: Tensor, num_points: int) -> Tensor | None:
+    """The residual point each row of a node serves (−1: none), from its output gradients for the
+    cotangents 1 and n+1: a row that serves point n alone has ``coded = (n+1)·plain``. ``None``:
+    row n serves point n, for every n.
+
+    Raises :class:`_Unsupported` where a row serves several points (a ratio that is not one integer
+    across the row).
+    """
+    rows = plain.shape[0]
+    plain_rows, coded_rows = plain.reshape(rows, -1), coded.reshape(rows, -1)
+    pivot_index = plain_rows.abs().argmax(dim=1, keepdim=True)
+    pivot = plain_rows.gather(1, pivot_index).reshape(-1)
+    used = pivot != 0
+    ratio = coded_rows.gather(1, pivot_index).reshape(-1) / torch.where(used, pivot, torch.ones_like(pivot))
+    code = ratio.round()
+    # the whole row must carry the code (a row serving two points would not, in general)
+    mismatch = torch.linalg.vector_norm(coded_rows - code.reshape(-1, 1) * plain_rows, dim=1)
+    bad = (code < 1) | (code > num_points) | ((ratio - code).abs() > 0.25)
+    bad |= mismatch > 1e-3 * code.abs() * torch.linalg.vector_norm(plain_rows, dim=1)
+    if bool((used & bad).any()):
+        raise _Unsupported("a row serves several points")
+    point_of_row = torch.where(used, code.long() - 1, torch.full_like(code, -1, dtype=torch.long))
+    if rows == num_points and bool((point_of_row == torch.arange(rows, device=point_of_row.device)).all()):
+        return None
+    return point_of_row
 
 
 def _backward_of(node: Any) -> Callable[[Tensor], tuple[Tensor, ...]]:
@@ -241,10 +312,12 @@ def _rows(tensor: Tensor | None) -> int | None:
 
 
 def _boundary_contributions(
-    node: Any, delta: Tensor, kind: dict[Any, str], shape_of: Callable[[Any], torch.Size], num_points: int
+    node: Any, delta: Tensor, kind: dict[Any, str], shape_of: Callable[[Any], torch.Size]
 ) -> list[tuple[Any, _Contribution]]:
-    """Per-point gradients of the parameter-derived operands of ``node``, given its output gradient ``delta``."""
+    """Per-row gradients of the parameter-derived operands of ``node``, given its output gradient
+    ``delta``: for each, a function of row indices returning ``(len(rows), *operand shape)``."""
     name = type(node).__name__
+    num_rows = delta.shape[0]
     children = [child for child, _ in node.next_functions]
 
     def parameter_side(position: int) -> bool:
@@ -259,7 +332,7 @@ def _boundary_contributions(
         if parameter_side(right):
             points = node._saved_mat1 if name == "AddmmBackward0" else node._saved_self
             scale = node._saved_alpha if name == "AddmmBackward0" else 1
-            if _rows(points) != num_points or points.dim() != 2 or delta.dim() != 2:
+            if _rows(points) != num_rows or points.dim() != 2 or delta.dim() != 2:
                 raise _Unsupported("matrix product rows")
             found.append((children[right], lambda rows, a=points, d=delta, s=scale: s * a[rows, :, None] * d[rows, None, :]))
         if name == "AddmmBackward0" and parameter_side(0):
@@ -275,18 +348,16 @@ def _boundary_contributions(
             if name == "MulBackward0":  # ∂(a·b)/∂a = b
                 other = denominator if position == 0 else numerator
                 found.append(
-                    (children[position], lambda rows, d=delta, o=other, s=shape: _sum_to(d[rows] * _row_slice(o, rows, num_points), s))
+                    (children[position], lambda rows, d=delta, o=other, s=shape: _sum_to(d[rows] * _rows_of(o, rows, num_rows), s))
                 )
             elif position == 0:  # ∂(a/b)/∂a = 1/b
-                found.append(
-                    (children[0], lambda rows, d=delta, o=denominator, s=shape: _sum_to(d[rows] / _row_slice(o, rows, num_points), s))
-                )
+                found.append((children[0], lambda rows, d=delta, o=denominator, s=shape: _sum_to(d[rows] / _rows_of(o, rows, num_rows), s)))
             else:  # ∂(a/b)/∂b = −a/b²
                 found.append(
                     (
                         children[1],
                         lambda rows, d=delta, a=numerator, o=denominator, s=shape: _sum_to(
-                            -d[rows] * _row_slice(a, rows, num_points) / _row_slice(o, rows, num_points) ** 2, s
+                            -d[rows] * _rows_of(a, rows, num_rows) / _rows_of(o, rows, num_rows) ** 2, s
                         ),
                     )
                 )
@@ -301,8 +372,8 @@ def _boundary_contributions(
     return found
 
 
-def _row_slice(tensor: Tensor, rows: slice, num_points: int) -> Tensor:
-    """The chunk's rows of an operand that has the points' rows; a broadcast operand as it is."""
-    if tensor.dim() >= 1 and tensor.shape[0] == num_points:
+def _rows_of(tensor: Tensor, rows: Tensor | slice, num_rows: int) -> Tensor:
+    """The given rows of an operand that has the node's rows; a broadcast operand as it is."""
+    if tensor.dim() >= 1 and tensor.shape[0] == num_rows:
         return tensor[rows]
     return tensor

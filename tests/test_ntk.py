@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,16 +119,22 @@ class _TimesThreeThroughNumpy(torch.autograd.Function):
         return torch.from_numpy(3 * grad.detach().numpy())
 
 
-class _ReversedTimesThreeThroughNumpy(torch.autograd.Function):
-    """Like :class:`_TimesThreeThroughNumpy`, and it reverses the points: row n is 3·x[N−1−n]."""
+class _NeighbourSumThroughNumpy(torch.autograd.Function):
+    """Like :class:`_TimesThreeThroughNumpy`, and it mixes the points: row n is 3·(x[n] + x[n−1])."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return 3 * x.flip(0)
+        return 3 * (x + x.roll(1, 0))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return torch.from_numpy(3 * grad.detach().numpy()[::-1].copy())
+        g = grad.detach().numpy()
+        return torch.from_numpy(3 * (g + np.roll(g, -1, axis=0)))
+
+
+def _neighbour_sum_values(x: torch.Tensor) -> torch.Tensor:
+    """``‖∂r_n/∂θ‖²`` for ``r = _NeighbourSumThroughNumpy(Linear(x))``: 9·(‖x_n + x_{n−1}‖² + 2²)."""
+    return 9 * ((x + x.roll(1, 0)).pow(2).sum(dim=1) + 4)
 
 
 def test_a_backward_that_cannot_be_vmapped_falls_back_to_an_exact_loop_with_a_warning() -> None:
@@ -149,10 +156,10 @@ def test_a_backward_that_cannot_be_vmapped_falls_back_to_an_exact_loop_with_a_wa
         one_pass = jacobian_row_sq_norms(residual, params, chunk_size=8)
     assert torch.allclose(one_pass, values, rtol=1e-5)
     # where the custom op also mixes the rows, the one-pass values fail the check: products again
-    mixed = _ReversedTimesThreeThroughNumpy.apply(model(x))
+    mixed = _NeighbourSumThroughNumpy.apply(model(x))
     with pytest.warns(UserWarning, match="cannot be vmapped"):
-        reversed_values = jacobian_row_sq_norms(mixed, params, chunk_size=8)
-    assert torch.allclose(reversed_values, values.flip(0), rtol=1e-5)
+        mixed_values = jacobian_row_sq_norms(mixed, params, chunk_size=8)
+    assert torch.allclose(mixed_values, _neighbour_sum_values(x), rtol=1e-5)
 
 
 def test_the_fallback_warning_names_the_term_and_other_errors_propagate_without_it() -> None:
@@ -163,10 +170,10 @@ def test_the_fallback_warning_names_the_term_and_other_errors_propagate_without_
     x_a, x_b = torch.randn(6, 2), torch.randn(5, 2)
     engine.request(step=0, batch_key=0, params=list(model.parameters()), traces=TraceRequest(None, chunk_size=4))
     with pytest.warns(UserWarning, match="residual of term 'b' cannot be vmapped"):
-        criterion(a=model(x_a), b=_ReversedTimesThreeThroughNumpy.apply(model(x_b))).backward()
+        criterion(a=model(x_a), b=_NeighbourSumThroughNumpy.apply(model(x_b))).backward()
     measurement = engine.collect(0, criterion.term_names)
     assert measurement is not None and measurement.traces is not None
-    expected = torch.stack([(x_a.pow(2).sum(1) + 1).mean(), 9 * (x_b.pow(2).sum(1) + 1).mean()]).double()
+    expected = torch.stack([(x_a.pow(2).sum(1) + 1).mean(), _neighbour_sum_values(x_b).mean()]).double()
     assert torch.allclose(measurement.traces, expected, rtol=1e-5)
 
     # a failure that has nothing to do with vmap is raised as it is, with no fallback warning

@@ -139,3 +139,27 @@ def test_mixed_precision_values_match_the_products_within_bfloat16_rounding() ->
     with torch.autocast("cpu", dtype=torch.bfloat16):
         residual = model(x).float() - 1
     torch.testing.assert_close(jacobian_row_sq_norms(residual, params), _by_products(residual, params), rtol=2e-2, atol=0)
+
+
+def test_one_network_call_over_every_term_then_sliced_and_periodic_pairs_take_the_one_pass_route() -> None:
+    model = _mlp()
+    params = list(model.parameters())
+    interior = torch.rand(30, 1, dtype=torch.float64)
+    boundary = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
+    x = torch.cat([interior, boundary]).requires_grad_(True)  # one call for every term, as DeepXDE does
+    u = model(x)
+    u_xx = derivative(u, x, order=2)
+    left, right = torch.zeros(8, 1, dtype=torch.float64), torch.ones(8, 1, dtype=torch.float64)
+    both_sides = model(torch.cat([left, right]))
+    residuals = {
+        "pde": u_xx[:30] + u[:30],
+        "bc": u[30:] - 1,
+        "reversed": u.flip(0),  # a permutation of the points is not a mixture
+        "periodic": both_sides[:8] - both_sides[8:],  # each residual from two rows, each row serving one residual
+    }
+    for name, residual in residuals.items():
+        values = _one_pass(residual, params)
+        assert values is not None, name
+        torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0, msg=name)
+    # a row that serves two residual values is declined
+    assert _one_pass(u[:10] + u[10:20].flip(0) + u[5:15], params) is None
