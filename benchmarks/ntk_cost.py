@@ -12,7 +12,7 @@
    in one unchunked batch where it fits) and one sub-sampled one for N up to 10⁴, each in a
    fresh process (growth of the resident-set high-water mark during the computation).
 
-    python benchmarks/ntk_cost.py                                  # everything, ~15 min on 2 cores
+    python benchmarks/ntk_cost.py                                  # everything, ~6 min on 2 cores
     python benchmarks/ntk_cost.py --points 128 --memory-points 128 1024
     python benchmarks/ntk_cost.py --cuda-memory-points 128 1024 4096 10000   # only the CUDA memory table (GPU)
 """
@@ -110,7 +110,7 @@ def batched_vs_loop(points: int, rounds: int = 5) -> dict[str, float]:
 
 
 def _trace(residual: Any, params: list[Any], mode: str) -> None:
-    """One trace computation: ``exact`` (the default, one pass), ``products`` (vector-Jacobian
+    """One trace computation: ``exact`` (the default: per-point gradients from two backward passes), ``products`` (vector-Jacobian
     products in automatic chunks), ``one-chunk`` (the working set of one auto-sized chunk of
     products), ``sampled`` (128 points, default) or ``unchunked`` (one batch of N one-hot cotangents)."""
     import torch
@@ -214,7 +214,7 @@ def main() -> None:
             print(f"| {points} | {label} | {update * 1e3:.1f} ms | {plain * 1e3:.2f} ms | {update / plain:.1f} |", flush=True)
 
     print(
-        "\n## Exact traces: lightning_pinn.ntk (default: one backward pass; products: one_pass=False) vs per-point "
+        "\n## Exact traces: lightning_pinn.ntk (default: per-point gradients from two backward passes; products: one_pass=False) vs per-point "
         "loops of autograd.grad (ratio of medians, alternated)\n"
     )
     print(
@@ -239,7 +239,7 @@ def main() -> None:
         "chunk of cotangents.\n"
     )
     print(
-        "| N points | exact (default, one pass) | exact, products in auto chunks | products: one auto-sized chunk "
+        "| N points | exact (default: two backward passes) | exact, products in auto chunks | products: one auto-sized chunk "
         "| sampled, 128 points | products, one unchunked batch |\n|---|---|---|---|---|---|"
     )
     for points in args.memory_points:

@@ -10,7 +10,7 @@ For a term with point-wise residual ``r_i(x)`` the diagonal block of the NTK is
 
 This module computes ``‖∂r(x)/∂θ‖²`` for a set of points from a residual tensor that still
 holds its autograd graph. First it tries :mod:`lightning_pinn.point_gradients`: every point's
-value from one backward pass, for residuals whose points are independent, and keeps those values
+value from two backward passes, for residuals whose graph rows each serve one point, and keeps those values
 if they match vector-Jacobian products on four points (:func:`_check_rows`). Otherwise it uses
 batched vector-Jacobian products (one-hot cotangents, vmapped by ``torch.func.vmap`` around
 ``torch.autograd.grad``) in chunks so that memory stays bounded, or one product per point where
@@ -93,7 +93,7 @@ def jacobian_row_sq_norms(
             warning is given only for a term not in it, which is then added (one warning per
             term across calls). ``None``: warn on every call that falls back.
         one_pass: Try :func:`lightning_pinn.point_gradients.one_pass_row_sq_norms` first (all
-            points from one backward pass, for a real residual whose points are independent),
+            points from two backward passes, for a real residual whose graph rows each serve one point),
             and use its values when they match vector-Jacobian products on a few points
             (:func:`_check_rows`); otherwise, or with ``False``, the products for every point.
 

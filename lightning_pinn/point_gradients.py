@@ -1,28 +1,33 @@
-"""Per-point gradient norms ``‖∂r(x)/∂θ‖²`` of a residual in one backward pass.
+"""Per-point gradient norms ``‖∂r(x)/∂θ‖²`` of a residual from two backward passes.
 
-A PINN residual evaluates one network at every point, so (for the usual residuals) row ``n``
-of every tensor in its graph depends on point ``n`` only, through the same parameters. Where
-that holds, one backward pass of ``Σ_n r(x_n)`` already carries every point's own gradient:
-at a node where a parameter-derived tensor ``W`` meets the points (``y = a·W``, ``y = a ⊙ w``,
-``y = a + b``), row ``n`` of the node's output gradient is ``δ_n = ∂r(x_n)/∂y_n``, and the point's
-gradient through this use of ``W`` is ``a_nᵀ δ_n`` (``a_n ⊙ δ_n``, ``δ_n``). Summing these per-point
-contributions over every use of a parameter, including the uses autograd created for the
-residual's derivatives (``torch.autograd.grad(..., create_graph=True)``), and squaring gives
+A PINN residual evaluates one network at every point, so (for the usual residuals) each row of
+every tensor in its graph serves one residual point, through the same parameters. Where that
+holds, one backward pass of ``Σ_n r(x_n)`` already carries every point's own gradient: at a node
+where a parameter-derived tensor ``W`` meets the points (``y = a·W``, ``y = a ⊙ w``, ``y = a + b``,
+``y = a / w``), row ``m`` of the node's output gradient is ``δ_m = ∂r(x_n)/∂y_m`` for the point
+``n`` that row serves, and the point's gradient through this use of ``W`` is ``a_mᵀ δ_m``
+(``a_m ⊙ δ_m``, ``δ_m``, ``−a_m δ_m / w²``). Summing these contributions over every use of a
+parameter, including the uses autograd created for the residual's derivatives
+(``torch.autograd.grad(..., create_graph=True)``), and over the rows serving the point, and
+squaring gives
 
-    ‖∂r(x_n)/∂θ‖² = Σ_θ ‖Σ_uses (per-point contribution of the use)‖²        for every n,
+    ‖∂r(x_n)/∂θ‖² = Σ_θ ‖Σ_uses Σ_(rows m serving n) (contribution of row m)‖²        for every n,
 
-at the cost of one backward pass plus ``O(N · number of parameters)`` work, instead of N
+at the cost of two backward passes plus ``O(N · number of parameters)`` work, instead of N
 vector-Jacobian products of ``O(N)`` each. This is Goodfellow's per-example gradient trick
 ("Efficient per-example gradient computations", arXiv:1510.01799, 2015) applied to every use of a
 parameter in the graph. Contributions that pass through operations on the parameters alone
 (a transpose, a cast, ``2·a``) are carried back to the parameters by calling those nodes'
 backward functions under ``torch.func.vmap``.
 
-:func:`one_pass_row_sq_norms` returns ``None`` for a graph it cannot treat this way (an operation
-where parameters meet the points that this module does not know, a row count that does not
-match the residual's). It cannot tell from the graph alone that the points never mix (a residual
-comparing ``u(x_n)`` with ``u(x_{n+1})`` mixes them), so :mod:`lightning_pinn.ntk` checks its
-values on a few points against exact vector-Jacobian products before using them.
+Which point a row serves is read from a second backward pass with cotangent ``n + 1`` on point
+``n``: a row serving point ``n`` alone gets ``(n + 1)`` times its first gradient, across the whole
+row. So a residual sliced from one network call over several terms' points, a permutation of
+the points, or a periodic pair ``u(x_n) − u(x'_n)`` is handled; a row serving several points
+(``u(x_n) − u(x_{n+1})``, ``u − mean(u)``) fails this test, and :func:`one_pass_row_sq_norms`
+returns ``None``, as it does for an operation where parameters meet the points that this module
+does not know. :mod:`lightning_pinn.ntk` also checks the values on four points against exact
+vector-Jacobian products before using them.
 """
 
 from __future__ import annotations
@@ -86,15 +91,16 @@ def _sum_to(per_point: Tensor, shape: torch.Size) -> Tensor:
 
 
 def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: torch.dtype) -> Tensor | None:
-    """``‖∂flat[n]/∂θ‖²`` for every ``n`` from one backward pass, or ``None`` (see the module docstring).
+    """``‖∂flat[n]/∂θ‖²`` for every ``n`` from two backward passes, or ``None`` (see the module docstring).
 
     Args:
         flat: A real residual, flattened, with its autograd graph (retained).
         params: The parameters ``θ``.
         out_dtype: The dtype of the returned values.
 
-    The values are right only where row ``n`` of the graph's tensors depends on point ``n``
-    alone; the caller checks that (:func:`lightning_pinn.ntk.jacobian_row_sq_norms` does).
+    The values are right where every row of the graph's tensors serves one point; rows serving
+    several points are detected (the coded second pass), and the caller checks a few values
+    against vector-Jacobian products (:func:`lightning_pinn.ntk.jacobian_row_sq_norms` does).
     """
     num_points = flat.numel()
     root = flat.grad_fn

@@ -548,9 +548,9 @@ class NTKBalancer(WeightBalancer):
     Jacobian: it is refused with an error naming it, unless it is outside ``terms`` (and not the
     ``reference``), where it keeps its λ and is left out of ``Σ_j t_j``.
 
-    The traces are exact by default. Where a term's points are independent (row n of the
-    residual's graph depends on point n only, as for a network evaluated point by point and its
-    autograd derivatives), every point's ``‖∂r_i(x)/∂θ‖²`` comes from one backward pass
+    The traces are exact by default. Where a term's points are independent (each row of the
+    residual's graph serves one point, as for a network evaluated point by point and its
+    autograd derivatives), every point's ``‖∂r_i(x)/∂θ‖²`` comes from two backward passes
     (``lightning_pinn.point_gradients``; O(N)), checked on four points against vector-Jacobian
     products. Otherwise (points that mix, as in finite differences between points; operations
     that module does not know) it is one vector-Jacobian product per point, batched with
