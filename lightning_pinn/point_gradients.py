@@ -290,6 +290,7 @@ def _points_of_rows(plain: Tensor, coded: Tensor, num_points: int) -> Tensor | N
     mismatch = torch.linalg.vector_norm(coded_rows - code.reshape(-1, 1) * plain_rows, dim=1)
     bad = (code < 1) | (code > num_points) | ((ratio - code).abs() > 0.25)
     bad |= mismatch > 1e-3 * code.abs() * torch.linalg.vector_norm(plain_rows, dim=1)
+    bad |= ~torch.isfinite(ratio) | ~torch.isfinite(mismatch)  # e.g. a code beyond float16's range
     if bool((used & bad).any()):
         raise _Unsupported("a row serves several points")
     point_of_row = torch.where(used, code.long() - 1, torch.full_like(code, -1, dtype=torch.long))

@@ -163,3 +163,14 @@ def test_one_network_call_over_every_term_then_sliced_and_periodic_pairs_take_th
         torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0, msg=name)
     # a row that serves two residual values is declined
     assert _one_pass(u[:10] + u[10:20].flip(0) + u[5:15], params) is None
+
+
+def test_non_finite_gradients_are_declined_and_the_products_report_them() -> None:
+    model = _mlp()
+    params = list(model.parameters())
+    x = torch.rand(20, 1, dtype=torch.float64, requires_grad=True)
+    u = model(x)
+    broken = u * torch.where(torch.arange(20).reshape(-1, 1) == 7, torch.tensor(float("inf"), dtype=torch.float64), 1.0)
+    assert _one_pass(broken, params) is None
+    values = jacobian_row_sq_norms(broken, params)
+    assert not bool(torch.isfinite(values).all())  # 0·inf in the products: NaN, which the balancers skip with a warning
