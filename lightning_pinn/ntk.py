@@ -50,6 +50,10 @@ __all__ = ["jacobian_row_sq_norms", "sample_points", "auto_chunk_size", "CHUNK_B
 #: (N ≳ 1000 for the 3×32 network, N ≳ 300 for 3×128).
 CHUNK_BUDGET = 400_000
 
+#: Widest residual ``(N, c)`` whose columns get the one-pass route one at a time (each column
+#: costs two backward passes; wider residuals go to the one-pass route as one flat residual).
+MAX_ONE_PASS_COLUMNS = 16
+
 #: GPU (any non-CPU device): points per chunk × N. Per-call latency dominates there, so larger
 #: chunks pay (measured on an H100: one unchunked batch ran 4× faster than chunks of this budget,
 #: at N² memory); this keeps memory bounded while amortising the launches.
@@ -119,7 +123,7 @@ def jacobian_row_sq_norms(
         points = points.to(device=residual.device, dtype=torch.long).reshape(-1)
     out_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
     if one_pass and components == 1 and num_points > len(_check_rows(num_points)):
-        every_point = one_pass_row_sq_norms(flat, params, out_dtype)
+        every_point = _one_pass_values(residual, flat, params, out_dtype)
         if every_point is not None and _agrees_with_products(every_point, flat, params, out_dtype):
             return every_point[points]
     # The output is allocated once, before the loop: small tensors kept alive between the chunks'
@@ -162,6 +166,28 @@ def jacobian_row_sq_norms(
         # one value per (point, real/imaginary part); a point's value sums its parts
         squared += row_values.reshape(len(chunk), components).sum(dim=1)
     return values
+
+
+def _one_pass_values(residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype) -> Tensor | None:
+    """:func:`~lightning_pinn.point_gradients.one_pass_row_sq_norms` of every point of ``residual``.
+
+    A residual of shape ``(N, c)`` (a system of ``c ≤ MAX_ONE_PASS_COLUMNS`` equations from one
+    network call) has ``c`` values per graph row; each column has one, so the columns are done
+    one at a time and interleaved back into the residual's row-major order.
+    """
+    columns = residual.numel() // residual.shape[0] if residual.dim() >= 2 and residual.shape[0] > 0 else 1
+    if columns == 1 or columns > MAX_ONE_PASS_COLUMNS:
+        return one_pass_row_sq_norms(flat, params, out_dtype)
+    with torch.enable_grad():
+        table = residual.reshape(residual.shape[0], columns)
+        column_residuals = [table[:, column] for column in range(columns)]
+    per_column = []
+    for column_residual in column_residuals:
+        values = one_pass_row_sq_norms(column_residual, params, out_dtype)
+        if values is None:
+            return None
+        per_column.append(values)
+    return torch.stack(per_column, dim=1).reshape(-1)
 
 
 def _check_rows(num_points: int) -> list[int]:

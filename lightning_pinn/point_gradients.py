@@ -32,6 +32,7 @@ vector-Jacobian products before using them.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,9 @@ ONE_PASS_CHUNK_BUDGET = 1 << 22
 class _Unsupported(Exception):
     """The graph is not one this module can split into per-point gradients."""
 
+
+#: PyTorch's notice that an op has no batching rule (vmap then loops over that op).
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 
 _Contribution = Callable[[Tensor | slice], Tensor]
 
@@ -223,7 +227,9 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
                 value = torch.view_as_real(gradient) if gradient.is_complex() else gradient
                 result[start:stop] += value.reshape(value.shape[0], -1).to(out_dtype).square().sum(dim=1)
                 continue
-            inputs = torch.func.vmap(_backward_of(node))(gradient)
+            with warnings.catch_warnings():  # an op without a batching rule: vmap loops over it, correctly
+                warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+                inputs = torch.func.vmap(_backward_of(node))(gradient)
             for (child, _), child_gradient in zip(node.next_functions, inputs, strict=False):
                 if child is not None and kind[child] == "p":
                     _add(pending, child, child_gradient)

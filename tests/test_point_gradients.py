@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import lightning_pinn.ntk as ntk
 import lightning_pinn.point_gradients as point_gradients
 from lightning_pinn.autodiff import derivative
 from lightning_pinn.ntk import jacobian_row_sq_norms
@@ -174,3 +175,81 @@ def test_non_finite_gradients_are_declined_and_the_products_report_them() -> Non
     assert _one_pass(broken, params) is None
     values = jacobian_row_sq_norms(broken, params)
     assert not bool(torch.isfinite(values).all())  # 0·inf in the products: NaN, which the balancers skip with a warning
+
+
+class _ModifiedMLP(torch.nn.Module):
+    """Wang, Teng & Perdikaris 2021's modified MLP: two encoders mixed by every layer's output."""
+
+    def __init__(self, width: int = 12) -> None:
+        super().__init__()
+        self.encoder_u, self.encoder_v = torch.nn.Linear(1, width), torch.nn.Linear(1, width)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(1, width), torch.nn.Linear(width, width)])
+        self.out = torch.nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v, h = torch.tanh(self.encoder_u(x)), torch.tanh(self.encoder_v(x)), x
+        for layer in self.layers:
+            z = torch.tanh(layer(h))
+            h = (1 - z) * u + z * v
+        return self.out(h)
+
+
+class _AdaptiveSkip(torch.nn.Module):
+    """Adaptive activations (trainable slopes, Jagtap et al. 2020), a skip connection, no output bias."""
+
+    def __init__(self, width: int = 12) -> None:
+        super().__init__()
+        self.first, self.hidden = torch.nn.Linear(1, width), torch.nn.Linear(width, width)
+        self.slopes = torch.nn.Parameter(torch.full((2,), 0.1))
+        self.out = torch.nn.Linear(width, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(10 * self.slopes[0] * self.first(x))
+        return self.out(h + torch.sin(10 * self.slopes[1] * self.hidden(h)))
+
+
+class _FourierFeatures(torch.nn.Module):
+    """Trainable Fourier features and a weight-normalised layer."""
+
+    def __init__(self, width: int = 12) -> None:
+        super().__init__()
+        self.frequencies = torch.nn.Parameter(torch.randn(1, 6))
+        self.layer = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(12, width))
+        self.out = torch.nn.Linear(width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x @ self.frequencies
+        return self.out(torch.tanh(self.layer(torch.cat([torch.sin(z), torch.cos(z)], dim=1))))
+
+
+@pytest.mark.parametrize("architecture", [_ModifiedMLP, _AdaptiveSkip, _FourierFeatures])
+def test_common_pinn_architectures_and_a_hard_constraint_take_the_one_pass_route(architecture) -> None:
+    torch.manual_seed(0)
+    network = architecture().double()
+    params = list(network.parameters())
+    x = torch.rand(40, 1, dtype=torch.float64, requires_grad=True)
+    u = x * (1 - x) * network(x) + 1  # a hard boundary condition
+    residual = derivative(u, x, order=2) + u
+    values = _one_pass(residual, params)
+    assert values is not None
+    torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0)
+
+
+def test_a_system_residual_is_done_column_by_column_and_layer_norm_gets_the_products() -> None:
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Linear(1, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2)).double()
+    params = list(network.parameters())
+    x = torch.rand(30, 1, dtype=torch.float64, requires_grad=True)
+    uv = network(x)
+    u, v = uv[:, 0:1], uv[:, 1:2]
+    system = torch.cat([derivative(u, x) - v, derivative(v, x) + u], dim=1)  # (N, 2): two values per row
+    assert _one_pass(system, params) is None  # as one flat residual, each row serves two values
+    values = ntk._one_pass_values(system, system.reshape(-1), params, torch.float64)
+    assert values is not None
+    torch.testing.assert_close(values, _by_products(system, params), rtol=1e-10, atol=0)
+
+    normed = torch.nn.Sequential(torch.nn.Linear(1, 12), torch.nn.LayerNorm(12), torch.nn.Tanh(), torch.nn.Linear(12, 1)).double()
+    normed_params = list(normed.parameters())
+    residual = derivative(normed(x), x) - 1
+    assert _one_pass(residual, normed_params) is None  # layer_norm's parameters: not an operation it knows
+    torch.testing.assert_close(jacobian_row_sq_norms(residual, normed_params), _by_products(residual, normed_params))
