@@ -113,7 +113,7 @@ def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: tor
     try:
         with torch.no_grad():  # the hooks' backward still builds no graph; the node calls must not
             return _one_pass(flat, root, list(params), out_dtype)
-    except (_Unsupported, AttributeError, TypeError, IndexError, ValueError):
+    except (_Unsupported, AttributeError, TypeError, LookupError, ValueError):
         return None
     except RuntimeError as error:
         if "can't allocate memory" in str(error):
@@ -122,6 +122,7 @@ def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: tor
 
 
 def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """:func:`one_pass_row_sq_norms`; raises :class:`_Unsupported` for a graph it cannot treat."""
     num_points = flat.numel()
     param_index = {id(p): i for i, p in enumerate(params)}
     order = _topological_order(root)
@@ -145,25 +146,7 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
     plain, output_shapes, several_outputs = _output_gradients(flat, params, ones, hooked, candidates)
     coded, _, _ = _output_gradients(flat, params, codes, hooked, candidates)
 
-    # "p": computed from parameters alone, one value for all points; "b": has the points' rows.
-    # A node with a constant operand (no graph: points without requires_grad, or the ``ones``
-    # that autograd.grad(create_graph=True) starts a derivative from) has the points' rows when
-    # its output has as many rows as the residual or as a tensor of points that requires grad.
-    point_rows = {num_points} | {int(n.variable.shape[0]) for n in order if _is_leaf(n) and not from_parameters[n] and n.variable.dim()}
-    point_rows |= {rows for node in order if (rows := _constant_points_rows(node)) is not None}
-    kind: dict[Any, str] = {}
-    for node in order:
-        if _is_leaf(node):
-            kind[node] = "p" if from_parameters[node] else "b"
-            continue
-        children = [child for child, _ in node.next_functions]
-        shape = output_shapes.get(node)
-        if any(child is not None and kind[child] == "b" for child in children):
-            kind[node] = "b"
-        elif None in children and shape is not None and len(shape) > 0 and shape[0] in point_rows:
-            kind[node] = "b"
-        else:
-            kind[node] = "p"
+    kind = _classify(order, from_parameters, output_shapes, num_points)
     if kind[root] != "b":
         raise _Unsupported("the residual does not reach the points through the graph")
     if any(kind[node] == "p" for node in several_outputs):
@@ -193,6 +176,48 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
     if max(target_sizes.values(), default=0) > 4 * sum(p.numel() for p in params) + 4096:
         raise _Unsupported("a per-point gradient larger than the parameters")  # not parameter-derived after all
     chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(sum(target_sizes.values()), 1))
+    return _squared_norms(order, kind, uses, num_points, chunk, out_dtype, flat.device)
+
+
+def _classify(order: list[Any], from_parameters: dict[Any, bool], output_shapes: dict[Any, torch.Size], num_points: int) -> dict[Any, str]:
+    """``"p"`` for a node computed from parameters alone (one value for all points), ``"b"`` for one
+    with the points' rows.
+
+    A node with a constant operand (no graph: points without ``requires_grad``, or the ``ones``
+    that ``autograd.grad(create_graph=True)`` starts a derivative from) has the points' rows when
+    its output has as many rows as the residual, as a tensor of points that requires grad, or as
+    constant points fed to a matrix product.
+    """
+    point_rows = {num_points}
+    point_rows |= {int(n.variable.shape[0]) for n in order if _is_leaf(n) and not from_parameters[n] and n.variable.dim()}
+    point_rows |= {rows for node in order if (rows := _constant_points_rows(node)) is not None}
+    kind: dict[Any, str] = {}
+    for node in order:
+        if _is_leaf(node):
+            kind[node] = "p" if from_parameters[node] else "b"
+            continue
+        children = [child for child, _ in node.next_functions]
+        shape = output_shapes.get(node)
+        if any(child is not None and kind[child] == "b" for child in children):
+            kind[node] = "b"
+        elif None in children and shape is not None and len(shape) > 0 and shape[0] in point_rows:
+            kind[node] = "b"
+        else:
+            kind[node] = "p"
+    return kind
+
+
+def _squared_norms(
+    order: list[Any],
+    kind: dict[Any, str],
+    uses: list[tuple[Any, Tensor | None, _Contribution]],
+    num_points: int,
+    chunk: int,
+    out_dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """Sum each point's contributions per parameter, ``chunk`` points at a time, carry them through the
+    nodes of parameters alone (vmapped backward calls), and return ``Σ_θ ‖per-point gradient‖²``."""
     # each use's rows, sorted by the point they serve (rows serving no point left out)
     sorted_uses: list[tuple[Any, Tensor | None, Tensor | None, _Contribution]] = []
     for target, point_of_row, contribution in uses:
@@ -202,7 +227,7 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
         served = torch.nonzero(point_of_row >= 0).reshape(-1)
         points_served, order_of_rows = torch.sort(point_of_row[served], stable=True)
         sorted_uses.append((target, points_served, served[order_of_rows], contribution))
-    result = torch.zeros(num_points, dtype=out_dtype, device=flat.device)
+    result = torch.zeros(num_points, dtype=out_dtype, device=device)
     leaf_nodes = {node for node in order if _is_leaf(node) and kind[node] == "p"}
     reverse = [node for node in reversed(order) if kind[node] == "p"]
     for start in range(0, num_points, chunk):
