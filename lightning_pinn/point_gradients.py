@@ -138,13 +138,20 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
         node for node in order if not _is_leaf(node) and any(c is not None and from_parameters[c] for c, _ in node.next_functions)
     }
     hooked = [node for node in order if not _is_leaf(node)]
-    # Two backward passes: of Σ_n r_n, and of Σ_n (n+1)·r_n. Where row m of a node serves point
-    # n alone, the second gradient is (n+1) times the first: that names the row's point.
+    # Three backward passes: of Σ_n r_n, Σ_n (n+1)·r_n and Σ_n ρ_n·r_n (ρ_n drawn from [1, 2)).
+    # Where row m of a node serves point n alone, the second gradient is (n+1) times the first,
+    # which names the row's point, and the third ρ_n times the first, which a row serving several
+    # points would not be (whatever their indices: a row serving n and n+1 weakly, or two points
+    # whose indices average to a third).
     with torch.enable_grad():
         ones = torch.ones_like(flat)
-        codes = torch.arange(1, num_points + 1, device=flat.device).to(flat.dtype)
+        indices = torch.arange(1, num_points + 1, device=flat.device).to(flat.dtype)
+        random_codes = (1 + torch.rand(num_points, generator=torch.Generator().manual_seed(num_points), dtype=torch.float64)).to(
+            device=flat.device, dtype=flat.dtype
+        )
     plain, output_shapes, several_outputs = _output_gradients(flat, params, ones, hooked, candidates)
-    coded, _, _ = _output_gradients(flat, params, codes, hooked, candidates)
+    coded, _, _ = _output_gradients(flat, params, indices, hooked, candidates)
+    checked, _, _ = _output_gradients(flat, params, random_codes, hooked, candidates)
 
     kind = _classify(order, from_parameters, output_shapes, num_points)
     if kind[root] != "b":
@@ -168,7 +175,7 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
             continue  # no gradient reached this use: it contributes nothing
         if delta.dim() == 0:
             raise _Unsupported("a node where parameters meet the points has no rows")
-        point_of_row = _points_of_rows(delta, coded[node], num_points)
+        point_of_row = _points_of_rows(delta, coded[node], checked[node], random_codes, num_points)
         for target, contribution in _boundary_contributions(node, delta, kind, shape_of):
             uses.append((target, point_of_row, contribution))
 
@@ -302,29 +309,36 @@ def _output_gradients(
     return gradients, shapes, several
 
 
-def _points_of_rows(plain: Tensor, coded: Tensor, num_points: int) -> Tensor | None:
+def _points_of_rows(plain: Tensor, coded: Tensor, checked: Tensor, random_codes: Tensor, num_points: int) -> Tensor | None:
     """The residual point each row of a node serves (−1: none), from its output gradients for the
-    cotangents 1 and n+1: a row that serves point n alone has ``coded = (n+1)·plain``. ``None``:
-    row n serves point n, for every n.
+    cotangents 1, n+1 and ρ_n: a row that serves point n alone has ``coded = (n+1)·plain`` and
+    ``checked = ρ_n·plain``. ``None``: row n serves point n, for every n.
 
-    Raises :class:`_Unsupported` where a row serves several points (a ratio that is not one integer
-    across the row).
+    Raises :class:`_Unsupported` where a row serves several points: ``coded/plain`` is not one
+    integer across the row, or ``checked`` is not ``ρ_n·plain`` (relative tolerance ``10⁴·eps`` of
+    the gradients' dtype, at most 1e-2; a coupling to other points weaker than that is not seen).
     """
     rows = plain.shape[0]
-    plain_rows, coded_rows = plain.reshape(rows, -1), coded.reshape(rows, -1)
+    plain_rows, coded_rows, checked_rows = plain.reshape(rows, -1), coded.reshape(rows, -1), checked.reshape(rows, -1)
+    plain_norm = torch.linalg.vector_norm(plain_rows, dim=1)
     pivot_index = plain_rows.abs().argmax(dim=1, keepdim=True)
     pivot = plain_rows.gather(1, pivot_index).reshape(-1)
     used = pivot != 0
     ratio = coded_rows.gather(1, pivot_index).reshape(-1) / torch.where(used, pivot, torch.ones_like(pivot))
     code = ratio.round()
-    # the whole row must carry the code (a row serving two points would not, in general)
-    mismatch = torch.linalg.vector_norm(coded_rows - code.reshape(-1, 1) * plain_rows, dim=1)
     bad = (code < 1) | (code > num_points) | ((ratio - code).abs() > 0.25)
-    bad |= mismatch > 1e-3 * code.abs() * torch.linalg.vector_norm(plain_rows, dim=1)
-    bad |= ~torch.isfinite(ratio) | ~torch.isfinite(mismatch)  # e.g. a code beyond float16's range
+    bad |= torch.linalg.vector_norm(coded_rows - code.reshape(-1, 1) * plain_rows, dim=1) > 1e-3 * code.abs() * plain_norm
+    point_of_row = torch.where(used & ~bad, code.long() - 1, torch.zeros_like(code, dtype=torch.long))
+    tolerance = min(1e4 * torch.finfo(plain.dtype).eps, 1e-2)
+    expected = random_codes.to(plain.dtype)[point_of_row].reshape(-1, 1) * plain_rows
+    bad |= torch.linalg.vector_norm(checked_rows - expected, dim=1) > tolerance * expected.norm(dim=1)
+    bad |= ~torch.isfinite(ratio) | ~torch.isfinite(plain_norm)  # e.g. a code beyond float16's range
     if bool((used & bad).any()):
         raise _Unsupported("a row serves several points")
-    point_of_row = torch.where(used, code.long() - 1, torch.full_like(code, -1, dtype=torch.long))
+    # a row whose first gradient vanishes must carry no other: contributions that cancel in Σ_n r_n
+    if bool(((coded_rows != 0).any(dim=1) & ~used).any()) or bool(((checked_rows != 0).any(dim=1) & ~used).any()):
+        raise _Unsupported("a row serves points whose contributions cancel")
+    point_of_row = torch.where(used, point_of_row, torch.full_like(point_of_row, -1))
     if rows == num_points and bool((point_of_row == torch.arange(rows, device=point_of_row.device)).all()):
         return None
     return point_of_row
@@ -395,7 +409,8 @@ def _boundary_contributions(
                     (
                         children[1],
                         lambda rows, d=delta, a=numerator, o=denominator, s=shape: _sum_to(
-                            -d[rows] * _rows_of(a, rows, num_rows) / _rows_of(o, rows, num_rows) ** 2, s
+                            -d[rows] * _rows_of(a, rows, num_rows) / o**2,
+                            s,  # o: the parameter side, no rows
                         ),
                     )
                 )

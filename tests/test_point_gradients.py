@@ -253,3 +253,42 @@ def test_a_system_residual_is_done_column_by_column_and_layer_norm_gets_the_prod
     residual = derivative(normed(x), x) - 1
     assert _one_pass(residual, normed_params) is None  # layer_norm's parameters: not an operation it knows
     torch.testing.assert_close(jacobian_row_sq_norms(residual, normed_params), _by_products(residual, normed_params))
+
+
+def _res_and_u(n: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    model = _mlp()
+    x = torch.rand(n, 1, dtype=torch.float64, requires_grad=True)
+    u = model(x)
+    return derivative(u, x, order=2) + u, u, list(model.parameters())
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        # one row used by two points whose indices average to a third (26 and 30 → 28)
+        pytest.param(lambda res, u: res[torch.cat([torch.arange(30), torch.tensor([26]), torch.arange(31, 60)])], id="duplicate-rows"),
+        # sampling with replacement from one evaluated pool
+        pytest.param(lambda res, u: res[torch.randint(0, 60, (40,), generator=torch.Generator().manual_seed(3))], id="with-replacement"),
+        # a row used with opposite signs: its contributions cancel in Σ_n r_n
+        pytest.param(lambda res, u: torch.cat([res[:30], u[30:31] - u[31:32], u[31:32] - u[32:33], res[33:]]), id="cancelling-row"),
+        # a weak coupling between neighbours far from the four checked points
+        pytest.param(lambda res, u: torch.cat([res[:45], res[45:46] + 0.1 * res[46:47], res[46:]]), id="weak-neighbour"),
+        pytest.param(lambda res, u: torch.cat([res[:45], res[45:46] + 1e-8 * res[46:47], res[46:]]), id="very-weak-neighbour"),
+    ],
+)
+def test_rows_serving_several_points_never_give_wrong_values(build) -> None:
+    res, u, params = _res_and_u(60)
+    residual = build(res, u)
+    torch.testing.assert_close(jacobian_row_sq_norms(residual, params), _by_products(residual, params), rtol=1e-9, atol=0)
+
+
+def test_a_parameter_denominator_as_wide_as_the_batch_is_not_indexed_by_rows() -> None:
+    torch.manual_seed(0)
+    layer, out = torch.nn.Linear(1, 32).double(), torch.nn.Linear(32, 1).double()
+    scale = torch.nn.Parameter(torch.rand(32, dtype=torch.float64) + 0.5)  # as many entries as points
+    params = [*layer.parameters(), scale, *out.parameters()]
+    x = torch.rand(32, 1, dtype=torch.float64, requires_grad=True)
+    residual = out(torch.tanh(layer(x)) / scale)
+    values = _one_pass(residual, params)
+    assert values is not None
+    torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0)
