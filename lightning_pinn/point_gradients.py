@@ -1,4 +1,4 @@
-"""Per-point gradient norms ``‖∂r(x)/∂θ‖²`` of a residual from two backward passes.
+"""Per-point gradient norms ``‖∂r(x)/∂θ‖²`` of a residual from three backward passes.
 
 A PINN residual evaluates one network at every point, so (for the usual residuals) each row of
 every tensor in its graph serves one residual point, through the same parameters. Where that
@@ -13,7 +13,7 @@ squaring gives
 
     ‖∂r(x_n)/∂θ‖² = Σ_θ ‖Σ_uses Σ_(rows m serving n) (contribution of row m)‖²        for every n,
 
-at the cost of two backward passes plus ``O(N · number of parameters)`` work, instead of N
+at the cost of three backward passes plus ``O(N · number of parameters)`` work, instead of N
 vector-Jacobian products of ``O(N)`` each. This is Goodfellow's per-example gradient trick
 ("Efficient per-example gradient computations", arXiv:1510.01799, 2015) applied to every use of a
 parameter in the graph. Contributions that pass through operations on the parameters alone
@@ -22,12 +22,15 @@ backward functions under ``torch.func.vmap``.
 
 Which point a row serves is read from a second backward pass with cotangent ``n + 1`` on point
 ``n``: a row serving point ``n`` alone gets ``(n + 1)`` times its first gradient, across the whole
-row. So a residual sliced from one network call over several terms' points, a permutation of
-the points, or a periodic pair ``u(x_n) − u(x'_n)`` is handled; a row serving several points
-(``u(x_n) − u(x_{n+1})``, ``u − mean(u)``) fails this test, and :func:`one_pass_row_sq_norms`
-returns ``None``, as it does for an operation where parameters meet the points that this module
-does not know. :mod:`lightning_pinn.ntk` also checks the values on four points against exact
-vector-Jacobian products before using them.
+row. A third pass, with a random code ``ρ_n ∈ [1, 2)`` on point ``n``, must give ``ρ_n`` times the
+first gradient: a row serving several points fails that whatever their indices (two points whose
+indices average to a third; a weak coupling between neighbours, which the integer codes resolve
+only to ``1/n``). So a residual sliced from one network call over several terms' points, a
+permutation of the points, or a periodic pair ``u(x_n) − u(x'_n)`` is handled; a row serving
+several points (``u(x_n) − u(x_{n+1})``, ``u − mean(u)``, a point used twice) makes
+:func:`one_pass_row_sq_norms` return ``None``, as does an operation where parameters meet the
+points that this module does not know. :mod:`lightning_pinn.ntk` also checks the values on four
+points against exact vector-Jacobian products before using them.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def _sum_to(per_point: Tensor, shape: torch.Size) -> Tensor:
 
 
 def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: torch.dtype) -> Tensor | None:
-    """``‖∂flat[n]/∂θ‖²`` for every ``n`` from two backward passes, or ``None`` (see the module docstring).
+    """``‖∂flat[n]/∂θ‖²`` for every ``n`` from three backward passes, or ``None`` (see the module docstring).
 
     Args:
         flat: A real residual, flattened, with its autograd graph (retained).
@@ -103,7 +106,7 @@ def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: tor
         out_dtype: The dtype of the returned values.
 
     The values are right where every row of the graph's tensors serves one point; rows serving
-    several points are detected (the coded second pass), and the caller checks a few values
+    several points are detected (the coded second and third passes), and the caller checks a few values
     against vector-Jacobian products (:func:`lightning_pinn.ntk.jacobian_row_sq_norms` does).
     """
     num_points = flat.numel()
