@@ -203,17 +203,9 @@ def _agrees_with_products(values: Tensor, flat: Tensor, params: list[Tensor], ou
     rounding differences of two orders of summation).
     """
     rows = torch.tensor(_check_rows(flat.numel()), device=flat.device)
-    exact = None
-    if auto_chunk_size(flat.numel(), sum(p.numel() for p in params), flat.device) >= len(rows):
-        try:  # batched where a chunk of this size pays (and its working set is small)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                exact = _vmapped_row_sq_norms(flat, params, rows, out_dtype)
-        except RuntimeError as error:
-            if "can't allocate memory" in str(error):
-                raise
-    if exact is None:
-        exact = _looped_row_sq_norms(flat, params, rows, out_dtype)
+    # one plain product per point: vmap over the user's graph would leave batched tensors in the
+    # .grad of any intermediate tensor the user called retain_grad() on
+    exact = _looped_row_sq_norms(flat, params, rows, out_dtype)
     fast = values[rows]
     if not bool(torch.isfinite(fast).all()) or not bool(torch.isfinite(exact).all()):
         return False
