@@ -292,3 +292,15 @@ def test_a_parameter_denominator_as_wide_as_the_batch_is_not_indexed_by_rows() -
     values = _one_pass(residual, params)
     assert values is not None
     torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0)
+
+
+def test_a_retained_intermediate_gradient_does_not_break_the_next_backward() -> None:
+    model = _mlp()
+    params = list(model.parameters())
+    x = torch.rand(20, 1, dtype=torch.float64, requires_grad=True)
+    hidden = model[0](x)
+    hidden.retain_grad()  # PyTorch fills it on every backward pass through it
+    u = model[4](model[3](model[2](model[1](hidden))))
+    jacobian_row_sq_norms(u, params)  # the one-pass route and its check: no vmap over this graph
+    u.sum().backward()  # raised "tensor escaped from vmap" when the check vmapped its products
+    assert hidden.grad is not None and hidden.grad.shape == hidden.shape
