@@ -304,3 +304,32 @@ def test_a_retained_intermediate_gradient_does_not_break_the_next_backward() -> 
     jacobian_row_sq_norms(u, params)  # the one-pass route and its check: no vmap over this graph
     u.sum().backward()  # raised "tensor escaped from vmap" when the check vmapped its products
     assert hidden.grad is not None and hidden.grad.shape == hidden.shape
+
+
+def test_an_ntk_balancer_fit_computes_its_traces_by_the_one_pass_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pytorch_lightning as pl
+
+    from lightning_pinn.callbacks import NTKBalancer
+    from lightning_pinn.problems import HarmonicOscillator
+
+    products: list[int] = []  # points per call of the vector-Jacobian products
+    for name in ("_vmapped_row_sq_norms", "_looped_row_sq_norms"):
+        original = getattr(ntk, name)
+
+        def counted(flat, params, rows, out_dtype, original=original):
+            products.append(len(rows))
+            return original(flat, params, rows, out_dtype)
+
+        monkeypatch.setattr(ntk, name, counted)
+    one_pass_calls: list[int] = []
+    original_one_pass = ntk.one_pass_row_sq_norms
+    monkeypatch.setattr(ntk, "one_pass_row_sq_norms", lambda flat, *a: one_pass_calls.append(flat.numel()) or original_one_pass(flat, *a))
+    torch.manual_seed(0)
+    model = HarmonicOscillator(collocation_points=64, steps_per_epoch=10)
+    trainer = pl.Trainer(
+        max_steps=10, callbacks=[NTKBalancer(every_n_steps=5)], logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    trainer.fit(model)
+    assert one_pass_calls.count(64) == 2  # the pde term at both updates
+    # only the four-point checks and the two-point initial-condition term used products
+    assert products and max(products) <= 4
