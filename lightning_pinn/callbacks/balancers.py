@@ -132,6 +132,7 @@ class WeightBalancer(PerTermCallback):
         self._reference_index: int | None = None
         self._zero_warned: set[str] = set()
         self._clamp_warned: set[str] = set()
+        self._nonfinite_warned: set[str] = set()  # terms whose NaN/inf rule input was warned about
         self._reference_warned = False
         self._last_logged_step: int | None = None  # step of the last logged weights (saved: a resumed fit goes on from it)
         self._last_logged_weights: dict[str, float] = {}  # and their values (a refit of the same Trainer compares them)
@@ -261,12 +262,15 @@ class WeightBalancer(PerTermCallback):
         bad = [name for name, value in zip(names, values) if not math.isfinite(value)]
         if bad:
             self.skipped_updates += 1
-            rank_zero_warn(
-                f"{type(self).__name__}: skipped the weight update at step {step}: the {self._quantity} of term(s) "
-                f"{', '.join(repr(n) for n in bad)} is NaN or infinite. The weights keep their last good values "
-                f"{dict(zip(names, current))}. Look for NaN/inf in those residuals.",
-                category=WeightUpdateWarning,
-            )
+            if not set(bad) <= self._nonfinite_warned:  # once per term and fit; later skips are only counted
+                self._nonfinite_warned.update(bad)
+                rank_zero_warn(
+                    f"{type(self).__name__}: skipped the weight update at step {step}: the {self._quantity} of term(s) "
+                    f"{', '.join(repr(n) for n in bad)} is NaN or infinite. The weights keep their last good values "
+                    f"{dict(zip(names, current))}. Look for NaN/inf in those residuals. Later skips for these terms "
+                    "are counted in skipped_updates, not warned again.",
+                    category=WeightUpdateWarning,
+                )
             return
         if self._zero_is_undefined:
             self._warn_zero_terms(names, values, present, step)
@@ -436,6 +440,7 @@ class WeightBalancer(PerTermCallback):
         self._last_logged_step = None
         self._last_logged_weights = {}
         self.skipped_updates = 0
+        self._nonfinite_warned = set()
         self.last_target = {}
         self._updated_terms = set()
         self._zero_warned = set()
