@@ -333,3 +333,22 @@ def test_an_ntk_balancer_fit_computes_its_traces_by_the_one_pass_route(monkeypat
     assert one_pass_calls.count(64) == 2  # the pde term at both updates
     # only the four-point checks and the two-point initial-condition term used products
     assert products and max(products) <= 4
+
+
+def test_float32_rows_serving_two_points_never_give_wrong_values() -> None:
+    # a second probe found float32 positions where one random code matched a duplicated or weakly
+    # coupled row by chance (10 % off in the trace); two independent codes make that negligible
+    model = _mlp(dtype=torch.float32)
+    params = list(model.parameters())
+    x = torch.rand(60, 1, requires_grad=True)
+    u = model(x)
+    res = derivative(u, x, order=2) + u
+    reference = _by_products(res, params)
+    for copied, into in [(38, 48), (10, 20), (3, 57), (30, 31), (44, 50), (12, 36)]:
+        index = torch.arange(60)
+        index[into] = copied
+        duplicated = res[index]
+        torch.testing.assert_close(jacobian_row_sq_norms(duplicated, params), reference[index], rtol=1e-4, atol=0)
+    for n in range(5, 55, 8):
+        coupled = torch.cat([res[:n], res[n : n + 1] + 0.01 * res[n + 1 : n + 2], res[n + 1 :]])
+        torch.testing.assert_close(jacobian_row_sq_norms(coupled, params), _by_products(coupled, params), rtol=1e-4, atol=0)
