@@ -1,4 +1,4 @@
-"""Per-point gradient norms ``‖∂r(x)/∂θ‖²`` of a residual from four backward passes.
+"""Per-point gradient norms ``‖∂r(x)/∂θ‖²`` of a residual from three or four backward passes.
 
 A PINN residual evaluates one network at every point, so (for the usual residuals) each row of
 every tensor in its graph serves one residual point, through the same parameters. Where that
@@ -13,24 +13,25 @@ squaring gives
 
     ‖∂r(x_n)/∂θ‖² = Σ_θ ‖Σ_uses Σ_(rows m serving n) (contribution of row m)‖²        for every n,
 
-at the cost of four backward passes plus ``O(N · number of parameters)`` work, instead of N
-vector-Jacobian products of ``O(N)`` each. This is Goodfellow's per-example gradient trick
+at the cost of three or four backward passes plus ``O(N · number of parameters)`` work, instead
+of N vector-Jacobian products of ``O(N)`` each. This is Goodfellow's per-example gradient trick
 ("Efficient per-example gradient computations", arXiv:1510.01799, 2015) applied to every use of a
 parameter in the graph. Contributions that pass through operations on the parameters alone
 (a transpose, a cast, ``2·a``) are carried back to the parameters by calling those nodes'
 backward functions under ``torch.func.vmap``.
 
-Which point a row serves is read from a second backward pass with cotangent ``n + 1`` on point
-``n``: a row serving point ``n`` alone gets ``(n + 1)`` times its first gradient, across the whole
-row. A third pass, with a random code ``ρ_n ∈ [1, 2)`` on point ``n``, must give ``ρ_n`` times the
-first gradient: a row serving several points fails that whatever their indices (two points whose
-indices average to a third; a weak coupling between neighbours, which the integer codes resolve
-only to ``1/n``). So a residual sliced from one network call over several terms' points, a
-permutation of the points, or a periodic pair ``u(x_n) − u(x'_n)`` is handled; a row serving
-several points (``u(x_n) − u(x_{n+1})``, ``u − mean(u)``, a point used twice) makes
-:func:`one_pass_row_sq_norms` return ``None``, as does an operation where parameters meet the
-points that this module does not know. :mod:`lightning_pinn.ntk` also checks the values on four
-points against exact vector-Jacobian products before using them.
+Which point a row serves is checked with two more backward passes, with codes ``ρ_n ∈ [1, 2)`` on
+point ``n`` (``1 + frac(n·φ)``, which separates neighbours by at least 0.38, and uniform random
+codes): a row serving point ``n`` alone gets ``ρ_n`` times its first gradient across the whole
+row, which a row serving several points does not, whatever their indices (two points whose
+indices average to a third; a weak coupling between neighbours). Where row ``m`` fails this for
+``ρ_m`` (the rows are reordered: a slice of one network call over several terms' points, a
+permutation, a periodic pair ``u(x_n) − u(x'_n)``), a fourth pass with cotangent ``n + 1`` names
+the point it serves (``(n + 1)`` times its first gradient), and the codes are checked for that
+point. A row serving several points (``u(x_n) − u(x_{n+1})``, ``u − mean(u)``, a point used
+twice) makes :func:`one_pass_row_sq_norms` return ``None``, as does an operation where
+parameters meet the points that this module does not know. :mod:`lightning_pinn.ntk` also checks
+the values on four points against exact vector-Jacobian products before using them.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def _sum_to(per_point: Tensor, shape: torch.Size) -> Tensor:
 
 
 def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: torch.dtype) -> Tensor | None:
-    """``‖∂flat[n]/∂θ‖²`` for every ``n`` from four backward passes, or ``None`` (see the module docstring).
+    """``‖∂flat[n]/∂θ‖²`` for every ``n`` from three or four backward passes, or ``None`` (see the module docstring).
 
     Args:
         flat: A real residual, flattened, with its autograd graph (retained).
@@ -144,11 +145,11 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
         node for node in order if not _is_leaf(node) and any(c is not None and from_parameters[c] for c, _ in node.next_functions)
     }
     hooked = [node for node in order if not _is_leaf(node)]
-    # Four backward passes: of Σ_n r_n, Σ_n (n+1)·r_n, and Σ_n ρ_n·r_n for two codes ρ in [1, 2).
-    # Where row m of a node serves point n alone, the second gradient is (n+1) times the first,
-    # which names the row's point, and the others ρ_n times the first, which a row serving
-    # several points would not be, whatever their indices (a weak coupling between neighbours;
-    # two points whose indices average to a third).
+    # Backward passes of Σ_n r_n, of Σ_n ρ_n·r_n for two codes ρ in [1, 2), and, where a row may
+    # serve a point other than its own, of Σ_n (n+1)·r_n. Where row m of a node serves point n
+    # alone, the coded gradients are ρ_n times the first, which a row serving several points
+    # would not be, whatever their indices (a weak coupling between neighbours; two points whose
+    # indices average to a third), and the last is (n+1) times the first, which names the point.
     with torch.enable_grad():
         ones = torch.ones_like(flat)
         indices = torch.arange(1, num_points + 1, device=flat.device).to(flat.dtype)
@@ -158,8 +159,9 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
         random = 1 + torch.rand(num_points, generator=torch.Generator().manual_seed(num_points), dtype=torch.float64)
         codes = [code.to(flat.device, flat.dtype) for code in (golden, random)]
     plain, output_shapes, several_outputs = _output_gradients(flat, params, ones, hooked, candidates)
-    coded, _, _ = _output_gradients(flat, params, indices, hooked, candidates)
-    checks = [(code, _output_gradients(flat, params, code, hooked, candidates)[0]) for code in codes]
+    candidate_list = [node for node in hooked if node in candidates]  # the later passes need no shapes
+    checks = [(code, _output_gradients(flat, params, code, candidate_list, candidates)[0]) for code in codes]
+    coded: dict[Any, Tensor] | None = None  # the n+1 pass, run only where a row may serve another point
 
     kind = _classify(order, from_parameters, output_shapes, num_points)
     if kind[root] != "b":
@@ -183,7 +185,13 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
             continue  # no gradient reached this use: it contributes nothing
         if delta.dim() == 0:
             raise _Unsupported("a node where parameters meet the points has no rows")
-        point_of_row = _points_of_rows(delta, coded[node], [(code, checked[node]) for code, checked in checks], num_points)
+        node_checks = [(code, checked[node]) for code, checked in checks]
+        if delta.shape[0] == num_points and _serves_own_point(delta, node_checks):
+            point_of_row = None  # the usual case: row n serves point n alone
+        else:
+            if coded is None:
+                coded = _output_gradients(flat, params, indices, candidate_list, candidates)[0]
+            point_of_row = _points_of_rows(delta, coded[node], node_checks, num_points)
         for target, contribution in _boundary_contributions(node, delta, kind, shape_of):
             uses.append((target, point_of_row, contribution))
 
@@ -315,6 +323,23 @@ def _output_gradients(
         for handle in handles:
             handle.remove()
     return gradients, shapes, several
+
+
+def _serves_own_point(plain: Tensor, checks: list[tuple[Tensor, Tensor]]) -> bool:
+    """Whether row n of a node serves point n alone: every coded gradient is ``ρ_n·plain`` (see
+    :func:`_points_of_rows` for the tolerance). A row with a zero first gradient must then be zero
+    in every pass."""
+    rows = plain.shape[0]
+    plain_rows = plain.reshape(rows, -1)
+    if not bool(torch.isfinite(plain_rows).all()):
+        return False
+    tolerance = min(ROW_TOLERANCE_EPS * torch.finfo(plain.dtype).eps, 1e-2)
+    for codes, checked in checks:
+        expected = codes.to(plain.dtype).reshape(-1, 1) * plain_rows
+        mismatch = torch.linalg.vector_norm(checked.reshape(rows, -1) - expected, dim=1)
+        if bool((mismatch > tolerance * torch.linalg.vector_norm(expected, dim=1)).any()):
+            return False
+    return True
 
 
 def _points_of_rows(plain: Tensor, coded: Tensor, checks: list[tuple[Tensor, Tensor]], num_points: int) -> Tensor | None:
