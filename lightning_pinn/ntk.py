@@ -51,7 +51,7 @@ __all__ = ["jacobian_row_sq_norms", "sample_points", "auto_chunk_size", "CHUNK_B
 CHUNK_BUDGET = 400_000
 
 #: Widest residual ``(N, c)`` whose columns get the one-pass route one at a time (each column
-#: costs three or four backward passes; wider residuals go to the one-pass route as one flat residual).
+#: costs three or four backward passes); wider residuals get the products.
 MAX_ONE_PASS_COLUMNS = 16
 
 #: GPU (any non-CPU device): points per chunk × N. Per-call latency dominates there, so larger
@@ -176,8 +176,10 @@ def _one_pass_values(residual: Tensor, flat: Tensor, params: list[Tensor], out_d
     one at a time and interleaved back into the residual's row-major order.
     """
     columns = residual.numel() // residual.shape[0] if residual.dim() >= 2 and residual.shape[0] > 0 else 1
-    if columns == 1 or columns > MAX_ONE_PASS_COLUMNS:
+    if columns == 1:
         return one_pass_row_sq_norms(flat, params, out_dtype)
+    if columns > MAX_ONE_PASS_COLUMNS:
+        return None  # as one flat residual each row would serve `columns` points: it would be declined
     with torch.enable_grad():
         table = residual.reshape(residual.shape[0], columns)
         column_residuals = [table[:, column] for column in range(columns)]

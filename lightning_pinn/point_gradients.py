@@ -45,13 +45,15 @@ from torch import Tensor
 
 __all__ = ["one_pass_row_sq_norms", "ONE_PASS_CHUNK_BUDGET"]
 
+#: torch >= 2.5 names it torch.OutOfMemoryError; earlier releases only torch.cuda.OutOfMemoryError.
+_OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
 #: Relative tolerance of the row tests, in machine epsilons of the gradients' dtype.
 ROW_TOLERANCE_EPS = 2_000
 
 #: Values of per-point gradients held at once (points per chunk × values per point, summed over
-#: the parameter uses); 2²⁰ float32 values are 4 MiB. Measured on 2 CPU cores (harmonic IVP,
-#: 1-32-32-32-1): as fast as 2²² from N = 128 to 10⁴, with peak memory at N = 10⁴ close to that
-#: of one plain backward pass.
+#: the parameter uses); 2²² float32 values are 16 MiB. Smaller budgets (2²⁰) saved little memory
+#: at N = 10⁴ and cost time on wide networks (more chunks, more vmapped node calls).
 ONE_PASS_CHUNK_BUDGET = 1 << 22
 
 
@@ -120,6 +122,8 @@ def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: tor
     try:
         with torch.no_grad():  # the hooks' backward still builds no graph; the node calls must not
             return _one_pass(flat, root, list(params), out_dtype)
+    except _OUT_OF_MEMORY:
+        raise
     except (_Unsupported, AttributeError, TypeError, LookupError, ValueError):
         return None
     except RuntimeError as error:
@@ -156,8 +160,9 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
         # 1 + frac(n·φ): neighbours' codes differ by at least 0.38 (φ the golden ratio); and uniform
         # random codes, which no pattern of indices defeats
         golden = 1 + torch.remainder(torch.arange(num_points, dtype=torch.float64) * ((5**0.5 - 1) / 2), 1.0)
-        random = 1 + torch.rand(num_points, generator=torch.Generator().manual_seed(num_points), dtype=torch.float64)
-        codes = [code.to(flat.device, flat.dtype) for code in (golden, random)]
+        generator = torch.Generator().manual_seed(num_points)
+        random = [1 + torch.rand(num_points, generator=generator, dtype=torch.float64) for _ in range(2)]
+        codes = [code.to(flat.device, flat.dtype) for code in (golden, *random)]
     plain, output_shapes, several_outputs = _output_gradients(flat, params, ones, hooked, candidates)
     candidate_list = [node for node in hooked if node in candidates]  # the later passes need no shapes
     checks = [(code, _output_gradients(flat, params, code, candidate_list, candidates)[0]) for code in codes]
@@ -185,6 +190,8 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
             continue  # no gradient reached this use: it contributes nothing
         if delta.dim() == 0:
             raise _Unsupported("a node where parameters meet the points has no rows")
+        if delta.is_complex():
+            raise _Unsupported("complex gradients (the contributions would need conjugates)")
         node_checks = [(code, checked[node]) for code, checked in checks]
         if delta.shape[0] == num_points and _serves_own_point(delta, node_checks):
             point_of_row = None  # the usual case: row n serves point n alone
@@ -278,7 +285,7 @@ def _squared_norms(
             with warnings.catch_warnings():  # an op without a batching rule: vmap loops over it, correctly
                 warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
                 inputs = torch.func.vmap(_backward_of(node))(gradient)
-            for (child, _), child_gradient in zip(node.next_functions, inputs, strict=False):
+            for (child, _), child_gradient in zip(node.next_functions, inputs, strict=True):
                 if child is not None and kind[child] == "p":
                     _add(pending, child, child_gradient)
     return result
@@ -332,12 +339,12 @@ def _serves_own_point(plain: Tensor, checks: list[tuple[Tensor, Tensor]]) -> boo
     rows = plain.shape[0]
     plain_rows = plain.reshape(rows, -1)
     if not bool(torch.isfinite(plain_rows).all()):
-        return False
+        raise _Unsupported("a non-finite gradient")  # NaN/inf residuals: the products report them
     tolerance = min(ROW_TOLERANCE_EPS * torch.finfo(plain.dtype).eps, 1e-2)
     for codes, checked in checks:
         expected = codes.to(plain.dtype).reshape(-1, 1) * plain_rows
         mismatch = torch.linalg.vector_norm(checked.reshape(rows, -1) - expected, dim=1)
-        if bool((mismatch > tolerance * torch.linalg.vector_norm(expected, dim=1)).any()):
+        if not bool((mismatch <= tolerance * torch.linalg.vector_norm(expected, dim=1)).all()):  # NaN fails too
             return False
     return True
 
@@ -367,16 +374,17 @@ def _points_of_rows(plain: Tensor, coded: Tensor, checks: list[tuple[Tensor, Ten
     used = pivot != 0
     ratio = coded_rows.gather(1, pivot_index).reshape(-1) / torch.where(used, pivot, torch.ones_like(pivot))
     code = ratio.round()
-    bad = (code < 1) | (code > num_points) | ((ratio - code).abs() > 0.25)
-    bad |= torch.linalg.vector_norm(coded_rows - code.reshape(-1, 1) * plain_rows, dim=1) > tolerance * code.abs() * plain_norm
-    point_of_row = torch.where(used & ~bad, code.long() - 1, torch.zeros_like(code, dtype=torch.long))
+    # every comparison is written so that NaN fails it; a non-finite code never becomes an index
+    bad = ~torch.isfinite(ratio) | ~torch.isfinite(plain_norm) | ~torch.isfinite(coded_rows).all(dim=1)
+    bad |= ~((code >= 1) & (code <= num_points) & ((ratio - code).abs() <= 0.25))
+    bad |= ~(torch.linalg.vector_norm(coded_rows - code.reshape(-1, 1) * plain_rows, dim=1) <= tolerance * code.abs() * plain_norm)
+    point_of_row = torch.where(used & ~bad, code, torch.ones_like(code)).long().clamp(1, num_points) - 1
     nonzero_elsewhere = (coded_rows != 0).any(dim=1)
-    for random_codes, checked in checks:
+    for codes, checked in checks:
         checked_rows = checked.reshape(rows, -1)
-        expected = random_codes.to(plain.dtype)[point_of_row].reshape(-1, 1) * plain_rows
-        bad |= torch.linalg.vector_norm(checked_rows - expected, dim=1) > tolerance * expected.norm(dim=1)
+        expected = codes.to(plain.dtype)[point_of_row].reshape(-1, 1) * plain_rows
+        bad |= ~(torch.linalg.vector_norm(checked_rows - expected, dim=1) <= tolerance * expected.norm(dim=1))
         nonzero_elsewhere |= (checked_rows != 0).any(dim=1)
-    bad |= ~torch.isfinite(ratio) | ~torch.isfinite(plain_norm)  # e.g. a code beyond float16's range
     if bool((used & bad).any()):
         raise _Unsupported("a row serves several points")
     # a row whose first gradient vanishes must carry no other: contributions that cancel in Σ_n r_n

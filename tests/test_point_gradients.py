@@ -352,3 +352,19 @@ def test_float32_rows_serving_two_points_never_give_wrong_values() -> None:
     for n in range(5, 55, 8):
         coupled = torch.cat([res[:n], res[n : n + 1] + 0.01 * res[n + 1 : n + 2], res[n + 1 :]])
         torch.testing.assert_close(jacobian_row_sq_norms(coupled, params), _by_products(coupled, params), rtol=1e-4, atol=0)
+
+
+def test_a_duplicate_whose_indices_average_to_a_third_point_in_float32_at_n_1000() -> None:
+    # a review found 166 such (copied, into) pairs at N = 1000 that passed the row tests when the
+    # golden-ratio code (affine in n, like the n+1 code) had only one random code beside it
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    params = list(model.parameters())
+    x = torch.rand(1000, 1, requires_grad=True)
+    u = model(x)
+    res = derivative(u, x, order=2) + u
+    for copied, into in [(6, 458), (17, 325), (3, 97)]:
+        index = torch.arange(1000)
+        index[into] = copied
+        duplicated = res[index]
+        torch.testing.assert_close(jacobian_row_sq_norms(duplicated, params), _by_products(duplicated, params), rtol=1e-4, atol=0)
