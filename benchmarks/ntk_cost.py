@@ -110,7 +110,7 @@ def batched_vs_loop(points: int, rounds: int = 5) -> dict[str, float]:
 
 
 def _trace(residual: Any, params: list[Any], mode: str) -> None:
-    """One trace computation: ``exact`` (the default: per-point gradients from three or four backward passes), ``products`` (vector-Jacobian
+    """One trace computation: ``exact`` (the default: per-point gradients from four or five backward passes), ``products`` (vector-Jacobian
     products in automatic chunks), ``one-chunk`` (the working set of one auto-sized chunk of
     products), ``sampled`` (128 points, default) or ``unchunked`` (one batch of N one-hot cotangents)."""
     import torch
@@ -214,7 +214,7 @@ def main() -> None:
             print(f"| {points} | {label} | {update * 1e3:.1f} ms | {plain * 1e3:.2f} ms | {update / plain:.1f} |", flush=True)
 
     print(
-        "\n## Exact traces: lightning_pinn.ntk (default: per-point gradients from three or four backward passes; products: one_pass=False) vs per-point "
+        "\n## Exact traces: lightning_pinn.ntk (default: per-point gradients from four or five backward passes; products: one_pass=False) vs per-point "
         "loops of autograd.grad (ratio of medians, alternated)\n"
     )
     print(
@@ -234,12 +234,12 @@ def main() -> None:
         return
     print("\n## Peak memory of one trace computation (fresh process each; growth of peak RSS)\n")
     print(
-        "The default keeps the output gradients of three or four backward passes at the nodes where parameters meet the points\n"
+        "The default keeps the output gradients of four or five backward passes at the nodes where parameters meet the points\n"
         "(O(N), like the graph itself) and per-point gradients for at most 2**22 values at a time; the products keep one\n"
         "chunk of cotangents.\n"
     )
     print(
-        "| N points | exact (default: three or four backward passes) | exact, products in auto chunks | products: one auto-sized chunk "
+        "| N points | exact (default: four or five backward passes) | exact, products in auto chunks | products: one auto-sized chunk "
         "| sampled, 128 points | products, one unchunked batch |\n|---|---|---|---|---|---|"
     )
     for points in args.memory_points:

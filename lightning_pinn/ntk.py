@@ -10,7 +10,7 @@ For a term with point-wise residual ``r_i(x)`` the diagonal block of the NTK is
 
 This module computes ``‖∂r(x)/∂θ‖²`` for a set of points from a residual tensor that still
 holds its autograd graph. First it tries :mod:`lightning_pinn.point_gradients`: every point's
-value from three or four backward passes, for residuals whose graph rows each serve one point, and keeps those values
+value from four or five backward passes, for residuals whose graph rows each serve one point, and keeps those values
 if they match vector-Jacobian products on four points (:func:`_check_rows`). Otherwise it uses
 batched vector-Jacobian products (one-hot cotangents, vmapped by ``torch.func.vmap`` around
 ``torch.autograd.grad``) in chunks so that memory stays bounded, or one product per point where
@@ -51,7 +51,7 @@ __all__ = ["jacobian_row_sq_norms", "sample_points", "auto_chunk_size", "CHUNK_B
 CHUNK_BUDGET = 400_000
 
 #: Widest residual ``(N, c)`` whose columns get the one-pass route one at a time (each column
-#: costs three or four backward passes); wider residuals get the products.
+#: costs four or five backward passes); wider residuals get the products.
 MAX_ONE_PASS_COLUMNS = 16
 
 #: GPU (any non-CPU device): points per chunk × N. Per-call latency dominates there, so larger
@@ -97,7 +97,7 @@ def jacobian_row_sq_norms(
             warning is given only for a term not in it, which is then added (one warning per
             term across calls). ``None``: warn on every call that falls back.
         one_pass: Try :func:`lightning_pinn.point_gradients.one_pass_row_sq_norms` first (all
-            points from three or four backward passes, for a real residual whose graph rows each serve one point),
+            points from four or five backward passes, for a real residual whose graph rows each serve one point),
             and use its values when they match vector-Jacobian products on a few points
             (:func:`_check_rows`); otherwise, or with ``False``, the products for every point.
 

@@ -1,4 +1,4 @@
-"""Per-point gradient norms ``‖∂r(x)/∂θ‖²`` of a residual from three or four backward passes.
+"""Per-point gradient norms ``‖∂r(x)/∂θ‖²`` of a residual from four or five backward passes.
 
 A PINN residual evaluates one network at every point, so (for the usual residuals) each row of
 every tensor in its graph serves one residual point, through the same parameters. Where that
@@ -13,22 +13,23 @@ squaring gives
 
     ‖∂r(x_n)/∂θ‖² = Σ_θ ‖Σ_uses Σ_(rows m serving n) (contribution of row m)‖²        for every n,
 
-at the cost of three or four backward passes plus ``O(N · number of parameters)`` work, instead
+at the cost of four or five backward passes plus ``O(N · number of parameters)`` work, instead
 of N vector-Jacobian products of ``O(N)`` each. This is Goodfellow's per-example gradient trick
 ("Efficient per-example gradient computations", arXiv:1510.01799, 2015) applied to every use of a
 parameter in the graph. Contributions that pass through operations on the parameters alone
 (a transpose, a cast, ``2·a``) are carried back to the parameters by calling those nodes'
 backward functions under ``torch.func.vmap``.
 
-Which point a row serves is checked with two more backward passes, with codes ``ρ_n ∈ [1, 2)`` on
-point ``n`` (``1 + frac(n·φ)``, which separates neighbours by at least 0.38, and uniform random
-codes): a row serving point ``n`` alone gets ``ρ_n`` times its first gradient across the whole
-row, which a row serving several points does not, whatever their indices (two points whose
-indices average to a third; a weak coupling between neighbours). Where row ``m`` fails this for
-``ρ_m`` (the rows are reordered: a slice of one network call over several terms' points, a
-permutation, a periodic pair ``u(x_n) − u(x'_n)``), a fourth pass with cotangent ``n + 1`` names
-the point it serves (``(n + 1)`` times its first gradient), and the codes are checked for that
-point. A row serving several points (``u(x_n) − u(x_{n+1})``, ``u − mean(u)``, a point used
+Which point a row serves is checked with three more backward passes, with codes ``ρ_n ∈ [1, 2)``
+on point ``n`` (``1 + frac(n·φ)``, which separates neighbours by at least 0.38, and two
+independent uniform random codes): a row serving point ``n`` alone gets ``ρ_n`` times its first
+gradient across the whole row, which a row serving several points does not, whatever their
+indices (two points whose indices average to a third; a weak coupling between neighbours). Where
+row ``m`` fails this for ``ρ_m`` (the rows are reordered: a slice of one network call over several
+terms' points, a permutation, a periodic pair ``u(x_n) − u(x'_n)``), a fifth pass with cotangent
+``n + 1`` names the point it serves (``(n + 1)`` times its first gradient), and the codes are
+checked for that point. A row serving several points (``u(x_n) − u(x_{n+1})``, ``u − mean(u)``, a
+point used
 twice) makes :func:`one_pass_row_sq_norms` return ``None``, as does an operation where
 parameters meet the points that this module does not know. :mod:`lightning_pinn.ntk` also checks
 the values on four points against exact vector-Jacobian products before using them.
@@ -104,7 +105,7 @@ def _sum_to(per_point: Tensor, shape: torch.Size) -> Tensor:
 
 
 def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: torch.dtype) -> Tensor | None:
-    """``‖∂flat[n]/∂θ‖²`` for every ``n`` from three or four backward passes, or ``None`` (see the module docstring).
+    """``‖∂flat[n]/∂θ‖²`` for every ``n`` from four or five backward passes, or ``None`` (see the module docstring).
 
     Args:
         flat: A real residual, flattened, with its autograd graph (retained).
@@ -361,9 +362,13 @@ def _points_of_rows(plain: Tensor, coded: Tensor, checks: list[tuple[Tensor, Ten
     float64; at most 1e-2). Honest rows measured 1–6 epsilons for the problems of
     :mod:`lightning_pinn.problems` and common architectures, up to ~700 with a hard constraint's
     product in float32 (a row that fails only costs the fallback to products). A row serving
-    points a and b passes only if both codes match by chance, ``|ρ_a − ρ_b|·coupling ≲ tolerance``
-    for the golden-ratio code (which separates neighbours by ≥ 0.38) and the random one, and then
-    the four-point check still stands.
+    points a and b passes only if every code matches by chance, ``|ρ_a − ρ_b|·coupling ≲ tolerance``
+    for the golden-ratio code (which separates neighbours by ≥ 0.38) and both random ones (the
+    golden code is affine in n, like the n+1 code, so alone it cannot tell two duplicates from
+    their midpoint); the odds grow like N²·tolerance² per duplicated pair (a review counted 14
+    fooling pairs of 5·10⁷ at N = 10⁴ in float32), and the four-point check still stands. In
+    float16/bfloat16 the tolerance is capped at 1e-2, and the n+1 codes stop being exact beyond
+    2048/256 points (reordered rows are then declined).
     """
     rows = plain.shape[0]
     tolerance = min(ROW_TOLERANCE_EPS * torch.finfo(plain.dtype).eps, 1e-2)

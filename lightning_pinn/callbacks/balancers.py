@@ -555,7 +555,7 @@ class NTKBalancer(WeightBalancer):
 
     The traces are exact by default. Where a term's points are independent (each row of the
     residual's graph serves one point, as for a network evaluated point by point and its
-    autograd derivatives), every point's ``‖∂r_i(x)/∂θ‖²`` comes from three or four backward passes
+    autograd derivatives), every point's ``‖∂r_i(x)/∂θ‖²`` comes from four or five backward passes
     (``lightning_pinn.point_gradients``; O(N)), checked on four points against vector-Jacobian
     products. Otherwise (points that mix, as in finite differences between points; operations
     that module does not know) it is one vector-Jacobian product per point, batched with
