@@ -27,14 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_pinn.point_gradients import one_pass_row_sq_norms
-
-#: torch >= 2.5 names it torch.OutOfMemoryError; earlier releases only torch.cuda.OutOfMemoryError.
-_OUT_OF_MEMORY: type[Exception] = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-#: PyTorch's notice that an op has no batching rule (vmap then loops over that op): correct
-#: values, nothing a user can act on, so it is silenced inside the batched products.
-_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
+from lightning_pinn.point_gradients import _NO_BATCHING_RULE, _OUT_OF_MEMORY, one_pass_row_sq_norms
 
 __all__ = ["jacobian_row_sq_norms", "sample_points", "auto_chunk_size", "CHUNK_BUDGET", "ACCELERATOR_CHUNK_BUDGET"]
 

@@ -158,24 +158,28 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
     # alone, the coded gradients are ρ_n times the first, which a row serving several points
     # would not be, whatever their indices (a weak coupling between neighbours; two points whose
     # indices average to a third), and the last is (n+1) times the first, which names the point.
-    with torch.enable_grad():
-        ones = torch.ones_like(flat)
-        indices = torch.arange(1, num_points + 1, device=flat.device).to(flat.dtype)
-        # 1 + frac(n·φ): neighbours' codes differ by at least 0.38 (φ the golden ratio); and uniform
-        # random codes, which no pattern of indices defeats
-        golden = 1 + torch.remainder(torch.arange(num_points, dtype=torch.float64) * ((5**0.5 - 1) / 2), 1.0)
-        generator = torch.Generator().manual_seed(num_points)
-        random = [1 + torch.rand(num_points, generator=generator, dtype=torch.float64) for _ in range(2)]
-        codes = [code.to(flat.device, flat.dtype) for code in (golden, *random)]
+    ones = torch.ones_like(flat)
+    indices = torch.arange(1, num_points + 1, device=flat.device).to(flat.dtype)
+    # 1 + frac(n·φ): neighbours' codes differ by at least 0.38 (φ the golden ratio); and uniform
+    # random codes, which no pattern of indices defeats
+    golden = 1 + torch.remainder(torch.arange(num_points, dtype=torch.float64) * ((5**0.5 - 1) / 2), 1.0)
+    generator = torch.Generator().manual_seed(num_points)
+    random = [1 + torch.rand(num_points, generator=generator, dtype=torch.float64) for _ in range(2)]
+    codes = [code.to(flat.device, flat.dtype) for code in (golden, *random)]
     plain, output_shapes, several_outputs = _output_gradients(flat, params, ones, hooked, candidates)
     kind = _classify(order, from_parameters, output_shapes, num_points)
     if kind[root] != "b":
         raise _Unsupported("the residual does not reach the points through the graph")
     if any(kind[node] == "p" for node in several_outputs):
         raise _Unsupported("a node of the parameters alone has several outputs")
-    for node in order:  # decline an unknown meeting of parameters and points before the coded passes
-        meets = kind[node] == "b" and any(c is not None and kind[c] == "p" for c, _ in node.next_functions)
-        if meets and node in plain and type(node).__name__ not in _KNOWN_MEETINGS:
+    # the nodes where parameters meet the points and a gradient arrived (others contribute nothing)
+    meetings = [
+        node
+        for node in order
+        if kind[node] == "b" and node in plain and any(c is not None and kind[c] == "p" for c, _ in node.next_functions)
+    ]
+    for node in meetings:  # decline an unknown meeting before the coded passes
+        if type(node).__name__ not in _KNOWN_MEETINGS:
             raise _Unsupported(f"parameters meet the points in {type(node).__name__}")
 
     candidate_list = [node for node in hooked if node in candidates]  # the later passes need no shapes
@@ -190,12 +194,8 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
         return output_shapes[node]
 
     uses: list[tuple[Any, Tensor | None, _Contribution]] = []  # (parameter-side node, point of each row, contribution)
-    for node in order:
-        if kind[node] != "b" or not any(c is not None and kind[c] == "p" for c, _ in node.next_functions):
-            continue
-        delta = plain.get(node)
-        if delta is None:
-            continue  # no gradient reached this use: it contributes nothing
+    for node in meetings:
+        delta = plain[node]
         if delta.dim() == 0:
             raise _Unsupported("a node where parameters meet the points has no rows")
         if delta.is_complex():
@@ -268,35 +268,48 @@ def _squared_norms(
     result = torch.zeros(num_points, dtype=out_dtype, device=device)
     leaf_nodes = {node for node in order if _is_leaf(node) and kind[node] == "p"}
     reverse = [node for node in reversed(order) if kind[node] == "p"]
-    for start in range(0, num_points, chunk):
-        stop = min(start + chunk, num_points)
-        pending: dict[Any, Tensor] = {}
-        for target, points_served, rows, contribution in sorted_uses:
-            if points_served is None or rows is None:  # row n serves point n
-                _add(pending, target, contribution(slice(start, stop)))
-                continue
-            first, last = torch.searchsorted(points_served, torch.tensor([start, stop], device=points_served.device)).tolist()
-            if first == last:
-                continue
-            per_row = contribution(rows[first:last])
-            per_point = per_row.new_zeros((stop - start, *per_row.shape[1:]))
-            per_point.index_add_(0, points_served[first:last] - start, per_row)
-            _add(pending, target, per_point)
-        for node in reverse:  # consumers before producers
-            gradient = pending.pop(node, None)
-            if gradient is None:
-                continue
-            if node in leaf_nodes:
-                value = torch.view_as_real(gradient) if gradient.is_complex() else gradient
-                result[start:stop] += value.reshape(value.shape[0], -1).to(out_dtype).square().sum(dim=1)
-                continue
-            with warnings.catch_warnings():  # an op without a batching rule: vmap loops over it, correctly
-                warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
-                inputs = torch.func.vmap(_backward_of(node))(gradient)
-            for (child, _), child_gradient in zip(node.next_functions, inputs, strict=True):
-                if child is not None and kind[child] == "p":
-                    _add(pending, child, child_gradient)
+    with warnings.catch_warnings():  # an op without a batching rule: vmap loops over it, correctly
+        warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+        for start in range(0, num_points, chunk):
+            _accumulate_chunk(start, min(start + chunk, num_points), sorted_uses, reverse, leaf_nodes, kind, result, out_dtype)
     return result
+
+
+def _accumulate_chunk(
+    start: int,
+    stop: int,
+    sorted_uses: list[tuple[Any, Tensor | None, Tensor | None, _Contribution]],
+    reverse: list[Any],
+    leaf_nodes: set[Any],
+    kind: dict[Any, str],
+    result: Tensor,
+    out_dtype: torch.dtype,
+) -> None:
+    """Add ``Σ_θ ‖per-point gradient‖²`` of points ``start:stop`` to ``result``."""
+    pending: dict[Any, Tensor] = {}
+    for target, points_served, rows, contribution in sorted_uses:
+        if points_served is None or rows is None:  # row n serves point n
+            _add(pending, target, contribution(slice(start, stop)))
+            continue
+        first, last = torch.searchsorted(points_served, torch.tensor([start, stop], device=points_served.device)).tolist()
+        if first == last:
+            continue
+        per_row = contribution(rows[first:last])
+        per_point = per_row.new_zeros((stop - start, *per_row.shape[1:]))
+        per_point.index_add_(0, points_served[first:last] - start, per_row)
+        _add(pending, target, per_point)
+    for node in reverse:  # consumers before producers
+        gradient = pending.pop(node, None)
+        if gradient is None:
+            continue
+        if node in leaf_nodes:
+            value = torch.view_as_real(gradient) if gradient.is_complex() else gradient
+            result[start:stop] += value.reshape(value.shape[0], -1).to(out_dtype).square().sum(dim=1)
+            continue
+        inputs = torch.func.vmap(_backward_of(node))(gradient)  # the caller silences the no-batching-rule notice
+        for (child, _), child_gradient in zip(node.next_functions, inputs, strict=True):
+            if child is not None and kind[child] == "p":
+                _add(pending, child, child_gradient)
 
 
 def _constant_points_rows(node: Any) -> int | None:
