@@ -58,6 +58,8 @@ class TraceRequest:
     untraced_ok: frozenset[str] = frozenset()  # terms that may be given as 0-dim losses (they get no trace)
     #: terms already warned about (traces computed without vmap): the requester's, one warning per term and fit
     fallback_warned: set[str] | None = field(default=None, compare=False)
+    #: try the O(N) per-point route (``lightning_pinn.point_gradients``) before vector-Jacobian products
+    one_pass: bool = True
 
     def merged(self, other: TraceRequest | None) -> TraceRequest:
         """The request that satisfies both ``self`` and ``other`` (exact beats sampled)."""
@@ -70,7 +72,8 @@ class TraceRequest:
         chunks = [c for c in (self.chunk_size, other.chunk_size) if c is not None]
         untraced_ok = self.untraced_ok & other.untraced_ok  # a term one requester needs a trace of must have one
         warned = self.fallback_warned if self.fallback_warned is not None else other.fallback_warned
-        return TraceRequest(size, min(chunks) if chunks else None, self.generator or other.generator, untraced_ok, warned)
+        one_pass = self.one_pass and other.one_pass  # a requester that switched it off gets products
+        return TraceRequest(size, min(chunks) if chunks else None, self.generator or other.generator, untraced_ok, warned, one_pass)
 
 
 @dataclass(frozen=True)
@@ -482,7 +485,9 @@ class TermGradientEngine:
                 counts.append(0.0)
                 continue
             points = sample_points(residual.numel(), request.sample_size, request.generator)
-            values = jacobian_row_sq_norms(residual, params, points, request.chunk_size, term=name, warned=request.fallback_warned)
+            values = jacobian_row_sq_norms(
+                residual, params, points, request.chunk_size, term=name, warned=request.fallback_warned, one_pass=request.one_pass
+            )
             sums.append(values.to(torch.float64).sum().cpu())
             counts.append(float(values.numel()))
         capture.trace_sums = torch.stack(sums)

@@ -368,3 +368,37 @@ def test_a_duplicate_whose_indices_average_to_a_third_point_in_float32_at_n_1000
         index[into] = copied
         duplicated = res[index]
         torch.testing.assert_close(jacobian_row_sq_norms(duplicated, params), _by_products(duplicated, params), rtol=1e-4, atol=0)
+
+
+def test_an_ntk_balancer_with_one_pass_off_uses_products_and_gets_the_same_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pytorch_lightning as pl
+
+    from lightning_pinn.callbacks import NTKBalancer
+    from lightning_pinn.problems import HarmonicOscillator
+
+    one_pass_calls: list[int] = []
+    original_one_pass = ntk.one_pass_row_sq_norms
+    monkeypatch.setattr(ntk, "one_pass_row_sq_norms", lambda flat, *a: one_pass_calls.append(flat.numel()) or original_one_pass(flat, *a))
+
+    def fit(one_pass: bool) -> tuple[dict[str, float], dict[str, float]]:
+        torch.manual_seed(0)
+        model = HarmonicOscillator(collocation_points=64, steps_per_epoch=10)
+        balancer = NTKBalancer(every_n_steps=5, one_pass=one_pass)
+        trainer = pl.Trainer(max_steps=10, callbacks=[balancer], logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        trainer.fit(model)
+        return balancer.last_traces, model.criterion.weights
+
+    traces_off, weights_off = fit(one_pass=False)
+    assert one_pass_calls == []
+    traces_on, weights_on = fit(one_pass=True)
+    assert one_pass_calls
+    for name in traces_on:
+        assert traces_off[name] == pytest.approx(traces_on[name], rel=1e-4)
+        assert weights_off[name] == pytest.approx(weights_on[name], rel=1e-4)
+
+
+def test_ntk_balancer_refuses_a_non_boolean_one_pass() -> None:
+    from lightning_pinn.callbacks import NTKBalancer
+
+    with pytest.raises(TypeError, match="one_pass must be True or False"):
+        NTKBalancer(one_pass="no")  # type: ignore[arg-type]

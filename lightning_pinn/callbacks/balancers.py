@@ -583,6 +583,9 @@ class NTKBalancer(WeightBalancer):
         warmup_steps: First optimizer step at which λ may change.
         smooth_first_update: Smooth the first update too (default: take ``λ̂`` directly).
         loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
+        one_pass: Try the O(N) per-point route first (checked against products on four points;
+            see above). ``False`` computes every trace with vector-Jacobian products: O(N²),
+            the same values to rounding; a switch for a graph the route gets wrong or is slow on.
     """
 
     _quantity = "NTK trace"
@@ -602,8 +605,12 @@ class NTKBalancer(WeightBalancer):
         warmup_steps: int = 0,
         smooth_first_update: bool = False,
         loss_module: str | None = None,
+        one_pass: bool = True,
     ) -> None:
         super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
+        if not isinstance(one_pass, bool):
+            raise TypeError(f"NTKBalancer: one_pass must be True or False, got {one_pass!r}.")
+        self.one_pass = one_pass
         if trace_points is not None and (not is_integer(trace_points, low=1)):
             raise ValueError(
                 f"NTKBalancer: trace_points must be an integer >= 1 (points sampled per term) or None for exact traces, got {trace_points!r}."
@@ -629,7 +636,7 @@ class NTKBalancer(WeightBalancer):
         # terms this balancer does not change (nor uses as reference) may be 0-dim losses: no trace
         names = self.criterion.term_names
         untraced_ok = frozenset(name for name, adaptive in zip(names, self._adaptive) if not adaptive and name != self.reference)
-        return False, TraceRequest(self.trace_points, self.chunk_size, self._generator, untraced_ok, self._fallback_warned)
+        return False, TraceRequest(self.trace_points, self.chunk_size, self._generator, untraced_ok, self._fallback_warned, self.one_pass)
 
     def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super()._on_attach(trainer, pl_module)
