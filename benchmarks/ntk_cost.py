@@ -8,12 +8,18 @@
    alone (``one_pass=False``: vmapped one-hot vector-Jacobian products in automatic chunks),
    against two per-point loops of ``torch.autograd.grad`` calls: one-hot cotangents on the
    residual, and one call per element of ``residual.reshape(-1)`` (ratio of medians, alternated).
-3. Peak memory of one exact trace computation (default; products in automatic chunks; products
+3. Exact traces on wider networks (the 1D wave's residual u_tt − 4u_xx, 2-W-W-W-1 tanh, N = 300
+   points): the default, which takes each weight matrix's per-point norms from Gram matrices of
+   its outer-product factors, against the same route summing every point's gradient (the
+   previous code, reached by switching the Gram step off) and against one backward pass of the
+   loss (ratio of medians, alternated).
+4. Peak memory of one exact trace computation (default; products in automatic chunks; products
    in one unchunked batch where it fits) and one sub-sampled one for N up to 10⁴, each in a
    fresh process (growth of the resident-set high-water mark during the computation).
 
     python benchmarks/ntk_cost.py                                  # everything, ~6 min on 2 cores
     python benchmarks/ntk_cost.py --points 128 --memory-points 128 1024
+    python benchmarks/ntk_cost.py --points --memory-points --widths 32 128 500   # only the widths table
     python benchmarks/ntk_cost.py --cuda-memory-points 128 1024 4096 10000   # only the CUDA memory table (GPU)
 """
 
@@ -109,6 +115,57 @@ def batched_vs_loop(points: int, rounds: int = 5) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def _wave_residual(width: int, points: int) -> tuple[Any, list[Any]]:
+    import torch
+
+    from lightning_pinn.autodiff import derivative
+    from lightning_pinn.nn import mlp
+
+    torch.manual_seed(0)
+    net = mlp(2, (width, width, width), 1)
+    xt = torch.rand(points, 2, requires_grad=True)
+    u = net(xt)
+    u_xx = derivative(u, xt, dim=0, order=2)
+    u_tt = derivative(u, xt, dim=1, order=2)
+    return u_tt - 4 * u_xx, list(net.parameters())
+
+
+def wide_networks(width: int, points: int = 300, rounds: int = 5) -> dict[str, float]:
+    """Median seconds of exact traces by the default route, by the same route summing per-point
+    gradients for every parameter, and of one backward pass of ``mean(r²)``; alternated."""
+    import torch
+
+    import lightning_pinn.point_gradients as point_gradients
+    from lightning_pinn.ntk import jacobian_row_sq_norms
+
+    residual, params = _wave_residual(width, points)
+    with_gram = point_gradients._outer_product_leaves
+
+    def summed() -> Any:
+        point_gradients._outer_product_leaves = lambda kind, uses: ({}, uses)  # every parameter summed per point
+        try:
+            return jacobian_row_sq_norms(residual, params)
+        finally:
+            point_gradients._outer_product_leaves = with_gram
+
+    times: dict[str, list[float]] = {"default": [], "summed": [], "backward": []}
+    for _ in range(rounds):
+        for name, compute in (
+            ("default", lambda: jacobian_row_sq_norms(residual, params)),
+            ("summed", summed),
+            ("backward", lambda: torch.autograd.grad(residual.square().mean(), params, retain_graph=True, allow_unused=True)),
+        ):
+            start = time.perf_counter()
+            values = compute()
+            times[name].append(time.perf_counter() - start)
+            if name == "default":
+                reference = values
+            elif name == "summed":
+                assert torch.allclose(values, reference, rtol=1e-4), "the two routes' traces differ"
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {**medians, "parameters": float(sum(p.numel() for p in params))}
+
+
 def _trace(residual: Any, params: list[Any], mode: str) -> None:
     """One trace computation: ``exact`` (the default: per-point gradients from four or five backward passes), ``products`` (vector-Jacobian
     products in automatic chunks), ``one-chunk`` (the working set of one auto-sized chunk of
@@ -175,7 +232,9 @@ def main() -> None:
         _memory_child(int(sys.argv[2]), sys.argv[3])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--points", type=int, nargs="+", default=[128, 1024], help="N for the update-cost and batched-vs-loop tables")
+    parser.add_argument(
+        "--points", type=int, nargs="*", default=[128, 1024], help="N for the update-cost and batched-vs-loop tables (none: skip them)"
+    )
     parser.add_argument(
         "--memory-points", type=int, nargs="*", default=[128, 1024, 4096, 10000], help="N for the memory table (none: skip it)"
     )
@@ -185,6 +244,9 @@ def main() -> None:
         nargs="*",
         default=[],
         help="N for a CUDA memory table (peak allocated by PyTorch's caching allocator; needs a GPU; default: none)",
+    )
+    parser.add_argument(
+        "--widths", type=int, nargs="*", default=[32, 128, 500], help="hidden widths for the wider-networks table (none: skip it)"
     )
     parser.add_argument("--update-steps", type=int, default=0, help="steps of each update-cost fit (default: 300, 120 for N > 500)")
     args = parser.parse_args()
@@ -205,30 +267,45 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     print(f"# benchmarks/ntk_cost.py  (torch {torch.__version__}, harmonic IVP network 1-32-32-32-1)\n")
-    print("## One NTKBalancer update, in plain training steps (median update step / median other step, same fit)\n")
-    print("| N points | traces | update step | plain step | update / plain |\n|---|---|---|---|---|")
-    for points in args.points:
-        for trace_points in (None, 64):
-            update, plain = update_cost(points, trace_points, steps=args.update_steps or (120 if points > 500 else 300))
-            label = "exact" if trace_points is None else f"sampled, {trace_points} points/term"
-            print(f"| {points} | {label} | {update * 1e3:.1f} ms | {plain * 1e3:.2f} ms | {update / plain:.1f} |", flush=True)
+    if args.points:
+        print("## One NTKBalancer update, in plain training steps (median update step / median other step, same fit)\n")
+        print("| N points | traces | update step | plain step | update / plain |\n|---|---|---|---|---|")
+        for points in args.points:
+            for trace_points in (None, 64):
+                update, plain = update_cost(points, trace_points, steps=args.update_steps or (120 if points > 500 else 300))
+                label = "exact" if trace_points is None else f"sampled, {trace_points} points/term"
+                print(f"| {points} | {label} | {update * 1e3:.1f} ms | {plain * 1e3:.2f} ms | {update / plain:.1f} |", flush=True)
 
-    print(
-        "\n## Exact traces: lightning_pinn.ntk (default: per-point gradients from four or five backward passes; products: one_pass=False) vs per-point "
-        "loops of autograd.grad (ratio of medians, alternated)\n"
-    )
-    print(
-        "| N points | library (default) | library (products) | one-hot loop | unbind loop | products / default "
-        "| one-hot loop / default | unbind loop / default |\n|---|---|---|---|---|---|---|---|"
-    )
-    for points in args.points:
-        t = batched_vs_loop(points, rounds=5 if points <= 128 else 3)
         print(
-            f"| {points} | {t['library'] * 1e3:.1f} ms | {t['products'] * 1e3:.0f} ms | {t['one-hot'] * 1e3:.0f} ms | "
-            f"{t['unbind'] * 1e3:.0f} ms | {t['products'] / t['library']:.1f} | {t['one-hot'] / t['library']:.1f} | "
-            f"{t['unbind'] / t['library']:.1f} |",
-            flush=True,
+            "\n## Exact traces: lightning_pinn.ntk (default: per-point gradients from four or five backward passes; products: one_pass=False) vs per-point "
+            "loops of autograd.grad (ratio of medians, alternated)\n"
         )
+        print(
+            "| N points | library (default) | library (products) | one-hot loop | unbind loop | products / default "
+            "| one-hot loop / default | unbind loop / default |\n|---|---|---|---|---|---|---|---|"
+        )
+        for points in args.points:
+            t = batched_vs_loop(points, rounds=5 if points <= 128 else 3)
+            print(
+                f"| {points} | {t['library'] * 1e3:.1f} ms | {t['products'] * 1e3:.0f} ms | {t['one-hot'] * 1e3:.0f} ms | "
+                f"{t['unbind'] * 1e3:.0f} ms | {t['products'] / t['library']:.1f} | {t['one-hot'] / t['library']:.1f} | "
+                f"{t['unbind'] / t['library']:.1f} |",
+                flush=True,
+            )
+
+    if args.widths:
+        print("\n## Exact traces on wider networks: wave residual u_tt − 4u_xx, 2-W-W-W-1 tanh, N = 300 (ratio of medians, alternated)\n")
+        print(
+            "| width W | parameters | default (Gram matrices for weights) | per-point sums (previous route) | one backward "
+            "| sums / default | default / backward |\n|---|---|---|---|---|---|---|"
+        )
+        for width in args.widths:
+            t = wide_networks(width, rounds=5 if width <= 128 else 3)
+            print(
+                f"| {width} | {t['parameters']:.0f} | {t['default'] * 1e3:.1f} ms | {t['summed'] * 1e3:.1f} ms | {t['backward'] * 1e3:.1f} ms "
+                f"| {t['summed'] / t['default']:.1f} | {t['default'] / t['backward']:.1f} |",
+                flush=True,
+            )
 
     if not args.memory_points:
         return

@@ -20,6 +20,14 @@ parameter in the graph. Contributions that pass through operations on the parame
 (a transpose, a cast, ``2·a``) are carried back to the parameters by calling those nodes'
 backward functions under ``torch.func.vmap``.
 
+A weight matrix that the points reach only through matrix products (directly or transposed; a
+layer's weight in the network and in every derivative autograd built from it) needs no
+per-point gradient at all: each row's contribution is an outer product ``a_m ⊗ δ_m``, so
+``‖Σ_m a_m ⊗ δ_m‖² = Σ_(m,m') (a_m·a_m')(δ_m·δ_m')`` over the rows serving the point, from two
+small Gram matrices per point (the "ghost norm" of per-example gradient clipping; Li et al.
+2022, arXiv:2110.05679). That is ``O(R²·(k + m))`` per point for R rows of a k×m weight instead
+of ``O(R·k·m)``: 3× faster at width 128 and 6× at width 500 than summing the per-point gradients.
+
 Which point a row serves is checked with three more backward passes, with codes ``ρ_n ∈ [1, 2)``
 on point ``n`` (``1 + frac(n·φ)``, which separates neighbours by at least 0.38, and two
 independent uniform random codes): a row serving point ``n`` alone gets ``ρ_n`` times its first
@@ -39,6 +47,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,6 +78,23 @@ class _Unsupported(Exception):
 _NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching rule"
 
 _Contribution = Callable[[Tensor | slice], Tensor]
+#: A contribution that is an outer product per row: rows -> (p, q) with p of shape (rows, k), q (rows, m)
+_Factors = Callable[[Tensor | slice], tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class _Use:
+    """One use of a parameter-derived tensor where it meets the points."""
+
+    target: Any  # the parameter-side node the contribution flows into
+    point_of_row: Tensor | None  # the point each row serves (None: row n serves point n)
+    contribution: _Contribution  # rows -> per-row gradients, (rows, *target's shape)
+    factors: _Factors | None = None  # set where each row's contribution is an outer product p ⊗ q
+    factor_sizes: tuple[int, int] | None = None  # (k, m): the target's shape for such a use
+
+
+#: Parameter-side nodes that only transpose a matrix: a row's outer product p ⊗ q passes as q ⊗ p.
+_TRANSPOSES = frozenset({"TBackward0"})
 
 
 def _topological_order(root: Any) -> list[Any]:
@@ -193,7 +219,7 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
             raise _Unsupported("a parameter-derived operand received no gradient")
         return output_shapes[node]
 
-    uses: list[tuple[Any, Tensor | None, _Contribution]] = []  # (parameter-side node, point of each row, contribution)
+    uses: list[_Use] = []
     for node in meetings:
         delta = plain[node]
         if delta.dim() == 0:
@@ -207,14 +233,19 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
             if coded is None:
                 coded = _output_gradients(flat, params, indices, candidate_list, candidates)[0]
             point_of_row = _points_of_rows(delta, coded[node], node_checks, num_points)
-        for target, contribution in _boundary_contributions(node, delta, kind, shape_of):
-            uses.append((target, point_of_row, contribution))
+        for target, contribution, factors, sizes in _boundary_contributions(node, delta, kind, shape_of):
+            uses.append(_Use(target, point_of_row, contribution, factors, sizes))
 
-    target_sizes = {target: int(shape_of(target).numel()) for target, _, _ in uses}
+    target_sizes = {use.target: int(shape_of(use.target).numel()) for use in uses}
     if max(target_sizes.values(), default=0) > 4 * sum(p.numel() for p in params) + 4096:
         raise _Unsupported("a per-point gradient larger than the parameters")  # not parameter-derived after all
-    chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(sum(target_sizes.values()), 1))
-    return _squared_norms(order, kind, uses, num_points, chunk, out_dtype, flat.device)
+    result = torch.zeros(num_points, dtype=out_dtype, device=flat.device)
+    outer, uses = _outer_product_leaves(kind, uses)
+    for leaf_uses in outer.values():
+        _add_outer_product_norms(leaf_uses, num_points, result)
+    chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(sum(target_sizes[use.target] for use in uses), 1))
+    _add_materialised_norms(order, kind, uses, num_points, chunk, result)
+    return result
 
 
 def _classify(order: list[Any], from_parameters: dict[Any, bool], output_shapes: dict[Any, torch.Size], num_points: int) -> dict[Any, str]:
@@ -245,34 +276,128 @@ def _classify(order: list[Any], from_parameters: dict[Any, bool], output_shapes:
     return kind
 
 
-def _squared_norms(
-    order: list[Any],
-    kind: dict[Any, str],
-    uses: list[tuple[Any, Tensor | None, _Contribution]],
-    num_points: int,
-    chunk: int,
-    out_dtype: torch.dtype,
-    device: torch.device,
-) -> Tensor:
+def _sorted_rows(point_of_row: Tensor) -> tuple[Tensor, Tensor]:
+    """The rows serving a point, sorted by that point: ``(points served, rows)`` (rows serving none left out)."""
+    served = torch.nonzero(point_of_row >= 0).reshape(-1)
+    points_served, order_of_rows = torch.sort(point_of_row[served], stable=True)
+    return points_served, served[order_of_rows]
+
+
+def _outer_product_leaves(kind: dict[Any, str], uses: list[_Use]) -> tuple[dict[Any, list[tuple[_Use, bool]]], list[_Use]]:
+    """Split ``uses`` into those of parameters reached only by outer products, and the rest.
+
+    A parameter qualifies when every use that reaches it is a matrix product's per-row outer
+    product ``p ⊗ q`` reaching it directly or through transposes (``(use, transposed)`` pairs,
+    per parameter node); its per-point norms then need no per-point gradient
+    (:func:`_add_outer_product_norms`). The rest are summed per point (:func:`_add_materialised_norms`).
+    """
+    below: dict[Any, frozenset[Any]] = {}
+
+    def leaves_below(node: Any) -> frozenset[Any]:  # the parameters a parameter-side node's gradient reaches
+        if node not in below:
+            if _is_leaf(node):
+                below[node] = frozenset({node})
+            else:
+                found: set[Any] = set()
+                for child, _ in node.next_functions:
+                    if child is not None and kind[child] == "p":
+                        found |= leaves_below(child)
+                below[node] = frozenset(found)
+        return below[node]
+
+    def through_transposes(use: _Use) -> tuple[Any, bool] | None:
+        node, transposed = use.target, False
+        while not _is_leaf(node):
+            children = [child for child, _ in node.next_functions if child is not None]
+            if type(node).__name__ not in _TRANSPOSES or len(children) != 1 or kind[children[0]] != "p":
+                return None
+            node, transposed = children[0], not transposed
+        if use.factors is None or use.factor_sizes is None:
+            return None
+        k, m = use.factor_sizes
+        return (node, transposed) if tuple(node.variable.shape) == ((m, k) if transposed else (k, m)) else None
+
+    outer: dict[Any, list[tuple[_Use, bool]]] = {}
+    elsewhere: set[Any] = set()  # parameters reached by some other kind of use
+    for use in uses:
+        end = through_transposes(use)
+        if end is None:
+            elsewhere |= leaves_below(use.target)
+        else:
+            outer.setdefault(end[0], []).append((use, end[1]))
+    rest = [use for use in uses if (end := through_transposes(use)) is None or end[0] in elsewhere]
+    return {leaf: found for leaf, found in outer.items() if leaf not in elsewhere}, rest
+
+
+def _add_outer_product_norms(uses: list[tuple[_Use, bool]], num_points: int, result: Tensor) -> None:
+    """Add each point's ``‖∂r_n/∂W‖²`` to ``result`` for a parameter ``W`` reached only by outer products.
+
+    The point's gradient is ``G_n = Σ_j p_j ⊗ q_j`` over the rows ``j`` serving it in all uses
+    (``q ⊗ p`` through a transpose), so ``‖G_n‖² = Σ_(i,j) (p_i·p_j)(q_i·q_j)``: the sum of the
+    elementwise product of two Gram matrices, ``O(R²·(k + m))`` per point for R rows instead of the
+    ``O(R·k·m)`` of forming ``G_n`` (the "ghost norm" of per-example gradient clipping, Li et al.
+    2022, arXiv:2110.05679, extended to a sum of uses). The Gram matrices are taken in float64:
+    uses whose contributions cancel (as derivatives of a residual's terms do) lose no digits.
+    """
+    layouts = []  # per use: rows sorted by point, each row's slot among the rows serving its point, slots
+    for use, _ in uses:
+        if use.point_of_row is None:
+            layouts.append(None)
+            continue
+        points_served, rows = _sorted_rows(use.point_of_row)
+        first_of_point = torch.searchsorted(points_served, points_served)
+        slot = torch.arange(points_served.numel(), device=points_served.device) - first_of_point
+        layouts.append((points_served, rows, slot, int(slot.max()) + 1 if slot.numel() else 0))
+    width = sum(1 if layout is None else layout[3] for layout in layouts)
+    k, m = uses[0][0].factor_sizes if not uses[0][1] else uses[0][0].factor_sizes[::-1]  # type: ignore[index]
+    chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(width * (k + m), 1))
+    for start in range(0, num_points, chunk):
+        stop = min(start + chunk, num_points)
+        lefts, rights = [], []
+        for (use, transposed), layout in zip(uses, layouts):
+            assert use.factors is not None
+            if layout is None:
+                p, q = use.factors(slice(start, stop))
+                p, q = p.unsqueeze(1), q.unsqueeze(1)
+            else:
+                points_served, rows, slot, slots = layout
+                first, last = torch.searchsorted(points_served, torch.tensor([start, stop], device=points_served.device)).tolist()
+                if first == last:
+                    continue
+                row_p, row_q = use.factors(rows[first:last])
+                at = (points_served[first:last] - start, slot[first:last])
+                p = row_p.new_zeros((stop - start, slots, row_p.shape[1])).index_put_(at, row_p)
+                q = row_q.new_zeros((stop - start, slots, row_q.shape[1])).index_put_(at, row_q)
+            lefts.append(q if transposed else p)
+            rights.append(p if transposed else q)
+        if not lefts:
+            continue
+        left = torch.cat(lefts, dim=1).to(torch.float64)
+        right = torch.cat(rights, dim=1).to(torch.float64)
+        gram = torch.bmm(left, left.transpose(1, 2)) * torch.bmm(right, right.transpose(1, 2))
+        result[start:stop] += gram.sum(dim=(1, 2)).clamp(min=0).to(result.dtype)
+
+
+def _add_materialised_norms(order: list[Any], kind: dict[Any, str], uses: list[_Use], num_points: int, chunk: int, result: Tensor) -> None:
     """Sum each point's contributions per parameter, ``chunk`` points at a time, carry them through the
-    nodes of parameters alone (vmapped backward calls), and return ``Σ_θ ‖per-point gradient‖²``."""
+    nodes of parameters alone (vmapped backward calls), and add ``Σ_θ ‖per-point gradient‖²`` to ``result``."""
+    if not uses:
+        return
     # each use's rows, sorted by the point they serve (rows serving no point left out)
     sorted_uses: list[tuple[Any, Tensor | None, Tensor | None, _Contribution]] = []
-    for target, point_of_row, contribution in uses:
-        if point_of_row is None:
-            sorted_uses.append((target, None, None, contribution))
+    for use in uses:
+        if use.point_of_row is None:
+            sorted_uses.append((use.target, None, None, use.contribution))
             continue
-        served = torch.nonzero(point_of_row >= 0).reshape(-1)
-        points_served, order_of_rows = torch.sort(point_of_row[served], stable=True)
-        sorted_uses.append((target, points_served, served[order_of_rows], contribution))
-    result = torch.zeros(num_points, dtype=out_dtype, device=device)
+        points_served, rows = _sorted_rows(use.point_of_row)
+        sorted_uses.append((use.target, points_served, rows, use.contribution))
+    out_dtype = result.dtype
     leaf_nodes = {node for node in order if _is_leaf(node) and kind[node] == "p"}
     reverse = [node for node in reversed(order) if kind[node] == "p"]
     with warnings.catch_warnings():  # an op without a batching rule: vmap loops over it, correctly
         warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
         for start in range(0, num_points, chunk):
             _accumulate_chunk(start, min(start + chunk, num_points), sorted_uses, reverse, leaf_nodes, kind, result, out_dtype)
-    return result
 
 
 def _accumulate_chunk(
@@ -442,9 +567,11 @@ def _rows(tensor: Tensor | None) -> int | None:
 
 def _boundary_contributions(
     node: Any, delta: Tensor, kind: dict[Any, str], shape_of: Callable[[Any], torch.Size]
-) -> list[tuple[Any, _Contribution]]:
+) -> list[tuple[Any, _Contribution, _Factors | None, tuple[int, int] | None]]:
     """Per-row gradients of the parameter-derived operands of ``node``, given its output gradient
-    ``delta``: for each, a function of row indices returning ``(len(rows), *operand shape)``."""
+    ``delta``: for each, a function of row indices returning ``(len(rows), *operand shape)``, and
+    for a matrix product's operand the same as an outer product's factors ``(p, q)`` with its
+    sizes ``(k, m)`` (else ``None``)."""
     name = type(node).__name__
     num_rows = delta.shape[0]
     children = [child for child, _ in node.next_functions]
@@ -453,7 +580,7 @@ def _boundary_contributions(
         child = children[position] if position < len(children) else None
         return child is not None and kind[child] == "p"
 
-    found: list[tuple[Any, _Contribution]] = []
+    found: list[tuple[Any, _Contribution, _Factors | None, tuple[int, int] | None]] = []
     if name in ("AddmmBackward0", "MmBackward0"):
         left, right = (1, 2) if name == "AddmmBackward0" else (0, 1)
         if parameter_side(left):
@@ -463,11 +590,18 @@ def _boundary_contributions(
             scale = node._saved_alpha if name == "AddmmBackward0" else 1
             if _rows(points) != num_rows or points.dim() != 2 or delta.dim() != 2:
                 raise _Unsupported("matrix product rows")
-            found.append((children[right], lambda rows, a=points, d=delta, s=scale: s * a[rows, :, None] * d[rows, None, :]))
+            found.append(
+                (
+                    children[right],
+                    lambda rows, a=points, d=delta, s=scale: s * a[rows, :, None] * d[rows, None, :],
+                    lambda rows, a=points, d=delta, s=scale: (s * a[rows], d[rows]),
+                    (int(points.shape[1]), int(delta.shape[1])),
+                )
+            )
         if name == "AddmmBackward0" and parameter_side(0):
             shape = shape_of(children[0])
             beta = node._saved_beta
-            found.append((children[0], lambda rows, d=delta, s=shape, b=beta: _sum_to(b * d[rows], s)))
+            found.append((children[0], lambda rows, d=delta, s=shape, b=beta: _sum_to(b * d[rows], s), None, None))
     elif name in ("MulBackward0", "DivBackward0"):
         numerator, denominator = node._saved_self, node._saved_other
         for position in (0, 1):
@@ -477,10 +611,22 @@ def _boundary_contributions(
             if name == "MulBackward0":  # ∂(a·b)/∂a = b
                 other = denominator if position == 0 else numerator
                 found.append(
-                    (children[position], lambda rows, d=delta, o=other, s=shape: _sum_to(d[rows] * _rows_of(o, rows, num_rows), s))
+                    (
+                        children[position],
+                        lambda rows, d=delta, o=other, s=shape: _sum_to(d[rows] * _rows_of(o, rows, num_rows), s),
+                        None,
+                        None,
+                    )
                 )
             elif position == 0:  # ∂(a/b)/∂a = 1/b
-                found.append((children[0], lambda rows, d=delta, o=denominator, s=shape: _sum_to(d[rows] / _rows_of(o, rows, num_rows), s)))
+                found.append(
+                    (
+                        children[0],
+                        lambda rows, d=delta, o=denominator, s=shape: _sum_to(d[rows] / _rows_of(o, rows, num_rows), s),
+                        None,
+                        None,
+                    )
+                )
             else:  # ∂(a/b)/∂b = −a/b²
                 found.append(
                     (
@@ -489,6 +635,8 @@ def _boundary_contributions(
                             -d[rows] * _rows_of(a, rows, num_rows) / o**2,
                             s,  # o: the parameter side, no rows
                         ),
+                        None,
+                        None,
                     )
                 )
     elif name in ("AddBackward0", "SubBackward0"):
@@ -496,7 +644,7 @@ def _boundary_contributions(
         for position, sign in ((0, 1), (1, alpha if name == "AddBackward0" else -alpha)):
             if parameter_side(position):
                 shape = shape_of(children[position])
-                found.append((children[position], lambda rows, d=delta, s=shape, c=sign: _sum_to(c * d[rows], s)))
+                found.append((children[position], lambda rows, d=delta, s=shape, c=sign: _sum_to(c * d[rows], s), None, None))
     else:
         raise _Unsupported(f"parameters meet the points in {name}")
     return found

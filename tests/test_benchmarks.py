@@ -35,9 +35,10 @@ def test_overhead_script_prints_ratios() -> None:
 
 
 def test_ntk_cost_script_prints_its_tables() -> None:
-    out = _run("benchmarks/ntk_cost.py", "--points", "16", "--memory-points", "32", "--update-steps", "40")
+    out = _run("benchmarks/ntk_cost.py", "--points", "16", "--memory-points", "32", "--update-steps", "40", "--widths", "8")
     assert "| 16 | exact |" in out and "| 16 | sampled, 64 points/term |" in out
     assert "one-hot loop / default" in out and "products / default" in out and "| 32 |" in out
+    assert "| 8 | 177 |" in out and "sums / default" in out  # 2-8-8-8-1: 177 parameters
 
 
 def test_helmholtz_reference_loop_prints_its_table() -> None:

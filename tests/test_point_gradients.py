@@ -402,3 +402,79 @@ def test_ntk_balancer_refuses_a_non_boolean_one_pass() -> None:
 
     with pytest.raises(TypeError, match="one_pass must be True or False"):
         NTKBalancer(one_pass="no")  # type: ignore[arg-type]
+
+
+def _spy_outer_products(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, int], int]]:
+    """Record each parameter the outer-product route handles: (its shape, rows per point)."""
+    seen: list[tuple[tuple[int, int], int]] = []
+    original = point_gradients._add_outer_product_norms
+
+    def spy(uses, num_points, result):  # type: ignore[no-untyped-def]
+        use, transposed = uses[0]
+        k, m = use.factor_sizes
+        rows = sum(num_points if u.point_of_row is None else int((u.point_of_row >= 0).sum()) for u, _ in uses)
+        seen.append(((m, k) if transposed else (k, m), rows // num_points))
+        return original(uses, num_points, result)
+
+    monkeypatch.setattr(point_gradients, "_add_outer_product_norms", spy)
+    return seen
+
+
+@pytest.mark.parametrize("term", ["pde", "squared", "data"])
+def test_layer_weights_take_the_outer_product_route_with_the_same_values(term: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_outer_products(monkeypatch)
+    model = _mlp()
+    params = list(model.parameters())
+    residual = _pinn_residuals(model)[term]
+    values = _one_pass(residual, params)
+    assert values is not None
+    # every weight matrix, through every use the derivatives added (u_xx uses each weight several times)
+    assert sorted(shape for shape, _ in seen) == [(1, 16), (16, 1), (16, 16)]
+    if term == "pde":
+        assert min(rows for _, rows in seen) >= 2
+    torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0)
+
+
+def test_outer_products_of_rows_reordered_or_two_per_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_outer_products(monkeypatch)
+    model = _mlp()
+    params = list(model.parameters())
+    left, right = torch.rand(8, 1, dtype=torch.float64), torch.rand(8, 1, dtype=torch.float64) + 1
+    both_sides = model(torch.cat([left, right]))
+    permutation = torch.randperm(16)
+    for residual in (both_sides[:8] - 2 * both_sides[8:], both_sides[permutation]):
+        seen.clear()
+        values = _one_pass(residual, params)
+        assert values is not None and len(seen) == 3
+        torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0)
+    assert _one_pass(both_sides[:8] - 2 * both_sides[8:], params) is not None
+    assert max(rows for _, rows in seen) == 2  # the periodic pair: two rows serve each point
+
+
+def test_a_weight_also_used_outside_a_matrix_product_is_summed_per_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _spy_outer_products(monkeypatch)
+    torch.manual_seed(2)
+    weight = torch.nn.Parameter(torch.randn(8, 2, dtype=torch.float64))
+    head = torch.nn.Parameter(torch.randn(1, 8, dtype=torch.float64))
+    x = torch.rand(20, 2, dtype=torch.float64, requires_grad=True)
+    hidden = torch.tanh(x @ weight.t())
+    u = (hidden @ head.t()).reshape(-1) * weight[0, 0] + (x * weight[1]).sum(dim=1)  # weight in mul, weight[1] sliced
+    residual = derivative(u, x).sum(dim=1) + u
+    values = _one_pass(residual, [weight, head])
+    assert values is not None
+    assert [shape for shape, _ in seen] == [(1, 8)]  # only the head: the weight's other uses need its per-point sum
+    torch.testing.assert_close(values, _by_products(residual, [weight, head]), rtol=1e-10, atol=0)
+
+
+def test_outer_products_lose_no_more_digits_than_per_point_sums_where_uses_cancel(monkeypatch: pytest.MonkeyPatch) -> None:
+    # r = u(x) − u(x + h): the two calls' contributions nearly cancel; float32 against a float64 reference
+    model32 = _mlp(width=32, dtype=torch.float32)
+    model64 = _mlp(width=32, dtype=torch.float64)
+    x = torch.rand(50, 1)
+    reference = _by_products((model64(x.double()) - model64(x.double() + 1e-3)).reshape(-1), list(model64.parameters()))
+    values = _one_pass((model32(x) - model32(x + 1e-3)).reshape(-1), list(model32.parameters()))
+    monkeypatch.setattr(point_gradients, "_outer_product_leaves", lambda kind, uses: ({}, uses))
+    summed = _one_pass((model32(x) - model32(x + 1e-3)).reshape(-1), list(model32.parameters()))
+    assert values is not None and summed is not None
+    error, summed_error = (((v.double() - reference) / reference).abs().max().item() for v in (values, summed))
+    assert error < 1e-3 and error < 2 * summed_error
