@@ -186,25 +186,30 @@ def _one_pass_values(residual: Tensor, flat: Tensor, params: list[Tensor], out_d
 
 
 def _check_rows(num_points: int) -> list[int]:
-    """Points on which one-pass values are checked: the first, the last and two spread between."""
+    """Points on which one-pass values are checked: the first, the last and two spread between
+    (:func:`_agrees_with_products` adds the largest and the smallest value)."""
     return sorted({0, num_points // 3, (2 * num_points) // 3 + 1, num_points - 1} & set(range(num_points)))
 
 
 def _agrees_with_products(values: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype) -> bool:
-    """Whether one-pass ``values`` match vector-Jacobian products on :func:`_check_rows`.
+    """Whether one-pass ``values`` match vector-Jacobian products on :func:`_check_rows` and at
+    the points of the largest and the smallest value (where a wrong value stands out most).
 
     A residual whose points mix (``u(x_n) − u(x_{n+1})``) gives values off by the other points'
-    gradients, far outside the tolerance (1e-3 relative in float32, 1e-9 in float64, against the
-    rounding differences of two orders of summation).
+    gradients, far outside the tolerance (1e-3 relative where the residual or a parameter is
+    float32 or narrower, 1e-9 where all are float64, against the rounding differences of two
+    orders of summation: a float32 network's residual cast to float64 carries float32 rounding).
     """
-    rows = torch.tensor(_check_rows(flat.numel()), device=flat.device)
+    extremes = [int(values.argmax()), int(values.argmin())] if bool(torch.isfinite(values).all()) else []
+    rows = torch.tensor(sorted(set(_check_rows(flat.numel()) + extremes)), device=flat.device)
     # one plain product per point: vmap over the user's graph would leave batched tensors in the
     # .grad of any intermediate tensor the user called retain_grad() on
     exact = _looped_row_sq_norms(flat, params, rows, out_dtype)
     fast = values[rows]
     if not bool(torch.isfinite(fast).all()) or not bool(torch.isfinite(exact).all()):
         return False
-    rtol = 1e-9 if out_dtype == torch.float64 else 1e-3
+    all_float64 = flat.dtype == torch.float64 and all(p.dtype in (torch.float64, torch.complex128) for p in params)
+    rtol = 1e-9 if all_float64 else 1e-3
     scale = torch.maximum(exact.abs(), fast.abs()) + rtol * values.abs().mean()
     return bool(((fast - exact).abs() <= rtol * scale).all())
 

@@ -244,7 +244,7 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
     for leaf_uses in outer.values():
         _add_outer_product_norms(leaf_uses, num_points, result)
     chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(sum(target_sizes[use.target] for use in uses), 1))
-    _add_materialised_norms(order, kind, uses, num_points, chunk, result)
+    _add_materialised_norms(order, kind, uses, num_points, chunk, result, output_shapes)
     return result
 
 
@@ -378,7 +378,15 @@ def _add_outer_product_norms(uses: list[tuple[_Use, bool]], num_points: int, res
         result[start:stop] += gram.sum(dim=(1, 2)).clamp(min=0).to(result.dtype)
 
 
-def _add_materialised_norms(order: list[Any], kind: dict[Any, str], uses: list[_Use], num_points: int, chunk: int, result: Tensor) -> None:
+def _add_materialised_norms(
+    order: list[Any],
+    kind: dict[Any, str],
+    uses: list[_Use],
+    num_points: int,
+    chunk: int,
+    result: Tensor,
+    output_shapes: dict[Any, torch.Size],
+) -> None:
     """Sum each point's contributions per parameter, ``chunk`` points at a time, carry them through the
     nodes of parameters alone (vmapped backward calls), and add ``Σ_θ ‖per-point gradient‖²`` to ``result``."""
     if not uses:
@@ -394,10 +402,29 @@ def _add_materialised_norms(order: list[Any], kind: dict[Any, str], uses: list[_
     out_dtype = result.dtype
     leaf_nodes = {node for node in order if _is_leaf(node) and kind[node] == "p"}
     reverse = [node for node in reversed(order) if kind[node] == "p"]
+    # each node of parameters alone as a per-point function: its backward, with every input's gradient
+    # reduced to that input's shape (a node called directly returns broadcast shapes: a·W gives the
+    # scalar a a gradient shaped like W, which the autograd engine, not the node, sums)
+    backwards = {}
+    for node in reverse:
+        if node not in leaf_nodes:
+            shapes = [_parameter_side_shape(child, kind, output_shapes) for child, _ in node.next_functions]
+            backwards[node] = torch.func.vmap(_backward_of(node, shapes))
     with warnings.catch_warnings():  # an op without a batching rule: vmap loops over it, correctly
         warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
         for start in range(0, num_points, chunk):
-            _accumulate_chunk(start, min(start + chunk, num_points), sorted_uses, reverse, leaf_nodes, kind, result, out_dtype)
+            _accumulate_chunk(start, min(start + chunk, num_points), sorted_uses, reverse, backwards, kind, result, out_dtype)
+
+
+def _parameter_side_shape(child: Any, kind: dict[Any, str], output_shapes: dict[Any, torch.Size]) -> torch.Size | None:
+    """The shape of the gradient a node of parameters alone passes to ``child`` (``None``: not carried on)."""
+    if child is None or kind[child] != "p":
+        return None
+    if _is_leaf(child):
+        return child.variable.shape
+    if child not in output_shapes:
+        raise _Unsupported("a parameter-derived operand received no gradient")
+    return output_shapes[child]
 
 
 def _accumulate_chunk(
@@ -405,7 +432,7 @@ def _accumulate_chunk(
     stop: int,
     sorted_uses: list[tuple[Any, Tensor | None, Tensor | None, _Contribution]],
     reverse: list[Any],
-    leaf_nodes: set[Any],
+    backwards: dict[Any, Callable[[Tensor], tuple[Tensor, ...]]],
     kind: dict[Any, str],
     result: Tensor,
     out_dtype: torch.dtype,
@@ -427,11 +454,11 @@ def _accumulate_chunk(
         gradient = pending.pop(node, None)
         if gradient is None:
             continue
-        if node in leaf_nodes:
+        if node not in backwards:  # a parameter
             value = torch.view_as_real(gradient) if gradient.is_complex() else gradient
             result[start:stop] += value.reshape(value.shape[0], -1).to(out_dtype).square().sum(dim=1)
             continue
-        inputs = torch.func.vmap(_backward_of(node))(gradient)  # the caller silences the no-batching-rule notice
+        inputs = backwards[node](gradient)  # the caller silences the no-batching-rule notice
         for (child, _), child_gradient in zip(node.next_functions, inputs, strict=True):
             if child is not None and kind[child] == "p":
                 _add(pending, child, child_gradient)
@@ -546,13 +573,20 @@ def _points_of_rows(plain: Tensor, coded: Tensor, checks: list[tuple[Tensor, Ten
     return point_of_row
 
 
-def _backward_of(node: Any) -> Callable[[Tensor], tuple[Tensor, ...]]:
-    """``node``'s backward as a function vmap accepts (an input without a gradient gets a 0)."""
+def _backward_of(node: Any, shapes: list[torch.Size | None]) -> Callable[[Tensor], tuple[Tensor, ...]]:
+    """``node``'s backward as a function vmap accepts, each input's gradient summed to ``shapes``
+    (as the autograd engine does after calling a node); an input without a shape gets a 0."""
 
     def backward(gradient: Tensor) -> tuple[Tensor, ...]:
         inputs = node(gradient)
         inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
-        return tuple(gradient.new_zeros(()) if value is None else value for value in inputs)
+        reduced = []
+        for value, shape in zip(inputs, shapes, strict=True):
+            if value is None or shape is None:
+                reduced.append(gradient.new_zeros(()))
+            else:
+                reduced.append(value if value.shape == shape else value.sum_to_size(shape))
+        return tuple(reduced)
 
     return backward
 

@@ -847,3 +847,26 @@ def test_the_report_says_when_a_zero_weight_left_nothing_to_compare() -> None:
     make_trainer(3, [monitor]).fit(TwoTermPoisson(bc_weight=0.0))
     text = render_markdown(diagnose(monitor.history))
     assert "the weight of 'bc' was 0 throughout" in text, text
+
+
+def test_a_term_with_weight_zero_is_named_in_the_diagnosis_not_called_gradient_free() -> None:
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    make_trainer(3, [monitor]).fit(TwoTermPoisson(bc_weight=0.0))
+    assert monitor.diagnosis.zero_weight_terms == ["bc"] and monitor.diagnosis.zero_gradient_terms == []
+    summary = monitor.summary()
+    assert "the weight of 'bc' was 0 (its gradient was not)" in summary and "nothing to compare" not in summary
+    # with a third term there is a ratio; the zero-weight term is still named
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    make_trainer(3, [monitor]).fit(_ThreeTerms(extra_weight=0.0))
+    assert monitor.diagnosis.worst_ratio is not None
+    assert "terms seen with weight 0 (not trained then, left out of the ratio): extra" in monitor.summary()
+
+
+class _ThreeTerms(TwoTermPoisson):
+    def __init__(self, extra_weight: float) -> None:
+        super().__init__()
+        self.criterion = MultiTermLoss(pde=1.0, bc=1.0, extra=extra_weight)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        residuals = self.residuals()
+        return self.criterion(**residuals, extra=self.net(self.x[:4]) - 1)

@@ -331,8 +331,9 @@ def test_an_ntk_balancer_fit_computes_its_traces_by_the_one_pass_route(monkeypat
     )
     trainer.fit(model)
     assert one_pass_calls.count(64) == 2  # the pde term at both updates
-    # only the four-point checks and the two-point initial-condition term used products
-    assert products and max(products) <= 4
+    # only the checks (four spread points, the largest and the smallest value) and the two-point
+    # initial-condition term used products
+    assert products and max(products) <= 6
 
 
 def test_float32_rows_serving_two_points_never_give_wrong_values() -> None:
@@ -478,3 +479,65 @@ def test_outer_products_lose_no_more_digits_than_per_point_sums_where_uses_cance
     assert values is not None and summed is not None
     error, summed_error = (((v.double() - reference) / reference).abs().max().item() for v in (values, summed))
     assert error < 1e-3 and error < 2 * summed_error
+
+
+@pytest.mark.parametrize(
+    "effective_weight",
+    [
+        pytest.param(lambda v, s, a: a * v, id="scalar-times-weight"),
+        pytest.param(lambda v, s, a: torch.exp(s)[:, None] * v, id="random-weight-factorisation"),
+        pytest.param(lambda v, s, a: v + s[:, None], id="weight-plus-broadcast-column"),
+        pytest.param(lambda v, s, a: a * v / torch.linalg.vector_norm(v, dim=1, keepdim=True), id="hand-written-weight-norm"),
+    ],
+)
+def test_parameters_combined_by_broadcasting_before_they_meet_the_points(effective_weight) -> None:  # type: ignore[no-untyped-def]
+    # a node of parameters alone, called directly, returns its inputs' gradients in the broadcast
+    # shape (the scalar a got a gradient shaped like V); they must be summed to each input's shape
+    torch.manual_seed(3)
+    first = torch.nn.Linear(1, 12).double()
+    v = torch.nn.Parameter(torch.randn(12, 12, dtype=torch.float64))
+    s = torch.nn.Parameter(0.1 * torch.randn(12, dtype=torch.float64))
+    a = torch.nn.Parameter(torch.tensor(1.3, dtype=torch.float64))
+    head = torch.nn.Linear(12, 1).double()
+    params = [*first.parameters(), v, s, a, *head.parameters()]
+    x = torch.rand(25, 1, dtype=torch.float64, requires_grad=True)
+    u = head(torch.tanh(torch.nn.functional.linear(torch.tanh(first(x)), effective_weight(v, s, a))))
+    residual = derivative(u, x, order=2) + u
+    values = _one_pass(residual, params)
+    assert values is not None
+    torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0)
+
+
+def test_a_float32_network_with_its_residual_cast_to_float64_keeps_the_one_pass_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the check's tolerance follows the least precise of the residual and the parameters
+    model = _mlp(width=16, dtype=torch.float32)
+    params = list(model.parameters())
+    x = torch.rand(200, 1, requires_grad=True)
+    u = model(x)
+    residual = (derivative(u, x, order=2) + u).double()
+    products: list[int] = []
+    original = ntk._vmapped_row_sq_norms
+    monkeypatch.setattr(
+        ntk, "_vmapped_row_sq_norms", lambda flat, p, rows, dtype: products.append(len(rows)) or original(flat, p, rows, dtype)
+    )
+    values = jacobian_row_sq_norms(residual, params)
+    assert products == []  # no fallback to the O(N²) products
+    torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-5, atol=0)
+
+
+def test_a_wrong_one_pass_value_at_the_largest_point_falls_back_to_the_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _mlp()
+    params = list(model.parameters())
+    residual = _pinn_residuals(model, n=60)["pde"]
+    exact = _by_products(residual, params)
+    right = ntk.one_pass_row_sq_norms
+
+    def wrong_at_the_largest(flat, p, dtype):  # type: ignore[no-untyped-def]
+        values = right(flat, p, dtype).clone()
+        peak = int(values.argmax())
+        assert peak not in ntk._check_rows(values.numel())  # the spread points alone would miss it
+        values[peak] *= 1.1
+        return values
+
+    monkeypatch.setattr(ntk, "one_pass_row_sq_norms", wrong_at_the_largest)
+    torch.testing.assert_close(jacobian_row_sq_norms(residual, params), exact, rtol=1e-10, atol=0)

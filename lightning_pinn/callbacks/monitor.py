@@ -46,6 +46,8 @@ class MonitorDiagnosis:
         min_cosine: Most negative gradient cosine seen, with ``min_cosine_step`` / ``min_cosine_pair``.
         conflict_alarm_episodes: How many times the conflict alarm started (any pair).
         zero_gradient_terms: Terms seen with an exactly zero gradient.
+        zero_weight_terms: Terms seen with ``λ = 0`` and a non-zero gradient (not trained then;
+            left out of ``grad_ratio``, whose weighted norm would be 0).
         nonfinite_terms: Terms seen with a NaN or inf gradient.
         ratio_alarm_spans: ``[start_step, end_step]`` of each ratio-alarm episode
             (``end_step`` is ``None`` while it is on).
@@ -67,6 +69,7 @@ class MonitorDiagnosis:
     conflict_alarm_episodes: int = 0
     zero_gradient_terms: list[str] = field(default_factory=list)
     nonfinite_terms: list[str] = field(default_factory=list)
+    zero_weight_terms: list[str] = field(default_factory=list)
     ratio_alarm_spans: list[list[int | None]] = field(default_factory=list)
     conflict_alarm_spans: list[list[Any]] = field(default_factory=list)
 
@@ -533,6 +536,9 @@ class GradientNormMonitor(PerTermCallback):
         return any(self._conflict_active.values())
 
     def _track_term_health(self, report: GradientReport, step: int) -> None:
+        for name, weight, norm in zip(report.terms, report.weights, report.norms):
+            if weight == 0 and norm > 0 and name not in self.diagnosis.zero_weight_terms:  # NaN (absent) fails norm > 0
+                self.diagnosis.zero_weight_terms.append(name)
         for name in report.present_terms:
             if name in report.unreached_terms:
                 flag = "unreached"
@@ -584,7 +590,13 @@ class GradientNormMonitor(PerTermCallback):
         lines = [
             f"{self._name} diagnosis: {d.measurements} measurement(s), steps {d.first_step}-{d.last_step}, every {self.every_n_steps} step(s)."
         ]
-        if d.worst_ratio is None:
+        if d.worst_ratio is None and d.zero_weight_terms:
+            lines.append(
+                "  gradient-norm ratio: fewer than two terms with a non-zero weighted gradient; the weight of "
+                f"{', '.join(repr(t) for t in d.zero_weight_terms)} was 0 (its gradient was not), so that term did not train. "
+                "If that was not intended, give it a positive weight."
+            )
+        elif d.worst_ratio is None:
             lines.append("  gradient-norm ratio: fewer than two terms with a non-zero gradient; nothing to compare.")
         else:
             assert d.worst_pair is not None
@@ -614,6 +626,8 @@ class GradientNormMonitor(PerTermCallback):
             )
         if d.zero_gradient_terms:
             lines.append(f"  terms seen with a zero gradient: {', '.join(d.zero_gradient_terms)}.")
+        if d.zero_weight_terms and d.worst_ratio is not None:
+            lines.append(f"  terms seen with weight 0 (not trained then, left out of the ratio): {', '.join(d.zero_weight_terms)}.")
         if d.nonfinite_terms:
             lines.append(f"  terms seen with a NaN/inf gradient: {', '.join(d.nonfinite_terms)}.")
         return "\n".join(lines)
