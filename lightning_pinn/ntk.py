@@ -11,7 +11,7 @@ For a term with point-wise residual ``r_i(x)`` the diagonal block of the NTK is
 This module computes ``‖∂r(x)/∂θ‖²`` for a set of points from a residual tensor that still
 holds its autograd graph. First it tries :mod:`lightning_pinn.point_gradients`: every point's
 value from four or five backward passes, for residuals whose graph rows each serve one point, and keeps those values
-if they match vector-Jacobian products on four points (:func:`_check_rows`). Otherwise it uses
+if they match vector-Jacobian products on six points (:func:`_check_rows`). Otherwise it uses
 batched vector-Jacobian products (one-hot cotangents, vmapped by ``torch.func.vmap`` around
 ``torch.autograd.grad``) in chunks so that memory stays bounded, or one product per point where
 batching does not pay (large N on a CPU, see :func:`auto_chunk_size`). A graph whose backward

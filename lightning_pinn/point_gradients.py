@@ -40,7 +40,7 @@ checked for that point. A row serving several points (``u(x_n) − u(x_{n+1})``,
 point used
 twice) makes :func:`one_pass_row_sq_norms` return ``None``, as does an operation where
 parameters meet the points that this module does not know. :mod:`lightning_pinn.ntk` also checks
-the values on four points against exact vector-Jacobian products before using them.
+the values on six points against exact vector-Jacobian products before using them.
 """
 
 from __future__ import annotations
@@ -538,7 +538,7 @@ def _points_of_rows(plain: Tensor, coded: Tensor, checks: list[tuple[Tensor, Ten
     for the golden-ratio code (which separates neighbours by ≥ 0.38) and both random ones (the
     golden code is affine in n, like the n+1 code, so alone it cannot tell two duplicates from
     their midpoint); the odds grow like N²·tolerance² per duplicated pair (a review counted 14
-    fooling pairs of 5·10⁷ at N = 10⁴ in float32), and the four-point check still stands. In
+    fooling pairs of 5·10⁷ at N = 10⁴ in float32), and the six-point check still stands. In
     float16/bfloat16 the tolerance is capped at 1e-2, and the n+1 codes stop being exact beyond
     2048/256 points (reordered rows are then declined).
     """
