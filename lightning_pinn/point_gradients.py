@@ -26,7 +26,8 @@ per-point gradient at all: each row's contribution is an outer product ``a_m ⊗
 ``‖Σ_m a_m ⊗ δ_m‖² = Σ_(m,m') (a_m·a_m')(δ_m·δ_m')`` over the rows serving the point, from two
 small Gram matrices per point (the "ghost norm" of per-example gradient clipping; Li et al.
 2022, arXiv:2110.05679). That is ``O(R²·(k + m))`` per point for R rows of a k×m weight instead
-of ``O(R·k·m)``: 3× faster at width 128 and 6× at width 500 than summing the per-point gradients.
+of ``O(R·k·m)``: exact traces 2.9× faster at width 128 and 3.5× at width 500 than summing the
+per-point gradients (``benchmarks/ntk_cost.py --widths``).
 
 Which point a row serves is checked with three more backward passes, with codes ``ρ_n ∈ [1, 2)``
 on point ``n`` (``1 + frac(n·φ)``, which separates neighbours by at least 0.38, and two
