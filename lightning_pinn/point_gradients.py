@@ -406,26 +406,26 @@ def _add_materialised_norms(
     # each node of parameters alone as a per-point function: its backward, with every input's gradient
     # reduced to that input's shape (a node called directly returns broadcast shapes: a·W gives the
     # scalar a a gradient shaped like W, which the autograd engine, not the node, sums)
-    backwards = {}
+    # (only nodes a gradient reached in the first pass: contributions flow along the same edges)
+    backwards: dict[Any, tuple[Callable[[Tensor], tuple[Tensor, ...]], list[torch.Size | None]]] = {}
     for node in reverse:
-        if node not in leaf_nodes:
+        if node not in leaf_nodes and node in output_shapes:
             shapes = [_parameter_side_shape(child, kind, output_shapes) for child, _ in node.next_functions]
-            backwards[node] = torch.func.vmap(_backward_of(node, shapes))
+            backwards[node] = (torch.func.vmap(_backward_of(node, shapes)), shapes)
     with warnings.catch_warnings():  # an op without a batching rule: vmap loops over it, correctly
         warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
         for start in range(0, num_points, chunk):
-            _accumulate_chunk(start, min(start + chunk, num_points), sorted_uses, reverse, backwards, kind, result, out_dtype)
+            _accumulate_chunk(start, min(start + chunk, num_points), sorted_uses, reverse, leaf_nodes, backwards, result, out_dtype)
 
 
 def _parameter_side_shape(child: Any, kind: dict[Any, str], output_shapes: dict[Any, torch.Size]) -> torch.Size | None:
-    """The shape of the gradient a node of parameters alone passes to ``child`` (``None``: not carried on)."""
+    """The shape of the gradient a node of parameters alone passes to ``child`` (``None``: nothing to
+    carry on: not a parameter-side node, or one no gradient reached in the first pass)."""
     if child is None or kind[child] != "p":
         return None
     if _is_leaf(child):
         return child.variable.shape
-    if child not in output_shapes:
-        raise _Unsupported("a parameter-derived operand received no gradient")
-    return output_shapes[child]
+    return output_shapes.get(child)
 
 
 def _accumulate_chunk(
@@ -433,8 +433,8 @@ def _accumulate_chunk(
     stop: int,
     sorted_uses: list[tuple[Any, Tensor | None, Tensor | None, _Contribution]],
     reverse: list[Any],
-    backwards: dict[Any, Callable[[Tensor], tuple[Tensor, ...]]],
-    kind: dict[Any, str],
+    leaf_nodes: set[Any],
+    backwards: dict[Any, tuple[Callable[[Tensor], tuple[Tensor, ...]], list[torch.Size | None]]],
     result: Tensor,
     out_dtype: torch.dtype,
 ) -> None:
@@ -455,13 +455,16 @@ def _accumulate_chunk(
         gradient = pending.pop(node, None)
         if gradient is None:
             continue
-        if node not in backwards:  # a parameter
+        if node in leaf_nodes:  # a parameter
             value = torch.view_as_real(gradient) if gradient.is_complex() else gradient
             result[start:stop] += value.reshape(value.shape[0], -1).to(out_dtype).square().sum(dim=1)
             continue
-        inputs = backwards[node](gradient)  # the caller silences the no-batching-rule notice
-        for (child, _), child_gradient in zip(node.next_functions, inputs, strict=True):
-            if child is not None and kind[child] == "p":
+        if node not in backwards:
+            raise _Unsupported("a contribution reached a node the first pass did not")
+        backward, shapes = backwards[node]
+        inputs = backward(gradient)  # the caller silences the no-batching-rule notice
+        for (child, _), child_gradient, shape in zip(node.next_functions, inputs, shapes, strict=True):
+            if shape is not None:
                 _add(pending, child, child_gradient)
 
 
@@ -583,8 +586,10 @@ def _backward_of(node: Any, shapes: list[torch.Size | None]) -> Callable[[Tensor
         inputs = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         reduced = []
         for value, shape in zip(inputs, shapes, strict=True):
-            if value is None or shape is None:
-                reduced.append(gradient.new_zeros(()))
+            if shape is None:
+                reduced.append(gradient.new_zeros(()))  # not carried on
+            elif value is None:
+                reduced.append(gradient.new_zeros(shape))  # no gradient for this input: zeros of its shape
             else:
                 reduced.append(value if value.shape == shape else value.sum_to_size(shape))
         return tuple(reduced)
