@@ -44,7 +44,7 @@ __all__ = ["jacobian_row_sq_norms", "sample_points", "auto_chunk_size", "CHUNK_B
 CHUNK_BUDGET = 400_000
 
 #: Widest residual ``(N, c)`` whose columns get the one-pass route one at a time (each column
-#: costs four or five backward passes); wider residuals get the products.
+#: costs four or five backward passes); wider residuals are tried as one flat residual only.
 MAX_ONE_PASS_COLUMNS = 16
 
 #: GPU (any non-CPU device): points per chunk × N. Per-call latency dominates there, so larger
@@ -166,13 +166,33 @@ def _one_pass_values(residual: Tensor, flat: Tensor, params: list[Tensor], out_d
 
     A residual of shape ``(N, c)`` (a system of ``c ≤ MAX_ONE_PASS_COLUMNS`` equations from one
     network call) has ``c`` values per graph row; each column has one, so the columns are done
-    one at a time and interleaved back into the residual's row-major order.
+    one at a time and interleaved back into the residual's row-major order. A residual on a grid
+    ``(Nx, Nt)`` from one call on the flattened points has one graph row per entry: the flat
+    residual is tried as well, first where the trailing size exceeds ``FEW_COLUMNS`` (a grid
+    more likely than a system).
     """
     columns = residual.numel() // residual.shape[0] if residual.dim() >= 2 and residual.shape[0] > 0 else 1
     if columns == 1:
         return one_pass_row_sq_norms(flat, params, out_dtype)
+    attempts = [_by_columns, _as_flat] if columns <= FEW_COLUMNS else [_as_flat, _by_columns]
+    for attempt in attempts:
+        values = attempt(residual, flat, params, out_dtype, columns)
+        if values is not None:
+            return values
+    return None
+
+
+#: A residual ``(N, c)`` with at most this many columns is tried column by column first (a system of equations).
+FEW_COLUMNS = 4
+
+
+def _as_flat(residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, columns: int) -> Tensor | None:
+    return one_pass_row_sq_norms(flat, params, out_dtype)
+
+
+def _by_columns(residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, columns: int) -> Tensor | None:
     if columns > MAX_ONE_PASS_COLUMNS:
-        return None  # as one flat residual each row would serve `columns` points: it would be declined
+        return None  # each column costs four or five backward passes
     with torch.enable_grad():
         table = residual.reshape(residual.shape[0], columns)
         column_residuals = [table[:, column] for column in range(columns)]

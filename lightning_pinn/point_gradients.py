@@ -150,9 +150,14 @@ def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: tor
     root = flat.grad_fn
     if root is None or num_points == 0:
         return None
+    params = list(params)
+    if len({id(p) for p in params}) != len(params) or any(not p.is_leaf or p._backward_hooks for p in params):
+        # a repeated parameter (the products count it twice), a non-leaf "parameter" (its uses are
+        # not found at a leaf) or a gradient hook on one (autograd applies it, this walk cannot)
+        return None
     try:
         with torch.no_grad():  # the hooks' backward still builds no graph; the node calls must not
-            return _one_pass(flat, root, list(params), out_dtype)
+            return _one_pass(flat, root, params, out_dtype)
     except _OUT_OF_MEMORY:
         raise
     except (_Unsupported, AttributeError, TypeError, LookupError, ValueError):

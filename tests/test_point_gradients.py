@@ -541,3 +541,46 @@ def test_a_wrong_one_pass_value_at_the_largest_point_falls_back_to_the_products(
 
     monkeypatch.setattr(ntk, "one_pass_row_sq_norms", wrong_at_the_largest)
     torch.testing.assert_close(jacobian_row_sq_norms(residual, params), exact, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("grid", [(12, 25), (30, 6)])
+def test_a_residual_on_a_grid_from_one_network_call_takes_the_one_pass_route(
+    grid: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (Nx, Nt) from one call on the flattened grid: one graph row per entry, so the flat residual
+    # works whatever the trailing size (it used to be declined beyond 16 columns)
+    model = _mlp(width=12, inputs=2)
+    params = list(model.parameters())
+    x, t = torch.meshgrid(
+        torch.linspace(0, 1, grid[0], dtype=torch.float64), torch.linspace(0, 1, grid[1], dtype=torch.float64), indexing="ij"
+    )
+    xt = torch.stack([x, t], dim=-1).requires_grad_(True)
+    u = model(xt).squeeze(-1)
+    gradient = torch.autograd.grad(u.sum(), xt, create_graph=True)[0]
+    u_xx = torch.autograd.grad(gradient[..., 0].sum(), xt, create_graph=True)[0][..., 0]
+    residual = gradient[..., 1] - 0.01 * u_xx
+    checked: list[int] = []
+    original = ntk._looped_row_sq_norms
+    monkeypatch.setattr(
+        ntk, "_looped_row_sq_norms", lambda flat, p, rows, dtype: checked.append(len(rows)) or original(flat, p, rows, dtype)
+    )
+    monkeypatch.setattr(ntk, "_vmapped_row_sq_norms", None)  # the O(N²) products must not run
+    values = jacobian_row_sq_norms(residual, params)
+    assert checked and max(checked) <= 6
+    monkeypatch.undo()
+    torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0)
+
+
+def test_parameters_the_graph_walk_cannot_follow_are_declined() -> None:
+    model = _mlp()
+    params = list(model.parameters())
+    residual = _pinn_residuals(model)["pde"]
+    assert _one_pass(residual, params) is not None
+    assert _one_pass(residual, [*params, params[2]]) is None  # listed twice
+    assert _one_pass(residual, [*params[:-1], params[-1] * 1.0]) is None  # not a leaf
+    handle = params[2].register_hook(lambda grad: 2 * grad)  # autograd applies it; the walk could not
+    try:
+        assert _one_pass(residual, params) is None
+        torch.testing.assert_close(jacobian_row_sq_norms(residual, params), _by_products(residual, params), rtol=1e-10, atol=0)
+    finally:
+        handle.remove()
