@@ -11,7 +11,7 @@ For a term with point-wise residual ``r_i(x)`` the diagonal block of the NTK is
 This module computes ``‖∂r(x)/∂θ‖²`` for a set of points from a residual tensor that still
 holds its autograd graph. First it tries :mod:`lightning_pinn.point_gradients`: every point's
 value from four or five backward passes, for residuals whose graph rows each serve one point, and keeps those values
-if they match vector-Jacobian products on six points (:func:`_check_rows`). Otherwise it uses
+if they match vector-Jacobian products on six to nine points (:func:`_agrees_with_products`). Otherwise it uses
 batched vector-Jacobian products (one-hot cotangents, vmapped by ``torch.func.vmap`` around
 ``torch.autograd.grad``) in chunks so that memory stays bounded, or one product per point where
 batching does not pay (large N on a CPU, see :func:`auto_chunk_size`). A graph whose backward
@@ -116,8 +116,9 @@ def jacobian_row_sq_norms(
         points = points.to(device=residual.device, dtype=torch.long).reshape(-1)
     out_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
     if one_pass and components == 1 and num_points > len(_check_rows(num_points)):
-        every_point = _one_pass_values(residual, flat, params, out_dtype)
-        if every_point is not None and _agrees_with_products(every_point, flat, params, out_dtype):
+        reordered: list[int] = []
+        every_point = _one_pass_values(residual, flat, params, out_dtype, reordered)
+        if every_point is not None and _agrees_with_products(every_point, flat, params, out_dtype, reordered):
             return every_point[points]
     # The output is allocated once, before the loop: small tensors kept alive between the chunks'
     # large, short-lived buffers pin holes in the allocator's heap, and the process's peak memory
@@ -161,7 +162,7 @@ def jacobian_row_sq_norms(
     return values
 
 
-def _one_pass_values(residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype) -> Tensor | None:
+def _one_pass_values(residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, reordered: list[int]) -> Tensor | None:
     """:func:`~lightning_pinn.point_gradients.one_pass_row_sq_norms` of every point of ``residual``.
 
     A residual of shape ``(N, c)`` (a system of ``c ≤ MAX_ONE_PASS_COLUMNS`` equations from one
@@ -169,14 +170,16 @@ def _one_pass_values(residual: Tensor, flat: Tensor, params: list[Tensor], out_d
     one at a time and interleaved back into the residual's row-major order. A residual on a grid
     ``(Nx, Nt)`` from one call on the flattened points has one graph row per entry: the flat
     residual is tried as well, first where the trailing size exceeds ``FEW_COLUMNS`` (a grid
-    more likely than a system).
+    more likely than a system). ``reordered`` is filled as by ``one_pass_row_sq_norms``, with
+    indices into ``flat``.
     """
     columns = residual.numel() // residual.shape[0] if residual.dim() >= 2 and residual.shape[0] > 0 else 1
     if columns == 1:
-        return one_pass_row_sq_norms(flat, params, out_dtype)
+        return one_pass_row_sq_norms(flat, params, out_dtype, reordered)
     attempts = [_by_columns, _as_flat] if columns <= FEW_COLUMNS else [_as_flat, _by_columns]
     for attempt in attempts:
-        values = attempt(residual, flat, params, out_dtype, columns)
+        reordered.clear()
+        values = attempt(residual, flat, params, out_dtype, columns, reordered)
         if values is not None:
             return values
     return None
@@ -186,21 +189,27 @@ def _one_pass_values(residual: Tensor, flat: Tensor, params: list[Tensor], out_d
 FEW_COLUMNS = 4
 
 
-def _as_flat(residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, columns: int) -> Tensor | None:
-    return one_pass_row_sq_norms(flat, params, out_dtype)
+def _as_flat(
+    residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, columns: int, reordered: list[int]
+) -> Tensor | None:
+    return one_pass_row_sq_norms(flat, params, out_dtype, reordered)
 
 
-def _by_columns(residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, columns: int) -> Tensor | None:
+def _by_columns(
+    residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, columns: int, reordered: list[int]
+) -> Tensor | None:
     if columns > MAX_ONE_PASS_COLUMNS:
         return None  # each column costs four or five backward passes
     with torch.enable_grad():
         table = residual.reshape(residual.shape[0], columns)
         column_residuals = [table[:, column] for column in range(columns)]
     per_column = []
-    for column_residual in column_residuals:
-        values = one_pass_row_sq_norms(column_residual, params, out_dtype)
+    for column, column_residual in enumerate(column_residuals):
+        in_column: list[int] = []
+        values = one_pass_row_sq_norms(column_residual, params, out_dtype, in_column)
         if values is None:
             return None
+        reordered += [point * columns + column for point in in_column]  # the entry's index in the flat residual
         per_column.append(values)
     return torch.stack(per_column, dim=1).reshape(-1)
 
@@ -211,9 +220,13 @@ def _check_rows(num_points: int) -> list[int]:
     return sorted({0, num_points // 3, (2 * num_points) // 3 + 1, num_points - 1} & set(range(num_points)))
 
 
-def _agrees_with_products(values: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype) -> bool:
-    """Whether one-pass ``values`` match vector-Jacobian products on :func:`_check_rows` and at
-    the points of the largest and the smallest value (where a wrong value stands out most).
+def _agrees_with_products(
+    values: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, reordered: Sequence[Tensor] = ()
+) -> bool:
+    """Whether one-pass ``values`` match vector-Jacobian products on :func:`_check_rows`, at the
+    points of the largest and the smallest value (where a wrong value stands out most), and at
+    the first, middle and last of the ``reordered`` points (served by rows of another index:
+    where a row serving two points could pass the row tests by chance, it is one of these).
 
     A residual whose points mix (``u(x_n) − u(x_{n+1})``) gives values off by the other points'
     gradients, far outside the tolerance (1e-3 relative where the residual or a parameter is
@@ -221,7 +234,9 @@ def _agrees_with_products(values: Tensor, flat: Tensor, params: list[Tensor], ou
     orders of summation: a float32 network's residual cast to float64 carries float32 rounding).
     """
     extremes = [int(values.argmax()), int(values.argmin())] if bool(torch.isfinite(values).all()) else []
-    rows = torch.tensor(sorted(set(_check_rows(flat.numel()) + extremes)), device=flat.device)
+    moved = torch.unique(torch.cat(list(reordered))) if reordered else torch.zeros(0, dtype=torch.long)  # sorted
+    spread = moved[torch.tensor([0, len(moved) // 2, len(moved) - 1], device=moved.device)].tolist() if len(moved) else []
+    rows = torch.tensor(sorted(set(_check_rows(flat.numel()) + extremes + spread)), device=flat.device)
     # one plain product per point: vmap over the user's graph would leave batched tensors in the
     # .grad of any intermediate tensor the user called retain_grad() on
     exact = _looped_row_sq_norms(flat, params, rows, out_dtype)

@@ -41,7 +41,7 @@ checked for that point. A row serving several points (``u(x_n) − u(x_{n+1})``,
 point used
 twice) makes :func:`one_pass_row_sq_norms` return ``None``, as does an operation where
 parameters meet the points that this module does not know. :mod:`lightning_pinn.ntk` also checks
-the values on six points against exact vector-Jacobian products before using them.
+the values on six to nine points against exact vector-Jacobian products before using them.
 """
 
 from __future__ import annotations
@@ -134,16 +134,22 @@ def _sum_to(per_point: Tensor, shape: torch.Size) -> Tensor:
     return per_point.reshape((full[0], *shape))
 
 
-def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: torch.dtype) -> Tensor | None:
+def one_pass_row_sq_norms(
+    flat: Tensor, params: Sequence[Tensor], out_dtype: torch.dtype, reordered: list[Tensor] | None = None
+) -> Tensor | None:
     """``‖∂flat[n]/∂θ‖²`` for every ``n`` from four or five backward passes, or ``None`` (see the module docstring).
 
     Args:
         flat: A real residual, flattened, with its autograd graph (retained).
         params: The parameters ``θ``.
         out_dtype: The dtype of the returned values.
+        reordered: If given, filled with tensors of the points worth checking first: where a
+            node has one row per point, the points of the rows that do not serve their own index
+            (the point the row serves, and the row's own index). These are where a row serving several
+            points could pass the row tests by chance.
 
     The values are right where every row of the graph's tensors serves one point; rows serving
-    several points are detected (the coded second and third passes), and the caller checks a few values
+    several points are detected (the coded passes), and the caller checks a few values
     against vector-Jacobian products (:func:`lightning_pinn.ntk.jacobian_row_sq_norms` does).
     """
     num_points = flat.numel()
@@ -157,7 +163,7 @@ def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: tor
         return None
     try:
         with torch.no_grad():  # the hooks' backward still builds no graph; the node calls must not
-            return _one_pass(flat, root, params, out_dtype)
+            return _one_pass(flat, root, params, out_dtype, reordered)
     except _OUT_OF_MEMORY:
         raise
     except (_Unsupported, AttributeError, TypeError, LookupError, ValueError):
@@ -168,7 +174,7 @@ def one_pass_row_sq_norms(flat: Tensor, params: Sequence[Tensor], out_dtype: tor
         return None  # e.g. a parameter-only node whose backward cannot run under vmap
 
 
-def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dtype) -> Tensor:
+def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dtype, reordered: list[Tensor] | None) -> Tensor:
     """:func:`one_pass_row_sq_norms`; raises :class:`_Unsupported` for a graph it cannot treat."""
     num_points = flat.numel()
     param_index = {id(p): i for i, p in enumerate(params)}
@@ -239,6 +245,10 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
             if coded is None:
                 coded = _output_gradients(flat, params, indices, candidate_list, candidates)[0]
             point_of_row = _points_of_rows(delta, coded[node], node_checks, num_points)
+            if reordered is not None and point_of_row is not None and point_of_row.shape[0] == num_points:
+                own = torch.arange(num_points, device=point_of_row.device)
+                moved = point_of_row != own
+                reordered += [point_of_row[moved & (point_of_row >= 0)], own[moved]]
         for target, contribution, factors, sizes in _boundary_contributions(node, delta, kind, shape_of):
             uses.append(_Use(target, point_of_row, contribution, factors, sizes))
 
@@ -547,7 +557,9 @@ def _points_of_rows(plain: Tensor, coded: Tensor, checks: list[tuple[Tensor, Ten
     for the golden-ratio code (which separates neighbours by ≥ 0.38) and both random ones (the
     golden code is affine in n, like the n+1 code, so alone it cannot tell two duplicates from
     their midpoint); the odds grow like N²·tolerance² per duplicated pair (a review counted 14
-    fooling pairs of 5·10⁷ at N = 10⁴ in float32), and the six-point check still stands. In
+    fooling pairs of 5·10⁷ at N = 10⁴ in float32, and a probe built one at N = 7000); such a row
+    is a reordered one, and :func:`lightning_pinn.ntk.jacobian_row_sq_norms` checks three of the
+    points of reordered rows (``reordered``) against exact products, besides its six points. In
     float16/bfloat16 the tolerance is capped at 1e-2, and the n+1 codes stop being exact beyond
     2048/256 points (reordered rows are then declined).
     """

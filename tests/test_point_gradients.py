@@ -244,7 +244,7 @@ def test_a_system_residual_is_done_column_by_column_and_layer_norm_gets_the_prod
     u, v = uv[:, 0:1], uv[:, 1:2]
     system = torch.cat([derivative(u, x) - v, derivative(v, x) + u], dim=1)  # (N, 2): two values per row
     assert _one_pass(system, params) is None  # as one flat residual, each row serves two values
-    values = ntk._one_pass_values(system, system.reshape(-1), params, torch.float64)
+    values = ntk._one_pass_values(system, system.reshape(-1), params, torch.float64, [])
     assert values is not None
     torch.testing.assert_close(values, _by_products(system, params), rtol=1e-10, atol=0)
 
@@ -532,8 +532,8 @@ def test_a_wrong_one_pass_value_at_the_largest_point_falls_back_to_the_products(
     exact = _by_products(residual, params)
     right = ntk.one_pass_row_sq_norms
 
-    def wrong_at_the_largest(flat, p, dtype):  # type: ignore[no-untyped-def]
-        values = right(flat, p, dtype).clone()
+    def wrong_at_the_largest(flat, p, dtype, reordered):  # type: ignore[no-untyped-def]
+        values = right(flat, p, dtype, reordered).clone()
         peak = int(values.argmax())
         assert peak not in ntk._check_rows(values.numel())  # the spread points alone would miss it
         values[peak] *= 1.1
@@ -584,3 +584,38 @@ def test_parameters_the_graph_walk_cannot_follow_are_declined() -> None:
         torch.testing.assert_close(jacobian_row_sq_norms(residual, params), _by_products(residual, params), rtol=1e-10, atol=0)
     finally:
         handle.remove()
+
+
+def test_a_row_serving_two_points_whose_codes_average_to_a_third_is_caught_by_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A float32 probe built such a row (two points sharing a partner whose three codes, and
+    # indices, average to a third point's within the row tolerance); the one-pass values then
+    # moved the shared row to the third point. Forced here by making every row test pass: the
+    # check then must test the points of the reordered rows and fall back to the products.
+    model = _mlp()
+    params = list(model.parameters())
+    x = torch.rand(40, 1, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(40, 1, dtype=torch.float64)
+    partner = torch.arange(40)
+    partner[30] = 10  # the row of y[10] serves points 10 and 30; the row of y[30] none
+    residual = derivative(model(x), x, order=2).reshape(-1) + model(y).reshape(-1)[partner]
+    exact = _by_products(residual, params)
+
+    def fooled(plain, coded, checks, num_points):  # type: ignore[no-untyped-def]
+        points = torch.arange(plain.shape[0])
+        points[10], points[30] = 20, -1  # what the probe's codes named
+        return points
+
+    monkeypatch.setattr(point_gradients, "_points_of_rows", fooled)
+    monkeypatch.setattr(point_gradients, "_serves_own_point", lambda plain, checks: False)
+    reordered: list[torch.Tensor] = []
+    wrong = one_pass_row_sq_norms(residual, params, torch.float64, reordered)
+    assert wrong is not None and not torch.allclose(wrong[[10, 30]], exact[[10, 30]], rtol=1e-3)
+    assert sorted(torch.unique(torch.cat(reordered)).tolist()) == [10, 20, 30]
+    assert not any(point in ntk._check_rows(40) for point in (10, 20, 30))
+    checked: list[list[int]] = []
+    looped = ntk._looped_row_sq_norms
+    monkeypatch.setattr(
+        ntk, "_looped_row_sq_norms", lambda flat, p, rows, dtype: checked.append(rows.tolist()) or looped(flat, p, rows, dtype)
+    )
+    torch.testing.assert_close(jacobian_row_sq_norms(residual, params), exact, rtol=1e-10, atol=0)
+    assert {10, 20, 30} <= set(checked[0])  # the first, middle and last reordered point

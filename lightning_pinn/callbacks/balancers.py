@@ -556,7 +556,7 @@ class NTKBalancer(WeightBalancer):
     The traces are exact by default. Where a term's points are independent (each row of the
     residual's graph serves one point, as for a network evaluated point by point and its
     autograd derivatives), every point's ``‖∂r_i(x)/∂θ‖²`` comes from four or five backward passes
-    (``lightning_pinn.point_gradients``; O(N)), checked on six points against vector-Jacobian
+    (``lightning_pinn.point_gradients``; O(N)), checked on six to nine points against vector-Jacobian
     products. Otherwise (points that mix, as in finite differences between points; operations
     that module does not know) it is one vector-Jacobian product per point, batched with
     ``torch.func.vmap`` over ``torch.autograd.grad`` in chunks of ``chunk_size`` points, so
@@ -583,7 +583,7 @@ class NTKBalancer(WeightBalancer):
         warmup_steps: First optimizer step at which λ may change.
         smooth_first_update: Smooth the first update too (default: take ``λ̂`` directly).
         loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
-        one_pass: Try the O(N) per-point route first (checked against products on six points;
+        one_pass: Try the O(N) per-point route first (checked against products on six to nine points;
             see above). ``False`` computes every trace with vector-Jacobian products: O(N²),
             the same values to rounding; a switch for a graph the route gets wrong or is slow on.
     """
