@@ -364,9 +364,10 @@ def _add_outer_product_norms(uses: list[tuple[_Use, bool]], num_points: int, res
         first_of_point = torch.searchsorted(points_served, points_served)
         slot = torch.arange(points_served.numel(), device=points_served.device) - first_of_point
         layouts.append((points_served, rows, slot, int(slot.max()) + 1 if slot.numel() else 0))
-    width = sum(1 if layout is None else layout[3] for layout in layouts)
-    k, m = uses[0][0].factor_sizes if not uses[0][1] else uses[0][0].factor_sizes[::-1]  # type: ignore[index]
-    chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(width * (k + m), 1))
+    width = sum(1 if layout is None else layout[3] for layout in layouts)  # rows per point, over all uses
+    factor_size = sum(uses[0][0].factor_sizes or (1, 1))  # k + m
+    chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(width * factor_size, 1))
+    gram_dtype = torch.float32 if result.device.type == "mps" else torch.float64  # MPS has no float64
     for start in range(0, num_points, chunk):
         stop = min(start + chunk, num_points)
         lefts, rights = [], []
@@ -388,8 +389,8 @@ def _add_outer_product_norms(uses: list[tuple[_Use, bool]], num_points: int, res
             rights.append(p if transposed else q)
         if not lefts:
             continue
-        left = torch.cat(lefts, dim=1).to(torch.float64)
-        right = torch.cat(rights, dim=1).to(torch.float64)
+        left = torch.cat(lefts, dim=1).to(gram_dtype)
+        right = torch.cat(rights, dim=1).to(gram_dtype)
         gram = torch.bmm(left, left.transpose(1, 2)) * torch.bmm(right, right.transpose(1, 2))
         result[start:stop] += gram.sum(dim=(1, 2)).clamp(min=0).to(result.dtype)
 
