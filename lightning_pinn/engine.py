@@ -25,11 +25,18 @@ gradients themselves are rank-local and are all-reduced by :meth:`TermGradientEn
 
 A measurement covers one optimizer step: with gradient accumulation the per-term losses,
 gradients and traces are averaged over the micro-batches of the window (that is the gradient
-the optimizer steps with); with a closure optimizer (L-BFGS) that evaluates the loss several
-times per batch, the last evaluation of each batch counts. Only a call of the loss whose result
-is backpropagated counts: a second call in the same training step whose result is discarded
-(e.g. evaluated for logging) is ignored, and several calls that are all backpropagated (e.g.
-``loss = criterion(...) + criterion(...)``) count as micro-batches of the step.
+the optimizer steps with). Only a call of the loss whose result is backpropagated counts: a
+second call in the same training step whose result is discarded (e.g. evaluated for logging) is
+ignored. Several backpropagated calls in one batch are told apart at their backward:
+
+* the gradients were zeroed since the previous call's backward, with the same parameters
+  trainable: a closure optimizer (L-BFGS) evaluating the loss again; the last evaluation counts;
+* the gradients were not zeroed (``loss = criterion(...) + criterion(...)``, or manual
+  optimisation calling ``manual_backward`` on chunks of points before one ``step``):
+  micro-batches of the step, averaged as above;
+* the trainable parameters changed to a disjoint set (manual optimisation with one optimizer per
+  parameter group, Lightning's ``toggle_optimizer`` pattern): parts of one measurement, each
+  parameter's gradient from the call in which it was trainable (traces add up).
 """
 
 from __future__ import annotations
@@ -133,7 +140,9 @@ class _Capture:
     trace_sums: Tensor | None = None
     trace_counts: Tensor | None = None
     backward_done: bool = False
-    evaluation: int = 0  # which evaluation of the loss in its batch (closure optimizers evaluate several times)
+    after_backward: bool = False  # called after an earlier call's backward in the same batch
+    previous_trainable: list[bool] | None = None  # the trainable set of the call before (if after_backward)
+    restarts: bool = False  # set at the backward: a new evaluation of the batch (L-BFGS closure), not a micro-batch
     names: tuple[str, ...] = ()  # the terms, in the order of ``losses`` (set where traces are recorded)
 
 
@@ -152,7 +161,6 @@ class _Window:
     trace_request: TraceRequest | None = None
     batch_key: Any = None
     pending: list[_Capture] = field(default_factory=list)  # this batch's calls of the loss, in order
-    evaluation: int = 0
     batches: int = 0
     sums: dict[str, Tensor] = field(default_factory=dict)  # each (K,), float64
     gradient_sum: Tensor | None = None  # (K, P)
@@ -219,9 +227,24 @@ class _BackwardMarker(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
-        ctx.capture.backward_done = True
+        _mark_backward(ctx.capture)
         ctx.capture = None
         return None, grad_output
+
+
+def _mark_backward(capture: _Capture) -> None:
+    """Record that ``capture``'s total was backpropagated, and whether it starts a new evaluation.
+
+    Called from its backward, before its own gradients reach the parameters: a call made after
+    an earlier call's backward re-evaluates the batch (a closure optimizer) where the trainable
+    parameters' gradients were zeroed since and the same parameters are trainable; otherwise it
+    adds to the step (see the module docstring).
+    """
+    if capture.after_backward and not capture.backward_done:
+        trainable = [p for p, grad in zip(capture.params, capture.trainable or []) if grad]
+        zeroed = all(p.grad is None or not bool(p.grad.any()) for p in trainable)
+        capture.restarts = zeroed and capture.trainable == capture.previous_trainable
+    capture.backward_done = True
 
 
 def _loss_values(losses: Sequence[Tensor | None], weights: Tensor) -> Tensor:
@@ -258,6 +281,66 @@ def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
                 seen.add(child)
                 push(child)
     return leaves
+
+
+def _disjoint(first: list[bool] | None, second: list[bool] | None) -> bool:
+    """Whether two calls trained disjoint, non-empty sets of parameters."""
+    if first is None or second is None or not any(first) or not any(second):
+        return False
+    return not any(a and b for a, b in zip(first, second))
+
+
+def _merge_parts(first: _Capture, second: _Capture) -> _Capture:
+    """One capture from two calls that trained disjoint parameter groups (one optimizer each).
+
+    Each parameter's per-term gradient comes from the call in which it was trainable (each
+    divided by its own cotangent); the losses are averaged where both calls have the term; the
+    NTK traces add up (a point's squared gradient norm over the union of disjoint groups is the
+    sum of its norms over each).
+    """
+    assert first.trainable is not None and second.trainable is not None
+    trainable = [a or b for a, b in zip(first.trainable, second.trainable)]
+    present = [a or b for a, b in zip(first.present, second.present)]
+    both = torch.tensor([a and b for a, b in zip(first.present, second.present)])
+    loss_values = torch.where(both, (first.loss_values + second.loss_values) / 2, first.loss_values + second.loss_values)
+    term_gradients = reached = cotangent = None
+    if first.term_gradients is not None and second.term_gradients is not None:
+        assert first.cotangent is not None and second.cotangent is not None
+        term_gradients = []
+        for grads_a, grads_b in zip(first.term_gradients, second.term_gradients):
+            found_a, found_b = iter(grads_a), iter(grads_b)
+            term_gradients.append(
+                [
+                    (next(found_a) / first.cotangent) if in_a else (next(found_b) / second.cotangent)
+                    for in_a, in_b in zip(first.trainable, second.trainable)
+                    if in_a or in_b
+                ]
+            )
+        reached = [a or b for a, b in zip(first.reached or [], second.reached or [])]
+        cotangent = torch.ones_like(first.cotangent)
+    trace_sums = trace_counts = None
+    if first.trace_sums is not None and second.trace_sums is not None:
+        trace_sums, trace_counts = first.trace_sums + second.trace_sums, first.trace_counts
+    return _Capture(
+        engine=first.engine,
+        params=first.params,
+        losses=[],
+        present=present,
+        residuals=[],
+        lambdas=first.lambdas,
+        loss_values=loss_values,
+        trace_request=first.trace_request,
+        want_gradients=first.want_gradients,
+        trainable=trainable,
+        layout=trainable,
+        term_gradients=term_gradients,
+        reached=reached,
+        cotangent=cotangent,
+        trace_sums=trace_sums,
+        trace_counts=trace_counts,
+        backward_done=True,
+        names=first.names,
+    )
 
 
 def untraceable_term_error(name: str) -> ValueError:
@@ -355,6 +438,7 @@ class TermGradientEngine:
             loss_values=_loss_values(losses, weights),
             trace_request=None,
             want_gradients=False,
+            trainable=[p.requires_grad for p in window.params],
         )
         self._add_pending(window, capture)
         return _BackwardMarker.apply(capture, total)
@@ -401,10 +485,10 @@ class TermGradientEngine:
 
     @staticmethod
     def _add_pending(window: _Window, capture: _Capture) -> None:
-        """Queue a call of the loss; a call after a backward starts a new evaluation of the batch."""
+        """Queue a call of the loss; a call after a backward may start a new evaluation (see :func:`_mark_backward`)."""
         if window.pending and window.pending[-1].backward_done:
-            window.evaluation += 1  # e.g. L-BFGS evaluating its closure again
-        capture.evaluation = window.evaluation
+            capture.after_backward = True
+            capture.previous_trainable = window.pending[-1].trainable
         window.pending.append(capture)
 
     def _backward(
@@ -466,7 +550,7 @@ class TermGradientEngine:
             capture.term_gradients = [grads[:num_params] for grads in per_term]
             capture.reached = reached_term
             capture.cotangent = cotangent.detach()
-        capture.backward_done = True
+        _mark_backward(capture)
         # match the inputs' memory layout (autograd may hand back transposed views), as
         # AccumulateGrad and DDP's gradient buckets expect
         return [
@@ -495,14 +579,22 @@ class TermGradientEngine:
 
     # ---------------------------------------------------------------- collecting
     def _commit_pending(self, window: _Window) -> None:
-        """Add the batch's backpropagated calls of its last backpropagated evaluation to the window."""
+        """Add the batch's backpropagated calls of its last evaluation to the window: micro-batches
+        each, except that a call whose trainable parameters are disjoint from the previous call's
+        is merged into it (one optimizer per parameter group, see the module docstring)."""
         captures, window.pending = window.pending, []
         done = [capture for capture in captures if capture.backward_done]
-        if not done:
-            return
-        for capture in done:
-            if capture.evaluation == done[-1].evaluation:
-                self._commit(window, capture)
+        starts = [index for index, capture in enumerate(done) if capture.restarts]
+        evaluation = done[starts[-1] :] if starts else done
+        merged: list[_Capture] = []
+        for capture in evaluation:
+            if merged and _disjoint(merged[-1].trainable, capture.trainable):
+                merged[-1] = _merge_parts(merged[-1], capture)
+                window.layout = merged[-1].layout
+            else:
+                merged.append(capture)
+        for capture in merged:
+            self._commit(window, capture)
 
     def _commit(self, window: _Window, capture: _Capture) -> None:
         # The usual window has one micro-batch: keep it as is and only start summing when a

@@ -419,3 +419,107 @@ def test_resuming_callbacks_into_a_loss_with_its_terms_reordered_is_refused(tmp_
     model.load_state_dict(torch.load(path, weights_only=False)["state_dict"])
     saved = torch.load(path, weights_only=False)["state_dict"]["criterion.lambdas"].tolist()
     assert model.criterion.weights == {"bc": saved[1], "pde": saved[0]}
+
+
+def _hand_term_gradients(model: TwoTermPoisson, residuals: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """∇ of each unweighted term loss over the trainable parameters, flattened (zeros where unreached)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = {}
+    for name, residual in residuals.items():
+        grads = torch.autograd.grad(residual.square().mean(), params, retain_graph=True, allow_unused=True)
+        out[name] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+    return out
+
+
+class _BoundaryPointsWithGrad(TwoTermPoisson):
+    def residuals(self) -> dict[str, torch.Tensor]:
+        residuals = super().residuals()
+        # boundary points that require grad: the term keeps a graph while the network is frozen
+        return {"pde": residuals["pde"], "bc": self.net(self.xb.clone().requires_grad_(True))}
+
+
+class TogglingInverseProblem(_BoundaryPointsWithGrad):
+    """Manual optimisation, one optimizer for the network and one for a PDE coefficient, each
+    stepped after its own forward and backward (Lightning's toggle_optimizer pattern)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.coefficient = torch.nn.Parameter(torch.tensor(2.0))
+        self.hand: list[dict[str, torch.Tensor]] = []  # per call: the hand gradients over that call's trainable parameters
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        residuals = super().residuals()
+        return {"pde": residuals["pde"] * self.coefficient, "bc": residuals["bc"]}
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return [torch.optim.Adam(self.net.parameters(), lr=1e-2), torch.optim.Adam([self.coefficient], lr=1e-2)]
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        for optimizer in self.optimizers():
+            self.toggle_optimizer(optimizer)
+            residuals = self.residuals()
+            self.hand.append(_hand_term_gradients(self, residuals))
+            optimizer.zero_grad()
+            self.manual_backward(self.criterion(**residuals))
+            optimizer.step()
+            self.untoggle_optimizer(optimizer)
+
+
+def test_one_optimizer_per_parameter_group_measures_each_group_in_its_own_call() -> None:
+    # every norm used to be 0 here (the second call replaced the first, as an L-BFGS re-evaluation
+    # would, and the layout was the first call's), with false zero-gradient warnings and no λ update
+    model = TogglingInverseProblem()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=2)
+    caught = _fit(model, 6, [monitor, balancer])
+    assert not _messages(caught, TermGradientWarning)
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None and measurement.micro_batches == 1
+    network_part, coefficient_part = model.hand[-2], model.hand[-1]  # the last batch's two calls
+    for index, name in enumerate(measurement.terms):
+        expected = torch.cat([coefficient_part[name], network_part[name]])  # module order: its own parameter, then the net's
+        torch.testing.assert_close(measurement.gradients[index], expected, rtol=1e-5, atol=1e-8)
+    assert balancer.num_updates > 0 and model.criterion.weights["bc"] != 1.0
+
+
+class ChunkedManualAccumulation(TwoTermPoisson):
+    """Manual optimisation: manual_backward on two chunks of points, one optimizer step."""
+
+    def __init__(self, bc_in_second_chunk: bool = True) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.bc_in_second_chunk = bc_in_second_chunk
+        self.stepped_with: list[torch.Tensor] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        for chunk in range(2):
+            x = self.x[chunk::2].clone().requires_grad_(True)
+            u = self.net(x)
+            from lightning_pinn.autodiff import derivative
+
+            pde = -derivative(u, x, order=2) - torch.pi**2 * torch.sin(torch.pi * x)
+            bc = self.net(self.xb) if chunk == 0 or self.bc_in_second_chunk else None
+            self.manual_backward(self.criterion(pde=pde, bc=bc) / 2)
+        self.stepped_with.append(torch.cat([p.grad.reshape(-1) for p in self.parameters()]).clone())
+        optimizer.step()
+
+
+@pytest.mark.parametrize("bc_in_second_chunk", [True, False])
+def test_manual_backward_on_chunks_before_one_step_is_measured_as_micro_batches(bc_in_second_chunk: bool) -> None:
+    # only the last chunk used to count (each manual_backward after the first was taken for an
+    # L-BFGS re-evaluation); a term absent from the last chunk was never measured
+    model = ChunkedManualAccumulation(bc_in_second_chunk)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=1)
+    caught = _fit(model, 3, [monitor, balancer])
+    assert not _messages(caught, TermGradientWarning)
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None and measurement.micro_batches == 2
+    assert monitor.history["grad_norm/bc"][0] == [0, 1, 2]
+    if bc_in_second_chunk:  # Σ λ_i ∇L_i is then the gradient the optimizer stepped with (the loss is halved per chunk)
+        combined = (measurement.weights.unsqueeze(1) * measurement.gradients).sum(0)
+        torch.testing.assert_close(combined.float(), model.stepped_with[-1], rtol=1e-5, atol=1e-7)
+    assert balancer.num_updates == 3 and model.criterion.weights["bc"] != 1.0
