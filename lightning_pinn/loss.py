@@ -159,6 +159,23 @@ class MultiTermLoss(nn.Module):
         self._last: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
         self._engine: TermGradientEngine | None = None
 
+    def _apply(self, fn: Any, recurse: bool = True) -> MultiTermLoss:
+        """Move and cast the λ buffer with the module, but never below float32.
+
+        ``precision="bf16-true"`` / ``"16-true"`` cast every buffer to the half type, where λ has
+        three significant digits: a balancer's smoothing ``λ ← m·λ + (1 − m)·λ̂`` then stalls
+        once ``(1 − m)·|λ̂ − λ|`` is below the rounding step. float64 (``"64-true"``) is kept.
+        """
+        before = self.lambdas
+        super()._apply(fn, recurse)
+        after = self.lambdas
+        if after.dtype in (torch.float16, torch.bfloat16):
+            with torch.no_grad():  # the values before the cast, on the new device
+                self.lambdas = before.to(
+                    device=after.device, dtype=torch.float32 if before.dtype in (torch.float16, torch.bfloat16) else before.dtype
+                )
+        return self
+
     def warn_negative_loss(self, name: str, value: float, step: int | None = None, stacklevel: int = 2) -> None:
         """Warn, once per term, that term ``name``'s loss is negative.
 

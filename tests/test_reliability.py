@@ -523,3 +523,17 @@ def test_manual_backward_on_chunks_before_one_step_is_measured_as_micro_batches(
         combined = (measurement.weights.unsqueeze(1) * measurement.gradients).sum(0)
         torch.testing.assert_close(combined.float(), model.stepped_with[-1], rtol=1e-5, atol=1e-7)
     assert balancer.num_updates == 3 and model.criterion.weights["bc"] != 1.0
+
+
+def test_half_precision_true_keeps_the_weights_in_float32() -> None:
+    # "bf16-true" casts every buffer to bfloat16, where λ has three significant digits: a target
+    # of 20.596 was applied as 20.625, and smoothing stalled once its steps fell below that rounding
+    model = TwoTermPoisson(bc_weight=20.596)
+    balancer = GradNormBalancer(every_n_steps=1, momentum=0.0)
+    _fit(model, 2, [balancer], precision="bf16-true")
+    assert next(model.net.parameters()).dtype == torch.bfloat16
+    assert model.criterion.lambdas.dtype == torch.float32
+    assert balancer.num_updates == 2
+    applied = model.criterion.weights
+    for name, target in balancer.last_target.items():
+        assert applied[name] == pytest.approx(target, rel=1e-6)  # float32, not bfloat16 rounding (2⁻⁸)
