@@ -207,11 +207,6 @@ def weight_terms_to_log(trainer: pl.Trainer, callback: PerTermCallback) -> list[
     return [name for name in loss.term_names if writers.get(name, fallback) is callback]
 
 
-def logger_step(trainer: pl.Trainer) -> int:
-    """The step Lightning's own logging uses for the current batch (as ``LearningRateMonitor`` does)."""
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
-
-
 def is_integer(value: Any, low: int | None = None) -> bool:
     """Whether ``value`` is an integer (Python or numpy, not a bool) and, given ``low``, at least ``low``."""
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and (low is None or value >= low)
