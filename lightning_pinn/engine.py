@@ -140,8 +140,11 @@ class _Capture:
     trace_sums: Tensor | None = None
     trace_counts: Tensor | None = None
     backward_done: bool = False
-    after_backward: bool = False  # called after an earlier call's backward in the same batch
-    previous_trainable: list[bool] | None = None  # the trainable set of the call before (if after_backward)
+    after_any_backward: bool = False  # called after an earlier call's backward (of any kind) in the same batch
+    after_backward: bool = False  # called after an earlier call's backward into the parameters' .grad
+    previous: _Capture | None = None  # that earlier call (if after_backward)
+    mode: str = ""  # set at the backward: "backward" (into .grad), "grad" (torch.autograd.grad), "none" (not into θ)
+    reached_params: list[bool] | None = None  # which of ``params`` the backward gave a gradient (gradient path)
     restarts: bool = False  # set at the backward: a new evaluation of the batch (L-BFGS closure), not a micro-batch
     names: tuple[str, ...] = ()  # the terms, in the order of ``losses`` (set where traces are recorded)
 
@@ -164,6 +167,7 @@ class _Window:
     batches: int = 0
     sums: dict[str, Tensor] = field(default_factory=dict)  # each (K,), float64
     gradient_sum: Tensor | None = None  # (K, P)
+    trained_count: Tensor | None = None  # (K, len(params)): micro-batches where the term was present and the parameter trained
     only: _Capture | None = None  # the window's single micro-batch, until a second one arrives
     result: StepMeasurement | None = None
     collected: bool = False
@@ -233,18 +237,49 @@ class _BackwardMarker(torch.autograd.Function):
 
 
 def _mark_backward(capture: _Capture) -> None:
-    """Record that ``capture``'s total was backpropagated, and whether it starts a new evaluation.
+    """Record that ``capture``'s total was backpropagated, how, and whether it starts a new evaluation.
 
-    Called from its backward, before its own gradients reach the parameters: a call made after
-    an earlier call's backward re-evaluates the batch (a closure optimizer) where the trainable
-    parameters' gradients were zeroed since and the same parameters are trainable; otherwise it
-    adds to the step (see the module docstring).
+    Called from its backward, before its own gradients reach the parameters. ``mode``: whether
+    this backward accumulates into the parameters' ``.grad`` (``"backward"``), is a
+    ``torch.autograd.grad`` call (``"grad"``), or reaches no parameter (``"none"``, e.g.
+    ``backward(inputs=[points])``). A call made after an earlier call's backward into ``.grad``
+    re-evaluates the batch (a closure optimizer) where the gradients that earlier call gave were
+    zeroed since and the same parameters are trainable; otherwise it adds to the step (see the
+    module docstring).
     """
-    if capture.after_backward and not capture.backward_done:
-        trainable = [p for p, grad in zip(capture.params, capture.trainable or []) if grad]
-        zeroed = all(p.grad is None or not bool(p.grad.any()) for p in trainable)
-        capture.restarts = zeroed and capture.trainable == capture.previous_trainable
+    if capture.backward_done:
+        return
+    trainable = [p for p, grad in zip(capture.params, capture.trainable or []) if grad]
+    capture.mode = _backward_mode(trainable)
+    previous = capture.previous
+    if capture.mode == "backward" and capture.after_backward and previous is not None:
+        given = previous.reached_params or previous.trainable or []
+        earlier = [p for p, hit in zip(previous.params, given) if hit]
+        zeroed = any(p.grad is None for p in earlier) or all(not bool(p.grad.any()) for p in earlier)  # type: ignore[union-attr]
+        capture.restarts = zeroed and capture.trainable == previous.trainable
     capture.backward_done = True
+
+
+def _backward_mode(trainable: list[Tensor]) -> str:
+    """How the running backward treats the parameters: see :func:`_mark_backward`."""
+    will_execute = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_execute is None or not trainable:
+        return "backward"
+    try:
+        for p in trainable:
+            if will_execute(_gradient_accumulator(p)):
+                return "backward"
+    except RuntimeError:  # PyTorch does not answer for leaves inside torch.autograd.grad
+        return "grad"
+    return "none"
+
+
+def _gradient_accumulator(p: Tensor) -> Any:
+    """The autograd node that accumulates ``p``'s gradient into ``p.grad``."""
+    edge = getattr(torch.autograd.graph, "get_gradient_edge", None)
+    if edge is not None:
+        return edge(p).node
+    return p.view_as(p).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
 
 
 def _loss_values(losses: Sequence[Tensor | None], weights: Tensor) -> Tensor:
@@ -320,7 +355,15 @@ def _merge_parts(first: _Capture, second: _Capture) -> _Capture:
         cotangent = torch.ones_like(first.cotangent)
     trace_sums = trace_counts = None
     if first.trace_sums is not None and second.trace_sums is not None:
-        trace_sums, trace_counts = first.trace_sums + second.trace_sums, first.trace_counts
+        assert first.trace_counts is not None and second.trace_counts is not None
+        # a point's squared norm over two disjoint groups is the sum of its norms over each: the
+        # per-point means add (a side where the term had no points adds nothing)
+        means = [
+            torch.where(counts > 0, sums / counts.clamp(min=1), torch.zeros_like(sums))
+            for sums, counts in ((first.trace_sums, first.trace_counts), (second.trace_sums, second.trace_counts))
+        ]
+        trace_counts = torch.maximum(first.trace_counts, second.trace_counts)
+        trace_sums = (means[0] + means[1]) * trace_counts
     return _Capture(
         engine=first.engine,
         params=first.params,
@@ -341,6 +384,30 @@ def _merge_parts(first: _Capture, second: _Capture) -> _Capture:
         backward_done=True,
         names=first.names,
     )
+
+
+def _pad_columns(sums: Tensor, params: list[Tensor], old: list[bool], new: list[bool]) -> Tensor:
+    """``(K, P_old)`` per-term gradients laid out over the ``old`` parameters, as ``(K, P_new)``
+    over the ``new`` ones (a superset), zeros in the added columns."""
+    pieces, start = [], 0
+    for p, before, after in zip(params, old, new):
+        width = _width(p)
+        if before:
+            pieces.append(sums[:, start : start + width])
+            start += width
+        elif after:
+            pieces.append(sums.new_zeros(sums.shape[0], width))
+    return torch.cat(pieces, dim=1) if pieces else sums
+
+
+def _width(p: Tensor) -> int:
+    """Columns of ``p`` in the flat per-term gradients (a complex parameter counts twice)."""
+    return p.numel() * (2 if p.is_complex() else 1)
+
+
+def _measured(window: Any) -> list[bool]:
+    """The parameters the window's flat gradients cover (its layout, else those trainable now)."""
+    return list(window.layout) if window.layout is not None else [p.requires_grad for p in window.params]
 
 
 def untraceable_term_error(name: str) -> ValueError:
@@ -486,9 +553,11 @@ class TermGradientEngine:
     @staticmethod
     def _add_pending(window: _Window, capture: _Capture) -> None:
         """Queue a call of the loss; a call after a backward may start a new evaluation (see :func:`_mark_backward`)."""
-        if window.pending and window.pending[-1].backward_done:
+        capture.after_any_backward = any(earlier.backward_done for earlier in window.pending)
+        into_grad = [earlier for earlier in window.pending if earlier.backward_done and earlier.mode == "backward"]
+        if into_grad:
             capture.after_backward = True
-            capture.previous_trainable = window.pending[-1].trainable
+            capture.previous = into_grad[-1]
         window.pending.append(capture)
 
     def _backward(
@@ -550,6 +619,8 @@ class TermGradientEngine:
             capture.term_gradients = [grads[:num_params] for grads in per_term]
             capture.reached = reached_term
             capture.cotangent = cotangent.detach()
+        hits = iter(reached_input[:num_params])
+        capture.reached_params = [bool(next(hits)) if trainable else False for trainable in capture.trainable]
         _mark_backward(capture)
         # match the inputs' memory layout (autograd may hand back transposed views), as
         # AccumulateGrad and DDP's gradient buckets expect
@@ -583,18 +654,42 @@ class TermGradientEngine:
         each, except that a call whose trainable parameters are disjoint from the previous call's
         is merged into it (one optimizer per parameter group, see the module docstring)."""
         captures, window.pending = window.pending, []
-        done = [capture for capture in captures if capture.backward_done]
-        starts = [index for index, capture in enumerate(done) if capture.restarts]
-        evaluation = done[starts[-1] :] if starts else done
+        into_grad = [capture for capture in captures if capture.backward_done and capture.mode == "backward"]
+        if into_grad:
+            starts = [index for index, capture in enumerate(into_grad) if capture.restarts]
+            evaluation = into_grad[starts[-1] :] if starts else into_grad
+        else:  # torch.autograd.grad calls only (gradients assigned by hand): a call after a backward re-evaluates
+            done = [capture for capture in captures if capture.backward_done and capture.mode == "grad"]
+            starts = [index for index, capture in enumerate(done) if capture.after_any_backward]
+            evaluation = done[starts[-1] :] if starts else done
         merged: list[_Capture] = []
         for capture in evaluation:
             if merged and _disjoint(merged[-1].trainable, capture.trainable):
                 merged[-1] = _merge_parts(merged[-1], capture)
-                window.layout = merged[-1].layout
             else:
                 merged.append(capture)
+        if not merged:
+            return
+        self._widen_layout(window, merged)
         for capture in merged:
             self._commit(window, capture)
+
+    @staticmethod
+    def _widen_layout(window: _Window, captures: list[_Capture]) -> None:
+        """Lay the window's gradients out over every parameter trained by any of its calls so far.
+
+        Parameter groups trained by separate calls (one optimizer each) widen the layout of the
+        window's first forward; the sums so far are padded with zeros for the new columns.
+        """
+        layout = list(window.layout or [False] * len(window.params))
+        for capture in captures:
+            for index, trained in enumerate(capture.trainable or []):
+                layout[index] = layout[index] or trained
+        if window.layout is not None and layout != window.layout and window.gradient_sum is not None:
+            window.gradient_sum = _pad_columns(window.gradient_sum, window.params, window.layout, layout)
+        window.layout = layout
+        for capture in [*captures, *([window.only] if window.only is not None else [])]:
+            capture.layout = layout
 
     def _commit(self, window: _Window, capture: _Capture) -> None:
         # The usual window has one micro-batch: keep it as is and only start summing when a
@@ -643,6 +738,9 @@ class TermGradientEngine:
         if grads is not None and capture.reached is not None:
             window.add("reached", torch.tensor(capture.reached, dtype=torch.float64))
             window.gradient_sum = grads if window.gradient_sum is None else window.gradient_sum + grads
+            trained = torch.tensor(capture.trainable or [p.requires_grad for p in capture.params], dtype=torch.float64)
+            counts = torch.outer(torch.tensor(capture.present, dtype=torch.float64), trained)
+            window.trained_count = counts if window.trained_count is None else window.trained_count + counts
         if capture.trace_sums is not None and capture.trace_counts is not None:
             window.add("trace_sum", capture.trace_sums)
             window.add("trace_count", capture.trace_counts)
@@ -692,9 +790,13 @@ class TermGradientEngine:
             packed = all_reduce_sum(packed.to(device)).cpu()
             if window.want_gradients:
                 if gradient_sum is None:
-                    size = sum(p.numel() * (2 if p.is_complex() else 1) for p in window.params if p.requires_grad)
+                    size = sum(_width(p) for p, measured in zip(window.params, _measured(window)) if measured)
                     gradient_sum = torch.zeros(num_terms, size, dtype=torch.float64, device=device)
                 gradient_sum = all_reduce_sum(gradient_sum.to(torch.float64))
+                trained_count = window.trained_count
+                if trained_count is None:
+                    trained_count = torch.zeros(num_terms, len(window.params), dtype=torch.float64)
+                window.trained_count = all_reduce_sum(trained_count.to(device)).cpu()
             batches = int(packed[0].item())
             sums = dict(zip(_SUMS, packed[1:].split(num_terms)))
         if batches == 0:
@@ -713,12 +815,22 @@ class TermGradientEngine:
             present=present,
             reached=(sums["reached"] > 0) if window.want_gradients else None,
             # like the losses, each term's gradient is the mean over the micro-batches and ranks
-            # where it was present: the gradient of the loss on the union of their points
-            gradients=None if gradient_sum is None else gradient_sum / sums["present"].clamp(min=1).to(gradient_sum.device).unsqueeze(1),
+            # where it was present (and, per parameter, where that parameter trained): the
+            # gradient of the loss on the union of their points
+            gradients=None if gradient_sum is None else gradient_sum / self._divisor(window, gradient_sum),
             traces=traces,
             trace_points=sums["trace_count"] if window.trace_request is not None else None,
             micro_batches=batches,
         )
+
+    @staticmethod
+    def _divisor(window: _Window, gradient_sum: Tensor) -> Tensor:
+        """``(K, P)``: for each term and gradient column, the micro-batches (and ranks) where the
+        term was present and the column's parameter trained (at least 1)."""
+        assert window.trained_count is not None
+        widths = torch.tensor([_width(p) for p, measured in zip(window.params, _measured(window)) if measured])
+        counts = window.trained_count[:, torch.tensor(_measured(window), dtype=torch.bool)]
+        return counts.repeat_interleave(widths, dim=1).clamp(min=1).to(gradient_sum.device, gradient_sum.dtype)
 
     @staticmethod
     def _single(window: _Window, capture: _Capture, terms: tuple[str, ...]) -> StepMeasurement:

@@ -258,7 +258,8 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
     result = torch.zeros(num_points, dtype=out_dtype, device=flat.device)
     outer, uses = _outer_product_leaves(kind, uses)
     for leaf_uses in outer.values():
-        _add_outer_product_norms(leaf_uses, num_points, result)
+        if not _add_outer_product_norms(leaf_uses, num_points, result):
+            uses += [use for use, _ in leaf_uses]  # summed per point after all
     chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(sum(target_sizes[use.target] for use in uses), 1))
     _add_materialised_norms(order, kind, uses, num_points, chunk, result, output_shapes)
     return result
@@ -345,8 +346,10 @@ def _outer_product_leaves(kind: dict[Any, str], uses: list[_Use]) -> tuple[dict[
     return {leaf: found for leaf, found in outer.items() if leaf not in elsewhere}, rest
 
 
-def _add_outer_product_norms(uses: list[tuple[_Use, bool]], num_points: int, result: Tensor) -> None:
-    """Add each point's ``‖∂r_n/∂W‖²`` to ``result`` for a parameter ``W`` reached only by outer products.
+def _add_outer_product_norms(uses: list[tuple[_Use, bool]], num_points: int, result: Tensor) -> bool:
+    """Add each point's ``‖∂r_n/∂W‖²`` to ``result`` for a parameter ``W`` reached only by outer
+    products; ``False`` (nothing added) where a point has so many rows R that ``R² > k·m`` (a
+    quadrature over many network rows per point: summing the point's gradient is cheaper).
 
     The point's gradient is ``G_n = Σ_j p_j ⊗ q_j`` over the rows ``j`` serving it in all uses
     (``q ⊗ p`` through a transpose), so ``‖G_n‖² = Σ_(i,j) (p_i·p_j)(q_i·q_j)``: the sum of the
@@ -365,8 +368,10 @@ def _add_outer_product_norms(uses: list[tuple[_Use, bool]], num_points: int, res
         slot = torch.arange(points_served.numel(), device=points_served.device) - first_of_point
         layouts.append((points_served, rows, slot, int(slot.max()) + 1 if slot.numel() else 0))
     width = sum(1 if layout is None else layout[3] for layout in layouts)  # rows per point, over all uses
-    factor_size = sum(uses[0][0].factor_sizes or (1, 1))  # k + m
-    chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(width * factor_size, 1))
+    k, m = uses[0][0].factor_sizes or (1, 1)
+    if width * width > k * m:
+        return False
+    chunk = max(1, ONE_PASS_CHUNK_BUDGET // max(width * (k + m), width * width, 1))
     gram_dtype = torch.float32 if result.device.type == "mps" else torch.float64  # MPS has no float64
     for start in range(0, num_points, chunk):
         stop = min(start + chunk, num_points)
@@ -393,6 +398,7 @@ def _add_outer_product_norms(uses: list[tuple[_Use, bool]], num_points: int, res
         right = torch.cat(rights, dim=1).to(gram_dtype)
         gram = torch.bmm(left, left.transpose(1, 2)) * torch.bmm(right, right.transpose(1, 2))
         result[start:stop] += gram.sum(dim=(1, 2)).clamp(min=0).to(result.dtype)
+    return True
 
 
 def _add_materialised_norms(

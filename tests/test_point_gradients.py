@@ -619,3 +619,20 @@ def test_a_row_serving_two_points_whose_codes_average_to_a_third_is_caught_by_th
     )
     torch.testing.assert_close(jacobian_row_sq_norms(residual, params), exact, rtol=1e-10, atol=0)
     assert {10, 20, 30} <= set(checked[0])  # the first, middle and last reordered point
+
+
+def test_many_rows_per_point_sum_the_point_gradient_instead_of_gram_matrices(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a quadrature over Q network rows per point: Gram matrices of (uses·Q)² entries per point
+    # would outgrow the k×m weight itself (1.5 GB in a review's case); the point's gradient is summed
+    answers: list[bool] = []
+    original = point_gradients._add_outer_product_norms
+    monkeypatch.setattr(point_gradients, "_add_outer_product_norms", lambda *a: answers.append(original(*a)) or answers[-1])
+    model = _mlp(width=6)
+    params = list(model.parameters())
+    x = torch.rand(10, 1, dtype=torch.float64)
+    offsets = torch.linspace(-0.1, 0.1, 16, dtype=torch.float64)
+    points = (x + offsets).reshape(-1, 1).requires_grad_(True)
+    residual = derivative(model(points), points, order=2).reshape(10, 16).mean(dim=1)
+    values = _one_pass(residual, params)
+    assert values is not None and answers and not any(answers)
+    torch.testing.assert_close(values, _by_products(residual, params), rtol=1e-10, atol=0)

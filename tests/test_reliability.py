@@ -537,3 +537,124 @@ def test_half_precision_true_keeps_the_weights_in_float32() -> None:
     applied = model.criterion.weights
     for name, target in balancer.last_target.items():
         assert applied[name] == pytest.approx(target, rel=1e-6)  # float32, not bfloat16 rounding (2⁻⁸)
+
+
+class _LBFGSWithAParameterItDoesNotHold(TwoTermPoisson):
+    """L-BFGS over the network only; a trainable scale outside the optimizer keeps its .grad."""
+
+    def __init__(self, log_another_call: bool = False) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(1.0))
+        self.log_another_call = log_another_call
+        self.hand: list[dict[str, torch.Tensor]] = []
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        residuals = super().residuals()
+        return {"pde": residuals["pde"] * self.scale, "bc": residuals["bc"]}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        residuals = self.residuals()
+        self.hand.append(_hand_term_gradients(self, residuals))
+        loss = self.criterion(**residuals)
+        if self.log_another_call:  # evaluated, never backpropagated
+            self.criterion(**self.residuals())
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.LBFGS(self.net.parameters(), lr=0.5, max_iter=4)
+
+
+@pytest.mark.parametrize("log_another_call", [False, True])
+def test_an_lbfgs_step_counts_its_last_evaluation_whatever_else_keeps_a_gradient(log_another_call: bool) -> None:
+    # a trainable parameter outside the optimizer keeps its .grad across the closure's evaluations,
+    # and an extra call that is not backpropagated sits between them: neither makes them micro-batches
+    model = _LBFGSWithAParameterItDoesNotHold(log_another_call)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    _fit(model, 1, [monitor])
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None
+    assert len(model.hand) == 4 and measurement.micro_batches == 1
+    for index, name in enumerate(measurement.terms):
+        torch.testing.assert_close(measurement.gradients[index].float(), model.hand[-1][name], rtol=1e-5, atol=1e-7)
+
+
+class _PointsMovedByTheLossGradient(TwoTermPoisson):
+    """Adversarial collocation: ∂L/∂x of a first call (torch.autograd.grad) moves the points."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_pinn.autodiff import derivative
+
+        x = self.x.clone().requires_grad_(True)
+        u = self.net(x)
+        probe = self.criterion(pde=-derivative(u, x, order=2) - torch.pi**2 * torch.sin(torch.pi * x), bc=self.net(self.xb))
+        (toward,) = torch.autograd.grad(probe, x)
+        moved = (self.x + 0.01 * toward.sign()).clamp(0, 1).requires_grad_(True)
+        u = self.net(moved)
+        return self.criterion(pde=-derivative(u, moved, order=2) - torch.pi**2 * torch.sin(torch.pi * moved), bc=self.net(self.xb))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_call_differentiated_only_for_its_points_is_not_a_micro_batch(accumulate: int) -> None:
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    _fit(_PointsMovedByTheLossGradient(), 2, [monitor], accumulate_grad_batches=accumulate)
+    assert monitor.last_measurement is not None and monitor.last_measurement.micro_batches == accumulate
+
+
+class _TogglingWithADataTerm(TogglingInverseProblem):
+    """The coefficient's call also fits data (a term the network's call does not have), with NTK traces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        for index, optimizer in enumerate(self.optimizers()):
+            self.toggle_optimizer(optimizer)
+            residuals = self.residuals()
+            data = (self.coefficient - 3.0).reshape(1) * torch.ones(4) if index == 1 else None
+            optimizer.zero_grad()
+            self.manual_backward(self.criterion(**residuals, data=data))
+            optimizer.step()
+            self.untoggle_optimizer(optimizer)
+
+
+def test_merged_parameter_groups_add_their_traces_and_keep_a_term_only_one_of_them_has() -> None:
+    model = _TogglingWithADataTerm()
+    balancer = NTKBalancer(every_n_steps=1, momentum=0.0)
+    _fit(model, 2, [balancer])
+    traces = balancer.last_traces
+    assert all(math.isfinite(value) and value > 0 for value in traces.values()), traces
+    assert traces["data"] == pytest.approx(1.0)  # ∂(c − 3)/∂c = 1 at every point
+    assert model.criterion.weights["data"] != 1.0
+
+
+class _GroupsInSomeMicroBatches(TogglingInverseProblem):
+    """Manual accumulation over two batches; the coefficient trains only in the second."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        stepping = batch_idx % 2 == 1
+        optimizers = self.optimizers() if stepping else self.optimizers()[:1]
+        for optimizer in optimizers:
+            self.toggle_optimizer(optimizer)
+            residuals = self.residuals()
+            self.hand.append(_hand_term_gradients(self, residuals))
+            self.manual_backward(self.criterion(**residuals) / 2)
+            if stepping:
+                optimizer.step()
+                optimizer.zero_grad()
+            self.untoggle_optimizer(optimizer)
+
+
+def test_each_parameter_is_averaged_over_the_micro_batches_that_trained_it() -> None:
+    # the window's layout widens when the second batch trains the coefficient too: the first
+    # batch's sums are padded (this crashed), and the coefficient's gradient is not halved by the
+    # batch that did not train it
+    model = _GroupsInSomeMicroBatches()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    _fit(model, 2, [monitor])  # two optimizer steps: global step 0 after the window's second batch
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None and measurement.micro_batches == 2
+    first_net, second_net, coefficient = model.hand[0], model.hand[1], model.hand[2]
+    for index, name in enumerate(measurement.terms):
+        expected = torch.cat([coefficient[name], (first_net[name] + second_net[name]) / 2])
+        torch.testing.assert_close(measurement.gradients[index].float(), expected, rtol=1e-5, atol=1e-7)
