@@ -27,7 +27,9 @@ A measurement covers one optimizer step: with gradient accumulation the per-term
 gradients and traces are averaged over the micro-batches of the window (that is the gradient
 the optimizer steps with). Only a call of the loss whose result is backpropagated counts: a
 second call in the same training step whose result is discarded (e.g. evaluated for logging) is
-ignored. Several backpropagated calls in one batch are told apart at their backward:
+ignored, and so is a call only differentiated by ``torch.autograd.grad`` (e.g. for ``∂L/∂x``)
+when another call's backward reaches the parameters' ``.grad``. Several backpropagated calls in
+one batch are told apart at their backward:
 
 * the gradients were zeroed since the previous call's backward, with the same parameters
   trainable: a closure optimizer (L-BFGS) evaluating the loss again; the last evaluation counts;
@@ -37,6 +39,9 @@ ignored. Several backpropagated calls in one batch are told apart at their backw
 * the trainable parameters changed to a disjoint set (manual optimisation with one optimizer per
   parameter group, Lightning's ``toggle_optimizer`` pattern): parts of one measurement, each
   parameter's gradient from the call in which it was trainable (traces add up).
+
+Each parameter's gradient is averaged over the micro-batches (and ranks) where the term was
+present and the parameter trained.
 """
 
 from __future__ import annotations
