@@ -41,7 +41,11 @@ one batch are told apart at their backward:
   parameter's gradient from the call in which it was trainable (traces add up).
 
 Each parameter's gradient is averaged over the micro-batches (and ranks) where the term was
-present and the parameter trained.
+present and the parameter trained. Two limits: calls only ever differentiated by
+``torch.autograd.grad`` (gradients assigned to ``.grad`` by hand) cannot be told apart from a
+closure's re-evaluations, so the last one counts; and the average is per call, so under DDP a
+rank that splits its loss into several calls (``(criterion(a) + criterion(b)) / 2``) weighs more
+than one that makes one call (the mean differs from the DDP gradient by the spread between them).
 """
 
 from __future__ import annotations
@@ -252,10 +256,13 @@ def _mark_backward(capture: _Capture) -> None:
     zeroed since and the same parameters are trainable; otherwise it adds to the step (see the
     module docstring).
     """
-    if capture.backward_done:
-        return
+    if capture.backward_done and capture.mode == "backward":
+        return  # already counted as a backward into .grad (a second run with retain_graph=True)
     trainable = [p for p, grad in zip(capture.params, capture.trainable or []) if grad]
-    capture.mode = _backward_mode(trainable)
+    mode = _backward_mode(trainable)
+    if capture.backward_done and mode != "backward":
+        return  # e.g. torch.autograd.grad twice: it stays what the first run found
+    capture.mode = mode  # a torch.autograd.grad run followed by a real backward counts as the latter
     previous = capture.previous
     if capture.mode == "backward" and capture.after_backward and previous is not None:
         given = previous.reached_params or previous.trainable or []
@@ -534,8 +541,6 @@ class TermGradientEngine:
         weights = lambdas.detach().clone()
         loss_values = _loss_values(losses, weights)
         trainable = [p.requires_grad for p in window.params]  # read now: a hook may have (un)frozen some
-        if window.layout is None:
-            window.layout = trainable
         capture = _Capture(
             engine=self,
             params=window.params,
@@ -547,7 +552,7 @@ class TermGradientEngine:
             trace_request=window.trace_request,
             want_gradients=window.want_gradients,
             trainable=trainable,
-            layout=window.layout,
+            layout=window.layout,  # widened at the commit over every call that trained (see _widen_layout)
             names=tuple(names),
         )
         self._add_pending(window, capture)
@@ -794,6 +799,14 @@ class TermGradientEngine:
             )
             packed = all_reduce_sum(packed.to(device)).cpu()
             if window.want_gradients:
+                # the ranks' layouts may differ (a rank whose calls trained other parameters):
+                # agree on their union first, so every rank reduces tensors of one shape
+                local = _measured(window)
+                union = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).cpu() > 0
+                layout = union.tolist()
+                if gradient_sum is not None and layout != local:
+                    gradient_sum = _pad_columns(gradient_sum, window.params, local, layout)
+                window.layout = layout
                 if gradient_sum is None:
                     size = sum(_width(p) for p, measured in zip(window.params, _measured(window)) if measured)
                     gradient_sum = torch.zeros(num_terms, size, dtype=torch.float64, device=device)

@@ -71,3 +71,34 @@ class DumpPerStep(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         (Path(self.folder) / f"rank{trainer.global_rank}_done").touch()
+
+
+class ToggledGroupsLoggedOnOneRank(SplitPoisson):
+    """Manual optimisation: the network's optimizer steps every batch, a PDE coefficient's every
+    other batch (toggle_optimizer); rank 0 alone first evaluates the loss for logging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.coefficient = torch.nn.Parameter(torch.tensor(1.0))
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        x = self.x[self.global_rank :: self.trainer.world_size].clone().requires_grad_(True)
+        u = self.net(x)
+        pde = (-derivative(u, x, order=2) - torch.pi**2 * torch.sin(torch.pi * x)) * self.coefficient
+        return {"pde": pde, "bc": self.net(self.xb) + 0.1 * self.coefficient}
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        if self.global_rank == 0:
+            self.criterion(**self.residuals())  # evaluated, never backpropagated
+        optimizers = self.optimizers() if batch_idx % 2 == 1 else self.optimizers()[:1]
+        for optimizer in optimizers:
+            self.toggle_optimizer(optimizer)
+            residuals = self.residuals()
+            optimizer.zero_grad()
+            self.manual_backward(self.criterion(**residuals))
+            optimizer.step()
+            self.untoggle_optimizer(optimizer)
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        return [torch.optim.Adam(self.net.parameters(), lr=1e-2), torch.optim.Adam([self.coefficient], lr=1e-2)]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from ddp_helpers import DumpPerStep, SplitPoisson
+from ddp_helpers import DumpPerStep, SplitPoisson, ToggledGroupsLoggedOnOneRank
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 from torch.multiprocessing.spawn import ProcessExitedException
@@ -22,8 +22,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 STEPS = 4
 
 
-def _fit(model: pl.LightningModule, folder: Path, devices: int, balancer: pl.Callback | None = None, logger: Any = False) -> None:
-    strategy: Any = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)) if devices > 1 else "auto"
+def _fit(
+    model: pl.LightningModule, folder: Path, devices: int, balancer: pl.Callback | None = None, logger: Any = False, **ddp: Any
+) -> None:
+    strategy: Any = DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60), **ddp) if devices > 1 else "auto"
     trainer = pl.Trainer(
         max_steps=STEPS,
         accelerator="cpu",
@@ -123,3 +125,15 @@ def test_ddp_with_a_logger_writes_the_report_once_and_returns(tmp_path: Path) ->
     assert (tmp_path / "rank0_done").exists() and (tmp_path / "rank1_done").exists()
     reports = sorted(p.name for p in (tmp_path / "logs").rglob("diagnosis.*"))
     assert reports == ["diagnosis.md", "diagnosis.png"]
+
+
+def test_ddp_ranks_whose_calls_differ_reduce_tensors_of_one_shape(tmp_path: Path) -> None:
+    # rank 0 alone evaluated the loss for logging before the toggled calls: its gradient layout
+    # covered the coefficient on steps where no call trained it, rank 1's did not, and gloo
+    # aborted on the size mismatch; the ranks now agree on the union before reducing
+    _fit(ToggledGroupsLoggedOnOneRank(), tmp_path, devices=2, find_unused_parameters=True)
+    steps = sorted(int(path.stem.split("step")[1]) for path in tmp_path.glob("rank0_step*.pt"))
+    assert steps == [0, 2, 3]  # two optimizer steps on the second batch
+    for step in steps:
+        first, second = _load(tmp_path, 0, step), _load(tmp_path, 1, step)
+        assert first["norms"] == second["norms"] and torch.equal(first["weights"], second["weights"])

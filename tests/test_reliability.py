@@ -658,3 +658,26 @@ def test_each_parameter_is_averaged_over_the_micro_batches_that_trained_it() -> 
     for index, name in enumerate(measurement.terms):
         expected = torch.cat([coefficient[name], (first_net[name] + second_net[name]) / 2])
         torch.testing.assert_close(measurement.gradients[index].float(), expected, rtol=1e-5, atol=1e-7)
+
+
+class _OneCallAlsoDifferentiatedForItsPoints(TwoTermPoisson):
+    """Two halves of the points; the first half's loss is also differentiated for its points first."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_pinn.autodiff import derivative
+
+        losses = []
+        for half in (self.x[:16], self.x[16:]):
+            x = half.clone().requires_grad_(True)
+            u = self.net(x)
+            losses.append(self.criterion(pde=-derivative(u, x, order=2) - torch.pi**2 * torch.sin(torch.pi * x), bc=self.net(self.xb)))
+            if len(losses) == 1:
+                torch.autograd.grad(losses[0], x, retain_graph=True)  # e.g. to pick new points; then trained on
+        return (losses[0] + losses[1]) / 2
+
+
+def test_a_call_first_differentiated_for_its_points_then_backpropagated_counts() -> None:
+    # its first backward (torch.autograd.grad) used to fix it as "not into .grad", so it was dropped
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    _fit(_OneCallAlsoDifferentiatedForItsPoints(), 2, [monitor])
+    assert monitor.last_measurement is not None and monitor.last_measurement.micro_batches == 2
