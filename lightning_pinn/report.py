@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import re
+import warnings
 from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +101,12 @@ def read_history(run_dir: str | Path) -> History:
 
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
+    if not any(tags for tags in accumulator.Tags().values() if isinstance(tags, list)):
+        warnings.warn(
+            f"lightning-pinn report: no events could be read from {run_dir} (its event files are empty, truncated or "
+            "not TensorBoard event files); the report below has nothing to go on.",
+            stacklevel=2,
+        )
     history = History()
     for tag in accumulator.Tags().get("scalars", []):
         for event in accumulator.Scalars(tag):

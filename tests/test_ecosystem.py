@@ -410,3 +410,11 @@ def test_demo_runs_into_the_same_folder_get_their_own_version(tmp_path: Path) ->
 def test_the_command_without_a_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main([]) == 2
     assert "demo" in capsys.readouterr().err
+
+
+def test_the_report_warns_about_event_files_it_cannot_read(tmp_path: Path) -> None:
+    from lightning_pinn.report import read_history
+
+    (tmp_path / "events.out.tfevents.123.host.1").write_text("garbage")
+    with pytest.warns(UserWarning, match="no events could be read"):
+        assert len(read_history(tmp_path)) == 0

@@ -375,3 +375,41 @@ def test_trained_weights_stay_where_their_lambda_is_clamped() -> None:
         internal = torch.exp(-parameter) if isinstance(balancer, UncertaintyWeighting) else parameter
         applied = torch.tensor(list(model.criterion.weights.values()), dtype=torch.float64)
         assert torch.allclose(internal.detach(), applied, rtol=1e-5), type(balancer).__name__
+
+
+def test_gradnorm_weighting_starts_from_equal_weights_when_every_weight_is_zero() -> None:
+    model = TwoTermPoisson(pde_weight=0.0, bc_weight=0.0)
+    balancer = GradNormWeighting(learning_rate=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(3, [balancer]).fit(model)  # divided by Σλ = 0 before
+    weights = model.criterion.weights
+    assert all(math.isfinite(w) and w > 0 for w in weights.values())
+    assert sum(weights.values()) == pytest.approx(2.0, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: SoftAdaptBalancer(normalized="false"), "normalized must be True or False"),
+        (lambda: SoftAdaptBalancer(loss_weighted="no"), "loss_weighted must be True or False"),
+        (lambda: WeightSchedule({"ic": [(0, 1.0), (99.9, 5.0)]}), r"integers >= 0 \(optimizer steps\), got 99.9"),
+        (lambda: WeightSchedule({"ic": [(0, 1.0), (10, True)]}), "must be numbers, got True"),
+    ],
+)
+def test_loose_arguments_are_refused_by_name(make: Any, message: str) -> None:
+    with pytest.raises((TypeError, ValueError), match=message):
+        make()
+
+
+def test_the_alarm_advice_fits_a_weight_schedule() -> None:
+    from lightning_pinn.alerts import LossBalanceWarning
+    from lightning_pinn.callbacks import GradientNormMonitor
+
+    model = TwoTermPoisson(bc_weight=1e-6)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(2, [monitor, WeightSchedule({"bc": [(0, 1e-6)]})]).fit(model)
+    alarms = [str(w.message) for w in caught if issubclass(w.category, LossBalanceWarning)]
+    assert alarms and "sets λ from its schedule" in alarms[0] and "every_n_steps" not in alarms[0]

@@ -467,9 +467,15 @@ class GradientNormMonitor(PerTermCallback):
             f"'{small}'. "
             + satisfied
             + (
-                f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
-                f"update{'' if len(balancers) > 1 else 's'} λ after {_its(balancers)} update steps; if the alarm stays "
-                f"on, check {_its(balancers)} every_n_steps, terms and max_weight."
+                (
+                    "WeightSchedule is attached to this loss and sets λ from its schedule; if the alarm stays on, raise "
+                    f"the scheduled weight of '{small}' (about {report.ratio:.3g}x would match the norms) or let a "
+                    "GradNormBalancer / NTKBalancer set it."
+                    if balancers == ["WeightSchedule"]
+                    else f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
+                    f"update{'' if len(balancers) > 1 else 's'} λ after {_its(balancers)} update steps; if the alarm stays "
+                    f"on, check {_its(balancers)} every_n_steps, terms and max_weight."
+                )
                 if balancers
                 else f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} "
                 "would match the norms), or add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance "

@@ -102,8 +102,11 @@ class SoftAdaptBalancer(_LossRule):
     ) -> None:
         super().__init__(every_n_steps, momentum, terms, None, min_weight, max_weight, warmup_steps, True, loss_module)
         self.beta = _check_number("SoftAdaptBalancer", "beta", beta, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
-        self.normalized = bool(normalized)
-        self.loss_weighted = bool(loss_weighted)
+        for name, value in (("normalized", normalized), ("loss_weighted", loss_weighted)):
+            if not isinstance(value, bool):
+                raise TypeError(f"SoftAdaptBalancer: {name} must be True or False, got {value!r}.")
+        self.normalized = normalized
+        self.loss_weighted = loss_weighted
         self._previous: list[float] | None = None
 
     def _identity(self) -> dict[str, Any]:
@@ -448,6 +451,8 @@ class GradNormWeighting(_TrainedWeights):
         if not all(self._adaptive):  # the fixed terms' λ set the scale: start from the λ in force
             return torch.tensor(weights, dtype=torch.float64)
         total = sum(weights)
+        if total <= 0:  # every λ is 0: nothing sets the scale, start from equal weights (Σw = K)
+            return torch.ones(len(weights), dtype=torch.float64)
         return torch.tensor([len(weights) * w / total for w in weights], dtype=torch.float64)
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
@@ -577,9 +582,17 @@ class WeightSchedule(WeightBalancer):
         knots: dict[str, list[tuple[int, float]]] = {}
         for term, points in schedule.items():
             try:
-                pairs = [(int(step), float(weight)) for step, weight in points]
+                given = [(step, weight) for step, weight in points]
             except (TypeError, ValueError):
                 raise ValueError(f"WeightSchedule: the knots of term '{term}' must be (step, weight) pairs, got {points!r}.") from None
+            for step, weight in given:
+                if not is_integer(step, low=0):
+                    raise ValueError(
+                        f"WeightSchedule: the steps of term '{term}' must be integers >= 0 (optimizer steps), got {step!r} in {points!r}."
+                    )
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) and not hasattr(weight, "__float__"):
+                    raise ValueError(f"WeightSchedule: the weights of term '{term}' must be numbers, got {weight!r} in {points!r}.")
+            pairs = [(int(step), float(weight)) for step, weight in given]
             if not pairs:
                 raise ValueError(f"WeightSchedule: term '{term}' has no knots; give at least one (step, weight).")
             steps = [step for step, _ in pairs]
