@@ -238,7 +238,9 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
         if values and values[-1] == 0:
             result.zero_gradient_terms.append(term)
 
-    for term in history.terms("weight"):
+    loss_order = {term: index for index, term in enumerate(history.terms("loss"))}  # logged all at once, in the loss's order
+    weight_terms = sorted(history.terms("weight"), key=lambda term: loss_order.get(term, len(loss_order)))  # stable
+    for term in weight_terms:
         steps, values = history[f"weight/{term}"]
         result.weights[term] = (values[0], values[-1], min(values), max(values))
         changed = next((step for step, value in zip(steps, values) if value != values[0]), None)
@@ -440,7 +442,9 @@ def plot_history(history: History, path: str | Path, title: str = "") -> None:
             steps, values = history[f"loss/{term}"]
             norms_axis.semilogy(steps, positive(values), color=colours[term], label=term if many else f"L_{term}")
         norms_axis.set_ylabel("loss (no gradient norms measured)")
-    for term in history.terms("weight"):
+    loss_order = {term: index for index, term in enumerate(history.terms("loss"))}  # logged all at once, in the loss's order
+    weight_terms = sorted(history.terms("weight"), key=lambda term: loss_order.get(term, len(loss_order)))  # stable
+    for term in weight_terms:
         steps, values = history[f"weight/{term}"]
         weights_axis.semilogy(steps, positive(values), color=colours[term], label="_" if many else f"λ_{term}")
     weights_axis.set_ylabel("weight λ")

@@ -418,3 +418,13 @@ def test_the_report_warns_about_event_files_it_cannot_read(tmp_path: Path) -> No
     (tmp_path / "events.out.tfevents.123.host.1").write_text("garbage")
     with pytest.warns(UserWarning, match="no events could be read"):
         assert len(read_history(tmp_path)) == 0
+
+
+def test_the_report_lists_the_weights_in_the_losss_order() -> None:
+    from lightning_pinn.report import History, diagnose
+
+    history = History()
+    history.add({"weight/ic": 2.0}, 0)  # a schedule of one term logs first
+    history.add({"loss/pde": 1.0, "loss/ic": 0.5, "weight/pde": 1.0}, 0)
+    history.add({"weight/ic": 3.0, "weight/pde": 1.0}, 10)
+    assert list(diagnose(history).weights) == ["pde", "ic"]
