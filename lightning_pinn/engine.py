@@ -185,6 +185,13 @@ class _Window:
         value = value.to(torch.float64)
         self.sums[name] = value if name not in self.sums else self.sums[name] + value
 
+    def relayout(self, layout: list[bool]) -> None:
+        """Cover the parameters of ``layout`` (a superset of the current one): the gradient sums
+        so far get zero columns for the added parameters."""
+        if self.layout is not None and layout != self.layout and self.gradient_sum is not None:
+            self.gradient_sum = _pad_columns(self.gradient_sum, self.params, self.layout, layout)
+        self.layout = layout
+
 
 class _CapturedTotal(torch.autograd.Function):
     """Identity on the total loss value whose backward assembles ``Σ λ_i ∇θ L_i`` per term.
@@ -417,7 +424,7 @@ def _width(p: Tensor) -> int:
     return p.numel() * (2 if p.is_complex() else 1)
 
 
-def _measured(window: Any) -> list[bool]:
+def _measured(window: _Window) -> list[bool]:
     """The parameters the window's flat gradients cover (its layout, else those trainable now)."""
     return list(window.layout) if window.layout is not None else [p.requires_grad for p in window.params]
 
@@ -695,9 +702,7 @@ class TermGradientEngine:
         for capture in captures:
             for index, trained in enumerate(capture.trainable or []):
                 layout[index] = layout[index] or trained
-        if window.layout is not None and layout != window.layout and window.gradient_sum is not None:
-            window.gradient_sum = _pad_columns(window.gradient_sum, window.params, window.layout, layout)
-        window.layout = layout
+        window.relayout(layout)
         for capture in [*captures, *([window.only] if window.only is not None else [])]:
             capture.layout = layout
 
@@ -803,10 +808,9 @@ class TermGradientEngine:
                 # agree on their union first, so every rank reduces tensors of one shape
                 local = _measured(window)
                 union = all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=device)).cpu() > 0
-                layout = union.tolist()
-                if gradient_sum is not None and layout != local:
-                    gradient_sum = _pad_columns(gradient_sum, window.params, local, layout)
-                window.layout = layout
+                window.layout = local
+                window.relayout(union.tolist())
+                gradient_sum = window.gradient_sum
                 if gradient_sum is None:
                     size = sum(_width(p) for p, measured in zip(window.params, _measured(window)) if measured)
                     gradient_sum = torch.zeros(num_terms, size, dtype=torch.float64, device=device)

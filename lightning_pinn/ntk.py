@@ -47,6 +47,9 @@ CHUNK_BUDGET = 400_000
 #: costs four or five backward passes); wider residuals are tried as one flat residual only.
 MAX_ONE_PASS_COLUMNS = 16
 
+#: A residual ``(N, c)`` with at most this many columns is tried column by column first (a system of equations).
+FEW_COLUMNS = 4
+
 #: GPU (any non-CPU device): points per chunk × N. Per-call latency dominates there, so larger
 #: chunks pay (measured on an H100: one unchunked batch ran 4× faster than chunks of this budget,
 #: at N² memory); this keeps memory bounded while amortising the launches.
@@ -116,7 +119,7 @@ def jacobian_row_sq_norms(
         points = points.to(device=residual.device, dtype=torch.long).reshape(-1)
     out_dtype = torch.float64 if flat.dtype == torch.float64 else torch.float32
     if one_pass and components == 1 and num_points > len(_check_rows(num_points)):
-        reordered: list[int] = []
+        reordered: list[Tensor] = []
         every_point = _one_pass_values(residual, flat, params, out_dtype, reordered)
         if every_point is not None and _agrees_with_products(every_point, flat, params, out_dtype, reordered):
             return every_point[points]
@@ -162,7 +165,9 @@ def jacobian_row_sq_norms(
     return values
 
 
-def _one_pass_values(residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, reordered: list[int]) -> Tensor | None:
+def _one_pass_values(
+    residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, reordered: list[Tensor]
+) -> Tensor | None:
     """:func:`~lightning_pinn.point_gradients.one_pass_row_sq_norms` of every point of ``residual``.
 
     A residual of shape ``(N, c)`` (a system of ``c ≤ MAX_ONE_PASS_COLUMNS`` equations from one
@@ -176,28 +181,18 @@ def _one_pass_values(residual: Tensor, flat: Tensor, params: list[Tensor], out_d
     columns = residual.numel() // residual.shape[0] if residual.dim() >= 2 and residual.shape[0] > 0 else 1
     if columns == 1:
         return one_pass_row_sq_norms(flat, params, out_dtype, reordered)
-    attempts = [_by_columns, _as_flat] if columns <= FEW_COLUMNS else [_as_flat, _by_columns]
-    for attempt in attempts:
+    for as_flat in (False, True) if columns <= FEW_COLUMNS else (True, False):
         reordered.clear()
-        values = attempt(residual, flat, params, out_dtype, columns, reordered)
+        if as_flat:
+            values = one_pass_row_sq_norms(flat, params, out_dtype, reordered)
+        else:
+            values = _by_columns(residual, params, out_dtype, columns, reordered)
         if values is not None:
             return values
     return None
 
 
-#: A residual ``(N, c)`` with at most this many columns is tried column by column first (a system of equations).
-FEW_COLUMNS = 4
-
-
-def _as_flat(
-    residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, columns: int, reordered: list[int]
-) -> Tensor | None:
-    return one_pass_row_sq_norms(flat, params, out_dtype, reordered)
-
-
-def _by_columns(
-    residual: Tensor, flat: Tensor, params: list[Tensor], out_dtype: torch.dtype, columns: int, reordered: list[int]
-) -> Tensor | None:
+def _by_columns(residual: Tensor, params: list[Tensor], out_dtype: torch.dtype, columns: int, reordered: list[Tensor]) -> Tensor | None:
     if columns > MAX_ONE_PASS_COLUMNS:
         return None  # each column costs four or five backward passes
     with torch.enable_grad():
@@ -205,11 +200,11 @@ def _by_columns(
         column_residuals = [table[:, column] for column in range(columns)]
     per_column = []
     for column, column_residual in enumerate(column_residuals):
-        in_column: list[int] = []
+        in_column: list[Tensor] = []
         values = one_pass_row_sq_norms(column_residual, params, out_dtype, in_column)
         if values is None:
             return None
-        reordered += [point * columns + column for point in in_column]  # the entry's index in the flat residual
+        reordered += [points * columns + column for points in in_column]  # the entries' indices in the flat residual
         per_column.append(values)
     return torch.stack(per_column, dim=1).reshape(-1)
 

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -249,8 +249,7 @@ def _one_pass(flat: Tensor, root: Any, params: list[Tensor], out_dtype: torch.dt
                 own = torch.arange(num_points, device=point_of_row.device)
                 moved = point_of_row != own
                 reordered += [point_of_row[moved & (point_of_row >= 0)], own[moved]]
-        for target, contribution, factors, sizes in _boundary_contributions(node, delta, kind, shape_of):
-            uses.append(_Use(target, point_of_row, contribution, factors, sizes))
+        uses += [replace(use, point_of_row=point_of_row) for use in _boundary_contributions(node, delta, kind, shape_of)]
 
     target_sizes = {use.target: int(shape_of(use.target).numel()) for use in uses}
     if max(target_sizes.values(), default=0) > 4 * sum(p.numel() for p in params) + 4096:
@@ -629,13 +628,11 @@ def _rows(tensor: Tensor | None) -> int | None:
     return None if tensor is None or tensor.dim() == 0 else int(tensor.shape[0])
 
 
-def _boundary_contributions(
-    node: Any, delta: Tensor, kind: dict[Any, str], shape_of: Callable[[Any], torch.Size]
-) -> list[tuple[Any, _Contribution, _Factors | None, tuple[int, int] | None]]:
-    """Per-row gradients of the parameter-derived operands of ``node``, given its output gradient
-    ``delta``: for each, a function of row indices returning ``(len(rows), *operand shape)``, and
-    for a matrix product's operand the same as an outer product's factors ``(p, q)`` with its
-    sizes ``(k, m)`` (else ``None``)."""
+def _boundary_contributions(node: Any, delta: Tensor, kind: dict[Any, str], shape_of: Callable[[Any], torch.Size]) -> list[_Use]:
+    """The uses of the parameter-derived operands of ``node``, given its output gradient ``delta``
+    (with ``point_of_row`` still ``None``): for each, its per-row gradients as a function of row
+    indices returning ``(len(rows), *operand shape)``, and for a matrix product's operand the same
+    as an outer product's factors ``(p, q)`` with their sizes ``(k, m)``."""
     name = type(node).__name__
     num_rows = delta.shape[0]
     children = [child for child, _ in node.next_functions]
@@ -644,7 +641,7 @@ def _boundary_contributions(
         child = children[position] if position < len(children) else None
         return child is not None and kind[child] == "p"
 
-    found: list[tuple[Any, _Contribution, _Factors | None, tuple[int, int] | None]] = []
+    found: list[_Use] = []
     if name in ("AddmmBackward0", "MmBackward0"):
         left, right = (1, 2) if name == "AddmmBackward0" else (0, 1)
         if parameter_side(left):
@@ -655,8 +652,9 @@ def _boundary_contributions(
             if _rows(points) != num_rows or points.dim() != 2 or delta.dim() != 2:
                 raise _Unsupported("matrix product rows")
             found.append(
-                (
+                _Use(
                     children[right],
+                    None,
                     lambda rows, a=points, d=delta, s=scale: s * a[rows, :, None] * d[rows, None, :],
                     lambda rows, a=points, d=delta, s=scale: (s * a[rows], d[rows]),
                     (int(points.shape[1]), int(delta.shape[1])),
@@ -665,7 +663,7 @@ def _boundary_contributions(
         if name == "AddmmBackward0" and parameter_side(0):
             shape = shape_of(children[0])
             beta = node._saved_beta
-            found.append((children[0], lambda rows, d=delta, s=shape, b=beta: _sum_to(b * d[rows], s), None, None))
+            found.append(_Use(children[0], None, lambda rows, d=delta, s=shape, b=beta: _sum_to(b * d[rows], s)))
     elif name in ("MulBackward0", "DivBackward0"):
         numerator, denominator = node._saved_self, node._saved_other
         for position in (0, 1):
@@ -675,32 +673,23 @@ def _boundary_contributions(
             if name == "MulBackward0":  # ∂(a·b)/∂a = b
                 other = denominator if position == 0 else numerator
                 found.append(
-                    (
-                        children[position],
-                        lambda rows, d=delta, o=other, s=shape: _sum_to(d[rows] * _rows_of(o, rows, num_rows), s),
-                        None,
-                        None,
+                    _Use(
+                        children[position], None, lambda rows, d=delta, o=other, s=shape: _sum_to(d[rows] * _rows_of(o, rows, num_rows), s)
                     )
                 )
             elif position == 0:  # ∂(a/b)/∂a = 1/b
                 found.append(
-                    (
-                        children[0],
-                        lambda rows, d=delta, o=denominator, s=shape: _sum_to(d[rows] / _rows_of(o, rows, num_rows), s),
-                        None,
-                        None,
-                    )
+                    _Use(children[0], None, lambda rows, d=delta, o=denominator, s=shape: _sum_to(d[rows] / _rows_of(o, rows, num_rows), s))
                 )
             else:  # ∂(a/b)/∂b = −a/b²
                 found.append(
-                    (
+                    _Use(
                         children[1],
+                        None,
                         lambda rows, d=delta, a=numerator, o=denominator, s=shape: _sum_to(
                             -d[rows] * _rows_of(a, rows, num_rows) / o**2,
                             s,  # o: the parameter side, no rows
                         ),
-                        None,
-                        None,
                     )
                 )
     elif name in ("AddBackward0", "SubBackward0"):
@@ -708,7 +697,7 @@ def _boundary_contributions(
         for position, sign in ((0, 1), (1, alpha if name == "AddBackward0" else -alpha)):
             if parameter_side(position):
                 shape = shape_of(children[position])
-                found.append((children[position], lambda rows, d=delta, s=shape, c=sign: _sum_to(c * d[rows], s), None, None))
+                found.append(_Use(children[position], None, lambda rows, d=delta, s=shape, c=sign: _sum_to(c * d[rows], s)))
     else:
         raise _Unsupported(f"parameters meet the points in {name}")
     return found

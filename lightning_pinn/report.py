@@ -73,6 +73,12 @@ class History:
         """Names after ``prefix/`` among the tags, in first-seen order (e.g. terms of ``grad_norm``)."""
         return [tag.split("/", 1)[1] for tag in self._steps if tag.startswith(prefix + "/")]
 
+    def terms_in_loss_order(self, prefix: str) -> list[str]:
+        """:meth:`terms` of ``prefix``, ordered like the ``loss/`` tags (logged all at once, in the
+        loss's order); terms without a loss tag last, in first-seen order."""
+        order = {term: index for index, term in enumerate(self.terms("loss"))}
+        return sorted(self.terms(prefix), key=lambda term: order.get(term, len(order)))
+
     def __len__(self) -> int:
         return len(self._steps)
 
@@ -238,9 +244,7 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
         if values and values[-1] == 0:
             result.zero_gradient_terms.append(term)
 
-    loss_order = {term: index for index, term in enumerate(history.terms("loss"))}  # logged all at once, in the loss's order
-    weight_terms = sorted(history.terms("weight"), key=lambda term: loss_order.get(term, len(loss_order)))  # stable
-    for term in weight_terms:
+    for term in history.terms_in_loss_order("weight"):
         steps, values = history[f"weight/{term}"]
         result.weights[term] = (values[0], values[-1], min(values), max(values))
         changed = next((step for step, value in zip(steps, values) if value != values[0]), None)
@@ -442,9 +446,7 @@ def plot_history(history: History, path: str | Path, title: str = "") -> None:
             steps, values = history[f"loss/{term}"]
             norms_axis.semilogy(steps, positive(values), color=colours[term], label=term if many else f"L_{term}")
         norms_axis.set_ylabel("loss (no gradient norms measured)")
-    loss_order = {term: index for index, term in enumerate(history.terms("loss"))}  # logged all at once, in the loss's order
-    weight_terms = sorted(history.terms("weight"), key=lambda term: loss_order.get(term, len(loss_order)))  # stable
-    for term in weight_terms:
+    for term in history.terms_in_loss_order("weight"):
         steps, values = history[f"weight/{term}"]
         weights_axis.semilogy(steps, positive(values), color=colours[term], label="_" if many else f"λ_{term}")
     weights_axis.set_ylabel("weight λ")
