@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
+from lightning_pinn._checks import check_flag
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, is_integer, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms, nearly_satisfied
@@ -608,9 +609,7 @@ class NTKBalancer(WeightBalancer):
         one_pass: bool = True,
     ) -> None:
         super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
-        if not isinstance(one_pass, bool):
-            raise TypeError(f"NTKBalancer: one_pass must be True or False, got {one_pass!r}.")
-        self.one_pass = one_pass
+        self.one_pass = check_flag("NTKBalancer", "one_pass", one_pass)
         if trace_points is not None and (not is_integer(trace_points, low=1)):
             raise ValueError(
                 f"NTKBalancer: trace_points must be an integer >= 1 (points sampled per term) or None for exact traces, got {trace_points!r}."

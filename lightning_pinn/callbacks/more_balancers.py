@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
+from lightning_pinn._checks import check_flag
 from lightning_pinn.callbacks._base import is_integer
 from lightning_pinn.callbacks.balancers import WeightBalancer, _check_number
 from lightning_pinn.diagnostics import gradient_norms
@@ -102,11 +103,8 @@ class SoftAdaptBalancer(_LossRule):
     ) -> None:
         super().__init__(every_n_steps, momentum, terms, None, min_weight, max_weight, warmup_steps, True, loss_module)
         self.beta = _check_number("SoftAdaptBalancer", "beta", beta, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
-        for name, value in (("normalized", normalized), ("loss_weighted", loss_weighted)):
-            if not isinstance(value, bool):
-                raise TypeError(f"SoftAdaptBalancer: {name} must be True or False, got {value!r}.")
-        self.normalized = normalized
-        self.loss_weighted = loss_weighted
+        self.normalized = check_flag("SoftAdaptBalancer", "normalized", normalized)
+        self.loss_weighted = check_flag("SoftAdaptBalancer", "loss_weighted", loss_weighted)
         self._previous: list[float] | None = None
 
     def _identity(self) -> dict[str, Any]:

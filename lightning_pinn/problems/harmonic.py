@@ -16,11 +16,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_pinn._checks import check_finite, check_flag, check_hidden, check_points
 from lightning_pinn.autodiff import derivative
 from lightning_pinn.constraints import IVPAnsatz
 from lightning_pinn.module import PINNModule
 from lightning_pinn.nn import mlp
-from lightning_pinn.problems._checks import check_finite, check_flag, check_hidden, check_points
 
 __all__ = ["HarmonicOscillator"]
 

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_pinn._checks import check_finite, check_hidden, check_points, like
 from lightning_pinn.autodiff import derivative, gradient
 from lightning_pinn.module import PINNModule
 from lightning_pinn.nn import mlp
-from lightning_pinn.problems._checks import check_finite, check_hidden, check_points, like
 
 __all__ = ["Wave1D"]
 

@@ -1,4 +1,4 @@
-"""Argument checks shared by the problem classes: a clear error at construction, not at the first step."""
+"""Argument checks shared by the problem classes and the callbacks: a clear error at construction, not at the first step."""
 
 from __future__ import annotations
 
