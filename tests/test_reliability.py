@@ -496,13 +496,8 @@ class ChunkedManualAccumulation(TwoTermPoisson):
         optimizer = self.optimizers()
         optimizer.zero_grad()
         for chunk in range(2):
-            x = self.x[chunk::2].clone().requires_grad_(True)
-            u = self.net(x)
-            from lightning_pinn.autodiff import derivative
-
-            pde = -derivative(u, x, order=2) - torch.pi**2 * torch.sin(torch.pi * x)
             bc = self.net(self.xb) if chunk == 0 or self.bc_in_second_chunk else None
-            self.manual_backward(self.criterion(pde=pde, bc=bc) / 2)
+            self.manual_backward(self.criterion(pde=self.pde_residual(self.x[chunk::2]), bc=bc) / 2)
         self.stepped_with.append(torch.cat([p.grad.reshape(-1) for p in self.parameters()]).clone())
         optimizer.step()
 
@@ -582,15 +577,11 @@ class _PointsMovedByTheLossGradient(TwoTermPoisson):
     """Adversarial collocation: ∂L/∂x of a first call (torch.autograd.grad) moves the points."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        from lightning_pinn.autodiff import derivative
-
         x = self.x.clone().requires_grad_(True)
-        u = self.net(x)
-        probe = self.criterion(pde=-derivative(u, x, order=2) - torch.pi**2 * torch.sin(torch.pi * x), bc=self.net(self.xb))
+        probe = self.criterion(pde=self.pde_residual(x), bc=self.net(self.xb))
         (toward,) = torch.autograd.grad(probe, x)
-        moved = (self.x + 0.01 * toward.sign()).clamp(0, 1).requires_grad_(True)
-        u = self.net(moved)
-        return self.criterion(pde=-derivative(u, moved, order=2) - torch.pi**2 * torch.sin(torch.pi * moved), bc=self.net(self.xb))
+        moved = (self.x + 0.01 * toward.sign()).clamp(0, 1)
+        return self.criterion(pde=self.pde_residual(moved), bc=self.net(self.xb))
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -664,13 +655,10 @@ class _OneCallAlsoDifferentiatedForItsPoints(TwoTermPoisson):
     """Two halves of the points; the first half's loss is also differentiated for its points first."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        from lightning_pinn.autodiff import derivative
-
         losses = []
         for half in (self.x[:16], self.x[16:]):
             x = half.clone().requires_grad_(True)
-            u = self.net(x)
-            losses.append(self.criterion(pde=-derivative(u, x, order=2) - torch.pi**2 * torch.sin(torch.pi * x), bc=self.net(self.xb)))
+            losses.append(self.criterion(pde=self.pde_residual(x), bc=self.net(self.xb)))
             if len(losses) == 1:
                 torch.autograd.grad(losses[0], x, retain_graph=True)  # e.g. to pick new points; then trained on
         return (losses[0] + losses[1]) / 2
