@@ -157,6 +157,9 @@ class WeightBalancer(PerTermCallback):
     _zero_cause = "it reaches no trainable parameter, or its loss is exactly minimal"
     #: Whether a zero input means the rule cannot weight the term (true for gradients and traces).
     _zero_is_undefined = True
+    #: Whether λ follows a fixed schedule (nothing measured moves it: the monitor's alarm then
+    #: advises on the schedule, not on the cadence and bounds of an adaptive rule).
+    _scheduled = False
 
     def _extra_metrics(self, measurement: StepMeasurement) -> dict[str, float]:
         """More scalars to log at the measured step (e.g. the NTK traces)."""

@@ -210,6 +210,7 @@ class GradientNormMonitor(PerTermCallback):
         self._reset_fit_state()
         self._pending = PendingEvents()
         self._balancer_names: list[str] = []
+        self._only_schedules = False  # every rule attached to the loss follows a fixed schedule
         self._weight_terms: list[str] = []  # the weight/<term> series this monitor writes (the rest: balancers)
 
     @property
@@ -327,7 +328,9 @@ class GradientNormMonitor(PerTermCallback):
 
         self._weight_terms = weight_terms_to_log(trainer, self)
         # balancers on the same loss (all callbacks are attached by now): the alarm text says so
-        self._balancer_names = [type(cb).__name__ for cb in callbacks_on_loss(trainer, self._loss) if isinstance(cb, WeightBalancer)]
+        balancers = [cb for cb in callbacks_on_loss(trainer, self._loss) if isinstance(cb, WeightBalancer)]
+        self._balancer_names = [type(cb).__name__ for cb in balancers]
+        self._only_schedules = bool(balancers) and all(cb._scheduled for cb in balancers)
         self._warn_if_watched_less_often(trainer)
 
     #: Tags this monitor writes (after its loss prefix, if any): what EarlyStopping or
@@ -468,10 +471,11 @@ class GradientNormMonitor(PerTermCallback):
             + satisfied
             + (
                 (
-                    "WeightSchedule is attached to this loss and sets λ from its schedule; if the alarm stays on, raise "
+                    f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
+                    f"set{'' if len(balancers) > 1 else 's'} λ from {_its(balancers)} schedule; if the alarm stays on, raise "
                     f"the scheduled weight of '{small}' (about {report.ratio:.3g}x would match the norms) or let a "
                     "GradNormBalancer / NTKBalancer set it."
-                    if balancers == ["WeightSchedule"]
+                    if self._only_schedules
                     else f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
                     f"update{'' if len(balancers) > 1 else 's'} λ after {_its(balancers)} update steps; if the alarm stays "
                     f"on, check {_its(balancers)} every_n_steps, terms and max_weight."

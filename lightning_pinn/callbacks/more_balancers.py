@@ -565,6 +565,7 @@ class WeightSchedule(WeightBalancer):
 
     _quantity = "loss"
     _zero_is_undefined = False
+    _scheduled = True
     _terms_argument = "schedule"
 
     def __init__(
