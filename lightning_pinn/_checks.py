@@ -48,3 +48,33 @@ def check_flag(owner: str, name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{owner}: {name} must be True or False, got {value!r}.")
     return bool(value)
+
+
+def check_term_names(
+    owner: str, name: str, value: Any, example: str, none_means: str, minimum: int = 1, type_error: type[Exception] = ValueError
+) -> list[str]:
+    """A list of at least ``minimum`` term names (non-empty strings), duplicates dropped, order kept.
+
+    ``none_means`` says what ``None`` does instead (for the message), e.g. ``"all terms"``;
+    ``type_error`` is raised for a value that is not a list of names (a bare string, a number).
+    """
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, (Sequence, set, frozenset))
+        or not all(isinstance(item, str) and item for item in value)
+    ):
+        raise type_error(f"{owner}: {name} must be a list of term names (e.g. {example}) or None for {none_means}, got {value!r}.")
+    names = list(dict.fromkeys(value))
+    if len(names) < minimum:
+        raise ValueError(
+            f"{owner}: {name} must be a non-empty list of term names naming at least {minimum} different term"
+            f"{'s' if minimum > 1 else ''} (e.g. {example}), or None for {none_means}; got {value!r}."
+        )
+    return names
+
+
+def check_seed(owner: str, value: Any) -> int:
+    """A random seed: an integer in ``[0, 2**63)`` (what ``torch.Generator.manual_seed`` keeps exactly)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
+        raise ValueError(f"{owner}: seed must be an integer in [0, 2**63) (e.g. 0), got {value!r}.")
+    return int(value)

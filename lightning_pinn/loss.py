@@ -369,7 +369,23 @@ class MultiTermLoss(nn.Module):
             # hands the modules its own copy of the dict, so the caller's is not changed)
             saved_lambdas = state_dict[key]
             state_dict[key] = saved_lambdas[[saved.index(name) for name in self._term_names]]
+        if key in state_dict:
+            self._check_saved_weights(state_dict[key], prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+
+    def _check_saved_weights(self, saved: Any, prefix: str) -> None:
+        """Refuse a checkpoint whose λ are NaN, infinite or negative (a corrupted or hand-edited file):
+        loaded, they would turn the loss NaN with warnings that blame the terms' gradients."""
+        if not isinstance(saved, Tensor) or saved.shape != self.lambdas.shape or saved.is_complex():
+            return  # torch's own load reports a shape mismatch, naming the key
+        for name, value in zip(self._term_names, saved.detach().tolist()):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"MultiTermLoss: the checkpoint's weight of term '{name}' is {value}; weights must be finite and >= 0, so "
+                    "this checkpoint's λ cannot be used (the file was edited or damaged, or saved after λ went bad). Load an "
+                    f"earlier checkpoint; or remove '{prefix}lambdas' and '{prefix}_extra_state' from its state dict, load "
+                    "it with strict=False and set the weights with set_weights."
+                )
 
     def set_extra_state(self, state: Any) -> None:
         """Refuse a checkpoint whose terms differ from this loss's: the weights would be misassigned."""

@@ -351,13 +351,33 @@ def test_balanced_harmonic_fit_beats_unit_weights_by_far(balancer: Any) -> None:
         (lambda: GradNormBalancer(min_weight=10.0, max_weight=1.0), "max_weight"),
         (lambda: GradNormBalancer(warmup_steps=-1), "warmup_steps"),
         (lambda: GradNormBalancer(terms=[]), "terms must be a non-empty list"),
-        (lambda: GradNormBalancer(terms="ic"), "terms must be a non-empty list"),
+        (lambda: GradNormBalancer(terms="ic"), "terms must be a list of term names"),
+        (lambda: GradNormBalancer(terms=True), "terms must be a list of term names"),  # was "'bool' object is not iterable"
+        (lambda: GradNormBalancer(reference=""), "reference must be a term name"),  # was a bare tuple.index error at fit start
+        (lambda: NTKBalancer(seed=-1), r"seed must be an integer in \[0, 2\*\*63\)"),
+        (lambda: NTKBalancer(seed=2**64), "seed must be an integer"),  # was "Overflow when unpacking long long"
         (lambda: NTKBalancer(trace_points=0), "trace_points"),
         (lambda: NTKBalancer(chunk_size=0), "chunk_size"),
     ],
 )
 def test_bad_arguments(factory: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
+        factory()
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: GradNormBalancer(smooth_first_update="False"),
+        lambda: GradientNormMonitor(report="False"),
+        lambda: GradientNormMonitor(verbose="no"),
+        lambda: GradientNormMonitor(progress_bar=None),
+        lambda: GradientNormMonitor(log_cosines="False"),
+    ],
+)
+def test_switches_refuse_anything_but_true_or_false(factory: Any) -> None:
+    """A string such as "False" read as True: smooth_first_update="False" smoothed the first update."""
+    with pytest.raises(TypeError, match="must be True or False"):
         factory()
 
 

@@ -669,3 +669,102 @@ def test_a_call_first_differentiated_for_its_points_then_backpropagated_counts()
     monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
     _fit(_OneCallAlsoDifferentiatedForItsPoints(), 2, [monitor])
     assert monitor.last_measurement is not None and monitor.last_measurement.micro_batches == 2
+
+
+class _Validated(TwoTermPoisson):
+    """TwoTermPoisson with a validation loop (the PDE residual needs autograd under inference mode)."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            self.log("val_pde", self.pde_residual(self.x.clone()).square().mean().detach(), batch_size=1)
+
+    def val_dataloader(self) -> range:
+        return range(1)
+
+
+def test_validate_with_ckpt_path_leaves_the_callbacks_state_alone(tmp_path: Path) -> None:
+    """Lightning restores callbacks for validate(ckpt_path=...) too. The monitor's history and the
+    balancer's smoothing state once came from that checkpoint, so the next fit (without
+    ckpt_path) continued them: 12 measurements from steps 0-7 and 0-3, and a first update smoothed
+    instead of taken directly. Now that fit is the same as one from the weights alone."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(
+            8,
+            [GradientNormMonitor(every_n_steps=1, verbose=False, report=False), GradNormBalancer(every_n_steps=1), checkpoint],
+            enable_checkpointing=True,
+            limit_val_batches=0,
+        ).fit(_Validated())
+
+        def fit_after(load: str) -> tuple[GradientNormMonitor, GradNormBalancer, dict[str, float]]:
+            model = _Validated()
+            monitor, balancer = GradientNormMonitor(every_n_steps=1, verbose=False, report=False), GradNormBalancer(every_n_steps=1)
+            trainer = make_trainer(4, [monitor, balancer])
+            if load == "validate":
+                trainer.validate(model, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+            else:
+                model.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"])
+            trainer.fit(model)
+            return monitor, balancer, model.criterion.weights
+
+        monitor, balancer, weights = fit_after("validate")
+        reference_monitor, reference_balancer, reference_weights = fit_after("weights")
+    assert (monitor.diagnosis.measurements, monitor.diagnosis.first_step, monitor.diagnosis.last_step) == (4, 0, 3)
+    assert balancer.num_updates == reference_balancer.num_updates == 4
+    assert weights == pytest.approx(reference_weights, rel=1e-6)
+    assert monitor.diagnosis == reference_monitor.diagnosis
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -5.0])
+def test_a_checkpoint_with_a_bad_weight_is_refused_naming_the_term(tmp_path: Path, bad: float) -> None:
+    """A NaN/inf/negative λ in a checkpoint (edited or damaged file) was loaded silently: the fit
+    then ran on a NaN loss, with warnings blaming both terms' gradients."""
+    model = TwoTermPoisson()
+    state = model.state_dict()
+    state["criterion.lambdas"] = torch.tensor([1.0, bad])
+    with pytest.raises(ValueError, match=rf"checkpoint's weight of term 'bc' is {bad}.*finite and >= 0.*set_weights"):
+        TwoTermPoisson().load_state_dict(state)
+    path = tmp_path / "bad.ckpt"
+    trainer = make_trainer(2, [GradNormBalancer(every_n_steps=1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+        trainer.save_checkpoint(path)
+        saved = torch.load(path, weights_only=False)
+        saved["state_dict"]["criterion.lambdas"][1] = bad
+        torch.save(saved, path)
+        with pytest.raises(ValueError, match="checkpoint's weight of term 'bc'"):
+            make_trainer(4, [GradNormBalancer(every_n_steps=1)]).fit(TwoTermPoisson(), ckpt_path=str(path))
+
+
+def test_sampled_ntk_traces_resume_exactly_from_a_checkpoint_written_mid_step(tmp_path: Path) -> None:
+    """OnExceptionCheckpoint after the backward of a measured step saved the sampler's generator
+    already advanced by that step's draw: the replayed step sampled other points (λ 2807 vs 2834).
+    The sample now depends only on (seed, step, batch)."""
+    from pytorch_lightning.callbacks import OnExceptionCheckpoint
+
+    class FailsOnce(pl.Callback):
+        def __init__(self) -> None:
+            self.failed = False
+
+        def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if trainer.global_step == 4 and not self.failed:
+                self.failed = True
+                raise RuntimeError("interrupted")
+
+    balancer = lambda: NTKBalancer(every_n_steps=2, trace_points=8, seed=5)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        straight = TwoTermPoisson()
+        make_trainer(8, [balancer()]).fit(straight)
+        torch.manual_seed(0)
+        interrupted = TwoTermPoisson()
+        with pytest.raises(RuntimeError, match="interrupted"):
+            make_trainer(8, [balancer(), FailsOnce(), OnExceptionCheckpoint(dirpath=str(tmp_path))], enable_checkpointing=True).fit(
+                interrupted
+            )
+        resumed = TwoTermPoisson()
+        make_trainer(8, [balancer()]).fit(resumed, ckpt_path=str(tmp_path / "on_exception.ckpt"))
+    assert resumed.criterion.weights == straight.criterion.weights

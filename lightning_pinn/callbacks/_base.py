@@ -253,6 +253,7 @@ class PerTermCallback(Callback):
         self._restored = False  # set by load_state_dict: the next fit resumes instead of starting afresh
         self._saved_terms: tuple[str, ...] = ()  # the term order of the restored state, checked at fit start
         self._trainer_id: int | None = None  # id() of the Trainer whose fit this state belongs to
+        self._stage: str | None = None  # the Trainer function running ("fit", "validate", ...), between setup and teardown
         self._decided_step: int | None = None  # the last step _due_at_batch decided, and its answer
         self._due = False
         self._previous_step: int | None = None  # the step decided before it (the previous batch's)
@@ -349,8 +350,28 @@ class PerTermCallback(Callback):
         """The loss's term order; subclasses add their own state, some of it in that order."""
         return {"terms": list(self._loss.term_names)} if self._loss is not None else {}
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = stage  # Lightning runs setup before it restores a checkpoint
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._stage = None
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state a checkpoint saved, for a fit that resumes from it.
+
+        Lightning restores callbacks for ``validate``/``test``/``predict(ckpt_path=...)`` too. This
+        state belongs to training, so it is left as it was then: a later ``fit`` without
+        ``ckpt_path`` neither continues the checkpoint's history and smoothing nor loses this
+        callback's own. Subclasses extend :meth:`_load_state`.
+        """
+        if self._stage in ("validate", "test", "predict"):
+            return
         self._saved_terms = tuple(state_dict.get("terms", ()))
+        self._load_state(state_dict)
+        self._restored = True
+
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        """Subclass hook: take this subclass's part of a restored state (see :meth:`load_state_dict`)."""
 
     def _check_saved_term_order(self) -> None:
         """Refuse to resume this callback's state into a loss whose terms come in another order.

@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_pinn._checks import check_flag
+from lightning_pinn._checks import check_flag, check_seed, check_term_names
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, is_integer, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms, nearly_satisfied
@@ -101,13 +101,9 @@ class WeightBalancer(PerTermCallback):
         owner = type(self).__name__
         self.momentum = _check_number(owner, "momentum", momentum, low=0.0, high=1.0, high_open=True, hint=" in [0, 1) (e.g. 0.9)")
         if terms is not None:
-            if isinstance(terms, str) or not all(isinstance(t, str) for t in terms) or len(terms) == 0:
-                raise ValueError(
-                    f"{owner}: terms must be a non-empty list of term names (e.g. ['ic', 'bc']) or None for all terms, got {terms!r}."
-                )
-            terms = list(dict.fromkeys(terms))
+            terms = check_term_names(owner, self._terms_argument, terms, "['ic', 'bc']", "all terms")
         self.terms = terms
-        if reference is not None and not isinstance(reference, str):
+        if reference is not None and (not isinstance(reference, str) or not reference):
             raise ValueError(f"{owner}: reference must be a term name (e.g. 'pde') or None, got {reference!r}.")
         if reference is not None and terms is not None and terms == [reference]:
             raise ValueError(
@@ -124,10 +120,11 @@ class WeightBalancer(PerTermCallback):
                 f"{owner}: warmup_steps must be an integer >= 0 (optimizer steps before the first update), got {warmup_steps!r}."
             )
         self.warmup_steps = int(warmup_steps)
-        self.smooth_first_update = bool(smooth_first_update)
+        self.smooth_first_update = check_flag(owner, "smooth_first_update", smooth_first_update)
         self.num_updates = 0
         self.skipped_updates = 0
         self.last_target: dict[str, float] = {}
+        self._first_applied_step: int | None = None  # the step from which the fit's first update is in force
         self._updated_terms: set[str] = set()  # terms whose λ this balancer has set at least once
         self._adaptive: list[bool] = []
         self._reference_index: int | None = None
@@ -145,6 +142,11 @@ class WeightBalancer(PerTermCallback):
         self._weight_terms: list[str] = []  # the weight/<term> series this balancer writes
 
     # ---------------------------------------------------------------- subclass API
+    def weights_balanced_at(self, step: int) -> bool:
+        """Whether the λ in force at optimizer ``step`` come from this balancer (its first update
+        of the fit applies at or before it); a schedule's λ always do."""
+        return self._scheduled or (self._first_applied_step is not None and self._first_applied_step <= step)
+
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         """The per-term quantity the rule uses, shape ``(K,)`` (e.g. gradient norms)."""
         raise NotImplementedError
@@ -200,7 +202,7 @@ class WeightBalancer(PerTermCallback):
             # resumed, and the λ in force were logged before the checkpoint: no second point at this step
             self._last_logged_step, self._skip_start_log = resumed_step, resumed_in_force
         self._unlogged = None
-        for name in list(self.terms or []) + ([self.reference] if self.reference else []):
+        for name in list(self.terms or []) + ([self.reference] if self.reference is not None else []):
             if name not in names:
                 argument = "reference" if name == self.reference and name not in (self.terms or []) else self._terms_argument
                 raise ValueError(
@@ -294,6 +296,8 @@ class WeightBalancer(PerTermCallback):
         new = trainer.strategy.broadcast(new, src=0)  # bit-identical on every rank
         self.criterion.set_weights(torch.tensor(new, dtype=self.criterion.lambdas.dtype, device=self.criterion.lambdas.device))
         self.num_updates += 1
+        if self._first_applied_step is None:
+            self._first_applied_step = self._applied_step
         self._updated_terms.update(
             name
             for name, value, adaptive, here in zip(names, proposed, self._adaptive, present)
@@ -441,6 +445,7 @@ class WeightBalancer(PerTermCallback):
     # ---------------------------------------------------------------- state
     def _reset_fit_state(self) -> None:
         self.num_updates = 0
+        self._first_applied_step = None
         self._last_logged_step = None
         self._last_logged_weights = {}
         self.skipped_updates = 0
@@ -455,6 +460,7 @@ class WeightBalancer(PerTermCallback):
         return {
             **super().state_dict(),
             "num_updates": self.num_updates,
+            "first_applied_step": self._first_applied_step,
             "skipped_updates": self.skipped_updates,
             "last_target": dict(self.last_target),
             "updated_terms": sorted(self._updated_terms),
@@ -464,9 +470,10 @@ class WeightBalancer(PerTermCallback):
             "clamp_warned": sorted(self._clamp_warned),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        super()._load_state(state_dict)
         self.num_updates = int(state_dict["num_updates"])
+        self._first_applied_step = state_dict.get("first_applied_step", 0 if self.num_updates else None)
         self.skipped_updates = int(state_dict.get("skipped_updates", 0))
         self.last_target = dict(state_dict.get("last_target", {}))
         # (checkpoints from before per-term first updates: the terms the last update targeted)
@@ -475,7 +482,6 @@ class WeightBalancer(PerTermCallback):
         self._resumed_logging = (last_logged, last_logged is not None and not state_dict.get("unlogged_pending", True))
         self._zero_warned = set(state_dict.get("zero_warned", []))
         self._clamp_warned = set(state_dict.get("clamp_warned", []))
-        self._restored = True
 
 
 class GradNormBalancer(WeightBalancer):
@@ -621,11 +627,9 @@ class NTKBalancer(WeightBalancer):
             raise ValueError(
                 f"NTKBalancer: chunk_size must be an integer >= 1 (points per batched vector-Jacobian product) or None for automatic, got {chunk_size!r}."
             )
-        if not is_integer(seed):
-            raise ValueError(f"NTKBalancer: seed must be an integer, got {seed!r}.")
         self.trace_points = None if trace_points is None else int(trace_points)
         self.chunk_size = None if chunk_size is None else int(chunk_size)
-        self.seed = seed = int(seed)
+        self.seed = seed = check_seed("NTKBalancer", seed)
         self._generator = torch.Generator().manual_seed(seed)
         self.last_traces: dict[str, float] = {}
         self._fallback_warned: set[str] = set()  # terms whose traces could not be vmapped (warned once each)
@@ -643,6 +647,13 @@ class NTKBalancer(WeightBalancer):
     def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super()._on_attach(trainer, pl_module)
         self._residuals_checked = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        # The sampled points depend only on (seed, step, batch): a fit resumed from any checkpoint
+        # (even one OnExceptionCheckpoint wrote in the middle of a step, after the draw) samples
+        # what the uninterrupted fit sampled, and no generator state needs saving.
+        self._generator.manual_seed(_sample_seed(self.seed, trainer.global_step, batch_idx))
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -672,15 +683,17 @@ class NTKBalancer(WeightBalancer):
 
     def _reset_fit_state(self) -> None:
         super()._reset_fit_state()
-        self._generator.manual_seed(self.seed)
         self.last_traces = {}
         self._fallback_warned = set()
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "generator_state": self._generator.get_state(), "last_traces": dict(self.last_traces)}
+        return {**super().state_dict(), "last_traces": dict(self.last_traces)}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if "generator_state" in state_dict:
-            self._generator.set_state(state_dict["generator_state"])
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        super()._load_state(state_dict)
         self.last_traces = dict(state_dict.get("last_traces", {}))
+
+
+def _sample_seed(seed: int, step: int, batch_idx: int) -> int:
+    """A 64-bit seed for the trace sampler at one (step, batch), mixed from the user's ``seed``."""
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + batch_idx * 0x94D049BB133111EB + 1) % 2**64

@@ -12,6 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_pinn._checks import check_flag, check_term_names
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
 from lightning_pinn.callbacks._base import (
     PendingEvents,
@@ -158,17 +159,10 @@ class GradientNormMonitor(PerTermCallback):
         ratio_terms: Sequence[str] | None = None,
     ) -> None:
         super().__init__(every_n_steps, loss_module)
-        if ratio_terms is not None:
-            if isinstance(ratio_terms, str) or not all(isinstance(name, str) for name in ratio_terms):
-                raise TypeError(
-                    f"GradientNormMonitor: ratio_terms must be a list of term names (e.g. ['pde', 'bc']) or None, got {ratio_terms!r}."
-                )
-            ratio_terms = list(dict.fromkeys(ratio_terms))
-            if len(ratio_terms) < 2:
-                raise ValueError(
-                    f"GradientNormMonitor: ratio_terms must name at least two terms (a ratio compares two), got {ratio_terms!r}; "
-                    "leave it None to compare all terms."
-                )
+        if ratio_terms is not None:  # a ratio compares two terms
+            ratio_terms = check_term_names(
+                "GradientNormMonitor", "ratio_terms", ratio_terms, "['pde', 'bc']", "all terms", minimum=2, type_error=TypeError
+            )
         self.ratio_terms: list[str] | None = ratio_terms
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not math.isfinite(threshold) or threshold <= 1:
             raise ValueError(
@@ -202,14 +196,15 @@ class GradientNormMonitor(PerTermCallback):
         if print_every_n_steps is not None and (not is_integer(print_every_n_steps, low=1)):
             raise ValueError(f"GradientNormMonitor: print_every_n_steps must be an integer >= 1 or None, got {print_every_n_steps!r}.")
         self.print_every_n_steps = None if print_every_n_steps is None else int(print_every_n_steps)
-        self.progress_bar = bool(progress_bar)
-        self.log_cosines = bool(log_cosines)
-        self.verbose = verbose
-        self.report = bool(report)
+        self.progress_bar = check_flag("GradientNormMonitor", "progress_bar", progress_bar)
+        self.log_cosines = check_flag("GradientNormMonitor", "log_cosines", log_cosines)
+        self.verbose = check_flag("GradientNormMonitor", "verbose", verbose)
+        self.report = check_flag("GradientNormMonitor", "report", report)
         self.report_path: Path | None = None
         self._reset_fit_state()
         self._pending = PendingEvents()
         self._balancer_names: list[str] = []
+        self._balancers: list[Any] = []  # the WeightBalancers on this loss (known at train start)
         self._only_schedules = False  # every rule attached to the loss follows a fixed schedule
         self._weight_terms: list[str] = []  # the weight/<term> series this monitor writes (the rest: balancers)
 
@@ -223,7 +218,7 @@ class GradientNormMonitor(PerTermCallback):
         self.history = History()
         self.diagnosis = MonitorDiagnosis()
         self._conflict_streak: dict[str, int] = {}
-        self._conflict_losses: dict[str, list[float]] = {}
+        self._conflict_losses: dict[str, list[list[float]]] = {}  # per pair: its unweighted losses [L_a, L_b] per measurement
         self._conflict_active: dict[str, bool] = {}
         self._conflict_changes: dict[str, float] = {}
         self._term_flags: dict[str, str] = {}
@@ -329,6 +324,7 @@ class GradientNormMonitor(PerTermCallback):
         self._weight_terms = weight_terms_to_log(trainer, self)
         # balancers on the same loss (all callbacks are attached by now): the alarm text says so
         balancers = [cb for cb in callbacks_on_loss(trainer, self._loss) if isinstance(cb, WeightBalancer)]
+        self._balancers = balancers
         self._balancer_names = [type(cb).__name__ for cb in balancers]
         self._only_schedules = bool(balancers) and all(cb._scheduled for cb in balancers)
         self._warn_if_watched_less_often(trainer)
@@ -426,7 +422,10 @@ class GradientNormMonitor(PerTermCallback):
             diagnosis.worst_ratio = report.ratio
             diagnosis.worst_ratio_step = step
             diagnosis.worst_pair = (report.largest, report.smallest)
-        above = report.ratio > self.threshold
+        # With balancers attached, the alarm waits for their first update to be in force: until
+        # then λ is the initial guess they are about to replace, and an alarm (at step 0, say)
+        # would only say what they are there to fix.
+        above = report.ratio > self.threshold and all(balancer.weights_balanced_at(step) for balancer in self._balancers)
         if above:
             diagnosis.ratio_alarm_measurements += 1
         if above and not diagnosis.ratio_alarm_active:
@@ -477,7 +476,7 @@ class GradientNormMonitor(PerTermCallback):
                     "GradNormBalancer / NTKBalancer set it."
                     if self._only_schedules
                     else f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
-                    f"update{'' if len(balancers) > 1 else 's'} λ after {_its(balancers)} update steps; if the alarm stays "
+                    f"{'have' if len(balancers) > 1 else 'has'} updated λ already (this alarm waits for that); if it stays "
                     f"on, check {_its(balancers)} every_n_steps, terms and max_weight."
                 )
                 if balancers
@@ -497,7 +496,9 @@ class GradientNormMonitor(PerTermCallback):
             if self.cosine_threshold is None:
                 continue
             key = f"{a}_vs_{b}"
-            pair_loss = report.weights[index(a)] * report.losses[index(a)] + report.weights[index(b)] * report.losses[index(b)]
+            weight_a, weight_b = report.weights[index(a)], report.weights[index(b)]
+            losses = [report.losses[index(a)], report.losses[index(b)]]
+            pair_loss = weight_a * losses[0] + weight_b * losses[1]
             if cosine >= self.cosine_threshold:
                 self._conflict_streak[key] = 0
                 if self._conflict_active.get(key):
@@ -517,11 +518,14 @@ class GradientNormMonitor(PerTermCallback):
             streak = self._conflict_streak.get(key, 0) + 1
             self._conflict_streak[key] = streak
             # the pair's weighted loss over the last `cosine_patience` measurements of the streak
-            recent = (self._conflict_losses.get(key, []) if streak > 1 else []) + [pair_loss]
+            recent = (self._conflict_losses.get(key, []) if streak > 1 else []) + [losses]
             self._conflict_losses[key] = recent[-self.cosine_patience :]
             if streak < self.cosine_patience or self._conflict_active.get(key):
                 continue
-            start_loss = self._conflict_losses[key][0]
+            # the pair's loss then and now, both weighted with today's λ: a balancer raising a
+            # weight in between is not a stall (nor is lowering one progress)
+            start_a, start_b = self._conflict_losses[key][0]
+            start_loss = weight_a * start_a + weight_b * start_b
             decrease = 1.0 - pair_loss / start_loss if start_loss > 0 else 0.0
             if self.conflict_min_decrease is not None and decrease >= self.conflict_min_decrease:
                 continue  # opposed gradients, but the pair's loss is still falling: not a stall
@@ -649,13 +653,13 @@ class GradientNormMonitor(PerTermCallback):
             "diagnosis": asdict(self.diagnosis),
             "conflict_streak": dict(self._conflict_streak),
             "conflict_active": dict(self._conflict_active),
-            "conflict_losses": {key: list(values) for key, values in self._conflict_losses.items()},
+            "conflict_losses": {key: [list(pair) for pair in values] for key, values in self._conflict_losses.items()},
             "term_flags": dict(self._term_flags),
             "history": self.history.to_state(),  # the report of a resumed fit covers the whole run
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        super()._load_state(state_dict)
         saved = dict(state_dict["diagnosis"])
         for key in ("worst_pair", "min_cosine_pair"):
             if saved.get(key) is not None:
@@ -663,10 +667,15 @@ class GradientNormMonitor(PerTermCallback):
         self.diagnosis = MonitorDiagnosis(**saved)
         self._conflict_streak = dict(state_dict.get("conflict_streak", {}))
         self._conflict_active = dict(state_dict.get("conflict_active", {}))
-        self._conflict_losses = {key: list(values) for key, values in state_dict.get("conflict_losses", {}).items()}
+        # (a checkpoint from before the pairs' unweighted losses were kept holds one weighted sum per
+        # measurement, which cannot be re-weighted: that pair's window starts again)
+        self._conflict_losses = {
+            key: [list(pair) for pair in values]
+            for key, values in state_dict.get("conflict_losses", {}).items()
+            if all(isinstance(pair, (list, tuple)) for pair in values)
+        }
         self._term_flags = dict(state_dict.get("term_flags", {}))
         self.history = History.from_state(state_dict.get("history", {}))
-        self._restored = True
 
 
 def _as_markdown(text: str) -> str:

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_pinn._checks import check_flag
+from lightning_pinn._checks import check_flag, check_seed
 from lightning_pinn.callbacks._base import is_integer
 from lightning_pinn.callbacks.balancers import WeightBalancer, _check_number
 from lightning_pinn.diagnostics import gradient_norms
@@ -127,8 +127,8 @@ class SoftAdaptBalancer(_LossRule):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "previous": self._previous}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        super()._load_state(state_dict)
         self._previous = state_dict.get("previous")
 
 
@@ -178,9 +178,7 @@ class ReLoBRaLoBalancer(_LossRule):
             "ReLoBRaLoBalancer", "expected_rho", expected_rho, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)"
         )
         self.temperature = _check_number("ReLoBRaLoBalancer", "temperature", temperature, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
-        if not is_integer(seed):
-            raise ValueError(f"ReLoBRaLoBalancer: seed must be an integer, got {seed!r}.")
-        self.seed = seed = int(seed)
+        self.seed = seed = check_seed("ReLoBRaLoBalancer", seed)
         self._generator = torch.Generator().manual_seed(seed)
         self._initial: list[float] | None = None
         self._previous: list[float] | None = None
@@ -223,8 +221,8 @@ class ReLoBRaLoBalancer(_LossRule):
             "generator_state": self._generator.get_state(),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        super()._load_state(state_dict)
         self._initial = state_dict.get("initial")
         self._previous = state_dict.get("previous")
         if "generator_state" in state_dict:
@@ -385,8 +383,8 @@ class _TrainedWeights(WeightBalancer):
             state.update(parameter=self._parameter.detach().clone(), optimizer=self._optimizer.state_dict())
         return state
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        super()._load_state(state_dict)
         if "parameter" in state_dict:
             self._parameter = None
             self._pending_state = {"parameter": state_dict["parameter"], "optimizer": state_dict["optimizer"]}
@@ -483,8 +481,8 @@ class GradNormWeighting(_TrainedWeights):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "initial_losses": self._initial_losses}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        super()._load_state(state_dict)
         self._initial_losses = state_dict.get("initial_losses")
 
 
