@@ -74,7 +74,7 @@ def check_term_names(
 
 
 def check_seed(owner: str, value: Any) -> int:
-    """A random seed: an integer in ``[0, 2**63)`` (what ``torch.Generator.manual_seed`` keeps exactly)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**63:
-        raise ValueError(f"{owner}: seed must be an integer in [0, 2**63) (e.g. 0), got {value!r}.")
+    """A random seed: an integer that ``torch.Generator.manual_seed`` takes, in ``[-2**63, 2**64)``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not -(2**63) <= value < 2**64:
+        raise ValueError(f"{owner}: seed must be an integer in [-2**63, 2**64) (e.g. 0), got {value!r}.")
     return int(value)

@@ -354,7 +354,7 @@ def test_balanced_harmonic_fit_beats_unit_weights_by_far(balancer: Any) -> None:
         (lambda: GradNormBalancer(terms="ic"), "terms must be a list of term names"),
         (lambda: GradNormBalancer(terms=True), "terms must be a list of term names"),  # was "'bool' object is not iterable"
         (lambda: GradNormBalancer(reference=""), "reference must be a term name"),  # was a bare tuple.index error at fit start
-        (lambda: NTKBalancer(seed=-1), r"seed must be an integer in \[0, 2\*\*63\)"),
+        (lambda: NTKBalancer(seed=1.5), r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
         (lambda: NTKBalancer(seed=2**64), "seed must be an integer"),  # was "Overflow when unpacking long long"
         (lambda: NTKBalancer(trace_points=0), "trace_points"),
         (lambda: NTKBalancer(chunk_size=0), "chunk_size"),

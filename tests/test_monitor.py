@@ -932,3 +932,55 @@ def test_conflict_stall_is_judged_at_the_current_weights() -> None:
     assert not alarms([(1.0, 1.0), (5.0, 0.8), (10.0, 0.6)])
     # the same weights with L_ic flat: a stall, alarmed
     assert alarms([(1.0, 1.0), (5.0, 1.0), (10.0, 1.0)])
+
+
+def _imbalanced_poisson() -> ExtraTermPoisson:
+    """pde, bc and a 'data' term absent throughout; λ_bc = 1e-6 keeps the ratio far above 100."""
+    model = ExtraTermPoisson("data", lambda m, i: None)
+    model.criterion.set_weights({"bc": 1e-6})
+    return model
+
+
+def _ratio_alarm_steps(caught: list[warnings.WarningMessage]) -> list[int]:
+    return [int(str(w.message).split("alarm at step ")[1].split(":")[0]) for w in caught if w.category is LossBalanceWarning]
+
+
+def test_the_ratio_alarm_waits_only_for_a_balancer_that_may_change_the_pair_and_only_until_its_first_due_update() -> None:
+    """The wait must not hide an imbalance: a balancer of other terms (here of a term absent all
+    fit) holds nothing back, and one of the pair's terms holds the alarm only until its first
+    update is due to be in force, even when that update cannot fix the ratio (max_weight)."""
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    def run(balancer: GradNormBalancer) -> tuple[GradientNormMonitor, list[int]]:
+        monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(8, [monitor, balancer]).fit(_imbalanced_poisson())
+        return monitor, _ratio_alarm_steps(list(caught))
+
+    monitor, steps = run(GradNormBalancer(terms=["data"]))  # never updates: 'data' is never present
+    assert steps == [0] and monitor.diagnosis.ratio_alarm_held == 0
+    # first due update at step 4 (warm-up), in force from step 5; it is clamped, so the ratio stays
+    monitor, steps = run(GradNormBalancer(terms=["bc"], warmup_steps=4, every_n_steps=1, max_weight=1e-5))
+    assert steps == [5] and monitor.diagnosis.ratio_alarm_held == 5
+    assert "before the first update of GradNormBalancer (the alarm waited for it)" in monitor.summary()
+
+
+def test_an_alarm_that_is_on_stays_on_while_a_new_balancer_is_awaited(tmp_path: Path) -> None:
+    """Resumed with a balancer added (as the alarm advises), the wait for its first update closed
+    the running alarm ("back to 2.5e6x") and opened a second episode one measurement later."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, filename="mid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(3, [monitor, checkpoint], enable_checkpointing=True).fit(_imbalanced_poisson())
+        assert monitor.diagnosis.ratio_alarm_active
+        resumed = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+        balancer = GradNormBalancer(terms=["bc"], warmup_steps=5, every_n_steps=1, max_weight=1e-5)
+        make_trainer(7, [resumed, balancer]).fit(_imbalanced_poisson(), ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert resumed.diagnosis.ratio_alarm_episodes == 1 and resumed.diagnosis.ratio_alarm_spans == [[0, None]]
+    assert resumed.diagnosis.ratio_alarm_held == 3  # steps 3, 4, 5 (first update in force from step 6)

@@ -124,7 +124,7 @@ class WeightBalancer(PerTermCallback):
         self.num_updates = 0
         self.skipped_updates = 0
         self.last_target: dict[str, float] = {}
-        self._first_applied_step: int | None = None  # the step from which the fit's first update is in force
+        self._alarm_hold_until = 0  # the monitor's ratio alarm about this balancer's terms waits until this step
         self._updated_terms: set[str] = set()  # terms whose λ this balancer has set at least once
         self._adaptive: list[bool] = []
         self._reference_index: int | None = None
@@ -142,10 +142,25 @@ class WeightBalancer(PerTermCallback):
         self._weight_terms: list[str] = []  # the weight/<term> series this balancer writes
 
     # ---------------------------------------------------------------- subclass API
-    def weights_balanced_at(self, step: int) -> bool:
-        """Whether the λ in force at optimizer ``step`` come from this balancer (its first update
-        of the fit applies at or before it); a schedule's λ always do."""
-        return self._scheduled or (self._first_applied_step is not None and self._first_applied_step <= step)
+    def holds_ratio_alarm(self, terms: Sequence[str], step: int) -> bool:
+        """Whether the monitor's ratio alarm about ``terms`` waits at measured ``step``.
+
+        It does while this balancer may change one of the terms and its first update of the fit
+        is not yet due to be in force: until then λ is the initial guess that update replaces. The
+        wait ends on schedule (warm-up and cadence), also when that update is skipped or changes
+        nothing, so an imbalance the balancer does not fix is alarmed at the next measurement.
+        """
+        return step < self._alarm_hold_until and any(self.terms is None or name in self.terms for name in terms)
+
+    #: Due measurements before the rule can give its first λ (a rule of loss changes needs two).
+    _measurements_before_first_update = 1
+
+    def _first_update_in_force(self, start: int) -> int:
+        """The step from which this fit's first update applies when the fit starts at ``start``:
+        the rule's first possible update at a due step (:meth:`_is_due`), plus one."""
+        cadence = self.every_n_steps
+        first_due = -(-max(start, self.warmup_steps) // cadence) * cadence
+        return first_due + (self._measurements_before_first_update - 1) * cadence + 1
 
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         """The per-term quantity the rule uses, shape ``(K,)`` (e.g. gradient norms)."""
@@ -209,6 +224,9 @@ class WeightBalancer(PerTermCallback):
                     f"{owner}({argument}=...): unknown term {name!r}; the MultiTermLoss has terms {names}. Use one of those names."
                 )
         self._check_representable(self.criterion.lambdas.dtype)
+        # a fit that goes on after updates (resumed, refitted) holds nothing back; a schedule's λ are never a guess
+        fresh = self.num_updates == 0 and not self._scheduled
+        self._alarm_hold_until = self._first_update_in_force(trainer.global_step) if fresh else 0
         self._adaptive = [self.terms is None or name in self.terms for name in names]
         self._reference_index = None if self.reference is None else names.index(self.reference)
         self._check_no_other_balancer_owns_my_terms(trainer, names)
@@ -296,8 +314,6 @@ class WeightBalancer(PerTermCallback):
         new = trainer.strategy.broadcast(new, src=0)  # bit-identical on every rank
         self.criterion.set_weights(torch.tensor(new, dtype=self.criterion.lambdas.dtype, device=self.criterion.lambdas.device))
         self.num_updates += 1
-        if self._first_applied_step is None:
-            self._first_applied_step = self._applied_step
         self._updated_terms.update(
             name
             for name, value, adaptive, here in zip(names, proposed, self._adaptive, present)
@@ -445,7 +461,6 @@ class WeightBalancer(PerTermCallback):
     # ---------------------------------------------------------------- state
     def _reset_fit_state(self) -> None:
         self.num_updates = 0
-        self._first_applied_step = None
         self._last_logged_step = None
         self._last_logged_weights = {}
         self.skipped_updates = 0
@@ -460,7 +475,6 @@ class WeightBalancer(PerTermCallback):
         return {
             **super().state_dict(),
             "num_updates": self.num_updates,
-            "first_applied_step": self._first_applied_step,
             "skipped_updates": self.skipped_updates,
             "last_target": dict(self.last_target),
             "updated_terms": sorted(self._updated_terms),
@@ -473,7 +487,6 @@ class WeightBalancer(PerTermCallback):
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         super()._load_state(state_dict)
         self.num_updates = int(state_dict["num_updates"])
-        self._first_applied_step = state_dict.get("first_applied_step", 0 if self.num_updates else None)
         self.skipped_updates = int(state_dict.get("skipped_updates", 0))
         self.last_target = dict(state_dict.get("last_target", {}))
         # (checkpoints from before per-term first updates: the terms the last update targeted)

@@ -53,6 +53,8 @@ class MonitorDiagnosis:
         ratio_alarm_spans: ``[start_step, end_step]`` of each ratio-alarm episode
             (``end_step`` is ``None`` while it is on).
         conflict_alarm_spans: ``[term_a, term_b, start_step, end_step]`` of each conflict episode.
+        ratio_alarm_held: Measurements above the threshold at which the ratio alarm waited for an
+            attached balancer's first update (not counted in ``ratio_alarm_measurements``).
     """
 
     measurements: int = 0
@@ -73,6 +75,7 @@ class MonitorDiagnosis:
     zero_weight_terms: list[str] = field(default_factory=list)
     ratio_alarm_spans: list[list[int | None]] = field(default_factory=list)
     conflict_alarm_spans: list[list[Any]] = field(default_factory=list)
+    ratio_alarm_held: int = 0
 
 
 class GradientNormMonitor(PerTermCallback):
@@ -422,10 +425,13 @@ class GradientNormMonitor(PerTermCallback):
             diagnosis.worst_ratio = report.ratio
             diagnosis.worst_ratio_step = step
             diagnosis.worst_pair = (report.largest, report.smallest)
-        # With balancers attached, the alarm waits for their first update to be in force: until
-        # then λ is the initial guess they are about to replace, and an alarm (at step 0, say)
-        # would only say what they are there to fix.
-        above = report.ratio > self.threshold and all(balancer.weights_balanced_at(step) for balancer in self._balancers)
+        above = report.ratio > self.threshold
+        if above and any(balancer.holds_ratio_alarm((report.largest, report.smallest), step) for balancer in self._balancers):
+            # A balancer that may change one of the two terms has not made its first update yet:
+            # λ is still the initial guess it is about to replace, and an alarm (at step 0, say)
+            # would only say what it is there to fix. The alarm stays as it is (on or off).
+            diagnosis.ratio_alarm_held += 1
+            return diagnosis.ratio_alarm_active
         if above:
             diagnosis.ratio_alarm_measurements += 1
         if above and not diagnosis.ratio_alarm_active:
@@ -633,6 +639,11 @@ class GradientNormMonitor(PerTermCallback):
                 )
             else:
                 lines.append("  loss-balance alarm: never fired.")
+            if d.ratio_alarm_held:
+                lines.append(
+                    f"  above the threshold at {d.ratio_alarm_held} measurement(s) before the first update of "
+                    f"{' and '.join(self._balancer_names)} (the alarm waited for it)."
+                )
         if d.min_cosine is not None and d.min_cosine_pair is not None:
             lines.append(
                 f"  most opposed gradients: '{d.min_cosine_pair[0]}' vs '{d.min_cosine_pair[1]}', cosine {d.min_cosine:.2f} at step "
@@ -669,11 +680,12 @@ class GradientNormMonitor(PerTermCallback):
         self._conflict_active = dict(state_dict.get("conflict_active", {}))
         # (a checkpoint from before the pairs' unweighted losses were kept holds one weighted sum per
         # measurement, which cannot be re-weighted: that pair's window starts again)
-        self._conflict_losses = {
-            key: [list(pair) for pair in values]
-            for key, values in state_dict.get("conflict_losses", {}).items()
-            if all(isinstance(pair, (list, tuple)) for pair in values)
-        }
+        self._conflict_losses = {}
+        for key, values in state_dict.get("conflict_losses", {}).items():
+            if all(isinstance(pair, (list, tuple)) for pair in values):
+                self._conflict_losses[key] = [list(pair) for pair in values]
+            else:  # its streak starts again too, so the stall is judged on a full window
+                self._conflict_streak[key] = 0
         self._term_flags = dict(state_dict.get("term_flags", {}))
         self.history = History.from_state(state_dict.get("history", {}))
 

@@ -57,6 +57,8 @@ def _scatter(size: int, indices: list[int], values: list[float]) -> list[float]:
 class _LossRule(WeightBalancer):
     """A rule that needs only the per-term losses: the engine records them without any backward work."""
 
+    _measurements_before_first_update = 2  # the first measurement only gives the starting losses
+
     _quantity = "loss"
     _zero_is_undefined = False
 
