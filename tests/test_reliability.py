@@ -768,3 +768,21 @@ def test_sampled_ntk_traces_resume_exactly_from_a_checkpoint_written_mid_step(tm
         resumed = TwoTermPoisson()
         make_trainer(8, [balancer()]).fit(resumed, ckpt_path=str(tmp_path / "on_exception.ckpt"))
     assert resumed.criterion.weights == straight.criterion.weights
+
+
+def test_lr_find_does_not_carry_an_earlier_fits_state_into_the_next_fit() -> None:
+    """Callback objects reused from an earlier fit, with the Tuner's lr_find before the next fit:
+    lr_find restores its step-0 checkpoint, which held the earlier fit's callback state, and the
+    next fit continued it (10 measurements for a 4-step fit). A fit at step 0 now starts afresh."""
+    from pytorch_lightning.tuner import Tuner
+
+    monitor, balancer = GradientNormMonitor(every_n_steps=1, verbose=False, report=False), GradNormBalancer(every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(6, [monitor, balancer]).fit(TwoTermPoisson())
+        trainer = make_trainer(4, [monitor, balancer])
+        model = TwoTermPoisson()
+        Tuner(trainer).lr_find(model, num_training=5, update_attr=False)
+        trainer.fit(model)
+    assert (monitor.diagnosis.measurements, monitor.diagnosis.first_step, monitor.diagnosis.last_step) == (4, 0, 3)
+    assert balancer.num_updates == 4

@@ -326,18 +326,21 @@ class PerTermCallback(Callback):
         # A callback object reused for another fit (one object in a λ sweep, say) starts afresh;
         # a fit that resumes from a checkpoint (Lightning restored this state just before) or
         # continues a trainer's earlier fit (global_step > 0, e.g. max_steps raised) goes on.
-        if self._restored:
+        if trainer.global_step == 0:
+            # nothing trained yet: whatever this object holds starts afresh, also a state Lightning
+            # just restored from a step-0 checkpoint (the Tuner's lr_find saves one before its trial
+            # steps and restores it after them, with the state of an earlier fit of these objects)
+            self._saved_terms = ()
+            self._reset_fit_state()
+        elif self._restored:
             self._check_saved_term_order()
-        else:
-            if trainer.global_step > 0 and self._trainer_id not in (None, id(trainer)):
-                rank_zero_warn(
-                    f"{type(self).__name__}: this callback object last ran in another Trainer's fit, so it no longer "
-                    f"holds this Trainer's earlier state; it starts afresh at step {trainer.global_step}. Give each "
-                    "Trainer its own callback objects."
-                )
-                self._reset_fit_state()
-            elif trainer.global_step == 0:
-                self._reset_fit_state()
+        elif self._trainer_id not in (None, id(trainer)):
+            rank_zero_warn(
+                f"{type(self).__name__}: this callback object last ran in another Trainer's fit, so it no longer "
+                f"holds this Trainer's earlier state; it starts afresh at step {trainer.global_step}. Give each "
+                "Trainer its own callback objects."
+            )
+            self._reset_fit_state()
         self._restored = False
         self._trainer_id = id(trainer)
         self._decided_step = self._previous_step = None
