@@ -251,6 +251,7 @@ class PerTermCallback(Callback):
         self._scaler_skips = 0
         self._state_key: str | None = None
         self._restored = False  # set by load_state_dict: the next fit resumes instead of starting afresh
+        self._restored_in_run = False  # whether that load came from the Trainer (during one of its runs)
         self._saved_terms: tuple[str, ...] = ()  # the term order of the restored state, checked at fit start
         self._trainer_id: int | None = None  # id() of the Trainer whose fit this state belongs to
         self._stage: str | None = None  # the Trainer function running ("fit", "validate", ...), between setup and teardown
@@ -326,21 +327,23 @@ class PerTermCallback(Callback):
         # A callback object reused for another fit (one object in a λ sweep, say) starts afresh;
         # a fit that resumes from a checkpoint (Lightning restored this state just before) or
         # continues a trainer's earlier fit (global_step > 0, e.g. max_steps raised) goes on.
-        if trainer.global_step == 0:
-            # nothing trained yet: whatever this object holds starts afresh, also a state Lightning
-            # just restored from a step-0 checkpoint (the Tuner's lr_find saves one before its trial
-            # steps and restores it after them, with the state of an earlier fit of these objects)
-            self._saved_terms = ()
-            self._reset_fit_state()
-        elif self._restored:
+        if self._restored and self._restored_in_run and trainer.ckpt_path is None:
+            # Lightning restored this state, but not to resume this fit (ckpt_path=...): the Tuner's
+            # lr_find restores its own step-0 checkpoint, holding what these objects held before
+            # (an earlier fit's state). Only a resumed fit continues a restored state.
+            self._restored = False
+        if self._restored:
             self._check_saved_term_order()
-        elif self._trainer_id not in (None, id(trainer)):
-            rank_zero_warn(
-                f"{type(self).__name__}: this callback object last ran in another Trainer's fit, so it no longer "
-                f"holds this Trainer's earlier state; it starts afresh at step {trainer.global_step}. Give each "
-                "Trainer its own callback objects."
-            )
-            self._reset_fit_state()
+        else:
+            if trainer.global_step > 0 and self._trainer_id not in (None, id(trainer)):
+                rank_zero_warn(
+                    f"{type(self).__name__}: this callback object last ran in another Trainer's fit, so it no longer "
+                    f"holds this Trainer's earlier state; it starts afresh at step {trainer.global_step}. Give each "
+                    "Trainer its own callback objects."
+                )
+                self._reset_fit_state()
+            elif trainer.global_step == 0:
+                self._reset_fit_state()
         self._restored = False
         self._trainer_id = id(trainer)
         self._decided_step = self._previous_step = None
@@ -372,6 +375,7 @@ class PerTermCallback(Callback):
         self._saved_terms = tuple(state_dict.get("terms", ()))
         self._load_state(state_dict)
         self._restored = True
+        self._restored_in_run = self._stage is not None  # by the Trainer (not a direct call)
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         """Subclass hook: take this subclass's part of a restored state (see :meth:`load_state_dict`)."""
