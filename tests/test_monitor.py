@@ -234,8 +234,8 @@ def test_alarm_text_knows_a_balancer_is_attached() -> None:
         warnings.simplefilter("always")
         make_trainer(60, [monitor, GradNormBalancer(every_n_steps=10, max_weight=2.0)]).fit(model)
     message = _of(list(balanced), LossBalanceWarning)[0]
-    assert "step 10" in message and "GradNormBalancer is attached to this loss and has updated λ already" in message
-    assert "GradNormBalancer was attached" in monitor.summary()
+    assert "step 10" in message and "GradNormBalancer (1 update so far) is attached to this loss" in message
+    assert "GradNormBalancer (6 updates so far) was attached" in monitor.summary()
 
 
 @pytest.mark.parametrize("balancer_first", [False, True])
@@ -983,4 +983,27 @@ def test_an_alarm_that_is_on_stays_on_while_a_new_balancer_is_awaited(tmp_path: 
         balancer = GradNormBalancer(terms=["bc"], warmup_steps=5, every_n_steps=1, max_weight=1e-5)
         make_trainer(7, [resumed, balancer]).fit(_imbalanced_poisson(), ckpt_path=str(tmp_path / "mid.ckpt"))
     assert resumed.diagnosis.ratio_alarm_episodes == 1 and resumed.diagnosis.ratio_alarm_spans == [[0, None]]
-    assert resumed.diagnosis.ratio_alarm_held == 3  # steps 3, 4, 5 (first update in force from step 6)
+    # steps 3, 4, 5 waited for the balancer (first update in force from step 6), with the alarm on all along
+    assert resumed.diagnosis.ratio_alarm_held == 0 and resumed.diagnosis.ratio_alarm_measurements == 7
+
+
+def test_the_wait_follows_what_the_balancer_does_not_a_prediction(tmp_path: Path) -> None:
+    """The first version predicted the wait's end at fit start, when a resume has not restored
+    global_step yet: a balancer added on resume at step 5 (every 4 steps, first update at 8) let the
+    alarm through at step 5 and its text said the balancer had "updated λ already". The wait now
+    ends at the step the balancer's first update applies from, as it happens."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(5, [ModelCheckpoint(dirpath=tmp_path, filename="mid")], enable_checkpointing=True).fit(_imbalanced_poisson())
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    balancer = GradNormBalancer(terms=["bc"], every_n_steps=4, max_weight=1e-5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(12, [monitor, balancer]).fit(_imbalanced_poisson(), ckpt_path=str(tmp_path / "mid.ckpt"))
+    assert _ratio_alarm_steps(list(caught)) == [9] and monitor.diagnosis.ratio_alarm_held == 4  # steps 5-8
+    message = next(str(w.message) for w in caught if w.category is LossBalanceWarning)
+    assert "GradNormBalancer (1 update so far) is attached to this loss" in message

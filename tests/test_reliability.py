@@ -770,7 +770,8 @@ def test_sampled_ntk_traces_resume_exactly_from_a_checkpoint_written_mid_step(tm
     assert resumed.criterion.weights == straight.criterion.weights
 
 
-def test_lr_find_does_not_carry_an_earlier_fits_state_into_the_next_fit() -> None:
+@pytest.mark.parametrize("finder", ["tuner", "callback"])
+def test_lr_find_does_not_carry_an_earlier_fits_state_into_the_next_fit(finder: str) -> None:
     """Callback objects reused from an earlier fit, with the Tuner's lr_find before the next fit:
     lr_find restores its step-0 checkpoint, which held the earlier fit's callback state, and the
     next fit continued it (10 measurements for a 4-step fit). A fit at step 0 now starts afresh."""
@@ -780,9 +781,14 @@ def test_lr_find_does_not_carry_an_earlier_fits_state_into_the_next_fit() -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make_trainer(6, [monitor, balancer]).fit(TwoTermPoisson())
-        trainer = make_trainer(4, [monitor, balancer])
         model = TwoTermPoisson()
-        Tuner(trainer).lr_find(model, num_training=5, update_attr=False)
+        if finder == "tuner":
+            trainer = make_trainer(4, [monitor, balancer])
+            Tuner(trainer).lr_find(model, num_training=5, update_attr=False)
+        else:  # the callback's restore sets trainer.ckpt_path to its own file: that is no resume either
+            from pytorch_lightning.callbacks import LearningRateFinder
+
+            trainer = make_trainer(4, [LearningRateFinder(num_training_steps=5, update_attr=False), monitor, balancer])
         trainer.fit(model)
     assert (monitor.diagnosis.measurements, monitor.diagnosis.first_step, monitor.diagnosis.last_step) == (4, 0, 3)
     assert balancer.num_updates == 4

@@ -251,7 +251,8 @@ class PerTermCallback(Callback):
         self._scaler_skips = 0
         self._state_key: str | None = None
         self._restored = False  # set by load_state_dict: the next fit resumes instead of starting afresh
-        self._restored_in_run = False  # whether that load came from the Trainer (during one of its runs)
+        self._last_step: int | None = None  # the global step after this callback's latest batch (saved with the state)
+        self._checkpoint_step: int | None = None  # global_step of the checkpoint Lightning is restoring, if any
         self._saved_terms: tuple[str, ...] = ()  # the term order of the restored state, checked at fit start
         self._trainer_id: int | None = None  # id() of the Trainer whose fit this state belongs to
         self._stage: str | None = None  # the Trainer function running ("fit", "validate", ...), between setup and teardown
@@ -327,11 +328,6 @@ class PerTermCallback(Callback):
         # A callback object reused for another fit (one object in a λ sweep, say) starts afresh;
         # a fit that resumes from a checkpoint (Lightning restored this state just before) or
         # continues a trainer's earlier fit (global_step > 0, e.g. max_steps raised) goes on.
-        if self._restored and self._restored_in_run and trainer.ckpt_path is None:
-            # Lightning restored this state, but not to resume this fit (ckpt_path=...): the Tuner's
-            # lr_find restores its own step-0 checkpoint, holding what these objects held before
-            # (an earlier fit's state). Only a resumed fit continues a restored state.
-            self._restored = False
         if self._restored:
             self._check_saved_term_order()
         else:
@@ -341,20 +337,26 @@ class PerTermCallback(Callback):
                     f"holds this Trainer's earlier state; it starts afresh at step {trainer.global_step}. Give each "
                     "Trainer its own callback objects."
                 )
-                self._reset_fit_state()
+                self._start_afresh()
             elif trainer.global_step == 0:
-                self._reset_fit_state()
+                self._start_afresh()
         self._restored = False
         self._trainer_id = id(trainer)
         self._decided_step = self._previous_step = None
         self._on_attach(trainer, pl_module)
+
+    def _start_afresh(self) -> None:
+        self._last_step = None
+        self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
         """Subclass hook: forget what earlier fits left in this callback (not on a resumed fit)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The loss's term order; subclasses add their own state, some of it in that order."""
-        return {"terms": list(self._loss.term_names)} if self._loss is not None else {}
+        if self._loss is None:
+            return {}
+        return {"terms": list(self._loss.term_names), "step": self._last_step}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage  # Lightning runs setup before it restores a checkpoint
@@ -370,12 +372,25 @@ class PerTermCallback(Callback):
         ``ckpt_path`` neither continues the checkpoint's history and smoothing nor loses this
         callback's own. Subclasses extend :meth:`_load_state`.
         """
+        checkpoint_step, self._checkpoint_step = self._checkpoint_step, None
         if self._stage in ("validate", "test", "predict"):
+            return
+        saved_step = state_dict.get("step")
+        if saved_step is not None and checkpoint_step is not None and saved_step > checkpoint_step:
+            # a state from later in training than the checkpoint that carries it: the Tuner's
+            # lr_find (Tuner or LearningRateFinder/BatchSizeFinder callback) saves a step-0
+            # checkpoint holding what these objects held then (an earlier fit's state, when they
+            # are reused) and restores it after its trial steps; that state is not this fit's
             return
         self._saved_terms = tuple(state_dict.get("terms", ()))
         self._load_state(state_dict)
+        self._last_step = saved_step
         self._restored = True
-        self._restored_in_run = self._stage is not None  # by the Trainer (not a direct call)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Lightning calls this just before load_state_dict with the same checkpoint
+        step = checkpoint.get("global_step")
+        self._checkpoint_step = int(step) if isinstance(step, int) else None
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         """Subclass hook: take this subclass's part of a restored state (see :meth:`load_state_dict`)."""
@@ -442,6 +457,7 @@ class PerTermCallback(Callback):
         )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._last_step = trainer.global_step
         step = self._step_at_batch_start
         if step is None or self._engine is None or trainer.global_step == step:
             return  # no optimizer step in this batch (gradient accumulation, or a skipped step)
@@ -488,6 +504,7 @@ class PerTermCallback(Callback):
             )
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stage = None  # Lightning skips teardown after most exceptions
         if self._engine is not None:
             self._engine.stop_capturing()
 

@@ -124,7 +124,10 @@ class WeightBalancer(PerTermCallback):
         self.num_updates = 0
         self.skipped_updates = 0
         self.last_target: dict[str, float] = {}
-        self._alarm_hold_until = 0  # the monitor's ratio alarm about this balancer's terms waits until this step
+        # the monitor's ratio alarm about this balancer's terms waits for its first update of the fit:
+        self._rule_measurements = 0  # due measurements the rule has seen (a loss-change rule needs two for a λ)
+        self._holding = False  # whether this fit started before the rule could give its first λ
+        self._hold_until: int | None = None  # the step from which that first λ applies, once measured
         self._updated_terms: set[str] = set()  # terms whose λ this balancer has set at least once
         self._adaptive: list[bool] = []
         self._reference_index: int | None = None
@@ -145,22 +148,19 @@ class WeightBalancer(PerTermCallback):
     def holds_ratio_alarm(self, terms: Sequence[str], step: int) -> bool:
         """Whether the monitor's ratio alarm about ``terms`` waits at measured ``step``.
 
-        It does while this balancer may change one of the terms and its first update of the fit
-        is not yet due to be in force: until then λ is the initial guess that update replaces. The
-        wait ends on schedule (warm-up and cadence), also when that update is skipped or changes
-        nothing, so an imbalance the balancer does not fix is alarmed at the next measurement.
+        It does while this balancer may change one of the terms and the rule has not yet had the
+        measurements for its first λ of the fit, or has had them but that λ applies after ``step``:
+        until then λ is the initial guess the rule replaces. The wait ends there, also when that
+        update is skipped or changes nothing, so an imbalance the balancer does not fix is alarmed
+        at the next measurement. (Followed at run time, not predicted: warm-up, a custom
+        :meth:`_is_due`, several optimizer steps per batch and resumes all count as they happen.)
         """
-        return step < self._alarm_hold_until and any(self.terms is None or name in self.terms for name in terms)
+        if not self._holding or (self._hold_until is not None and step >= self._hold_until):
+            return False
+        return any(self.terms is None or name in self.terms for name in terms)
 
     #: Due measurements before the rule can give its first λ (a rule of loss changes needs two).
     _measurements_before_first_update = 1
-
-    def _first_update_in_force(self, start: int) -> int:
-        """The step from which this fit's first update applies when the fit starts at ``start``:
-        the rule's first possible update at a due step (:meth:`_is_due`), plus one."""
-        cadence = self.every_n_steps
-        first_due = -(-max(start, self.warmup_steps) // cadence) * cadence
-        return first_due + (self._measurements_before_first_update - 1) * cadence + 1
 
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         """The per-term quantity the rule uses, shape ``(K,)`` (e.g. gradient norms)."""
@@ -224,9 +224,9 @@ class WeightBalancer(PerTermCallback):
                     f"{owner}({argument}=...): unknown term {name!r}; the MultiTermLoss has terms {names}. Use one of those names."
                 )
         self._check_representable(self.criterion.lambdas.dtype)
-        # a fit that goes on after updates (resumed, refitted) holds nothing back; a schedule's λ are never a guess
-        fresh = self.num_updates == 0 and not self._scheduled
-        self._alarm_hold_until = self._first_update_in_force(trainer.global_step) if fresh else 0
+        # a fit that goes on after the rule's first λ (resumed, refitted) holds nothing back; a schedule's λ are never a guess
+        self._holding = self._rule_measurements < self._measurements_before_first_update and not self._scheduled
+        self._hold_until = None
         self._adaptive = [self.terms is None or name in self.terms for name in names]
         self._reference_index = None if self.reference is None else names.index(self.reference)
         self._check_no_other_balancer_owns_my_terms(trainer, names)
@@ -275,6 +275,9 @@ class WeightBalancer(PerTermCallback):
         step = measurement.step
         # the step the next forward pass runs at: step + 1, or more when one batch steps several optimizers
         self._applied_step = max(trainer.global_step, step + 1)
+        self._rule_measurements += 1
+        if self._holding and self._hold_until is None and self._rule_measurements >= self._measurements_before_first_update:
+            self._hold_until = self._applied_step  # whatever this update does (it may be skipped)
         present = self._rule_present(measurement)
         # A term absent (None) for the whole step has nothing to measure: the rule gets 0 for it,
         # which leaves its weight unchanged and keeps it out of the max/mean/sum over terms.
@@ -461,6 +464,7 @@ class WeightBalancer(PerTermCallback):
     # ---------------------------------------------------------------- state
     def _reset_fit_state(self) -> None:
         self.num_updates = 0
+        self._rule_measurements = 0
         self._last_logged_step = None
         self._last_logged_weights = {}
         self.skipped_updates = 0
@@ -475,6 +479,7 @@ class WeightBalancer(PerTermCallback):
         return {
             **super().state_dict(),
             "num_updates": self.num_updates,
+            "rule_measurements": self._rule_measurements,
             "skipped_updates": self.skipped_updates,
             "last_target": dict(self.last_target),
             "updated_terms": sorted(self._updated_terms),
@@ -487,6 +492,8 @@ class WeightBalancer(PerTermCallback):
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         super()._load_state(state_dict)
         self.num_updates = int(state_dict["num_updates"])
+        default = self._measurements_before_first_update if self.num_updates else 0  # (older checkpoints)
+        self._rule_measurements = int(state_dict.get("rule_measurements", default))
         self.skipped_updates = int(state_dict.get("skipped_updates", 0))
         self.last_target = dict(state_dict.get("last_target", {}))
         # (checkpoints from before per-term first updates: the terms the last update targeted)

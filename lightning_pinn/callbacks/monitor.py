@@ -53,8 +53,9 @@ class MonitorDiagnosis:
         ratio_alarm_spans: ``[start_step, end_step]`` of each ratio-alarm episode
             (``end_step`` is ``None`` while it is on).
         conflict_alarm_spans: ``[term_a, term_b, start_step, end_step]`` of each conflict episode.
-        ratio_alarm_held: Measurements above the threshold at which the ratio alarm waited for an
-            attached balancer's first update (not counted in ``ratio_alarm_measurements``).
+        ratio_alarm_held: Measurements above the threshold at which the (off) ratio alarm waited
+            for an attached balancer's first update (not counted in ``ratio_alarm_measurements``),
+            and ``ratio_alarm_held_by`` the balancers it waited for.
     """
 
     measurements: int = 0
@@ -76,6 +77,7 @@ class MonitorDiagnosis:
     ratio_alarm_spans: list[list[int | None]] = field(default_factory=list)
     conflict_alarm_spans: list[list[Any]] = field(default_factory=list)
     ratio_alarm_held: int = 0
+    ratio_alarm_held_by: list[str] = field(default_factory=list)
 
 
 class GradientNormMonitor(PerTermCallback):
@@ -426,11 +428,18 @@ class GradientNormMonitor(PerTermCallback):
             diagnosis.worst_ratio_step = step
             diagnosis.worst_pair = (report.largest, report.smallest)
         above = report.ratio > self.threshold
-        if above and any(balancer.holds_ratio_alarm((report.largest, report.smallest), step) for balancer in self._balancers):
+        holding = [b for b in self._balancers if above and b.holds_ratio_alarm((report.largest, report.smallest), step)]
+        if holding:
             # A balancer that may change one of the two terms has not made its first update yet:
             # λ is still the initial guess it is about to replace, and an alarm (at step 0, say)
             # would only say what it is there to fix. The alarm stays as it is (on or off).
-            diagnosis.ratio_alarm_held += 1
+            if diagnosis.ratio_alarm_active:
+                diagnosis.ratio_alarm_measurements += 1
+            else:
+                diagnosis.ratio_alarm_held += 1
+                for name in (type(b).__name__ for b in holding):
+                    if name not in diagnosis.ratio_alarm_held_by:
+                        diagnosis.ratio_alarm_held_by.append(name)
             return diagnosis.ratio_alarm_active
         if above:
             diagnosis.ratio_alarm_measurements += 1
@@ -481,15 +490,21 @@ class GradientNormMonitor(PerTermCallback):
                     f"the scheduled weight of '{small}' (about {report.ratio:.3g}x would match the norms) or let a "
                     "GradNormBalancer / NTKBalancer set it."
                     if self._only_schedules
-                    else f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
-                    f"{'have' if len(balancers) > 1 else 'has'} updated λ already (this alarm waits for that); if it stays "
-                    f"on, check {_its(balancers)} every_n_steps, terms and max_weight."
+                    else f"{self._balancer_updates()} {'are' if len(balancers) > 1 else 'is'} attached to this loss; if the "
+                    f"alarm stays on, check {_its(balancers)} every_n_steps, terms and max_weight (and, with no update yet, "
+                    "warmup_steps and the warnings it gave)."
                 )
                 if balancers
                 else f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} "
                 "would match the norms), or add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance "
                 "automatically."
             )
+        )
+
+    def _balancer_updates(self) -> str:
+        """The attached balancers with their update counts so far, e.g. "GradNormBalancer (3 updates so far)"."""
+        return " and ".join(
+            f"{type(b).__name__} ({b.num_updates} update{'' if b.num_updates == 1 else 's'} so far)" for b in self._balancers
         )
 
     def _track_conflicts(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
@@ -631,8 +646,7 @@ class GradientNormMonitor(PerTermCallback):
                     f"  loss-balance alarm: {d.ratio_alarm_episodes} episode(s), above threshold at {d.ratio_alarm_measurements} of "
                     f"{d.measurements} measurements, {state}. "
                     + (
-                        f"{' and '.join(self._balancer_names)} {'were' if len(self._balancer_names) > 1 else 'was'} "
-                        f"attached and updated λ after {_its(self._balancer_names)} update steps."
+                        f"{self._balancer_updates()} {'were' if len(self._balancer_names) > 1 else 'was'} attached."
                         if self._balancer_names
                         else "Try GradNormBalancer or NTKBalancer, or raise the small term's weight."
                     )
@@ -642,7 +656,7 @@ class GradientNormMonitor(PerTermCallback):
             if d.ratio_alarm_held:
                 lines.append(
                     f"  above the threshold at {d.ratio_alarm_held} measurement(s) before the first update of "
-                    f"{' and '.join(self._balancer_names)} (the alarm waited for it)."
+                    f"{' and '.join(d.ratio_alarm_held_by)} (the alarm waited for it)."
                 )
         if d.min_cosine is not None and d.min_cosine_pair is not None:
             lines.append(
