@@ -142,6 +142,8 @@ class Diagnosis:
     worst_pair: tuple[str, str] | None = None
     ratio_spans: list[tuple[int, int | None]] = field(default_factory=list)
     ratio_measurements_above: int = 0
+    # measurements above the threshold with the alarm off: it waited for a balancer's first update
+    ratio_held_steps: list[int] = field(default_factory=list)
     conflict_spans: list[tuple[str, str, int, int | None, float]] = field(default_factory=list)
     weights: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)  # first, last, min, max
     weights_first_changed: int | None = None  # first step at which a weight differs from its first value
@@ -204,6 +206,9 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
             flag_steps, flags = history["alarm/grad_ratio"]
             result.ratio_spans = _spans(flag_steps, [f > 0.5 for f in flags])
             result.ratio_measurements_above = sum(f > 0.5 for f in flags)
+            if threshold is not None:
+                off = {step for step, flag in zip(flag_steps, flags) if flag <= 0.5}
+                result.ratio_held_steps = [step for step, ratio in zip(steps, ratios) if ratio > threshold and step in off]
         elif threshold is not None:
             result.ratio_spans = _spans(steps, [r > threshold for r in ratios])
             result.ratio_measurements_above = sum(r > threshold for r in ratios)
@@ -300,7 +305,7 @@ def _advice(d: Diagnosis) -> list[str]:
     if d.conflict_spans:
         pairs = sorted({f"'{a}' and '{b}'" for a, b, *_ in d.conflict_spans})
         advice.append(
-            f"The gradients of {', '.join(pairs)} fought while the loss stalled. Reweighting cannot fix opposed gradients: "
+            f"The gradients of {', '.join(pairs)} fought (the conflict alarm was on). Reweighting cannot fix opposed gradients: "
             "impose the initial/boundary condition exactly with a hard constraint (`lightning_pinn.constraints.IVPAnsatz`, "
             "`DirichletAnsatz1D`), which removes that term, or lower the learning rate."
         )
@@ -365,14 +370,20 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
             lines.append(
                 f"- Above the threshold in {len(d.ratio_spans)} episode(s): {spans} ({d.ratio_measurements_above} of {d.measurements} measurements)."
             )
-        else:
+        elif not d.ratio_held_steps:
             lines.append("- Never above the threshold.")
+        if d.ratio_held_steps:
+            held = d.ratio_held_steps
+            lines.append(
+                f"- Above the threshold at {len(held)} measurement(s) with the alarm off (steps {held[0]}–{held[-1]}): it "
+                "waited for an attached balancer's first update, which replaces the initial λ."
+            )
     lines += ["", "## Gradient conflict", ""]
     if d.conflict_spans:
         for a, b, start, end, cosine in d.conflict_spans:
             lines.append(
-                f"- '{a}' vs '{b}': opposed gradients{'' if math.isnan(cosine) else f' (mean cosine {cosine:.2f})'} while their loss "
-                f"stalled, {_steps_text(start, end)}."
+                f"- '{a}' vs '{b}': opposed gradients{'' if math.isnan(cosine) else f' (mean cosine {cosine:.2f})'}, conflict "
+                f"alarm on, {_steps_text(start, end)}."
             )
     else:
         lines.append("- No conflict alarm.")
@@ -498,25 +509,31 @@ def _natural_key(path: Path) -> list[object]:
 
 def loss_prefixes(history: History) -> list[str]:
     """The losses a run's monitors measured: ``""`` for the one-loss tags (``grad_norm/<term>``),
-    ``"<loss path>/"`` for each loss of a module with several (``second/grad_norm/<term>``)."""
+    ``"<loss path>/"`` for each loss of a module with several (``second/grad_norm/<term>``); each
+    after the logger's own prefix, if any (``"train-"`` for ``TensorBoardLogger(prefix="train")``:
+    ``train-grad_norm/<term>``; a loss path has no ``-``, so the logger's part ends at the last one)."""
     prefixes = []
     for tag in history.tags():
         head, found, _ = tag.partition("grad_norm/")
-        if found and (head == "" or head.endswith("/")) and head not in prefixes:
+        loss_part = head.rpartition("-")[2]
+        if found and (loss_part == "" or loss_part.endswith("/")) and head not in prefixes:
             prefixes.append(head)
     return prefixes
+
+
+def _loss_name(prefix: str) -> str:
+    """The loss path in a tag prefix from :func:`loss_prefixes` (``"train-second/"`` → ``"second"``)."""
+    return prefix.rpartition("-")[2].rstrip("/")
 
 
 def without_prefix(history: History, prefix: str) -> History:
     """The series of one loss, with its prefix removed (``prefix=""``: the unprefixed tags)."""
     out = History()
-    others = [p for p in loss_prefixes(history) if p]
+    longer = [p for p in loss_prefixes(history) if p != prefix and p.startswith(prefix)]  # other losses' tags
     for tag in history.tags():
-        if prefix and not tag.startswith(prefix):
+        if not tag.startswith(prefix) or any(tag.startswith(p) for p in longer):
             continue
         name = tag[len(prefix) :]
-        if not prefix and any(tag.startswith(p) for p in others):
-            continue
         out._steps[name], out._values[name] = history._steps[tag], history._values[tag]
     return out
 
@@ -535,13 +552,19 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
     out: list[tuple[Path, str, str | None]] = []
     for run in [root.parent] if single else sorted(find_runs(logdir), key=_natural_key):
         history = read_history(root if single else run)
-        prefixes = loss_prefixes(history) or [""]
-        for prefix in prefixes:
-            loss = prefix.rstrip("/")
+        prefixes = loss_prefixes(history)
+        for prefix in prefixes or [""]:
+            loss = _loss_name(prefix)
             title = f"Loss-balance diagnosis: {root if single else run}" + (f" (loss '{loss}')" if loss else "")
             name = f"diagnosis_{loss}" if loss else "diagnosis"
             if single:  # beside the run's own report (which covers all its event files), not over it
                 name += "." + root.name.removeprefix("events.out.tfevents.")
+            if not prefixes and (run / f"{name}.md").exists():
+                # nothing measured in these files (e.g. a logger that renamed the tags): keep the
+                # report the fit wrote rather than replace it with an empty one
+                text = render_markdown(diagnose(history), title)
+                out.append((run / f"{name}.md", text, "not written: no monitor tags found here, and a report already exists"))
+                continue
             try:
                 markdown_path, _ = write_report(without_prefix(history, prefix), run, title=title, name=name)
             except OSError as error:

@@ -16,13 +16,14 @@ __all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "write_layout"]
 LAYOUT_CATEGORY = "lightning-pinn"
 
 
-def dashboard_layout(prefix: str = "") -> dict[str, dict[str, list[Any]]]:
+def dashboard_layout(prefix: str = "", logger_prefix: str = "") -> dict[str, dict[str, list[Any]]]:
     """The layout passed to ``SummaryWriter.add_custom_scalars`` (tag regexes, one chart each).
 
     ``prefix`` is a loss's tag prefix (``"<loss path>/"`` when a module holds several
-    ``MultiTermLoss``); each loss then gets its own category.
+    ``MultiTermLoss``); each loss then gets its own category. ``logger_prefix`` is what the
+    logger puts before every tag (``"train-"`` for ``TensorBoardLogger(prefix="train")``).
     """
-    p = re.escape(prefix)
+    p = re.escape(logger_prefix + prefix)
     category = f"{LAYOUT_CATEGORY} ({prefix.rstrip('/')})" if prefix else LAYOUT_CATEGORY
     return {
         category: {
@@ -40,18 +41,18 @@ def dashboard_layout(prefix: str = "") -> dict[str, dict[str, list[Any]]]:
     }
 
 
-def write_layout(writer: Any, prefix: str = "") -> None:
+def write_layout(writer: Any, prefix: str = "", logger_prefix: str = "") -> None:
     """Write the layout to a ``SummaryWriter``, once per writer and prefix.
 
     TensorBoard keeps the last layout written to a run, so with several losses the layout
     written holds every loss's category seen so far.
     """
-    written: set[str] = getattr(writer, "_lightning_pinn_layouts", set())
-    if prefix in written:
+    written: set[tuple[str, str]] = getattr(writer, "_lightning_pinn_layouts", set())
+    if (prefix, logger_prefix) in written:
         return
-    written.add(prefix)
+    written.add((prefix, logger_prefix))
     layout: dict[str, dict[str, list[Any]]] = {}
-    for each in sorted(written):
-        layout.update(dashboard_layout(each))
+    for each, each_logger in sorted(written):
+        layout.update(dashboard_layout(each, each_logger))
     writer.add_custom_scalars(layout)
     writer._lightning_pinn_layouts = written

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import tempfile
 import warnings
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import ExtraTermPoisson, TwoTermPoisson, make_trainer
-from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tb import load_events, scalar_series
 
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
@@ -514,3 +515,42 @@ def test_a_schedule_weight_the_float32_weights_cannot_hold_is_refused_at_fit_sta
         _quiet_fit(TwoTermPoisson(), 1, [WeightSchedule({"bc": [(0, 1.0), (10, 1e39)]})])
     with pytest.raises(ValueError, match=r"WeightSchedule\(schedule=...\): unknown term 'ic'"):
         _quiet_fit(TwoTermPoisson(), 1, [WeightSchedule({"ic": [(0, 1.0)]})])
+
+
+def test_callback_metrics_hold_the_weights_in_force_between_logged_updates() -> None:
+    """A balancer logs weight/<term> at most once per log_every_n_steps steps; EarlyStopping or
+    ModelCheckpoint watching it read trainer.callback_metrics, which kept the last *logged* λ
+    (5.245 while 5.316 → 5.494 were in force, and EarlyStopping stopped a fit at step 30)."""
+    seen: dict[int, tuple[float, float]] = {}
+
+    class Watch(pl.Callback):  # after the balancer, as EarlyStopping/ModelCheckpoint run
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+            seen[trainer.global_step] = (float(trainer.callback_metrics["weight/bc"]), pl_module.criterion.weights["bc"])
+
+    model = TwoTermPoisson()
+    trainer = make_trainer(35, [GradNormBalancer(every_n_steps=10), Watch()], log_every_n_steps=50, logger=CSVLogger(tempfile.mkdtemp()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    for step in (11, 21, 31):  # after the updates at steps 10, 20, 30, none of them logged
+        watched, in_force = seen[step]
+        assert watched == pytest.approx(in_force), step
+
+
+def test_an_interrupted_fit_logs_the_last_weight_update(tmp_path: Any) -> None:
+    """After an exception (Ctrl-C) the event files ended at the last *logged* update, so
+    `lightning-pinn report` showed a stale final λ."""
+
+    class Interrupt(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+            if trainer.global_step == 25:
+                raise RuntimeError("stop")
+
+    model = TwoTermPoisson()
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="stop"):
+        warnings.simplefilter("ignore")
+        make_trainer(100, [GradNormBalancer(every_n_steps=10), Interrupt()], logger=logger, log_every_n_steps=50).fit(model)
+    logger.experiment.flush()
+    series = scalar_series(load_events(tmp_path), "weight/bc")
+    assert series[-1] == (21, pytest.approx(model.criterion.weights["bc"]))  # the update at step 20, in force from 21

@@ -352,7 +352,7 @@ def test_the_report_names_the_pairs_that_alarmed_not_the_most_opposed_one() -> N
     history.add({"alarm/grad_conflict/a_vs_b": 0.0}, 8)
     diagnosis = diagnose(history)
     assert diagnosis.conflict_spans == [("a", "b", 4, 8, pytest.approx(-0.8))]
-    assert "'a' vs 'b': opposed gradients (mean cosine -0.80) while their loss stalled, steps 4–8" in render_markdown(diagnosis)
+    assert "'a' vs 'b': opposed gradients (mean cosine -0.80), conflict alarm on, steps 4–8" in render_markdown(diagnosis)
 
 
 def test_summary_is_printed_at_fit_end(caplog: Any) -> None:
@@ -424,6 +424,16 @@ def test_two_losses_with_a_monitor_each_keep_their_series_and_reports_apart(tmp_
         assert [step for step, _ in scalar_series(events, f"{name}/grad_ratio")] == [0, 2, 4]
     assert "grad_ratio" not in scalars
     assert scalar_series(events, "second/weight/bc")[0][1] == pytest.approx(1e-3)
+    # the progress bar too: one entry per loss (both wrote an unlabelled grad_ratio before)
+    bar = make_trainer(
+        2,
+        [GradientNormMonitor(every_n_steps=1, loss_module=n, verbose=False, report=False) for n in ("criterion", "second")],
+        enable_progress_bar=True,
+    )
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bar.fit(TwoLosses())
+    assert {"criterion/grad_ratio", "second/grad_ratio"} <= set(bar.progress_bar_metrics) and "grad_ratio" not in bar.progress_bar_metrics
     run = tmp_path / "run" / "version_0"
     assert [m.report_path for m in monitors] == [run / "diagnosis_criterion.md", run / "diagnosis_second.md"]
     assert all(
@@ -445,8 +455,70 @@ def test_two_losses_with_a_monitor_each_keep_their_series_and_reports_apart(tmp_
 
 
 def test_unknown_loss_module_name() -> None:
-    with pytest.raises(ValueError, match=r"loss_module='crit'.*found: 'criterion'"):
-        make_trainer(2, [GradientNormMonitor(loss_module="crit")]).fit(TwoTermPoisson())
+    # the example names a loss that exists (it suggested 'criterion' whatever the module held)
+    model = TwoTermPoisson()
+    model.physics = torch.nn.Module()
+    model.physics.loss = model.criterion
+    del model.criterion
+    with pytest.raises(ValueError, match=r"loss_module='crit'.*found: 'physics.loss'.*e.g. loss_module='physics.loss'"):
+        make_trainer(2, [GradientNormMonitor(loss_module="crit")]).fit(model)
+
+
+def test_a_logger_prefix_reaches_the_layout_and_the_report_command(tmp_path: Any) -> None:
+    """TensorBoardLogger(prefix="train") writes train-grad_norm/<term>: the custom-scalars layout
+    matched nothing and `lightning-pinn report` replaced the fit's report with an empty one."""
+    from lightning_pinn.cli import main as cli_main
+
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0, prefix="train")
+    model = TwoTermPoisson()
+    model.criterion.set_weights({"bc": 1e-4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(6, [GradientNormMonitor(every_n_steps=1, verbose=False)], logger=logger).fit(model)
+    events = load_events(tmp_path)
+    assert "train-grad_norm/pde" in events.Tags()["scalars"]
+    patterns = [p for category in custom_scalars_layout(events).category for chart in category.chart for p in chart.multiline.tag]
+    assert r"^train\-grad_norm/" in patterns
+    run = tmp_path / "run" / "version_0"
+    fit_end = (run / "diagnosis.md").read_text()
+    assert "6 measurements" in fit_end
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli_main(["report", str(run)]) == 0
+    assert (run / "diagnosis.md").read_text().split("\n", 1)[1] == fit_end.split("\n", 1)[1]
+
+
+def test_the_report_command_keeps_a_report_when_it_finds_no_monitor_tags(tmp_path: Any) -> None:
+    from lightning_pinn.report import report_runs
+
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    logger.log_metrics({"something_else": 1.0}, step=0)
+    logger.finalize("success")
+    run = tmp_path / "run" / "version_0"
+    (run / "diagnosis.md").write_text("the fit's own report\n")
+    [(path, text, reason)] = report_runs(run)
+    assert path == run / "diagnosis.md" and reason is not None and "report already exists" in reason
+    assert path.read_text() == "the fit's own report\n" and "No gradient-norm measurements" in text
+
+
+def test_a_held_alarm_is_named_in_the_report_and_the_console_table(caplog: pytest.LogCaptureFixture) -> None:
+    """diagnosis.md said "Worst ratio: 191x …; threshold 100x" and then "Never above the
+    threshold"; the console table said "<-- ALARM" although no alarm was on."""
+    import logging
+
+    from lightning_pinn.callbacks import GradNormBalancer
+    from lightning_pinn.report import diagnose, render_markdown
+
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False, print_every_n_steps=1)
+    model = TwoTermPoisson()
+    model.criterion.set_weights({"bc": 1e-4})
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(3, [monitor, GradNormBalancer(every_n_steps=1)]).fit(model)
+    text = render_markdown(diagnose(monitor.history))
+    assert "Never above the threshold" not in text
+    assert "Above the threshold at 1 measurement(s) with the alarm off (steps 0–0)" in text
+    step0 = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("step 0:"))
+    assert "ALARM" not in step0 and "the alarm waits for a balancer's first update" in step0
 
 
 @pytest.mark.parametrize("value", [0, -5, 2.5, True])
@@ -671,7 +743,7 @@ def test_log_cosines_false_keeps_the_pairs_out_of_the_logs_but_still_alarms() ->
 
     diagnosis = diagnose(monitor.history)
     assert [span[:2] for span in diagnosis.conflict_spans] == [("up", "down")]
-    assert "'up' vs 'down': opposed gradients while their loss stalled" in render_markdown(diagnosis)
+    assert "'up' vs 'down': opposed gradients, conflict alarm on" in render_markdown(diagnosis)
 
 
 def test_the_report_plot_of_many_terms_has_one_legend_entry_per_term(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,7 +19,16 @@ from lightning_pinn.alerts import TermGradientWarning
 from lightning_pinn.engine import StepMeasurement, TermGradientEngine, TraceRequest
 from lightning_pinn.loss import MultiTermLoss
 
-__all__ = ["PerTermCallback", "callbacks_on_loss", "find_multi_term_loss", "log_scalars", "PendingEvents", "tensorboard_writers"]
+__all__ = [
+    "PerTermCallback",
+    "callbacks_on_loss",
+    "find_multi_term_loss",
+    "log_scalars",
+    "PendingEvents",
+    "publish",
+    "tensorboard_loggers",
+    "tensorboard_writers",
+]
 
 
 def find_multi_term_loss(pl_module: torch.nn.Module, name: str | None, owner: str) -> tuple[str, MultiTermLoss]:
@@ -39,7 +48,9 @@ def find_multi_term_loss(pl_module: torch.nn.Module, name: str | None, owner: st
                 return path, module
         available = ", ".join(repr(path) for path, _ in found) or "none"
         raise ValueError(
-            f"{owner}(loss_module={name!r}): {model} has no MultiTermLoss at {name!r} (found: {available}). Pass the attribute name of the loss, e.g. loss_module='criterion'."
+            f"{owner}(loss_module={name!r}): {model} has no MultiTermLoss at {name!r} (found: {available}). Pass the "
+            "attribute path of the loss"
+            + (f", e.g. loss_module={found[0][0]!r}." if found else "; add a MultiTermLoss to the module first.")
         )
     if not found:
         raise ValueError(
@@ -73,8 +84,7 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pe
     """
     if not metrics:
         return
-    values = torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()
-    _connector_metrics(trainer, "callback").update(zip(metrics, values))
+    values = publish(trainer, metrics)
     if not trainer.loggers:
         return
     _connector_metrics(trainer, "logged").update(zip(metrics, values))  # as Lightning's log_metrics does
@@ -85,14 +95,28 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pe
         if file_writer is None:
             logger.log_metrics(dict(metrics), step=step)
             continue
-        prefix = getattr(logger, "_prefix", "")
-        join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-        tags = [f"{prefix}{join}{name}" if prefix else name for name in metrics]
+        prefix = logger_tag_prefix(logger)
+        tags = [f"{prefix}{name}" for name in metrics]
         values = [float(value) for value in metrics.values()]
         if pending is None:
             _write_event(file_writer, tags, values, step, time.time())
         else:
             pending.add(file_writer, tags, values, step)
+
+
+def publish(trainer: pl.Trainer, metrics: Mapping[str, float]) -> tuple[Tensor, ...]:
+    """Make ``metrics`` the latest entries of ``trainer.callback_metrics`` (what ``EarlyStopping``
+    and ``ModelCheckpoint`` read), without logging them; returns them as 0-dim tensors."""
+    values = torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()
+    _connector_metrics(trainer, "callback").update(zip(metrics, values))
+    return values
+
+
+def logger_tag_prefix(logger: Any) -> str:
+    """What a logger puts before each tag: ``"<prefix>-"`` for ``TensorBoardLogger(prefix=...)``
+    (its ``LOGGER_JOIN_CHAR``), else ``""``."""
+    prefix = getattr(logger, "_prefix", "") or ""
+    return f"{prefix}{getattr(logger, 'LOGGER_JOIN_CHAR', '-')}" if prefix else ""
 
 
 def show_in_progress_bar(trainer: pl.Trainer, name: str, value: float) -> None:
@@ -170,9 +194,14 @@ class PendingEvents:
 
 def tensorboard_writers(trainer: pl.Trainer) -> list[Any]:
     """The ``SummaryWriter`` of each ``TensorBoardLogger`` (rank zero only; empty elsewhere)."""
+    return [logger.experiment for logger in tensorboard_loggers(trainer)]
+
+
+def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
+    """Each ``TensorBoardLogger`` of the Trainer (rank zero only; empty elsewhere)."""
     if trainer.global_rank != 0:
         return []
-    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
 
 
 def callbacks_on_loss(trainer: pl.Trainer, loss: MultiTermLoss | None) -> list[PerTermCallback]:

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from lightning_pinn._checks import check_flag, check_seed, check_term_names
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
-from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, is_integer, weight_terms_to_log
+from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, is_integer, publish, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms, nearly_satisfied
 from lightning_pinn.engine import StepMeasurement, TraceRequest, untraceable_term_error
 from lightning_pinn.loss import stored_as, weight_range
@@ -334,6 +334,8 @@ class WeightBalancer(PerTermCallback):
         applied_step = self._applied_step
         if not self._logging_due(trainer, applied_step):
             self._unlogged = (step, applied_step, measured, applied)  # written at the end of the fit unless a later update is logged
+            # but EarlyStopping / ModelCheckpoint watching weight/<term> see the λ in force now
+            publish(trainer, {f"{self._tag_prefix}{tag}": value for tag, value in applied.items()})
             return
         self._log_scalars(trainer, measured, step)
         self._log_scalars(trainer, applied, applied_step)
@@ -375,6 +377,16 @@ class WeightBalancer(PerTermCallback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the last update is always logged, before a monitor writes its report (on_fit_end)
+        self._log_unlogged(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        try:
+            self._log_unlogged(trainer)  # an interrupted fit's files end with the λ in force, too
+        except Exception:  # noqa: BLE001 - best effort: the fit's own exception is the one to see
+            rank_zero_warn(f"{type(self).__name__}: could not log the last weight update after the fit failed.")
+
+    def _log_unlogged(self, trainer: pl.Trainer) -> None:
         if self._unlogged is not None:
             step, applied_step, measured, applied = self._unlogged
             self._log_scalars(trainer, measured, step)

@@ -19,7 +19,9 @@ from lightning_pinn.callbacks._base import (
     PerTermCallback,
     callbacks_on_loss,
     is_integer,
+    logger_tag_prefix,
     show_in_progress_bar,
+    tensorboard_loggers,
     tensorboard_writers,
     weight_terms_to_log,
 )
@@ -210,6 +212,7 @@ class GradientNormMonitor(PerTermCallback):
         self._pending = PendingEvents()
         self._balancer_names: list[str] = []
         self._balancers: list[Any] = []  # the WeightBalancers on this loss (known at train start)
+        self._held_now = False  # whether the latest measurement's ratio alarm waited for a balancer
         self._only_schedules = False  # every rule attached to the loss follows a fixed schedule
         self._weight_terms: list[str] = []  # the weight/<term> series this monitor writes (the rest: balancers)
 
@@ -257,8 +260,8 @@ class GradientNormMonitor(PerTermCallback):
                 f"GradientNormMonitor(ratio_terms=...): unknown term(s) {unknown}; the MultiTermLoss has terms "
                 f"{list(self.criterion.term_names)}. Use those names."
             )
-        for writer in tensorboard_writers(trainer):
-            write_layout(writer, self._tag_prefix)
+        for logger in tensorboard_loggers(trainer):
+            write_layout(logger.experiment, self._tag_prefix, logger_tag_prefix(logger))
 
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
         assert measurement.gradients is not None
@@ -275,7 +278,9 @@ class GradientNormMonitor(PerTermCallback):
         if not self._hits(step, self._on_cadence):
             # measured only for print_every_n_steps: print, but keep the logs, the alarms' patience
             # and the diagnosis on the every_n_steps cadence
-            rank_zero_info(format_table(report, step, self.threshold))
+            rank_zero_info(
+                format_table(report, step, self.threshold, self._table_flag(report), self._loss_path if self._tag_prefix else "")
+            )
             return
         self.last_report = report
         self._track_term_health(report, step)
@@ -311,9 +316,12 @@ class GradientNormMonitor(PerTermCallback):
         self._log_scalars(trainer, metrics, step, self._pending if self.every_n_steps < trainer.log_every_n_steps else None)
         self.history.add(metrics, step)
         if self.progress_bar and "grad_ratio" in metrics and trainer.progress_bar_callback is not None:
-            show_in_progress_bar(trainer, "grad_ratio", metrics["grad_ratio"])  # the logged value (NaN for a NaN gradient)
+            # the logged value (NaN for a NaN gradient), under the loss's tag with several losses
+            show_in_progress_bar(trainer, f"{self._tag_prefix}grad_ratio", metrics["grad_ratio"])
         if self._hits(step, self._print_due):
-            rank_zero_info(format_table(report, step, self.threshold))
+            rank_zero_info(
+                format_table(report, step, self.threshold, self._table_flag(report), self._loss_path if self._tag_prefix else "")
+            )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -429,6 +437,7 @@ class GradientNormMonitor(PerTermCallback):
             diagnosis.worst_pair = (report.largest, report.smallest)
         above = report.ratio > self.threshold
         holding = [b for b in self._balancers if above and b.holds_ratio_alarm((report.largest, report.smallest), step)]
+        self._held_now = bool(holding)
         if holding:
             # A balancer that may change one of the two terms has not made its first update yet:
             # λ is still the initial guess it is about to replace, and an alarm (at step 0, say)
@@ -500,6 +509,14 @@ class GradientNormMonitor(PerTermCallback):
                 "automatically."
             )
         )
+
+    def _table_flag(self, report: GradientReport) -> str:
+        """The console table's note on the ratio: the alarm as it stands, or that it waits."""
+        if report.ratio is None or report.ratio <= self.threshold:
+            return ""
+        if self.diagnosis.ratio_alarm_active:
+            return "<-- ALARM"
+        return "(above; the alarm waits for a balancer's first update)" if self._held_now else ""
 
     def _balancer_updates(self) -> str:
         """The attached balancers with their update counts so far, e.g. "GradNormBalancer (3 updates so far)"."""
@@ -708,8 +725,12 @@ def _as_markdown(text: str) -> str:
     return "\n".join(f"    {line}" for line in text.splitlines())
 
 
-def format_table(report: GradientReport, step: int, threshold: float) -> str:
-    """A compact aligned table of one measurement (for the console)."""
+def format_table(report: GradientReport, step: int, threshold: float, flag: str | None = None, loss_path: str = "") -> str:
+    """A compact aligned table of one measurement (for the console).
+
+    ``flag`` follows the ratio line (default: ``"<-- ALARM"`` above the threshold); ``loss_path``
+    names the loss in the heading (a module with several).
+    """
     rows = [["term", "loss", "λ", "‖∇L‖", "λ‖∇L‖"]]
     for name, loss, weight, norm, weighted in zip(report.terms, report.losses, report.weights, report.norms, report.weighted_norms):
         if name in report.absent_terms:
@@ -717,12 +738,16 @@ def format_table(report: GradientReport, step: int, threshold: float) -> str:
         else:
             rows.append([name, f"{loss:.3e}", f"{weight:.3g}", f"{norm:.3e}", f"{weighted:.3e}"])
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = [f"step {step}:"] + [
+    lines = [f"step {step}{f' ({loss_path})' if loss_path else ''}:"] + [
         "  " + "  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))) for row in rows
     ]
     if report.ratio is not None:
-        flag = "  <-- ALARM" if report.ratio > threshold else ""
-        lines.append(f"  grad_ratio {report.ratio:.3g}x ('{report.largest}' / '{report.smallest}'), threshold {threshold:g}x{flag}")
+        if flag is None:
+            flag = "<-- ALARM" if report.ratio > threshold else ""
+        lines.append(
+            f"  grad_ratio {report.ratio:.3g}x ('{report.largest}' / '{report.smallest}'), threshold {threshold:g}x"
+            + (f"  {flag}" if flag else "")
+        )
     return "\n".join(lines)
 
 
