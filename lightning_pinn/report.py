@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import re
 import warnings
 from array import array
@@ -207,8 +208,10 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
             result.ratio_spans = _spans(flag_steps, [f > 0.5 for f in flags])
             result.ratio_measurements_above = sum(f > 0.5 for f in flags)
             if threshold is not None:
+                # each step against its own threshold (a resumed fit may have changed it)
+                limits = dict(zip(*history["grad_ratio_threshold"])) if "grad_ratio_threshold" in history else {}
                 off = {step for step, flag in zip(flag_steps, flags) if flag <= 0.5}
-                result.ratio_held_steps = [step for step, ratio in zip(steps, ratios) if ratio > threshold and step in off]
+                result.ratio_held_steps = [s for s, r in zip(steps, ratios) if s in off and r > limits.get(s, threshold)]
         elif threshold is not None:
             result.ratio_spans = _spans(steps, [r > threshold for r in ratios])
             result.ratio_measurements_above = sum(r > threshold for r in ratios)
@@ -507,23 +510,26 @@ def _natural_key(path: Path) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
+def logger_prefix(history: History) -> str:
+    """What the logger put before every tag of the run: ``"train-"`` for
+    ``TensorBoardLogger(prefix="train")`` (the common start of all tags, up to its last ``-``)."""
+    common = os.path.commonprefix(history.tags())
+    candidate = common[: common.rfind("-") + 1]
+    # (not a cut through the monitor's own tags, e.g. the lone tag grad_norm/u-x)
+    return candidate if any("grad_norm/" in tag[len(candidate) :] for tag in history.tags()) else ""
+
+
 def loss_prefixes(history: History) -> list[str]:
     """The losses a run's monitors measured: ``""`` for the one-loss tags (``grad_norm/<term>``),
     ``"<loss path>/"`` for each loss of a module with several (``second/grad_norm/<term>``); each
-    after the logger's own prefix, if any (``"train-"`` for ``TensorBoardLogger(prefix="train")``:
-    ``train-grad_norm/<term>``; a loss path has no ``-``, so the logger's part ends at the last one)."""
+    after the logger's own prefix, if any (:func:`logger_prefix`: ``train-grad_norm/<term>``)."""
+    before = logger_prefix(history)
     prefixes = []
     for tag in history.tags():
-        head, found, _ = tag.partition("grad_norm/")
-        loss_part = head.rpartition("-")[2]
-        if found and (loss_part == "" or loss_part.endswith("/")) and head not in prefixes:
-            prefixes.append(head)
+        head, found, _ = tag[len(before) :].partition("grad_norm/")
+        if found and (head == "" or head.endswith("/")) and before + head not in prefixes:
+            prefixes.append(before + head)
     return prefixes
-
-
-def _loss_name(prefix: str) -> str:
-    """The loss path in a tag prefix from :func:`loss_prefixes` (``"train-second/"`` → ``"second"``)."""
-    return prefix.rpartition("-")[2].rstrip("/")
 
 
 def without_prefix(history: History, prefix: str) -> History:
@@ -554,7 +560,7 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
         history = read_history(root if single else run)
         prefixes = loss_prefixes(history)
         for prefix in prefixes or [""]:
-            loss = _loss_name(prefix)
+            loss = prefix[len(logger_prefix(history)) :].rstrip("/")
             title = f"Loss-balance diagnosis: {root if single else run}" + (f" (loss '{loss}')" if loss else "")
             name = f"diagnosis_{loss}" if loss else "diagnosis"
             if single:  # beside the run's own report (which covers all its event files), not over it

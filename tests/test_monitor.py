@@ -1079,3 +1079,32 @@ def test_the_wait_follows_what_the_balancer_does_not_a_prediction(tmp_path: Path
     assert _ratio_alarm_steps(list(caught)) == [9] and monitor.diagnosis.ratio_alarm_held == 4  # steps 5-8
     message = next(str(w.message) for w in caught if w.category is LossBalanceWarning)
     assert "GradNormBalancer (1 update so far) is attached to this loss" in message
+
+
+def test_the_report_separates_the_logger_prefix_from_loss_paths_with_dashes() -> None:
+    """Loss paths may hold '-' (nn.ModuleDict keys): splitting tags at the last '-' merged two
+    losses into one report named 'loss'. The logger's prefix is the common start of all tags."""
+    from lightning_pinn.report import History, logger_prefix, loss_prefixes
+
+    for before in ("", "train-"):
+        history = History()
+        for loss in ("losses.pde-loss/", "losses.data-loss/"):
+            history.add({f"{before}{loss}grad_norm/u-x": 1.0, f"{before}{loss}grad_ratio_threshold": 100.0}, 0)
+        assert logger_prefix(history) == before
+        assert loss_prefixes(history) == [f"{before}losses.pde-loss/", f"{before}losses.data-loss/"]
+    lone = History()
+    lone.add({"grad_norm/u-x": 1.0}, 0)
+    assert logger_prefix(lone) == "" and loss_prefixes(lone) == [""]
+
+
+def test_the_report_judges_each_step_against_its_own_threshold() -> None:
+    """A fit resumed with a lower threshold: its earlier points, below their own (higher)
+    threshold, were reported as held for a balancer in a run that had none."""
+    from lightning_pinn.report import History, diagnose
+
+    history = History()
+    for step in range(4):
+        history.add({"grad_ratio": 500.0, "grad_ratio_threshold": 1e6, "alarm/grad_ratio": 0.0}, step)
+    for step in range(4, 6):
+        history.add({"grad_ratio": 500.0, "grad_ratio_threshold": 100.0, "alarm/grad_ratio": 1.0}, step)
+    assert diagnose(history).ratio_held_steps == []

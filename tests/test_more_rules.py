@@ -413,3 +413,14 @@ def test_the_alarm_advice_fits_a_weight_schedule() -> None:
         make_trainer(2, [monitor, WeightSchedule({"bc": [(0, 1e-6)]})]).fit(model)
     alarms = [str(w.message) for w in caught if issubclass(w.category, LossBalanceWarning)]
     assert alarms and "sets λ from its schedule" in alarms[0] and "every_n_steps" not in alarms[0]
+
+
+def test_a_loss_rule_resumed_from_a_checkpoint_without_its_measurement_count() -> None:
+    """Checkpoints from before the count was saved: a SoftAdapt state with its first losses held
+    the ratio alarm one cadence too long after the resume."""
+    balancer = SoftAdaptBalancer()
+    balancer.load_state_dict({"terms": ["pde", "bc"], "num_updates": 0, "previous": [1.0, 2.0]})
+    assert balancer._rule_measurements == 1
+    fresh = SoftAdaptBalancer()
+    fresh.load_state_dict({"terms": ["pde", "bc"], "num_updates": 0, "previous": None})
+    assert fresh._rule_measurements == 0

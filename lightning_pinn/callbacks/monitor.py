@@ -212,7 +212,6 @@ class GradientNormMonitor(PerTermCallback):
         self._pending = PendingEvents()
         self._balancer_names: list[str] = []
         self._balancers: list[Any] = []  # the WeightBalancers on this loss (known at train start)
-        self._held_now = False  # whether the latest measurement's ratio alarm waited for a balancer
         self._only_schedules = False  # every rule attached to the loss follows a fixed schedule
         self._weight_terms: list[str] = []  # the weight/<term> series this monitor writes (the rest: balancers)
 
@@ -279,7 +278,7 @@ class GradientNormMonitor(PerTermCallback):
             # measured only for print_every_n_steps: print, but keep the logs, the alarms' patience
             # and the diagnosis on the every_n_steps cadence
             rank_zero_info(
-                format_table(report, step, self.threshold, self._table_flag(report), self._loss_path if self._tag_prefix else "")
+                format_table(report, step, self.threshold, self._table_flag(report, step), self._loss_path if self._tag_prefix else "")
             )
             return
         self.last_report = report
@@ -320,7 +319,7 @@ class GradientNormMonitor(PerTermCallback):
             show_in_progress_bar(trainer, f"{self._tag_prefix}grad_ratio", metrics["grad_ratio"])
         if self._hits(step, self._print_due):
             rank_zero_info(
-                format_table(report, step, self.threshold, self._table_flag(report), self._loss_path if self._tag_prefix else "")
+                format_table(report, step, self.threshold, self._table_flag(report, step), self._loss_path if self._tag_prefix else "")
             )
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -437,7 +436,6 @@ class GradientNormMonitor(PerTermCallback):
             diagnosis.worst_pair = (report.largest, report.smallest)
         above = report.ratio > self.threshold
         holding = [b for b in self._balancers if above and b.holds_ratio_alarm((report.largest, report.smallest), step)]
-        self._held_now = bool(holding)
         if holding:
             # A balancer that may change one of the two terms has not made its first update yet:
             # λ is still the initial guess it is about to replace, and an alarm (at step 0, say)
@@ -510,13 +508,15 @@ class GradientNormMonitor(PerTermCallback):
             )
         )
 
-    def _table_flag(self, report: GradientReport) -> str:
-        """The console table's note on the ratio: the alarm as it stands, or that it waits."""
+    def _table_flag(self, report: GradientReport, step: int) -> str:
+        """The console table's note on a ratio above the threshold: that the alarm waits for a
+        balancer, that it is on, or (a row printed between measurements) just that it is above."""
         if report.ratio is None or report.ratio <= self.threshold:
             return ""
-        if self.diagnosis.ratio_alarm_active:
-            return "<-- ALARM"
-        return "(above; the alarm waits for a balancer's first update)" if self._held_now else ""
+        assert report.largest is not None and report.smallest is not None
+        if any(b.holds_ratio_alarm((report.largest, report.smallest), step) for b in self._balancers):
+            return "(above; the alarm waits for a balancer's first update)"
+        return "<-- ALARM" if self.diagnosis.ratio_alarm_active else "(above the threshold)"
 
     def _balancer_updates(self) -> str:
         """The attached balancers with their update counts so far, e.g. "GradNormBalancer (3 updates so far)"."""

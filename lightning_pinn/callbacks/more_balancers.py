@@ -59,6 +59,12 @@ class _LossRule(WeightBalancer):
 
     _measurements_before_first_update = 2  # the first measurement only gives the starting losses
 
+    def _load_state(self, state_dict: dict[str, Any]) -> None:
+        super()._load_state(state_dict)
+        if "rule_measurements" not in state_dict and state_dict.get("previous") is not None:
+            # a checkpoint from before the count was saved, taken after the first measurement
+            self._rule_measurements = max(self._rule_measurements, 1)
+
     _quantity = "loss"
     _zero_is_undefined = False
 
