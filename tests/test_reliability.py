@@ -792,3 +792,45 @@ def test_lr_find_does_not_carry_an_earlier_fits_state_into_the_next_fit(finder: 
         trainer.fit(model)
     assert (monitor.diagnosis.measurements, monitor.diagnosis.first_step, monitor.diagnosis.last_step) == (4, 0, 3)
     assert balancer.num_updates == 4
+
+
+@pytest.mark.parametrize("case", ["epoch-end checkpoint", "two optimizers"])
+def test_resume_is_exact_from_epoch_ends_and_with_several_optimizer_steps_per_batch(tmp_path: Path, case: str) -> None:
+    """Two resumes that drifted: after an epoch-end checkpoint Lightning may number the batches
+    differently, and the trace sample was seeded with the batch index (λ_ic 1.02497 vs 1.02435);
+    with two optimizers per batch, a due step the last batch jumped over (3, measured at 4) was
+    forgotten at the resume. The sample now follows (seed, step, micro-batch of the step) and the
+    last batch's start step is saved."""
+    model_class = TwoOptimizers if case == "two optimizers" else TwoTermPoisson
+    options: dict[str, Any] = {"limit_train_batches": 4, "max_epochs": -1} if case == "epoch-end checkpoint" else {}
+    callbacks = lambda: [GradNormBalancer(every_n_steps=2, terms=["bc"]), NTKBalancer(every_n_steps=3, trace_points=8, terms=["pde"])]  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        straight = model_class()
+        make_trainer(12, callbacks(), **options).fit(straight)
+        torch.manual_seed(0)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, **({} if options else {"every_n_train_steps": 2}))
+        make_trainer(12, [*callbacks(), checkpoint], enable_checkpointing=True, **options).fit(model_class())
+        resumed = model_class()
+        path = next(str(p) for p in sorted(tmp_path.glob("*.ckpt")) if "step=4" in p.name)
+        make_trainer(12, callbacks(), **options).fit(resumed, ckpt_path=path)
+    assert resumed.criterion.weights == straight.criterion.weights
+
+
+def test_a_checkpoint_saved_before_the_callbacks_processed_its_step_says_so(tmp_path: Path) -> None:
+    """A user callback listed before ours that saves a checkpoint in on_train_batch_end stores our
+    state from before that step's measurement and update: the resume cannot be exact, and said nothing."""
+
+    class Saver(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 3:
+                trainer.save_checkpoint(tmp_path / "early.ckpt")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(4, [Saver(), GradNormBalancer(every_n_steps=1)]).fit(TwoTermPoisson())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(5, [GradNormBalancer(every_n_steps=1)]).fit(TwoTermPoisson(), ckpt_path=str(tmp_path / "early.ckpt"))
+    assert any("before this callback had processed that step (its state is from step 2)" in str(w.message) for w in caught)

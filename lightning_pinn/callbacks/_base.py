@@ -371,11 +371,14 @@ class PerTermCallback(Callback):
                 self._start_afresh()
         self._restored = False
         self._trainer_id = id(trainer)
-        self._decided_step = self._previous_step = None
+        # The last batch's start step (of a resumed or continued fit) becomes the step decided
+        # before this fit's first batch: a due step that batch jumped over, with several optimizer
+        # steps per batch, is still measured; this fit's first step is decided afresh.
+        self._previous_step, self._decided_step = self._decided_step, None
         self._on_attach(trainer, pl_module)
 
     def _start_afresh(self) -> None:
-        self._last_step = None
+        self._last_step = self._decided_step = None
         self._reset_fit_state()
 
     def _reset_fit_state(self) -> None:
@@ -385,7 +388,7 @@ class PerTermCallback(Callback):
         """The loss's term order; subclasses add their own state, some of it in that order."""
         if self._loss is None:
             return {}
-        return {"terms": list(self._loss.term_names), "step": self._last_step}
+        return {"terms": list(self._loss.term_names), "step": self._last_step, "batch_start_step": self._decided_step}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage  # Lightning runs setup before it restores a checkpoint
@@ -411,9 +414,18 @@ class PerTermCallback(Callback):
             # checkpoint holding what these objects held then (an earlier fit's state, when they
             # are reused) and restores it after its trial steps; that state is not this fit's
             return
+        if saved_step is not None and checkpoint_step is not None and saved_step < checkpoint_step:
+            rank_zero_warn(
+                f"{type(self).__name__}: the checkpoint was saved at step {checkpoint_step}, before this callback had "
+                f"processed that step (its state is from step {saved_step}): a callback listed before it saved the checkpoint "
+                "(or failed) in on_train_batch_end. That step's measurement and weight update are not in the checkpoint, so "
+                "the resumed fit goes on without them. List lightning-pinn's callbacks before callbacks that save checkpoints "
+                "from on_train_batch_end (Lightning's ModelCheckpoint always runs last, which is right)."
+            )
         self._saved_terms = tuple(state_dict.get("terms", ()))
         self._load_state(state_dict)
         self._last_step = saved_step
+        self._decided_step = state_dict.get("batch_start_step")
         self._restored = True
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -455,7 +467,9 @@ class PerTermCallback(Callback):
         through :meth:`_hits`, decided once per step so every micro-batch of an accumulated step
         agrees."""
         if step != self._decided_step:
-            self._previous_step, self._decided_step = self._decided_step, step
+            if self._decided_step is not None:
+                self._previous_step = self._decided_step
+            self._decided_step = step
             self._due = self._hits(step, self._is_due)
         return self._due
 

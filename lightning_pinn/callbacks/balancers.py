@@ -663,6 +663,8 @@ class NTKBalancer(WeightBalancer):
         self.chunk_size = None if chunk_size is None else int(chunk_size)
         self.seed = seed = check_seed("NTKBalancer", seed)
         self._generator = torch.Generator().manual_seed(seed)
+        self._sampled_step: int | None = None  # the optimizer step of the latest draw, and
+        self._micro_batch = 0  # which micro-batch of that step it was (gradient accumulation)
         self.last_traces: dict[str, float] = {}
         self._fallback_warned: set[str] = set()  # terms whose traces could not be vmapped (warned once each)
         self._residuals_checked = False  # whether the first batch's residuals were checked for 0-dim terms
@@ -681,10 +683,14 @@ class NTKBalancer(WeightBalancer):
         self._residuals_checked = False
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        # The sampled points depend only on (seed, step, batch): a fit resumed from any checkpoint
-        # (even one OnExceptionCheckpoint wrote in the middle of a step, after the draw) samples
-        # what the uninterrupted fit sampled, and no generator state needs saving.
-        self._generator.manual_seed(_sample_seed(self.seed, trainer.global_step, batch_idx))
+        # The sampled points depend only on (seed, step, micro-batch of the step): a fit resumed
+        # from any checkpoint (even one OnExceptionCheckpoint wrote in the middle of a step, after
+        # the draw, or one written at an epoch's end, after which Lightning may number the batches
+        # differently) samples what the uninterrupted fit sampled; no generator state is saved.
+        step = trainer.global_step
+        self._micro_batch = self._micro_batch + 1 if step == self._sampled_step else 0
+        self._sampled_step = step
+        self._generator.manual_seed(_sample_seed(self.seed, step, self._micro_batch))
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -726,6 +732,6 @@ class NTKBalancer(WeightBalancer):
         self.last_traces = dict(state_dict.get("last_traces", {}))
 
 
-def _sample_seed(seed: int, step: int, batch_idx: int) -> int:
-    """A 64-bit seed for the trace sampler at one (step, batch), mixed from the user's ``seed``."""
-    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + batch_idx * 0x94D049BB133111EB + 1) % 2**64
+def _sample_seed(seed: int, step: int, micro_batch: int) -> int:
+    """A 64-bit seed for the trace sampler at one (step, micro-batch), mixed from the user's ``seed``."""
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + micro_batch * 0x94D049BB133111EB + 1) % 2**64
