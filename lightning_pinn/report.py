@@ -3,7 +3,8 @@
 The same report is written at the end of a fit (from the monitor's own record of what it
 logged) and by ``lightning-pinn report LOGDIR`` (from TensorBoard event files): a Markdown
 file that says which pairs of terms crossed the gradient-ratio threshold, when and for how
-long, which pairs fought (opposed gradients while the loss stalled), how the weights λ moved,
+long, which pairs fought (the conflict alarm: opposed gradients, by default while the pair's loss
+stalled), how the weights λ moved,
 and what to try; and a PNG of the per-term gradient norms and weights over the steps.
 """
 
@@ -18,9 +19,12 @@ from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from lightning_pinn.tensorboard import LAYOUT_CATEGORY
 
 __all__ = [
     "History",
@@ -46,6 +50,9 @@ class History:
     def __init__(self) -> None:
         self._steps: dict[str, array] = {}
         self._values: dict[str, array] = {}
+        #: ``{tag prefix: loss path}`` of each loss, as the monitor's custom-scalars layout in the
+        #: event files names them (empty when there is none; see :func:`loss_prefixes`)
+        self.layout_losses: dict[str, str] = {}
 
     def add(self, metrics: Mapping[str, float], step: int) -> None:
         """Add one measurement (``{tag: value}`` at ``step``); each tag's series stays in step order."""
@@ -118,7 +125,30 @@ def read_history(run_dir: str | Path) -> History:
     for tag in accumulator.Tags().get("scalars", []):
         for event in accumulator.Scalars(tag):
             history.add({tag: event.value}, event.step)
+    history.layout_losses = _layout_losses(accumulator)
     return history
+
+
+def _layout_losses(accumulator: Any) -> dict[str, str]:
+    """``{tag prefix: loss path}`` from the monitor's custom-scalars layout (the exact split
+    between a logger's prefix and a loss path, which the tags alone leave ambiguous when a path
+    holds a ``-``); empty if the files have no such layout."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.util import tensor_util
+
+    if "custom_scalars__config__" not in accumulator.Tags().get("tensors", []):
+        return {}
+    found: dict[str, str] = {}
+    for event in accumulator.Tensors("custom_scalars__config__"):
+        layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
+        for category in layout.category:
+            if not category.title.startswith(LAYOUT_CATEGORY) or not category.chart or not category.chart[0].multiline.tag:
+                continue
+            pattern = category.chart[0].multiline.tag[0]  # ^<escaped prefix>grad_norm/
+            if pattern.startswith("^") and pattern.endswith("grad_norm/"):
+                prefix = re.sub(r"\\(.)", r"\1", pattern[1 : -len("grad_norm/")])
+                found[prefix] = category.title[len(LAYOUT_CATEGORY) :].strip().removeprefix("(").removesuffix(")")
+    return found
 
 
 def find_runs(logdir: str | Path) -> list[Path]:
@@ -523,6 +553,9 @@ def loss_prefixes(history: History) -> list[str]:
     """The losses a run's monitors measured: ``""`` for the one-loss tags (``grad_norm/<term>``),
     ``"<loss path>/"`` for each loss of a module with several (``second/grad_norm/<term>``); each
     after the logger's own prefix, if any (:func:`logger_prefix`: ``train-grad_norm/<term>``)."""
+    if history.layout_losses:
+        tags = history.tags()
+        return [p for p in history.layout_losses if any(tag.startswith(f"{p}grad_norm/") for tag in tags)]
     before = logger_prefix(history)
     prefixes = []
     for tag in history.tags():
@@ -560,7 +593,7 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
         history = read_history(root if single else run)
         prefixes = loss_prefixes(history)
         for prefix in prefixes or [""]:
-            loss = prefix[len(logger_prefix(history)) :].rstrip("/")
+            loss = history.layout_losses.get(prefix, prefix[len(logger_prefix(history)) :].rstrip("/"))
             title = f"Loss-balance diagnosis: {root if single else run}" + (f" (loss '{loss}')" if loss else "")
             name = f"diagnosis_{loss}" if loss else "diagnosis"
             if single:  # beside the run's own report (which covers all its event files), not over it

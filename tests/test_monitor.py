@@ -1108,3 +1108,27 @@ def test_the_report_judges_each_step_against_its_own_threshold() -> None:
     for step in range(4, 6):
         history.add({"grad_ratio": 500.0, "grad_ratio_threshold": 100.0, "alarm/grad_ratio": 1.0}, step)
     assert diagnose(history).ratio_held_steps == []
+
+
+def test_the_report_takes_loss_paths_from_the_layout(tmp_path: Any) -> None:
+    """Loss paths sharing a dashed start (ModuleDict keys 'loss-a', 'loss-b') were read as a logger
+    prefix 'losses.loss-' and reported as losses 'a' and 'b', beside the fit's own reports."""
+    from lightning_pinn.report import report_runs
+
+    class DashedLosses(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.losses = torch.nn.ModuleDict({"loss-a": MultiTermLoss(pde=1.0, bc=1.0), "loss-b": MultiTermLoss(pde=1.0, bc=1e-3)})
+            del self.criterion
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            residuals = self.residuals()
+            return sum(loss(**residuals) for loss in self.losses.values())
+
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    monitors = [GradientNormMonitor(every_n_steps=1, loss_module=f"losses.{key}", verbose=False) for key in ("loss-a", "loss-b")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(3, monitors, logger=logger).fit(DashedLosses())
+    written = sorted(path.name for path, _, _ in report_runs(tmp_path / "run" / "version_0"))
+    assert written == ["diagnosis_losses.loss-a.md", "diagnosis_losses.loss-b.md"]

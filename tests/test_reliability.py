@@ -681,8 +681,21 @@ class _Validated(TwoTermPoisson):
     def val_dataloader(self) -> range:
         return range(1)
 
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
 
-def test_validate_with_ckpt_path_leaves_the_callbacks_state_alone(tmp_path: Path) -> None:
+    def test_dataloader(self) -> range:
+        return range(1)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.net(self.x)
+
+    def predict_dataloader(self) -> range:
+        return range(1)
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_validate_with_ckpt_path_leaves_the_callbacks_state_alone(tmp_path: Path, stage: str) -> None:
     """Lightning restores callbacks for validate(ckpt_path=...) too. The monitor's history and the
     balancer's smoothing state once came from that checkpoint, so the next fit (without
     ckpt_path) continued them: 12 measurements from steps 0-7 and 0-3, and a first update smoothed
@@ -701,14 +714,17 @@ def test_validate_with_ckpt_path_leaves_the_callbacks_state_alone(tmp_path: Path
             model = _Validated()
             monitor, balancer = GradientNormMonitor(every_n_steps=1, verbose=False, report=False), GradNormBalancer(every_n_steps=1)
             trainer = make_trainer(4, [monitor, balancer])
-            if load == "validate":
-                trainer.validate(model, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+            if load == "evaluate":
+                if stage == "predict":
+                    trainer.predict(model, ckpt_path=str(tmp_path / "last.ckpt"))
+                else:
+                    getattr(trainer, stage)(model, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
             else:
                 model.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"])
             trainer.fit(model)
             return monitor, balancer, model.criterion.weights
 
-        monitor, balancer, weights = fit_after("validate")
+        monitor, balancer, weights = fit_after("evaluate")
         reference_monitor, reference_balancer, reference_weights = fit_after("weights")
     assert (monitor.diagnosis.measurements, monitor.diagnosis.first_step, monitor.diagnosis.last_step) == (4, 0, 3)
     assert balancer.num_updates == reference_balancer.num_updates == 4
@@ -833,4 +849,51 @@ def test_a_checkpoint_saved_before_the_callbacks_processed_its_step_says_so(tmp_
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_trainer(5, [GradNormBalancer(every_n_steps=1)]).fit(TwoTermPoisson(), ckpt_path=str(tmp_path / "early.ckpt"))
-    assert any("before this callback had processed that step (its state is from step 2)" in str(w.message) for w in caught)
+    warned = [str(w.message) for w in caught if "before the lightning-pinn callbacks had processed it" in str(w.message)]
+    assert len(warned) == 1 and "(their state is from step 2)" in warned[0]
+
+
+def test_a_reused_ntk_balancer_draws_each_fits_first_sample_as_a_fresh_one() -> None:
+    """The sampler's micro-batch count carried over between fits: an object reused for a fit
+    whose first batch was at the step it last drew at (a 1-step sweep, a resume with the same
+    objects) seeded with micro-batch 1 and sampled other points than a fresh object."""
+    reused = NTKBalancer(every_n_steps=1, trace_points=4, terms=["pde"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            torch.manual_seed(0)
+            make_trainer(1, [reused]).fit(TwoTermPoisson())
+        fresh = NTKBalancer(every_n_steps=1, trace_points=4, terms=["pde"])
+        torch.manual_seed(0)
+        make_trainer(1, [fresh]).fit(TwoTermPoisson())
+    assert reused.last_traces == fresh.last_traces
+
+
+def test_a_resume_inside_a_batch_that_steps_two_optimizers_keeps_its_jumped_over_step(tmp_path: Path) -> None:
+    """A checkpoint written inside the batch starting at step 4 (two optimizers: it follows the
+    batch at 2, which jumped over the due step 3) recorded 4 as the last batch start, so the
+    replayed batch no longer saw step 3 as jumped over and the NTK update of step 4 was lost."""
+    from pytorch_lightning.callbacks import OnExceptionCheckpoint
+
+    class FailOnce(pl.Callback):
+        failed = False
+
+        def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+            if trainer.global_step == 4 and not FailOnce.failed:
+                FailOnce.failed = True
+                raise RuntimeError("boom")
+
+    balancer = lambda: NTKBalancer(every_n_steps=3, trace_points=8, terms=["pde"])  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        straight_balancer = balancer()
+        make_trainer(12, [straight_balancer]).fit(TwoOptimizers())
+        torch.manual_seed(0)
+        with pytest.raises(RuntimeError, match="boom"):
+            make_trainer(12, [balancer(), FailOnce(), OnExceptionCheckpoint(dirpath=str(tmp_path))], enable_checkpointing=True).fit(
+                TwoOptimizers()
+            )
+        resumed_balancer = balancer()
+        make_trainer(12, [resumed_balancer]).fit(TwoOptimizers(), ckpt_path=str(tmp_path / "on_exception.ckpt"))
+    assert resumed_balancer.num_updates == straight_balancer.num_updates

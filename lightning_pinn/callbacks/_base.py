@@ -282,6 +282,8 @@ class PerTermCallback(Callback):
         self._restored = False  # set by load_state_dict: the next fit resumes instead of starting afresh
         self._last_step: int | None = None  # the global step after this callback's latest batch (saved with the state)
         self._checkpoint_step: int | None = None  # global_step of the checkpoint Lightning is restoring, if any
+        self._checkpoint: dict[str, Any] | None = None  # and the checkpoint itself (one warning per checkpoint)
+        self._replayed_previous: int | None = None
         self._saved_terms: tuple[str, ...] = ()  # the term order of the restored state, checked at fit start
         self._trainer_id: int | None = None  # id() of the Trainer whose fit this state belongs to
         self._stage: str | None = None  # the Trainer function running ("fit", "validate", ...), between setup and teardown
@@ -374,6 +376,7 @@ class PerTermCallback(Callback):
         # The last batch's start step (of a resumed or continued fit) becomes the step decided
         # before this fit's first batch: a due step that batch jumped over, with several optimizer
         # steps per batch, is still measured; this fit's first step is decided afresh.
+        self._replayed_previous = self._previous_step  # for a first batch that replays the last one's start
         self._previous_step, self._decided_step = self._decided_step, None
         self._on_attach(trainer, pl_module)
 
@@ -388,7 +391,12 @@ class PerTermCallback(Callback):
         """The loss's term order; subclasses add their own state, some of it in that order."""
         if self._loss is None:
             return {}
-        return {"terms": list(self._loss.term_names), "step": self._last_step, "batch_start_step": self._decided_step}
+        return {
+            "terms": list(self._loss.term_names),
+            "step": self._last_step,
+            "batch_start_step": self._decided_step,
+            "previous_batch_start_step": self._previous_step,
+        }
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage  # Lightning runs setup before it restores a checkpoint
@@ -405,6 +413,7 @@ class PerTermCallback(Callback):
         callback's own. Subclasses extend :meth:`_load_state`.
         """
         checkpoint_step, self._checkpoint_step = self._checkpoint_step, None
+        checkpoint, self._checkpoint = self._checkpoint, None
         if self._stage in ("validate", "test", "predict"):
             return
         saved_step = state_dict.get("step")
@@ -415,23 +424,29 @@ class PerTermCallback(Callback):
             # are reused) and restores it after its trial steps; that state is not this fit's
             return
         if saved_step is not None and checkpoint_step is not None and saved_step < checkpoint_step:
-            rank_zero_warn(
-                f"{type(self).__name__}: the checkpoint was saved at step {checkpoint_step}, before this callback had "
-                f"processed that step (its state is from step {saved_step}): a callback listed before it saved the checkpoint "
-                "(or failed) in on_train_batch_end. That step's measurement and weight update are not in the checkpoint, so "
-                "the resumed fit goes on without them. List lightning-pinn's callbacks before callbacks that save checkpoints "
-                "from on_train_batch_end (Lightning's ModelCheckpoint always runs last, which is right)."
-            )
+            if checkpoint is None or not checkpoint.get("_lightning_pinn_step_warned"):  # one warning for all our callbacks
+                if checkpoint is not None:
+                    checkpoint["_lightning_pinn_step_warned"] = True  # (the loaded dict only; the file is unchanged)
+                rank_zero_warn(
+                    f"lightning-pinn: the checkpoint was saved at step {checkpoint_step}, after that step's optimizer step but "
+                    f"before the lightning-pinn callbacks had processed it (their state is from step {saved_step}): the fit "
+                    "failed or was interrupted in between (OnExceptionCheckpoint), or a callback listed before them saved the "
+                    "checkpoint from on_train_batch_end. That step's measurement and weight update are not in it, so the "
+                    "resumed fit goes on without them. If a callback of yours saves checkpoints from on_train_batch_end, list "
+                    "lightning-pinn's callbacks before it (Lightning's ModelCheckpoint always runs last, which is right)."
+                )
         self._saved_terms = tuple(state_dict.get("terms", ()))
         self._load_state(state_dict)
         self._last_step = saved_step
         self._decided_step = state_dict.get("batch_start_step")
+        self._previous_step = state_dict.get("previous_batch_start_step")
         self._restored = True
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning calls this just before load_state_dict with the same checkpoint
         step = checkpoint.get("global_step")
         self._checkpoint_step = int(step) if isinstance(step, int) else None
+        self._checkpoint = checkpoint
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         """Subclass hook: take this subclass's part of a restored state (see :meth:`load_state_dict`)."""
@@ -469,6 +484,10 @@ class PerTermCallback(Callback):
         if step != self._decided_step:
             if self._decided_step is not None:
                 self._previous_step = self._decided_step
+            elif step == self._previous_step:
+                # the fit's first batch starts where the last one did (a resume from a checkpoint
+                # written inside that batch, e.g. by OnExceptionCheckpoint): the same jumped-over steps
+                self._previous_step = self._replayed_previous
             self._decided_step = step
             self._due = self._hits(step, self._is_due)
         return self._due

@@ -681,6 +681,7 @@ class NTKBalancer(WeightBalancer):
     def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super()._on_attach(trainer, pl_module)
         self._residuals_checked = False
+        self._sampled_step = None  # every fit's first batch is micro-batch 0 of its step (also a resumed one)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         # The sampled points depend only on (seed, step, micro-batch of the step): a fit resumed
