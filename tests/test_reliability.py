@@ -897,3 +897,18 @@ def test_a_resume_inside_a_batch_that_steps_two_optimizers_keeps_its_jumped_over
         resumed_balancer = balancer()
         make_trainer(12, [resumed_balancer]).fit(TwoOptimizers(), ckpt_path=str(tmp_path / "on_exception.ckpt"))
     assert resumed_balancer.num_updates == straight_balancer.num_updates
+
+
+def test_a_callback_without_saved_state_keeps_nothing_of_the_checkpoint(tmp_path: Path) -> None:
+    """on_load_checkpoint kept the whole loaded checkpoint (weights, optimizer states) on a callback
+    Lightning had no saved state for (added at the resume, or with other arguments), for good."""
+    path = tmp_path / "a.ckpt"
+    trainer = make_trainer(3, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TwoTermPoisson())
+        trainer.save_checkpoint(path)
+        added = GradientNormMonitor(every_n_steps=2, verbose=False, report=False)  # another state_key
+        make_trainer(5, [added]).fit(TwoTermPoisson(), ckpt_path=str(path))
+    assert not any(isinstance(value, dict) and "state_dict" in value for value in vars(added).values())
+    assert added._checkpoint_load is None
