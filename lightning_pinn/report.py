@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_pinn.tensorboard import LAYOUT_CATEGORY
+from lightning_pinn.tensorboard import losses_in_layout
 
 __all__ = [
     "History",
@@ -130,9 +130,8 @@ def read_history(run_dir: str | Path) -> History:
 
 
 def _layout_losses(accumulator: Any) -> dict[str, str]:
-    """``{tag prefix: loss path}`` from the monitor's custom-scalars layout (the exact split
-    between a logger's prefix and a loss path, which the tags alone leave ambiguous when a path
-    holds a ``-``); empty if the files have no such layout."""
+    """``{tag prefix: loss path}`` from the monitor's custom-scalars layouts in the event files
+    (:func:`~lightning_pinn.tensorboard.losses_in_layout`); empty if there is none."""
     from tensorboard.plugins.custom_scalar import layout_pb2
     from tensorboard.util import tensor_util
 
@@ -141,13 +140,8 @@ def _layout_losses(accumulator: Any) -> dict[str, str]:
     found: dict[str, str] = {}
     for event in accumulator.Tensors("custom_scalars__config__"):
         layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
-        for category in layout.category:
-            if not category.title.startswith(LAYOUT_CATEGORY) or not category.chart or not category.chart[0].multiline.tag:
-                continue
-            pattern = category.chart[0].multiline.tag[0]  # ^<escaped prefix>grad_norm/
-            if pattern.startswith("^") and pattern.endswith("grad_norm/"):
-                prefix = re.sub(r"\\(.)", r"\1", pattern[1 : -len("grad_norm/")])
-                found[prefix] = category.title[len(LAYOUT_CATEGORY) :].strip().removeprefix("(").removesuffix(")")
+        firsts = [(c.title, c.chart[0].multiline.tag[0]) for c in layout.category if c.chart and c.chart[0].multiline.tag]
+        found.update(losses_in_layout(firsts))
     return found
 
 
@@ -592,8 +586,9 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
     for run in [root.parent] if single else sorted(find_runs(logdir), key=_natural_key):
         history = read_history(root if single else run)
         prefixes = loss_prefixes(history)
+        before = logger_prefix(history)
         for prefix in prefixes or [""]:
-            loss = history.layout_losses.get(prefix, prefix[len(logger_prefix(history)) :].rstrip("/"))
+            loss = history.layout_losses.get(prefix, prefix[len(before) :].rstrip("/"))
             title = f"Loss-balance diagnosis: {root if single else run}" + (f" (loss '{loss}')" if loss else "")
             name = f"diagnosis_{loss}" if loss else "diagnosis"
             if single:  # beside the run's own report (which covers all its event files), not over it

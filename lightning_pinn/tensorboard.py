@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "write_layout"]
+__all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "losses_in_layout", "write_layout"]
 
 #: Name of the custom-scalars category lightning-pinn writes.
 LAYOUT_CATEGORY = "lightning-pinn"
@@ -56,3 +56,17 @@ def write_layout(writer: Any, prefix: str = "", logger_prefix: str = "") -> None
         layout.update(dashboard_layout(each, each_logger))
     writer.add_custom_scalars(layout)
     writer._lightning_pinn_layouts = written
+
+
+def losses_in_layout(categories: list[tuple[str, str]]) -> dict[str, str]:
+    """``{tag prefix: loss path}`` read back from a written layout, the inverse of
+    :func:`dashboard_layout`: ``categories`` holds each category's title and its first chart's
+    first tag regex (``"^<escaped logger and loss prefix>grad_norm/"``). Other categories are
+    skipped. The layout gives the exact split between a logger's prefix and a loss path, which
+    the tags alone leave ambiguous when a path holds a ``-``."""
+    found: dict[str, str] = {}
+    for title, pattern in categories:
+        if title.startswith(LAYOUT_CATEGORY) and pattern.startswith("^") and pattern.endswith("grad_norm/"):
+            prefix = re.sub(r"\\(.)", r"\1", pattern[1 : -len("grad_norm/")])  # undo re.escape
+            found[prefix] = title[len(LAYOUT_CATEGORY) :].strip().removeprefix("(").removesuffix(")")
+    return found

@@ -1132,3 +1132,13 @@ def test_the_report_takes_loss_paths_from_the_layout(tmp_path: Any) -> None:
         make_trainer(3, monitors, logger=logger).fit(DashedLosses())
     written = sorted(path.name for path, _, _ in report_runs(tmp_path / "run" / "version_0"))
     assert written == ["diagnosis_losses.loss-a.md", "diagnosis_losses.loss-b.md"]
+
+
+def test_the_layout_reads_back_the_prefixes_it_was_built_with() -> None:
+    from lightning_pinn.tensorboard import dashboard_layout, losses_in_layout
+
+    for loss, logger in [("", ""), ("losses.loss-a/", ""), ("a+b(c)/", "train-"), ("λ_pde/", "a-b-")]:
+        [(title, charts)] = dashboard_layout(loss, logger).items()
+        first = next(iter(charts.values()))[1][0]
+        assert losses_in_layout([(title, first)]) == {logger + loss: loss.rstrip("/")}
+    assert losses_in_layout([("someone else's", "^grad_norm/")]) == {}

@@ -162,9 +162,12 @@ def _write_event(file_writer: Any, tags: list[str], values: list[float], step: i
 
 
 class _CheckpointLoad:
-    """What lightning-pinn's callbacks share about one checkpoint being restored."""
+    """What lightning-pinn's callbacks share about one checkpoint being restored: its
+    ``global_step`` and whether the "step missing" warning was given."""
 
-    warned = False
+    def __init__(self, step: int | None) -> None:
+        self.step = step
+        self.warned = False
 
 
 class PendingEvents:
@@ -287,8 +290,7 @@ class PerTermCallback(Callback):
         self._state_key: str | None = None
         self._restored = False  # set by load_state_dict: the next fit resumes instead of starting afresh
         self._last_step: int | None = None  # the global step after this callback's latest batch (saved with the state)
-        self._checkpoint_step: int | None = None  # global_step of the checkpoint Lightning is restoring, if any
-        self._checkpoint_load: _CheckpointLoad | None = None  # shared by our callbacks restored from one checkpoint
+        self._checkpoint_load: _CheckpointLoad | None = None  # the checkpoint Lightning is restoring, if any (shared)
         self._replayed_previous: int | None = None
         self._saved_terms: tuple[str, ...] = ()  # the term order of the restored state, checked at fit start
         self._trainer_id: int | None = None  # id() of the Trainer whose fit this state belongs to
@@ -365,7 +367,7 @@ class PerTermCallback(Callback):
         # A callback object reused for another fit (one object in a λ sweep, say) starts afresh;
         # a fit that resumes from a checkpoint (Lightning restored this state just before) or
         # continues a trainer's earlier fit (global_step > 0, e.g. max_steps raised) goes on.
-        self._checkpoint_step = self._checkpoint_load = None  # (set for a callback Lightning had no state for)
+        self._checkpoint_load = None  # (set for a callback Lightning had no state for)
         if self._restored:
             self._check_saved_term_order()
         else:
@@ -419,21 +421,21 @@ class PerTermCallback(Callback):
         ``ckpt_path`` neither continues the checkpoint's history and smoothing nor loses this
         callback's own. Subclasses extend :meth:`_load_state`.
         """
-        checkpoint_step, self._checkpoint_step = self._checkpoint_step, None
         load, self._checkpoint_load = self._checkpoint_load, None
         if self._stage in ("validate", "test", "predict"):
             return
         saved_step = state_dict.get("step")
-        if saved_step is not None and checkpoint_step is not None and saved_step > checkpoint_step:
+        checkpoint_step = None if load is None or saved_step is None else load.step
+        if checkpoint_step is not None and saved_step > checkpoint_step:
             # a state from later in training than the checkpoint that carries it: the Tuner's
             # lr_find (Tuner or LearningRateFinder/BatchSizeFinder callback) saves a step-0
             # checkpoint holding what these objects held then (an earlier fit's state, when they
             # are reused) and restores it after its trial steps; that state is not this fit's
             return
-        if saved_step is not None and checkpoint_step is not None and saved_step < checkpoint_step:
-            if load is None or not load.warned:  # one warning for all our callbacks
-                if load is not None:
-                    load.warned = True
+        if checkpoint_step is not None and saved_step < checkpoint_step:
+            assert load is not None
+            if not load.warned:  # one warning for all our callbacks
+                load.warned = True
                 rank_zero_warn(
                     f"lightning-pinn: the checkpoint was saved at step {checkpoint_step}, after that step's optimizer step but "
                     f"before the lightning-pinn callbacks had processed it (their state is from step {saved_step}): the fit "
@@ -451,11 +453,10 @@ class PerTermCallback(Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         # Lightning calls this just before load_state_dict with the same checkpoint
-        step = checkpoint.get("global_step")
-        self._checkpoint_step = int(step) if isinstance(step, int) else None
-        # one small marker in the loaded dict (not the file), shared by our callbacks: never keep the
+        # one small object in the loaded dict (not the file), shared by our callbacks: never keep the
         # checkpoint itself (Lightning calls load_state_dict only for callbacks it has state for)
-        self._checkpoint_load = checkpoint.setdefault("_lightning_pinn_load", _CheckpointLoad())
+        step = checkpoint.get("global_step")
+        self._checkpoint_load = checkpoint.setdefault("_lightning_pinn_load", _CheckpointLoad(step if isinstance(step, int) else None))
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         """Subclass hook: take this subclass's part of a restored state (see :meth:`load_state_dict`)."""

@@ -210,7 +210,6 @@ class GradientNormMonitor(PerTermCallback):
         self.report_path: Path | None = None
         self._reset_fit_state()
         self._pending = PendingEvents()
-        self._balancer_names: list[str] = []
         self._balancers: list[Any] = []  # the WeightBalancers on this loss (known at train start)
         self._only_schedules = False  # every rule attached to the loss follows a fixed schedule
         self._weight_terms: list[str] = []  # the weight/<term> series this monitor writes (the rest: balancers)
@@ -277,9 +276,7 @@ class GradientNormMonitor(PerTermCallback):
         if not self._hits(step, self._on_cadence):
             # measured only for print_every_n_steps: print, but keep the logs, the alarms' patience
             # and the diagnosis on the every_n_steps cadence
-            rank_zero_info(
-                format_table(report, step, self.threshold, self._table_flag(report, step), self._loss_path if self._tag_prefix else "")
-            )
+            rank_zero_info(self._table(report, step))
             return
         self.last_report = report
         self._track_term_health(report, step)
@@ -318,9 +315,7 @@ class GradientNormMonitor(PerTermCallback):
             # the logged value (NaN for a NaN gradient), under the loss's tag with several losses
             show_in_progress_bar(trainer, f"{self._tag_prefix}grad_ratio", metrics["grad_ratio"])
         if self._hits(step, self._print_due):
-            rank_zero_info(
-                format_table(report, step, self.threshold, self._table_flag(report, step), self._loss_path if self._tag_prefix else "")
-            )
+            rank_zero_info(self._table(report, step))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -337,7 +332,6 @@ class GradientNormMonitor(PerTermCallback):
         # balancers on the same loss (all callbacks are attached by now): the alarm text says so
         balancers = [cb for cb in callbacks_on_loss(trainer, self._loss) if isinstance(cb, WeightBalancer)]
         self._balancers = balancers
-        self._balancer_names = [type(cb).__name__ for cb in balancers]
         self._only_schedules = bool(balancers) and all(cb._scheduled for cb in balancers)
         self._warn_if_watched_less_often(trainer)
 
@@ -507,6 +501,14 @@ class GradientNormMonitor(PerTermCallback):
                 "automatically."
             )
         )
+
+    @property
+    def _balancer_names(self) -> list[str]:
+        return [type(b).__name__ for b in self._balancers]
+
+    def _table(self, report: GradientReport, step: int) -> str:
+        """The console table of one measurement, with the alarm's state and (with several losses) the loss."""
+        return format_table(report, step, self.threshold, self._table_flag(report, step), self._loss_path if self._tag_prefix else "")
 
     def _table_flag(self, report: GradientReport, step: int) -> str:
         """The console table's note on a ratio above the threshold: that the alarm waits for a
