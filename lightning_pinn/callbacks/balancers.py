@@ -73,7 +73,7 @@ class WeightBalancer(PerTermCallback):
             ``q``. ``None`` uses the rule's own normalisation.
         min_weight: Lower clamp for λ (> 0, so a weight never collapses to 0).
         max_weight: Upper clamp for λ.
-        warmup_steps: No update before this optimizer step.
+        warmup_steps: No update before this optimizer step (updates stay on the multiples of ``every_n_steps``).
         smooth_first_update: If ``False`` (default), the first update takes ``λ̂`` directly,
             so a badly chosen initial λ is corrected at once; if ``True`` it is smoothed too.
         loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
@@ -519,7 +519,7 @@ class WeightBalancer(PerTermCallback):
 class GradNormBalancer(WeightBalancer):
     """Balance λ by per-term gradient norms of the unweighted losses.
 
-    Every ``every_n_steps`` optimizer steps (starting at ``warmup_steps``):
+    On the optimizer steps that are multiples of ``every_n_steps``, from ``warmup_steps`` on:
 
     * ``rule="max"`` — Wang, Teng & Perdikaris 2021 (SIAM J. Sci. Comput. 43(5) A3055):
       ``λ̂_i = max_j ‖∇θ L_j‖ / ‖∇θ L_i‖``;
@@ -542,7 +542,7 @@ class GradNormBalancer(WeightBalancer):
             the 2021 paper; ``None`` for the rule's own normalisation.
         min_weight: Lower clamp for λ.
         max_weight: Upper clamp for λ.
-        warmup_steps: First optimizer step at which λ may change.
+        warmup_steps: No update before this optimizer step (updates stay on the multiples of ``every_n_steps``).
         smooth_first_update: Smooth the first update too (default: take ``λ̂`` directly).
         loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
     """
@@ -622,7 +622,7 @@ class NTKBalancer(WeightBalancer):
         reference: Term held at ``λ = 1`` (``λ̂_i = t_ref / t_i``); ``None``: ``Σ_j t_j / t_i``.
         min_weight: Lower clamp for λ.
         max_weight: Upper clamp for λ.
-        warmup_steps: First optimizer step at which λ may change.
+        warmup_steps: No update before this optimizer step (updates stay on the multiples of ``every_n_steps``).
         smooth_first_update: Smooth the first update too (default: take ``λ̂`` directly).
         loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
         one_pass: Try the O(N) per-point route first (checked against products on six to nine points;

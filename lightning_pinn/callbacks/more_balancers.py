@@ -80,8 +80,10 @@ class SoftAdaptBalancer(_LossRule):
 
     Every ``every_n_steps`` steps, with ``s_i = L_i(t) − L_i(t − n)`` (normalised by
     ``Σ_j |s_j|``), ``λ̂_i = K · softmax(β s)_i`` — the term whose loss falls slowest (or rises)
-    gets the largest weight — then ``λ ← m·λ + (1 − m)·λ̂``. Needs only the losses, so an
-    update costs almost nothing. Terms may be 0-dim losses.
+    gets the largest weight — then ``λ ← m·λ + (1 − m)·λ̂``, from the first update on (the
+    targets are bounded by K, so there is no bad start to correct at once). K, the softmax and
+    ``Σ_j |s_j|`` run over every present term, also with ``terms=`` a subset (the others keep
+    their λ). Needs only the losses, so an update costs almost nothing. Terms may be 0-dim losses.
 
     Args:
         beta: Softmax temperature β (> 0); larger concentrates the weight on the worst term.
@@ -92,7 +94,7 @@ class SoftAdaptBalancer(_LossRule):
         terms: Terms whose λ may change (default: all).
         min_weight: Lower clamp for λ.
         max_weight: Upper clamp for λ.
-        warmup_steps: First step at which λ may change.
+        warmup_steps: No update before this optimizer step (updates stay on the multiples of ``every_n_steps``).
         loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
     """
 
@@ -150,7 +152,9 @@ class ReLoBRaLoBalancer(_LossRule):
 
     with ``ρ ~ Bernoulli(expected_rho)`` drawn from a seeded generator (saved in checkpoints).
     "0" is the first measurement that saw the term (step ``warmup_steps`` or later, when a term
-    first appears later), "t − n" the term's previous measurement. The term whose loss fell least relative to the reference step gets the largest weight.
+    first appears later), "t − n" the term's previous measurement. The term whose loss fell
+    least relative to the reference step gets the largest weight. K and the softmax run over
+    every present term, also with ``terms=`` a subset (the others keep their λ).
     Needs only the losses. The defaults are the paper's (α = 0.999, E[ρ] = 0.999, T = 0.1).
 
     Args:
@@ -163,7 +167,7 @@ class ReLoBRaLoBalancer(_LossRule):
         terms: Terms whose λ may change (default: all).
         min_weight: Lower clamp for λ.
         max_weight: Upper clamp for λ.
-        warmup_steps: First step at which λ may change.
+        warmup_steps: No update before this optimizer step (updates stay on the multiples of ``every_n_steps``).
         loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
     """
 
@@ -267,7 +271,7 @@ class LRAnnealingBalancer(WeightBalancer):
             goes to 1 at the first update unless it is left out of ``terms``).
         min_weight: Lower clamp for λ.
         max_weight: Upper clamp for λ.
-        warmup_steps: First step at which λ may change.
+        warmup_steps: No update before this optimizer step (updates stay on the multiples of ``every_n_steps``).
         smooth_first_update: Smooth the first update too.
         loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
     """
@@ -409,8 +413,9 @@ class GradNormWeighting(_TrainedWeights):
     where ``L_i(0)`` is the term's loss at the first measurement that saw it (the first update
     after ``warmup_steps``, or the term's first appearance),
 
-    then renormalises ``Σ_i w_i = K`` and sets ``λ = w``. A term with a small gradient, or a
-    loss falling slower than the others, gets a growing weight; ``α`` sets how strongly the
+    then renormalises ``Σ_i w_i = K`` and sets ``λ = w`` (owning every term, it starts from
+    your λ rescaled to ``Σ = K``). A term with a small gradient, or a loss falling slower than
+    the others, gets a growing weight; ``α`` sets how strongly the
     training rates pull. Gradient norms are taken over all trainable parameters (the paper
     uses the last shared layer). Shares the per-term gradients with the monitor.
 
@@ -421,7 +426,7 @@ class GradNormWeighting(_TrainedWeights):
         terms: Terms whose λ may change (default: all).
         min_weight: Lower clamp for λ.
         max_weight: Upper clamp for λ.
-        warmup_steps: First step at which λ may change.
+        warmup_steps: No update before this optimizer step (updates stay on the multiples of ``every_n_steps``).
         loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
     """
 
@@ -512,7 +517,7 @@ class UncertaintyWeighting(_TrainedWeights):
         terms: Terms whose λ may change (default: all).
         min_weight: Lower clamp for λ.
         max_weight: Upper clamp for λ.
-        warmup_steps: First step at which λ may change.
+        warmup_steps: No update before this optimizer step (updates stay on the multiples of ``every_n_steps``).
         loss_module: Attribute name of the ``MultiTermLoss``, if the module holds several.
     """
 
