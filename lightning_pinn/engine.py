@@ -533,6 +533,17 @@ class TermGradientEngine:
         """Leave capture mode (e.g. when a batch ends without an optimizer step being measured)."""
         self._capturing = False
 
+    def abandon_step(self) -> None:
+        """Drop the measurement in progress (a fit stopped by an exception before collecting it).
+
+        A later fit that runs the same step again (the same Trainer refitted) measures it afresh:
+        the abandoned backward passes are not its micro-batches, since Lightning zeroes the
+        gradients before the step runs again.
+        """
+        if self._window is not None and not self._window.collected:
+            self._window = None
+        self._capturing = False
+
     # ---------------------------------------------------------------- forward / backward
     def weighted_total(
         self, names: tuple[str, ...], residuals: list[Tensor | None], losses: list[Tensor | None], lambdas: Tensor

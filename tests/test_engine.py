@@ -391,3 +391,40 @@ def test_residual_scaled_ratio_and_nearly_satisfied_by_hand() -> None:
     # a small term whose loss is not the smaller one, or a negative (0-dim) loss: no note
     assert nearly_satisfied(4.0, 1e-6, 0.002, 4.0, within=100) is None
     assert residual_scaled_ratio(4.0, 4.0, 0.002, -1.0) is None
+
+
+class _FailsOnceAfterBackward(TwoTermPoisson):
+    """Fresh points on every call of ``training_step``; raises once after the backward of step 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.hand: dict[int, torch.Tensor] = {}  # step -> ‖∇L_pde‖ of the step's last call
+        self.failed = False
+
+    def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+        self.calls += 1
+        residuals = {"pde": self.pde_residual(self.x[self.calls % 3 :: 3]), "bc": self.net(self.xb)}
+        params = list(self.parameters())
+        grads = torch.autograd.grad(residuals["pde"].pow(2).mean(), params, retain_graph=True, allow_unused=True)
+        self.hand[self.trainer.global_step] = torch.cat([g.reshape(-1) for g in grads if g is not None]).norm()
+        return self.criterion(**residuals)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.failed and self.trainer.global_step == 4:
+            self.failed = True
+            raise RuntimeError("a user's gradient check fails once")
+
+
+def test_refit_after_an_exception_measures_the_failed_step_afresh() -> None:
+    # The failed fit's backward of step 4 must not be averaged into the refit's measurement of
+    # step 4 as a second micro-batch: the optimizer steps with the refit's gradient alone.
+    model = _FailsOnceAfterBackward()
+    monitor = GradientNormMonitor(every_n_steps=2, verbose=False, report=False)
+    trainer = make_trainer(8, [monitor])
+    with pytest.raises(RuntimeError, match="fails once"):
+        trainer.fit(model)
+    trainer.fit(model)
+    steps, norms = monitor.history["grad_norm/pde"]
+    assert 4 in steps
+    assert norms[steps.index(4)] == pytest.approx(float(model.hand[4]), rel=1e-5)

@@ -578,7 +578,7 @@ class PerTermCallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._stage = None  # Lightning skips teardown after most exceptions
         if self._engine is not None:
-            self._engine.stop_capturing()
+            self._engine.abandon_step()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._engine is not None:
