@@ -234,8 +234,12 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
             if threshold is not None:
                 # each step against its own threshold (a resumed fit may have changed it)
                 limits = dict(zip(*history["grad_ratio_threshold"])) if "grad_ratio_threshold" in history else {}
-                off = {step for step, flag in zip(flag_steps, flags) if flag <= 0.5}
-                result.ratio_held_steps = [s for s, r in zip(steps, ratios) if s in off and r > limits.get(s, threshold)]
+                above = {s for s, r in zip(steps, ratios) if r > limits.get(s, threshold)}
+                on = {step for step, flag in zip(flag_steps, flags) if flag > 0.5}
+                off = set(flag_steps) - on
+                # (an alarm stays on at a measurement without one of its pair's terms, below the threshold)
+                result.ratio_measurements_above = len(on & above)
+                result.ratio_held_steps = [s for s in steps if s in above and s in off]
         elif threshold is not None:
             result.ratio_spans = _spans(steps, [r > threshold for r in ratios])
             result.ratio_measurements_above = sum(r > threshold for r in ratios)

@@ -20,6 +20,7 @@ from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
 from lightning_pinn.callbacks import GradientNormMonitor
 from lightning_pinn.problems import HarmonicOscillator
+from lightning_pinn.report import diagnose
 from lightning_pinn.tensorboard import LAYOUT_CATEGORY
 
 
@@ -1142,3 +1143,26 @@ def test_the_layout_reads_back_the_prefixes_it_was_built_with() -> None:
         first = next(iter(charts.values()))[1][0]
         assert losses_in_layout([(title, first)]) == {logger + loss: loss.rstrip("/")}
     assert losses_in_layout([("someone else's", "^grad_norm/")]) == {}
+
+
+def test_an_absent_term_of_the_alarmed_pair_neither_ends_nor_restarts_the_ratio_alarm() -> None:
+    # A data term with a tiny λ, present on odd batches only; measured every 5 steps, so every
+    # other measurement lacks it. The imbalance never changes: one episode, on throughout.
+    model = ExtraTermPoisson("data", lambda m, i: m.net(m.x[::4]) - 0.5 if i % 2 else None, weight=1e-6)
+    monitor = GradientNormMonitor(every_n_steps=5, verbose=False, report=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(31, [monitor]).fit(model)
+    alarms = [w for w in caught if issubclass(w.category, LossBalanceWarning)]
+    d = monitor.diagnosis
+    assert len(alarms) == 1 and d.ratio_alarm_episodes == 1
+    assert d.ratio_alarm_spans == [[5, None]] and d.ratio_alarm_active
+    assert d.ratio_alarm_pair is not None and "data" in d.ratio_alarm_pair
+    # the measurements without the term are not counted as above the threshold
+    assert d.ratio_alarm_measurements == 3  # steps 5, 15, 25
+    report = diagnose(monitor.history)  # what diagnosis.md and `lightning-pinn report` say
+    assert report.ratio_spans == [(5, None)] and report.ratio_measurements_above == 3
+    # the pair is kept in the checkpoint state, so a resumed fit keeps the alarm too
+    restored = GradientNormMonitor(every_n_steps=5, verbose=False, report=False)
+    restored._load_state(monitor.state_dict())
+    assert restored.diagnosis.ratio_alarm_pair == d.ratio_alarm_pair

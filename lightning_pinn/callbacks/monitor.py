@@ -58,6 +58,9 @@ class MonitorDiagnosis:
         ratio_alarm_held: Measurements above the threshold at which the (off) ratio alarm waited
             for an attached balancer's first update (not counted in ``ratio_alarm_measurements``),
             and ``ratio_alarm_held_by`` the balancers it waited for.
+        ratio_alarm_pair: (largest, smallest) at the last measurement above the threshold while
+            the alarm is on: a measurement without one of them (a term passed as ``None``) cannot
+            tell whether that imbalance is over, so it leaves the alarm on.
     """
 
     measurements: int = 0
@@ -80,6 +83,7 @@ class MonitorDiagnosis:
     conflict_alarm_spans: list[list[Any]] = field(default_factory=list)
     ratio_alarm_held: int = 0
     ratio_alarm_held_by: list[str] = field(default_factory=list)
+    ratio_alarm_pair: tuple[str, str] | None = None
 
 
 class GradientNormMonitor(PerTermCallback):
@@ -442,8 +446,14 @@ class GradientNormMonitor(PerTermCallback):
                     if name not in diagnosis.ratio_alarm_held_by:
                         diagnosis.ratio_alarm_held_by.append(name)
             return diagnosis.ratio_alarm_active
+        pair = diagnosis.ratio_alarm_pair
+        if not above and diagnosis.ratio_alarm_active and pair is not None and any(t in report.absent_terms for t in pair):
+            # the alarmed pair is not both here (an intermittent data term, say): the ratio over the
+            # present terms says nothing about it, so the alarm neither ends nor starts again
+            return True
         if above:
             diagnosis.ratio_alarm_measurements += 1
+            diagnosis.ratio_alarm_pair = (report.largest, report.smallest)
         if above and not diagnosis.ratio_alarm_active:
             diagnosis.ratio_alarm_episodes += 1
             diagnosis.ratio_alarm_spans.append([step, None])
@@ -456,6 +466,7 @@ class GradientNormMonitor(PerTermCallback):
             message = f"{self._name}: gradient-norm ratio back to {report.ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
             rank_zero_info(message)
             self._write_text(trainer, "alarms", message, step)
+            diagnosis.ratio_alarm_pair = None
         diagnosis.ratio_alarm_active = above
         return above
 
@@ -705,7 +716,7 @@ class GradientNormMonitor(PerTermCallback):
     def _load_state(self, state_dict: dict[str, Any]) -> None:
         super()._load_state(state_dict)
         saved = dict(state_dict["diagnosis"])
-        for key in ("worst_pair", "min_cosine_pair"):
+        for key in ("worst_pair", "min_cosine_pair", "ratio_alarm_pair"):
             if saved.get(key) is not None:
                 saved[key] = tuple(saved[key])
         self.diagnosis = MonitorDiagnosis(**saved)
