@@ -19,7 +19,7 @@ from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -446,8 +446,10 @@ def _weights_and_losses(d: Diagnosis) -> list[str]:
     return lines
 
 
-def plot_history(history: History, path: str | Path, title: str = "") -> None:
+def plot_history(history: History, path: str | Path | BinaryIO, title: str = "") -> None:
     """PNG: per-term gradient norms (raw and weighted) and weights λ over the steps.
+
+    ``path`` may also be a binary file object, which receives the PNG's bytes.
 
     Uses matplotlib's object API with the Agg canvas (no pyplot state, no GUI backend) and a
     fixed layout, so the end-of-fit report stays a small one-off cost.
@@ -513,7 +515,7 @@ def plot_history(history: History, path: str | Path, title: str = "") -> None:
         # instead of mathtext ones (which go through a parser on every draw).
         axis.minorticks_off()
         axis.yaxis.set_major_formatter(LogFormatter())
-    figure.savefig(path, dpi=90, pil_kwargs={"compress_level": 1})
+    figure.savefig(path, format="png", dpi=90, pil_kwargs={"compress_level": 1})
 
 
 def write_report(
@@ -522,14 +524,30 @@ def write_report(
     title: str = "Loss-balance diagnosis",
     cosine_threshold: float = -0.5,
     name: str = "diagnosis",
-) -> tuple[Path, Path]:
-    """Write ``<name>.md`` and ``<name>.png`` into ``folder``; return their paths."""
+) -> tuple[Path | str, Path | str]:
+    """Write ``<name>.md`` and ``<name>.png`` into ``folder``; return their paths.
+
+    ``folder`` may be a local path or an fsspec URL (``s3://…``, ``memory://…``: a logger's remote
+    ``save_dir``), written through its filesystem; for a URL the paths returned are URLs (``str``).
+    """
+    text = render_markdown(diagnose(history, cosine_threshold=cosine_threshold), title)
+    text += f"\n![gradient norms and weights]({name}.png)\n"
+    if "://" in str(folder):  # a remote folder: through fsspec, as Lightning's loggers write there
+        from lightning_fabric.utilities.cloud_io import get_filesystem
+
+        url = str(folder).rstrip("/")
+        filesystem = get_filesystem(url)
+        filesystem.makedirs(url, exist_ok=True)
+        with filesystem.open(f"{url}/{name}.md", "w") as handle:
+            handle.write(text)
+        with filesystem.open(f"{url}/{name}.png", "wb") as handle:
+            plot_history(history, handle, title)
+        return f"{url}/{name}.md", f"{url}/{name}.png"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     markdown = folder / f"{name}.md"
     picture = folder / f"{name}.png"
-    text = render_markdown(diagnose(history, cosine_threshold=cosine_threshold), title)
-    markdown.write_text(text + f"\n![gradient norms and weights]({picture.name})\n")
+    markdown.write_text(text)
     plot_history(history, picture, title)
     return markdown, picture
 

@@ -1166,3 +1166,58 @@ def test_an_absent_term_of_the_alarmed_pair_neither_ends_nor_restarts_the_ratio_
     restored = GradientNormMonitor(every_n_steps=5, verbose=False, report=False)
     restored._load_state(monitor.state_dict())
     assert restored.diagnosis.ratio_alarm_pair == d.ratio_alarm_pair
+
+
+class _RecordingLogger(pl.loggers.Logger):
+    """A logger that keeps metrics in memory and names ``save_dir`` (where the report goes)."""
+
+    def __init__(self, save_dir: str) -> None:
+        super().__init__()
+        self._save_dir = save_dir
+        self.metrics: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    @property
+    def save_dir(self) -> str:
+        return self._save_dir
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+def test_a_report_that_cannot_be_written_warns_and_the_fit_still_finishes(tmp_path: Path) -> None:
+    not_a_folder = tmp_path / "a_file"
+    not_a_folder.write_text("x")
+    monitor = GradientNormMonitor(every_n_steps=2, verbose=False)
+    after = pl.callbacks.LambdaCallback(on_fit_end=lambda trainer, module: setattr(trainer, "_after_ran", True))
+    trainer = make_trainer(4, [monitor, after], logger=_RecordingLogger(str(not_a_folder)))
+    with pytest.warns(UserWarning, match=r"the fit finished, but its report diagnosis\.md could not be written"):
+        trainer.fit(TwoTermPoisson())
+    assert trainer.state.status == "finished" and getattr(trainer, "_after_ran", False)
+    assert monitor.report_path is None and len(monitor.history["grad_norm/pde"][0]) == 2
+
+
+def test_the_report_goes_through_a_remote_loggers_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsspec = pytest.importorskip("fsspec")
+    monkeypatch.chdir(tmp_path)  # (a local folder named "memory:" would appear here)
+    monitor = GradientNormMonitor(every_n_steps=2, verbose=False)
+    logger = CSVLogger("memory://lightning_pinn_test_logs", name="run")
+    make_trainer(4, [monitor], logger=logger).fit(TwoTermPoisson())
+    memory = fsspec.filesystem("memory")
+    try:
+        assert monitor.report_path == f"{logger.log_dir}/diagnosis.md"
+        assert "Loss-balance diagnosis" in memory.cat(monitor.report_path).decode()
+        assert memory.cat(f"{logger.log_dir}/diagnosis.png").startswith(b"\x89PNG")
+        assert not any(tmp_path.iterdir()), "nothing written to a local folder"
+    finally:
+        memory.rm("/lightning_pinn_test_logs", recursive=True)

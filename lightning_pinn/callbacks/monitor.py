@@ -211,7 +211,7 @@ class GradientNormMonitor(PerTermCallback):
         self.log_cosines = check_flag("GradientNormMonitor", "log_cosines", log_cosines)
         self.verbose = check_flag("GradientNormMonitor", "verbose", verbose)
         self.report = check_flag("GradientNormMonitor", "report", report)
-        self.report_path: Path | None = None
+        self.report_path: Path | str | None = None  # a URL for a logger on a remote filesystem
         self._reset_fit_state()
         self._pending = PendingEvents()
         self._balancers: list[Any] = []  # the WeightBalancers on this loss (known at train start)
@@ -405,14 +405,20 @@ class GradientNormMonitor(PerTermCallback):
             return
         try:
             if trainer.is_global_zero:
-                self.report_path, _ = write_report(
-                    self.history,
-                    log_dir,
-                    cosine_threshold=self.cosine_threshold or -0.5,
-                    name=f"diagnosis_{self._loss_path}" if self._tag_prefix else "diagnosis",
-                )
-                if self.verbose:
-                    rank_zero_info(f"GradientNormMonitor: wrote {self.report_path} and {self.report_path.with_suffix('.png').name}")
+                name = f"diagnosis_{self._loss_path}" if self._tag_prefix else "diagnosis"
+                try:
+                    self.report_path, _ = write_report(self.history, log_dir, cosine_threshold=self.cosine_threshold or -0.5, name=name)
+                except Exception as error:  # noqa: BLE001 (the fit is done: a report it cannot write must not fail it)
+                    rank_zero_warn(
+                        f"{self._name}: the fit finished, but its report {name}.md could not be written to {log_dir!r} "
+                        f"({type(error).__name__}: {error}). The measurements are in the logger and in this callback's "
+                        "`history`; make the logger's folder writable, or run `lightning-pinn report LOGDIR` on a copy of "
+                        "the event files, or pass GradientNormMonitor(report=False).",
+                        category=UserWarning,
+                    )
+                else:
+                    if self.verbose:
+                        rank_zero_info(f"GradientNormMonitor: wrote {self.report_path} and {name}.png")
         finally:
             # the other ranks wait for the report (also when writing it failed): a worker that exits
             # first can take rank 0 down with it (a spawned gloo worker may abort at exit, and the
