@@ -533,15 +533,15 @@ class TermGradientEngine:
         """Leave capture mode (e.g. when a batch ends without an optimizer step being measured)."""
         self._capturing = False
 
-    def abandon_step(self) -> None:
-        """Drop the measurement in progress (a fit stopped by an exception before collecting it).
+    def release(self) -> None:
+        """Drop the step's accumulators, measured or not (at the end of a fit, or when it fails).
 
-        A later fit that runs the same step again (the same Trainer refitted) measures it afresh:
-        the abandoned backward passes are not its micro-batches, since Lightning zeroes the
-        gradients before the step runs again.
+        Frees the per-term gradient buffers and captured graphs between fits. A later fit that
+        runs a failed fit's step again (the same Trainer refitted) measures it afresh: the
+        abandoned backward passes are not its micro-batches, since Lightning zeroes the gradients
+        before the step runs again.
         """
-        if self._window is not None and not self._window.collected:
-            self._window = None
+        self._window = None
         self._capturing = False
 
     # ---------------------------------------------------------------- forward / backward

@@ -337,6 +337,28 @@ def test_a_check_more_frequent_than_the_measurements_is_warned_about(tmp_path: P
         trainer.fit(TwoTermPoisson())
 
 
+def test_a_check_on_a_weight_that_a_balancer_writes_is_not_warned_about(tmp_path: Path) -> None:
+    # λ_bc is written by the balancer (every 5 steps), not by the monitor (every 10): no warning;
+    # λ_pde, which no balancer changes, is the monitor's tag and still warned about
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    def fit(watched: str) -> list[str]:
+        best = ModelCheckpoint(dirpath=tmp_path, monitor=watched, mode="max")
+        monitor = GradientNormMonitor(every_n_steps=10, verbose=False, report=False)
+        trainer = make_trainer(
+            10, [monitor, GradNormBalancer(every_n_steps=5, terms=["bc"]), best], limit_train_batches=5, enable_checkpointing=True
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(TwoTermPoisson())
+        return [str(w.message) for w in caught if "checks about every" in str(w.message)]
+
+    assert fit("weight/bc") == []
+    assert len(fit("weight/pde")) == 1
+
+
 def test_a_tensorboard_logger_subclass_that_overrides_log_metrics_gets_every_measurement(tmp_path: Path) -> None:
     calls: list[tuple[int, list[str]]] = []
 

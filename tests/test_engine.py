@@ -428,3 +428,16 @@ def test_refit_after_an_exception_measures_the_failed_step_afresh() -> None:
     steps, norms = monitor.history["grad_norm/pde"]
     assert 4 in steps
     assert norms[steps.index(4)] == pytest.approx(float(model.hand[4]), rel=1e-5)
+
+
+def test_the_step_buffers_are_freed_at_the_end_of_a_fit() -> None:
+    # a review measured the engine's last window (per-term gradients and capture) kept after the
+    # fit: about the model's size times K, on top of `last_measurement`
+    model = TwoTermPoisson()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    make_trainer(3, [monitor]).fit(model)
+    engine = TermGradientEngine.for_loss(model.criterion)
+    assert engine._window is None and not engine.is_capturing() and monitor._parameters == []
+    assert monitor.last_measurement is not None and monitor.last_measurement.gradients is not None  # kept for inspection
+    make_trainer(6, [monitor]).fit(model)  # a later fit finds its parameters again
+    assert monitor.diagnosis.measurements == 6

@@ -1221,3 +1221,23 @@ def test_the_report_goes_through_a_remote_loggers_filesystem(tmp_path: Path, mon
         assert not any(tmp_path.iterdir()), "nothing written to a local folder"
     finally:
         memory.rm("/lightning_pinn_test_logs", recursive=True)
+
+
+def test_two_monitors_on_one_loss_are_refused_and_on_two_losses_allowed() -> None:
+    first = GradientNormMonitor(threshold=100.0, verbose=False, report=False)
+    second = GradientNormMonitor(threshold=10.0, verbose=False, report=False)
+    with pytest.raises(ValueError, match=r"two GradientNormMonitor callbacks watch the same loss \('criterion'\).*loss_module="):
+        make_trainer(2, [first, second]).fit(TwoTermPoisson())
+
+    class TwoLosses(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.other = MultiTermLoss(data=1.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.criterion(**self.residuals()) + self.other(data=self.net(self.x) - 0.5)
+
+    a = GradientNormMonitor(loss_module="criterion", verbose=False, report=False)
+    b = GradientNormMonitor(loss_module="other", threshold=10.0, verbose=False, report=False)
+    make_trainer(2, [a, b]).fit(TwoLosses())
+    assert "grad_norm/pde" in a.history and "grad_norm/data" in b.history

@@ -577,12 +577,17 @@ class PerTermCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._stage = None  # Lightning skips teardown after most exceptions
-        if self._engine is not None:
-            self._engine.abandon_step()
+        self._release()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        """Free what only the fit needed: the engine's step buffers and the parameter list
+        (found again at the next fit's start). ``last_measurement`` stays for inspection."""
         if self._engine is not None:
-            self._engine.stop_capturing()
+            self._engine.release()
+        self._parameters = []
 
 
 def _scaler_skipped(trainer: pl.Trainer, measurement: StepMeasurement) -> bool:

@@ -18,6 +18,7 @@ from lightning_pinn.callbacks._base import (
     PendingEvents,
     PerTermCallback,
     callbacks_on_loss,
+    find_multi_term_loss,
     is_integer,
     logger_tag_prefix,
     show_in_progress_bar,
@@ -262,8 +263,26 @@ class GradientNormMonitor(PerTermCallback):
                 f"GradientNormMonitor(ratio_terms=...): unknown term(s) {unknown}; the MultiTermLoss has terms "
                 f"{list(self.criterion.term_names)}. Use those names."
             )
+        self._refuse_a_second_monitor(trainer, pl_module)
         for logger in tensorboard_loggers(trainer):
             write_layout(logger.experiment, self._tag_prefix, logger_tag_prefix(logger))
+
+    def _refuse_a_second_monitor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Two monitors on one loss would write the same tags at the same steps, and one report."""
+        for other in trainer.callbacks:  # type: ignore[attr-defined]
+            if other is self or not isinstance(other, GradientNormMonitor):
+                continue
+            try:
+                path, _ = find_multi_term_loss(pl_module, other.loss_module, type(other).__name__)
+            except ValueError:
+                continue  # the other monitor reports its own configuration error
+            if path == self._loss_path:
+                raise ValueError(
+                    f"GradientNormMonitor: two GradientNormMonitor callbacks watch the same loss ({path!r}); they would "
+                    "write the same tags (grad_norm/<term>, grad_ratio, alarm/...) at the same steps with different "
+                    "values, and the same diagnosis.md. Keep one monitor per loss (set its threshold=, every_n_steps=, "
+                    "ratio_terms= as needed), or point each at its own MultiTermLoss with loss_module=."
+                )
 
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
         assert measurement.gradients is not None
@@ -360,8 +379,11 @@ class GradientNormMonitor(PerTermCallback):
             watched = getattr(callback, "monitor", None)
             if not isinstance(callback, (EarlyStopping, ModelCheckpoint)) or not isinstance(watched, str):
                 continue
-            if not watched.startswith(self._tag_prefix) or not watched[len(self._tag_prefix) :].startswith(self._OWN_TAG_PREFIXES):
+            tag = watched[len(self._tag_prefix) :]
+            if not watched.startswith(self._tag_prefix) or not tag.startswith(self._OWN_TAG_PREFIXES):
                 continue
+            if tag.startswith("weight/") and tag.removeprefix("weight/") not in self._weight_terms:
+                continue  # a balancer writes this λ, at each of its own updates
             interval = steps_per_epoch
             every_n_train_steps = getattr(callback, "_every_n_train_steps", 0)
             if isinstance(callback, ModelCheckpoint) and every_n_train_steps:
