@@ -17,7 +17,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tb import load_events, scalar_series
 
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
-from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer
+from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer, WeightSchedule
 from lightning_pinn.engine import TermGradientEngine
 from lightning_pinn.problems import HarmonicOscillator
 from lightning_pinn.rules import grad_norm_weights
@@ -278,6 +278,9 @@ def test_monitor_and_balancer_share_one_gradient_computation(monkeypatch: pytest
 def test_two_balancers_on_the_same_term_are_refused() -> None:
     with pytest.raises(ValueError, match=r"would both change the weight of term\(s\) 'bc'"):
         _quiet_fit(TwoTermPoisson(), 1, [GradNormBalancer(terms=["bc"]), NTKBalancer(terms=["bc", "pde"])])
+    # the suggested fix names the callbacks attached and the loss's own terms (a schedule has no terms=)
+    with pytest.raises(ValueError, match=r"e\.g\. WeightSchedule\(\{'pde': \[\.\.\.\]\}\).* and GradNormBalancer\(terms=\['bc'\]\)"):
+        _quiet_fit(TwoTermPoisson(), 1, [GradNormBalancer(), WeightSchedule({"pde": [(0, 1.0)]})])
 
 
 def test_two_balancers_on_different_terms_each_keep_their_state() -> None:

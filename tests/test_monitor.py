@@ -18,7 +18,7 @@ from tb import custom_scalars_layout, load_events, scalar_series, texts
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
-from lightning_pinn.callbacks import GradientNormMonitor
+from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
 from lightning_pinn.problems import HarmonicOscillator
 from lightning_pinn.report import diagnose
 from lightning_pinn.tensorboard import LAYOUT_CATEGORY
@@ -383,6 +383,9 @@ def test_module_without_multi_term_loss_fails_before_training() -> None:
     with pytest.raises(ValueError, match=r"_NoLoss has no MultiTermLoss.*self.criterion = MultiTermLoss"):
         make_trainer(2, [GradientNormMonitor()]).fit(model)
     assert not model.ran
+    model.losses = [MultiTermLoss(pde=1.0)]  # a plain list does not register it
+    with pytest.raises(ValueError, match=r"GradNormBalancer has no loss terms to work on.*plain list.*nn\.ModuleList"):
+        make_trainer(2, [GradNormBalancer()]).fit(model)
 
 
 def test_several_losses_need_a_name() -> None:

@@ -54,9 +54,11 @@ def find_multi_term_loss(pl_module: torch.nn.Module, name: str | None, owner: st
         )
     if not found:
         raise ValueError(
-            f"{owner}: {model} has no MultiTermLoss, so there are no loss terms to monitor. Add one in __init__, e.g. "
-            "self.criterion = MultiTermLoss(pde=1.0, ic=1.0), and return self.criterion(pde=r_pde, ic=r_ic) from "
-            "training_step."
+            f"{owner}: {model} has no MultiTermLoss among its submodules, so {owner} has no loss terms to work on. Add "
+            "one in __init__, e.g. self.criterion = MultiTermLoss(pde=1.0, ic=1.0), and return "
+            "self.criterion(pde=r_pde, ic=r_ic) from training_step. (A MultiTermLoss kept in a plain list, dict or "
+            "tuple is not registered with the module: assign it to an attribute, or hold several in nn.ModuleList / "
+            "nn.ModuleDict.)"
         )
     if len(found) > 1:
         names = ", ".join(repr(path) for path, _ in found)

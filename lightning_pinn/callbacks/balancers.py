@@ -55,6 +55,13 @@ def _logged_weights(metrics: Mapping[str, float]) -> dict[str, float]:
     return {tag.removeprefix("weight/"): value for tag, value in metrics.items() if tag.startswith("weight/")}
 
 
+def _owning(balancer: WeightBalancer, terms: list[str]) -> str:
+    """How ``balancer`` is told to change only ``terms`` (a schedule changes the terms it lists)."""
+    if balancer._scheduled:
+        return f"{type(balancer).__name__}({{{terms[0]!r}: [...]}}) (a schedule changes exactly the terms it lists)"
+    return f"{type(balancer).__name__}(terms={terms!r})"
+
+
 class WeightBalancer(PerTermCallback):
     """Base class: update λ from a rule every ``every_n_steps`` optimizer steps.
 
@@ -264,10 +271,11 @@ class WeightBalancer(PerTermCallback):
             theirs = set(names) if other.terms is None else set(other.terms)
             shared = sorted(mine & theirs, key=names.index)
             if shared:
+                rest = [n for n in names if n != shared[0]]
                 raise ValueError(
                     f"{type(self).__name__} and {type(other).__name__} would both change the weight of term(s) "
-                    f"{', '.join(repr(n) for n in shared)} of the same MultiTermLoss. Give each balancer its own terms, "
-                    "e.g. GradNormBalancer(terms=['ic']) and NTKBalancer(terms=['bc'])."
+                    f"{', '.join(repr(n) for n in shared)} of the same MultiTermLoss (terms {list(names)}). Give each "
+                    f"its own terms, e.g. {_owning(self, shared[:1])} and {_owning(other, rest[:1] or list(names))}."
                 )
 
     def _on_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule, measurement: StepMeasurement) -> None:
