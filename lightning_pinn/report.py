@@ -36,6 +36,7 @@ __all__ = [
     "write_report",
     "find_runs",
     "report_runs",
+    "own_series",
 ]
 
 
@@ -426,7 +427,7 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
 
 def _weights_and_losses(d: Diagnosis) -> list[str]:
     """The report's sections on the weights' and the losses' course."""
-    lines = ["", "## Weights λ", ""]
+    lines = ["", "## Weights λ", ""] if d.weights else []
     for term, (first, last, low, high) in d.weights.items():
         if first == last == low == high:
             lines.append(f"- {term}: fixed at {first:.4g}.")
@@ -436,7 +437,8 @@ def _weights_and_losses(d: Diagnosis) -> list[str]:
                 if first
                 else f"- {term}: {first:.4g} → {last:.4g}."
             )
-    lines += ["", "## Losses", ""]
+    if d.losses:
+        lines += ["", "## Losses", ""]
     for term, (first, last) in d.losses.items():
         note = ""
         if term in d.last_quarter_change:
@@ -593,6 +595,41 @@ def without_prefix(history: History, prefix: str) -> History:
     return out
 
 
+def own_series(history: History) -> History:
+    """One loss's series without the ``loss/…`` and ``weight/…`` tags lightning-pinn did not write.
+
+    A module's own ``self.log("loss/total")`` or ``self.log("weight/ic", on_step=True,
+    on_epoch=True)`` (Lightning writes ``weight/ic_step`` and ``weight/ic_epoch``) share the
+    library's tag families; read as terms they would be reported as losses and weights. The
+    terms are those the monitor measured (``grad_norm/<term>``); without a monitor, those a
+    balancer set (``weight_target/<term>``, ``ntk_trace/<term>``) and the weights it logged at
+    the same steps (the loss's other terms); with neither, a ``_step``/``_epoch`` pair is dropped.
+    """
+    terms: set[str] | None = set(history.terms("grad_norm"))
+    if not terms:
+        targets = history.terms("weight_target") + history.terms("ntk_trace")
+        if targets:
+            steps = {tuple(history[f"weight/{t}"][0]) for t in targets if f"weight/{t}" in history}
+            terms = set(targets) | {t for t in history.terms("weight") if tuple(history[f"weight/{t}"][0]) in steps}
+        else:
+            terms = None
+
+    def lightning_pair(family: str, term: str) -> bool:
+        for suffix, other in (("_step", "_epoch"), ("_epoch", "_step")):
+            if term.endswith(suffix) and f"{family}/{term.removesuffix(suffix)}{other}" in history:
+                return True
+        return False
+
+    out = History()
+    out.layout_losses = history.layout_losses
+    for tag in history.tags():
+        family, _, term = tag.partition("/")
+        if family in ("loss", "weight") and term and (term not in terms if terms is not None else lightning_pair(family, term)):
+            continue
+        out._steps[tag], out._values[tag] = history._steps[tag], history._values[tag]
+    return out
+
+
 def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
     """Write a report beside every run under ``logdir`` (one per loss in a run with several
     ``MultiTermLoss``); return ``(Markdown file, its text, None)`` per report, the PNG beside it.
@@ -615,17 +652,18 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
             name = f"diagnosis_{loss}" if loss else "diagnosis"
             if single:  # beside the run's own report (which covers all its event files), not over it
                 name += "." + root.name.removeprefix("events.out.tfevents.")
+            series = own_series(without_prefix(history, prefix))
             if not prefixes and (run / f"{name}.md").exists():
                 # nothing measured in these files (e.g. a logger that renamed the tags): keep the
                 # report the fit wrote rather than replace it with an empty one
-                text = render_markdown(diagnose(history), title)
+                text = render_markdown(diagnose(series), title)
                 out.append((run / f"{name}.md", text, "not written: no monitor tags found here, and a report already exists"))
                 continue
             try:
-                markdown_path, _ = write_report(without_prefix(history, prefix), run, title=title, name=name)
+                markdown_path, _ = write_report(series, run, title=title, name=name)
             except OSError as error:
-                text = render_markdown(diagnose(without_prefix(history, prefix)), title)
+                text = render_markdown(diagnose(series), title)
                 out.append((run / f"{name}.md", text, f"could not write it: {error.strerror or error}"))
                 continue
-            out.append((markdown_path, markdown_path.read_text(), None))
+            out.append((Path(markdown_path), Path(markdown_path).read_text(), None))
     return out

@@ -8,6 +8,7 @@ cosines and the alarm flags.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "losses_in_layout", "write_layout"]
@@ -16,14 +17,17 @@ __all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "losses_in_layout", "write_lay
 LAYOUT_CATEGORY = "lightning-pinn"
 
 
-def dashboard_layout(prefix: str = "", logger_prefix: str = "") -> dict[str, dict[str, list[Any]]]:
+def dashboard_layout(prefix: str = "", logger_prefix: str = "", terms: Sequence[str] | None = None) -> dict[str, dict[str, list[Any]]]:
     """The layout passed to ``SummaryWriter.add_custom_scalars`` (tag regexes, one chart each).
 
     ``prefix`` is a loss's tag prefix (``"<loss path>/"`` when a module holds several
     ``MultiTermLoss``); each loss then gets its own category. ``logger_prefix`` is what the
     logger puts before every tag (``"train-"`` for ``TensorBoardLogger(prefix="train")``).
+    ``terms``, the loss's term names, keep the loss and weight charts to those terms (a module's
+    own ``self.log("loss/total")`` shares the ``loss/`` family).
     """
     p = re.escape(logger_prefix + prefix)
+    names = f"(?:{'|'.join(re.escape(t) for t in terms)})$" if terms else ""
     category = f"{LAYOUT_CATEGORY} ({prefix.rstrip('/')})" if prefix else LAYOUT_CATEGORY
     return {
         category: {
@@ -33,27 +37,28 @@ def dashboard_layout(prefix: str = "", logger_prefix: str = "") -> dict[str, dic
                 "Multiline",
                 [rf"^{p}grad_ratio$", rf"^{p}grad_ratio_threshold$"],
             ],
-            "loss per term  L_i (unweighted)": ["Multiline", [rf"^{p}loss/"]],
-            "weight per term  λ_i": ["Multiline", [rf"^{p}weight/"]],
+            "loss per term  L_i (unweighted)": ["Multiline", [rf"^{p}loss/{names}"]],
+            "weight per term  λ_i": ["Multiline", [rf"^{p}weight/{names}"]],
             "gradient cosine per pair": ["Multiline", [rf"^{p}grad_cosine/"]],
             "alarms (1 = on)": ["Multiline", [rf"^{p}alarm/"]],
         }
     }
 
 
-def write_layout(writer: Any, prefix: str = "", logger_prefix: str = "") -> None:
-    """Write the layout to a ``SummaryWriter``, once per writer and prefix.
+def write_layout(writer: Any, prefix: str = "", logger_prefix: str = "", terms: Sequence[str] | None = None) -> None:
+    """Write the layout to a ``SummaryWriter``, once per writer, prefix and terms.
 
     TensorBoard keeps the last layout written to a run, so with several losses the layout
     written holds every loss's category seen so far.
     """
-    written: set[tuple[str, str]] = getattr(writer, "_lightning_pinn_layouts", set())
-    if (prefix, logger_prefix) in written:
+    written: dict[tuple[str, str], tuple[str, ...] | None] = getattr(writer, "_lightning_pinn_layouts", {})
+    key, names = (prefix, logger_prefix), tuple(terms) if terms is not None else None
+    if key in written and written[key] == names:
         return
-    written.add((prefix, logger_prefix))
+    written[key] = names
     layout: dict[str, dict[str, list[Any]]] = {}
-    for each, each_logger in sorted(written):
-        layout.update(dashboard_layout(each, each_logger))
+    for (each, each_logger), each_terms in sorted(written.items(), key=lambda item: item[0]):
+        layout.update(dashboard_layout(each, each_logger, each_terms))
     writer.add_custom_scalars(layout)
     writer._lightning_pinn_layouts = written
 

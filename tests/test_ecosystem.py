@@ -163,7 +163,7 @@ def test_live_tensorboard_serves_the_tags_and_the_layout(tmp_path: Path) -> None
         layout = _get_json(f"http://127.0.0.1:{port}/data/plugin/custom_scalars/layout")
         category = next(c for c in layout["category"] if c["title"] == "lightning-pinn")
         regexes = [regex for chart in category["chart"] for regex in chart["multiline"]["tag"]]
-        assert r"^grad_norm/" in regexes and r"^grad_ratio$" in regexes and r"^weight/" in regexes
+        assert r"^grad_norm/" in regexes and r"^grad_ratio$" in regexes and r"^weight/(?:pde|bc)$" in regexes
     finally:
         server.terminate()
         try:
@@ -236,6 +236,33 @@ def test_report_reads_only_the_event_file_it_is_given_and_survives_a_read_only_r
     assert cli_main(["report", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "Loss-balance diagnosis" in captured.out and "could not write it: Permission denied" in captured.err
+
+
+class _LogsItsOwnTags(TwoTermPoisson):
+    """A module that logs tags of its own under the library's families, as users do."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.criterion(**self.residuals())
+        self.log("loss/total", loss)
+        self.log("weight/decay", 1e-4)
+        self.log("loss/pde", self.criterion.last_losses["pde"].detach(), on_step=True, on_epoch=True, batch_size=1)  # pde_step, _epoch
+        return loss
+
+
+@pytest.mark.parametrize("monitored", [True, False])
+def test_report_leaves_out_the_modules_own_tags(tmp_path: Path, monitored: bool) -> None:
+    # before: "total: 4.13 → 1.09", "decay: fixed at 0.0001", "pde_step: …" listed as terms, and the
+    # command replaced the fit's correct report with that one
+    callbacks = [GradientNormMonitor(every_n_steps=5, verbose=False)] if monitored else [GradNormBalancer(every_n_steps=5)]
+    trainer = make_trainer(20, callbacks, logger=TensorBoardLogger(str(tmp_path), name="run"), log_every_n_steps=5, limit_train_batches=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(_LogsItsOwnTags())
+    assert cli_main(["report", str(tmp_path)]) == 0
+    text = (Path(trainer.log_dir) / "diagnosis.md").read_text()
+    for user_tag in ("total", "decay", "pde_step", "pde_epoch"):
+        assert f"- {user_tag}:" not in text
+    assert "- pde:" in text and "- bc:" in text  # the loss's own terms (weights, and losses when measured)
 
 
 def test_report_on_a_folder_without_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -111,6 +111,8 @@ def test_tags_layout_and_alarm_text_in_tensorboard(tmp_path: Any) -> None:
         import re
 
         assert any(re.search(regex, tag) for regex in regexes), tag
+    for own_tag in ("loss/total", "weight/decay", "loss/pde_step"):  # a module's own self.log tags
+        assert not any(re.search(regex, own_tag) for regex in regexes), own_tag
     ratio_chart = next(tags for title, tags in charts.items() if "ratio" in title)
     assert r"^grad_ratio$" in ratio_chart and r"^grad_ratio_threshold$" in ratio_chart
 

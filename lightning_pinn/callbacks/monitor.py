@@ -265,7 +265,7 @@ class GradientNormMonitor(PerTermCallback):
             )
         self._refuse_a_second_monitor(trainer, pl_module)
         for logger in tensorboard_loggers(trainer):
-            write_layout(logger.experiment, self._tag_prefix, logger_tag_prefix(logger))
+            write_layout(logger.experiment, self._tag_prefix, logger_tag_prefix(logger), self.criterion.term_names)
 
     def _refuse_a_second_monitor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Two monitors on one loss would write the same tags at the same steps, and one report."""
