@@ -1246,3 +1246,14 @@ def test_two_monitors_on_one_loss_are_refused_and_on_two_losses_allowed() -> Non
     b = GradientNormMonitor(loss_module="other", threshold=10.0, verbose=False, report=False)
     make_trainer(2, [a, b]).fit(TwoLosses())
     assert "grad_norm/pde" in a.history and "grad_norm/data" in b.history
+
+
+def test_a_first_logger_without_a_folder_is_named_instead_of_a_silent_skip(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    monitor = GradientNormMonitor(every_n_steps=2)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(4, [monitor], logger=_RecordingLogger(None)).fit(TwoTermPoisson())  # type: ignore[arg-type]
+    assert monitor.report_path is None
+    assert any("no report written: the first logger (_RecordingLogger) has no folder" in r.getMessage() for r in caplog.records)

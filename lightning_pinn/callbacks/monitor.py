@@ -424,6 +424,11 @@ class GradientNormMonitor(PerTermCallback):
         # trainer.log_dir is a collective under DDP (a broadcast from rank 0): every rank reads it
         log_dir = trainer.log_dir if self.report and trainer.loggers else None
         if log_dir is None:
+            if self.report and trainer.loggers and self.verbose:
+                rank_zero_info(
+                    f"{self._name}: no report written: the first logger ({type(trainer.loggers[0]).__name__}) has no "
+                    "folder (save_dir is None). Put a logger with a folder first, or read the summary above."
+                )
             return
         try:
             if trainer.is_global_zero:
