@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
-from lightning_pinn.tensorboard import losses_in_layout
+from lightning_pinn.tensorboard import losses_in_layout, terms_in_layout
 
 __all__ = [
     "History",
@@ -54,6 +54,7 @@ class History:
         #: ``{tag prefix: loss path}`` of each loss, as the monitor's custom-scalars layout in the
         #: event files names them (empty when there is none; see :func:`loss_prefixes`)
         self.layout_losses: dict[str, str] = {}
+        self.layout_terms: dict[str, list[str]] = {}  # {tag prefix: term names} from the same layout
 
     def add(self, metrics: Mapping[str, float], step: int) -> None:
         """Add one measurement (``{tag: value}`` at ``step``); each tag's series stays in step order."""
@@ -126,24 +127,27 @@ def read_history(run_dir: str | Path) -> History:
     for tag in accumulator.Tags().get("scalars", []):
         for event in accumulator.Scalars(tag):
             history.add({tag: event.value}, event.step)
-    history.layout_losses = _layout_losses(accumulator)
+    history.layout_losses, history.layout_terms = _read_layouts(accumulator)
     return history
 
 
-def _layout_losses(accumulator: Any) -> dict[str, str]:
-    """``{tag prefix: loss path}`` from the monitor's custom-scalars layouts in the event files
-    (:func:`~lightning_pinn.tensorboard.losses_in_layout`); empty if there is none."""
+def _read_layouts(accumulator: Any) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """``{tag prefix: loss path}`` and ``{tag prefix: term names}`` from the monitor's
+    custom-scalars layouts in the event files (:func:`~lightning_pinn.tensorboard.losses_in_layout`,
+    :func:`~lightning_pinn.tensorboard.terms_in_layout`); empty if there is none."""
     from tensorboard.plugins.custom_scalar import layout_pb2
     from tensorboard.util import tensor_util
 
     if "custom_scalars__config__" not in accumulator.Tags().get("tensors", []):
-        return {}
-    found: dict[str, str] = {}
+        return {}, {}
+    losses: dict[str, str] = {}
+    terms: dict[str, list[str]] = {}
     for event in accumulator.Tensors("custom_scalars__config__"):
         layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
         firsts = [(c.title, c.chart[0].multiline.tag[0]) for c in layout.category if c.chart and c.chart[0].multiline.tag]
-        found.update(losses_in_layout(firsts))
-    return found
+        losses.update(losses_in_layout(firsts))
+        terms.update(terms_in_layout([(c.title, [tag for chart in c.chart for tag in chart.multiline.tag]) for c in layout.category]))
+    return losses, terms
 
 
 def find_runs(logdir: str | Path) -> list[Path]:
@@ -236,10 +240,12 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
                 # each step against its own threshold (a resumed fit may have changed it)
                 limits = dict(zip(*history["grad_ratio_threshold"])) if "grad_ratio_threshold" in history else {}
                 above = {s for s, r in zip(steps, ratios) if r > limits.get(s, threshold)}
+                below = {s for s, r in zip(steps, ratios) if r <= limits.get(s, threshold)}  # (a NaN ratio is neither)
                 on = {step for step, flag in zip(flag_steps, flags) if flag > 0.5}
                 off = set(flag_steps) - on
-                # (an alarm stays on at a measurement without one of its pair's terms, below the threshold)
-                result.ratio_measurements_above = len(on & above)
+                # an alarm stays on at a measurement without one of its pair's terms, below the
+                # threshold: not counted; one at a NaN ratio (a term's NaN gradient) was above it
+                result.ratio_measurements_above = len(on - below)
                 result.ratio_held_steps = [s for s in steps if s in above and s in off]
         elif threshold is not None:
             result.ratio_spans = _spans(steps, [r > threshold for r in ratios])
@@ -451,7 +457,8 @@ def _weights_and_losses(d: Diagnosis) -> list[str]:
 def plot_history(history: History, path: str | Path | BinaryIO, title: str = "") -> None:
     """PNG: per-term gradient norms (raw and weighted) and weights λ over the steps.
 
-    ``path`` may also be a binary file object, which receives the PNG's bytes.
+    ``path`` may also be a binary file object, which receives PNG bytes; a file name's suffix
+    picks the format (``.png``, ``.svg``, ``.pdf``).
 
     Uses matplotlib's object API with the Agg canvas (no pyplot state, no GUI backend) and a
     fixed layout, so the end-of-fit report stays a small one-off cost.
@@ -517,7 +524,12 @@ def plot_history(history: History, path: str | Path | BinaryIO, title: str = "")
         # instead of mathtext ones (which go through a parser on every draw).
         axis.minorticks_off()
         axis.yaxis.set_major_formatter(LogFormatter())
-    figure.savefig(path, format="png", dpi=90, pil_kwargs={"compress_level": 1})
+    if isinstance(path, (str, Path)):  # the format from the file name (.png, .svg, .pdf)
+        suffix = Path(path).suffix.lower()
+        options: dict[str, Any] = {"pil_kwargs": {"compress_level": 1}} if suffix == ".png" else {}
+        figure.savefig(path, dpi=90, **options)
+    else:
+        figure.savefig(path, format="png", dpi=90, pil_kwargs={"compress_level": 1})
 
 
 def write_report(
@@ -595,24 +607,23 @@ def without_prefix(history: History, prefix: str) -> History:
     return out
 
 
-def own_series(history: History) -> History:
+def own_series(history: History, term_names: Sequence[str] | None = None) -> History:
     """One loss's series without the ``loss/…`` and ``weight/…`` tags lightning-pinn did not write.
 
     A module's own ``self.log("loss/total")`` or ``self.log("weight/ic", on_step=True,
     on_epoch=True)`` (Lightning writes ``weight/ic_step`` and ``weight/ic_epoch``) share the
     library's tag families; read as terms they would be reported as losses and weights. The
-    terms are those the monitor measured (``grad_norm/<term>``); without a monitor, those a
-    balancer set (``weight_target/<term>``, ``ntk_trace/<term>``) and the weights it logged at
-    the same steps (the loss's other terms); with neither, a ``_step``/``_epoch`` pair is dropped.
+    terms are ``term_names`` (the monitor's layout names them); else those measured or set
+    (``grad_norm/``, ``weight_target/``, ``ntk_trace/<term>``) and the weights logged at the
+    same steps as theirs (the loss's other terms); with none of these, a ``_step``/``_epoch``
+    pair is dropped.
     """
-    terms: set[str] | None = set(history.terms("grad_norm"))
-    if not terms:
-        targets = history.terms("weight_target") + history.terms("ntk_trace")
-        if targets:
-            steps = {tuple(history[f"weight/{t}"][0]) for t in targets if f"weight/{t}" in history}
-            terms = set(targets) | {t for t in history.terms("weight") if tuple(history[f"weight/{t}"][0]) in steps}
-        else:
-            terms = None
+    terms: set[str] | None = set(term_names) if term_names else None
+    if terms is None:
+        known = set(history.terms("grad_norm") + history.terms("weight_target") + history.terms("ntk_trace"))
+        if known:
+            steps = {tuple(history[f"weight/{t}"][0]) for t in known if f"weight/{t}" in history}
+            terms = known | {t for t in history.terms("weight") if tuple(history[f"weight/{t}"][0]) in steps}
 
     def lightning_pair(family: str, term: str) -> bool:
         for suffix, other in (("_step", "_epoch"), ("_epoch", "_step")):
@@ -622,6 +633,7 @@ def own_series(history: History) -> History:
 
     out = History()
     out.layout_losses = history.layout_losses
+    out.layout_terms = history.layout_terms
     for tag in history.tags():
         family, _, term = tag.partition("/")
         if family in ("loss", "weight") and term and (term not in terms if terms is not None else lightning_pair(family, term)):
@@ -652,7 +664,7 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
             name = f"diagnosis_{loss}" if loss else "diagnosis"
             if single:  # beside the run's own report (which covers all its event files), not over it
                 name += "." + root.name.removeprefix("events.out.tfevents.")
-            series = own_series(without_prefix(history, prefix))
+            series = own_series(without_prefix(history, prefix), history.layout_terms.get(prefix))
             if not prefixes and (run / f"{name}.md").exists():
                 # nothing measured in these files (e.g. a logger that renamed the tags): keep the
                 # report the fit wrote rather than replace it with an empty one

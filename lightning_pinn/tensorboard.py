@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "losses_in_layout", "write_layout"]
+__all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "losses_in_layout", "terms_in_layout", "write_layout"]
 
 #: Name of the custom-scalars category lightning-pinn writes.
 LAYOUT_CATEGORY = "lightning-pinn"
@@ -61,6 +61,23 @@ def write_layout(writer: Any, prefix: str = "", logger_prefix: str = "", terms: 
         layout.update(dashboard_layout(each, each_logger, each_terms))
     writer.add_custom_scalars(layout)
     writer._lightning_pinn_layouts = written
+
+
+def terms_in_layout(categories: list[tuple[str, list[str]]]) -> dict[str, list[str]]:
+    """``{tag prefix: the loss's term names}`` read back from a written layout (``categories``
+    holds each category's title and all its charts' tag regexes): the names
+    :func:`dashboard_layout` put in the weight chart's ``^<prefix>weight/(?:a|b)$``. Layouts
+    written without term names give nothing."""
+    found: dict[str, list[str]] = {}
+    for title, patterns in categories:
+        if not title.startswith(LAYOUT_CATEGORY):
+            continue
+        for pattern in patterns:
+            match = re.fullmatch(r"\^(.*)weight/\(\?:(.*)\)\$", pattern)
+            if match:
+                prefix = re.sub(r"\\(.)", r"\1", match.group(1))
+                found[prefix] = [re.sub(r"\\(.)", r"\1", name) for name in re.split(r"(?<!\\)\|", match.group(2))]
+    return found
 
 
 def losses_in_layout(categories: list[tuple[str, str]]) -> dict[str, str]:

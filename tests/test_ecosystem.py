@@ -265,6 +265,22 @@ def test_report_leaves_out_the_modules_own_tags(tmp_path: Path, monitored: bool)
     assert "- pde:" in text and "- bc:" in text  # the loss's own terms (weights, and losses when measured)
 
 
+def test_report_keeps_a_balanced_term_the_monitor_never_measured(tmp_path: Path) -> None:
+    # present on odd steps only, measured on even ones: no grad_norm/data, but its λ moved
+    from conftest import ExtraTermPoisson
+
+    model = ExtraTermPoisson("data", lambda m, i: m.net(m.x[::4]) - 0.5 if i % 2 else None)
+    callbacks = [GradientNormMonitor(every_n_steps=2, verbose=False), GradNormBalancer(every_n_steps=1, terms=["data"])]
+    trainer = make_trainer(12, callbacks, logger=TensorBoardLogger(str(tmp_path), name="run"), log_every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    fit_end = (Path(trainer.log_dir) / "diagnosis.md").read_text()
+    assert "- data: 1 →" in fit_end
+    assert cli_main(["report", str(tmp_path)]) == 0
+    assert "- data: 1 →" in (Path(trainer.log_dir) / "diagnosis.md").read_text()
+
+
 def test_report_on_a_folder_without_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["report", str(tmp_path)]) == 2
     assert "no TensorBoard event files" in capsys.readouterr().err
@@ -364,7 +380,7 @@ def test_a_check_more_frequent_than_the_measurements_is_warned_about(tmp_path: P
         trainer.fit(TwoTermPoisson())
 
 
-def test_a_check_on_a_weight_that_a_balancer_writes_is_not_warned_about(tmp_path: Path) -> None:
+def test_a_check_on_a_weight_is_warned_about_by_the_callback_that_renews_it(tmp_path: Path) -> None:
     # λ_bc is written by the balancer (every 5 steps), not by the monitor (every 10): no warning;
     # λ_pde, which no balancer changes, is the monitor's tag and still warned about
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -384,6 +400,13 @@ def test_a_check_on_a_weight_that_a_balancer_writes_is_not_warned_about(tmp_path
 
     assert fit("weight/bc") == []
     assert len(fit("weight/pde")) == 1
+    # a balancer's λ renewed less often than it is checked is warned about by the balancer
+    best = ModelCheckpoint(dirpath=tmp_path, monitor="weight/bc", mode="max")
+    trainer = make_trainer(4, [GradNormBalancer(every_n_steps=20), best], limit_train_batches=4, enable_checkpointing=True)
+    with pytest.warns(
+        UserWarning, match=r"GradNormBalancer: ModelCheckpoint\(monitor='weight/bc'\) checks about every 4 .*every 20 steps.*patience=5"
+    ):
+        trainer.fit(TwoTermPoisson())
 
 
 def test_a_tensorboard_logger_subclass_that_overrides_log_metrics_gets_every_measurement(tmp_path: Path) -> None:

@@ -1141,12 +1141,16 @@ def test_the_report_takes_loss_paths_from_the_layout(tmp_path: Any) -> None:
 
 
 def test_the_layout_reads_back_the_prefixes_it_was_built_with() -> None:
-    from lightning_pinn.tensorboard import dashboard_layout, losses_in_layout
+    from lightning_pinn.tensorboard import dashboard_layout, losses_in_layout, terms_in_layout
 
+    terms = ["pde", "u.x", "v|w", "a(b)+c", "λ_ic", "z\\q"]
     for loss, logger in [("", ""), ("losses.loss-a/", ""), ("a+b(c)/", "train-"), ("λ_pde/", "a-b-")]:
-        [(title, charts)] = dashboard_layout(loss, logger).items()
+        [(title, charts)] = dashboard_layout(loss, logger, terms).items()
         first = next(iter(charts.values()))[1][0]
         assert losses_in_layout([(title, first)]) == {logger + loss: loss.rstrip("/")}
+        assert terms_in_layout([(title, [regex for chart in charts.values() for regex in chart[1]])]) == {logger + loss: terms}
+        [(title, charts)] = dashboard_layout(loss, logger).items()  # as written before the layout named the terms
+        assert terms_in_layout([(title, [regex for chart in charts.values() for regex in chart[1]])]) == {}
     assert losses_in_layout([("someone else's", "^grad_norm/")]) == {}
 
 
@@ -1257,3 +1261,15 @@ def test_a_first_logger_without_a_folder_is_named_instead_of_a_silent_skip(caplo
         make_trainer(4, [monitor], logger=_RecordingLogger(None)).fit(TwoTermPoisson())  # type: ignore[arg-type]
     assert monitor.report_path is None
     assert any("no report written: the first logger (_RecordingLogger) has no folder" in r.getMessage() for r in caplog.records)
+
+
+def test_the_report_counts_an_alarm_at_a_nan_ratio_but_not_one_held_over_an_absent_term(tmp_path: Path) -> None:
+    from lightning_pinn.report import History, plot_history
+
+    for ratios, above in (([200.0, float("nan")], 2), ([200.0, 5.0], 1)):
+        history = History()
+        for step, ratio in zip((0, 10), ratios):
+            history.add({"grad_norm/a": 1.0, "grad_ratio": ratio, "grad_ratio_threshold": 100.0, "alarm/grad_ratio": 1.0}, step)
+        assert diagnose(history).ratio_measurements_above == above
+    plot_history(history, tmp_path / "history.svg")  # the format follows the file name
+    assert "<svg" in (tmp_path / "history.svg").read_text()[:2000]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 import time
 from collections.abc import Callable, Mapping
@@ -488,6 +489,46 @@ class PerTermCallback(Callback):
 
     def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Subclass hook: the loss and parameters are known (at fit start, before the first step)."""
+
+    def _refresh_cadence(self, tag: str) -> int | None:
+        """Every how many optimizer steps this callback gives ``tag`` (after the loss's prefix) a
+        new value in ``trainer.callback_metrics``; ``None`` if it does not write that tag."""
+        return None
+
+    def _warn_if_watched_less_often(self, trainer: pl.Trainer) -> None:
+        """Warn when EarlyStopping/ModelCheckpoint watch one of our tags more often than we renew it.
+
+        They read ``trainer.callback_metrics`` at their checks (an epoch's end, by default); with
+        fewer new values than checks some checks see the previous value again, and an
+        ``EarlyStopping`` counts those repeats as "no improvement".
+        """
+        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
+
+        batches = trainer.num_training_batches
+        if not isinstance(batches, int) or batches <= 0:  # inf: an iterable without a length
+            return
+        steps_per_epoch = max(1, batches // max(1, trainer.accumulate_grad_batches))
+        name = type(self).__name__
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            watched = getattr(callback, "monitor", None)
+            if not isinstance(callback, (EarlyStopping, ModelCheckpoint)) or not isinstance(watched, str):
+                continue
+            if not watched.startswith(self._tag_prefix):
+                continue
+            cadence = self._refresh_cadence(watched[len(self._tag_prefix) :])
+            interval = steps_per_epoch
+            every_n_train_steps = getattr(callback, "_every_n_train_steps", 0)
+            if isinstance(callback, ModelCheckpoint) and every_n_train_steps:
+                interval = min(interval, every_n_train_steps)
+            if cadence is not None and cadence > interval:
+                checks = math.ceil(cadence / interval)
+                rank_zero_warn(
+                    f"{name}: {type(callback).__name__}(monitor={watched!r}) checks about every {interval} optimizer "
+                    f"step(s), but {name} renews '{watched}' every {cadence} steps (every_n_steps), so some checks see the "
+                    "previous value again (an EarlyStopping counts such repeats as no improvement and may stop early). "
+                    f"Use {name}(every_n_steps={interval}) or a smaller value, or let the check wait for {checks} "
+                    f"repeats (e.g. EarlyStopping(patience={checks}) or more)."
+                )
 
     def _due_at_batch(self, step: int) -> bool:
         """Whether the batch that starts at optimizer step ``step`` is measured: :meth:`_is_due`

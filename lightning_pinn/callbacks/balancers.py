@@ -365,10 +365,18 @@ class WeightBalancer(PerTermCallback):
         # all callbacks are attached now: which weight series this balancer writes, starting
         # with the weights in force at the first step (also after a resume or a warm-up)
         self._weight_terms = weight_terms_to_log(trainer, self)
+        self._warn_if_watched_less_often(trainer)
         if self._skip_start_log:
             return
         weights = self.criterion.weights
         self._log_scalars(trainer, {f"weight/{name}": weights[name] for name in self._weight_terms}, trainer.global_step)
+
+    def _refresh_cadence(self, tag: str) -> int | None:
+        family, _, term = tag.partition("/")
+        mine = term in self.criterion.term_names and (self.terms is None or term in self.terms)
+        if mine and (family in ("weight_target", "ntk_trace") or (family == "weight" and term in self._weight_terms)):
+            return self.every_n_steps
+        return None  # (a fixed λ this balancer also logs never changes: nothing to wait for)
 
     def _log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pending: PendingEvents | None = None) -> None:
         """Log, and give the weights to the monitors on this loss, whose reports then date λ's

@@ -362,39 +362,12 @@ class GradientNormMonitor(PerTermCallback):
     #: ModelCheckpoint may watch through ``trainer.callback_metrics``.
     _OWN_TAG_PREFIXES = ("grad_norm/", "grad_norm_weighted/", "grad_ratio", "grad_cosine/", "loss/", "weight/", "alarm/")
 
-    def _warn_if_watched_less_often(self, trainer: pl.Trainer) -> None:
-        """Warn when EarlyStopping/ModelCheckpoint watch one of our tags more often than we measure it.
-
-        They read ``trainer.callback_metrics`` at their checks (an epoch's end, by default); with
-        fewer measurements than checks some checks see the previous measurement again, and an
-        ``EarlyStopping`` counts those repeats as "no improvement".
-        """
-        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-
-        batches = trainer.num_training_batches
-        if not isinstance(batches, int) or batches <= 0:  # inf: an iterable without a length
-            return
-        steps_per_epoch = max(1, batches // max(1, trainer.accumulate_grad_batches))
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            watched = getattr(callback, "monitor", None)
-            if not isinstance(callback, (EarlyStopping, ModelCheckpoint)) or not isinstance(watched, str):
-                continue
-            tag = watched[len(self._tag_prefix) :]
-            if not watched.startswith(self._tag_prefix) or not tag.startswith(self._OWN_TAG_PREFIXES):
-                continue
-            if tag.startswith("weight/") and tag.removeprefix("weight/") not in self._weight_terms:
-                continue  # a balancer writes this λ, at each of its own updates
-            interval = steps_per_epoch
-            every_n_train_steps = getattr(callback, "_every_n_train_steps", 0)
-            if isinstance(callback, ModelCheckpoint) and every_n_train_steps:
-                interval = min(interval, every_n_train_steps)
-            if self.every_n_steps > interval:
-                rank_zero_warn(
-                    f"{self._name}: {type(callback).__name__}(monitor={watched!r}) checks about every {interval} optimizer "
-                    f"step(s), but this monitor measures '{watched}' every {self.every_n_steps} steps, so some checks "
-                    "see the previous measurement again (an EarlyStopping counts such repeats as no improvement and "
-                    f"may stop early). Use GradientNormMonitor(every_n_steps={interval}) or a smaller value."
-                )
+    def _refresh_cadence(self, tag: str) -> int | None:
+        if not tag.startswith(self._OWN_TAG_PREFIXES):
+            return None
+        if tag.startswith("weight/") and tag.removeprefix("weight/") not in self._weight_terms:
+            return None  # a balancer writes this λ
+        return self.every_n_steps
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
