@@ -1273,3 +1273,19 @@ def test_the_report_counts_an_alarm_at_a_nan_ratio_but_not_one_held_over_an_abse
         assert diagnose(history).ratio_measurements_above == above
     plot_history(history, tmp_path / "history.svg")  # the format follows the file name
     assert "<svg" in (tmp_path / "history.svg").read_text()[:2000]
+
+
+def test_the_ratio_alarm_ends_when_a_term_of_its_pair_is_dropped_for_good(caplog: pytest.LogCaptureFixture) -> None:
+    # present at steps 0-3 only (a curriculum dropping a term): the alarm about it ends after
+    # three measurements without it, longer than it was ever absent before, and says why
+    import logging
+
+    model = ExtraTermPoisson("data", lambda m, i: m.net(m.x[::4]) - 0.5 if m.global_step < 4 else None, weight=1e-6)
+    monitor = GradientNormMonitor(every_n_steps=1, report=False)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(12, [monitor]).fit(model)
+    d = monitor.diagnosis
+    assert d.ratio_alarm_spans == [[0, 6]] and not d.ratio_alarm_active and d.ratio_alarm_pair is None
+    ended = [r.getMessage() for r in caplog.records if "back to" in r.getMessage()]
+    assert len(ended) == 1 and "'data', one of the alarmed pair, has been absent from the last 3 measurements" in ended[0]

@@ -234,6 +234,8 @@ class GradientNormMonitor(PerTermCallback):
         self._conflict_changes: dict[str, float] = {}
         self._term_flags: dict[str, str] = {}
         self.last_report: GradientReport | None = None
+        self._absent_for: dict[str, int] = {}  # per term: measurements in a row it has been absent (None)
+        self._longest_absence: dict[str, int] = {}  # per term: its longest such run that ended (it came back)
 
     def _is_due(self, step: int) -> bool:
         return self._on_cadence(step) or self._print_due(step)
@@ -303,6 +305,7 @@ class GradientNormMonitor(PerTermCallback):
             return
         self.last_report = report
         self._track_term_health(report, step)
+        self._track_absences(report)
         ratio_alarm = self._track_ratio(trainer, report, step)
         conflict_alarm = self._track_conflicts(trainer, report, step)
 
@@ -453,10 +456,13 @@ class GradientNormMonitor(PerTermCallback):
                         diagnosis.ratio_alarm_held_by.append(name)
             return diagnosis.ratio_alarm_active
         pair = diagnosis.ratio_alarm_pair
-        if not above and diagnosis.ratio_alarm_active and pair is not None and any(t in report.absent_terms for t in pair):
-            # the alarmed pair is not both here (an intermittent data term, say): the ratio over the
-            # present terms says nothing about it, so the alarm neither ends nor starts again
-            return True
+        gone = [t for t in pair or () if t in report.absent_terms]
+        if not above and diagnosis.ratio_alarm_active and gone:
+            if all(self._absent_for[t] <= max(self._ABSENCE_TOLERATED, self._longest_absence.get(t, 0)) for t in gone):
+                # the alarmed pair is not both here (an intermittent data term, say): the ratio over
+                # the present terms says nothing about it, so the alarm neither ends nor starts again
+                return True
+            # absent for longer than it ever was before (a term dropped for good): the alarm ends
         if above:
             diagnosis.ratio_alarm_measurements += 1
             diagnosis.ratio_alarm_pair = (report.largest, report.smallest)
@@ -470,6 +476,11 @@ class GradientNormMonitor(PerTermCallback):
             if diagnosis.ratio_alarm_spans:
                 diagnosis.ratio_alarm_spans[-1][1] = step
             message = f"{self._name}: gradient-norm ratio back to {report.ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
+            if gone:
+                message += (
+                    f" ('{gone[0]}', one of the alarmed pair, has been absent from the last {self._absent_for[gone[0]]} "
+                    "measurements: the alarm about it ends until it comes back.)"
+                )
             rank_zero_info(message)
             self._write_text(trainer, "alarms", message, step)
             diagnosis.ratio_alarm_pair = None
@@ -606,6 +617,18 @@ class GradientNormMonitor(PerTermCallback):
             self._write_text(trainer, "alarms", message, step)
         return any(self._conflict_active.values())
 
+    #: Measurements in a row without a term of the alarmed pair that keep the ratio alarm on,
+    #: unless the term was once absent for longer and came back (then that long).
+    _ABSENCE_TOLERATED = 2
+
+    def _track_absences(self, report: GradientReport) -> None:
+        for name in report.terms:
+            if name in report.absent_terms:
+                self._absent_for[name] = self._absent_for.get(name, 0) + 1
+            elif self._absent_for.get(name, 0):
+                self._longest_absence[name] = max(self._longest_absence.get(name, 0), self._absent_for[name])
+                self._absent_for[name] = 0
+
     def _track_term_health(self, report: GradientReport, step: int) -> None:
         for name, weight, norm in zip(report.terms, report.weights, report.norms):
             if weight == 0 and norm > 0 and name not in self.diagnosis.zero_weight_terms:  # NaN (absent) fails norm > 0
@@ -716,6 +739,8 @@ class GradientNormMonitor(PerTermCallback):
             "conflict_active": dict(self._conflict_active),
             "conflict_losses": {key: [list(pair) for pair in values] for key, values in self._conflict_losses.items()},
             "term_flags": dict(self._term_flags),
+            "absent_for": dict(self._absent_for),
+            "longest_absence": dict(self._longest_absence),
             "history": self.history.to_state(),  # the report of a resumed fit covers the whole run
         }
 
@@ -737,6 +762,8 @@ class GradientNormMonitor(PerTermCallback):
             else:  # its streak starts again too, so the stall is judged on a full window
                 self._conflict_streak[key] = 0
         self._term_flags = dict(state_dict.get("term_flags", {}))
+        self._absent_for = dict(state_dict.get("absent_for", {}))
+        self._longest_absence = dict(state_dict.get("longest_absence", {}))
         self.history = History.from_state(state_dict.get("history", {}))
 
 
