@@ -3,8 +3,8 @@
 1. One ``NTKBalancer`` update on the harmonic IVP with N = 128 and N = 1024 collocation points,
    exact and sub-sampled, in units of one plain training step: in one fit, the median time of
    update steps over the median time of the other steps (side by side, same run).
-2. Exact traces with ``lightning_pinn.ntk``: its default (every point's gradient norm from one
-   backward pass, checked on four points against vector-Jacobian products) and its products
+2. Exact traces with ``lightning_pinn.ntk``: its default (every point's gradient norm from four
+   or five backward passes, which also check that each row of the graph serves one point) and its products
    alone (``one_pass=False``: vmapped one-hot vector-Jacobian products in automatic chunks),
    against two per-point loops of ``torch.autograd.grad`` calls: one-hot cotangents on the
    residual, and one call per element of ``residual.reshape(-1)`` (ratio of medians, alternated).
@@ -15,9 +15,10 @@
    loss (ratio of medians, alternated).
 4. Peak memory of one exact trace computation (default; products in automatic chunks; products
    in one unchunked batch where it fits) and one sub-sampled one for N up to 10⁴, each in a
-   fresh process (growth of the resident-set high-water mark during the computation).
+   fresh process (growth of the resident-set high-water mark during the computation), beside
+   one plain backward of the same graph for scale.
 
-    python benchmarks/ntk_cost.py                                  # everything, ~6 min on 2 cores
+    python benchmarks/ntk_cost.py                                  # everything, ~3 min on 2 idle cores
     python benchmarks/ntk_cost.py --points 128 --memory-points 128 1024
     python benchmarks/ntk_cost.py --points --memory-points --widths 32 128 500   # only the widths table
     python benchmarks/ntk_cost.py --cuda-memory-points 128 1024 4096 10000   # only the CUDA memory table (GPU)
@@ -184,6 +185,8 @@ def _trace(residual: Any, params: list[Any], mode: str) -> None:
         jacobian_row_sq_norms(residual, params, torch.arange(chunk), one_pass=False)
     elif mode == "sampled":
         jacobian_row_sq_norms(residual, params, sample_points(points, 128, torch.Generator().manual_seed(0)))
+    elif mode == "backward":  # for scale: what a training step's backward of the same graph adds
+        torch.autograd.grad(residual.square().mean(), params, retain_graph=True, allow_unused=True)
     else:
         jacobian_row_sq_norms(residual, params, chunk_size=points, one_pass=False)
 
@@ -316,10 +319,11 @@ def main() -> None:
         "chunk of cotangents.\n"
     )
     print(
-        "| N points | exact (default: four or five backward passes) | exact, products in auto chunks | products: one auto-sized chunk "
-        "| sampled, 128 points | products, one unchunked batch |\n|---|---|---|---|---|---|"
+        "| N points | one plain backward (for scale) | exact (default: four or five backward passes) | exact, products in auto chunks "
+        "| products: one auto-sized chunk | sampled, 128 points | products, one unchunked batch |\n|---|---|---|---|---|---|---|"
     )
     for points in args.memory_points:
+        backward = memory(points, "backward")
         exact = memory(points, "exact")
         products = memory(points, "products") if points <= 4096 else None
         chunk = memory(points, "one-chunk")
@@ -328,7 +332,7 @@ def main() -> None:
         products_text = f"{products['mib']:.0f} MiB, {products['seconds']:.2f} s" if products else "not run (slow: O(N²))"
         whole_text = f"{whole['mib']:.0f} MiB, {whole['seconds']:.2f} s" if whole else "not run (N² cotangents)"
         print(
-            f"| {points} | {exact['mib']:.0f} MiB, {exact['seconds']:.2f} s | {products_text} | {chunk['mib']:.0f} MiB "
+            f"| {points} | {backward['mib']:.0f} MiB | {exact['mib']:.0f} MiB, {exact['seconds']:.2f} s | {products_text} | {chunk['mib']:.0f} MiB "
             f"| {sampled['mib']:.0f} MiB, {sampled['seconds']:.2f} s | {whole_text} |",
             flush=True,
         )

@@ -340,12 +340,19 @@ def _advice(d: Diagnosis) -> list[str]:
                 f"λ_{small} by about {d.worst_ratio:.3g}x (to ≈ {now * d.worst_ratio:.3g}) so that its gradient is not "
                 f"drowned by '{big}'."
             )
-    if d.conflict_spans:
-        pairs = sorted({f"'{a}' and '{b}'" for a, b, *_ in d.conflict_spans})
+    ongoing = sorted({f"'{a}' and '{b}'" for a, b, _, end, _ in d.conflict_spans if end is None})
+    cleared = sorted({f"'{a}' and '{b}'" for a, b, _, end, _ in d.conflict_spans if end is not None} - set(ongoing))
+    if ongoing:
         advice.append(
-            f"The gradients of {', '.join(pairs)} fought (the conflict alarm was on). Reweighting cannot fix opposed gradients: "
-            "impose the initial/boundary condition exactly with a hard constraint (`lightning_pinn.constraints.IVPAnsatz`, "
-            "`DirichletAnsatz1D`), which removes that term, or lower the learning rate."
+            f"The gradients of {', '.join(ongoing)} still fought at the end (the conflict alarm was on). Reweighting cannot fix "
+            "opposed gradients: impose the initial/boundary condition exactly with a hard constraint "
+            "(`lightning_pinn.constraints.IVPAnsatz`, `DirichletAnsatz1D`), which removes that term, or lower the learning rate."
+        )
+    if cleared:
+        advice.append(
+            f"The gradients of {', '.join(cleared)} fought for a while, and the conflict alarm cleared: a phase of the fit, "
+            "nothing to fix unless it comes back and stays in a longer fit (then see the hard constraints in "
+            "`lightning_pinn.constraints`, or lower the learning rate)."
         )
     for term, step in d.nonfinite_steps.items():
         advice.append(
@@ -359,7 +366,7 @@ def _advice(d: Diagnosis) -> list[str]:
             "no weight can change that."
         )
     stalled = [t for t in d.stalled_terms if t not in d.zero_gradient_terms and t not in d.nonfinite_steps]
-    if stalled and not d.conflict_spans:
+    if stalled and not ongoing:
         advice.append(
             f"Term(s) {', '.join(repr(t) for t in stalled)} stopped improving in the last quarter of the fit; "
             "train longer with a decaying learning rate, or add points where their residual is large."

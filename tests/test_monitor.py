@@ -1289,3 +1289,19 @@ def test_the_ratio_alarm_ends_when_a_term_of_its_pair_is_dropped_for_good(caplog
     assert d.ratio_alarm_spans == [[0, 6]] and not d.ratio_alarm_active and d.ratio_alarm_pair is None
     ended = [r.getMessage() for r in caplog.records if "back to" in r.getMessage()]
     assert len(ended) == 1 and "'data', one of the alarmed pair, has been absent from the last 3 measurements" in ended[0]
+
+
+def test_the_advice_on_a_conflict_depends_on_whether_it_cleared() -> None:
+    # a solved fit with a temporary conflict (the demo's λ_IC = 100) was told to use a hard constraint
+    from lightning_pinn.report import History, render_markdown
+
+    def report(flags: list[float]) -> str:
+        history = History()
+        for step, flag in zip((0, 250, 850, 1000), flags):
+            history.add({"grad_norm/pde": 1.0, "grad_norm/ic": 1.0, "grad_cosine/pde_vs_ic": -0.9}, step)
+            history.add({"alarm/grad_conflict/pde_vs_ic": flag}, step)
+        return render_markdown(diagnose(history))
+
+    cleared, ongoing = report([0.0, 1.0, 0.0, 0.0]), report([0.0, 1.0, 1.0, 1.0])
+    assert "conflict alarm cleared: a phase of the fit" in cleared and "still fought" not in cleared
+    assert "hard constraint" in ongoing and "still fought at the end" in ongoing
