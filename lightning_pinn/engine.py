@@ -315,8 +315,10 @@ def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
 
     A plain ``backward`` gives these a gradient too (collocation points created with
     ``requires_grad=True``, a coefficient optimised outside the module's parameters), so the
-    captured total must reach them. A walk over the graph's nodes: about 20 µs for a 3-layer
-    PINN with second derivatives (≈ 170 nodes), a few % of the per-term gradients it goes with.
+    captured total must reach them. A walk over the graph's nodes, linear in their number:
+    about 20 µs for a 3-layer PINN with second derivatives (≈ 170 nodes), a few % of the
+    per-term gradients it goes with; a probe measured ≈ 3.5 ms per step with 30 terms, each
+    with its own forward pass (thirty such graphs).
     """
     known = {id(p) for p in params}
     seen: set[Any] = set()
