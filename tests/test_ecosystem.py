@@ -388,7 +388,7 @@ def test_a_check_on_a_weight_is_warned_about_by_the_callback_that_renews_it(tmp_
     from lightning_pinn.callbacks import GradNormBalancer
 
     def fit(watched: str) -> list[str]:
-        best = ModelCheckpoint(dirpath=tmp_path, monitor=watched, mode="max")
+        best = ModelCheckpoint(dirpath=tmp_path / watched.replace("/", "_"), monitor=watched, mode="max")
         monitor = GradientNormMonitor(every_n_steps=10, verbose=False, report=False)
         trainer = make_trainer(
             10, [monitor, GradNormBalancer(every_n_steps=5, terms=["bc"]), best], limit_train_batches=5, enable_checkpointing=True
@@ -401,7 +401,7 @@ def test_a_check_on_a_weight_is_warned_about_by_the_callback_that_renews_it(tmp_
     assert fit("weight/bc") == []
     assert len(fit("weight/pde")) == 1
     # a balancer's λ renewed less often than it is checked is warned about by the balancer
-    best = ModelCheckpoint(dirpath=tmp_path, monitor="weight/bc", mode="max")
+    best = ModelCheckpoint(dirpath=tmp_path / "balancer", monitor="weight/bc", mode="max")
     trainer = make_trainer(4, [GradNormBalancer(every_n_steps=20), best], limit_train_batches=4, enable_checkpointing=True)
     with pytest.warns(
         UserWarning, match=r"GradNormBalancer: ModelCheckpoint\(monitor='weight/bc'\) checks about every 4 .*every 20 steps.*patience=5"
