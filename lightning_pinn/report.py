@@ -240,12 +240,12 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
                 # each step against its own threshold (a resumed fit may have changed it)
                 limits = dict(zip(*history["grad_ratio_threshold"])) if "grad_ratio_threshold" in history else {}
                 above = {s for s, r in zip(steps, ratios) if r > limits.get(s, threshold)}
-                below = {s for s, r in zip(steps, ratios) if r <= limits.get(s, threshold)}  # (a NaN ratio is neither)
+                nan = {s for s, r in zip(steps, ratios) if math.isnan(r)}  # a term's NaN gradient: above, at fit time
                 on = {step for step, flag in zip(flag_steps, flags) if flag > 0.5}
                 off = set(flag_steps) - on
-                # an alarm stays on at a measurement without one of its pair's terms, below the
-                # threshold: not counted; one at a NaN ratio (a term's NaN gradient) was above it
-                result.ratio_measurements_above = len(on - below)
+                # an alarm stays on at a measurement without one of its pair's terms (below the
+                # threshold, or no ratio logged at all): not counted
+                result.ratio_measurements_above = len(on & (above | nan))
                 result.ratio_held_steps = [s for s in steps if s in above and s in off]
         elif threshold is not None:
             result.ratio_spans = _spans(steps, [r > threshold for r in ratios])

@@ -557,3 +557,19 @@ def test_an_interrupted_fit_logs_the_last_weight_update(tmp_path: Any) -> None:
     logger.experiment.flush()
     series = scalar_series(load_events(tmp_path), "weight/bc")
     assert series[-1] == (21, pytest.approx(model.criterion.weights["bc"]))  # the update at step 20, in force from 21
+
+
+def test_callback_metrics_hold_each_updates_ntk_traces_between_logged_points() -> None:
+    # ntk_trace/<term> reached callback_metrics only when an update was logged (every 50 steps
+    # here), so a ModelCheckpoint watching it saw one value all fit
+    seen: list[tuple[float, float]] = []
+
+    class Peek(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if "ntk_trace/pde" in trainer.callback_metrics:
+                seen.append((float(trainer.callback_metrics["ntk_trace/pde"]), balancer.last_traces["pde"]))
+
+    balancer = NTKBalancer(every_n_steps=2, terms=["bc"])  # traces of every term, also those it does not change
+    _quiet_fit(TwoTermPoisson(), 12, [balancer, Peek()])
+    assert len(seen) >= 10 and len({published for published, _ in seen}) >= 5
+    assert all(published == pytest.approx(latest) for published, latest in seen)

@@ -1275,20 +1275,35 @@ def test_the_report_counts_an_alarm_at_a_nan_ratio_but_not_one_held_over_an_abse
     assert "<svg" in (tmp_path / "history.svg").read_text()[:2000]
 
 
-def test_the_ratio_alarm_ends_when_a_term_of_its_pair_is_dropped_for_good(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("ratio_terms", [None, ["pde", "data"]])
+def test_the_ratio_alarm_ends_when_a_term_of_its_pair_is_dropped_for_good(
+    caplog: pytest.LogCaptureFixture, ratio_terms: list[str] | None
+) -> None:
     # present at steps 0-3 only (a curriculum dropping a term): the alarm about it ends after
-    # three measurements without it, longer than it was ever absent before, and says why
+    # three measurements without it, longer than it was ever absent before, and says why; also
+    # where no ratio is left without it (ratio_terms of two, or a two-term loss)
     import logging
 
     model = ExtraTermPoisson("data", lambda m, i: m.net(m.x[::4]) - 0.5 if m.global_step < 4 else None, weight=1e-6)
-    monitor = GradientNormMonitor(every_n_steps=1, report=False)
+    monitor = GradientNormMonitor(every_n_steps=1, report=False, ratio_terms=ratio_terms)
     with caplog.at_level(logging.INFO), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make_trainer(12, [monitor]).fit(model)
     d = monitor.diagnosis
     assert d.ratio_alarm_spans == [[0, 6]] and not d.ratio_alarm_active and d.ratio_alarm_pair is None
-    ended = [r.getMessage() for r in caplog.records if "back to" in r.getMessage()]
+    ended = [r.getMessage() for r in caplog.records if "one of the alarmed pair" in r.getMessage()]
     assert len(ended) == 1 and "'data', one of the alarmed pair, has been absent from the last 3 measurements" in ended[0]
+    assert diagnose(monitor.history).ratio_measurements_above == d.ratio_alarm_measurements == 4
+
+
+def test_a_term_that_first_appears_late_has_not_been_absent_and_come_back() -> None:
+    # present at steps 8-10 only: its absence before step 8 does not lengthen the wait after it is dropped
+    model = ExtraTermPoisson("data", lambda m, i: m.net(m.x[::4]) - 0.5 if 8 <= m.global_step <= 10 else None, weight=1e-6)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(20, [monitor]).fit(model)
+    assert monitor.diagnosis.ratio_alarm_spans[-1] == [8, 13]  # three measurements without it (11-13)
 
 
 def test_the_advice_on_a_conflict_depends_on_whether_it_cleared() -> None:

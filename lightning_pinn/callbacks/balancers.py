@@ -342,8 +342,9 @@ class WeightBalancer(PerTermCallback):
         applied_step = self._applied_step
         if not self._logging_due(trainer, applied_step):
             self._unlogged = (step, applied_step, measured, applied)  # written at the end of the fit unless a later update is logged
-            # but EarlyStopping / ModelCheckpoint watching weight/<term> see the λ in force now
-            publish(trainer, {f"{self._tag_prefix}{tag}": value for tag, value in applied.items()})
+            # but EarlyStopping / ModelCheckpoint watching weight/<term> (or ntk_trace/<term>) see
+            # the values of this update
+            publish(trainer, {f"{self._tag_prefix}{tag}": value for tag, value in {**measured, **applied}.items()})
             return
         self._log_scalars(trainer, measured, step)
         self._log_scalars(trainer, applied, applied_step)
@@ -373,10 +374,17 @@ class WeightBalancer(PerTermCallback):
 
     def _refresh_cadence(self, tag: str) -> int | None:
         family, _, term = tag.partition("/")
-        mine = term in self.criterion.term_names and (self.terms is None or term in self.terms)
-        if mine and (family in ("weight_target", "ntk_trace") or (family == "weight" and term in self._weight_terms)):
+        if term not in self.criterion.term_names:
+            return None
+        if family in self._extra_metric_families:  # measured for every term, at each update
+            return self.every_n_steps
+        mine = self.terms is None or term in self.terms
+        if mine and (family == "weight_target" or (family == "weight" and term in self._weight_terms)):
             return self.every_n_steps
         return None  # (a fixed λ this balancer also logs never changes: nothing to wait for)
+
+    #: Tag families of :meth:`_extra_metrics` (e.g. ``"ntk_trace"``).
+    _extra_metric_families: tuple[str, ...] = ()
 
     def _log_scalars(self, trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pending: PendingEvents | None = None) -> None:
         """Log, and give the weights to the monitors on this loss, whose reports then date λ's
@@ -732,6 +740,8 @@ class NTKBalancer(WeightBalancer):
 
     def _rule(self, values: list[float]) -> list[float]:
         return ntk_trace_weights(values, self._reference_index)
+
+    _extra_metric_families = ("ntk_trace",)
 
     def _extra_metrics(self, measurement: StepMeasurement) -> dict[str, float]:
         return {f"ntk_trace/{name}": value for name, value in self.last_traces.items() if math.isfinite(value)}

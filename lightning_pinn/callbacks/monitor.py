@@ -434,7 +434,16 @@ class GradientNormMonitor(PerTermCallback):
         diagnosis.measurements += 1
         diagnosis.first_step = step if diagnosis.first_step is None else diagnosis.first_step
         diagnosis.last_step = step
-        if report.ratio is None:
+        # A term of the alarmed pair absent (None) here: the ratio over the present terms says
+        # nothing about that pair (an intermittent data term, say), so the alarm neither ends nor
+        # starts again, until the term has been away longer than it ever was before (dropped).
+        pair = diagnosis.ratio_alarm_pair if diagnosis.ratio_alarm_active else None
+        gone = [t for t in pair or () if t in report.absent_terms]
+        dropped = [t for t in gone if self._absent_for.get(t, 0) > max(self._ABSENCE_TOLERATED, self._longest_absence.get(t, 0))]
+        if report.ratio is None:  # fewer than two usable terms: no ratio to judge
+            if dropped:
+                self._end_ratio_alarm(trainer, step, None, dropped[0])
+                return False
             return diagnosis.ratio_alarm_active
         assert report.largest is not None and report.smallest is not None
         if diagnosis.worst_ratio is None or report.ratio > diagnosis.worst_ratio:
@@ -455,37 +464,41 @@ class GradientNormMonitor(PerTermCallback):
                     if name not in diagnosis.ratio_alarm_held_by:
                         diagnosis.ratio_alarm_held_by.append(name)
             return diagnosis.ratio_alarm_active
-        pair = diagnosis.ratio_alarm_pair
-        gone = [t for t in pair or () if t in report.absent_terms]
-        if not above and diagnosis.ratio_alarm_active and gone:
-            if all(self._absent_for[t] <= max(self._ABSENCE_TOLERATED, self._longest_absence.get(t, 0)) for t in gone):
-                # the alarmed pair is not both here (an intermittent data term, say): the ratio over
-                # the present terms says nothing about it, so the alarm neither ends nor starts again
-                return True
-            # absent for longer than it ever was before (a term dropped for good): the alarm ends
+        if not above and gone and not dropped:
+            return True
         if above:
             diagnosis.ratio_alarm_measurements += 1
             diagnosis.ratio_alarm_pair = (report.largest, report.smallest)
-        if above and not diagnosis.ratio_alarm_active:
-            diagnosis.ratio_alarm_episodes += 1
-            diagnosis.ratio_alarm_spans.append([step, None])
-            message = self._ratio_message(report, step, self._balancer_names)
-            rank_zero_warn(message, category=LossBalanceWarning)
-            self._write_text(trainer, "alarms", message, step)
-        elif not above and diagnosis.ratio_alarm_active:
-            if diagnosis.ratio_alarm_spans:
-                diagnosis.ratio_alarm_spans[-1][1] = step
-            message = f"{self._name}: gradient-norm ratio back to {report.ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
-            if gone:
-                message += (
-                    f" ('{gone[0]}', one of the alarmed pair, has been absent from the last {self._absent_for[gone[0]]} "
-                    "measurements: the alarm about it ends until it comes back.)"
-                )
-            rank_zero_info(message)
-            self._write_text(trainer, "alarms", message, step)
-            diagnosis.ratio_alarm_pair = None
-        diagnosis.ratio_alarm_active = above
+            if not diagnosis.ratio_alarm_active:
+                diagnosis.ratio_alarm_episodes += 1
+                diagnosis.ratio_alarm_spans.append([step, None])
+                message = self._ratio_message(report, step, self._balancer_names)
+                rank_zero_warn(message, category=LossBalanceWarning)
+                self._write_text(trainer, "alarms", message, step)
+                diagnosis.ratio_alarm_active = True
+        elif diagnosis.ratio_alarm_active:
+            self._end_ratio_alarm(trainer, step, report.ratio, dropped[0] if dropped else None)
         return above
+
+    def _end_ratio_alarm(self, trainer: pl.Trainer, step: int, ratio: float | None, dropped: str | None) -> None:
+        """The ratio alarm ends at ``step`` (``dropped``: a term of its pair that has been away too long)."""
+        diagnosis = self.diagnosis
+        if diagnosis.ratio_alarm_spans:
+            diagnosis.ratio_alarm_spans[-1][1] = step
+        message = (
+            f"{self._name}: gradient-norm ratio back to {ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
+            if ratio is not None
+            else f"{self._name}: the loss-balance alarm ends at step {step}."
+        )
+        if dropped is not None:
+            message += (
+                f" ('{dropped}', one of the alarmed pair, has been absent from the last {self._absent_for[dropped]} "
+                "measurements: the alarm about it ends until it comes back.)"
+            )
+        rank_zero_info(message)
+        self._write_text(trainer, "alarms", message, step)
+        diagnosis.ratio_alarm_pair = None
+        diagnosis.ratio_alarm_active = False
 
     def _ratio_message(self, report: GradientReport, step: int, balancers: list[str] | None = None) -> str:
         big, small = report.largest, report.smallest
@@ -622,12 +635,15 @@ class GradientNormMonitor(PerTermCallback):
     _ABSENCE_TOLERATED = 2
 
     def _track_absences(self, report: GradientReport) -> None:
+        """Count each term's measurements in a row without it, from its first presence on (a term
+        that first appears late has not been "absent and come back")."""
         for name in report.terms:
-            if name in report.absent_terms:
-                self._absent_for[name] = self._absent_for.get(name, 0) + 1
-            elif self._absent_for.get(name, 0):
-                self._longest_absence[name] = max(self._longest_absence.get(name, 0), self._absent_for[name])
+            if name not in report.absent_terms:
+                if self._absent_for.get(name, 0):
+                    self._longest_absence[name] = max(self._longest_absence.get(name, 0), self._absent_for[name])
                 self._absent_for[name] = 0
+            elif name in self._absent_for:
+                self._absent_for[name] += 1
 
     def _track_term_health(self, report: GradientReport, step: int) -> None:
         for name, weight, norm in zip(report.terms, report.weights, report.norms):
