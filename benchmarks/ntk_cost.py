@@ -219,15 +219,20 @@ def _memory_child(points: int, mode: str) -> None:
     print(json.dumps({"mib": (after - before) / 1024, "seconds": seconds}))
 
 
-def memory(points: int, mode: str, env: dict[str, str] | None = None) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", str(points), mode],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, **(env or {})},
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def memory(points: int, mode: str, env: dict[str, str] | None = None, repeats: int = 1) -> dict[str, float]:
+    """Peak-RSS growth (MiB) and seconds of one trace computation: the median over ``repeats``
+    fresh processes (single runs vary by about ±20 %)."""
+    runs = []
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(points), mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **(env or {})},
+        )
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def cuda_memory(points: int, mode: str) -> dict[str, float]:
@@ -327,7 +332,7 @@ def main() -> None:
 
     if not args.memory_points:
         return
-    print("\n## Peak memory of one trace computation (fresh process each; growth of peak RSS)\n")
+    print("\n## Peak memory of one trace computation (fresh process each, median of 3 where cheap; growth of peak RSS)\n")
     print(
         "The default keeps the output gradients of four or five backward passes at the nodes where parameters meet the points\n"
         "(O(N), like the graph itself) and per-point gradients for at most 2**22 values at a time; the products keep one\n"
@@ -338,11 +343,11 @@ def main() -> None:
         "| products: one auto-sized chunk | sampled, 128 points | products, one unchunked batch |\n|---|---|---|---|---|---|---|"
     )
     for points in args.memory_points:
-        backward = memory(points, "backward")
-        exact = memory(points, "exact")
+        backward = memory(points, "backward", repeats=3)
+        exact = memory(points, "exact", repeats=3)
         products = memory(points, "products") if points <= 4096 else None
-        chunk = memory(points, "one-chunk")
-        sampled = memory(points, "sampled")
+        chunk = memory(points, "one-chunk", repeats=3)
+        sampled = memory(points, "sampled", repeats=3)
         whole = memory(points, "unchunked") if points <= 2048 else None
         products_text = f"{products['mib']:.0f} MiB, {products['seconds']:.2f} s" if products else "not run (slow: O(N²))"
         whole_text = f"{whole['mib']:.0f} MiB, {whole['seconds']:.2f} s" if whole else "not run (N² cotangents)"
