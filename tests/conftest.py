@@ -74,6 +74,17 @@ class ExtraTermPoisson(TwoTermPoisson):
         return self.criterion(**self.residuals(), **{self.extra_name: self.extra(self, batch_idx)})
 
 
+class TwoLossPoisson(TwoTermPoisson):
+    """:class:`TwoTermPoisson` with a second ``MultiTermLoss`` (``data_loss``, one term ``data``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data_loss = MultiTermLoss(data=1.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.criterion(**self.residuals()) + self.data_loss(data=self.net(self.x) - 0.5)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ExtraTermPoisson, TwoTermPoisson, make_trainer
+from conftest import ExtraTermPoisson, TwoLossPoisson, TwoTermPoisson, make_trainer
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tb import custom_scalars_layout, load_events, scalar_series, texts
 
@@ -1238,17 +1238,9 @@ def test_two_monitors_on_one_loss_are_refused_and_on_two_losses_allowed() -> Non
     with pytest.raises(ValueError, match=r"two GradientNormMonitor callbacks watch the same loss \('criterion'\).*loss_module="):
         make_trainer(2, [first, second]).fit(TwoTermPoisson())
 
-    class TwoLosses(TwoTermPoisson):
-        def __init__(self) -> None:
-            super().__init__()
-            self.other = MultiTermLoss(data=1.0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return self.criterion(**self.residuals()) + self.other(data=self.net(self.x) - 0.5)
-
     a = GradientNormMonitor(loss_module="criterion", verbose=False, report=False)
-    b = GradientNormMonitor(loss_module="other", threshold=10.0, verbose=False, report=False)
-    make_trainer(2, [a, b]).fit(TwoLosses())
+    b = GradientNormMonitor(loss_module="data_loss", threshold=10.0, verbose=False, report=False)
+    make_trainer(2, [a, b]).fit(TwoLossPoisson())
     assert "grad_norm/pde" in a.history and "grad_norm/data" in b.history
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ExtraTermPoisson, TwoTermPoisson, make_trainer
+from conftest import ExtraTermPoisson, TwoLossPoisson, TwoTermPoisson, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 
@@ -229,20 +229,11 @@ def test_replacing_the_loss_mid_training_is_a_clear_error() -> None:
         _fit(TwoTermPoisson(), 5, [Replacer(), GradientNormMonitor(every_n_steps=1, verbose=False)])
 
 
-class _TwoLosses(TwoTermPoisson):
-    def __init__(self) -> None:
-        super().__init__()
-        self.data_loss = MultiTermLoss(data=1.0)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.criterion(**self.residuals()) + self.data_loss(data=self.net(self.x) - 0.5)
-
-
 def test_two_monitors_with_different_arguments_keep_their_own_state() -> None:
     # (two monitors on one loss are refused: test_monitor.py; on two losses each keeps its own)
     fast = GradientNormMonitor(every_n_steps=1, verbose=False, loss_module="criterion")
     slow = GradientNormMonitor(every_n_steps=3, verbose=False, loss_module="data_loss")
-    _fit(_TwoLosses(), 6, [fast, slow])
+    _fit(TwoLossPoisson(), 6, [fast, slow])
     assert (fast.diagnosis.measurements, slow.diagnosis.measurements) == (6, 2)
     assert fast.state_key != slow.state_key
 
