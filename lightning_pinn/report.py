@@ -125,7 +125,15 @@ def read_history(run_dir: str | Path) -> History:
         )
     history = History()
     for tag in accumulator.Tags().get("scalars", []):
-        for event in accumulator.Scalars(tag):
+        kept: list[Any] = []
+        for event in accumulator.Scalars(tag):  # in the order written, files oldest first
+            # a fit resumed from an earlier checkpoint into the same folder writes those steps
+            # again: its points replace the first attempt's from that step on (TensorBoard's own
+            # out-of-order purge does not run on today's event files)
+            while kept and kept[-1].step >= event.step:
+                kept.pop()
+            kept.append(event)
+        for event in kept:
             history.add({tag: event.value}, event.step)
     history.layout_losses, history.layout_terms = _read_layouts(accumulator)
     return history
@@ -551,8 +559,11 @@ def write_report(
     ``folder`` may be a local path or an fsspec URL (``s3://…``, ``memory://…``: a logger's remote
     ``save_dir``), written through its filesystem; for a URL the paths returned are URLs (``str``).
     """
-    text = render_markdown(diagnose(history, cosine_threshold=cosine_threshold), title)
+    diagnosis = diagnose(history, cosine_threshold=cosine_threshold)
+    text = render_markdown(diagnosis, title)
     text += f"\n![gradient norms and weights]({name}.png)\n"
+    if diagnosis.measurements:  # what the report covers, for `lightning-pinn report` to compare
+        text += f"\n<!-- {_COVERAGE} measurements={diagnosis.measurements} first_step={diagnosis.first_step} -->\n"
     if "://" in str(folder):  # a remote folder: through fsspec, as Lightning's loggers write there
         from lightning_fabric.utilities.cloud_io import get_filesystem
 
@@ -571,6 +582,18 @@ def write_report(
     markdown.write_text(text)
     plot_history(history, picture, title)
     return markdown, picture
+
+
+_COVERAGE = "lightning-pinn coverage:"
+
+
+def _coverage(markdown: Path) -> tuple[int, int] | None:
+    """(measurements, first step) an existing report covers, from the note :func:`write_report` leaves."""
+    try:
+        found = re.search(rf"<!-- {re.escape(_COVERAGE)} measurements=(\d+) first_step=(\d+) -->", markdown.read_text())
+    except OSError:
+        return None
+    return (int(found.group(1)), int(found.group(2))) if found else None
 
 
 def _natural_key(path: Path) -> list[object]:
@@ -677,6 +700,18 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
                 # report the fit wrote rather than replace it with an empty one
                 text = render_markdown(diagnose(series), title)
                 out.append((run / f"{name}.md", text, "not written: no monitor tags found here, and a report already exists"))
+                continue
+            covered, diagnosis = _coverage(run / f"{name}.md"), diagnose(series)
+            if covered and diagnosis.first_step is not None and (covered[1] < diagnosis.first_step or covered[0] > diagnosis.measurements):
+                # e.g. the report of a fit resumed into a new version folder, which covers the whole
+                # run from the monitor's checkpointed history, while these files hold only its end
+                text = render_markdown(diagnosis, title)
+                reason = (
+                    f"not written: the existing report covers more of the run ({covered[0]} measurements from step "
+                    f"{covered[1]}) than these event files ({diagnosis.measurements} from step {diagnosis.first_step}), "
+                    "e.g. a fit resumed into a new version folder"
+                )
+                out.append((run / f"{name}.md", text, reason))
                 continue
             try:
                 markdown_path, _ = write_report(series, run, title=title, name=name)

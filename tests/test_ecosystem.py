@@ -221,10 +221,11 @@ def test_report_reads_only_the_event_file_it_is_given_and_survives_a_read_only_r
         )
         second_logger.experiment.flush()
     run_report_path = tmp_path / "run" / "version_0" / "diagnosis.md"
-    assert cli_main(["report", str(tmp_path)]) == 0 and "6 measurements" in run_report_path.read_text()
+    # the folder: the second fit's points replace the first's from its first step (0) on
+    assert cli_main(["report", str(tmp_path)]) == 0 and "2 measurements" in run_report_path.read_text()
     assert cli_main(["report", str(first[0])]) == 0
-    assert "4 measurements" in capsys.readouterr().out, "only the given file (it used to read the whole folder: 6)"
-    assert "6 measurements" in run_report_path.read_text(), "the run's own report is not overwritten"
+    assert "4 measurements" in capsys.readouterr().out, "only the given file (it used to read the whole folder)"
+    assert "2 measurements" in run_report_path.read_text(), "the run's own report is not overwritten"
     assert (run_report_path.parent / f"diagnosis.{first[0].name.removeprefix('events.out.tfevents.')}.md").exists()
 
     import lightning_pinn.report as report_module
@@ -500,3 +501,34 @@ def test_the_report_lists_the_weights_in_the_losss_order() -> None:
     history.add({"loss/pde": 1.0, "loss/ic": 0.5, "weight/pde": 1.0}, 0)
     history.add({"weight/ic": 3.0, "weight/pde": 1.0}, 10)
     assert list(diagnose(history).weights) == ["pde", "ic"]
+
+
+def test_report_reads_a_resumed_attempt_over_the_first_and_keeps_a_report_that_covers_more(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_pinn.report import read_history, report_runs
+
+    def write(folder: Path, steps: range) -> None:
+        writer = SummaryWriter(str(folder))
+        for step in steps:
+            writer.add_scalar("grad_norm/pde", 1.0 + step, step)
+            writer.add_scalar("grad_norm/bc", 1.0, step)
+        writer.close()
+
+    # a fit that crashed after step 14, resumed from its step-10 checkpoint into the same folder:
+    # the second attempt's points replace the first's from step 10 on (steps 10-14 were counted twice)
+    same = tmp_path / "same"
+    write(same, range(0, 15, 2))
+    time.sleep(1.1)  # (event file names start with the time in seconds)
+    write(same, range(10, 29, 2))
+    steps, values = read_history(same)["grad_norm/pde"]
+    assert steps == list(range(0, 29, 2)) and values == [1.0 + s for s in steps]
+
+    # a fit resumed into a new version folder: its fit-time report covers the whole run (from the
+    # monitor's checkpointed history), the folder's event files only the resumed part
+    resumed = tmp_path / "version_1"
+    write(resumed, range(20, 29, 2))
+    kept = "# Loss-balance diagnosis\n\n15 measurements, steps 0–28.\n\n<!-- lightning-pinn coverage: measurements=15 first_step=0 -->\n"
+    (resumed / "diagnosis.md").write_text(kept)
+    [(path, _, reason)] = report_runs(resumed)
+    assert path.read_text() == kept and reason is not None and "covers more of the run" in reason
