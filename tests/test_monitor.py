@@ -20,7 +20,7 @@ from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
 from lightning_pinn.problems import HarmonicOscillator
-from lightning_pinn.report import diagnose
+from lightning_pinn.report import diagnose, render_markdown
 from lightning_pinn.tensorboard import LAYOUT_CATEGORY
 
 
@@ -1312,3 +1312,17 @@ def test_the_advice_on_a_conflict_depends_on_whether_it_cleared() -> None:
     cleared, ongoing = report([0.0, 1.0, 0.0, 0.0]), report([0.0, 1.0, 1.0, 1.0])
     assert "conflict alarm cleared: a phase of the fit" in cleared and "still fought" not in cleared
     assert "hard constraint" in ongoing and "still fought at the end" in ongoing
+
+
+def test_a_conflict_alarm_ends_when_a_term_of_its_pair_is_dropped_for_good() -> None:
+    # 'data' pulls u at the boundary to 1 where 'bc' pulls it to 0 (opposed gradients), then is
+    # dropped at step 4: the pair's alarm ends after three measurements without it
+    model = ExtraTermPoisson("data", lambda m, i: m.net(m.xb) - 1.0 if m.global_step < 4 else None)
+    monitor = GradientNormMonitor(every_n_steps=1, cosine_patience=2, conflict_min_decrease=None, verbose=False, report=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(12, [monitor]).fit(model)
+    spans = [span for span in monitor.diagnosis.conflict_alarm_spans if "data" in span[:2]]
+    assert spans == [["bc", "data", 1, 6]]
+    report = render_markdown(diagnose(monitor.history)).splitlines()
+    assert not any("'data'" in line and "still fought" in line for line in report)

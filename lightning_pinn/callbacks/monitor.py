@@ -571,6 +571,13 @@ class GradientNormMonitor(PerTermCallback):
         diagnosis = self.diagnosis
         self._conflict_changes = {}  # this measurement's per-pair alarm starts (1) and ends (0)
         index = report.terms.index
+        for a, b, *_ in [span for span in diagnosis.conflict_alarm_spans if span[3] is None]:
+            # as for the ratio alarm: a term of the pair away longer than it ever was before
+            # (dropped for good) ends the pair's alarm; a shorter absence leaves it as it is
+            gone = [t for t in (a, b) if self._absent_for.get(t, 0) > max(self._ABSENCE_TOLERATED, self._longest_absence.get(t, 0))]
+            if gone:
+                why = f"'{gone[0]}' has been absent from the last {self._absent_for[gone[0]]} measurements"
+                self._end_conflict(trainer, a, b, step, why)
         for (a, b), cosine in report.cosines.items():
             if diagnosis.min_cosine is None or cosine < diagnosis.min_cosine:
                 diagnosis.min_cosine, diagnosis.min_cosine_step, diagnosis.min_cosine_pair = cosine, step, (a, b)
@@ -583,18 +590,7 @@ class GradientNormMonitor(PerTermCallback):
             if cosine >= self.cosine_threshold:
                 self._conflict_streak[key] = 0
                 if self._conflict_active.get(key):
-                    self._conflict_active[key] = False
-                    self._conflict_changes[f"alarm/grad_conflict/{key}"] = 0.0
-                    for span in reversed(diagnosis.conflict_alarm_spans):
-                        if span[0] == a and span[1] == b and span[3] is None:
-                            span[3] = step
-                            break
-                    self._write_text(
-                        trainer,
-                        "alarms",
-                        f"{self._name}: gradient conflict between '{a}' and '{b}' ended at step {step} (cosine {cosine:.2f}).",
-                        step,
-                    )
+                    self._end_conflict(trainer, a, b, step, f"cosine {cosine:.2f}")
                 continue
             streak = self._conflict_streak.get(key, 0) + 1
             self._conflict_streak[key] = streak
@@ -629,6 +625,18 @@ class GradientNormMonitor(PerTermCallback):
             rank_zero_warn(message, category=GradientConflictWarning)
             self._write_text(trainer, "alarms", message, step)
         return any(self._conflict_active.values())
+
+    def _end_conflict(self, trainer: pl.Trainer, a: str, b: str, step: int, why: str) -> None:
+        """The conflict alarm about ``a`` and ``b`` ends at ``step`` (``why``: the cosine, or an absence)."""
+        key = f"{a}_vs_{b}"
+        self._conflict_active[key] = False
+        self._conflict_streak[key] = 0
+        self._conflict_changes[f"alarm/grad_conflict/{key}"] = 0.0
+        for span in reversed(self.diagnosis.conflict_alarm_spans):
+            if span[0] == a and span[1] == b and span[3] is None:
+                span[3] = step
+                break
+        self._write_text(trainer, "alarms", f"{self._name}: gradient conflict between '{a}' and '{b}' ended at step {step} ({why}).", step)
 
     #: Measurements in a row without a term of the alarmed pair that keep the ratio alarm on,
     #: unless the term was once absent for longer and came back (then that long).
