@@ -70,6 +70,23 @@ class History:
                 steps.insert(index, step)
                 self._values[tag].insert(index, float(value))
 
+    def drop_from(self, step: int) -> None:
+        """Forget every tag's points at ``step`` and later (an abandoned attempt's, see :func:`read_history`)."""
+        for tag in list(self._steps):
+            self._drop(tag, bisect.bisect_left(self._steps[tag], step), len(self._steps[tag]))
+
+    def drop_at(self, tag: str, step: int) -> None:
+        """Forget ``tag``'s points at exactly ``step``."""
+        if tag in self._steps:
+            steps = self._steps[tag]
+            self._drop(tag, bisect.bisect_left(steps, step), bisect.bisect_right(steps, step))
+
+    def _drop(self, tag: str, start: int, stop: int) -> None:
+        del self._steps[tag][start:stop]
+        del self._values[tag][start:stop]
+        if not self._steps[tag]:  # a tag with no points left is no tag at all (no term, no series)
+            del self._steps[tag], self._values[tag]
+
     def __contains__(self, tag: str) -> bool:
         return tag in self._steps
 
@@ -112,30 +129,45 @@ class History:
 
 
 def read_history(run_dir: str | Path) -> History:
-    """All scalars of the TensorBoard run in ``run_dir`` (a folder holding event files, or one event file)."""
+    """All scalars of the TensorBoard run in ``run_dir`` (a folder holding event files, or one event file).
+
+    A folder's event files are read oldest first, and each file's points replace what the
+    earlier files hold from the file's first step on: a fit resumed from an earlier checkpoint
+    into the same folder (after a crash, say) writes those steps again, in a new file, and the
+    abandoned attempt's points from there on are not part of the run. (TensorBoard's own
+    out-of-order purge does not run on today's event files.)
+    """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    if not any(tags for tags in accumulator.Tags().values() if isinstance(tags, list)):
+    path = Path(run_dir)
+    files = [path] if path.is_file() else sorted(path.glob("events.out.tfevents.*"), key=_natural_key)
+    history = History()
+    readable = False
+    for file in files:
+        accumulator = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        readable = readable or any(tags for tags in accumulator.Tags().values() if isinstance(tags, list))
+        points = [(tag, event.step, event.value) for tag in accumulator.Tags().get("scalars", []) for event in accumulator.Scalars(tag)]
+        # (Lightning's hp_metric is logged at step 0 by every fit, resumed or not)
+        steps = [step for tag, step, _ in points if not tag.endswith("hp_metric")]
+        first = min(steps) if steps else None
+        if first is not None:
+            # after the resume step everything is written again; at the step itself, only what
+            # the resumed fit wrote again (a balancer does not log its λ twice at that step)
+            history.drop_from(first + 1)
+            for tag in {tag for tag, step, _ in points if step == first}:
+                history.drop_at(tag, first)
+        for tag, step, value in points:
+            history.add({tag: value}, step)
+        losses, terms = _read_layouts(accumulator)
+        history.layout_losses.update(losses)
+        history.layout_terms.update(terms)
+    if not readable:
         warnings.warn(
             f"lightning-pinn report: no events could be read from {run_dir} (its event files are empty, truncated or "
             "not TensorBoard event files); the report below has nothing to go on.",
             stacklevel=2,
         )
-    history = History()
-    for tag in accumulator.Tags().get("scalars", []):
-        kept: list[Any] = []
-        for event in accumulator.Scalars(tag):  # in the order written, files oldest first
-            # a fit resumed from an earlier checkpoint into the same folder writes those steps
-            # again: its points replace the first attempt's from that step on (TensorBoard's own
-            # out-of-order purge does not run on today's event files)
-            while kept and kept[-1].step >= event.step:
-                kept.pop()
-            kept.append(event)
-        for event in kept:
-            history.add({tag: event.value}, event.step)
-    history.layout_losses, history.layout_terms = _read_layouts(accumulator)
     return history
 
 
@@ -702,7 +734,7 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
                 out.append((run / f"{name}.md", text, "not written: no monitor tags found here, and a report already exists"))
                 continue
             covered, diagnosis = _coverage(run / f"{name}.md"), diagnose(series)
-            if covered and diagnosis.first_step is not None and (covered[1] < diagnosis.first_step or covered[0] > diagnosis.measurements):
+            if covered and diagnosis.first_step is not None and covered[1] < diagnosis.first_step:
                 # e.g. the report of a fit resumed into a new version folder, which covers the whole
                 # run from the monitor's checkpointed history, while these files hold only its end
                 text = render_markdown(diagnosis, title)

@@ -508,21 +508,31 @@ def test_report_reads_a_resumed_attempt_over_the_first_and_keeps_a_report_that_c
 
     from lightning_pinn.report import read_history, report_runs
 
-    def write(folder: Path, steps: range) -> None:
+    def write(folder: Path, steps: range, extra: str | None = None) -> None:
         writer = SummaryWriter(str(folder))
+        writer.add_scalar("hp_metric", -1.0, 0)  # as Lightning logs at every fit's start, resumed or not
         for step in steps:
             writer.add_scalar("grad_norm/pde", 1.0 + step, step)
             writer.add_scalar("grad_norm/bc", 1.0, step)
+            if extra is not None and step >= 11:
+                writer.add_scalar(extra, 1.0, step)  # a tag only the abandoned attempt wrote
         writer.close()
 
     # a fit that crashed after step 14, resumed from its step-10 checkpoint into the same folder:
-    # the second attempt's points replace the first's from step 10 on (steps 10-14 were counted twice)
+    # the second attempt's points replace the first's from step 10 on (steps 10-14 were counted
+    # twice), for every tag, also one the second attempt never writes
     same = tmp_path / "same"
-    write(same, range(0, 15, 2))
+    write(same, range(0, 15, 2), extra="alarm/grad_conflict/bc_vs_data")
     time.sleep(1.1)  # (event file names start with the time in seconds)
     write(same, range(10, 29, 2))
-    steps, values = read_history(same)["grad_norm/pde"]
+    history = read_history(same)
+    steps, values = history["grad_norm/pde"]
     assert steps == list(range(0, 29, 2)) and values == [1.0 + s for s in steps]
+    assert "alarm/grad_conflict/bc_vs_data" not in history
+    # a report of an abandoned longer branch does not block the rewrite (it does not start earlier)
+    (same / "diagnosis.md").write_text("<!-- lightning-pinn coverage: measurements=40 first_step=0 -->\n")
+    [(path, _, reason)] = report_runs(same)
+    assert reason is None and "15 measurements" in path.read_text()
 
     # a fit resumed into a new version folder: its fit-time report covers the whole run (from the
     # monitor's checkpointed history), the folder's event files only the resumed part
