@@ -831,6 +831,30 @@ def test_a_resumed_fit_logs_no_second_weight_point_at_the_resume_step(tmp_path: 
     assert (steps, values) == whole[0].history["weight/bc"]  # the same points as the uninterrupted fit
 
 
+@pytest.mark.parametrize("version", [0, 1])
+def test_a_resume_into_a_new_version_folder_starts_its_weight_series_at_the_resume_step(tmp_path: Path, version: int) -> None:
+    # the λ in force at the checkpoint was logged in version 0 (log_every_n_steps=1); a resume
+    # into version 1 logs it again there, a resume into version 0 adds no second point
+    from lightning_pinn.callbacks import GradNormBalancer
+    from lightning_pinn.report import read_history
+
+    def fit(steps: int, logger_version: int, ckpt: Path | None = None) -> pl.Trainer:
+        trainer = make_trainer(
+            steps, [GradNormBalancer(every_n_steps=1)], logger=TensorBoardLogger(str(tmp_path), name="run", version=logger_version)
+        )
+        trainer.log_every_n_steps = 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(TwoTermPoisson(), ckpt_path=ckpt)
+        return trainer
+
+    first = fit(6, 0)
+    first.save_checkpoint(tmp_path / "half.ckpt")
+    fit(9, version, tmp_path / "half.ckpt")
+    steps, _ = read_history(tmp_path / "run" / f"version_{version}")["weight/bc"]
+    assert steps == (list(range(0, 10)) if version == 0 else [6, 7, 8, 9]), steps
+
+
 def test_the_report_credits_the_balancing_only_when_the_weights_moved_substantially() -> None:
     from lightning_pinn.report import History, diagnose
 

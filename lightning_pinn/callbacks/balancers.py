@@ -146,6 +146,8 @@ class WeightBalancer(PerTermCallback):
         self._last_logged_weights: dict[str, float] = {}  # and their values (a refit of the same Trainer compares them)
         # from a checkpoint, until the fit starts: (step of its last logged weights, whether those are the λ in force)
         self._resumed_logging: tuple[int | None, bool] = (None, False)
+        self._log_dir: str | None = None  # the first logger's folder this fit logs to (saved: see _on_attach)
+        self._resumed_log_dir: str | None = None
         self._skip_start_log = False
         self._unlogged: tuple[int, int, dict[str, float], dict[str, float]] | None = None  # (step, applied step, measured, applied)
         self._applied_step = 0  # the step from which the weights of the latest measurement apply
@@ -212,6 +214,7 @@ class WeightBalancer(PerTermCallback):
         owner = type(self).__name__
         resumed_step, resumed_in_force = self._resumed_logging
         self._resumed_logging = (None, False)
+        self._log_dir = None  # (found again below on a resume, else at on_train_start)
         if resumed_step is None and trainer.global_step > 0:
             # the same Trainer fitted again (max_steps raised): the last fit ended by logging the
             # λ in force at this step (on_train_end), so the start needs no second point here
@@ -221,8 +224,14 @@ class WeightBalancer(PerTermCallback):
                 weights.get(name) == value for name, value in self._last_logged_weights.items()
             )
         else:
-            # resumed, and the λ in force were logged before the checkpoint: no second point at this step
-            self._last_logged_step, self._skip_start_log = resumed_step, resumed_in_force
+            # resumed, and the λ in force were logged before the checkpoint: no second point at this
+            # step, unless this fit logs into another folder (a new version), which starts its
+            # series at the resume step (trainer.log_dir: a collective under DDP, on every rank)
+            log_dir = trainer.log_dir if trainer.loggers else None
+            same_folder = self._resumed_log_dir is None or log_dir == self._resumed_log_dir
+            self._last_logged_step, self._skip_start_log = resumed_step, resumed_in_force and same_folder
+            self._log_dir = log_dir
+        self._resumed_log_dir = None
         self._unlogged = None
         for name in list(self.terms or []) + ([self.reference] if self.reference is not None else []):
             if name not in names:
@@ -367,6 +376,8 @@ class WeightBalancer(PerTermCallback):
         # with the weights in force at the first step (also after a resume or a warm-up)
         self._weight_terms = weight_terms_to_log(trainer, self)
         self._warn_if_watched_less_often(trainer)
+        if self._log_dir is None and trainer.loggers:
+            self._log_dir = trainer.log_dir
         if self._skip_start_log:
             return
         weights = self.criterion.weights
@@ -520,6 +531,7 @@ class WeightBalancer(PerTermCallback):
             "last_target": dict(self.last_target),
             "updated_terms": sorted(self._updated_terms),
             "last_logged_step": self._last_logged_step,
+            "logged_to": self._log_dir,
             "unlogged_pending": self._unlogged is not None,
             "zero_warned": sorted(self._zero_warned),
             "clamp_warned": sorted(self._clamp_warned),
@@ -536,6 +548,7 @@ class WeightBalancer(PerTermCallback):
         self._updated_terms = set(state_dict.get("updated_terms", self.last_target if self.num_updates else []))
         last_logged = state_dict.get("last_logged_step")
         self._resumed_logging = (last_logged, last_logged is not None and not state_dict.get("unlogged_pending", True))
+        self._resumed_log_dir = state_dict.get("logged_to")
         self._zero_warned = set(state_dict.get("zero_warned", []))
         self._clamp_warned = set(state_dict.get("clamp_warned", []))
 
