@@ -43,13 +43,36 @@ def gradient(output: Tensor, inputs: Tensor) -> Tensor:
     shape ``(N, d)`` with ``requires_grad=True``; the result has the shape of ``inputs``.
     """
     _check_one_value_per_point("gradient", output, inputs)
-    return _gradient(output, inputs)
+    return _gradient(output, inputs, "gradient")
 
 
-def _gradient(output: Tensor, inputs: Tensor) -> Tensor:
-    """:func:`gradient` without the shape check, for outputs already known to hold one value per point."""
-    (grad,) = torch.autograd.grad(output, inputs, grad_outputs=torch.ones_like(output), create_graph=True)
-    return grad
+def _gradient(output: Tensor, inputs: Tensor, function: str = "gradient", again: bool = False) -> Tensor:
+    """:func:`gradient` without the shape check, for outputs already known to hold one value per point.
+
+    ``again``: ``output`` is itself a derivative. One that no longer depends on ``inputs`` (the
+    first derivative of something linear in them) has a zero gradient, as ``torch.func.hessian``
+    gives it; the first differentiation of the user's output must find ``inputs`` in its graph.
+    """
+    if not torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{function}: gradient computation is off here (torch.no_grad or inference mode, e.g. Lightning's "
+            "validation and test loops), so no derivative can be taken. Wrap the residual in `with torch.enable_grad():` "
+            "and, in validation or test, create the Trainer with inference_mode=False."
+        )
+    if not inputs.requires_grad:
+        raise ValueError(
+            f"{function}: the inputs do not require grad, so nothing can be differentiated by them. Create the points "
+            "with x = x.detach().requires_grad_(True) before passing them through the network."
+        )
+    if again and not output.requires_grad:  # a constant of the inputs: its derivative is zero
+        return torch.zeros_like(inputs)
+    if not output.requires_grad:
+        raise ValueError(
+            f"{function}: the output does not depend on the inputs (it has no graph: computed from detached "
+            "tensors?). Pass the points that went through the network, with requires_grad=True."
+        )
+    (grad,) = torch.autograd.grad(output, inputs, grad_outputs=torch.ones_like(output), create_graph=True, allow_unused=again)
+    return torch.zeros_like(inputs) if grad is None else grad
 
 
 def derivative(output: Tensor, inputs: Tensor, dim: int = 0, order: int = 1) -> Tensor:
@@ -59,13 +82,14 @@ def derivative(output: Tensor, inputs: Tensor, dim: int = 0, order: int = 1) -> 
     _check_one_value_per_point("derivative", output, inputs)
     dim = _check_coordinate("derivative", inputs, dim)
     result = output
-    for _ in range(order):  # checked once above: each derivative again holds one value per point
-        result = _gradient(result, inputs)[..., dim : dim + 1]
+    for index in range(order):  # checked once above: each derivative again holds one value per point
+        result = _gradient(result, inputs, "derivative", again=index > 0)[..., dim : dim + 1]
     return result
 
 
 def laplacian(output: Tensor, inputs: Tensor) -> Tensor:
     """``Σ_k ∂²output/∂inputs[:, k]²``, shape ``(N, 1)``; ``output`` has one value per point."""
     _check_coordinate("laplacian", inputs, 0)
-    first = gradient(output, inputs)
-    return sum(_gradient(first[..., k : k + 1], inputs)[..., k : k + 1] for k in range(inputs.shape[-1]))  # type: ignore[return-value]
+    _check_one_value_per_point("laplacian", output, inputs)
+    first = _gradient(output, inputs, "laplacian")
+    return sum(_gradient(first[..., k : k + 1], inputs, "laplacian", again=True)[..., k : k + 1] for k in range(inputs.shape[-1]))  # type: ignore[return-value]

@@ -55,5 +55,5 @@ class DirichletAnsatz1D(nn.Module):
         # (b - x) and (x - a) are in x's dtype, so the length must be too: in float32 the two
         # ratios are then exactly 1 and 0 at the ends, and u(a) = ua, u(b) = ub hold exactly
         length = x.new_tensor(self.b) - x.new_tensor(self.a)
-        line = self.ua * (self.b - x) / length + self.ub * (x - self.a) / length
+        line = self.ua * ((self.b - x) / length) + self.ub * ((x - self.a) / length)  # ratios first: exactly 1 and 0 at the ends
         return line + (x - self.a) * (self.b - x) * self.net(x)

@@ -34,3 +34,25 @@ def test_a_coordinate_outside_the_inputs_is_refused() -> None:
         derivative(s**2, s)
     with pytest.raises(ValueError, match="order must be an integer >= 1"):
         derivative(t**2, t, order=0)
+
+
+def test_higher_derivatives_of_something_linear_are_zero_not_an_error() -> None:
+    # the first derivative of a linear function no longer depends on x: autograd refused to
+    # differentiate it again, where torch.func.hessian gives zeros
+    x = torch.rand(6, 2, dtype=torch.float64, requires_grad=True)
+    linear = torch.nn.Linear(2, 1).double()
+    assert torch.equal(derivative(linear(x), x, dim=0, order=2), torch.zeros(6, 1, dtype=torch.float64))
+    assert torch.equal(derivative(3 * x[:, 0:1], x, dim=0, order=3), torch.zeros(6, 1, dtype=torch.float64))
+    assert torch.equal(laplacian(x[:, 0:1] + x[:, 1:2], x), torch.zeros(6, 1, dtype=torch.float64))
+    assert torch.allclose(derivative(linear(x), x, dim=1), linear.weight[0, 1].expand(6, 1))
+
+
+def test_inputs_outputs_and_grad_mode_that_cannot_be_differentiated_get_a_clear_error() -> None:
+    x = torch.rand(5, 1)
+    with pytest.raises(ValueError, match=r"derivative: the inputs do not require grad.*requires_grad_\(True\)"):
+        derivative(x**2, x)
+    x.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"laplacian: the output does not depend on the inputs"):
+        laplacian(x.detach() ** 2, x)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"gradient computation is off.*enable_grad.*inference_mode=False"):
+        gradient(x**2, x)

@@ -40,3 +40,17 @@ def test_dirichlet_ends_hold_exactly_in_float32_for_any_interval() -> None:
     ends = torch.tensor([[0.1], [0.7]], dtype=torch.float32)
     u = ansatz(ends).detach()
     assert u[0, 0].item() == torch.tensor(0.3).item() and u[1, 0].item() == -2.0
+
+
+def test_dirichlet_ansatz_is_exact_at_both_ends_for_any_values() -> None:
+    # ua·(b−x)/L rounded twice (ua=0.1 at a=0, b=3 gave 0.10000000000000002): the ratios come first
+    generator = torch.Generator().manual_seed(0)
+    for dtype in (torch.float64, torch.float32):
+        for _ in range(200):
+            a, length, ua, ub = (torch.rand(4, generator=generator, dtype=torch.float64) * 4 - 1).tolist()
+            b = a + abs(length) + 0.1
+            ansatz = DirichletAnsatz1D(mlp(1, (4,), 1).to(dtype), a=a, b=b, ua=ua, ub=ub)
+            ends = ansatz(torch.tensor([[a], [b]], dtype=dtype)).flatten()
+            assert ends.tolist() == torch.tensor([ua, ub], dtype=dtype).tolist()
+    ansatz = DirichletAnsatz1D(mlp(1, (4,), 1).double(), a=0.0, b=3.0, ua=0.1, ub=0.7)
+    assert ansatz(torch.tensor([[0.0], [3.0]], dtype=torch.float64)).flatten().tolist() == [0.1, 0.7]
