@@ -8,9 +8,33 @@ al. 2021, "Physics-informed neural networks with hard constraints for inverse de
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 __all__ = ["IVPAnsatz", "DirichletAnsatz1D"]
+
+
+def _finite(owner: str, **values: float) -> tuple[float, ...]:
+    """The values as floats; a NaN or infinite one is refused (the ansatz would output NaN everywhere)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}.")
+    return tuple(float(value) for value in values.values())
+
+
+def _free_network(owner: str, net: nn.Module, points: Tensor) -> Tensor:
+    """``net(points)`` for ``(N, 1)`` points, checked to be ``(N, 1)``: a ``(N,)`` output would
+    broadcast against the ``(N, 1)`` terms of the ansatz into an ``(N, N)`` matrix."""
+    if points.dim() != 2 or points.shape[1] != 1:
+        raise ValueError(f"{owner}: the points must have shape (N, 1), got {tuple(points.shape)}; use x.reshape(-1, 1).")
+    out = net(points)
+    if out.shape != points.shape:
+        raise ValueError(
+            f"{owner}: the free network returned shape {tuple(out.shape)} for points of shape {tuple(points.shape)}; it must "
+            "return one value per point, shape (N, 1) (e.g. end it with nn.Linear(width, 1), or reshape its output)."
+        )
+    return out
 
 
 class IVPAnsatz(nn.Module):
@@ -26,11 +50,11 @@ class IVPAnsatz(nn.Module):
     def __init__(self, net: nn.Module, u0: float, v0: float = 0.0, t0: float = 0.0) -> None:
         super().__init__()
         self.net = net
-        self.u0, self.v0, self.t0 = float(u0), float(v0), float(t0)
+        self.u0, self.v0, self.t0 = _finite("IVPAnsatz", u0=u0, v0=v0, t0=t0)
 
     def forward(self, t: Tensor) -> Tensor:
         shifted = t - self.t0
-        return self.u0 + self.v0 * shifted + shifted.square() * self.net(t)
+        return self.u0 + self.v0 * shifted + shifted.square() * _free_network("IVPAnsatz", self.net, t)
 
 
 class DirichletAnsatz1D(nn.Module):
@@ -46,14 +70,15 @@ class DirichletAnsatz1D(nn.Module):
 
     def __init__(self, net: nn.Module, a: float, b: float, ua: float, ub: float) -> None:
         super().__init__()
+        a, b, ua, ub = _finite("DirichletAnsatz1D", a=a, b=b, ua=ua, ub=ub)
         if not b > a:
             raise ValueError(f"DirichletAnsatz1D: need a < b, got a={a}, b={b}.")
         self.net = net
-        self.a, self.b, self.ua, self.ub = float(a), float(b), float(ua), float(ub)
+        self.a, self.b, self.ua, self.ub = a, b, ua, ub
 
     def forward(self, x: Tensor) -> Tensor:
         # (b - x) and (x - a) are in x's dtype, so the length must be too: in float32 the two
         # ratios are then exactly 1 and 0 at the ends, and u(a) = ua, u(b) = ub hold exactly
         length = x.new_tensor(self.b) - x.new_tensor(self.a)
         line = self.ua * ((self.b - x) / length) + self.ub * ((x - self.a) / length)  # ratios first: exactly 1 and 0 at the ends
-        return line + (x - self.a) * (self.b - x) * self.net(x)
+        return line + (x - self.a) * (self.b - x) * _free_network("DirichletAnsatz1D", self.net, x)

@@ -54,3 +54,17 @@ def test_dirichlet_ansatz_is_exact_at_both_ends_for_any_values() -> None:
             assert ends.tolist() == torch.tensor([ua, ub], dtype=dtype).tolist()
     ansatz = DirichletAnsatz1D(mlp(1, (4,), 1).double(), a=0.0, b=3.0, ua=0.1, ub=0.7)
     assert ansatz(torch.tensor([[0.0], [3.0]], dtype=torch.float64)).flatten().tolist() == [0.1, 0.7]
+
+
+def test_misuse_of_the_ansatzes_gets_a_clear_error() -> None:
+    import pytest
+
+    with pytest.raises(ValueError, match=r"IVPAnsatz: u0 must be a finite number, got nan"):
+        IVPAnsatz(mlp(1, (4,), 1), u0=float("nan"))
+    with pytest.raises(ValueError, match=r"DirichletAnsatz1D: b must be a finite number, got inf"):
+        DirichletAnsatz1D(mlp(1, (4,), 1), a=0.0, b=float("inf"), ua=0.0, ub=1.0)
+    flat = IVPAnsatz(torch.nn.Sequential(mlp(1, (4,), 1), torch.nn.Flatten(0)), u0=1.0)  # returns (N,)
+    with pytest.raises(ValueError, match=r"free network returned shape \(5,\).*shape \(N, 1\)"):
+        flat(torch.rand(5, 1))
+    with pytest.raises(ValueError, match=r"points must have shape \(N, 1\), got \(5, 2\)"):
+        DirichletAnsatz1D(mlp(2, (4,), 1), a=0.0, b=1.0, ua=0.0, ub=1.0)(torch.rand(5, 2))
