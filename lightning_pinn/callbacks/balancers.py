@@ -214,7 +214,7 @@ class WeightBalancer(PerTermCallback):
         owner = type(self).__name__
         resumed_step, resumed_in_force = self._resumed_logging
         self._resumed_logging = (None, False)
-        self._log_dir = None  # (found again below on a resume, else at on_train_start)
+        self._log_dir = trainer.log_dir if trainer.loggers else None  # (a collective under DDP: every rank reads it)
         if resumed_step is None and trainer.global_step > 0:
             # the same Trainer fitted again (max_steps raised): the last fit ended by logging the
             # λ in force at this step (on_train_end), so the start needs no second point here
@@ -226,11 +226,9 @@ class WeightBalancer(PerTermCallback):
         else:
             # resumed, and the λ in force were logged before the checkpoint: no second point at this
             # step, unless this fit logs into another folder (a new version), which starts its
-            # series at the resume step (trainer.log_dir: a collective under DDP, on every rank)
-            log_dir = trainer.log_dir if trainer.loggers else None
-            same_folder = self._resumed_log_dir is None or log_dir == self._resumed_log_dir
+            # series at the resume step
+            same_folder = self._resumed_log_dir is None or self._log_dir == self._resumed_log_dir
             self._last_logged_step, self._skip_start_log = resumed_step, resumed_in_force and same_folder
-            self._log_dir = log_dir
         self._resumed_log_dir = None
         self._unlogged = None
         for name in list(self.terms or []) + ([self.reference] if self.reference is not None else []):
@@ -376,8 +374,6 @@ class WeightBalancer(PerTermCallback):
         # with the weights in force at the first step (also after a resume or a warm-up)
         self._weight_terms = weight_terms_to_log(trainer, self)
         self._warn_if_watched_less_often(trainer)
-        if self._log_dir is None and trainer.loggers:
-            self._log_dir = trainer.log_dir
         if self._skip_start_log:
             return
         weights = self.criterion.weights

@@ -439,7 +439,7 @@ class GradientNormMonitor(PerTermCallback):
         # starts again, until the term has been away longer than it ever was before (dropped).
         pair = diagnosis.ratio_alarm_pair if diagnosis.ratio_alarm_active else None
         gone = [t for t in pair or () if t in report.absent_terms]
-        dropped = [t for t in gone if self._absent_for.get(t, 0) > max(self._ABSENCE_TOLERATED, self._longest_absence.get(t, 0))]
+        dropped = [t for t in gone if self._gone_for_good(t)]
         if report.ratio is None:  # fewer than two usable terms: no ratio to judge
             if dropped:
                 self._end_ratio_alarm(trainer, step, None, dropped[0])
@@ -574,7 +574,7 @@ class GradientNormMonitor(PerTermCallback):
         for a, b, *_ in [span for span in diagnosis.conflict_alarm_spans if span[3] is None]:
             # as for the ratio alarm: a term of the pair away longer than it ever was before
             # (dropped for good) ends the pair's alarm; a shorter absence leaves it as it is
-            gone = [t for t in (a, b) if self._absent_for.get(t, 0) > max(self._ABSENCE_TOLERATED, self._longest_absence.get(t, 0))]
+            gone = [t for t in (a, b) if self._gone_for_good(t)]
             if gone:
                 why = f"'{gone[0]}' has been absent from the last {self._absent_for[gone[0]]} measurements"
                 self._end_conflict(trainer, a, b, step, why)
@@ -638,9 +638,14 @@ class GradientNormMonitor(PerTermCallback):
                 break
         self._write_text(trainer, "alarms", f"{self._name}: gradient conflict between '{a}' and '{b}' ended at step {step} ({why}).", step)
 
-    #: Measurements in a row without a term of the alarmed pair that keep the ratio alarm on,
-    #: unless the term was once absent for longer and came back (then that long).
+    #: Measurements in a row without a term of an alarmed pair that keep the (ratio or conflict)
+    #: alarm on, unless the term was once absent for longer and came back (then that long).
     _ABSENCE_TOLERATED = 2
+
+    def _gone_for_good(self, term: str) -> bool:
+        """Whether ``term`` has been absent longer than :attr:`_ABSENCE_TOLERATED` measurements and
+        than any absence it came back from: an alarm about it ends (a term dropped for good)."""
+        return self._absent_for.get(term, 0) > max(self._ABSENCE_TOLERATED, self._longest_absence.get(term, 0))
 
     def _track_absences(self, report: GradientReport) -> None:
         """Count each term's measurements in a row without it, from its first presence on (a term
