@@ -727,29 +727,28 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
             if single:  # beside the run's own report (which covers all its event files), not over it
                 name += "." + root.name.removeprefix("events.out.tfevents.")
             series = own_series(without_prefix(history, prefix), history.layout_terms.get(prefix))
-            if not prefixes and (run / f"{name}.md").exists():
+            existing = run / f"{name}.md"
+            diagnosis, covered = diagnose(series), _coverage(existing)
+            reason = None
+            if not prefixes and existing.exists():
                 # nothing measured in these files (e.g. a logger that renamed the tags): keep the
                 # report the fit wrote rather than replace it with an empty one
-                text = render_markdown(diagnose(series), title)
-                out.append((run / f"{name}.md", text, "not written: no monitor tags found here, and a report already exists"))
-                continue
-            covered, diagnosis = _coverage(run / f"{name}.md"), diagnose(series)
-            if covered and diagnosis.first_step is not None and covered[1] < diagnosis.first_step:
+                reason = "not written: no monitor tags found here, and a report already exists"
+            elif covered and diagnosis.first_step is not None and covered[1] < diagnosis.first_step:
                 # e.g. the report of a fit resumed into a new version folder, which covers the whole
                 # run from the monitor's checkpointed history, while these files hold only its end
-                text = render_markdown(diagnosis, title)
                 reason = (
                     f"not written: the existing report covers more of the run ({covered[0]} measurements from step "
                     f"{covered[1]}) than these event files ({diagnosis.measurements} from step {diagnosis.first_step}), "
                     "e.g. a fit resumed into a new version folder"
                 )
-                out.append((run / f"{name}.md", text, reason))
-                continue
-            try:
-                markdown_path, _ = write_report(series, run, title=title, name=name)
-            except OSError as error:
-                text = render_markdown(diagnose(series), title)
-                out.append((run / f"{name}.md", text, f"could not write it: {error.strerror or error}"))
-                continue
-            out.append((Path(markdown_path), Path(markdown_path).read_text(), None))
+            else:
+                try:
+                    markdown_path, _ = write_report(series, run, title=title, name=name)
+                except OSError as error:
+                    reason = f"could not write it: {error.strerror or error}"
+                else:
+                    out.append((Path(markdown_path), Path(markdown_path).read_text(), None))
+                    continue
+            out.append((existing, render_markdown(diagnosis, title), reason))
     return out
