@@ -63,6 +63,11 @@ def write_layout(writer: Any, prefix: str = "", logger_prefix: str = "", terms: 
     writer._lightning_pinn_layouts = written
 
 
+def _unescape(escaped: str) -> str:
+    """Undo :func:`re.escape` (as :func:`dashboard_layout` applied it to prefixes and term names)."""
+    return re.sub(r"\\(.)", r"\1", escaped)
+
+
 def terms_in_layout(categories: list[tuple[str, list[str]]]) -> dict[str, list[str]]:
     """``{tag prefix: the loss's term names}`` read back from a written layout (``categories``
     holds each category's title and all its charts' tag regexes): the names
@@ -75,8 +80,7 @@ def terms_in_layout(categories: list[tuple[str, list[str]]]) -> dict[str, list[s
         for pattern in patterns:
             match = re.fullmatch(r"\^(.*)weight/\(\?:(.*)\)\$", pattern)
             if match:
-                prefix = re.sub(r"\\(.)", r"\1", match.group(1))
-                found[prefix] = [re.sub(r"\\(.)", r"\1", name) for name in re.split(r"(?<!\\)\|", match.group(2))]
+                found[_unescape(match.group(1))] = [_unescape(name) for name in re.split(r"(?<!\\)\|", match.group(2))]
     return found
 
 
@@ -89,6 +93,6 @@ def losses_in_layout(categories: list[tuple[str, str]]) -> dict[str, str]:
     found: dict[str, str] = {}
     for title, pattern in categories:
         if title.startswith(LAYOUT_CATEGORY) and pattern.startswith("^") and pattern.endswith("grad_norm/"):
-            prefix = re.sub(r"\\(.)", r"\1", pattern[1 : -len("grad_norm/")])  # undo re.escape
+            prefix = _unescape(pattern[1 : -len("grad_norm/")])
             found[prefix] = title[len(LAYOUT_CATEGORY) :].strip().removeprefix("(").removesuffix(")")
     return found
