@@ -16,6 +16,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
+from lightning_pinn._lightning import lightning_classes
 from lightning_pinn.alerts import TermGradientWarning
 from lightning_pinn.engine import StepMeasurement, TermGradientEngine, TraceRequest
 from lightning_pinn.loss import MultiTermLoss
@@ -152,7 +153,8 @@ def _tensorboard_file_writer(logger: Any) -> Any | None:
     A subclass that overrides ``log_metrics`` (to rename, filter or mirror values) gets its
     ``log_metrics`` called like any other logger: writing around it would skip the user's code.
     """
-    if not isinstance(logger, TensorBoardLogger) or type(logger).log_metrics is not TensorBoardLogger.log_metrics:
+    base = next((cls for cls in lightning_classes("loggers", "TensorBoardLogger") if isinstance(logger, cls)), None)
+    if base is None or type(logger).log_metrics is not base.log_metrics:
         return None
     get_file_writer = getattr(logger.experiment, "_get_file_writer", None)
     return None if get_file_writer is None else get_file_writer()  # e.g. tensorboardX: the generic path
@@ -213,7 +215,8 @@ def tensorboard_loggers(trainer: pl.Trainer) -> list[TensorBoardLogger]:
     """Each ``TensorBoardLogger`` of the Trainer (rank zero only; empty elsewhere)."""
     if trainer.global_rank != 0:
         return []
-    return [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+    classes = lightning_classes("loggers", "TensorBoardLogger")
+    return [logger for logger in trainer.loggers if isinstance(logger, classes)]
 
 
 def callbacks_on_loss(trainer: pl.Trainer, loss: MultiTermLoss | None) -> list[PerTermCallback]:
@@ -502,8 +505,8 @@ class PerTermCallback(Callback):
         fewer new values than checks some checks see the previous value again, and an
         ``EarlyStopping`` counts those repeats as "no improvement".
         """
-        from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
-
+        early_stopping = lightning_classes("callbacks", "EarlyStopping")
+        model_checkpoint = lightning_classes("callbacks", "ModelCheckpoint")
         batches = trainer.num_training_batches
         if not isinstance(batches, int) or batches <= 0:  # inf: an iterable without a length
             return
@@ -511,14 +514,14 @@ class PerTermCallback(Callback):
         name = type(self).__name__
         for callback in trainer.callbacks:  # type: ignore[attr-defined]
             watched = getattr(callback, "monitor", None)
-            if not isinstance(callback, (EarlyStopping, ModelCheckpoint)) or not isinstance(watched, str):
+            if not isinstance(callback, early_stopping + model_checkpoint) or not isinstance(watched, str):
                 continue
             if not watched.startswith(self._tag_prefix):
                 continue
             cadence = self._refresh_cadence(watched[len(self._tag_prefix) :])
             interval = steps_per_epoch
             every_n_train_steps = getattr(callback, "_every_n_train_steps", 0)
-            if isinstance(callback, ModelCheckpoint) and every_n_train_steps:
+            if isinstance(callback, model_checkpoint) and every_n_train_steps:
                 interval = min(interval, every_n_train_steps)
             if cadence is not None and cadence > interval:
                 checks = math.ceil(cadence / interval)
