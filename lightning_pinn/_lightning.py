@@ -6,22 +6,74 @@ classes are distinct: a ``lightning.pytorch.loggers.TensorBoardLogger`` is not a
 ``pytorch_lightning.loggers.TensorBoardLogger``. The callbacks call only duck-typed Trainer
 methods, so they run under either Trainer, but wherever they ask "is this a TensorBoard logger /
 an EarlyStopping / a ModelCheckpoint?" they must accept both spellings, or a user of
-``lightning.pytorch`` silently loses the dashboard layout and the cadence warnings.
+``lightning.pytorch`` silently loses the dashboard layout and the cadence warnings. Three things
+live here:
 
-The ``lightning.pytorch`` classes are looked up only once that package has been imported (a
-Trainer or logger from it cannot exist before), so users of ``pytorch_lightning`` alone never
-pay for importing it.
+* :func:`lightning_classes` — a class under both spellings, for ``isinstance``;
+* :class:`LightningCallback` — the base of this package's callbacks: a subclass of
+  ``pytorch_lightning``'s ``Callback`` and, when the ``lightning`` package is installed, of
+  ``lightning.pytorch``'s too, so ``lightning.pytorch.cli.LightningCLI`` (which checks
+  ``issubclass(cls, Callback)`` before building a callback from YAML) accepts them;
+* :func:`console_info` — the callbacks' console messages, through the rank-zero logger of the
+  distribution whose Trainer runs the fit.
+
+Importing both distributions has a side effect this module undoes: each one, when imported,
+points the rank-zero logging that both share (``lightning_utilities.core.rank_zero``) at its own
+logger, so whichever came last would decide where *all* of Lightning's messages go. Importing
+this package leaves that routing as it found it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["lightning_classes"]
+__all__ = ["LightningCallback", "console_info", "lightning_classes"]
 
 _DISTRIBUTIONS = ("pytorch_lightning", "lightning.pytorch")
+
+
+def _import_keeping_log_routing(name: str) -> Any:
+    """``importlib.import_module(name)``, restoring the shared rank-zero logging settings that
+    Lightning's import overwrites (its logger and its deprecation-warning class) when another
+    distribution had set them already."""
+    if name in sys.modules:
+        return sys.modules[name]
+    shared = sys.modules.get("lightning_utilities.core.rank_zero")
+    before = dict(vars(shared)) if shared is not None and any(d in sys.modules for d in _DISTRIBUTIONS) else None
+    module = importlib.import_module(name)
+    if before is not None:
+        for key in ("log", "rank_zero_deprecation_category"):
+            if key in before:
+                setattr(shared, key, before[key])
+    return module
+
+
+def _unified_callback() -> type[Any] | None:
+    """``lightning.pytorch.Callback`` when the ``lightning`` package is installed and imports."""
+    try:
+        if importlib.util.find_spec("lightning") is None:
+            return None
+        return _import_keeping_log_routing("lightning.pytorch").Callback  # type: ignore[no-any-return]
+    except Exception:  # a broken or incompatible `lightning` install: pytorch_lightning alone still works
+        return None
+
+
+_import_keeping_log_routing("pytorch_lightning")
+_UNIFIED_CALLBACK = _unified_callback()
+
+if TYPE_CHECKING:
+    from pytorch_lightning import Callback as LightningCallback
+elif _UNIFIED_CALLBACK is None:
+    from pytorch_lightning import Callback as LightningCallback
+else:
+    from pytorch_lightning import Callback as _PytorchLightningCallback
+
+    class LightningCallback(_PytorchLightningCallback, _UNIFIED_CALLBACK):
+        """A ``Callback`` of both ``pytorch_lightning`` and ``lightning.pytorch``."""
 
 
 def lightning_classes(module: str, name: str) -> tuple[type[Any], ...]:
@@ -37,3 +89,14 @@ def lightning_classes(module: str, name: str) -> tuple[type[Any], ...]:
             continue
         found.append(getattr(importlib.import_module(f"{distribution}.{module}"), name))
     return tuple(found)
+
+
+def console_info(trainer: Any, message: str) -> None:
+    """Log ``message`` at INFO on rank zero, through ``<distribution>.utilities.rank_zero``:
+    the logger Lightning's own messages use under the Trainer running the fit
+    (``pytorch_lightning`` or ``lightning.pytorch``), whatever was imported last."""
+    if getattr(trainer, "global_rank", 0) != 0:
+        return
+    module = type(trainer).__module__
+    distribution = "lightning.pytorch" if module == "lightning.pytorch" or module.startswith("lightning.pytorch.") else "pytorch_lightning"
+    logging.getLogger(f"{distribution}.utilities.rank_zero").info(message)

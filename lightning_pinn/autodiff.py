@@ -53,11 +53,18 @@ def _gradient(output: Tensor, inputs: Tensor, function: str = "gradient", again:
     first derivative of something linear in them) has a zero gradient, as ``torch.func.hessian``
     gives it; the first differentiation of the user's output must find ``inputs`` in its graph.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            f"{function}: inference mode is on (Lightning's trainer.validate/test/predict run in it unless the Trainer "
+            "has inference_mode=False), and no autograd graph is recorded there even inside `torch.enable_grad()`, "
+            "so no derivative can be taken. Create the Trainer with inference_mode=False and wrap the residual in "
+            "`with torch.enable_grad():`."
+        )
     if not torch.is_grad_enabled():
         raise RuntimeError(
-            f"{function}: gradient computation is off here (torch.no_grad or inference mode, e.g. Lightning's "
-            "validation and test loops), so no derivative can be taken. Wrap the residual in `with torch.enable_grad():` "
-            "and, in validation or test, create the Trainer with inference_mode=False."
+            f"{function}: gradient computation is off here (torch.no_grad, e.g. Lightning's validation loop during "
+            "fit), so no derivative can be taken. Wrap the residual in `with torch.enable_grad():` (and, for "
+            "trainer.validate/test/predict, create the Trainer with inference_mode=False)."
         )
     if not inputs.requires_grad:
         raise ValueError(

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from lightning_pinn._lightning import LightningCallback
+
 __all__ = ["FitHistory", "HistoryRecorder"]
 
 
@@ -48,7 +50,7 @@ class FitHistory:
         return None
 
 
-class HistoryRecorder(pl.Callback):
+class HistoryRecorder(LightningCallback):
     """Fill a :class:`FitHistory`: losses and weights every ``history_every`` steps, the error every ``error_every``.
 
     Args:

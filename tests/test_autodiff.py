@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -56,3 +58,43 @@ def test_inputs_outputs_and_grad_mode_that_cannot_be_differentiated_get_a_clear_
         laplacian(x.detach() ** 2, x)
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"gradient computation is off.*enable_grad.*inference_mode=False"):
         gradient(x**2, x)
+
+
+def test_inference_mode_is_named_even_inside_enable_grad() -> None:
+    """trainer.validate() runs in inference mode; `torch.enable_grad()` inside it records no graph."""
+    net = torch.nn.Linear(1, 1)
+    with torch.inference_mode(), torch.enable_grad():
+        x = torch.rand(5, 1).requires_grad_(True)
+        with pytest.raises(RuntimeError, match=r"derivative: inference mode is on.*inference_mode=False.*enable_grad"):
+            derivative(net(x), x)
+
+
+def test_validation_during_fit_differentiates_inside_enable_grad() -> None:
+    """Lightning's validation loop inside fit runs under no_grad (not inference mode), so enable_grad suffices there."""
+    import pytorch_lightning as pl
+
+    seen: list[float] = []
+
+    class Validated(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(1, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.net(batch).pow(2).mean()
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            with torch.enable_grad():
+                x = batch.clone().requires_grad_(True)
+                seen.append(derivative(self.net(x), x).mean().item())
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    data = torch.utils.data.DataLoader(torch.rand(4, 1), batch_size=2)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    model = Validated()
+    trainer.fit(model, data, data)
+    assert seen and seen[-1] == pytest.approx(model.net.weight.item())
+    with pytest.raises(RuntimeError, match=r"inference mode is on"):
+        trainer.validate(model, data, verbose=False)

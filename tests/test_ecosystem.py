@@ -542,3 +542,25 @@ def test_report_reads_a_resumed_attempt_over_the_first_and_keeps_a_report_that_c
     (resumed / "diagnosis.md").write_text(kept)
     [(path, _, reason)] = report_runs(resumed)
     assert path.read_text() == kept and reason is not None and "covers more of the run" in reason
+
+
+@pytest.mark.parametrize(("scheduler_config", "warned"), [({"interval": "step"}, True), ({"interval": "step", "frequency": 10}, False)])
+def test_an_lr_scheduler_on_a_rarely_renewed_tag_is_warned_about(scheduler_config: dict[str, Any], warned: bool) -> None:
+    """ReduceLROnPlateau stepped every step on a tag renewed every 10 reads nine repeats out of ten as a plateau."""
+
+    class PlateauPoisson(TwoTermPoisson):
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=5)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "loss/pde", **scheduler_config}}
+
+    trainer = make_trainer(20, [GradientNormMonitor(every_n_steps=10, verbose=False, report=False)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(PlateauPoisson())
+    messages = [str(w.message) for w in caught if "checks about every" in str(w.message)]
+    if warned:
+        assert len(messages) == 1 and "ReduceLROnPlateau (monitor='loss/pde', interval='step', frequency=1)" in messages[0]
+        assert '"frequency": 10' in messages[0] and "patience=10" in messages[0]
+    else:
+        assert messages == []

@@ -96,3 +96,88 @@ def test_a_lightning_checkpoint_resumes_the_balancer_exactly(tmp_path: Path) -> 
     straight = fit(20)
     resumed = fit(20, ckpt_path=str(tmp_path / "epoch=0-step=10.ckpt"))
     assert resumed == pytest.approx(straight, rel=1e-6)
+
+
+def test_lightning_cli_builds_the_callbacks_from_yaml(tmp_path: Path) -> None:
+    pytest.importorskip("jsonargparse")
+    from lightning.pytorch.cli import LightningCLI
+
+    config = {
+        "trainer": {
+            "max_steps": 6,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_checkpointing": False,
+            "callbacks": [
+                {"class_path": "lightning_pinn.callbacks.GradientNormMonitor", "init_args": {"every_n_steps": 3, "report": False}},
+                {"class_path": "lightning_pinn.callbacks.GradNormBalancer", "init_args": {"every_n_steps": 3, "rule": "mean"}},
+            ],
+        }
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = LightningCLI(UnifiedPoisson, args={"fit": config}, save_config_callback=None)
+    kinds = {type(callback).__name__: callback for callback in cli.trainer.callbacks}
+    assert kinds["GradientNormMonitor"].every_n_steps == 3
+    assert kinds["GradNormBalancer"].rule == "mean" and kinds["GradNormBalancer"].num_updates == 2
+
+
+def _messages_by_logger(fit: Any) -> dict[str, list[str]]:
+    """The INFO messages each Lightning distribution's rank-zero logger receives during ``fit()``."""
+    import logging
+
+    received: dict[str, list[str]] = {}
+    handlers = []
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero"):
+        handler = logging.Handler(logging.INFO)
+        handler.emit = lambda record, name=name: received.setdefault(name, []).append(record.getMessage())  # type: ignore[method-assign]
+        logging.getLogger(name).addHandler(handler)
+        handlers.append((name, handler))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit()
+    finally:
+        for name, handler in handlers:
+            logging.getLogger(name).removeHandler(handler)
+    return received
+
+
+@pytest.mark.parametrize("trainer_of", ["pytorch_lightning", "lightning.pytorch"])
+def test_the_console_table_goes_through_the_logger_of_the_trainers_distribution(trainer_of: str) -> None:
+    from conftest import make_trainer
+
+    def fit() -> None:
+        monitor = GradientNormMonitor(every_n_steps=5, print_every_n_steps=5, verbose=False, report=False)
+        if trainer_of == "pytorch_lightning":
+            make_trainer(6, [monitor]).fit(TwoTermPoisson())
+        else:
+            unified_trainer(6, [monitor]).fit(UnifiedPoisson())
+
+    received = _messages_by_logger(fit)
+    other = "lightning.pytorch" if trainer_of == "pytorch_lightning" else "pytorch_lightning"
+    assert [m.splitlines()[0] for m in received.get(f"{trainer_of}.utilities.rank_zero", []) if m.startswith("step ")] == [
+        "step 0:",
+        "step 5:",
+    ]
+    assert not [m for m in received.get(f"{other}.utilities.rank_zero", []) if m.startswith("step ")]
+
+
+@pytest.mark.parametrize(
+    ("imports", "routed_to"),
+    [
+        ("import lightning_pinn.callbacks", "pytorch_lightning"),
+        ("import pytorch_lightning; import lightning_pinn.callbacks", "pytorch_lightning"),
+        ("import lightning.pytorch; import lightning_pinn.callbacks", "lightning.pytorch"),
+        ("import lightning as L; from lightning_pinn.callbacks import GradNormBalancer", "lightning.pytorch"),
+    ],
+)
+def test_importing_the_package_leaves_lightnings_log_routing_alone(imports: str, routed_to: str) -> None:
+    """Each distribution points the rank-zero logging both share at its own logger when imported;
+    importing lightning-pinn (which imports both) keeps the routing of the one the user imported."""
+    import subprocess
+    import sys
+
+    code = f"{imports}; import lightning_utilities.core.rank_zero as shared; print(shared.log.name)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == f"{routed_to}.utilities.rank_zero"

@@ -10,13 +10,12 @@ from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
-from lightning_pinn._lightning import lightning_classes
+from lightning_pinn._lightning import LightningCallback, lightning_classes
 from lightning_pinn.alerts import TermGradientWarning
 from lightning_pinn.engine import StepMeasurement, TermGradientEngine, TraceRequest
 from lightning_pinn.loss import MultiTermLoss
@@ -270,7 +269,41 @@ class _PickledGenerator(NamedTuple):
     state: bytes
 
 
-class PerTermCallback(Callback):
+def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int) -> list[tuple[str, str, int, str]]:
+    """``(who, tag, checks every n optimizer steps, how to make it wait)`` for each EarlyStopping,
+    ModelCheckpoint and LR scheduler of the Trainer that reads a tag from ``callback_metrics``."""
+    early_stopping = lightning_classes("callbacks", "EarlyStopping")
+    model_checkpoint = lightning_classes("callbacks", "ModelCheckpoint")
+    watchers: list[tuple[str, str, int, str]] = []
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        watched = getattr(callback, "monitor", None)
+        if not isinstance(callback, early_stopping + model_checkpoint) or not isinstance(watched, str):
+            continue
+        interval = steps_per_epoch
+        every_n_train_steps = getattr(callback, "_every_n_train_steps", 0)
+        if isinstance(callback, model_checkpoint) and every_n_train_steps:
+            interval = min(interval, every_n_train_steps)
+        watchers.append((f"{type(callback).__name__}(monitor={watched!r})", watched, interval, "EarlyStopping(patience={checks}) or more"))
+    for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+        watched = getattr(config, "monitor", None)
+        if not isinstance(watched, str):
+            continue
+        frequency = max(1, int(config.frequency))
+        interval = frequency if config.interval == "step" else frequency * steps_per_epoch
+        scheduler = type(config.scheduler).__name__
+        watchers.append(
+            (
+                f"the LR scheduler {scheduler} (monitor={watched!r}, interval={config.interval!r}, frequency={frequency})",
+                watched,
+                interval,
+                f"{scheduler}(patience={{checks}}) or more"
+                + (', or "frequency": {cadence} in its lr_scheduler config' if config.interval == "step" else ""),
+            )
+        )
+    return watchers
+
+
+class PerTermCallback(LightningCallback):
     """Base for callbacks that read per-term quantities from the shared engine on a step cadence.
 
     Subclasses say what they need with :meth:`_wants` and act on it in :meth:`_on_measurement`,
@@ -499,38 +532,30 @@ class PerTermCallback(Callback):
         return None
 
     def _warn_if_watched_less_often(self, trainer: pl.Trainer) -> None:
-        """Warn when EarlyStopping/ModelCheckpoint watch one of our tags more often than we renew it.
+        """Warn when EarlyStopping, ModelCheckpoint or an LR scheduler's ``monitor`` watch one of
+        our tags more often than we renew it.
 
         They read ``trainer.callback_metrics`` at their checks (an epoch's end, by default); with
         fewer new values than checks some checks see the previous value again, and an
-        ``EarlyStopping`` counts those repeats as "no improvement".
+        ``EarlyStopping`` or a ``ReduceLROnPlateau`` counts those repeats as "no improvement".
         """
-        early_stopping = lightning_classes("callbacks", "EarlyStopping")
-        model_checkpoint = lightning_classes("callbacks", "ModelCheckpoint")
         batches = trainer.num_training_batches
         if not isinstance(batches, int) or batches <= 0:  # inf: an iterable without a length
             return
         steps_per_epoch = max(1, batches // max(1, trainer.accumulate_grad_batches))
         name = type(self).__name__
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            watched = getattr(callback, "monitor", None)
-            if not isinstance(callback, early_stopping + model_checkpoint) or not isinstance(watched, str):
-                continue
+        for watcher, watched, interval, waits in _tag_watchers(trainer, steps_per_epoch):
             if not watched.startswith(self._tag_prefix):
                 continue
             cadence = self._refresh_cadence(watched[len(self._tag_prefix) :])
-            interval = steps_per_epoch
-            every_n_train_steps = getattr(callback, "_every_n_train_steps", 0)
-            if isinstance(callback, model_checkpoint) and every_n_train_steps:
-                interval = min(interval, every_n_train_steps)
             if cadence is not None and cadence > interval:
                 checks = math.ceil(cadence / interval)
                 rank_zero_warn(
-                    f"{name}: {type(callback).__name__}(monitor={watched!r}) checks about every {interval} optimizer "
+                    f"{name}: {watcher} checks about every {interval} optimizer "
                     f"step(s), but {name} renews '{watched}' every {cadence} steps (every_n_steps), so some checks see the "
-                    "previous value again (an EarlyStopping counts such repeats as no improvement and may stop early). "
+                    "previous value again (an EarlyStopping or ReduceLROnPlateau counts such repeats as no improvement). "
                     f"Use {name}(every_n_steps={interval}) or a smaller value, or let the check wait for {checks} "
-                    f"repeats (e.g. EarlyStopping(patience={checks}) or more)."
+                    f"repeats (e.g. {waits.format(checks=checks, cadence=cadence)})."
                 )
 
     def _due_at_batch(self, step: int) -> bool:

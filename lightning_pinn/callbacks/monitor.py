@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_pinn._checks import check_flag, check_term_names
+from lightning_pinn._lightning import console_info
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
 from lightning_pinn.callbacks._base import (
     PendingEvents,
@@ -301,7 +302,7 @@ class GradientNormMonitor(PerTermCallback):
         if not self._hits(step, self._on_cadence):
             # measured only for print_every_n_steps: print, but keep the logs, the alarms' patience
             # and the diagnosis on the every_n_steps cadence
-            rank_zero_info(self._table(report, step))
+            console_info(trainer, self._table(report, step))
             return
         self.last_report = report
         self._track_term_health(report, step)
@@ -341,7 +342,7 @@ class GradientNormMonitor(PerTermCallback):
             # the logged value (NaN for a NaN gradient), under the loss's tag with several losses
             show_in_progress_bar(trainer, f"{self._tag_prefix}grad_ratio", metrics["grad_ratio"])
         if self._hits(step, self._print_due):
-            rank_zero_info(self._table(report, step))
+            console_info(trainer, self._table(report, step))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -393,7 +394,7 @@ class GradientNormMonitor(PerTermCallback):
                 self.history.add(final, trainer.global_step)
         text = self.summary()
         if self.verbose:
-            rank_zero_info(text)
+            console_info(trainer, text)
         for writer in tensorboard_writers(trainer):
             writer.add_text(f"{self._tag_prefix}diagnosis", _as_markdown(text), global_step=self.diagnosis.last_step)
             writer.flush()
@@ -401,9 +402,10 @@ class GradientNormMonitor(PerTermCallback):
         log_dir = trainer.log_dir if self.report and trainer.loggers else None
         if log_dir is None:
             if self.report and trainer.loggers and self.verbose:
-                rank_zero_info(
+                console_info(
+                    trainer,
                     f"{self._name}: no report written: the first logger ({type(trainer.loggers[0]).__name__}) has no "
-                    "folder (save_dir is None). Put a logger with a folder first, or read the summary above."
+                    "folder (save_dir is None). Put a logger with a folder first, or read the summary above.",
                 )
             return
         try:
@@ -421,7 +423,7 @@ class GradientNormMonitor(PerTermCallback):
                     )
                 else:
                     if self.verbose:
-                        rank_zero_info(f"GradientNormMonitor: wrote {self.report_path} and {name}.png")
+                        console_info(trainer, f"GradientNormMonitor: wrote {self.report_path} and {name}.png")
         finally:
             # the other ranks wait for the report (also when writing it failed): a worker that exits
             # first can take rank 0 down with it (a spawned gloo worker may abort at exit, and the
@@ -495,7 +497,7 @@ class GradientNormMonitor(PerTermCallback):
                 f" ('{dropped}', one of the alarmed pair, has been absent from the last {self._absent_for[dropped]} "
                 "measurements: the alarm about it ends until it comes back.)"
             )
-        rank_zero_info(message)
+        console_info(trainer, message)
         self._write_text(trainer, "alarms", message, step)
         diagnosis.ratio_alarm_pair = None
         diagnosis.ratio_alarm_active = False
