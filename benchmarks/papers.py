@@ -105,14 +105,13 @@ def _build(run: Run) -> tuple[Any, list[Any]]:
 
 def execute(run: Run) -> Outcome:
     """Train one configuration and return its error history."""
-    import pytorch_lightning as pl
     import torch
 
-    from lightning_pinn.demo import quiet_lightning, quiet_trainer
+    from lightning_pinn.demo import quiet_lightning, quiet_trainer, seed_quietly
     from lightning_pinn.recording import HistoryRecorder
 
     torch.set_num_threads(1)
-    pl.seed_everything(run.seed, verbose=False)
+    seed_quietly(run.seed)
     model, callbacks = _build(run)
     recorder = HistoryRecorder(error_every=run.eval_every)
     with quiet_lightning(), warnings.catch_warnings():

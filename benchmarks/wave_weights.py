@@ -31,7 +31,7 @@ def trace(job: tuple[str, int, int, int, int]) -> tuple[str, int, list[tuple[int
     import torch
 
     from lightning_pinn.callbacks import GradNormBalancer, NTKBalancer
-    from lightning_pinn.demo import quiet_lightning, quiet_trainer
+    from lightning_pinn.demo import quiet_lightning, quiet_trainer, seed_quietly
     from lightning_pinn.problems import Wave1D
 
     method, seed, steps, width, every = job
@@ -47,7 +47,7 @@ def trace(job: tuple[str, int, int, int, int]) -> tuple[str, int, list[tuple[int
                 losses = {name: float(loss) for name, loss in pl_module.criterion.last_losses.items()}
                 self.rows.append((step, pl_module.relative_l2_error(), pl_module.criterion.weights, losses))
 
-    pl.seed_everything(seed, verbose=False)
+    seed_quietly(seed)
     model = Wave1D(hidden=(width, width, width), lr_decay=0.9, steps_per_epoch=steps)
     callbacks: list[Any] = {
         "plain": [],

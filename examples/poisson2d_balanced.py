@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> Poisson2D:
     parser.add_argument("--root", default="lightning_pinn_runs/poisson2d", help="folder for logs and checkpoints")
     args = parser.parse_args(argv)
 
-    pl.seed_everything(0, verbose=False)
+    pl.seed_everything(0)
     balancer = {
         "gradnorm": lambda: [GradNormBalancer(rule="mean", every_n_steps=100)],
         "ntk": lambda: [NTKBalancer(every_n_steps=100)],  # exact traces: O(N) for residuals like these

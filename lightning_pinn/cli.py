@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lightning-pinn", description="Per-term gradient diagnostics and loss balancing for PINNs in PyTorch Lightning."
     )
+    from lightning_pinn import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     demo = commands.add_parser(

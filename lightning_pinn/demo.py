@@ -80,6 +80,13 @@ def quiet_lightning() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
+def seed_quietly(seed: int) -> None:
+    """``pl.seed_everything(seed)`` without its "Seed set to …" message (its ``verbose`` argument
+    only exists from pytorch-lightning 2.4 on; this package supports 2.1)."""
+    with quiet_lightning():
+        pl.seed_everything(seed)
+
+
 def _fresh_version(folder: Path, version: str) -> str:
     """``version``, or ``version_2``, ``version_3``, ... if a run already wrote there: two runs'
     event files in one folder would be read as one run (by TensorBoard and by the report)."""
@@ -122,7 +129,7 @@ def run_harmonic(
         hard_ic: Impose the initial conditions exactly (no ``ic`` term; ``ic_weight`` unused).
     """
     label = label or ("hard IC" if hard_ic else f"λ_IC={ic_weight:g}")
-    pl.seed_everything(seed, verbose=False)
+    seed_quietly(seed)
     model = HarmonicOscillator(omega=omega, ic_weight=ic_weight, steps_per_epoch=steps, hard_ic=hard_ic)
     monitor = GradientNormMonitor(every_n_steps=every_n_steps, verbose=False)
     logger: TensorBoardLogger | bool = False

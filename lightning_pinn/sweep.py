@@ -103,11 +103,11 @@ def run_fit(spec: FitSpec) -> FitResult:
     """Train the harmonic IVP as described by ``spec`` and record its history."""
     import pytorch_lightning as pl
 
-    from lightning_pinn.demo import quiet_lightning, quiet_trainer
+    from lightning_pinn.demo import quiet_lightning, quiet_trainer, seed_quietly
     from lightning_pinn.problems import HarmonicOscillator
     from lightning_pinn.recording import HistoryRecorder
 
-    pl.seed_everything(spec.seed, verbose=False)
+    seed_quietly(spec.seed)
     model = HarmonicOscillator(omega=spec.omega, ic_weight=spec.ic_weight, steps_per_epoch=spec.steps)
     recorder = HistoryRecorder(history_every=spec.history_every, error_every=spec.error_every)
     callbacks: list[pl.Callback] = [recorder]  # first: it records the weights each step trained with

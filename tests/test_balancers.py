@@ -18,6 +18,7 @@ from tb import load_events, scalar_series
 
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer, WeightSchedule
+from lightning_pinn.demo import seed_quietly
 from lightning_pinn.engine import TermGradientEngine
 from lightning_pinn.problems import HarmonicOscillator
 from lightning_pinn.rules import grad_norm_weights
@@ -333,7 +334,7 @@ def test_balancer_state_and_weights_survive_a_checkpoint(tmp_path: Any) -> None:
 # ------------------------------------------------------------------ accuracy (a few seconds)
 @pytest.mark.parametrize("balancer", [lambda: GradNormBalancer(), lambda: NTKBalancer()], ids=["gradnorm", "ntk"])
 def test_balanced_harmonic_fit_beats_unit_weights_by_far(balancer: Any) -> None:
-    pl.seed_everything(0, verbose=False)
+    seed_quietly(0)
     model = HarmonicOscillator(ic_weight=1.0, steps_per_epoch=2000)
     _quiet_fit(model, 2000, [balancer()])
     error = model.relative_l2_error()

@@ -485,6 +485,14 @@ def test_the_command_without_a_subcommand_is_a_usage_error(capsys: pytest.Captur
     assert "demo" in capsys.readouterr().err
 
 
+def test_the_command_has_a_version_and_runs_as_a_module() -> None:
+    import lightning_pinn
+
+    done = subprocess.run([sys.executable, "-m", "lightning_pinn", "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == f"lightning-pinn {lightning_pinn.__version__}"
+    assert subprocess.run([sys.executable, "-m", "lightning_pinn"], capture_output=True, text=True).returncode == 2
+
+
 def test_the_report_warns_about_event_files_it_cannot_read(tmp_path: Path) -> None:
     from lightning_pinn.report import read_history
 

@@ -12,7 +12,11 @@ import pytorch_lightning as pl
 import torch
 from conftest import ExtraTermPoisson, TwoLossPoisson, TwoTermPoisson, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.plugins.precision import MixedPrecision
+
+try:
+    from pytorch_lightning.plugins.precision import MixedPrecision
+except ImportError:  # pytorch-lightning < 2.2
+    from pytorch_lightning.plugins.precision import MixedPrecisionPlugin as MixedPrecision  # type: ignore[no-redef]
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import LossBalanceWarning, TermGradientWarning, WeightUpdateWarning
@@ -276,6 +280,34 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path: Path) -> N
     assert (grad_b.num_updates, grad_b.last_target) == (grad_a.num_updates, grad_a.last_target)
     assert (ntk_b.num_updates, ntk_b.last_traces) == (ntk_a.num_updates, ntk_a.last_traces)
     assert torch.equal(ntk_b._generator.get_state(), ntk_a._generator.get_state())
+
+
+def test_every_callbacks_checkpoint_state_loads_with_torch_load_weights_only(tmp_path: Path) -> None:
+    """torch.load's default since torch 2.6 (weights_only=True) refuses any pickled class: the
+    callbacks' state holds only tensors, numbers, strings, lists and dicts."""
+    from lightning_pinn.callbacks import (
+        GradNormWeighting,
+        LRAnnealingBalancer,
+        ReLoBRaLoBalancer,
+        SoftAdaptBalancer,
+        UncertaintyWeighting,
+    )
+
+    callbacks = [
+        GradientNormMonitor(every_n_steps=2, verbose=False, report=False),
+        GradNormBalancer(every_n_steps=3, terms=["bc"]),
+        NTKBalancer(every_n_steps=3, trace_points=8, terms=["pde"]),
+    ]
+    others = [SoftAdaptBalancer(), ReLoBRaLoBalancer(), UncertaintyWeighting(), GradNormWeighting(), LRAnnealingBalancer(reference="pde")]
+    for index, group in enumerate([callbacks, *([other] for other in others)]):
+        folder = tmp_path / str(index)
+        model = TwoTermPoisson()
+        saver = ModelCheckpoint(dirpath=str(folder), every_n_train_steps=5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(10, [*group, saver], enable_checkpointing=True).fit(model)
+        saved = torch.load(folder / "epoch=0-step=10.ckpt", weights_only=True)
+        assert all(callback.state_key in saved["callbacks"] for callback in group)
 
 
 def test_weights_only_checkpoint_keeps_weights_and_says_balancer_state_is_not_saved(tmp_path: Path) -> None:
