@@ -13,8 +13,8 @@ from lightning_pinn import MultiTermLoss
 from lightning_pinn.autodiff import derivative
 
 
-def make_trainer(max_steps: int, callbacks: list[Any] | None = None, **kwargs: Any) -> pl.Trainer:
-    """A quiet CPU trainer for tests."""
+def make_trainer(max_steps: int, callbacks: list[Any] | None = None, trainer_class: type[Any] = pl.Trainer, **kwargs: Any) -> Any:
+    """A quiet CPU trainer for tests (``trainer_class``: e.g. ``lightning.pytorch.Trainer``)."""
     options: dict[str, Any] = dict(
         max_steps=max_steps,
         accelerator="cpu",
@@ -26,7 +26,7 @@ def make_trainer(max_steps: int, callbacks: list[Any] | None = None, **kwargs: A
         callbacks=callbacks or [],
     )
     options.update(kwargs)
-    return pl.Trainer(**options)
+    return trainer_class(**options)
 
 
 class TwoTermPoisson(pl.LightningModule):

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TwoTermPoisson
+from conftest import TwoTermPoisson, make_trainer
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
@@ -41,17 +41,7 @@ class UnifiedPoisson(L.LightningModule):
 
 
 def unified_trainer(max_steps: int, callbacks: list[Any], **kwargs: Any) -> Any:
-    options: dict[str, Any] = dict(
-        max_steps=max_steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    options.update(kwargs)
-    return L.Trainer(callbacks=callbacks, **options)
+    return make_trainer(max_steps, callbacks, trainer_class=L.Trainer, **kwargs)
 
 
 def test_the_dashboard_layout_summary_and_fast_writer_reach_a_lightning_tensorboard_logger(tmp_path: Path) -> None:
@@ -145,8 +135,6 @@ def _messages_by_logger(fit: Any) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("trainer_of", ["pytorch_lightning", "lightning.pytorch"])
 def test_the_console_table_goes_through_the_logger_of_the_trainers_distribution(trainer_of: str) -> None:
-    from conftest import make_trainer
-
     def fit() -> None:
         monitor = GradientNormMonitor(every_n_steps=5, print_every_n_steps=5, verbose=False, report=False)
         if trainer_of == "pytorch_lightning":
