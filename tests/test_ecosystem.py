@@ -572,3 +572,32 @@ def test_an_lr_scheduler_on_a_rarely_renewed_tag_is_warned_about(scheduler_confi
         assert '"frequency": 10' in messages[0] and "patience=10" in messages[0]
     else:
         assert messages == []
+
+
+def test_a_scheduler_under_manual_optimisation_is_not_warned_about() -> None:
+    """Lightning steps no scheduler under manual optimisation (it drops the config's monitor), so
+    nothing reads the tag at a cadence and nothing is warned about."""
+
+    class ManualPlateau(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            loss = self.criterion(**self.residuals())
+            self.manual_backward(loss)
+            optimizer.step()
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=5)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "loss/pde", "interval": "step"}}
+
+    trainer = make_trainer(4, [GradientNormMonitor(every_n_steps=10, verbose=False, report=False)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ManualPlateau())
+    assert not [w for w in caught if "checks about every" in str(w.message)]
