@@ -1350,3 +1350,46 @@ def test_a_conflict_alarm_ends_when_a_term_of_its_pair_is_dropped_for_good() -> 
     assert spans == [["bc", "data", 1, 6]]
     report = render_markdown(diagnose(monitor.history)).splitlines()
     assert not any("'data'" in line and "still fought" in line for line in report)
+
+
+def test_a_rerun_of_the_same_bad_fit_shows_its_alarm_again_under_the_default_filter() -> None:
+    """Python's default filter shows a warning once per text and line for the whole process: a
+    notebook re-running the same bad fit (same seed, so the same message) saw its alarm once.
+    Each callback keeps its own registry per fit, so each fit shows it, with a new monitor or the
+    same one."""
+
+    def bad_fit(monitor: GradientNormMonitor) -> None:
+        torch.manual_seed(0)
+        make_trainer(20, [monitor]).fit(HarmonicOscillator(ic_weight=1.0, steps_per_epoch=20))
+
+    reused = GradientNormMonitor(every_n_steps=10, verbose=False, report=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for monitor in (GradientNormMonitor(every_n_steps=10, verbose=False, report=False), reused, reused):
+            bad_fit(monitor)
+    alarms = _of(list(caught), LossBalanceWarning)
+    assert len(alarms) == 3 and len(set(alarms)) == 1, alarms
+
+
+def test_an_alarm_turned_into_an_error_stops_the_fit_after_its_measurement_is_recorded() -> None:
+    """The README suggests warnings.simplefilter("error", LossBalanceWarning). The error used to
+    come out in the middle of the step-0 measurement: the alarm was counted but the measurement
+    was neither in the history nor in the logs, and a refit of the same Trainer reported two
+    episodes and a worst ratio from step 10."""
+    torch.manual_seed(0)
+    model = HarmonicOscillator(ic_weight=1.0, steps_per_epoch=40)
+    monitor = GradientNormMonitor(every_n_steps=10, verbose=False, report=False)
+    trainer = make_trainer(40, [monitor])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LossBalanceWarning)
+        with pytest.raises(LossBalanceWarning, match="alarm at step 0"):
+            trainer.fit(model)
+    assert monitor.history["grad_ratio"][0] == [0] and monitor.history["alarm/grad_ratio"][1] == [1.0]
+    assert trainer.callback_metrics["grad_ratio"] > 100
+    diagnosis = monitor.diagnosis
+    assert (diagnosis.measurements, diagnosis.ratio_alarm_episodes, diagnosis.ratio_alarm_active) == (1, 1, True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)  # the same Trainer goes on from step 1
+    assert monitor.diagnosis.ratio_alarm_episodes == 1 and monitor.diagnosis.worst_ratio_step == 0
+    assert monitor.history["grad_ratio"][0] == [0, 10, 20, 30]

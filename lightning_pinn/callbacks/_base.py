@@ -11,12 +11,11 @@ from typing import Any, NamedTuple
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
 from lightning_pinn._lightning import LightningCallback, lightning_classes
-from lightning_pinn.alerts import TermGradientWarning
+from lightning_pinn.alerts import FitWarnings, TermGradientWarning
 from lightning_pinn.engine import StepMeasurement, TermGradientEngine, TraceRequest
 from lightning_pinn.loss import MultiTermLoss
 
@@ -318,6 +317,7 @@ class PerTermCallback(LightningCallback):
                 f"{type(self).__name__}: loss_module must be the attribute name of a MultiTermLoss (a string) or None, got {type(loss_module).__name__}."
             )
         self.loss_module = loss_module
+        self._fit_warnings = FitWarnings()
         self._loss: MultiTermLoss | None = None
         self._loss_path = ""
         self._tag_prefix = ""
@@ -394,6 +394,7 @@ class PerTermCallback(LightningCallback):
 
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_warnings.new_fit()  # each fit shows its warnings, also one re-run with the same numbers
         # Found here, not in setup(): Lightning runs the callbacks' setup before the module's own
         # setup() and configure_model(), where a user may still be building the network or the loss.
         self._loss_path, self._loss = find_multi_term_loss(pl_module, self.loss_module, type(self).__name__)
@@ -411,7 +412,7 @@ class PerTermCallback(LightningCallback):
             self._check_saved_term_order()
         else:
             if trainer.global_step > 0 and self._trainer_id not in (None, id(trainer)):
-                rank_zero_warn(
+                self._warn(
                     f"{type(self).__name__}: this callback object last ran in another Trainer's fit, so it no longer "
                     f"holds this Trainer's earlier state; it starts afresh at step {trainer.global_step}. Give each "
                     "Trainer its own callback objects."
@@ -427,6 +428,10 @@ class PerTermCallback(LightningCallback):
         self._replayed_previous = self._previous_step  # for a first batch that replays the last one's start
         self._previous_step, self._decided_step = self._decided_step, None
         self._on_attach(trainer, pl_module)
+
+    def _warn(self, message: str, category: type[Warning] = UserWarning) -> None:
+        """A rank-zero warning, shown once per fit (see :class:`~lightning_pinn.alerts.FitWarnings`)."""
+        self._fit_warnings.warn(message, category, stacklevel=2)
 
     def _start_afresh(self) -> None:
         self._last_step = self._decided_step = None
@@ -475,7 +480,7 @@ class PerTermCallback(LightningCallback):
             assert load is not None
             if not load.warned:  # one warning for all our callbacks
                 load.warned = True
-                rank_zero_warn(
+                self._warn(
                     f"lightning-pinn: the checkpoint was saved at step {checkpoint_step}, after that step's optimizer step but "
                     f"before the lightning-pinn callbacks had processed it (their state is from step {saved_step}): the fit "
                     "failed or was interrupted in between (OnExceptionCheckpoint), or a callback listed before them saved the "
@@ -550,7 +555,7 @@ class PerTermCallback(LightningCallback):
             cadence = self._refresh_cadence(watched[len(self._tag_prefix) :])
             if cadence is not None and cadence > interval:
                 checks = math.ceil(cadence / interval)
-                rank_zero_warn(
+                self._warn(
                     f"{name}: {watcher} checks about every {interval} optimizer "
                     f"step(s), but {name} renews '{watched}' every {cadence} steps (every_n_steps), so some checks see the "
                     "previous value again (an EarlyStopping or ReduceLROnPlateau counts such repeats as no improvement). "
@@ -615,7 +620,7 @@ class PerTermCallback(LightningCallback):
             # step: that is its normal way of finding the loss scale, not a broken term.
             self._scaler_skips += 1
             if self._scaler_skips == 30:  # a GradScaler halves its scale per skip: 30 skips is no calibration
-                rank_zero_warn(
+                self._warn(
                     f"{type(self).__name__}: 30 measured steps in a row had inf/NaN gradients under the AMP GradScaler and "
                     "were skipped. If this goes on, a residual itself is NaN/inf (not just the loss scale).",
                     category=TermGradientWarning,
@@ -628,7 +633,15 @@ class PerTermCallback(LightningCallback):
             for name, value in zip(measurement.terms, measurement.losses.tolist()):
                 if value < 0:
                     self.criterion.warn_negative_loss(name, value, step)
-        self._on_measurement(trainer, pl_module, measurement)
+        # warnings wait for the end of the measurement: one turned into an error stops the fit
+        # only after this step is recorded, logged and acted on
+        self._fit_warnings.hold()
+        try:
+            self._on_measurement(trainer, pl_module, measurement)
+        except BaseException:
+            self._fit_warnings.release(show=False)
+            raise
+        self._fit_warnings.release()
 
     def _check_loss_not_replaced(self, pl_module: pl.LightningModule) -> None:
         """Fail clearly if the module's MultiTermLoss was swapped for another during the fit."""

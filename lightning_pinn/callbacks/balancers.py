@@ -12,7 +12,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_pinn._checks import check_flag, check_seed, check_term_names
@@ -246,7 +245,7 @@ class WeightBalancer(PerTermCallback):
         self._check_no_other_balancer_owns_my_terms(trainer, names)
         for checkpoint in trainer.checkpoint_callbacks:
             if getattr(checkpoint, "save_weights_only", False):
-                rank_zero_warn(
+                self._warn(
                     f"{type(self).__name__}: {type(checkpoint).__name__}(save_weights_only=True) saves the weights λ (they "
                     "are buffers of the MultiTermLoss) but not this balancer's state (its update count, smoothing and last "
                     "target), and Lightning cannot resume a fit (ckpt_path=...) from such a file. Loading it with "
@@ -306,7 +305,7 @@ class WeightBalancer(PerTermCallback):
             self.skipped_updates += 1
             if not set(bad) <= self._nonfinite_warned:  # once per term and fit; later skips are only counted
                 self._nonfinite_warned.update(bad)
-                rank_zero_warn(
+                self._warn(
                     f"{type(self).__name__}: skipped the weight update at step {step}: the {self._quantity} of term(s) "
                     f"{', '.join(repr(n) for n in bad)} is NaN or infinite. The weights keep their last good values "
                     f"{dict(zip(names, current))}. Look for NaN/inf in those residuals. Later skips for these terms "
@@ -415,7 +414,7 @@ class WeightBalancer(PerTermCallback):
         try:
             self._log_unlogged(trainer)  # an interrupted fit's files end with the λ in force, too
         except Exception:  # noqa: BLE001 - best effort: the fit's own exception is the one to see
-            rank_zero_warn(f"{type(self).__name__}: could not log the last weight update after the fit failed.")
+            self._warn(f"{type(self).__name__}: could not log the last weight update after the fit failed.")
 
     def _log_unlogged(self, trainer: pl.Trainer) -> None:
         if self._unlogged is not None:
@@ -447,7 +446,7 @@ class WeightBalancer(PerTermCallback):
             return
         self._reference_warned = True
         why = "is absent (None) from" if not present[index] else f"has a zero {self._quantity} at"
-        rank_zero_warn(
+        self._warn(
             f"{type(self).__name__}: the reference term '{names[index]}' {why} step {step}, so the rule has no scale and "
             "no weight changes at this update (nor at later ones while this lasts). Choose a reference term that is present "
             "with a non-zero "
@@ -459,7 +458,7 @@ class WeightBalancer(PerTermCallback):
         for name, value, here in zip(names, values, present):
             if here and value == 0 and name not in self._zero_warned:
                 self._zero_warned.add(name)
-                rank_zero_warn(
+                self._warn(
                     f"{type(self).__name__}: term '{name}' has a zero {self._quantity} at step {step} ({self._zero_cause}), "
                     "so the rule gives it no weight; its λ is left unchanged.",
                     category=TermGradientWarning,
@@ -475,7 +474,7 @@ class WeightBalancer(PerTermCallback):
             self._clamp_warned.add(name)
             bound = "max_weight" if value > clamped else "min_weight"
             extra = hint() if hint is not None and bound == "max_weight" else ""
-            rank_zero_warn(
+            self._warn(
                 f"{type(self).__name__}: the weight of term '{name}' ({value:.3g}) was clamped to {bound}={clamped:g} "
                 f"at step {step}. Its {self._quantity} is extreme relative to the other terms; "
                 + (extra or f"check its residual's scale, or widen the range with {bound}=... ."),

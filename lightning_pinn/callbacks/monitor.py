@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.utilities import rank_zero_warn
 
 from lightning_pinn._checks import check_flag, check_term_names
 from lightning_pinn._lightning import console_info
@@ -414,7 +413,7 @@ class GradientNormMonitor(PerTermCallback):
                 try:
                     self.report_path, _ = write_report(self.history, log_dir, cosine_threshold=self.cosine_threshold or -0.5, name=name)
                 except Exception as error:  # noqa: BLE001 (the fit is done: a report it cannot write must not fail it)
-                    rank_zero_warn(
+                    self._warn(
                         f"{self._name}: the fit finished, but its report {name}.md could not be written to {log_dir!r} "
                         f"({type(error).__name__}: {error}). The measurements are in the logger and in this callback's "
                         "`history`; make the logger's folder writable, or run `lightning-pinn report LOGDIR` on a copy of "
@@ -475,7 +474,7 @@ class GradientNormMonitor(PerTermCallback):
                 diagnosis.ratio_alarm_episodes += 1
                 diagnosis.ratio_alarm_spans.append([step, None])
                 message = self._ratio_message(report, step, self._balancer_names)
-                rank_zero_warn(message, category=LossBalanceWarning)
+                self._warn(message, category=LossBalanceWarning)
                 self._write_text(trainer, "alarms", message, step)
                 diagnosis.ratio_alarm_active = True
         elif diagnosis.ratio_alarm_active:
@@ -624,7 +623,7 @@ class GradientNormMonitor(PerTermCallback):
                 "are balanced. Try: hard-constrain the initial/boundary condition, change the weights, lower the "
                 "learning rate, or add collocation points where the terms meet."
             )
-            rank_zero_warn(message, category=GradientConflictWarning)
+            self._warn(message, category=GradientConflictWarning)
             self._write_text(trainer, "alarms", message, step)
         return any(self._conflict_active.values())
 
@@ -688,7 +687,7 @@ class GradientNormMonitor(PerTermCallback):
                     else f"its loss ({report.losses[report.terms.index(name)]:.3g}) does not change with the trainable "
                     "parameters here (e.g. the residual reaches them only through a factor that is 0)"
                 )
-                rank_zero_warn(
+                self._warn(
                     f"{self._name}: term '{name}' has an exactly zero gradient at step {step}: {why}. It is left out "
                     "of grad_ratio and the cosines; check that its residual is computed from the network output.",
                     category=TermGradientWarning,
@@ -696,7 +695,7 @@ class GradientNormMonitor(PerTermCallback):
             elif flag == "nonfinite":
                 if name not in self.diagnosis.nonfinite_terms:
                     self.diagnosis.nonfinite_terms.append(name)
-                rank_zero_warn(
+                self._warn(
                     f"{self._name}: term '{name}' has a NaN or infinite gradient at step {step} "
                     f"(loss {report.losses[report.terms.index(name)]:.3g}). The logged grad_ratio is NaN while it lasts and the "
                     "alarm compares the other terms; look for NaN/inf "
