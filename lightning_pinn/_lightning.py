@@ -11,22 +11,24 @@ live here:
 
 * :func:`lightning_classes` — a class under both spellings, for ``isinstance``;
 * :class:`LightningCallback` — the base of this package's callbacks: a subclass of
-  ``pytorch_lightning``'s ``Callback`` and, when the ``lightning`` package is installed, of
-  ``lightning.pytorch``'s too, so ``lightning.pytorch.cli.LightningCLI`` (which checks
-  ``issubclass(cls, Callback)`` before building a callback from YAML) accepts them;
+  ``pytorch_lightning``'s ``Callback`` and, when ``lightning.pytorch`` was imported before this
+  package, of its ``Callback`` too, so ``lightning.pytorch.cli.LightningCLI`` (which checks
+  ``issubclass(cls, Callback)`` before building a callback from YAML) accepts them. This package
+  never imports ``lightning.pytorch`` itself: that import would point Lightning's shared
+  rank-zero logging (below) away from the distribution the user imports later;
 * :func:`console_info` — the callbacks' console messages, through the rank-zero logger of the
   distribution whose Trainer runs the fit.
 
 Importing both distributions has a side effect this module undoes: each one, when imported,
 points the rank-zero logging that both share (``lightning_utilities.core.rank_zero``) at its own
-logger, so whichever came last would decide where *all* of Lightning's messages go. Importing
-this package leaves that routing as it found it.
+logger, so whichever came last would decide where *all* of Lightning's messages go. This
+package imports ``pytorch_lightning``; after a user's ``import lightning``, it puts that routing
+back as it found it.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import sys
 from typing import TYPE_CHECKING, Any
@@ -39,31 +41,23 @@ _DISTRIBUTIONS = ("pytorch_lightning", "lightning.pytorch")
 def _import_keeping_log_routing(name: str) -> Any:
     """``importlib.import_module(name)``, restoring the shared rank-zero logging settings that
     Lightning's import overwrites (its logger and its deprecation-warning class) when another
-    distribution had set them already."""
+    distribution had set them already (also when the import fails halfway)."""
     if name in sys.modules:
         return sys.modules[name]
     shared = sys.modules.get("lightning_utilities.core.rank_zero")
     before = dict(vars(shared)) if shared is not None and any(d in sys.modules for d in _DISTRIBUTIONS) else None
-    module = importlib.import_module(name)
-    if before is not None:
-        for key in ("log", "rank_zero_deprecation_category"):
-            if key in before:
-                setattr(shared, key, before[key])
-    return module
-
-
-def _unified_callback() -> type[Any] | None:
-    """``lightning.pytorch.Callback`` when the ``lightning`` package is installed and imports."""
     try:
-        if importlib.util.find_spec("lightning") is None:
-            return None
-        return _import_keeping_log_routing("lightning.pytorch").Callback  # type: ignore[no-any-return]
-    except Exception:  # a broken or incompatible `lightning` install: pytorch_lightning alone still works
-        return None
+        return importlib.import_module(name)
+    finally:
+        if before is not None:
+            for key in ("log", "rank_zero_deprecation_category"):
+                if key in before:
+                    setattr(shared, key, before[key])
 
 
 _import_keeping_log_routing("pytorch_lightning")
-_UNIFIED_CALLBACK = _unified_callback()
+# the unified package's Callback, where the user imported it before this package
+_UNIFIED_CALLBACK: type[Any] | None = getattr(sys.modules.get("lightning.pytorch"), "Callback", None)
 
 if TYPE_CHECKING:
     from pytorch_lightning import Callback as LightningCallback
@@ -97,6 +91,6 @@ def console_info(trainer: Any, message: str) -> None:
     (``pytorch_lightning`` or ``lightning.pytorch``), whatever was imported last."""
     if getattr(trainer, "global_rank", 0) != 0:
         return
-    module = type(trainer).__module__
-    distribution = "lightning.pytorch" if module == "lightning.pytorch" or module.startswith("lightning.pytorch.") else "pytorch_lightning"
+    unified = sys.modules.get("lightning.pytorch")
+    distribution = "lightning.pytorch" if unified is not None and isinstance(trainer, unified.Trainer) else "pytorch_lightning"
     logging.getLogger(f"{distribution}.utilities.rank_zero").info(message)

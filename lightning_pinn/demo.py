@@ -81,8 +81,8 @@ def quiet_lightning() -> Iterator[None]:
 
 
 def seed_quietly(seed: int) -> None:
-    """``pl.seed_everything(seed)`` without its "Seed set to …" message (its ``verbose`` argument
-    only exists from pytorch-lightning 2.4 on; this package supports 2.1)."""
+    """``pl.seed_everything(seed)`` without its "Seed set to …" message (or the messages of any
+    Lightning version that words it differently)."""
     with quiet_lightning():
         pl.seed_everything(seed)
 

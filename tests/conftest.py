@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+
+with contextlib.suppress(ImportError):  # (in the dev extras) imported first, as its users do: see test_unified_lightning.py
+    import lightning.pytorch  # noqa: F401
+
+from collections.abc import Callable  # noqa: E402
 from typing import Any
 
 import pytest

@@ -18,11 +18,7 @@ import torch
 from conftest import TwoTermPoisson, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
-
-try:
-    from pytorch_lightning.plugins.precision import MixedPrecision
-except ImportError:  # pytorch-lightning < 2.2
-    from pytorch_lightning.plugins.precision import MixedPrecisionPlugin as MixedPrecision  # type: ignore[no-redef]
+from pytorch_lightning.plugins.precision import MixedPrecision
 from tb import load_events, scalar_series
 
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer

@@ -12,11 +12,7 @@ import pytorch_lightning as pl
 import torch
 from conftest import ExtraTermPoisson, TwoLossPoisson, TwoTermPoisson, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
-
-try:
-    from pytorch_lightning.plugins.precision import MixedPrecision
-except ImportError:  # pytorch-lightning < 2.2
-    from pytorch_lightning.plugins.precision import MixedPrecisionPlugin as MixedPrecision  # type: ignore[no-redef]
+from pytorch_lightning.plugins.precision import MixedPrecision
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import LossBalanceWarning, TermGradientWarning, WeightUpdateWarning

@@ -133,14 +133,19 @@ def _messages_by_logger(fit: Any) -> dict[str, list[str]]:
     return received
 
 
-@pytest.mark.parametrize("trainer_of", ["pytorch_lightning", "lightning.pytorch"])
-def test_the_console_table_goes_through_the_logger_of_the_trainers_distribution(trainer_of: str) -> None:
+@pytest.mark.parametrize(
+    ("trainer_of", "subclassed"), [("pytorch_lightning", False), ("lightning.pytorch", False), ("lightning.pytorch", True)]
+)
+def test_the_console_table_goes_through_the_logger_of_the_trainers_distribution(trainer_of: str, subclassed: bool) -> None:
+    class MyTrainer(L.Trainer):  # a user's Trainer subclass, defined in the user's module
+        pass
+
     def fit() -> None:
         monitor = GradientNormMonitor(every_n_steps=5, print_every_n_steps=5, verbose=False, report=False)
         if trainer_of == "pytorch_lightning":
             make_trainer(6, [monitor]).fit(TwoTermPoisson())
         else:
-            unified_trainer(6, [monitor]).fit(UnifiedPoisson())
+            make_trainer(6, [monitor], trainer_class=MyTrainer if subclassed else L.Trainer).fit(UnifiedPoisson())
 
     received = _messages_by_logger(fit)
     other = "lightning.pytorch" if trainer_of == "pytorch_lightning" else "pytorch_lightning"
@@ -158,6 +163,7 @@ def test_the_console_table_goes_through_the_logger_of_the_trainers_distribution(
         ("import pytorch_lightning; import lightning_pinn.callbacks", "pytorch_lightning"),
         ("import lightning.pytorch; import lightning_pinn.callbacks", "lightning.pytorch"),
         ("import lightning as L; from lightning_pinn.callbacks import GradNormBalancer", "lightning.pytorch"),
+        ("import lightning_pinn.callbacks; import lightning as L", "lightning.pytorch"),
     ],
 )
 def test_importing_the_package_leaves_lightnings_log_routing_alone(imports: str, routed_to: str) -> None:
@@ -169,3 +175,23 @@ def test_importing_the_package_leaves_lightnings_log_routing_alone(imports: str,
     code = f"{imports}; import lightning_utilities.core.rank_zero as shared; print(shared.log.name)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out[-1] == f"{routed_to}.utilities.rank_zero"
+
+
+@pytest.mark.parametrize(
+    ("imports", "subclass"),
+    [
+        ("import lightning.pytorch as L; import lightning_pinn.callbacks", True),
+        ("import lightning_pinn.callbacks; import lightning.pytorch as L", False),
+    ],
+)
+def test_the_callbacks_are_unified_callbacks_where_lightning_was_imported_first(imports: str, subclass: bool) -> None:
+    """lightning-pinn does not import lightning.pytorch itself (that would move Lightning's log
+    routing away from a user who imports it later), so its callbacks subclass the unified
+    package's Callback (what LightningCLI checks) where that was imported first; either way they
+    run under its Trainer."""
+    import subprocess
+    import sys
+
+    code = f"{imports}; from lightning_pinn.callbacks import GradNormBalancer; print(issubclass(GradNormBalancer, L.Callback))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == str(subclass)

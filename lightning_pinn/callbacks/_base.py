@@ -283,20 +283,25 @@ def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int) -> list[tuple[str, 
         if isinstance(callback, model_checkpoint) and every_n_train_steps:
             interval = min(interval, every_n_train_steps)
         watchers.append((f"{type(callback).__name__}(monitor={watched!r})", watched, interval, "EarlyStopping(patience={checks}) or more"))
+    accumulate = max(1, int(trainer.accumulate_grad_batches))
     for config in getattr(trainer, "lr_scheduler_configs", None) or []:
         watched = getattr(config, "monitor", None)
-        if not isinstance(watched, str):
-            continue
+        if not config.reduce_on_plateau or not isinstance(watched, str):
+            continue  # Lightning hands the monitored value to plateau schedulers only
         frequency = max(1, int(config.frequency))
-        interval = frequency if config.interval == "step" else frequency * steps_per_epoch
+        if config.interval == "step":
+            # Lightning steps it on the batches whose number (from 1, within the epoch) is a
+            # multiple of `frequency`, among those that end with an optimizer step
+            interval = math.lcm(frequency, accumulate) // accumulate
+        else:
+            interval = frequency * steps_per_epoch
         scheduler = type(config.scheduler).__name__
         watchers.append(
             (
                 f"the LR scheduler {scheduler} (monitor={watched!r}, interval={config.interval!r}, frequency={frequency})",
                 watched,
                 interval,
-                f"{scheduler}(patience={{checks}}) or more"
-                + (', or "frequency": {cadence} in its lr_scheduler config' if config.interval == "step" else ""),
+                f"{scheduler}(patience={{checks}}) or more",
             )
         )
     return watchers
@@ -560,7 +565,7 @@ class PerTermCallback(LightningCallback):
                     f"step(s), but {name} renews '{watched}' every {cadence} steps (every_n_steps), so some checks see the "
                     "previous value again (an EarlyStopping or ReduceLROnPlateau counts such repeats as no improvement). "
                     f"Use {name}(every_n_steps={interval}) or a smaller value, or let the check wait for {checks} "
-                    f"repeats (e.g. {waits.format(checks=checks, cadence=cadence)})."
+                    f"repeats (e.g. {waits.format(checks=checks)})."
                 )
 
     def _due_at_batch(self, step: int) -> bool:
