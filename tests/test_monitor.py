@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -1393,3 +1394,52 @@ def test_an_alarm_turned_into_an_error_stops_the_fit_after_its_measurement_is_re
         trainer.fit(model)  # the same Trainer goes on from step 1
     assert monitor.diagnosis.ratio_alarm_episodes == 1 and monitor.diagnosis.worst_ratio_step == 0
     assert monitor.history["grad_ratio"][0] == [0, 10, 20, 30]
+
+
+def test_a_new_model_fitted_on_the_same_trainer_starts_the_callbacks_afresh(tmp_path: Path) -> None:
+    """Raising max_steps and fitting another model on the same Trainer continued the first model's
+    history (grad_norm/pde across both networks) and the balancer's smoothing."""
+    from conftest import ExtraTermPoisson
+
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    monitor = GradientNormMonitor(every_n_steps=5, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=5)
+    trainer = make_trainer(10, [monitor, balancer])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(TwoTermPoisson())
+    assert balancer.num_updates == 2
+    trainer.fit_loop.epoch_loop.max_steps = 20
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(ExtraTermPoisson("data", lambda model, batch_idx: model.net(model.x) - 0.5))
+    messages = [str(w.message) for w in caught if "trained another model" in str(w.message)]
+    assert len(messages) == 2 and "['pde', 'bc', 'data']" in messages[0]
+    assert monitor.history["grad_norm/pde"][0] == [10, 15] and monitor.diagnosis.first_step == 10
+    assert balancer.num_updates == 2  # counted afresh: its first update took λ̂ directly
+
+
+def test_a_stopped_fit_prints_what_was_measured_and_a_later_fit_has_no_stale_report_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    monitor = GradientNormMonitor(every_n_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(10, [monitor], logger=TensorBoardLogger(str(tmp_path))).fit(TwoTermPoisson())
+    assert monitor.report_path is not None
+
+    class Stops(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if batch_idx == 7:
+                raise RuntimeError("stopped by the user")
+            return super().training_step(batch, batch_idx)
+
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(), pytest.raises(RuntimeError, match="stopped by the user"):
+        warnings.simplefilter("ignore")
+        make_trainer(10, [monitor]).fit(Stops())
+    stopped = [r.getMessage() for r in caplog.records if "the fit stopped" in r.getMessage()]
+    assert len(stopped) == 1 and "(RuntimeError) at step 7" in stopped[0] and "2 measurement(s), steps 0-5" in stopped[0]
+    assert monitor.report_path is None

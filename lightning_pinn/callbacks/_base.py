@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -323,6 +324,7 @@ class PerTermCallback(LightningCallback):
             )
         self.loss_module = loss_module
         self._fit_warnings = FitWarnings()
+        self._fitted_loss: weakref.ref[MultiTermLoss] | None = None  # the loss of the last fit (not kept alive)
         self._loss: MultiTermLoss | None = None
         self._loss_path = ""
         self._tag_prefix = ""
@@ -423,10 +425,18 @@ class PerTermCallback(LightningCallback):
                     "Trainer its own callback objects."
                 )
                 self._start_afresh()
+            elif trainer.global_step > 0 and self._fitted_loss is not None and self._fitted_loss() is not self._loss:
+                self._warn(
+                    f"{type(self).__name__}: this Trainer's earlier fit trained another model (another MultiTermLoss, "
+                    f"now with terms {list(self._loss.term_names)}), so this callback starts afresh at step "
+                    f"{trainer.global_step} instead of continuing that fit's history. For a new model, use a new Trainer."
+                )
+                self._start_afresh()
             elif trainer.global_step == 0:
                 self._start_afresh()
         self._restored = False
         self._trainer_id = id(trainer)
+        self._fitted_loss = weakref.ref(self._loss)
         # The last batch's start step (of a resumed or continued fit) becomes the step decided
         # before this fit's first batch: a due step that batch jumped over, with several optimizer
         # steps per batch, is still measured; this fit's first step is decided afresh.
