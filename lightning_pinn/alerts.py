@@ -57,7 +57,12 @@ class FitWarnings:
 
     Between :meth:`hold` and :meth:`release` warnings wait, so a warning turned into an error
     (``warnings.simplefilter("error", LossBalanceWarning)``) stops the fit only after the
-    measurement that raised it is recorded, logged and acted on. Only rank zero warns.
+    measurement that raised it is recorded, logged and acted on by this callback.
+
+    Rank zero shows the warnings. The other ranks show nothing but apply the same filters, so a
+    warning an ``"error"`` filter turns into an exception stops every rank at the same step (the
+    measurements are reduced across ranks, so every rank warns alike); a rank left running alone
+    would wait in the next collective until the process group times out.
     """
 
     _registry: dict[Any, Any] = field(default_factory=dict)
@@ -69,8 +74,6 @@ class FitWarnings:
 
     def warn(self, message: str, category: type[Warning] = UserWarning, stacklevel: int = 1) -> None:
         """``warnings.warn(message, category)`` attributed to the caller ``stacklevel`` frames up."""
-        if _rank() != 0:
-            return
         frame = sys._getframe(stacklevel)
         held = _Held(message, category, frame.f_code.co_filename, frame.f_lineno, frame.f_globals)
         if self._held is not None:
@@ -82,14 +85,33 @@ class FitWarnings:
         """Keep warnings back until :meth:`release`."""
         self._held = []
 
-    def release(self, show: bool = True) -> None:
-        """Show the warnings held back (``show=False``: drop them, e.g. after a failure)."""
+    def release(self, failing: bool = False) -> None:
+        """Show the warnings held back, in order.
+
+        One that an ``"error"`` filter turns into an exception is raised after the others are
+        shown. While the step is failing anyway (``failing``) it is not raised: the step's own
+        exception is the one that propagates, and the warnings held (a NaN gradient, say) are
+        still shown, since they may explain it.
+        """
         held, self._held = self._held or [], None
-        if show:
-            for item in held:
+        raised: Warning | None = None
+        for item in held:
+            try:
                 self._show(item)
+            except Warning as error:
+                raised = raised or error
+        if raised is not None and not failing:
+            raise raised
 
     def _show(self, held: _Held) -> None:
+        if _rank() == 0:
+            self._warn_explicit(held)
+            return
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_nothing  # (restored on exit)
+            self._warn_explicit(held)
+
+    def _warn_explicit(self, held: _Held) -> None:
         globals_ = held.module_globals
         warnings.warn_explicit(
             held.message,
@@ -100,6 +122,10 @@ class FitWarnings:
             registry=self._registry,
             module_globals=globals_,
         )
+
+
+def _show_nothing(*args: Any, **kwargs: Any) -> None:
+    """A ``warnings.showwarning`` for ranks other than zero."""
 
 
 def _rank() -> int:

@@ -1441,5 +1441,61 @@ def test_a_stopped_fit_prints_what_was_measured_and_a_later_fit_has_no_stale_rep
         warnings.simplefilter("ignore")
         make_trainer(10, [monitor]).fit(Stops())
     stopped = [r.getMessage() for r in caplog.records if "the fit stopped" in r.getMessage()]
-    assert len(stopped) == 1 and "(RuntimeError) at step 7" in stopped[0] and "2 measurement(s), steps 0-5" in stopped[0]
+    assert len(stopped) == 1 and "(RuntimeError) after 7 optimizer step(s)" in stopped[0] and "2 measurement(s), steps 0-5" in stopped[0]
     assert monitor.report_path is None
+
+    # a fit that fails before the monitor is attached to it has measured nothing: no summary of the last fit
+    class NoOptimizer(TwoTermPoisson):
+        def configure_optimizers(self) -> Any:
+            raise RuntimeError("no optimizer")
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(), pytest.raises(RuntimeError, match="no optimizer"):
+        warnings.simplefilter("ignore")
+        make_trainer(10, [monitor]).fit(NoOptimizer())
+    assert not [r for r in caplog.records if "the fit stopped" in r.getMessage()]
+
+
+def test_the_warnings_of_a_measurement_that_fails_are_still_shown() -> None:
+    """A NaN gradient's warning held until the end of the measurement was dropped when the
+    measurement failed later (here: a logger that cannot write), though it explains the failure."""
+    from conftest import ExtraTermPoisson
+    from pytorch_lightning.loggers import Logger
+
+    class FullDiskLogger(Logger):
+        name, version = "full", 0
+
+        @property
+        def experiment(self) -> None:
+            return None
+
+        def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            raise OSError("No space left on device")
+
+    model = ExtraTermPoisson("data", lambda model, batch_idx: model.net(model.x) * float("nan"))
+    monitor = GradientNormMonitor(every_n_steps=10, verbose=False, report=False)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(OSError, match="No space"):
+        warnings.simplefilter("always")
+        make_trainer(20, [monitor], logger=FullDiskLogger()).fit(model)
+    assert any("'data'" in message for message in _of(list(caught), TermGradientWarning))
+
+
+def test_other_ranks_show_no_warning_but_stop_where_rank_zero_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under DDP only rank zero shows a warning; an "error" filter must stop every rank at the same
+    step, or rank zero stops while the others wait in the next collective until a timeout."""
+    from pytorch_lightning.utilities import rank_zero_only
+
+    from lightning_pinn.alerts import FitWarnings
+
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    channel = FitWarnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        channel.warn("shown on rank zero only", LossBalanceWarning)
+        assert caught == []
+        warnings.simplefilter("error", LossBalanceWarning)
+        with pytest.raises(LossBalanceWarning, match="rank zero only"):
+            channel.warn("shown on rank zero only", LossBalanceWarning)

@@ -324,7 +324,8 @@ class PerTermCallback(LightningCallback):
             )
         self.loss_module = loss_module
         self._fit_warnings = FitWarnings()
-        self._fitted_loss: weakref.ref[MultiTermLoss] | None = None  # the loss of the last fit (not kept alive)
+        self._fitted_loss: weakref.ref[MultiTermLoss] | None = None  # the loss of the last fit
+        self._fit_started = False  # whether on_fit_start attached the current fit
         self._loss: MultiTermLoss | None = None
         self._loss_path = ""
         self._tag_prefix = ""
@@ -437,6 +438,7 @@ class PerTermCallback(LightningCallback):
         self._restored = False
         self._trainer_id = id(trainer)
         self._fitted_loss = weakref.ref(self._loss)
+        self._fit_started = True
         # The last batch's start step (of a resumed or continued fit) becomes the step decided
         # before this fit's first batch: a due step that batch jumped over, with several optimizer
         # steps per batch, is still measured; this fit's first step is decided afresh.
@@ -468,6 +470,8 @@ class PerTermCallback(LightningCallback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = stage  # Lightning runs setup before it restores a checkpoint
+        if stage == "fit":
+            self._fit_started = False  # until on_fit_start has attached this fit
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stage = None
@@ -654,7 +658,7 @@ class PerTermCallback(LightningCallback):
         try:
             self._on_measurement(trainer, pl_module, measurement)
         except BaseException:
-            self._fit_warnings.release(show=False)
+            self._fit_warnings.release(failing=True)
             raise
         self._fit_warnings.release()
 

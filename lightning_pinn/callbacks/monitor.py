@@ -259,7 +259,6 @@ class GradientNormMonitor(PerTermCallback):
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)  # resets the fit state unless the fit resumes
-        self.report_path = None  # until this fit writes its report
         unknown = [name for name in self.ratio_terms or [] if name not in self.criterion.term_names]
         if unknown:
             raise ValueError(
@@ -373,14 +372,21 @@ class GradientNormMonitor(PerTermCallback):
             return None  # a balancer writes this λ
         return self.every_n_steps
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self.report_path = None  # until this fit writes its report
+
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         super().on_exception(trainer, pl_module, exception)
         self._pending.flush()  # keep what was measured before the failure
-        if self.verbose and self.diagnosis.measurements:
+        if self.verbose and self._fit_started and self.diagnosis.measurements:
             # a fit stopped by hand (Ctrl-C) or by an error often stops because it looks bad: say what
             # was measured (console only: no report files, no collective under DDP)
             console_info(
-                trainer, f"{self._name}: the fit stopped ({type(exception).__name__}) at step {trainer.global_step}.\n{self.summary()}"
+                trainer,
+                f"{self._name}: the fit stopped ({type(exception).__name__}) after {trainer.global_step} optimizer "
+                f"step(s).\n{self.summary()}",
             )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
