@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 __all__ = ["LightningCallback", "console_info", "lightning_classes"]
 
 _DISTRIBUTIONS = ("pytorch_lightning", "lightning.pytorch")
+#: What each distribution's import sets in ``lightning_utilities.core.rank_zero`` for itself.
+_SHARED_SETTINGS = ("log", "rank_zero_deprecation_category")
 
 
 def _import_keeping_log_routing(name: str) -> Any:
@@ -45,14 +47,13 @@ def _import_keeping_log_routing(name: str) -> Any:
     if name in sys.modules:
         return sys.modules[name]
     shared = sys.modules.get("lightning_utilities.core.rank_zero")
-    before = dict(vars(shared)) if shared is not None and any(d in sys.modules for d in _DISTRIBUTIONS) else None
+    set_by_another = shared is not None and any(distribution in sys.modules for distribution in _DISTRIBUTIONS)
+    before = {key: getattr(shared, key) for key in _SHARED_SETTINGS if hasattr(shared, key)} if set_by_another else {}
     try:
         return importlib.import_module(name)
     finally:
-        if before is not None:
-            for key in ("log", "rank_zero_deprecation_category"):
-                if key in before:
-                    setattr(shared, key, before[key])
+        for key, value in before.items():
+            setattr(shared, key, value)
 
 
 _import_keeping_log_routing("pytorch_lightning")

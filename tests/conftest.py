@@ -66,6 +66,22 @@ class TwoTermPoisson(pl.LightningModule):
         return range(100)
 
 
+class ManualOptimization(TwoTermPoisson):
+    """Manual optimisation: the user calls manual_backward and steps the optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        optimizer = self.optimizers()
+        loss = self.criterion(**self.residuals())
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss.detach()
+
+
 class ExtraTermPoisson(TwoTermPoisson):
     """:class:`TwoTermPoisson` with a third term ``name`` whose residual is ``extra(model, batch_idx)``
     (``None``: absent from that step), for tests that need one more term."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TwoTermPoisson, make_trainer
+from conftest import ManualOptimization, TwoTermPoisson, make_trainer
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
@@ -599,19 +599,7 @@ def test_a_scheduler_under_manual_optimisation_is_not_warned_about() -> None:
     """Lightning steps no scheduler under manual optimisation (it drops the config's monitor), so
     nothing reads the tag at a cadence and nothing is warned about."""
 
-    class ManualPlateau(TwoTermPoisson):
-        def __init__(self) -> None:
-            super().__init__()
-            self.automatic_optimization = False
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            optimizer = self.optimizers()
-            optimizer.zero_grad()
-            loss = self.criterion(**self.residuals())
-            self.manual_backward(loss)
-            optimizer.step()
-            return loss
-
+    class ManualPlateau(ManualOptimization):
         def configure_optimizers(self) -> Any:
             optimizer = torch.optim.Adam(self.parameters(), lr=1e-3)
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=5)

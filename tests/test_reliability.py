@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ExtraTermPoisson, TwoLossPoisson, TwoTermPoisson, make_trainer
+from conftest import ExtraTermPoisson, ManualOptimization, TwoLossPoisson, TwoTermPoisson, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 
@@ -319,22 +319,6 @@ def test_weights_only_checkpoint_keeps_weights_and_says_balancer_state_is_not_sa
 
 
 # ------------------------------------------------------------------ other optimisation loops
-class ManualOptimization(TwoTermPoisson):
-    """Manual optimisation: the user calls manual_backward and steps the optimizer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        optimizer = self.optimizers()
-        loss = self.criterion(**self.residuals())
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
-        return loss.detach()
-
-
 def test_manual_optimization_is_measured_and_balanced() -> None:
     model = ManualOptimization()
     initial = TwoTermPoisson()

@@ -447,7 +447,8 @@ class PerTermCallback(LightningCallback):
         self._on_attach(trainer, pl_module)
 
     def _warn(self, message: str, category: type[Warning] = UserWarning) -> None:
-        """A rank-zero warning, shown once per fit (see :class:`~lightning_pinn.alerts.FitWarnings`)."""
+        """A warning shown on rank zero, once per fit; every rank applies the filters (see
+        :class:`~lightning_pinn.alerts.FitWarnings`)."""
         self._fit_warnings.warn(message, category, stacklevel=2)
 
     def _start_afresh(self) -> None:
