@@ -8,10 +8,12 @@ cosines and the alarm flags.
 from __future__ import annotations
 
 import re
+import struct
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "losses_in_layout", "terms_in_layout", "write_layout"]
+__all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "layout_written_by_others", "losses_in_layout", "terms_in_layout", "write_layout"]
 
 #: Name of the custom-scalars category lightning-pinn writes.
 LAYOUT_CATEGORY = "lightning-pinn"
@@ -46,21 +48,109 @@ def dashboard_layout(prefix: str = "", logger_prefix: str = "", terms: Sequence[
 
 
 def write_layout(writer: Any, prefix: str = "", logger_prefix: str = "", terms: Sequence[str] | None = None) -> None:
-    """Write the layout to a ``SummaryWriter``, once per writer, prefix and terms.
+    """Write the layout to a ``SummaryWriter``, once per writer, prefix and terms (again when the
+    run's last layout lost lightning-pinn's categories or changed someone else's).
 
-    TensorBoard keeps the last layout written to a run, so with several losses the layout
-    written holds every loss's category seen so far.
+    TensorBoard shows only the last layout written to a run, so the layout written holds every
+    loss's category seen so far and the categories of the layout someone else (the user's own
+    dashboard) wrote to the run before it: see :func:`layout_written_by_others`.
     """
     written: dict[tuple[str, str], tuple[str, ...] | None] = getattr(writer, "_lightning_pinn_layouts", {})
+    last = _last_layout_in_run(writer)
+    ours_shown = last is None or all(any(title == category for title, _ in last) for category in _our_categories(written))
+    foreign = _foreign_categories(last)
     key, names = (prefix, logger_prefix), tuple(terms) if terms is not None else None
-    if key in written and written[key] == names:
+    if key in written and written[key] == names and ours_shown and foreign == getattr(writer, "_lightning_pinn_foreign", {}):
         return
     written[key] = names
-    layout: dict[str, dict[str, list[Any]]] = {}
+    layout: dict[str, dict[str, list[Any]]] = dict(foreign)
     for (each, each_logger), each_terms in sorted(written.items(), key=lambda item: item[0]):
         layout.update(dashboard_layout(each, each_logger, each_terms))
     writer.add_custom_scalars(layout)
     writer._lightning_pinn_layouts = written
+    writer._lightning_pinn_foreign = foreign
+
+
+def _our_categories(written: dict[tuple[str, str], tuple[str, ...] | None]) -> list[str]:
+    return [title for (each, each_logger), each_terms in written.items() for title in dashboard_layout(each, each_logger, each_terms)]
+
+
+#: The tag under which TensorBoard's custom-scalars plugin stores a run's layout.
+_LAYOUT_TAG = b"custom_scalars__config__"
+
+
+def layout_written_by_others(writer: Any) -> dict[str, dict[str, list[Any]]]:
+    """The categories that are not lightning-pinn's in the last custom-scalars layout of the
+    writer's run folder, in the ``add_custom_scalars`` form (``{category: {chart: [kind, tags]}}``).
+
+    TensorBoard shows only the last layout written to a run, so the layout lightning-pinn writes
+    repeats them, or the user's own dashboard would disappear. A margin chart with several series
+    becomes one chart per series (the ``add_custom_scalars`` form holds one). Nothing is found
+    where the writer has no readable folder: reading never fails a fit.
+    """
+    return _foreign_categories(_last_layout_in_run(writer))
+
+
+def _foreign_categories(categories: list[tuple[str, Any]] | None) -> dict[str, dict[str, list[Any]]]:
+    found: dict[str, dict[str, list[Any]]] = {}
+    for title, category in categories or []:
+        if title.startswith(LAYOUT_CATEGORY):
+            continue
+        charts = found.setdefault(title, {})
+        for chart in category.chart:
+            if chart.HasField("margin"):
+                entries = [["Margin", [s.value, s.lower, s.upper]] for s in chart.margin.series]
+            else:
+                entries = [["Multiline", list(chart.multiline.tag)]]
+            for entry in entries:
+                name, number = chart.title, 1
+                while name in charts:  # a second chart or series under one title keeps its own chart
+                    number += 1
+                    name = f"{chart.title} ({number})"
+                charts[name] = entry
+    return found
+
+
+def _last_layout_in_run(writer: Any) -> list[tuple[str, Any]] | None:
+    """``[(category title, Category proto)]`` of the last layout in the writer's folder, or None.
+
+    Reads the event files incrementally (the writer remembers how far each was read) and parses
+    only records holding the layout tag, so a later fit on the same logger costs a substring
+    search over what was written since. The framing is TFRecord's: an 8-byte little-endian
+    length, its 4-byte CRC, the record, the record's 4-byte CRC.
+    """
+    try:
+        from tensorboard.compat.proto import event_pb2
+        from tensorboard.plugins.custom_scalar import layout_pb2
+
+        writer.flush()
+        log_dir = Path(writer.get_logdir() if hasattr(writer, "get_logdir") else writer.logdir)
+        read_to: dict[str, int] = writer.__dict__.setdefault("_lightning_pinn_read_to", {})
+        last: tuple[float, bytes] | None = writer.__dict__.get("_lightning_pinn_last_layout")
+        for path in sorted(log_dir.glob("*tfevents*")):
+            with path.open("rb") as file:
+                file.seek(read_to.get(path.name, 0))
+                data = file.read()
+            offset, found = 0, data.find(_LAYOUT_TAG)
+            while offset + 12 <= len(data):
+                (length,) = struct.unpack_from("<Q", data, offset)
+                end = offset + 12 + length + 4
+                if end > len(data):
+                    break  # a record still being written: read it next time
+                if offset <= found < end:  # only records holding the tag are parsed
+                    event = event_pb2.Event.FromString(data[offset + 12 : end - 4])
+                    for value in event.summary.value:
+                        if value.tag == _LAYOUT_TAG.decode() and value.tensor.string_val and (last is None or event.wall_time >= last[0]):
+                            last = (event.wall_time, value.tensor.string_val[0])
+                    found = data.find(_LAYOUT_TAG, end)
+                offset = end
+            read_to[path.name] = read_to.get(path.name, 0) + offset
+        writer._lightning_pinn_last_layout = last
+        if last is None:
+            return None
+        return [(category.title, category) for category in layout_pb2.Layout.FromString(last[1]).category]
+    except Exception:  # an unreadable folder or event must not stop a fit: the layout is then ours alone
+        return None
 
 
 def _unescape(escaped: str) -> str:

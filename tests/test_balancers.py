@@ -216,6 +216,27 @@ def test_nonfinite_norms_skip_the_update_and_keep_the_last_good_weights() -> Non
     assert "step 3" in skipped[1] and "'pde', 'bc'" in skipped[1]
 
 
+def test_an_infinite_residual_skips_an_ntk_update_although_its_trace_is_finite() -> None:
+    """∂(r + inf)/∂θ = ∂r/∂θ, so the traces stay finite for an infinite residual: the update
+    must still be skipped (and warned, naming the term), since the step's loss is infinite."""
+
+    class GoesInfinite(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            residuals = self.residuals()
+            if self.global_step == 2:
+                residuals["bc"] = residuals["bc"] + float("inf")
+            return self.criterion(**residuals)
+
+    model = GoesInfinite()
+    balancer = NTKBalancer(every_n_steps=1)
+    recorder = Recorder()
+    caught = _quiet_fit(model, 3, [balancer, recorder])
+    assert balancer.num_updates == 2 and balancer.skipped_updates == 1
+    assert model.criterion.weights == recorder.after_batch[1], "λ keeps its last good value"
+    skipped = [str(w.message) for w in caught if issubclass(w.category, WeightUpdateWarning)]
+    assert len(skipped) == 1 and "step 2" in skipped[0] and "loss of term(s) 'bc' is NaN or infinite" in skipped[0]
+
+
 def test_ntk_balancer_refuses_zero_dim_terms() -> None:
     class Reduced(TwoTermPoisson):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -63,6 +63,40 @@ def test_harmonic_crisis_alarms_and_good_weight_does_not() -> None:
     assert _of(bad_warnings, GradientConflictWarning), "the stalled λ_IC = 1 run must raise the conflict alarm"
 
 
+class _OwnDashboard(HarmonicOscillator):
+    """A module that writes its own custom-scalars layout in setup(), before the monitor's."""
+
+    def setup(self, stage: str) -> None:
+        self.logger.experiment.add_custom_scalars(
+            {
+                "mine": {
+                    "my chart": ["Multiline", ["my_tag", "my_other_tag"]],
+                    "my band": ["Margin", ["mean", "low", "high"]],
+                }
+            }
+        )
+
+
+def test_the_monitors_layout_keeps_a_layout_the_user_wrote_before_it(tmp_path: Any) -> None:
+    """TensorBoard shows only a run's last layout: the monitor's must repeat the user's categories
+    (it replaced them before), also when the same logger is fitted again."""
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    for _ in range(2):
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(3, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], logger=logger).fit(
+                _OwnDashboard(steps_per_epoch=3)
+            )
+        layout = custom_scalars_layout(load_events(tmp_path))
+        categories = {category.title: category for category in layout.category}
+        assert set(categories) == {"mine", LAYOUT_CATEGORY}
+        charts = {chart.title: chart for chart in categories["mine"].chart}
+        assert list(charts["my chart"].multiline.tag) == ["my_tag", "my_other_tag"]
+        [band] = charts["my band"].margin.series
+        assert (band.value, band.lower, band.upper) == ("mean", "low", "high")
+
+
 def test_tags_layout_and_alarm_text_in_tensorboard(tmp_path: Any) -> None:
     torch.manual_seed(0)
     model = HarmonicOscillator(ic_weight=1.0, steps_per_epoch=60)

@@ -300,13 +300,19 @@ class WeightBalancer(PerTermCallback):
         # already have written its terms' next λ: the result must not depend on callback order)
         current = measurement.weights.tolist()
         latest = self.criterion.lambdas.tolist()
-        bad = [name for name, value in zip(names, values) if not math.isfinite(value)]
+        # a NaN/inf loss skips the update too: an NTK trace stays finite for an infinite residual
+        losses = measurement.losses.tolist()
+        bad = [
+            name
+            for name, value, loss, here in zip(names, values, losses, present)
+            if not math.isfinite(value) or (here and not math.isfinite(loss))
+        ]
         if bad:
             self.skipped_updates += 1
             if not set(bad) <= self._nonfinite_warned:  # once per term and fit; later skips are only counted
                 self._nonfinite_warned.update(bad)
                 self._warn(
-                    f"{type(self).__name__}: skipped the weight update at step {step}: the {self._quantity} of term(s) "
+                    f"{type(self).__name__}: skipped the weight update at step {step}: the {self._quantity} or the loss of term(s) "
                     f"{', '.join(repr(n) for n in bad)} is NaN or infinite. The weights keep their last good values "
                     f"{dict(zip(names, current))}. Look for NaN/inf in those residuals. Later skips for these terms "
                     "are counted in skipped_updates, not warned again.",
