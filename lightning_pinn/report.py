@@ -211,6 +211,8 @@ class Diagnosis:
     worst_ratio_step: int | None = None
     worst_pair: tuple[str, str] | None = None
     ratio_spans: list[tuple[int, int | None]] = field(default_factory=list)
+    # per ratio episode: (largest, smallest, ratio) at the episode's worst measurement, or None
+    ratio_span_pairs: list[tuple[str, str, float] | None] = field(default_factory=list)
     ratio_measurements_above: int = 0
     # measurements above the threshold with the alarm off: it waited for a balancer's first update
     ratio_held_steps: list[int] = field(default_factory=list)
@@ -259,19 +261,11 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
     if "grad_ratio" in history:
         steps, ratios = history["grad_ratio"]
         finite = [index for index, ratio in enumerate(ratios) if math.isfinite(ratio)]  # NaN: a NaN/inf gradient
+        weighted = {t: dict(zip(*history[f"grad_norm_weighted/{t}"])) for t in history.terms("grad_norm_weighted")}
         if finite:
             worst = max(finite, key=ratios.__getitem__)
             result.worst_ratio, result.worst_ratio_step = ratios[worst], steps[worst]
-            weighted = {t: dict(zip(*history[f"grad_norm_weighted/{t}"])) for t in history.terms("grad_norm_weighted")}
-            at_worst = {t: series[steps[worst]] for t, series in weighted.items() if steps[worst] in series and series[steps[worst]] > 0}
-            if len(at_worst) >= 2:
-                # the pair whose ratio is the logged one (with the monitor's ratio_terms, the largest
-                # and smallest of all terms need not be it)
-                logged = math.log(ratios[worst])
-                result.worst_pair = min(
-                    ((a, b) for a in at_worst for b in at_worst if a != b and at_worst[a] >= at_worst[b]),
-                    key=lambda pair: abs(math.log(at_worst[pair[0]] / at_worst[pair[1]]) - logged),
-                )
+            result.worst_pair = _pair_at(steps[worst], ratios[worst], weighted)
         if "alarm/grad_ratio" in history:
             flag_steps, flags = history["alarm/grad_ratio"]
             result.ratio_spans = _spans(flag_steps, [f > 0.5 for f in flags])
@@ -290,6 +284,12 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
         elif threshold is not None:
             result.ratio_spans = _spans(steps, [r > threshold for r in ratios])
             result.ratio_measurements_above = sum(r > threshold for r in ratios)
+
+        for start, end in result.ratio_spans:
+            inside = [i for i in finite if start <= steps[i] and (end is None or steps[i] < end)]
+            episode = max(inside, key=ratios.__getitem__) if inside else None
+            pair = None if episode is None else _pair_at(steps[episode], ratios[episode], weighted)
+            result.ratio_span_pairs.append(None if pair is None or episode is None else (*pair, ratios[episode]))
 
     pair_flags = [tag for tag in history.tags() if tag.startswith("alarm/grad_conflict/")]
     if pair_flags:
@@ -345,6 +345,20 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
     return result
 
 
+def _pair_at(step: int, ratio: float, weighted: dict[str, dict[int, float]]) -> tuple[str, str] | None:
+    """(largest, smallest): the pair of terms whose weighted gradient norms at ``step`` give the
+    logged ``ratio`` (with the monitor's ratio_terms, the largest and smallest of all terms need not
+    be it); None with fewer than two non-zero norms."""
+    norms = {t: series[step] for t, series in weighted.items() if step in series and series[step] > 0}
+    if len(norms) < 2:
+        return None
+    logged = math.log(ratio)
+    return min(
+        ((a, b) for a in norms for b in norms if a != b and norms[a] >= norms[b]),
+        key=lambda pair: abs(math.log(norms[pair[0]] / norms[pair[1]]) - logged),
+    )
+
+
 def _advice(d: Diagnosis) -> list[str]:
     advice = []
     adapted = any(last != first for first, last, _, _ in d.weights.values())
@@ -378,7 +392,8 @@ def _advice(d: Diagnosis) -> list[str]:
             advice.append(
                 f"Add `GradNormBalancer()` (or `NTKBalancer()`) to the Trainer's callbacks so λ follows the gradients, or raise "
                 f"λ_{small} by about {d.worst_ratio:.3g}x (to ≈ {now * d.worst_ratio:.3g}) so that its gradient is not "
-                f"drowned by '{big}'."
+                f"drowned by '{big}'. If '{small}' is an initial or boundary condition, a hard constraint "
+                "(`lightning_pinn.constraints.IVPAnsatz`, `DirichletAnsatz1D`) imposes it exactly and removes the term."
             )
     ongoing = sorted({f"'{a}' and '{b}'" for a, b, _, end, _ in d.conflict_spans if end is None})
     cleared = sorted({f"'{a}' and '{b}'" for a, b, _, end, _ in d.conflict_spans if end is not None} - set(ongoing))
@@ -451,7 +466,11 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
         pair = f" ('{d.worst_pair[0]}' over '{d.worst_pair[1]}')" if d.worst_pair else ""
         lines.append(f"- Worst ratio: {d.worst_ratio:.3g}x at step {d.worst_ratio_step}{pair}; threshold {threshold}.")
         if d.ratio_spans:
-            spans = ", ".join(_steps_text(s, e) for s, e in d.ratio_spans)
+            pairs = d.ratio_span_pairs or [None] * len(d.ratio_spans)
+            spans = ", ".join(
+                _steps_text(s, e) + ("" if pair is None else f" ('{pair[0]}' over '{pair[1]}', up to {pair[2]:.3g}x)")
+                for (s, e), pair in zip(d.ratio_spans, pairs)
+            )
             lines.append(
                 f"- Above the threshold in {len(d.ratio_spans)} episode(s): {spans} ({d.ratio_measurements_above} of {d.measurements} measurements)."
             )
