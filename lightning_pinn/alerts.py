@@ -21,8 +21,10 @@ class LossBalanceWarning(UserWarning):
     """Two terms' weighted gradient norms differ by more than the monitor's threshold."""
 
 
-class GradientConflictWarning(LossBalanceWarning):
-    """Two terms' gradients point against each other (cosine below the threshold) for several measurements."""
+class GradientConflictWarning(UserWarning):
+    """Two terms' gradients point against each other (cosine below the threshold) for several
+    measurements while their loss stalls. A separate category from the ratio alarm's
+    :class:`LossBalanceWarning`, so each alarm is filtered on its own."""
 
 
 class TermGradientWarning(UserWarning):

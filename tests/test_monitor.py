@@ -55,7 +55,9 @@ def test_harmonic_crisis_alarms_and_good_weight_does_not() -> None:
     assert bad_monitor.diagnosis.worst_pair == ("pde", "ic")
     assert bad.relative_l2_error() > 0.9
 
-    assert _of(good_warnings, LossBalanceWarning) == []
+    # no ratio alarm; the transient conflict alarm of this fit (a stall at steps 200-850) is a
+    # separate category, so filtering or catching LossBalanceWarning means the ratio alarm only
+    assert [w for w in good_warnings if issubclass(w.category, LossBalanceWarning)] == []
     assert good_monitor.diagnosis.ratio_alarm_episodes == 0
     assert good_monitor.diagnosis.worst_ratio is not None and good_monitor.diagnosis.worst_ratio < 100
     assert good.relative_l2_error() < 1e-2

@@ -300,13 +300,13 @@ class WeightBalancer(PerTermCallback):
         # already have written its terms' next λ: the result must not depend on callback order)
         current = measurement.weights.tolist()
         latest = self.criterion.lambdas.tolist()
-        # a NaN/inf loss skips the update too: an NTK trace stays finite for an infinite residual
-        losses = measurement.losses.tolist()
-        bad = [
-            name
-            for name, value, loss, here in zip(names, values, losses, present)
-            if not math.isfinite(value) or (here and not math.isfinite(loss))
-        ]
+        bad = [name for name, value in zip(names, values) if not math.isfinite(value)]
+        if not self._scheduled:  # a NaN/inf loss skips a measured update too: an NTK trace stays finite for an infinite residual
+            given = measurement.present.tolist()
+            bad += [
+                n for n, loss, here in zip(names, measurement.losses.tolist(), given) if here and not math.isfinite(loss) and n not in bad
+            ]
+            bad.sort(key=names.index)
         if bad:
             self.skipped_updates += 1
             if not set(bad) <= self._nonfinite_warned:  # once per term and fit; later skips are only counted
