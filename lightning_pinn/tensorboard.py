@@ -47,46 +47,60 @@ def dashboard_layout(prefix: str = "", logger_prefix: str = "", terms: Sequence[
     }
 
 
-def write_layout(writer: Any, prefix: str = "", logger_prefix: str = "", terms: Sequence[str] | None = None) -> None:
-    """Write the layout to a ``SummaryWriter``, once per writer, prefix and terms (again when the
-    run's last layout lost lightning-pinn's categories or changed someone else's).
+def write_layout(writer: Any, prefix: str = "", logger_prefix: str = "", terms: Sequence[str] | None = None) -> bool:
+    """Write the layout to a ``SummaryWriter``: once per writer, prefix and terms, and again when
+    the run's last layout no longer shows lightning-pinn's categories (someone wrote another).
 
-    TensorBoard shows only the last layout written to a run, so the layout written holds every
-    loss's category seen so far and the categories of the layout someone else (the user's own
-    dashboard) wrote to the run before it: see :func:`layout_written_by_others`.
+    TensorBoard shows only the last layout of a run, so the layout written holds every loss's
+    category seen so far and the categories of the last layout someone else (the user's own
+    dashboard) wrote to the run: see :func:`layout_written_by_others`. Returns False when the
+    run's last layout still lacks lightning-pinn's categories after writing (a layout in another
+    writer's event file, which TensorBoard reads after this writer's, hides them), else True.
     """
     written: dict[tuple[str, str], tuple[str, ...] | None] = getattr(writer, "_lightning_pinn_layouts", {})
-    last = _last_layout_in_run(writer)
-    ours_shown = last is None or all(any(title == category for title, _ in last) for category in _our_categories(written))
-    foreign = _foreign_categories(last)
     key, names = (prefix, logger_prefix), tuple(terms) if terms is not None else None
-    if key in written and written[key] == names and ours_shown and foreign == getattr(writer, "_lightning_pinn_foreign", {}):
-        return
+    changed = key not in written or written[key] != names
     written[key] = names
-    layout: dict[str, dict[str, list[Any]]] = dict(foreign)
+    writer._lightning_pinn_layouts = written
+    last = _last_layout_in_run(writer)
+    if not changed and (last is None or _shows_ours(last, written)):
+        return True  # shown (or unreadable: then written once, as without the read-back)
+    layout: dict[str, dict[str, list[Any]]] = _foreign_categories(last)
     for (each, each_logger), each_terms in sorted(written.items(), key=lambda item: item[0]):
         layout.update(dashboard_layout(each, each_logger, each_terms))
     writer.add_custom_scalars(layout)
-    writer._lightning_pinn_layouts = written
-    writer._lightning_pinn_foreign = foreign
+    after = _last_layout_in_run(writer)
+    return after is None or _shows_ours(after, written)
 
 
-def _our_categories(written: dict[tuple[str, str], tuple[str, ...] | None]) -> list[str]:
-    return [title for (each, each_logger), each_terms in written.items() for title in dashboard_layout(each, each_logger, each_terms)]
+def _is_ours(title: str) -> bool:
+    """Whether a category title is one :func:`dashboard_layout` writes."""
+    return title == LAYOUT_CATEGORY or (title.startswith(f"{LAYOUT_CATEGORY} (") and title.endswith(")"))
+
+
+def _shows_ours(last: list[tuple[str, Any]], written: dict[tuple[str, str], tuple[str, ...] | None]) -> bool:
+    titles = {title for title, _ in last}
+    return all(
+        title in titles for (each, each_logger), each_terms in written.items() for title in dashboard_layout(each, each_logger, each_terms)
+    )
 
 
 #: The tag under which TensorBoard's custom-scalars plugin stores a run's layout.
 _LAYOUT_TAG = b"custom_scalars__config__"
+#: Records longer than this are skipped unread: a layout is a few kB, images and histograms are not.
+_LARGEST_LAYOUT_RECORD = 1 << 20
+_CHUNK = 1 << 20
 
 
 def layout_written_by_others(writer: Any) -> dict[str, dict[str, list[Any]]]:
     """The categories that are not lightning-pinn's in the last custom-scalars layout of the
     writer's run folder, in the ``add_custom_scalars`` form (``{category: {chart: [kind, tags]}}``).
 
-    TensorBoard shows only the last layout written to a run, so the layout lightning-pinn writes
-    repeats them, or the user's own dashboard would disappear. A margin chart with several series
-    becomes one chart per series (the ``add_custom_scalars`` form holds one). Nothing is found
-    where the writer has no readable folder: reading never fails a fit.
+    TensorBoard shows only the last layout of a run (the last in its event files sorted by name,
+    then in file order), so the layout lightning-pinn writes repeats them, or the user's own
+    dashboard would disappear. A margin chart with several series becomes one chart per series
+    (the ``add_custom_scalars`` form holds one). Nothing is found where the writer has no
+    readable local folder: reading never fails a fit.
     """
     return _foreign_categories(_last_layout_in_run(writer))
 
@@ -94,7 +108,7 @@ def layout_written_by_others(writer: Any) -> dict[str, dict[str, list[Any]]]:
 def _foreign_categories(categories: list[tuple[str, Any]] | None) -> dict[str, dict[str, list[Any]]]:
     found: dict[str, dict[str, list[Any]]] = {}
     for title, category in categories or []:
-        if title.startswith(LAYOUT_CATEGORY):
+        if _is_ours(title):
             continue
         charts = found.setdefault(title, {})
         for chart in category.chart:
@@ -112,45 +126,76 @@ def _foreign_categories(categories: list[tuple[str, Any]] | None) -> dict[str, d
 
 
 def _last_layout_in_run(writer: Any) -> list[tuple[str, Any]] | None:
-    """``[(category title, Category proto)]`` of the last layout in the writer's folder, or None.
+    """``[(category title, Category proto)]`` of the run's last layout (TensorBoard's order: event
+    files sorted by name, then records in file order), or None.
 
-    Reads the event files incrementally (the writer remembers how far each was read) and parses
-    only records holding the layout tag, so a later fit on the same logger costs a substring
-    search over what was written since. The framing is TFRecord's: an 8-byte little-endian
-    length, its 4-byte CRC, the record, the record's 4-byte CRC.
+    Reads incrementally (the writer remembers how far each file was read), in bounded chunks,
+    skipping records too long to be a layout and parsing only those that hold the layout tag, so
+    a later call costs a pass over what was written since.
     """
     try:
-        from tensorboard.compat.proto import event_pb2
         from tensorboard.plugins.custom_scalar import layout_pb2
 
         writer.flush()
         log_dir = Path(writer.get_logdir() if hasattr(writer, "get_logdir") else writer.logdir)
         read_to: dict[str, int] = writer.__dict__.setdefault("_lightning_pinn_read_to", {})
-        last: tuple[float, bytes] | None = writer.__dict__.get("_lightning_pinn_last_layout")
+        last: tuple[tuple[str, int], bytes] | None = writer.__dict__.get("_lightning_pinn_last_layout")
         for path in sorted(log_dir.glob("*tfevents*")):
-            with path.open("rb") as file:
-                file.seek(read_to.get(path.name, 0))
-                data = file.read()
-            offset, found = 0, data.find(_LAYOUT_TAG)
-            while offset + 12 <= len(data):
-                (length,) = struct.unpack_from("<Q", data, offset)
-                end = offset + 12 + length + 4
-                if end > len(data):
-                    break  # a record still being written: read it next time
-                if offset <= found < end:  # only records holding the tag are parsed
-                    event = event_pb2.Event.FromString(data[offset + 12 : end - 4])
-                    for value in event.summary.value:
-                        if value.tag == _LAYOUT_TAG.decode() and value.tensor.string_val and (last is None or event.wall_time >= last[0]):
-                            last = (event.wall_time, value.tensor.string_val[0])
-                    found = data.find(_LAYOUT_TAG, end)
-                offset = end
-            read_to[path.name] = read_to.get(path.name, 0) + offset
+            found, read_to[path.name] = _layouts_in(path, read_to.get(path.name, 0))
+            if found is not None and (last is None or (path.name, found[0]) > last[0]):
+                last = ((path.name, found[0]), found[1])
         writer._lightning_pinn_last_layout = last
         if last is None:
             return None
         return [(category.title, category) for category in layout_pb2.Layout.FromString(last[1]).category]
     except Exception:  # an unreadable folder or event must not stop a fit: the layout is then ours alone
         return None
+
+
+def _layouts_in(path: Path, start: int) -> tuple[tuple[int, bytes] | None, int]:
+    """(offset, serialized layout) of the last layout in the complete records of an event file
+    from byte ``start`` (None if there is none), and the offset after those records.
+
+    The framing is TFRecord's: an 8-byte little-endian length, its 4-byte CRC, the record, the
+    record's 4-byte CRC. A record still being written is left for the next call.
+    """
+    from tensorboard.compat.proto import event_pb2
+
+    last: tuple[int, bytes] | None = None
+    size = path.stat().st_size
+    offset = start
+    with path.open("rb") as file:
+        while offset + 12 <= size:
+            file.seek(offset)
+            chunk = file.read(_CHUNK)
+            position = 0
+            while position + 12 <= len(chunk):
+                (length,) = struct.unpack_from("<Q", chunk, position)
+                end = position + 12 + length + 4
+                if offset + end > size:
+                    return last, offset + position  # incomplete: read it next time
+                if end > len(chunk):
+                    if position > 0:
+                        break  # read the next chunk from this record on
+                    if length <= _LARGEST_LAYOUT_RECORD:  # one record longer than a chunk
+                        file.seek(offset + 12)
+                        record = file.read(length)
+                        if _LAYOUT_TAG in record:
+                            last = _layout_of(event_pb2.Event.FromString(record), offset) or last
+                    position = end
+                    break
+                if length <= _LARGEST_LAYOUT_RECORD and chunk.find(_LAYOUT_TAG, position + 12, end - 4) >= 0:
+                    last = _layout_of(event_pb2.Event.FromString(chunk[position + 12 : end - 4]), offset + position) or last
+                position = end
+            offset += position
+    return last, offset
+
+
+def _layout_of(event: Any, offset: int) -> tuple[int, bytes] | None:
+    for value in event.summary.value:
+        if value.tag == _LAYOUT_TAG.decode() and value.tensor.string_val:
+            return offset, value.tensor.string_val[0]
+    return None
 
 
 def _unescape(escaped: str) -> str:
@@ -165,7 +210,7 @@ def terms_in_layout(categories: list[tuple[str, list[str]]]) -> dict[str, list[s
     written without term names give nothing."""
     found: dict[str, list[str]] = {}
     for title, patterns in categories:
-        if not title.startswith(LAYOUT_CATEGORY):
+        if not _is_ours(title):
             continue
         for pattern in patterns:
             match = re.fullmatch(r"\^(.*)weight/\(\?:(.*)\)\$", pattern)
@@ -182,7 +227,7 @@ def losses_in_layout(categories: list[tuple[str, str]]) -> dict[str, str]:
     the tags alone leave ambiguous when a path holds a ``-``."""
     found: dict[str, str] = {}
     for title, pattern in categories:
-        if title.startswith(LAYOUT_CATEGORY) and pattern.startswith("^") and pattern.endswith("grad_norm/"):
+        if _is_ours(title) and pattern.startswith("^") and pattern.endswith("grad_norm/"):
             prefix = _unescape(pattern[1 : -len("grad_norm/")])
             found[prefix] = title[len(LAYOUT_CATEGORY) :].strip().removeprefix("(").removesuffix(")")
     return found

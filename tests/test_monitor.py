@@ -100,6 +100,64 @@ def test_the_monitors_layout_keeps_a_layout_the_user_wrote_before_it(tmp_path: A
         assert (band.value, band.lower, band.upper) == ("mean", "low", "high")
 
 
+class _DashboardAtFitStart(HarmonicOscillator):
+    """Writes its layout in on_fit_start, which Lightning calls after the callbacks' on_fit_start."""
+
+    def on_fit_start(self) -> None:
+        self.logger.experiment.add_custom_scalars({"lightning-pinn extras": {"mine": ["Multiline", ["my_tag"]]}})
+
+
+def test_a_layout_written_at_the_modules_fit_start_keeps_the_dashboard_and_its_own_charts(tmp_path: Any) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(3, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], logger=logger).fit(
+            _DashboardAtFitStart(steps_per_epoch=3)
+        )
+    titles = [category.title for category in custom_scalars_layout(load_events(tmp_path)).category]
+    assert sorted(titles) == [LAYOUT_CATEGORY, "lightning-pinn extras"], "a user's title that merely starts like ours is theirs"
+
+
+def test_a_layout_from_another_writer_that_hides_the_dashboard_is_warned_about(tmp_path: Any) -> None:
+    """TensorBoard reads the folder's event files by name: a second SummaryWriter's file comes
+    after the logger's, and its layout is the one shown. The monitor cannot fix that: it says so."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    class OwnWriter(HarmonicOscillator):
+        def setup(self, stage: str) -> None:
+            writer = SummaryWriter(self.logger.log_dir)
+            writer.add_custom_scalars({"mine": {"c": ["Multiline", ["x"]]}})
+            writer.close()
+
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(2, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], logger=logger).fit(
+            OwnWriter(steps_per_epoch=2)
+        )
+    hidden = [str(w.message) for w in caught if "is read by TensorBoard after lightning-pinn's" in str(w.message)]
+    assert len(hidden) == 1 and "logger.experiment.add_custom_scalars" in hidden[0]
+
+
+def test_the_layout_is_read_back_past_long_records_and_chunk_boundaries(tmp_path: Any) -> None:
+    """Records longer than a layout can be (an image, a long text) are skipped unread, and a
+    layout after more than a read chunk of events is still found, whole."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_pinn.tensorboard import layout_written_by_others
+
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_text("long", "x" * (3 << 20))  # one 3 MiB record
+    for step in range(40000):  # ≈ 2 MiB of small records
+        writer.add_scalar("a", float(step), step)
+    writer.add_custom_scalars({"mine": {"c": ["Multiline", ["a"]]}})
+    writer.add_scalar("a", 0.0, 40000)
+    assert layout_written_by_others(writer) == {"mine": {"c": ["Multiline", ["a"]]}}
+    writer.add_custom_scalars({"later": {"d": ["Multiline", ["b"]]}})  # read incrementally on the next call
+    assert layout_written_by_others(writer) == {"later": {"d": ["Multiline", ["b"]]}}
+    writer.close()
+
+
 def test_tags_layout_and_alarm_text_in_tensorboard(tmp_path: Any) -> None:
     torch.manual_seed(0)
     model = HarmonicOscillator(ic_weight=1.0, steps_per_epoch=60)

@@ -926,3 +926,23 @@ def test_a_callback_without_saved_state_keeps_nothing_of_the_checkpoint(tmp_path
         make_trainer(5, [added]).fit(TwoTermPoisson(), ckpt_path=str(path))
     assert not any(isinstance(value, dict) and "state_dict" in value for value in vars(added).values())
     assert added._checkpoint_load is None
+
+
+def test_callbacks_pickle_after_a_fit_and_the_copies_fit_again() -> None:
+    """ddp_spawn pickles the callbacks into its processes, so a callback reused after a first fit
+    must pickle; the weak reference to the last fit's loss did not ("cannot pickle 'weakref'")."""
+    import pickle
+
+    callbacks = [
+        GradNormBalancer(every_n_steps=1, terms=["bc"]),
+        NTKBalancer(every_n_steps=1, terms=["pde"]),
+        GradientNormMonitor(every_n_steps=1, verbose=False),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(2, callbacks).fit(TwoTermPoisson())
+        copies = [pickle.loads(pickle.dumps(callback)) for callback in callbacks]
+        model = TwoTermPoisson()
+        make_trainer(2, copies).fit(model)
+    assert [copy.num_updates for copy in copies[:2]] == [2, 2] and copies[2].diagnosis.measurements == 2
+    assert model.criterion.weights != {"pde": 1.0, "bc": 1.0}

@@ -348,12 +348,15 @@ class PerTermCallback(LightningCallback):
 
     # ---------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
-        """Picklable state: a ``torch.Generator`` travels as its state's bytes.
+        """Picklable state: a ``torch.Generator`` travels as its state's bytes, and the weak
+        reference to the last fit's loss is dropped (a copy cannot refer to that loss anyway).
 
         ``ddp_spawn`` pickles the callbacks into each new process, and a bare ``torch.Generator``
-        does not survive that ("unable to resize file ... Invalid argument" in the child).
+        does not survive that ("unable to resize file ... Invalid argument" in the child); a
+        weak reference cannot be pickled at all.
         """
         state = self.__dict__.copy()
+        state["_fitted_loss"] = None
         for name, value in state.items():
             if isinstance(value, torch.Generator):
                 state[name] = _PickledGenerator(str(value.device), bytes(value.get_state().numpy()))

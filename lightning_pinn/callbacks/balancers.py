@@ -307,12 +307,13 @@ class WeightBalancer(PerTermCallback):
                 n for n, loss, here in zip(names, measurement.losses.tolist(), given) if here and not math.isfinite(loss) and n not in bad
             ]
             bad.sort(key=names.index)
+        quantity = self._quantity if self._quantity == "loss" else f"{self._quantity} or the loss"
         if bad:
             self.skipped_updates += 1
             if not set(bad) <= self._nonfinite_warned:  # once per term and fit; later skips are only counted
                 self._nonfinite_warned.update(bad)
                 self._warn(
-                    f"{type(self).__name__}: skipped the weight update at step {step}: the {self._quantity} or the loss of term(s) "
+                    f"{type(self).__name__}: skipped the weight update at step {step}: the {quantity} of term(s) "
                     f"{', '.join(repr(n) for n in bad)} is NaN or infinite. The weights keep their last good values "
                     f"{dict(zip(names, current))}. Look for NaN/inf in those residuals. Later skips for these terms "
                     "are counted in skipped_updates, not warned again.",

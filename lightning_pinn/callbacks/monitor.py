@@ -266,8 +266,22 @@ class GradientNormMonitor(PerTermCallback):
                 f"{list(self.criterion.term_names)}. Use those names."
             )
         self._refuse_a_second_monitor(trainer, pl_module)
+        self._layout_hidden_warned = False
+        self._write_layouts(trainer)
+
+    def _write_layouts(self, trainer: pl.Trainer) -> None:
+        """Write the dashboard layout to each TensorBoard logger, or restore it where a layout
+        written since (the module's own ``on_fit_start`` runs after the callbacks') replaced it."""
         for logger in tensorboard_loggers(trainer):
-            write_layout(logger.experiment, self._tag_prefix, logger_tag_prefix(logger), self.criterion.term_names)
+            shown = write_layout(logger.experiment, self._tag_prefix, logger_tag_prefix(logger), self.criterion.term_names)
+            if not shown and not self._layout_hidden_warned:
+                self._layout_hidden_warned = True
+                self._warn(
+                    f"{self._name}: another custom-scalars layout in {logger.log_dir} is read by TensorBoard after "
+                    "lightning-pinn's (it was written by another SummaryWriter on that folder), so the Custom Scalars tab "
+                    "will not show the lightning-pinn charts. Write your layout with the logger's own writer "
+                    "(logger.experiment.add_custom_scalars): the monitor keeps your categories beside its own."
+                )
 
     def _refuse_a_second_monitor(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Two monitors on one loss would write the same tags at the same steps, and one report."""
@@ -360,6 +374,7 @@ class GradientNormMonitor(PerTermCallback):
         self._balancers = balancers
         self._only_schedules = bool(balancers) and all(cb._scheduled for cb in balancers)
         self._warn_if_watched_less_often(trainer)
+        self._write_layouts(trainer)
 
     #: Tags this monitor writes (after its loss prefix, if any): what EarlyStopping or
     #: ModelCheckpoint may watch through ``trainer.callback_metrics``.
@@ -392,6 +407,8 @@ class GradientNormMonitor(PerTermCallback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
         self._pending.flush()
+        if self._loss is not None:
+            self._write_layouts(trainer)  # a layout written during the fit replaced the dashboard's
         if self.diagnosis.measurements == 0:
             return
         if self._loss is not None and trainer.global_step > (self.diagnosis.last_step or 0):
