@@ -662,16 +662,23 @@ def logger_prefix(history: History) -> str:
 
 def loss_prefixes(history: History) -> list[str]:
     """The losses a run's monitors measured: ``""`` for the one-loss tags (``grad_norm/<term>``),
-    ``"<loss path>/"`` for each loss of a module with several (``second/grad_norm/<term>``); each
-    after the logger's own prefix, if any (:func:`logger_prefix`: ``train-grad_norm/<term>``)."""
-    if history.layout_losses:
-        tags = history.tags()
-        return [p for p in history.layout_losses if any(tag.startswith(f"{p}grad_norm/") for tag in tags)]
+    ``"<loss path>/"`` for each loss of a module with several (``second/grad_norm/<term>``), and
+    for each such loss that only a balancer watched (``second/weight_target/<term>``); each after
+    the logger's own prefix, if any (:func:`logger_prefix`: ``train-grad_norm/<term>``)."""
+    tags = history.tags()
     before = logger_prefix(history)
-    prefixes = []
-    for tag in history.tags():
-        head, found, _ = tag[len(before) :].partition("grad_norm/")
-        if found and (head == "" or head.endswith("/")) and before + head not in prefixes:
+    prefixes: list[str] = []
+    if history.layout_losses:
+        prefixes = [p for p in history.layout_losses if any(tag.startswith(f"{p}grad_norm/") for tag in tags)]
+    else:
+        for tag in tags:
+            head, found, _ = tag[len(before) :].partition("grad_norm/")
+            if found and (head == "" or head.endswith("/")) and before + head not in prefixes:
+                prefixes.append(before + head)
+    # a loss of a module with several that only a balancer watched: its prefixed weight targets
+    for tag in tags:
+        head, found, _ = tag[len(before) :].partition("weight_target/")
+        if found and head.endswith("/") and before + head not in prefixes:
             prefixes.append(before + head)
     return prefixes
 

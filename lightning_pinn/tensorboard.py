@@ -198,6 +198,23 @@ def _layout_of(event: Any, offset: int) -> tuple[int, bytes] | None:
     return None
 
 
+def _alternatives(pattern: str) -> list[str]:
+    """Split ``a|b|c`` at the ``|`` that are not escaped (``\\|`` is a name's ``|``; ``\\\\`` a
+    name's backslash, so the ``|`` after it does separate)."""
+    parts, current, index = [], "", 0
+    while index < len(pattern):
+        if pattern[index] == "\\" and index + 1 < len(pattern):
+            current += pattern[index : index + 2]
+            index += 2
+        elif pattern[index] == "|":
+            parts.append(current)
+            current, index = "", index + 1
+        else:
+            current += pattern[index]
+            index += 1
+    return [*parts, current]
+
+
 def _unescape(escaped: str) -> str:
     """Undo :func:`re.escape` (as :func:`dashboard_layout` applied it to prefixes and term names)."""
     return re.sub(r"\\(.)", r"\1", escaped)
@@ -215,7 +232,7 @@ def terms_in_layout(categories: list[tuple[str, list[str]]]) -> dict[str, list[s
         for pattern in patterns:
             match = re.fullmatch(r"\^(.*)weight/\(\?:(.*)\)\$", pattern)
             if match:
-                found[_unescape(match.group(1))] = [_unescape(name) for name in re.split(r"(?<!\\)\|", match.group(2))]
+                found[_unescape(match.group(1))] = [_unescape(name) for name in _alternatives(match.group(2))]
     return found
 
 

@@ -1298,7 +1298,7 @@ def test_the_report_takes_loss_paths_from_the_layout(tmp_path: Any) -> None:
 def test_the_layout_reads_back_the_prefixes_it_was_built_with() -> None:
     from lightning_pinn.tensorboard import dashboard_layout, losses_in_layout, terms_in_layout
 
-    terms = ["pde", "u.x", "v|w", "a(b)+c", "λ_ic", "z\\q"]
+    terms = ["pde", "u.x", "v|w", "a(b)+c", "λ_ic", "z\\q", "ends\\", "w"]  # a trailing backslash before a '|' too
     for loss, logger in [("", ""), ("losses.loss-a/", ""), ("a+b(c)/", "train-"), ("λ_pde/", "a-b-")]:
         [(title, charts)] = dashboard_layout(loss, logger, terms).items()
         first = next(iter(charts.values()))[1][0]
@@ -1307,6 +1307,42 @@ def test_the_layout_reads_back_the_prefixes_it_was_built_with() -> None:
         [(title, charts)] = dashboard_layout(loss, logger).items()  # as written before the layout named the terms
         assert terms_in_layout([(title, [regex for chart in charts.values() for regex in chart[1]])]) == {}
     assert losses_in_layout([("someone else's", "^grad_norm/")]) == {}
+
+
+class _PathLosses(TwoTermPoisson):
+    """Two losses in an nn.ModuleDict, under a key chosen by the test."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__()
+        self.key = key
+        self.losses = torch.nn.ModuleDict({key: MultiTermLoss(u=1.0, v=1.0)})
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        u = self.net(self.x)
+        return self.criterion(**self.residuals()) + self.losses[self.key](u=u - 1, v=10 * u)
+
+
+@pytest.mark.parametrize("key", ["bc/left", "bc right"])
+def test_a_loss_path_that_would_split_its_tags_or_file_name_is_refused_at_fit_start(key: str) -> None:
+    model = _PathLosses(key)
+    with pytest.raises(ValueError, match=r"a '/' or whitespace there would split the tags.*key to 'bc_(left|right)'"):
+        make_trainer(2, [GradientNormMonitor(loss_module=f"losses.{key}", verbose=False)]).fit(model)
+    assert model.trainer.global_step == 0
+
+
+def test_the_report_command_writes_a_report_per_loss_that_only_balancers_watched(tmp_path: Any) -> None:
+    """No monitor: each loss's weights are still reported (the command found no loss before)."""
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    balancers = [GradNormBalancer(loss_module="criterion", every_n_steps=5), GradNormBalancer(loss_module="losses.extra", every_n_steps=5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(20, balancers, logger=logger).fit(_PathLosses("extra"))
+    from lightning_pinn.report import report_runs
+
+    reports = {path.name: text for path, text, reason in report_runs(tmp_path) if reason is None}
+    assert set(reports) == {"diagnosis_criterion.md", "diagnosis_losses.extra.md"}
+    assert "u: 1 →" in reports["diagnosis_losses.extra.md"] and "v: fixed at 1" in reports["diagnosis_losses.extra.md"]
+    assert "bc: 1 →" in reports["diagnosis_criterion.md"]
 
 
 def test_an_absent_term_of_the_alarmed_pair_neither_ends_nor_restarts_the_ratio_alarm() -> None:

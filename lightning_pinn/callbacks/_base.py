@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import time
 import weakref
 from collections.abc import Callable, Mapping
@@ -412,6 +413,14 @@ class PerTermCallback(LightningCallback):
         # With several losses in one module, each loss's tags (and report) carry its path, e.g.
         # "criterion_b/grad_norm/pde", so two monitors never write the same series.
         several = sum(isinstance(m, MultiTermLoss) for m in pl_module.modules()) > 1
+        if several and re.search(r"[/\s]", self._loss_path):
+            renamed = re.sub(r"[/\s]+", "_", self._loss_path.rsplit(".", 1)[-1])
+            raise ValueError(
+                f"{type(self).__name__}: the MultiTermLoss at {self._loss_path!r} is one of several in the module, so its "
+                f"path prefixes its tags ('{self._loss_path}/grad_norm/<term>') and names its report "
+                f"(diagnosis_{self._loss_path}.md); a '/' or whitespace there would split the tags or break the file "
+                f"name. Rename it, e.g. the nn.ModuleDict key to {renamed!r}."
+            )
         self._tag_prefix = f"{self._loss_path}/" if several else ""
         self._engine = TermGradientEngine.for_loss(self._loss)
         self._parameters = list(pl_module.parameters())
