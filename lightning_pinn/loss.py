@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import unicodedata
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -115,6 +116,28 @@ def _check_term_name(name: str) -> None:
             "grad_cosine/<a>_vs_<b>): use a name without '/', whitespace or a 'vs' word (as in 'u_vs_v', 'vs_b', "
             "'a_vs'), e.g. 'bc_left'."
         )
+    invisible = [c for c in name if unicodedata.category(c) in ("Cc", "Cf")]
+    if invisible:
+        raise ValueError(
+            f"MultiTermLoss: term name {name!r} holds an invisible character ({', '.join(f'U+{ord(c):04X}' for c in invisible)}: "
+            "a control or format character, such as NUL or a zero-width space), so its tags, alarms and report would "
+            "show a name that looks like another. Remove it."
+        )
+
+
+def _check_distinct_names(names: tuple[str, ...]) -> None:
+    """Refuse two names that are the same text in two Unicode spellings (``'é'`` as one code point
+    or as ``e`` + combining accent): they would look identical in every tag, alarm and report."""
+    seen: dict[str, str] = {}
+    for name in names:
+        canonical = unicodedata.normalize("NFC", name)
+        if canonical in seen:
+            raise ValueError(
+                f"MultiTermLoss: term names {seen[canonical]!r} and {name!r} are the same text in two Unicode spellings "
+                "(they differ only in how an accented letter is encoded), so they would look identical in the tags, "
+                "alarms and report. Use one spelling, or distinct names."
+            )
+        seen[canonical] = name
 
 
 class MultiTermLoss(nn.Module):
@@ -149,6 +172,7 @@ class MultiTermLoss(nn.Module):
             raise ValueError("MultiTermLoss needs at least one term, e.g. MultiTermLoss(pde=1.0, ic=1.0).")
         for name in initial_weights:
             _check_term_name(name)
+        _check_distinct_names(tuple(initial_weights))
         values = [_check_weight(name, value, "MultiTermLoss") for name, value in initial_weights.items()]
         self._term_names: tuple[str, ...] = tuple(initial_weights)
         _check_representable(self._term_names, values, torch.float32, "MultiTermLoss")

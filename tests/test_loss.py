@@ -254,3 +254,20 @@ def test_term_names_that_would_make_tags_ambiguous_are_refused(name: str) -> Non
 
 def test_term_names_with_vs_inside_a_word_are_fine() -> None:
     assert MultiTermLoss(canvas=1.0, vsx=1.0, obs_vsn=1.0).term_names == ("canvas", "vsx", "obs_vsn")
+
+
+@pytest.mark.parametrize("name", ["a\x00", "b\u200b", "c\u200d", "tab\x7f"])
+def test_term_names_with_invisible_characters_are_refused(name: str) -> None:
+    """A NUL or zero-width space beside a visible 'b' gave alarms and reports naming two terms that look alike."""
+    with pytest.raises(ValueError, match=r"holds an invisible character \(U\+"):
+        MultiTermLoss(b=1.0, **{name: 1.0})
+
+
+def test_two_unicode_spellings_of_one_name_are_refused_and_other_scripts_are_fine() -> None:
+    import unicodedata
+
+    composed, decomposed = unicodedata.normalize("NFC", "é"), unicodedata.normalize("NFD", "é")
+    assert composed != decomposed
+    with pytest.raises(ValueError, match=r"same text in two Unicode spellings"):
+        MultiTermLoss(**{composed: 1.0, decomposed: 1.0})
+    assert MultiTermLoss(**{"λ_bc": 1.0, "ü": 1.0, decomposed: 1.0}).term_names == ("λ_bc", "ü", decomposed)
