@@ -163,8 +163,11 @@ def run_report(args: argparse.Namespace) -> int:
         return 2
     reports = report_runs(args.logdir)
     if not reports:
+        where = (
+            "is not a TensorBoard event file (events.out.tfevents.*)" if Path(args.logdir).is_file() else "holds no TensorBoard event files"
+        )
         print(
-            f"lightning-pinn report: no TensorBoard event files under {args.logdir}. The command reads a "
+            f"lightning-pinn report: {args.logdir} {where}. The command reads a "
             "TensorBoardLogger's folder; with another logger, the monitor already wrote diagnosis.md beside the logs "
             "at the end of the fit.",
             file=sys.stderr,

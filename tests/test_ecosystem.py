@@ -284,8 +284,11 @@ def test_report_keeps_a_balanced_term_the_monitor_never_measured(tmp_path: Path)
 
 def test_report_on_a_folder_without_logs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["report", str(tmp_path)]) == 2
-    assert "no TensorBoard event files" in capsys.readouterr().err
+    assert "holds no TensorBoard event files" in capsys.readouterr().err
     assert cli_main(["report", str(tmp_path / "missing")]) == 2
+    (tmp_path / "notes.txt").write_text("not an event file")
+    assert cli_main(["report", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt is not a TensorBoard event file" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ console
