@@ -946,3 +946,17 @@ def test_callbacks_pickle_after_a_fit_and_the_copies_fit_again() -> None:
         make_trainer(2, copies).fit(model)
     assert [copy.num_updates for copy in copies[:2]] == [2, 2] and copies[2].diagnosis.measurements == 2
     assert model.criterion.weights != {"pde": 1.0, "bc": 1.0}
+
+
+def test_fast_dev_run_runs_the_callbacks_and_writes_no_files(tmp_path: Path, monkeypatch: Any) -> None:
+    """Lightning swaps the logger for a dummy under fast_dev_run: the callbacks measure and update,
+    and nothing is written (no event files, no report)."""
+    monkeypatch.chdir(tmp_path)
+    monitor, balancer = GradientNormMonitor(every_n_steps=1, verbose=False), GradNormBalancer(every_n_steps=1)
+    model = TwoTermPoisson()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(fast_dev_run=3, callbacks=[monitor, balancer], enable_progress_bar=False, enable_model_summary=False).fit(model)
+    assert monitor.diagnosis.measurements == 3 and balancer.num_updates == 3
+    assert model.criterion.weights != {"pde": 1.0, "bc": 1.0}
+    assert monitor.report_path is None and list(tmp_path.iterdir()) == []
