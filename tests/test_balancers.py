@@ -193,15 +193,22 @@ def test_clamping_is_warned() -> None:
     assert len(messages) == 1 and "term 'bc'" in messages[0] and "max_weight=100" in messages[0]
 
 
-def test_nonfinite_norms_skip_the_update_and_keep_the_last_good_weights() -> None:
-    class GoesNaN(TwoTermPoisson):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            residuals = self.residuals()
-            if self.global_step >= 2:
-                residuals["bc"] = residuals["bc"] * float("nan")
-            return self.criterion(**residuals)
+class _CorruptsBc(TwoTermPoisson):
+    """Replaces the 'bc' residual r by ``corrupt(r)`` at the steps ``when`` selects."""
 
-    model = GoesNaN()
+    def __init__(self, when: Any, corrupt: Any) -> None:
+        super().__init__()
+        self.when, self.corrupt = when, corrupt
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        residuals = self.residuals()
+        if self.when(self.global_step):
+            residuals["bc"] = self.corrupt(residuals["bc"])
+        return self.criterion(**residuals)
+
+
+def test_nonfinite_norms_skip_the_update_and_keep_the_last_good_weights() -> None:
+    model = _CorruptsBc(lambda step: step >= 2, lambda r: r * float("nan"))
     balancer = GradNormBalancer(every_n_steps=1)
     recorder = Recorder()
     caught = _quiet_fit(model, 6, [balancer, recorder])
@@ -219,15 +226,7 @@ def test_nonfinite_norms_skip_the_update_and_keep_the_last_good_weights() -> Non
 def test_an_infinite_residual_skips_an_ntk_update_although_its_trace_is_finite() -> None:
     """∂(r + inf)/∂θ = ∂r/∂θ, so the traces stay finite for an infinite residual: the update
     must still be skipped (and warned, naming the term), since the step's loss is infinite."""
-
-    class GoesInfinite(TwoTermPoisson):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            residuals = self.residuals()
-            if self.global_step == 2:
-                residuals["bc"] = residuals["bc"] + float("inf")
-            return self.criterion(**residuals)
-
-    model = GoesInfinite()
+    model = _CorruptsBc(lambda step: step == 2, lambda r: r + float("inf"))
     balancer = NTKBalancer(every_n_steps=1)
     recorder = Recorder()
     caught = _quiet_fit(model, 3, [balancer, recorder])
