@@ -116,13 +116,24 @@ def _check_term_name(name: str) -> None:
             "grad_cosine/<a>_vs_<b>): use a name without '/', whitespace or a 'vs' word (as in 'u_vs_v', 'vs_b', "
             "'a_vs'), e.g. 'bc_left'."
         )
-    invisible = [c for c in name if unicodedata.category(c) in ("Cc", "Cf")]
+    invisible = [c for c in name if unicodedata.category(c) == "Cc" or c in _INVISIBLE]
+    if name[:1] in _JOINERS or name[-1:] in _JOINERS:  # a joiner joins two visible characters, or nothing
+        invisible.append(name[0] if name[:1] in _JOINERS else name[-1])
     if invisible:
         raise ValueError(
             f"MultiTermLoss: term name {name!r} holds an invisible character ({', '.join(f'U+{ord(c):04X}' for c in invisible)}: "
             "a control or format character, such as NUL or a zero-width space), so its tags, alarms and report would "
             "show a name that looks like another. Remove it."
         )
+
+
+#: Format characters that show nothing (soft hyphen, zero-width space, direction marks and
+#: overrides, word joiner and invisible operators, byte-order mark). The zero-width (non-)joiners
+#: are left out: Persian, Indic scripts and emoji sequences need them between two characters.
+_INVISIBLE = frozenset(
+    chr(c) for c in (0x00AD, 0x180E, 0x200B, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2060, 0x2065), *range(0x2066, 0x206A), 0xFEFF)
+)
+_JOINERS = frozenset("\u200c\u200d")
 
 
 def _check_distinct_names(names: tuple[str, ...]) -> None:

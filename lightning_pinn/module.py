@@ -139,5 +139,6 @@ class PINNModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def train_dataloader(self) -> Iterable[int]:
-        """A loader that yields step numbers: one "batch" per optimizer step."""
+        """A loader that yields the batch index within the epoch (0 … ``steps_per_epoch`` − 1): one
+        "batch" per optimizer step; use ``self.global_step`` for the step."""
         return range(self.steps_per_epoch)

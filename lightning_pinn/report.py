@@ -656,8 +656,9 @@ def logger_prefix(history: History) -> str:
     ``TensorBoardLogger(prefix="train")`` (the common start of all tags, up to its last ``-``)."""
     common = os.path.commonprefix(history.tags())
     candidate = common[: common.rfind("-") + 1]
-    # (not a cut through the monitor's own tags, e.g. the lone tag grad_norm/u-x)
-    return candidate if any("grad_norm/" in tag[len(candidate) :] for tag in history.tags()) else ""
+    # (not a cut through the monitor's or a balancer's own tags, e.g. the lone tag grad_norm/u-x)
+    families = ("grad_norm/", "weight_target/")
+    return candidate if any(family in tag[len(candidate) :] for tag in history.tags() for family in families) else ""
 
 
 def loss_prefixes(history: History) -> list[str]:
@@ -675,10 +676,19 @@ def loss_prefixes(history: History) -> list[str]:
             head, found, _ = tag[len(before) :].partition("grad_norm/")
             if found and (head == "" or head.endswith("/")) and before + head not in prefixes:
                 prefixes.append(before + head)
-    # a loss of a module with several that only a balancer watched: its prefixed weight targets
+    # a loss of a module with several that only a balancer watched: "<loss path>/" (one segment: a
+    # path with '/' is refused) before weight_target/<term>, with the weight/<term> every balancer
+    # logs beside it (a tag of the module's own, e.g. "val/weight_target/x", has none)
+    names = set(tags)
     for tag in tags:
-        head, found, _ = tag[len(before) :].partition("weight_target/")
-        if found and head.endswith("/") and before + head not in prefixes:
+        head, found, term = tag[len(before) :].partition("weight_target/")
+        if (
+            found
+            and head.count("/") == 1
+            and head.endswith("/")
+            and f"{before}{head}weight/{term}" in names
+            and before + head not in prefixes
+        ):
             prefixes.append(before + head)
     return prefixes
 

@@ -271,3 +271,6 @@ def test_two_unicode_spellings_of_one_name_are_refused_and_other_scripts_are_fin
     with pytest.raises(ValueError, match=r"same text in two Unicode spellings"):
         MultiTermLoss(**{composed: 1.0, decomposed: 1.0})
     assert MultiTermLoss(**{"λ_bc": 1.0, "ü": 1.0, decomposed: 1.0}).term_names == ("λ_bc", "ü", decomposed)
+    # joiners between two characters are part of real spellings (Persian, Devanagari, emoji sequences)
+    joined = ["می\u200cخواهم", "क्\u200dष", "👨\u200d👩\u200d👧"]
+    assert MultiTermLoss(**dict.fromkeys(joined, 1.0)).term_names == tuple(joined)

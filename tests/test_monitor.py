@@ -1328,6 +1328,32 @@ def test_a_loss_path_that_would_split_its_tags_or_file_name_is_refused_at_fit_st
     with pytest.raises(ValueError, match=r"a '/' or whitespace there would split the tags.*key to 'bc_(left|right)'"):
         make_trainer(2, [GradientNormMonitor(loss_module=f"losses.{key}", verbose=False)]).fit(model)
     assert model.trainer.global_step == 0
+    nested = _PathLosses("inner")
+    nested.losses = torch.nn.ModuleDict({"outer loss": torch.nn.ModuleDict({"inner": MultiTermLoss(u=1.0, v=1.0)})})
+    with pytest.raises(ValueError, match=r"key to 'outer_loss'\."):  # the key that holds the space
+        make_trainer(2, [GradientNormMonitor(loss_module="losses.outer loss.inner", verbose=False)]).fit(nested)
+
+
+def test_the_report_reads_no_loss_into_a_modules_own_tags_and_follows_a_logger_prefix() -> None:
+    """A module's own "val/weight_target/x" is not a balancer's (no weight/x beside it); a logger
+    prefix is recognised from the balancers' tags alone (it named the reports "train-criterion")."""
+    from lightning_pinn.report import History, logger_prefix, loss_prefixes
+
+    own = History()
+    for tag in ["grad_norm/pde", "grad_norm/bc", "weight/bc", "weight_target/bc", "val/weight_target/x"]:
+        own.add({tag: 1.0}, 0)
+    assert loss_prefixes(own) == [""]
+    prefixed = History()
+    for tag in [
+        "train-criterion/weight/pde",
+        "train-criterion/weight_target/pde",
+        "train-losses.extra/weight/u",
+        "train-losses.extra/weight_target/u",
+        "train-epoch",
+    ]:
+        prefixed.add({tag: 1.0}, 0)
+    assert logger_prefix(prefixed) == "train-"
+    assert loss_prefixes(prefixed) == ["train-criterion/", "train-losses.extra/"]
 
 
 def test_the_report_command_writes_a_report_per_loss_that_only_balancers_watched(tmp_path: Any) -> None:

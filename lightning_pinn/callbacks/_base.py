@@ -414,12 +414,12 @@ class PerTermCallback(LightningCallback):
         # "criterion_b/grad_norm/pde", so two monitors never write the same series.
         several = sum(isinstance(m, MultiTermLoss) for m in pl_module.modules()) > 1
         if several and re.search(r"[/\s]", self._loss_path):
-            renamed = re.sub(r"[/\s]+", "_", self._loss_path.rsplit(".", 1)[-1])
+            renamed = " and ".join(repr(re.sub(r"[/\s]+", "_", part)) for part in self._loss_path.split(".") if re.search(r"[/\s]", part))
             raise ValueError(
                 f"{type(self).__name__}: the MultiTermLoss at {self._loss_path!r} is one of several in the module, so its "
                 f"path prefixes its tags ('{self._loss_path}/grad_norm/<term>') and names its report "
                 f"(diagnosis_{self._loss_path}.md); a '/' or whitespace there would split the tags or break the file "
-                f"name. Rename it, e.g. the nn.ModuleDict key to {renamed!r}."
+                f"name. Rename it, e.g. the nn.ModuleDict key to {renamed}."
             )
         self._tag_prefix = f"{self._loss_path}/" if several else ""
         self._engine = TermGradientEngine.for_loss(self._loss)
