@@ -287,9 +287,12 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
 
         for start, end in result.ratio_spans:
             inside = [i for i in finite if start <= steps[i] and (end is None or steps[i] < end)]
-            episode = max(inside, key=ratios.__getitem__) if inside else None
-            pair = None if episode is None else _pair_at(steps[episode], ratios[episode], weighted)
-            result.ratio_span_pairs.append(None if pair is None or episode is None else (*pair, ratios[episode]))
+            pair = None
+            if inside:
+                episode = max(inside, key=ratios.__getitem__)
+                at = _pair_at(steps[episode], ratios[episode], weighted)
+                pair = None if at is None else (*at, ratios[episode])
+            result.ratio_span_pairs.append(pair)
 
     pair_flags = [tag for tag in history.tags() if tag.startswith("alarm/grad_conflict/")]
     if pair_flags:

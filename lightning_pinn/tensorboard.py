@@ -62,15 +62,15 @@ def write_layout(writer: Any, prefix: str = "", logger_prefix: str = "", terms: 
     changed = key not in written or written[key] != names
     written[key] = names
     writer._lightning_pinn_layouts = written
-    last = _last_layout_in_run(writer)
-    if not changed and (last is None or _shows_ours(last, written)):
-        return True  # shown (or unreadable: then written once, as without the read-back)
-    layout: dict[str, dict[str, list[Any]]] = _foreign_categories(last)
+    ours: dict[str, dict[str, list[Any]]] = {}
     for (each, each_logger), each_terms in sorted(written.items(), key=lambda item: item[0]):
-        layout.update(dashboard_layout(each, each_logger, each_terms))
-    writer.add_custom_scalars(layout)
+        ours.update(dashboard_layout(each, each_logger, each_terms))
+    last = _last_layout_in_run(writer)
+    if not changed and (last is None or _shows(last, ours)):
+        return True  # shown (or unreadable: then written once, as without the read-back)
+    writer.add_custom_scalars({**_foreign_categories(last), **ours})
     after = _last_layout_in_run(writer)
-    return after is None or _shows_ours(after, written)
+    return after is None or _shows(after, ours)
 
 
 def _is_ours(title: str) -> bool:
@@ -78,11 +78,9 @@ def _is_ours(title: str) -> bool:
     return title == LAYOUT_CATEGORY or (title.startswith(f"{LAYOUT_CATEGORY} (") and title.endswith(")"))
 
 
-def _shows_ours(last: list[tuple[str, Any]], written: dict[tuple[str, str], tuple[str, ...] | None]) -> bool:
-    titles = {title for title, _ in last}
-    return all(
-        title in titles for (each, each_logger), each_terms in written.items() for title in dashboard_layout(each, each_logger, each_terms)
-    )
+def _shows(last: list[tuple[str, Any]], categories: dict[str, Any]) -> bool:
+    """Whether the layout ``last`` holds every one of ``categories``' titles."""
+    return set(categories) <= {title for title, _ in last}
 
 
 #: The tag under which TensorBoard's custom-scalars plugin stores a run's layout.

@@ -300,18 +300,19 @@ class WeightBalancer(PerTermCallback):
         # already have written its terms' next λ: the result must not depend on callback order)
         current = measurement.weights.tolist()
         latest = self.criterion.lambdas.tolist()
-        bad = [name for name, value in zip(names, values) if not math.isfinite(value)]
-        if not self._scheduled:  # a NaN/inf loss skips a measured update too: an NTK trace stays finite for an infinite residual
-            given = measurement.present.tolist()
-            bad += [
-                n for n, loss, here in zip(names, measurement.losses.tolist(), given) if here and not math.isfinite(loss) and n not in bad
-            ]
-            bad.sort(key=names.index)
-        quantity = self._quantity if self._quantity == "loss" else f"{self._quantity} or the loss"
+        # a NaN/inf loss of a term given this step skips a measured update too (an NTK trace stays
+        # finite for an infinite residual); a schedule reads no measurement
+        losses, given = measurement.losses.tolist(), measurement.present.tolist()
+        bad = [
+            name
+            for name, value, loss, here in zip(names, values, losses, given)
+            if not math.isfinite(value) or (not self._scheduled and here and not math.isfinite(loss))
+        ]
         if bad:
             self.skipped_updates += 1
             if not set(bad) <= self._nonfinite_warned:  # once per term and fit; later skips are only counted
                 self._nonfinite_warned.update(bad)
+                quantity = self._quantity if self._quantity == "loss" else f"{self._quantity} or the loss"
                 self._warn(
                     f"{type(self).__name__}: skipped the weight update at step {step}: the {quantity} of term(s) "
                     f"{', '.join(repr(n) for n in bad)} is NaN or infinite. The weights keep their last good values "
