@@ -56,7 +56,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from lightning_pinn.loss import wider_dtype
 from lightning_pinn.ntk import jacobian_row_sq_norms, sample_points
@@ -212,8 +211,11 @@ class _CapturedTotal(torch.autograd.Function):
         return total.clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        # Not @once_differentiable: under ``create_graph=True`` (a Hessian-vector product, a
+        # gradient penalty) autograd runs this with grad mode on, and the gradient returned is
+        # then built differentiably from the per-term gradients (see ``_backward``); otherwise
+        # grad mode is off here, as with once_differentiable.
         capture: _Capture = ctx.capture
         try:
             grads = capture.engine._backward(capture, ctx.losses, ctx.residuals, ctx.inputs, grad_output)
@@ -245,8 +247,8 @@ class _BackwardMarker(torch.autograd.Function):
         return total.clone()
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:  # noqa: D102
+        # an identity: differentiable as it is (create_graph=True keeps the cotangent's graph)
         _mark_backward(ctx.capture)
         ctx.capture = None
         return None, grad_output
@@ -598,11 +600,18 @@ class TermGradientEngine:
         inputs: tuple[Tensor, ...],
         grad_output: Tensor,
     ) -> list[Tensor | None]:
-        """``Σ λ_i ∇L_i`` for each input (times the cotangent); records the per-term gradients."""
+        """``Σ λ_i ∇L_i`` for each input (times the cotangent); records the per-term gradients.
+
+        Under ``create_graph=True`` (grad mode on in a backward) the per-term gradients are taken
+        with ``create_graph=True`` and summed out of place, so the returned gradient can be
+        differentiated again (Hessian-vector products); what is recorded is detached.
+        """
         assert capture.trainable is not None
+        create_graph = torch.is_grad_enabled()
         num_params = sum(capture.trainable)  # the first inputs; the rest are other leaves of the graph
         if capture.trace_request is not None:
-            self._record_traces(capture, residuals, list(inputs[:num_params]))
+            with torch.no_grad():
+                self._record_traces(capture, residuals, list(inputs[:num_params]))
         # A zero cotangent (the user returned 0·loss, e.g. a ramped-in term at its first step)
         # would leave nothing to divide out: take the per-term gradients with a unit cotangent,
         # and give the inputs a zero gradient, as a plain backward would.
@@ -621,7 +630,9 @@ class TermGradientEngine:
                 per_term.append([torch.zeros_like(x) for x in params])
                 reached_term.append(False)
                 continue
-            grads = torch.autograd.grad(loss, inputs, grad_outputs=cotangent.to(loss.dtype), retain_graph=True, allow_unused=True)
+            grads = torch.autograd.grad(
+                loss, inputs, grad_outputs=cotangent.to(loss.dtype), retain_graph=True, create_graph=create_graph, allow_unused=True
+            )
             filled = []
             for j, (grad, x) in enumerate(zip(grads[:num_params], params)):
                 if grad is None:
@@ -638,15 +649,21 @@ class TermGradientEngine:
                     others[k] = weighted if others[k] is None else others[k] + weighted  # type: ignore[operator]
         # Σ_i λ_i ∇ L_i (already multiplied by the cotangent): the inputs' gradient
         combined: list[Tensor] = []
-        if params:
+        if params and create_graph:  # out of place, so the sum stays differentiable
+            combined = [
+                sum(lambdas[i] * per_term[i][j] for i in range(1, len(per_term))) + lambdas[0] * per_term[0][j] for j in range(num_params)
+            ]
+        elif params:
             combined = list(torch._foreach_mul(per_term[0], lambdas[0]))
             for i in range(1, len(per_term)):
                 torch._foreach_add_(combined, torch._foreach_mul(per_term[i], lambdas[i]))
         combined += [torch.zeros_like(x) if grad is None else grad for grad, x in zip(others, inputs[num_params:])]
         if zero_cotangent:
-            torch._foreach_mul_(combined, 0.0)
+            combined = [grad * 0.0 for grad in combined] if create_graph else torch._foreach_mul(combined, 0.0)
         if capture.want_gradients:
-            capture.term_gradients = [grads[:num_params] for grads in per_term]
+            capture.term_gradients = [
+                [grad.detach() for grad in grads[:num_params]] if create_graph else grads[:num_params] for grads in per_term
+            ]
             capture.reached = reached_term
             capture.cotangent = cotangent.detach()
         hits = iter(reached_input[:num_params])

@@ -441,3 +441,95 @@ def test_the_step_buffers_are_freed_at_the_end_of_a_fit() -> None:
     assert monitor.last_measurement is not None and monitor.last_measurement.gradients is not None  # kept for inspection
     make_trainer(6, [monitor]).fit(model)  # a later fit finds its parameters again
     assert monitor.diagnosis.measurements == 6
+
+
+class _HessianVectorProducts(pl.LightningModule):
+    """Manual optimisation that differentiates its loss twice (a Hessian-vector product, as
+    Newton-CG or AdaHessian do) and steps with the product, so a wrong product changes training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+        self.criterion = MultiTermLoss(pde=1.0, bc=2.0)
+        self.automatic_optimization = False
+        self.products: list[torch.Tensor] = []
+
+    def training_step(self, batch: object, batch_idx: int) -> None:
+        x = torch.linspace(0, 1, 16, dtype=torch.float64).reshape(-1, 1).requires_grad_(True)
+        u = self.net(x)
+        du = torch.autograd.grad(u.sum(), x, create_graph=True)[0]
+        params = list(self.parameters())
+        loss = self.criterion(pde=du - torch.cos(x), bc=self.net(x[:1]))
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        product = torch.autograd.grad(grads, params, grad_outputs=[torch.ones_like(p) for p in params])
+        self.products.append(torch.cat([p.reshape(-1) for p in product]).detach())
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        for p, g, h in zip(params, grads, product):
+            p.grad = (g + 0.1 * h).detach()
+        optimizer.step()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> object:
+        return range(4)
+
+
+@pytest.mark.parametrize("every_n_steps", [1, 2])
+def test_second_derivatives_through_a_measured_loss_are_exact(every_n_steps: int) -> None:
+    """``create_graph=True`` through the measured total: the per-term capture used to return a
+    gradient with no graph, so a Hessian-vector product silently lost the loss's part of it."""
+
+    def products(callbacks: list[pl.Callback]) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = _HessianVectorProducts()
+        trainer = pl.Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            callbacks=callbacks,
+        )
+        trainer.fit(model)
+        return torch.stack(model.products)
+
+    plain = products([])
+    monitor = GradientNormMonitor(every_n_steps=every_n_steps, verbose=False, report=False)
+    measured = products([monitor])
+    assert monitor.last_report is not None and monitor.last_report.norms[0] > 0
+    torch.testing.assert_close(measured, plain, rtol=1e-12, atol=1e-14)
+
+
+class _GradientPenalty(pl.LightningModule):
+    """Automatic optimisation whose training step adds a penalty on the loss's own gradient
+    (``create_graph=True``), so Lightning's backward differentiates the captured gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
+        self.criterion = MultiTermLoss(pde=1.0, bc=2.0)
+
+    def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+        x = torch.linspace(0, 1, 16, dtype=torch.float64).reshape(-1, 1)
+        loss = self.criterion(pde=self.net(x) - torch.sin(3 * x), bc=self.net(x[:1]))
+        grads = torch.autograd.grad(loss, list(self.parameters()), create_graph=True)
+        return loss + 0.1 * sum((g**2).sum() for g in grads)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> object:
+        return range(20)
+
+
+def test_a_gradient_penalty_on_the_measured_loss_trains_as_without_callbacks() -> None:
+    def trained(callbacks: list[pl.Callback]) -> torch.Tensor:
+        torch.manual_seed(0)
+        model = _GradientPenalty()
+        make_trainer(20, callbacks).fit(model)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    plain = trained([])
+    torch.testing.assert_close(trained([GradientNormMonitor(every_n_steps=1, verbose=False, report=False)]), plain, rtol=1e-12, atol=1e-14)
