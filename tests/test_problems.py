@@ -102,3 +102,28 @@ def test_problem_switches_must_be_booleans() -> None:
     import numpy as np
 
     assert HarmonicOscillator(hard_ic=np.True_, hidden=(4,)).hard_ic is True  # e.g. from a NumPy/pandas grid
+
+
+class _Standardise(torch.nn.Module):
+    def forward(self, xt: torch.Tensor) -> torch.Tensor:
+        return (xt - 0.5) * math.sqrt(12.0)
+
+
+def test_wave_standardised_inputs_are_a_change_of_the_networks_coordinates_only() -> None:
+    """Standardised inputs (the paper's code) give the residuals of the raw-input problem whose
+    network first applies the same affine map: derivatives stay in the original (x, t)."""
+    standardised = Wave1D(hidden=(8,), residual_points=5, initial_points=4, boundary_points=3).double()
+    raw = Wave1D(hidden=(8,), residual_points=5, initial_points=4, boundary_points=3, standardize_inputs=False).double()
+    first = raw.net[0]
+    raw.net = torch.nn.Sequential(standardised.net[0], *standardised.net[1:])
+    raw.net.insert(0, _Standardise())
+    raw.net[0].weight = first.weight  # residuals() reads the dtype from net[0]
+    torch.manual_seed(3)
+    expected = raw.residuals(None)
+    torch.manual_seed(3)
+    got = standardised.residuals(None)
+    for name in ("u", "ut", "pde"):
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-12, atol=1e-12)
+    assert standardised.standardize_inputs and not raw.standardize_inputs
+    with pytest.raises(TypeError, match="standardize_inputs must be True or False"):
+        Wave1D(hidden=(8,), standardize_inputs="yes")  # type: ignore[arg-type]
