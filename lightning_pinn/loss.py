@@ -387,7 +387,9 @@ class MultiTermLoss(nn.Module):
                 raise ValueError(
                     f"{context}: missing term(s) {', '.join(repr(n) for n in missing)}; every term given to "
                     f"MultiTermLoss{self._term_names} needs a residual at each call, e.g. "
-                    f"criterion({', '.join(f'{n}=...' for n in self._term_names)})."
+                    f"criterion({', '.join(f'{n}=...' for n in self._term_names)}), or None where the term is absent "
+                    f"from this step (e.g. a data loader that ran out: {missing[0]}=None; the term then adds nothing and "
+                    "the callbacks leave it out)."
                 )
 
     # ------------------------------------------------------------------ checkpoints
