@@ -196,8 +196,8 @@ def main() -> None:
         )
     if "wave" in args.problems:
         methods = list(args.wave_methods)
-        width = (("width", args.wave_width),) + ((("raw_inputs", True),) if args.wave_inputs == "raw" else ())
-        runs = [Run("wave", m, s, args.wave_steps, width, eval_every=500) for m in methods for s in args.seeds]
+        options = (("width", args.wave_width),) + ((("raw_inputs", True),) if args.wave_inputs == "raw" else ())
+        runs = [Run("wave", m, s, args.wave_steps, options, eval_every=500) for m in methods for s in args.seeds]
         plans["wave"] = (
             runs,
             methods,

@@ -650,16 +650,14 @@ class TermGradientEngine:
         # Σ_i λ_i ∇ L_i (already multiplied by the cotangent): the inputs' gradient
         combined: list[Tensor] = []
         if params and create_graph:  # out of place, so the sum stays differentiable
-            combined = [
-                sum(lambdas[i] * per_term[i][j] for i in range(1, len(per_term))) + lambdas[0] * per_term[0][j] for j in range(num_params)
-            ]
+            combined = [sum(lam * grads[j] for lam, grads in zip(lambdas, per_term)) for j in range(num_params)]
         elif params:
             combined = list(torch._foreach_mul(per_term[0], lambdas[0]))
             for i in range(1, len(per_term)):
                 torch._foreach_add_(combined, torch._foreach_mul(per_term[i], lambdas[i]))
         combined += [torch.zeros_like(x) if grad is None else grad for grad, x in zip(others, inputs[num_params:])]
         if zero_cotangent:
-            combined = [grad * 0.0 for grad in combined] if create_graph else torch._foreach_mul(combined, 0.0)
+            combined = [grad * 0.0 for grad in combined]  # a rare step: out of place, so it stays differentiable
         if capture.want_gradients:
             capture.term_gradients = [
                 [grad.detach() for grad in grads[:num_params]] if create_graph else grads[:num_params] for grads in per_term
