@@ -53,6 +53,7 @@ class Run:
     steps: int
     options: tuple[tuple[str, Any], ...] = ()
     eval_every: int = 500
+    progress_every: int = 0  # print the error every this many steps while the fit runs (0: only at the end)
 
 
 @dataclass
@@ -105,6 +106,24 @@ def _build(run: Run) -> tuple[Any, list[Any]]:
     return model, callbacks
 
 
+def _progress_printer(run: Run, recorder: Any) -> Any:
+    """A callback that prints the recorder's latest error every ``run.progress_every`` steps (long fits)."""
+    from lightning_pinn._lightning import LightningCallback
+
+    class ProgressPrinter(LightningCallback):
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            history = recorder.history
+            step = trainer.global_step
+            if history.error_steps and history.error_steps[-1] == step and step % run.progress_every == 0:
+                print(
+                    f"    {run.problem} {run.method} seed {run.seed} step {step}: rel. L2 {history.errors[-1]:.2e} "
+                    f"({history.error_seconds[-1]:.0f} s training)",
+                    flush=True,
+                )
+
+    return ProgressPrinter()
+
+
 def execute(run: Run) -> Outcome:
     """Train one configuration and return its error history."""
     import torch
@@ -116,9 +135,10 @@ def execute(run: Run) -> Outcome:
     seed_quietly(run.seed)
     model, callbacks = _build(run)
     recorder = HistoryRecorder(error_every=run.eval_every)
+    progress = [_progress_printer(run, recorder)] if run.progress_every else []
     with quiet_lightning(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = quiet_trainer(run.steps, [*callbacks, recorder])
+        trainer = quiet_trainer(run.steps, [*callbacks, recorder, *progress])
         trainer.fit(model)
     return Outcome(run, model.relative_l2_error(), recorder.history, model.criterion.weights)
 
@@ -179,6 +199,9 @@ def main() -> None:
     )
     parser.add_argument("--harmonic-steps", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--progress-every", type=int, default=0, help="print each fit's error every this many steps while it runs (0: at the end only)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="Markdown file assembled from every problem's latest section")
     parser.add_argument("--sections-dir", type=Path, default=RESULTS_DIR, help="where each problem's section is kept")
     args = parser.parse_args()
@@ -188,7 +211,11 @@ def main() -> None:
     plans: dict[str, tuple[list[Run], list[str], str]] = {}
     if "helmholtz" in args.problems:
         methods = ["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing", "lr-annealing-code"]
-        runs = [Run("helmholtz", m, s, args.helmholtz_steps, eval_every=1000) for m in methods for s in args.seeds]
+        runs = [
+            Run("helmholtz", m, s, args.helmholtz_steps, eval_every=1000, progress_every=args.progress_every)
+            for m in methods
+            for s in args.seeds
+        ]
         plans["helmholtz"] = (
             runs,
             methods,
@@ -197,7 +224,11 @@ def main() -> None:
     if "wave" in args.problems:
         methods = list(args.wave_methods)
         options = (("width", args.wave_width),) + ((("raw_inputs", True),) if args.wave_inputs == "raw" else ())
-        runs = [Run("wave", m, s, args.wave_steps, options, eval_every=500) for m in methods for s in args.seeds]
+        runs = [
+            Run("wave", m, s, args.wave_steps, options, eval_every=500, progress_every=args.progress_every)
+            for m in methods
+            for s in args.seeds
+        ]
         plans["wave"] = (
             runs,
             methods,
