@@ -11,6 +11,7 @@ are saved in checkpoints and broadcast by DDP like any other buffer; callbacks i
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import re
@@ -393,9 +394,15 @@ class MultiTermLoss(nn.Module):
                 )
 
     # ------------------------------------------------------------------ checkpoints
-    def get_extra_state(self) -> dict[str, Any]:
-        """Saved with the state dict, so a checkpoint records which term each weight belongs to."""
-        return {"terms": list(self._term_names)}
+    def get_extra_state(self) -> Tensor:
+        """Saved with the state dict, so a checkpoint records which term each weight belongs to.
+
+        The term names as a JSON list, UTF-8 encoded in a ``uint8`` tensor, so that every value of
+        the module's ``state_dict()`` is a tensor: copies such as ``{k: v.clone() for k, v in ...}``,
+        safetensors files and EMA helpers that walk the state dict work with a ``MultiTermLoss``
+        inside the model. Checkpoints that recorded the names as a dict (before 2026-11-28) still load.
+        """
+        return torch.tensor(list(json.dumps(list(self._term_names)).encode()), dtype=torch.uint8)
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # check the terms before any buffer is copied: a refused checkpoint leaves λ untouched
@@ -431,7 +438,7 @@ class MultiTermLoss(nn.Module):
     def _check_saved_terms(self, state: Any, prefix: str) -> tuple[str, ...]:
         """The checkpoint's term names (empty for a checkpoint that does not record them);
         refuses terms other than this loss's (the same terms in another order are taken by name)."""
-        saved = tuple(state.get("terms", ())) if isinstance(state, dict) else ()
+        saved = _decode_saved_terms(state)
         if saved and sorted(saved) != sorted(self._term_names):
             # (PyTorch hands every module strict=True and applies strict=False only to missing/unexpected keys,
             # so a loss cannot tell a lenient load from a strict one: the refusal holds for both)
@@ -456,3 +463,20 @@ class MultiTermLoss(nn.Module):
         state["_engine"] = None
         state["_last"] = ({}, {})
         return state
+
+
+def _decode_saved_terms(state: Any) -> tuple[str, ...]:
+    """The term names a checkpoint recorded (see ``MultiTermLoss.get_extra_state``); empty if none or unreadable.
+
+    Reads the ``uint8`` tensor form and the dict form ``{"terms": [...]}`` of earlier checkpoints.
+    """
+    if isinstance(state, dict):
+        return tuple(str(name) for name in state.get("terms", ()))
+    if isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
+        try:
+            names = json.loads(bytes(state.tolist()).decode())
+        except (UnicodeDecodeError, ValueError):
+            return ()
+        if isinstance(names, list) and all(isinstance(name, str) for name in names):
+            return tuple(names)
+    return ()

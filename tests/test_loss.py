@@ -246,6 +246,38 @@ def test_a_checkpoint_with_other_terms_can_be_loaded_without_its_weights_as_the_
     assert target.criterion.weights == {"pde": 1.0, "data": 5.0, "ic": 1.0}
 
 
+def test_every_state_dict_value_is_a_tensor_and_a_cloned_copy_loads_by_term_name() -> None:
+    """Keeping the best weights with ``{k: v.clone() ...}``, safetensors files and EMA helpers need tensors only."""
+
+    class Model(torch.nn.Module):
+        def __init__(self, **weights: float) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(1, 1)
+            self.criterion = MultiTermLoss(**weights)
+
+    saved = Model(pde=2.0, ic=300.0, data=5.0)
+    state = {key: value.detach().clone() for key, value in saved.state_dict().items()}
+    assert all(isinstance(value, torch.Tensor) for value in state.values())
+    reordered = Model(ic=1.0, data=1.0, pde=1.0)
+    reordered.load_state_dict(state)
+    assert reordered.criterion.weights == {"ic": 300.0, "data": 5.0, "pde": 2.0}
+    with pytest.raises(ValueError, match=r"checkpoint holds weights for terms \('pde', 'ic', 'data'\)"):
+        Model(pde=1.0, bc=1.0, data=1.0).load_state_dict(state)
+    unicode_names = Model(λ_bc=3.0, ü=4.0)
+    copy = Model(ü=1.0, λ_bc=1.0)
+    copy.load_state_dict(unicode_names.state_dict())
+    assert copy.criterion.weights == {"ü": 4.0, "λ_bc": 3.0}
+
+
+def test_checkpoints_that_recorded_the_term_names_as_a_dict_still_load_and_are_checked() -> None:
+    loss = MultiTermLoss(pde=1.0, ic=1.0)
+    old_format = {"lambdas": torch.tensor([300.0, 2.0]), "_extra_state": {"terms": ["ic", "pde"]}}
+    loss.load_state_dict(old_format)
+    assert loss.weights == {"pde": 2.0, "ic": 300.0}
+    with pytest.raises(ValueError, match=r"checkpoint holds weights for terms \('ic', 'bc'\)"):
+        loss.load_state_dict({"lambdas": torch.tensor([1.0, 1.0]), "_extra_state": {"terms": ["ic", "bc"]}})
+
+
 @pytest.mark.parametrize("name", ["bc/left", "u_vs_v", "vs_b", "a_vs", "vs", "b c", ""])
 def test_term_names_that_would_make_tags_ambiguous_are_refused(name: str) -> None:
     with pytest.raises(ValueError, match=r"term name .* cannot be used in the logged tags.*'vs' word"):
