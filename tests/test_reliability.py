@@ -948,6 +948,19 @@ def test_callbacks_pickle_after_a_fit_and_the_copies_fit_again() -> None:
     assert model.criterion.weights != {"pde": 1.0, "bc": 1.0}
 
 
+def test_barebones_trainer_runs_the_callbacks(tmp_path: Path, monkeypatch: Any) -> None:
+    """Trainer(barebones=True) refuses self.log and has no logger: the callbacks still measure and update."""
+    monkeypatch.chdir(tmp_path)
+    monitor, balancer = GradientNormMonitor(every_n_steps=1, verbose=False), GradNormBalancer(every_n_steps=2)
+    model = TwoTermPoisson()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pl.Trainer(barebones=True, max_steps=4, callbacks=[monitor, balancer]).fit(model)
+    assert monitor.diagnosis.measurements == 4 and balancer.num_updates == 2
+    assert model.criterion.weights != {"pde": 1.0, "bc": 1.0}
+    assert monitor.report_path is None
+
+
 def test_fast_dev_run_runs_the_callbacks_and_writes_no_files(tmp_path: Path, monkeypatch: Any) -> None:
     """Lightning swaps the logger for a dummy under fast_dev_run: the callbacks measure and update,
     and nothing is written (no event files, no report)."""
