@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[1.0, 100.0, 1e5],
         metavar="W",
-        help="λ_IC values to train with (default: 1 100 100000)",
+        help="λ_IC values to train with; a repeated value counts once (default: 1 100 100000)",
     )
     demo.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
     demo.add_argument("--omega", type=_positive_float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
     sweep.add_argument("--seeds", type=_seed, nargs="+", default=[0], help="seeds; the table reports the median (default: 0)")
     sweep.add_argument("--omega", type=_positive_float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
-    sweep.add_argument("--workers", type=_non_negative_int, default=0, help="parallel fits (default: one per CPU core)")
+    sweep.add_argument("--workers", type=_non_negative_int, default=0, help="parallel fits; 0 = one per CPU core (default: 0)")
     sweep.add_argument("--out", default="lightning_pinn_runs/sweep", help="output folder (default: lightning_pinn_runs/sweep)")
 
     report = commands.add_parser(
@@ -289,7 +289,7 @@ def run_demo(args: argparse.Namespace) -> int:
             return 2
     warm_up()  # so that the time column compares like with like
     runs = []
-    for weight in args.ic_weights:
+    for weight in dict.fromkeys(args.ic_weights):  # a repeated λ_IC counts once (as in `sweep`)
         print(f"training with λ_IC = {weight:g} ...", flush=True)
         run = run_harmonic(
             weight,

@@ -373,7 +373,7 @@ def _advice(d: Diagnosis) -> list[str]:
         ends = max(end for _, end in d.ratio_spans if end is not None)
         advice.append(
             f"The ratio was above the threshold only before the weights first changed (step {changed}) and was back "
-            f"below it by step {ends}: the balancing worked, nothing to fix there."
+            f"below it by step {ends}: the new weights brought it down, nothing to fix there."
         )
     elif d.ratio_spans and adapted and not rebalanced and all(end is not None for _, end in d.ratio_spans):
         ends = max(end for _, end in d.ratio_spans if end is not None)
@@ -423,6 +423,12 @@ def _advice(d: Diagnosis) -> list[str]:
             "reaches no trainable parameter (is it computed from the network's output?) or is already exactly satisfied; "
             "no weight can change that."
         )
+    unweighted = sorted(term for term, (_, _, _, high) in d.weights.items() if high == 0)
+    if unweighted:
+        advice.append(
+            f"Term(s) {', '.join(repr(t) for t in unweighted)} had λ = 0 throughout, so they did not train: give them a "
+            "positive weight if that was not intended."
+        )
     stalled = [t for t in d.stalled_terms if t not in d.zero_gradient_terms and t not in d.nonfinite_steps]
     if stalled and not ongoing:
         advice.append(
@@ -450,7 +456,10 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
             return "\n".join(lines) + "\n"
         lines += _weights_and_losses(d)
         return "\n".join(lines) + "\n"
-    lines.append(f"{d.measurements} measurements, steps {d.first_step}–{d.last_step}.")
+    if d.measurements == 1:
+        lines.append(f"1 measurement, step {d.first_step}.")
+    else:
+        lines.append(f"{d.measurements} measurements, steps {d.first_step}–{d.last_step}.")
     lines += ["", "## Gradient-norm ratio", ""]
     if d.worst_ratio is None and d.terms < 2:
         lines.append("- The loss has one term: there is no ratio to compare.")

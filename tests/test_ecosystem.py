@@ -483,6 +483,16 @@ def test_demo_runs_into_the_same_folder_get_their_own_version(tmp_path: Path) ->
     assert Path(first.log_dir).name == "seed_0" and Path(second.log_dir).name == "seed_0_2"
 
 
+def test_the_demo_trains_a_repeated_ic_weight_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli_main(["demo", "--ic-weights", "1", "1", "100", "--steps", "2", "--no-hard-ic", "--logdir", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.count("training with λ_IC = 1 ...") == 1 and out.count("training with λ_IC = 100 ...") == 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["ic_weight_1", "ic_weight_100"]
+
+
 def test_the_command_without_a_subcommand_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main([]) == 2
     assert "demo" in capsys.readouterr().err

@@ -994,7 +994,24 @@ def test_the_report_credits_the_balancing_only_when_the_weights_moved_substantia
         history.add({"grad_norm/pde": 1.0, "grad_norm/ic": 1.0 / ratio, "grad_ratio": ratio, "weight/pde": weight}, step)
         history.add({"alarm/grad_ratio": float(ratio > 100), "weight/ic": 1.0}, step)
     advice = " ".join(diagnose(history, threshold=100.0).advice)
-    assert "the balancing worked" not in advice and "changed by less than 2x" in advice
+    assert "the new weights brought it down" not in advice and "changed by less than 2x" in advice
+    history = History()  # the same with λ_ic raised 500x (by a balancer or by hand: the report cannot tell)
+    for step, ratio, weight in [(0, 500.0, 1.0), (50, 2.0, 500.0), (100, 1.5, 600.0)]:
+        history.add({"grad_norm/pde": 1.0, "grad_norm/ic": 1.0 / ratio * weight, "grad_ratio": ratio, "weight/ic": weight}, step)
+        history.add({"alarm/grad_ratio": float(ratio > 100), "weight/pde": 1.0}, step)
+    advice = " ".join(diagnose(history, threshold=100.0).advice)
+    assert "the new weights brought it down, nothing to fix there" in advice and "balancing worked" not in advice
+
+
+def test_the_report_names_a_term_kept_at_zero_weight_instead_of_saying_nothing_to_fix() -> None:
+    from lightning_pinn.report import History, diagnose, render_markdown
+
+    history = History()
+    history.add({"grad_norm/pde": 1.0, "grad_norm/ic": 0.5, "weight/pde": 1.0, "weight/ic": 0.0, "alarm/grad_ratio": 0.0}, 0)
+    diagnosis = diagnose(history, threshold=100.0)
+    advice = " ".join(diagnosis.advice)
+    assert "'ic' had λ = 0 throughout, so they did not train" in advice and "Nothing to fix" not in advice
+    assert "1 measurement, step 0." in render_markdown(diagnosis)
 
 
 def test_one_callback_object_in_two_trainers_warns_and_starts_afresh() -> None:
