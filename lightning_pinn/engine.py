@@ -50,7 +50,8 @@ than one that makes one call (the mean differs from the DDP gradient by the spre
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -279,6 +280,30 @@ def _mark_backward(capture: _Capture) -> None:
         zeroed = any(p.grad is None for p in earlier) or all(not bool(p.grad.any()) for p in earlier)  # type: ignore[union-attr]
         capture.restarts = zeroed and capture.trainable == previous.trainable
     capture.backward_done = True
+
+
+@contextlib.contextmanager
+def _leaf_hooks_suspended(leaves: Sequence[Tensor]) -> Iterator[None]:
+    """Hold back the tensor hooks (``register_hook``) of ``leaves`` during the per-term passes.
+
+    ``torch.autograd.grad`` runs a leaf's hooks on the gradient it returns, so without this a
+    parameter's hook would run once per term and once more on ``Σ λ_i g_i`` when the parameter
+    receives it (``hook(Σ λ_i hook(g_i))``: a rescaling or clipping hook would change the step).
+    Emptied and refilled in place: PyTorch reads the hooks from the tensor's ``_backward_hooks``
+    dict when it runs them. If a PyTorch version keeps them elsewhere, nothing changes here, and
+    ``tests/test_engine.py`` (a rescaling hook trains as without callbacks) says so.
+    """
+    held: list[tuple[dict[Any, Any], list[tuple[Any, Any]]]] = []
+    for leaf in leaves:
+        hooks = getattr(leaf, "_backward_hooks", None)
+        if isinstance(hooks, dict) and hooks:
+            held.append((hooks, list(hooks.items())))
+            hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in held:
+            hooks.update(items)
 
 
 def _backward_mode(trainable: list[Tensor]) -> str:
@@ -609,6 +634,20 @@ class TermGradientEngine:
         assert capture.trainable is not None
         create_graph = torch.is_grad_enabled()
         num_params = sum(capture.trainable)  # the first inputs; the rest are other leaves of the graph
+        with _leaf_hooks_suspended(inputs):
+            return self._backward_unhooked(capture, losses, residuals, inputs, grad_output, create_graph, num_params)
+
+    def _backward_unhooked(
+        self,
+        capture: _Capture,
+        losses: list[Tensor | None],
+        residuals: list[Tensor | None],
+        inputs: tuple[Tensor, ...],
+        grad_output: Tensor,
+        create_graph: bool,
+        num_params: int,
+    ) -> list[Tensor | None]:
+        """:meth:`_backward` with the inputs' own tensor hooks held back (they run once, on the returned sum)."""
         if capture.trace_request is not None:
             with torch.no_grad():
                 self._record_traces(capture, residuals, list(inputs[:num_params]))

@@ -533,3 +533,61 @@ def test_a_gradient_penalty_on_the_measured_loss_trains_as_without_callbacks() -
 
     plain = trained([])
     torch.testing.assert_close(trained([GradientNormMonitor(every_n_steps=1, verbose=False, report=False)]), plain, rtol=1e-12, atol=1e-14)
+
+
+class _HookedModel(pl.LightningModule):
+    """Two terms; the first layer's weight has a tensor hook that rescales or clips its gradient."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        self.criterion = MultiTermLoss(pde=1.0, bc=10.0)
+        self.calls = 0
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return grad * 3.0 if mode == "scale" else grad.clamp(-0.05, 0.05)
+
+        self.handle = self.net[0].weight.register_hook(hook)
+
+    def training_step(self, batch: object, batch_idx: int) -> torch.Tensor:
+        x = torch.linspace(0, 1, 16, dtype=self.dtype)[:, None]
+        return self.criterion(pde=self.net(x) - x**2, bc=self.net(torch.zeros(1, 1, dtype=self.dtype)) - 1)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> list[int]:
+        return [0] * 6
+
+
+@pytest.mark.parametrize("mode", ["scale", "clip"])
+def test_a_parameter_hook_runs_once_per_step_on_the_weighted_sum(mode: str) -> None:
+    """A register_hook on a parameter ran once per term and again on Σ λ_i hook(g_i) on measured
+    steps (a 3x rescaling hook gave 9x steps); held back during the per-term passes, it runs once,
+    on Σ λ_i g_i, as in a plain backward."""
+
+    def fit(callbacks: list[pl.Callback]) -> _HookedModel:
+        model = _HookedModel(mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pl.Trainer(
+                max_steps=6,
+                precision="64-true",
+                callbacks=callbacks,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            ).fit(model)
+        return model
+
+    plain = fit([])
+    measured = fit([GradientNormMonitor(every_n_steps=1, verbose=False, report=False)])
+    assert plain.calls == measured.calls == 6
+    for p, q in zip(plain.parameters(), measured.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-12)
+    assert len(measured.net[0].weight._backward_hooks) == 1  # still registered, and removable
+    measured.handle.remove()
+    assert len(measured.net[0].weight._backward_hooks) == 0
