@@ -219,7 +219,9 @@ class _CapturedTotal(torch.autograd.Function):
         # grad mode is off here, as with once_differentiable.
         capture: _Capture = ctx.capture
         try:
-            grads = capture.engine._backward(capture, ctx.losses, ctx.residuals, ctx.inputs, grad_output)
+            # the inputs' own tensor hooks run once, when they receive the sum returned below
+            with _leaf_hooks_suspended(ctx.inputs):
+                grads = capture.engine._backward(capture, ctx.losses, ctx.residuals, ctx.inputs, grad_output)
         except RuntimeError as error:
             if _DONATED_BUFFERS in str(error):
                 raise RuntimeError(_COMPILED_WITH_DONATED_BUFFERS) from error
@@ -634,20 +636,6 @@ class TermGradientEngine:
         assert capture.trainable is not None
         create_graph = torch.is_grad_enabled()
         num_params = sum(capture.trainable)  # the first inputs; the rest are other leaves of the graph
-        with _leaf_hooks_suspended(inputs):
-            return self._backward_unhooked(capture, losses, residuals, inputs, grad_output, create_graph, num_params)
-
-    def _backward_unhooked(
-        self,
-        capture: _Capture,
-        losses: list[Tensor | None],
-        residuals: list[Tensor | None],
-        inputs: tuple[Tensor, ...],
-        grad_output: Tensor,
-        create_graph: bool,
-        num_params: int,
-    ) -> list[Tensor | None]:
-        """:meth:`_backward` with the inputs' own tensor hooks held back (they run once, on the returned sum)."""
         if capture.trace_request is not None:
             with torch.no_grad():
                 self._record_traces(capture, residuals, list(inputs[:num_params]))

@@ -362,6 +362,11 @@ def _pair_at(step: int, ratio: float, weighted: dict[str, dict[int, float]]) -> 
     )
 
 
+def _zero_weight_terms(d: Diagnosis) -> list[str]:
+    """Terms whose λ was 0 at every recorded step (they did not train), sorted."""
+    return sorted(term for term, (_, _, _, high) in d.weights.items() if high == 0)
+
+
 def _advice(d: Diagnosis) -> list[str]:
     advice = []
     adapted = any(last != first for first, last, _, _ in d.weights.values())
@@ -423,7 +428,7 @@ def _advice(d: Diagnosis) -> list[str]:
             "reaches no trainable parameter (is it computed from the network's output?) or is already exactly satisfied; "
             "no weight can change that."
         )
-    unweighted = sorted(term for term, (_, _, _, high) in d.weights.items() if high == 0)
+    unweighted = _zero_weight_terms(d)
     if unweighted:
         advice.append(
             f"Term(s) {', '.join(repr(t) for t in unweighted)} had λ = 0 throughout, so they did not train: give them a "
@@ -464,7 +469,7 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
     if d.worst_ratio is None and d.terms < 2:
         lines.append("- The loss has one term: there is no ratio to compare.")
     elif d.worst_ratio is None:
-        zero_weight = sorted(term for term, (_, last, _, high) in d.weights.items() if high == 0)
+        zero_weight = _zero_weight_terms(d)
         if zero_weight:
             lines.append(
                 f"- Fewer than two terms had a finite, non-zero weighted gradient: the weight of "

@@ -572,15 +572,7 @@ def test_a_parameter_hook_runs_once_per_step_on_the_weighted_sum(mode: str) -> N
         model = _HookedModel(mode)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pl.Trainer(
-                max_steps=6,
-                precision="64-true",
-                callbacks=callbacks,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-            ).fit(model)
+            make_trainer(6, callbacks, precision="64-true").fit(model)
         return model
 
     plain = fit([])

@@ -226,16 +226,19 @@ def test_a_refused_checkpoint_leaves_the_weights_alone() -> None:
     assert target.weights == {"pde": 2.0, "bc": 3.0}
 
 
+class _NetWithLoss(torch.nn.Module):
+    """A network holding a MultiTermLoss, as a user's model does (for state-dict tests)."""
+
+    def __init__(self, **weights: float) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(1, 1)
+        self.criterion = MultiTermLoss(**weights)
+
+
 def test_a_checkpoint_with_other_terms_can_be_loaded_without_its_weights_as_the_error_says() -> None:
     """Fine-tuning pde+ic into pde+ic+data: the error names the keys to drop; the rest then loads."""
 
-    class Model(torch.nn.Module):
-        def __init__(self, **weights: float) -> None:
-            super().__init__()
-            self.net = torch.nn.Linear(1, 1)
-            self.criterion = MultiTermLoss(**weights)
-
-    saved, target = Model(pde=2.0, ic=300.0), Model(pde=1.0, data=5.0, ic=1.0)
+    saved, target = _NetWithLoss(pde=2.0, ic=300.0), _NetWithLoss(pde=1.0, data=5.0, ic=1.0)
     state = saved.state_dict()
     with pytest.raises(ValueError, match=r"remove 'criterion.lambdas' and 'criterion._extra_state' .* strict=False"):
         target.load_state_dict(state)
@@ -249,22 +252,16 @@ def test_a_checkpoint_with_other_terms_can_be_loaded_without_its_weights_as_the_
 def test_every_state_dict_value_is_a_tensor_and_a_cloned_copy_loads_by_term_name() -> None:
     """Keeping the best weights with ``{k: v.clone() ...}``, safetensors files and EMA helpers need tensors only."""
 
-    class Model(torch.nn.Module):
-        def __init__(self, **weights: float) -> None:
-            super().__init__()
-            self.net = torch.nn.Linear(1, 1)
-            self.criterion = MultiTermLoss(**weights)
-
-    saved = Model(pde=2.0, ic=300.0, data=5.0)
+    saved = _NetWithLoss(pde=2.0, ic=300.0, data=5.0)
     state = {key: value.detach().clone() for key, value in saved.state_dict().items()}
     assert all(isinstance(value, torch.Tensor) for value in state.values())
-    reordered = Model(ic=1.0, data=1.0, pde=1.0)
+    reordered = _NetWithLoss(ic=1.0, data=1.0, pde=1.0)
     reordered.load_state_dict(state)
     assert reordered.criterion.weights == {"ic": 300.0, "data": 5.0, "pde": 2.0}
     with pytest.raises(ValueError, match=r"checkpoint holds weights for terms \('pde', 'ic', 'data'\)"):
-        Model(pde=1.0, bc=1.0, data=1.0).load_state_dict(state)
-    unicode_names = Model(λ_bc=3.0, ü=4.0)
-    copy = Model(ü=1.0, λ_bc=1.0)
+        _NetWithLoss(pde=1.0, bc=1.0, data=1.0).load_state_dict(state)
+    unicode_names = _NetWithLoss(λ_bc=3.0, ü=4.0)
+    copy = _NetWithLoss(ü=1.0, λ_bc=1.0)
     copy.load_state_dict(unicode_names.state_dict())
     assert copy.criterion.weights == {"ü": 4.0, "λ_bc": 3.0}
 
