@@ -406,8 +406,13 @@ class MultiTermLoss(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # check the terms before any buffer is copied: a refused checkpoint leaves λ untouched
-        saved = self._check_saved_terms(state_dict.get(prefix + "_extra_state", {}), prefix)
         key = prefix + "lambdas"
+        if prefix + "_extra_state" in state_dict:
+            saved = self._check_saved_terms(state_dict[prefix + "_extra_state"], prefix)
+        else:
+            saved = ()
+            if key in state_dict:
+                self._warn_weights_by_position(state_dict[key], prefix)
         if saved and saved != self._term_names and isinstance(state_dict, dict) and key in state_dict:
             # the same terms in another order: take each λ by its name (torch's load_state_dict
             # hands the modules its own copy of the dict, so the caller's is not changed)
@@ -431,6 +436,22 @@ class MultiTermLoss(nn.Module):
                     "it with strict=False and set the weights with set_weights."
                 )
 
+    def _warn_weights_by_position(self, saved: Any, prefix: str) -> None:
+        """A state dict with the weights but without the term names (filtered by hand, then loaded
+        with ``strict=False``): each λ is taken by its position. Said where it matters, i.e. the
+        saved λ differ, so a loss that lists its terms in another order would get them swapped."""
+        if not isinstance(saved, Tensor) or saved.shape != self.lambdas.shape or saved.numel() < 2:
+            return
+        if bool((saved == saved.reshape(-1)[0]).all()):
+            return
+        warnings.warn(
+            f"MultiTermLoss: the state dict holds '{prefix}lambdas' but not '{prefix}_extra_state' (the term names), so each "
+            f"weight is loaded by its position, in this loss's order {self._term_names}; if the saved loss listed its terms "
+            f"in another order, the weights are now misassigned. Keep '{prefix}_extra_state' together with "
+            f"'{prefix}lambdas' when filtering a state dict (it is a uint8 tensor), or set the weights with set_weights.",
+            stacklevel=4,
+        )
+
     def set_extra_state(self, state: Any) -> None:
         """Refuse a checkpoint whose terms differ from this loss's: the weights would be misassigned."""
         self._check_saved_terms(state, "")
@@ -439,6 +460,14 @@ class MultiTermLoss(nn.Module):
         """The checkpoint's term names (empty for a checkpoint that does not record them);
         refuses terms other than this loss's (the same terms in another order are taken by name)."""
         saved = _decode_saved_terms(state)
+        if saved is None:
+            raise ValueError(
+                f"MultiTermLoss: the checkpoint's '{prefix}_extra_state' (the term names its weights belong to) cannot be "
+                f"read: expected the JSON list of names that get_extra_state writes as a uint8 tensor, got "
+                f"{_describe(state)}. The file was edited or damaged, so its weights cannot be matched to terms. Load an "
+                f"earlier checkpoint; or remove '{prefix}lambdas' and '{prefix}_extra_state' from its state dict, load it "
+                "with strict=False and set the weights with set_weights."
+            )
         if saved and sorted(saved) != sorted(self._term_names):
             # (PyTorch hands every module strict=True and applies strict=False only to missing/unexpected keys,
             # so a loss cannot tell a lenient load from a strict one: the refusal holds for both)
@@ -465,18 +494,27 @@ class MultiTermLoss(nn.Module):
         return state
 
 
-def _decode_saved_terms(state: Any) -> tuple[str, ...]:
-    """The term names a checkpoint recorded (see ``MultiTermLoss.get_extra_state``); empty if none or unreadable.
+def _decode_saved_terms(state: Any) -> tuple[str, ...] | None:
+    """The term names a checkpoint recorded (see ``MultiTermLoss.get_extra_state``); ``None`` if unreadable.
 
     Reads the ``uint8`` tensor form and the dict form ``{"terms": [...]}`` of earlier checkpoints.
     """
+    names: Any = None
     if isinstance(state, dict):
-        return tuple(str(name) for name in state.get("terms", ()))
-    if isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
+        names = state.get("terms")
+    elif isinstance(state, Tensor) and state.dtype == torch.uint8 and state.dim() == 1:
         try:
             names = json.loads(bytes(state.tolist()).decode())
         except (UnicodeDecodeError, ValueError):
-            return ()
-        if isinstance(names, list) and all(isinstance(name, str) for name in names):
-            return tuple(names)
-    return ()
+            return None
+    if isinstance(names, (list, tuple)) and names and all(isinstance(name, str) for name in names):
+        return tuple(names)
+    return None
+
+
+def _describe(value: Any) -> str:
+    """A short description of an unexpected saved value, for error messages."""
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'…' if len(text) > 60 else ''}"

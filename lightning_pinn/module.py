@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lightning_pinn.loss import MultiTermLoss
 
-__all__ = ["PINNModule"]
+__all__ = ["PINNModule", "StepIndexLoader"]
 
 
 class PINNModule(pl.LightningModule):
@@ -140,5 +140,50 @@ class PINNModule(pl.LightningModule):
 
     def train_dataloader(self) -> Iterable[int]:
         """A loader that yields the batch index within the epoch (0 … ``steps_per_epoch`` − 1): one
-        "batch" per optimizer step; use ``self.global_step`` for the step."""
-        return range(self.steps_per_epoch)
+        "batch" per optimizer step; use ``self.global_step`` for the step.
+
+        It is resumable: a fit resumed from a checkpoint saved mid-epoch goes on with the next
+        index, as Lightning's ``batch_idx`` does (see :class:`StepIndexLoader`)."""
+        return StepIndexLoader(self.steps_per_epoch, self)
+
+
+class StepIndexLoader:
+    """``PINNModule``'s training loader: yields ``0, 1, …, length − 1`` each epoch, resumably.
+
+    ``range(length)`` would restart at 0 after a resume from a checkpoint saved mid-epoch, while
+    Lightning's ``batch_idx`` goes on (and Lightning warns that the loader is not resumable), so a
+    ``residuals`` that picks its points by the batch value would train on other points than the
+    uninterrupted fit. Lightning saves ``state_dict()`` in the checkpoint and hands it back to
+    ``load_state_dict`` before the resumed epoch starts.
+
+    The saved position is the number of the epoch's batches Lightning has processed (its own
+    resume point), read from the Trainer, not the number of values yielded: Lightning fetches a
+    batch ahead, so the count of yielded values is one too many when a checkpoint is written.
+    """
+
+    def __init__(self, length: int, module: pl.LightningModule) -> None:
+        self.length = int(length)
+        self._module = module
+        self._resume_at = 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._resume_at = self._resume_at, 0  # a resume position applies to one epoch
+        return iter(range(start, self.length))
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"next_index": i}``: the index the resumed epoch starts at (0 when the epoch is done)."""
+        processed = 0
+        trainer = getattr(self._module, "_trainer", None)
+        if trainer is not None:
+            processed = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return {"next_index": processed if 0 <= processed < self.length else 0}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Start the next epoch's iteration at the saved index."""
+        index = state_dict.get("next_index", 0)
+        if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < self.length:
+            index = 0  # another length (steps_per_epoch changed) or a foreign state: the epoch starts afresh
+        self._resume_at = int(index)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -273,6 +274,41 @@ def test_checkpoints_that_recorded_the_term_names_as_a_dict_still_load_and_are_c
     assert loss.weights == {"pde": 2.0, "ic": 300.0}
     with pytest.raises(ValueError, match=r"checkpoint holds weights for terms \('ic', 'bc'\)"):
         loss.load_state_dict({"lambdas": torch.tensor([1.0, 1.0]), "_extra_state": {"terms": ["ic", "bc"]}})
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        torch.tensor([255, 0, 7], dtype=torch.uint8),  # not UTF-8
+        torch.tensor(list(b'["pde", "bc"'), dtype=torch.uint8),  # truncated JSON
+        torch.tensor(list(b'{"terms": 1}'), dtype=torch.uint8),  # JSON, not a list of names
+        torch.tensor(list(b"[1, 2]"), dtype=torch.uint8),
+        torch.tensor([1.0, 2.0]),  # not a uint8 tensor
+        {"names": ["pde", "bc"]},  # a dict without the old form's "terms"
+        None,
+    ],
+    ids=["not-utf8", "truncated", "object", "numbers", "float-tensor", "dict", "none"],
+)
+def test_an_unreadable_term_name_record_is_refused_and_lambda_is_kept(record: Any) -> None:
+    """Such a record used to be taken as no record at all: the weights loaded by position, swapped."""
+    state = dict(MultiTermLoss(pde=1.0, bc=2.0).state_dict(), _extra_state=record)
+    loss = MultiTermLoss(bc=5.0, pde=6.0)
+    with pytest.raises(ValueError, match=r"'_extra_state' \(the term names .*\) cannot be read.*set_weights"):
+        loss.load_state_dict(state)
+    assert loss.weights == {"bc": 5.0, "pde": 6.0}
+
+
+def test_weights_loaded_without_their_term_names_are_taken_by_position_with_a_warning() -> None:
+    """A state dict filtered down to its floating-point tensors, loaded with strict=False."""
+    floats = {k: v for k, v in MultiTermLoss(pde=1.0, bc=2.0).state_dict().items() if v.is_floating_point()}
+    assert "_extra_state" not in floats
+    loss = MultiTermLoss(bc=5.0, pde=6.0)
+    with pytest.warns(UserWarning, match=r"not '_extra_state' \(the term names\), so each weight is loaded by its position"):
+        loss.load_state_dict(floats, strict=False)
+    assert loss.weights == {"bc": 1.0, "pde": 2.0}  # by position, as the warning says
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # equal weights: the order does not matter, nothing to say
+        MultiTermLoss(bc=5.0, pde=6.0).load_state_dict({"lambdas": torch.tensor([3.0, 3.0])}, strict=False)
 
 
 @pytest.mark.parametrize("name", ["bc/left", "u_vs_v", "vs_b", "a_vs", "vs", "b c", ""])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import pytest
 import torch
 from conftest import make_trainer
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -108,3 +109,38 @@ def test_the_readmes_pinnmodule_example_runs_as_printed(tmp_path: Any, monkeypat
     weights = namespace["model"].criterion.weights
     assert weights["pde"] == 1.0 and weights["bc"] > 10.0
     assert (tmp_path / "lightning_logs").is_dir()
+
+
+class _BatchRecorder(HarmonicOscillator):
+    """Records (global step, loader value, batch_idx) of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__(ic_weight=1.0, steps_per_epoch=5)
+        self.seen: list[tuple[int, int, int]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.seen.append((self.global_step, int(batch), batch_idx))
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("every, checkpoint", [(3, "epoch=1-step=9.ckpt"), (5, "epoch=0-step=5.ckpt")])
+def test_the_step_loader_resumes_mid_epoch_at_the_next_index(tmp_path: Any, every: int, checkpoint: str) -> None:
+    """Mid-epoch (step 9: the second epoch's fifth batch is next) and at an epoch's end (step 5)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    torch.manual_seed(0)
+    full = _BatchRecorder()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        checkpoints = ModelCheckpoint(str(tmp_path), every_n_train_steps=every, save_top_k=-1)
+        make_trainer(12, [checkpoints], enable_checkpointing=True).fit(full)
+    resumed = _BatchRecorder()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(12, []).fit(resumed, ckpt_path=str(tmp_path / checkpoint))
+    assert not [w for w in caught if "not resumable" in str(w.message)]
+    # the loader's value goes on with Lightning's batch_idx, as in the uninterrupted fit
+    step = int(checkpoint.split("step=")[1].split(".")[0])
+    assert resumed.seen == full.seen[step:]
+    assert resumed.seen[0] == (step, step % 5, step % 5)
+    assert all(value == index for _, value, index in full.seen)

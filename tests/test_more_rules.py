@@ -235,6 +235,8 @@ def test_weight_schedule_linear_and_step() -> None:
         (lambda: SoftAdaptBalancer(beta=0), "beta"),
         (lambda: ReLoBRaLoBalancer(alpha=2), "alpha"),
         (lambda: LRAnnealingBalancer(reference=None), "reference"),  # type: ignore[arg-type]
+        # the message must not offer None, which the same check refuses (it once said "or None")
+        (lambda: LRAnnealingBalancer(reference=""), r"reference must name the residual term .*it is required"),
         (lambda: LRAnnealingBalancer(reference="pde", numerator="median"), "numerator"),  # type: ignore[arg-type]
         (lambda: GradNormWeighting(learning_rate=0), "learning_rate"),
         (lambda: UncertaintyWeighting(learning_rate=-1), "learning_rate"),

@@ -291,9 +291,10 @@ class LRAnnealingBalancer(WeightBalancer):
         smooth_first_update: bool = False,
         loss_module: str | None = None,
     ) -> None:
-        if not isinstance(reference, str):
+        if not isinstance(reference, str) or not reference:
             raise ValueError(
-                f"LRAnnealingBalancer: reference must name the residual term whose λ stays 1, e.g. reference='pde'; got {reference!r}."
+                f"LRAnnealingBalancer: reference must name the residual term whose λ stays 1, e.g. reference='pde' "
+                f"(it is required: the rule scales every other term against it); got {reference!r}."
             )
         for name, value in (("numerator", numerator), ("denominator", denominator)):
             if value not in ("max", "mean"):
