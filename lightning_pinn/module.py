@@ -175,11 +175,13 @@ class StepIndexLoader:
 
     def state_dict(self) -> dict[str, int]:
         """``{"next_index": i}``: the index the resumed epoch starts at (0 when the epoch is done)."""
-        processed = 0
         trainer = getattr(self._module, "_trainer", None)
-        if trainer is not None:
-            processed = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
-        return {"next_index": processed if 0 <= processed < self.length else 0}
+        if trainer is None:
+            return {"next_index": 0}
+        processed = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        # the epoch's length as Lightning counts it (limit_train_batches may shorten it)
+        epoch_length = min(float(self.length), float(trainer.num_training_batches))
+        return {"next_index": processed if 0 <= processed < epoch_length else 0}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Start the next epoch's iteration at the saved index."""

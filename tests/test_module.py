@@ -123,9 +123,12 @@ class _BatchRecorder(HarmonicOscillator):
         return super().training_step(batch, batch_idx)
 
 
-@pytest.mark.parametrize("every, checkpoint", [(3, "epoch=1-step=9.ckpt"), (5, "epoch=0-step=5.ckpt")])
-def test_the_step_loader_resumes_mid_epoch_at_the_next_index(tmp_path: Any, every: int, checkpoint: str) -> None:
-    """Mid-epoch (step 9: the second epoch's fifth batch is next) and at an epoch's end (step 5)."""
+@pytest.mark.parametrize(
+    "every, checkpoint, limit", [(3, "epoch=1-step=9.ckpt", 1.0), (5, "epoch=0-step=5.ckpt", 1.0), (4, "epoch=0-step=4.ckpt", 4)]
+)
+def test_the_step_loader_resumes_mid_epoch_at_the_next_index(tmp_path: Any, every: int, checkpoint: str, limit: float) -> None:
+    """Mid-epoch (step 9: the second epoch's fifth batch is next), at an epoch's end (step 5), and
+    at the end of an epoch that limit_train_batches=4 cut short (the next epoch starts at 0)."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     torch.manual_seed(0)
@@ -133,14 +136,15 @@ def test_the_step_loader_resumes_mid_epoch_at_the_next_index(tmp_path: Any, ever
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         checkpoints = ModelCheckpoint(str(tmp_path), every_n_train_steps=every, save_top_k=-1)
-        make_trainer(12, [checkpoints], enable_checkpointing=True).fit(full)
+        make_trainer(12, [checkpoints], enable_checkpointing=True, limit_train_batches=limit).fit(full)
     resumed = _BatchRecorder()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(12, []).fit(resumed, ckpt_path=str(tmp_path / checkpoint))
+        make_trainer(12, [], limit_train_batches=limit).fit(resumed, ckpt_path=str(tmp_path / checkpoint))
     assert not [w for w in caught if "not resumable" in str(w.message)]
     # the loader's value goes on with Lightning's batch_idx, as in the uninterrupted fit
     step = int(checkpoint.split("step=")[1].split(".")[0])
     assert resumed.seen == full.seen[step:]
-    assert resumed.seen[0] == (step, step % 5, step % 5)
+    epoch_length = 5 if limit == 1.0 else int(limit)
+    assert resumed.seen[0] == (step, step % epoch_length, step % epoch_length)
     assert all(value == index for _, value, index in full.seen)
