@@ -191,6 +191,7 @@ class MultiTermLoss(nn.Module):
         self._term_set = frozenset(self._term_names)
         self._sign_checked: set[str] = set()  # 0-dim terms already checked for a negative value
         self._negative_warned: set[str] = set()  # terms already warned about a negative loss
+        self._constant_warned: set[str] = set()  # terms already warned about not requiring grad
         self.register_buffer("lambdas", torch.tensor(values, dtype=torch.float32))
         self._last: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
         self._engine: TermGradientEngine | None = None
@@ -307,9 +308,11 @@ class MultiTermLoss(nn.Module):
         if residuals.keys() != self._term_set:
             self._check_names(residuals.keys(), context="MultiTermLoss.forward", require_all=True)
         grad_enabled = torch.is_grad_enabled()
-        ordered = [self._checked_residual(name, residuals[name], grad_enabled) for name in self._term_names]
+        ordered = [self._checked_residual(name, residuals[name]) for name in self._term_names]
         if all(residual is None for residual in ordered):
             raise ValueError(f"MultiTermLoss.forward: every term is None; pass a residual for at least one of {self._term_names}.")
+        if grad_enabled:
+            self._check_requires_grad(ordered)
         losses = [None if residual is None else term_loss(residual) for residual in ordered]
         # one plain-object write: nn.Module.__setattr__ costs ~20 µs, noticeable on a PINN step
         self.__dict__["_last"] = (
@@ -334,7 +337,7 @@ class MultiTermLoss(nn.Module):
             return torch.dot(lambdas if lambdas.dtype == dtype else lambdas.to(dtype), stacked)
         return sum(lambdas[i] * loss for i, loss in enumerate(losses) if loss is not None)  # type: ignore[return-value]
 
-    def _checked_residual(self, name: str, residual: Any, grad_enabled: bool) -> Tensor | None:
+    def _checked_residual(self, name: str, residual: Any) -> Tensor | None:
         if residual is None:
             return None
         if not isinstance(residual, Tensor):
@@ -364,13 +367,40 @@ class MultiTermLoss(nn.Module):
                 value = residual.detach().item()
                 if value < 0:
                     self.warn_negative_loss(name, value, stacklevel=4)
-        if grad_enabled and not residual.requires_grad:
-            raise ValueError(
-                f"MultiTermLoss: term '{name}' does not require grad, so it cannot train the network. It was computed "
-                "under torch.no_grad(), detached with .detach()/.item()/.numpy(), or depends only on frozen parameters "
-                "(requires_grad=False); compute it from the trainable network's output with torch operations."
-            )
         return residual
+
+    def _check_requires_grad(self, ordered: list[Tensor | None]) -> None:
+        """With grad enabled, a term that does not require grad trains nothing in this call.
+
+        If no term requires grad, nothing can train: an error naming them. If others do, the
+        term is added as a constant, as in a plain ``Σ λ_i L_i`` (e.g. a data term on the network
+        while Lightning's ``toggle_optimizer`` has frozen the network to train a PDE coefficient),
+        with a warning naming it, once per term: it may as well have been detached by mistake.
+        """
+        constant = [name for name, r in zip(self._term_names, ordered) if r is not None and not r.requires_grad]
+        if not constant:
+            return
+        if len(constant) == sum(r is not None for r in ordered):
+            listed = ", ".join(f"'{name}'" for name in constant)
+            raise ValueError(
+                f"MultiTermLoss: no term requires grad (term(s) {listed}), so the loss cannot train the network. They were "
+                "computed under torch.no_grad(), detached with .detach()/.item()/.numpy(), or depend only on frozen "
+                "parameters (requires_grad=False); compute them from the trainable network's output with torch operations."
+            )
+        warned = self.__dict__.setdefault("_constant_warned", set())  # (a module pickled before it existed)
+        for name in constant:
+            if name in warned:
+                continue
+            warned.add(name)
+            warnings.warn(
+                f"MultiTermLoss: term '{name}' does not require grad, so it is added as a constant and trains nothing in "
+                "this call. Expected while the parameters it depends on are frozen (Lightning's toggle_optimizer with one "
+                f"optimizer per parameter group): pass {name}=None in such calls to say so (the callbacks then take its "
+                "gradient from the calls that train it). Otherwise it was computed under torch.no_grad(), detached with "
+                ".detach()/.item()/.numpy(), or depends only on frozen parameters: compute it from the trainable network's "
+                "output with torch operations. (Warned once per term.)",
+                stacklevel=3,
+            )
 
     def _check_names(self, given: Any, *, context: str, require_all: bool) -> None:
         given = list(given)

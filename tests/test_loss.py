@@ -121,8 +121,17 @@ def test_missing_term_in_forward() -> None:
 
 def test_residual_without_grad() -> None:
     loss = MultiTermLoss(pde=1.0, ic=1.0)
-    with pytest.raises(ValueError, match="term 'ic' does not require grad"):
-        loss(pde=_residual(3), ic=torch.randn(2))
+    with pytest.raises(ValueError, match=r"no term requires grad \(term\(s\) 'pde', 'ic'\)"):
+        loss(pde=torch.randn(3), ic=torch.randn(2))
+    # beside a term that trains: a constant, as in a plain sum, warned once per term
+    ic = torch.randn(2)
+    with pytest.warns(UserWarning, match=r"term 'ic' does not require grad, so it is added as a constant.*ic=None"):
+        total = loss(pde=_residual(3), ic=ic)
+    assert total.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = loss(pde=_residual(3), ic=ic)
+    torch.testing.assert_close(again - loss.last_losses["pde"], ic.square().mean())
 
 
 def test_residual_without_grad_is_fine_when_grad_is_disabled() -> None:

@@ -135,8 +135,18 @@ def test_term_on_frozen_parameters_only_is_named() -> None:
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self.criterion(**self.residuals(), prior=self.prior_net(self.x))
 
-    with pytest.raises(ValueError, match=r"term 'prior' does not require grad.*frozen parameters"):
-        _fit(FrozenTerm(), 1, [GradientNormMonitor()])
+    caught = _fit(FrozenTerm(), 2, [GradientNormMonitor(every_n_steps=1, report=False)])
+    warned = [m for m in _messages(caught, UserWarning) if "term 'prior' does not require grad" in m]
+    assert len(warned) == 1 and "frozen parameters" in warned[0]  # once, naming the term and the causes
+
+
+def test_a_loss_in_which_no_term_requires_grad_is_an_error_naming_them() -> None:
+    class AllFrozen(TwoTermPoisson):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.criterion(**{name: r.detach() for name, r in self.residuals().items()})
+
+    with pytest.raises(ValueError, match=r"no term requires grad \(term\(s\) 'pde', 'bc'\).*frozen parameters"):
+        _fit(AllFrozen(), 1, [GradientNormMonitor()])
 
 
 def test_term_that_reaches_no_trainable_parameter_is_warned() -> None:
@@ -440,6 +450,9 @@ def _hand_term_gradients(model: TwoTermPoisson, residuals: dict[str, torch.Tenso
     params = [p for p in model.parameters() if p.requires_grad]
     out = {}
     for name, residual in residuals.items():
+        if not residual.requires_grad:  # a constant in this call (its parameters frozen)
+            out[name] = torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
+            continue
         grads = torch.autograd.grad(residual.square().mean(), params, retain_graph=True, allow_unused=True)
         out[name] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
     return out
@@ -495,6 +508,34 @@ def test_one_optimizer_per_parameter_group_measures_each_group_in_its_own_call()
         expected = torch.cat([coefficient_part[name], network_part[name]])  # module order: its own parameter, then the net's
         torch.testing.assert_close(measurement.gradients[index], expected, rtol=1e-5, atol=1e-8)
     assert balancer.num_updates > 0 and model.criterion.weights["bc"] != 1.0
+
+
+class TogglingWithPlainBoundaryPoints(TogglingInverseProblem):
+    """The same, with boundary points that do not require grad (the usual case): while the
+    coefficient's optimizer is toggled the network is frozen, so the bc term requires no grad."""
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        residuals = TwoTermPoisson.residuals(self)
+        return {"pde": residuals["pde"] * self.coefficient, "bc": self.net(self.xb)}
+
+
+def test_a_term_constant_while_its_parameters_are_toggled_off_is_added_as_a_constant() -> None:
+    """Used to stop the fit: 'term bc does not require grad' (even without callbacks), although
+    the README documents this pattern. Now the term is a constant in that call, warned once."""
+    model = TogglingWithPlainBoundaryPoints()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    caught = _fit(model, 6, [monitor, NTKBalancer(every_n_steps=2)])
+    constant_warnings = [m for m in _messages(caught, UserWarning) if "does not require grad, so it is added as a constant" in m]
+    assert len(constant_warnings) == 1 and "term 'bc'" in constant_warnings[0] and "bc=None" in constant_warnings[0]
+    assert not _messages(caught, TermGradientWarning)
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None and measurement.traces is not None
+    network_part, coefficient_part = model.hand[-2], model.hand[-1]
+    for index, name in enumerate(measurement.terms):
+        expected = torch.cat([coefficient_part[name], network_part[name]])
+        torch.testing.assert_close(measurement.gradients[index], expected, rtol=1e-5, atol=1e-8)
+    assert bool(torch.isfinite(measurement.traces).all()) and bool((measurement.traces > 0).all())
+    assert all(math.isfinite(w) for w in model.criterion.weights.values())
 
 
 class ChunkedManualAccumulation(TwoTermPoisson):
