@@ -384,6 +384,63 @@ def test_a_check_more_frequent_than_the_measurements_is_warned_about(tmp_path: P
         trainer.fit(TwoTermPoisson())
 
 
+class _ValidatedPoisson(TwoTermPoisson):
+    """TwoTermPoisson with a one-batch validation loop (8 training batches per epoch)."""
+
+    def train_dataloader(self) -> range:
+        return range(8)
+
+    def val_dataloader(self) -> range:
+        return range(1)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("watcher", "every_n_steps", "options", "expected"),
+    [
+        # validation every 2 batches: EarlyStopping checks after each run, every 2 steps (it once
+        # went unwarned, saw the step-0 value three times and stopped the fit at step 6)
+        ("early-stopping", 8, {"val_check_interval": 2}, 2),
+        ("early-stopping", 8, {"val_check_interval": 0.25}, 2),
+        ("checkpoint", 8, {"val_check_interval": 2}, 2),
+        # validation every second epoch (16 steps): a fresh value at every check (once a false alarm)
+        ("early-stopping", 16, {"check_val_every_n_epoch": 2}, None),
+        ("checkpoint", 16, {"check_val_every_n_epoch": 2}, None),
+        ("early-stopping", 24, {"check_val_every_n_epoch": 2}, 16),
+        # a GradientAccumulationScheduler's 4 batches per step: 2 steps per epoch (once unwarned)
+        ("early-stopping", 4, {"accumulation_schedule": {0: 4}, "limit_val_batches": 0}, 2),
+        ("early-stopping", 4, {"accumulate_grad_batches": 4, "limit_val_batches": 0}, 2),
+    ],
+)
+def test_the_cadence_warning_follows_when_lightnings_callbacks_really_check(
+    tmp_path: Path, watcher: str, every_n_steps: int, options: dict[str, Any], expected: int | None
+) -> None:
+    from pytorch_lightning.callbacks import EarlyStopping, GradientAccumulationScheduler, ModelCheckpoint
+
+    options = dict(options)
+    extra: list[Any] = []
+    if "accumulation_schedule" in options:
+        extra.append(GradientAccumulationScheduler(options.pop("accumulation_schedule")))
+    if watcher == "early-stopping":
+        check: Any = EarlyStopping(monitor="loss/pde", patience=2)
+    else:
+        check = ModelCheckpoint(dirpath=tmp_path, monitor="loss/pde", mode="min")
+    monitor = GradientNormMonitor(every_n_steps=every_n_steps, verbose=False, report=False)
+    trainer = make_trainer(
+        -1, [monitor, check, *extra], max_epochs=1, num_sanity_val_steps=0, enable_checkpointing=watcher == "checkpoint", **options
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(_ValidatedPoisson())
+    messages = [str(w.message) for w in caught if "checks about every" in str(w.message)]
+    if expected is None:
+        assert messages == []
+    else:
+        assert len(messages) == 1 and f"checks about every {expected} optimizer step(s)" in messages[0], messages
+
+
 def test_a_check_on_a_weight_is_warned_about_by_the_callback_that_renews_it(tmp_path: Path) -> None:
     # λ_bc is written by the balancer (every 5 steps), not by the monitor (every 10): no warning;
     # λ_pde, which no balancer changes, is the monitor's tag and still warned about

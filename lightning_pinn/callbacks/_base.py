@@ -270,22 +270,91 @@ class _PickledGenerator(NamedTuple):
     state: bytes
 
 
-def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int) -> list[tuple[str, str, int, str]]:
+def _accumulations(trainer: pl.Trainer) -> list[int]:
+    """Every number of batches per optimizer step this fit uses: the Trainer's
+    ``accumulate_grad_batches`` and, with a ``GradientAccumulationScheduler`` (which sets it at
+    each epoch's start, after the checks here run), each value of its schedule."""
+    values = [max(1, int(trainer.accumulate_grad_batches))]
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, lightning_classes("callbacks", "GradientAccumulationScheduler")):
+            schedule = getattr(callback, "scheduling", {}) or {}
+            values += [max(1, int(v)) for v in schedule.values() if isinstance(v, int)]
+    return values
+
+
+def _validation_interval(trainer: pl.Trainer, steps_per_epoch: int, accumulate: int) -> int | None:
+    """The fewest optimizer steps between two validation runs of the fit (Lightning's
+    ``val_check_interval`` and ``check_val_every_n_epoch``), or ``None`` if validation never
+    runs or runs on a wall-clock interval."""
+    if getattr(trainer, "_val_check_time_interval", None) is not None or not getattr(trainer, "enable_validation", False):
+        return None
+    batches = trainer.num_training_batches
+    every_n_epochs = trainer.check_val_every_n_epoch
+    check_batch = getattr(trainer, "val_check_batch", None)
+    if check_batch is None:
+        return None
+    if every_n_epochs is None:  # every `val_check_interval` batches, counted across epochs
+        return max(1, int(check_batch) // accumulate) if math.isfinite(check_batch) else None
+    if math.isfinite(check_batch) and check_batch < batches:  # several runs per validated epoch
+        return max(1, int(check_batch) // accumulate)
+    return steps_per_epoch * max(1, int(every_n_epochs))  # at the end of every n-th epoch
+
+
+def _early_stopping_interval(callback: Any, trainer: pl.Trainer, steps_per_epoch: int, validation: int | None) -> int | None:
+    """Every how many optimizer steps an ``EarlyStopping`` checks (``None``: never, or unknown).
+
+    It checks at each training epoch's end or, by default whenever validation runs more than
+    once per epoch or not every epoch, after each validation run (``EarlyStopping.setup``)."""
+    on_train_epoch_end = getattr(callback, "_check_on_train_epoch_end", None)
+    if on_train_epoch_end is None:
+        on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+    return steps_per_epoch if on_train_epoch_end else validation
+
+
+def _checkpoint_interval(callback: Any, trainer: pl.Trainer, steps_per_epoch: int, validation: int | None) -> int | None:
+    """Every how many optimizer steps a ``ModelCheckpoint`` compares its ``monitor`` (``None``:
+    never, or on a wall-clock interval): every ``every_n_train_steps`` steps, and every
+    ``every_n_epochs`` epochs at a training epoch's end or after validation, as
+    ``ModelCheckpoint._should_save_on_train_epoch_end`` decides."""
+    intervals = []
+    every_n_train_steps = getattr(callback, "_every_n_train_steps", 0) or 0
+    if every_n_train_steps:
+        intervals.append(int(every_n_train_steps))
+    every_n_epochs = getattr(callback, "_every_n_epochs", 0) or 0
+    if every_n_epochs:
+        on_train_epoch_end = getattr(callback, "_save_on_train_epoch_end", None)
+        if on_train_epoch_end is None:
+            if getattr(trainer, "_val_check_time_interval", None) is not None or trainer.check_val_every_n_epoch != 1:
+                on_train_epoch_end = False
+            else:
+                on_train_epoch_end = not getattr(trainer, "enable_validation", False) or trainer.val_check_interval == 1.0
+        if on_train_epoch_end:
+            intervals.append(steps_per_epoch * int(every_n_epochs))
+        elif validation is not None:
+            # after validation, in the epochs that are multiples of every_n_epochs
+            intervals.append(validation if validation < steps_per_epoch else max(validation, steps_per_epoch * int(every_n_epochs)))
+    return min(intervals) if intervals else None
+
+
+def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int, accumulations: list[int]) -> list[tuple[str, str, int, str]]:
     """``(who, tag, checks every n optimizer steps, how to make it wait)`` for each EarlyStopping,
     ModelCheckpoint and LR scheduler of the Trainer that reads a tag from ``callback_metrics``."""
     early_stopping = lightning_classes("callbacks", "EarlyStopping")
     model_checkpoint = lightning_classes("callbacks", "ModelCheckpoint")
+    validation = _validation_interval(trainer, steps_per_epoch, max(accumulations))
     watchers: list[tuple[str, str, int, str]] = []
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         watched = getattr(callback, "monitor", None)
         if not isinstance(callback, early_stopping + model_checkpoint) or not isinstance(watched, str):
             continue
-        interval = steps_per_epoch
-        every_n_train_steps = getattr(callback, "_every_n_train_steps", 0)
-        if isinstance(callback, model_checkpoint) and every_n_train_steps:
-            interval = min(interval, every_n_train_steps)
-        watchers.append((f"{type(callback).__name__}(monitor={watched!r})", watched, interval, "EarlyStopping(patience={checks}) or more"))
-    accumulate = max(1, int(trainer.accumulate_grad_batches))
+        if isinstance(callback, early_stopping):
+            interval = _early_stopping_interval(callback, trainer, steps_per_epoch, validation)
+        else:
+            interval = _checkpoint_interval(callback, trainer, steps_per_epoch, validation)
+        if interval is not None:
+            watchers.append(
+                (f"{type(callback).__name__}(monitor={watched!r})", watched, interval, "EarlyStopping(patience={checks}) or more")
+            )
     for config in getattr(trainer, "lr_scheduler_configs", None) or []:
         watched = getattr(config, "monitor", None)
         if not config.reduce_on_plateau or not isinstance(watched, str):
@@ -294,7 +363,7 @@ def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int) -> list[tuple[str, 
         if config.interval == "step":
             # Lightning steps it on the batches whose number (from 1, within the epoch) is a
             # multiple of `frequency`, among those that end with an optimizer step
-            interval = math.lcm(frequency, accumulate) // accumulate
+            interval = min(math.lcm(frequency, accumulate) // accumulate for accumulate in accumulations)
         else:
             interval = frequency * steps_per_epoch
         scheduler = type(config.scheduler).__name__
@@ -579,9 +648,10 @@ class PerTermCallback(LightningCallback):
         batches = trainer.num_training_batches
         if not isinstance(batches, int) or batches <= 0:  # inf: an iterable without a length
             return
-        steps_per_epoch = max(1, batches // max(1, trainer.accumulate_grad_batches))
+        accumulations = _accumulations(trainer)
+        steps_per_epoch = max(1, batches // max(accumulations))  # the shortest epoch, in optimizer steps
         name = type(self).__name__
-        for watcher, watched, interval, waits in _tag_watchers(trainer, steps_per_epoch):
+        for watcher, watched, interval, waits in _tag_watchers(trainer, steps_per_epoch, accumulations):
             if not watched.startswith(self._tag_prefix):
                 continue
             cadence = self._refresh_cadence(watched[len(self._tag_prefix) :])
