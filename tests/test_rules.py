@@ -70,3 +70,49 @@ def test_smooth_is_an_exponential_moving_average() -> None:
 def test_unknown_rule() -> None:
     with pytest.raises(ValueError, match="'max' or 'mean'"):
         grad_norm_weights([1.0, 1.0], "median")  # type: ignore[arg-type]
+
+
+def _readme_block(marker: str) -> str:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    return readme.split(f"<!-- test:{marker} -->\n", 1)[1].split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def test_the_readmes_rule_examples_give_the_values_in_their_comments() -> None:
+    """Each line of the README's block is a call followed by ``# <expected value>: ...``."""
+    code = _readme_block("rules")
+    namespace: dict[str, object] = {}
+    checked = 0
+    for line in code.splitlines():
+        if "#" not in line or line.startswith("from "):
+            exec(line, namespace)
+            continue
+        call, comment = line.split("#", 1)
+        expected = comment.split(":", 1)[0].strip()
+        assert eval(call, namespace) == pytest.approx(eval(expected)), line
+        checked += 1
+    assert checked == 4
+
+
+def test_the_readmes_custom_rule_trains_and_weights_the_smaller_gradient_more() -> None:
+    import warnings
+
+    from conftest import TwoTermPoisson, make_trainer
+
+    from lightning_pinn.callbacks import GradientNormMonitor
+
+    namespace: dict[str, object] = {"__name__": "readme_custom_rule"}
+    exec(compile(_readme_block("custom-rule"), "README.md:custom-rule", "exec"), namespace)
+    balancer = namespace["balancer"]
+    monitor = GradientNormMonitor(every_n_steps=10, verbose=False, report=False)
+    model = TwoTermPoisson(bc_weight=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(21, [monitor, balancer]).fit(model)
+    assert balancer.num_updates == 3
+    first = monitor.history["grad_norm/pde"][1][0], monitor.history["grad_norm/bc"][1][0]
+    # two terms: the median is their mean, so λ̂ = mean/‖g‖ gives the smaller gradient the larger weight
+    smaller, larger = ("bc", "pde") if first[1] < first[0] else ("pde", "bc")
+    weights = model.criterion.weights
+    assert weights[smaller] > weights[larger] and all(math.isfinite(w) for w in weights.values())

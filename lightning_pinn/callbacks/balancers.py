@@ -87,15 +87,15 @@ class WeightBalancer(PerTermCallback):
 
     def __init__(
         self,
-        every_n_steps: int,
-        momentum: float,
-        terms: Sequence[str] | None,
-        reference: str | None,
-        min_weight: float,
-        max_weight: float,
-        warmup_steps: int,
-        smooth_first_update: bool,
-        loss_module: str | None,
+        every_n_steps: int = 10,
+        momentum: float = 0.9,
+        terms: Sequence[str] | None = None,
+        reference: str | None = None,
+        min_weight: float = 1e-6,
+        max_weight: float = 1e6,
+        warmup_steps: int = 0,
+        smooth_first_update: bool = False,
+        loss_module: str | None = None,
     ) -> None:
         if type(self) is WeightBalancer:
             raise TypeError(
