@@ -99,3 +99,9 @@ def test_wave_weights_script_writes_its_tables(tmp_path: Path) -> None:
     )
     text = output.read_text()
     assert "### gradnorm-max, seed 0" in text and "| 10 |" in text
+
+
+@pytest.mark.skipif(not __import__("torch").distributed.is_available(), reason="torch.distributed is not available")
+def test_gloo_exit_abort_script_counts_both_variants() -> None:
+    out = _run("benchmarks/gloo_exit_abort.py", "--launches", "1")
+    assert "without destroy_process_group(): " in out and "with    destroy_process_group(): " in out
