@@ -51,7 +51,7 @@ than one that makes one call (the mean differs from the DDP gradient by the spre
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -168,6 +168,7 @@ class _Window:
 
     step: int
     params: list[Tensor]  # all of the module's parameters; those requiring grad are read at each forward pass
+    params_source: Callable[[], Iterable[Tensor]] | None = None  # re-read at the window's first forward (see read_params)
     layout: list[bool] | None = None  # the parameters that required grad at the window's first forward pass
     want_gradients: bool = False
     trace_request: TraceRequest | None = None
@@ -180,6 +181,17 @@ class _Window:
     only: _Capture | None = None  # the window's single micro-batch, until a second one arrives
     result: StepMeasurement | None = None
     collected: bool = False
+
+    def read_params(self) -> None:
+        """Take the module's parameters as they are at the window's first forward pass.
+
+        A parameter registered during the fit (a layer grown at some step and handed to the
+        optimizer, possibly in a hook that runs after the request) is measured from the next
+        window whose first forward sees it; the window keeps that list for its other micro-batches.
+        """
+        if self.params_source is not None:
+            self.params = list(self.params_source())
+            self.params_source = None
 
     def add(self, name: str, value: Tensor) -> None:
         value = value.to(torch.float64)
@@ -508,17 +520,23 @@ class TermGradientEngine:
         *,
         step: int,
         batch_key: Any,
-        params: Sequence[Tensor],
+        params: Sequence[Tensor] | Callable[[], Iterable[Tensor]],
         gradients: bool = False,
         traces: TraceRequest | None = None,
     ) -> None:
         """Ask for a measurement of optimizer step ``step``; call at the start of each of its batches.
 
-        Several callbacks may ask for the same batch: their requests are merged.
+        ``params`` are the module's parameters (those requiring grad are read at each forward
+        pass), or a callable that gives them (e.g. ``module.parameters``), read at the step's
+        first forward pass so that parameters registered in between are measured too. Several
+        callbacks may ask for the same batch: their requests are merged.
         """
         window = self._window
         if window is None or window.step != step or window.collected:
-            window = self._window = _Window(step=step, params=list(params))
+            if callable(params):
+                window = self._window = _Window(step=step, params=[], params_source=params)
+            else:
+                window = self._window = _Window(step=step, params=list(params))
         if window.batch_key != batch_key:
             self._commit_pending(window)
             window.batch_key = batch_key
@@ -544,6 +562,7 @@ class TermGradientEngine:
         """
         window = self._window
         assert window is not None
+        window.read_params()
         weights = lambdas.detach().clone()
         capture = _Capture(
             engine=self,
@@ -582,6 +601,7 @@ class TermGradientEngine:
         """Return ``Σ λ_i L_i`` (over the present terms) whose backward also records per-term gradients."""
         window = self._window
         assert window is not None
+        window.read_params()
         if window.trace_request is not None:
             untraced_ok = window.trace_request.untraced_ok
             for name, residual in zip(names, residuals):
@@ -837,6 +857,7 @@ class TermGradientEngine:
             return None
         if window.collected:
             return window.result
+        window.read_params()  # a rank that never called the loss this step still reduces the same shapes
         self._commit_pending(window)
         window.collected = True
         window.result = self._reduce(window, terms, all_reduce_sum)

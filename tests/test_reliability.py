@@ -125,6 +125,45 @@ def test_frozen_parameters_are_left_out() -> None:
     assert model.net[0].weight.grad is None
 
 
+class GrowingNetwork(TwoTermPoisson):
+    """Progressive growth: at step 2 a correction layer is registered and handed to the optimizer
+    (in the module's own on_train_batch_start, which Lightning runs after the callbacks')."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hand: dict[int, torch.Tensor] = {}
+
+    def pde_residual(self, points: torch.Tensor) -> torch.Tensor:
+        residual = super().pde_residual(points)
+        return residual + self.head(points) if hasattr(self, "head") else residual
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.global_step == 2:
+            self.head = torch.nn.Linear(1, 1)
+            self.optimizers().optimizer.add_param_group({"params": list(self.head.parameters())})  # type: ignore[union-attr]
+        self.hand[self.global_step] = _hand_term_gradients(self, self.residuals())["pde"]
+
+
+class LastGradients(pl.Callback):
+    def __init__(self, monitor: GradientNormMonitor) -> None:
+        self.monitor, self.gradients = monitor, {}  # type: ignore[var-annotated]
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        measurement = self.monitor.last_measurement
+        assert measurement is not None and measurement.gradients is not None
+        self.gradients[trainer.global_step - 1] = measurement.gradients[0].clone()
+
+
+def test_a_parameter_registered_during_the_fit_is_measured_from_that_step() -> None:
+    model = GrowingNetwork()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    record = LastGradients(monitor)
+    _fit(model, 4, [monitor, record])
+    assert [g.numel() for g in record.gradients.values()] == [49, 49, 51, 51]  # 1-16-1: 49 parameters, + head
+    for step, gradient in record.gradients.items():
+        torch.testing.assert_close(gradient.to(torch.float32), model.hand[step], rtol=1e-5, atol=1e-6)
+
+
 def test_term_on_frozen_parameters_only_is_named() -> None:
     class FrozenTerm(TwoTermPoisson):
         def __init__(self) -> None:

@@ -401,7 +401,6 @@ class PerTermCallback(LightningCallback):
         self._tag_prefix = ""
         self._engine: TermGradientEngine | None = None
         self._step_at_batch_start: int | None = None
-        self._parameters: list[Tensor] = []
         self.last_measurement: StepMeasurement | None = None
         self._scaler_skips = 0
         self._state_key: str | None = None
@@ -492,7 +491,6 @@ class PerTermCallback(LightningCallback):
             )
         self._tag_prefix = f"{self._loss_path}/" if several else ""
         self._engine = TermGradientEngine.for_loss(self._loss)
-        self._parameters = list(pl_module.parameters())
         # A callback object reused for another fit (one object in a λ sweep, say) starts afresh;
         # a fit that resumes from a checkpoint (Lightning restored this state just before) or
         # continues a trainer's earlier fit (global_step > 0, e.g. max_steps raised) goes on.
@@ -701,7 +699,8 @@ class PerTermCallback(LightningCallback):
         self._engine.request(
             step=step,
             batch_key=(trainer.current_epoch, batch_idx),
-            params=self._parameters,  # the engine reads requires_grad at the forward pass (layers may be frozen mid-fit)
+            # read at the step's first forward pass, with requires_grad: layers may be frozen, or added, mid-fit
+            params=pl_module.parameters,
             gradients=gradients,
             traces=traces,
         )
@@ -769,11 +768,10 @@ class PerTermCallback(LightningCallback):
         self._release()
 
     def _release(self) -> None:
-        """Free what only the fit needed: the engine's step buffers and the parameter list
-        (found again at the next fit's start). ``last_measurement`` stays for inspection."""
+        """Free what only the fit needed: the engine's step buffers. ``last_measurement`` stays
+        for inspection."""
         if self._engine is not None:
             self._engine.release()
-        self._parameters = []
 
 
 def _scaler_skipped(trainer: pl.Trainer, measurement: StepMeasurement) -> bool:
