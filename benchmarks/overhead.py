@@ -158,7 +158,7 @@ def main() -> None:
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(
-        f"\nharmonic IVP, {args.steps} steps, {args.rounds} alternating rounds, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"\nharmonic IVP, {args.steps} steps, {args.rounds} alternating rounds, torch {torch.__version__}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
     )
     print(f"{'configuration':<18}{'median':>9}")
     for name, value in medians.items():
