@@ -13,10 +13,65 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LAYOUT_CATEGORY", "dashboard_layout", "layout_written_by_others", "losses_in_layout", "terms_in_layout", "write_layout"]
+try:
+    import google_crc32c
+except ImportError:  # a dependency, but the dashboard works without it (checksums in pure Python)
+    google_crc32c = None
+
+__all__ = [
+    "LAYOUT_CATEGORY",
+    "dashboard_layout",
+    "fast_event_checksums",
+    "layout_written_by_others",
+    "losses_in_layout",
+    "terms_in_layout",
+    "write_layout",
+]
 
 #: Name of the custom-scalars category lightning-pinn writes.
 LAYOUT_CATEGORY = "lightning-pinn"
+
+
+_MASK_DELTA = 0xA282EAD8  # TFRecord's checksum mask: rotate right by 15 bits, add this constant
+
+
+def _masked_crc32c_in_c(data: bytes) -> int:
+    """TFRecord's masked CRC-32C of ``data``, computed by google-crc32c's C code."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def fast_event_checksums() -> bool:
+    """Make TensorBoard's event writer checksum its records in C; returns whether it does.
+
+    Without TensorFlow installed, TensorBoard computes the masked CRC-32C of every event record
+    in pure Python, in its writer thread but holding the GIL that training needs: measured here,
+    0.05 ms for a 2-term measurement's event and 3.3 ms for a 30-term one (36 kB, most of it the
+    435 pair cosines), against 1.5 µs for google-crc32c's C implementation of the same function.
+    The swap replaces one function of ``tensorboard.summary.writer.record_writer`` for the whole
+    process, once, and only when google-crc32c has its C implementation and agrees with
+    TensorBoard's own function on a sample; the bytes written are identical either way.
+    """
+    if google_crc32c is None:
+        return False
+    try:
+        from tensorboard.summary.writer import record_writer
+    except ImportError:
+        return False
+    current = record_writer.masked_crc32c
+    if current is _masked_crc32c_in_c:
+        return True
+    if google_crc32c.implementation != "c" or getattr(current, "__module__", "") != _PURE_PYTHON_CRC_MODULE:
+        return False  # no C code to gain, or someone else already replaced it: leave it alone
+    sample = bytes(range(256)) * 3 + b"lightning-pinn"
+    if current(sample) != _masked_crc32c_in_c(sample) or current(b"") != _masked_crc32c_in_c(b""):
+        return False
+    record_writer.masked_crc32c = _masked_crc32c_in_c
+    return True
+
+
+#: Where TensorBoard's pure-Python ``masked_crc32c`` lives (TensorFlow's stub).
+_PURE_PYTHON_CRC_MODULE = "tensorboard.compat.tensorflow_stub.pywrap_tensorflow"
 
 
 def dashboard_layout(prefix: str = "", logger_prefix: str = "", terms: Sequence[str] | None = None) -> dict[str, dict[str, list[Any]]]:

@@ -105,3 +105,8 @@ def test_wave_weights_script_writes_its_tables(tmp_path: Path) -> None:
 def test_gloo_exit_abort_script_counts_both_variants() -> None:
     out = _run("benchmarks/gloo_exit_abort.py", "--launches", "1")
     assert "without destroy_process_group(): " in out and "with    destroy_process_group(): " in out
+
+
+def test_many_terms_script_prints_one_row_per_k() -> None:
+    out = _run("benchmarks/many_terms.py", "--terms", "2", "3", "--rounds", "1", "--steps", "5")
+    assert "| 2 |" in out and "| 3 |" in out and "monitor-every-no-pairs" in out and "balancer-every" in out

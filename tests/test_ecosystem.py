@@ -680,3 +680,54 @@ def test_a_scheduler_under_manual_optimisation_is_not_warned_about() -> None:
         warnings.simplefilter("always")
         trainer.fit(ManualPlateau())
     assert not [w for w in caught if "checks about every" in str(w.message)]
+
+
+# ------------------------------------------------------------------ TensorBoard's event checksums in C
+def _event_records(folder: Path) -> bytes:
+    (events,) = folder.glob("events.out.tfevents.*")
+    return events.read_bytes()
+
+
+def _write_fixed_events(folder: Path) -> bytes:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(folder))
+    for step in range(5):
+        values = [Summary.Value(tag=f"grad_cosine/t{i}_vs_t{j}", simple_value=0.1 * i - 0.01 * j) for i in range(30) for j in range(i)]
+        writer._get_file_writer().add_summary(Summary(value=values), step, walltime=1000.0 + step)
+    writer.close()
+    data = _event_records(folder)
+    first = 8 + 4 + int.from_bytes(data[:8], "little") + 4  # the file-version record holds the creation time
+    return data[first:]
+
+
+def test_event_checksums_in_c_write_the_same_bytes_and_fits_use_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorboard.compat.tensorflow_stub import pywrap_tensorflow
+    from tensorboard.summary.writer import record_writer
+
+    from lightning_pinn.tensorboard import fast_event_checksums
+
+    monkeypatch.setattr(record_writer, "masked_crc32c", pywrap_tensorflow.masked_crc32c)  # TensorBoard's pure Python
+    pure = _write_fixed_events(tmp_path / "pure")
+    assert fast_event_checksums() and record_writer.masked_crc32c is not pywrap_tensorflow.masked_crc32c
+    assert _write_fixed_events(tmp_path / "c") == pure
+
+    # a fit with a TensorBoardLogger makes the swap, and TensorBoard (which checks every checksum) reads it
+    from lightning_pinn.callbacks import _base
+
+    monkeypatch.setattr(record_writer, "masked_crc32c", pywrap_tensorflow.masked_crc32c)
+    monkeypatch.setattr(_base, "_fast_checksums", [False])  # as in a fresh process
+    logger = TensorBoardLogger(str(tmp_path), name="fit")
+    make_trainer(4, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], logger=logger).fit(TwoTermPoisson())
+    assert record_writer.masked_crc32c is not pywrap_tensorflow.masked_crc32c
+    from tb import load_events
+
+    assert len(load_events(logger.log_dir).Scalars("grad_norm/pde")) == 4
+
+    # a checksum function someone else put there is left alone
+    def theirs(data: bytes) -> int:
+        return pywrap_tensorflow.masked_crc32c(data)
+
+    monkeypatch.setattr(record_writer, "masked_crc32c", theirs)
+    assert not fast_event_checksums() and record_writer.masked_crc32c is theirs

@@ -20,6 +20,7 @@ from lightning_pinn._lightning import LightningCallback, lightning_classes
 from lightning_pinn.alerts import FitWarnings, TermGradientWarning
 from lightning_pinn.engine import StepMeasurement, TermGradientEngine, TraceRequest
 from lightning_pinn.loss import MultiTermLoss
+from lightning_pinn.tensorboard import fast_event_checksums
 
 __all__ = [
     "PerTermCallback",
@@ -147,6 +148,9 @@ def _connector_metrics(trainer: pl.Trainer, kind: str) -> dict[str, Any]:
     return target if isinstance(target, dict) else getattr(trainer, f"{kind}_metrics")
 
 
+_fast_checksums = [False]  # whether fast_event_checksums() was tried in this process
+
+
 def _tensorboard_file_writer(logger: Any) -> Any | None:
     """The event-file writer behind a ``TensorBoardLogger``; ``None`` for any other logger.
 
@@ -154,7 +158,12 @@ def _tensorboard_file_writer(logger: Any) -> Any | None:
     ``log_metrics`` called like any other logger: writing around it would skip the user's code.
     """
     base = next((cls for cls in lightning_classes("loggers", "TensorBoardLogger") if isinstance(logger, cls)), None)
-    if base is None or type(logger).log_metrics is not base.log_metrics:
+    if base is None:
+        return None
+    if not _fast_checksums[0]:
+        _fast_checksums[0] = True
+        fast_event_checksums()  # once per process: TensorBoard's record checksums in C (same bytes)
+    if type(logger).log_metrics is not base.log_metrics:
         return None
     get_file_writer = getattr(logger.experiment, "_get_file_writer", None)
     return None if get_file_writer is None else get_file_writer()  # e.g. tensorboardX: the generic path

@@ -6,6 +6,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +231,7 @@ class GradientNormMonitor(PerTermCallback):
         self.history = History()
         self.diagnosis = MonitorDiagnosis()
         self._conflict_streak: dict[str, int] = {}
+        self._pair_keys: dict[tuple[str, str], str] = {}  # (a, b) -> "a_vs_b", built once per pair
         self._conflict_losses: dict[str, list[list[float]]] = {}  # per pair: its unweighted losses [L_a, L_b] per measurement
         self._conflict_active: dict[str, bool] = {}
         self._conflict_changes: dict[str, float] = {}
@@ -602,7 +604,7 @@ class GradientNormMonitor(PerTermCallback):
     def _track_conflicts(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
         diagnosis = self.diagnosis
         self._conflict_changes = {}  # this measurement's per-pair alarm starts (1) and ends (0)
-        index = report.terms.index
+        index = {term: i for i, term in enumerate(report.terms)}.__getitem__  # K² pairs: a dict, not tuple.index scans
         for a, b, *_ in [span for span in diagnosis.conflict_alarm_spans if span[3] is None]:
             # as for the ratio alarm: a term of the pair away longer than it ever was before
             # (dropped for good) ends the pair's alarm; a shorter absence leaves it as it is
@@ -610,20 +612,24 @@ class GradientNormMonitor(PerTermCallback):
             if gone:
                 why = f"'{gone[0]}' has been absent from the last {self._absent_for[gone[0]]} measurements"
                 self._end_conflict(trainer, a, b, step, why)
+        if report.cosines:
+            lowest_pair, lowest = min(report.cosines.items(), key=itemgetter(1))  # the first of equal minima
+            if diagnosis.min_cosine is None or lowest < diagnosis.min_cosine:
+                diagnosis.min_cosine, diagnosis.min_cosine_step, diagnosis.min_cosine_pair = lowest, step, lowest_pair
+        if self.cosine_threshold is None:
+            return any(self._conflict_active.values())
+        keys = self._pair_keys
         for (a, b), cosine in report.cosines.items():
-            if diagnosis.min_cosine is None or cosine < diagnosis.min_cosine:
-                diagnosis.min_cosine, diagnosis.min_cosine_step, diagnosis.min_cosine_pair = cosine, step, (a, b)
-            if self.cosine_threshold is None:
-                continue
-            key = f"{a}_vs_{b}"
-            weight_a, weight_b = report.weights[index(a)], report.weights[index(b)]
-            losses = [report.losses[index(a)], report.losses[index(b)]]
-            pair_loss = weight_a * losses[0] + weight_b * losses[1]
-            if cosine >= self.cosine_threshold:
-                self._conflict_streak[key] = 0
+            key = keys.get((a, b)) or keys.setdefault((a, b), f"{a}_vs_{b}")
+            if cosine >= self.cosine_threshold:  # the common case, kept cheap: K(K−1)/2 pairs a measurement
+                if self._conflict_streak.get(key):
+                    self._conflict_streak[key] = 0
                 if self._conflict_active.get(key):
                     self._end_conflict(trainer, a, b, step, f"cosine {cosine:.2f}")
                 continue
+            weight_a, weight_b = report.weights[index(a)], report.weights[index(b)]
+            losses = [report.losses[index(a)], report.losses[index(b)]]
+            pair_loss = weight_a * losses[0] + weight_b * losses[1]
             streak = self._conflict_streak.get(key, 0) + 1
             self._conflict_streak[key] = streak
             # the pair's weighted loss over the last `cosine_patience` measurements of the streak
