@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-try:
-    import google_crc32c
-except ImportError:  # a dependency, but the dashboard works without it (checksums in pure Python)
-    google_crc32c = None
-
 __all__ = [
     "LAYOUT_CATEGORY",
+    "c_crc32c",
     "dashboard_layout",
     "fast_event_checksums",
     "layout_written_by_others",
@@ -35,9 +32,23 @@ LAYOUT_CATEGORY = "lightning-pinn"
 _MASK_DELTA = 0xA282EAD8  # TFRecord's checksum mask: rotate right by 15 bits, add this constant
 
 
+def c_crc32c() -> Callable[[bytes], int] | None:
+    """google-crc32c's C function ``value`` (the CRC-32C of bytes), or ``None`` where it is not
+    installed or has no C build (its pure-Python fallback, which warns when imported, is slower
+    than TensorBoard's own and is not used)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # "using a pure python implementation"
+            import google_crc32c
+    except ImportError:  # a dependency, but the dashboard works without it
+        return None
+    return google_crc32c.value if getattr(google_crc32c, "implementation", None) == "c" else None
+
+
 def _masked_crc32c_in_c(data: bytes) -> int:
     """TFRecord's masked CRC-32C of ``data``, computed by google-crc32c's C code."""
-    crc = google_crc32c.value(data)
+    assert _crc32c_value is not None
+    crc = _crc32c_value(data)
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
@@ -52,8 +63,7 @@ def fast_event_checksums() -> bool:
     process, once, and only when google-crc32c has its C implementation and agrees with
     TensorBoard's own function on a sample; the bytes written are identical either way.
     """
-    if google_crc32c is None:
-        return False
+    global _crc32c_value
     try:
         from tensorboard.summary.writer import record_writer
     except ImportError:
@@ -61,8 +71,10 @@ def fast_event_checksums() -> bool:
     current = record_writer.masked_crc32c
     if current is _masked_crc32c_in_c:
         return True
-    if google_crc32c.implementation != "c" or getattr(current, "__module__", "") != _PURE_PYTHON_CRC_MODULE:
+    value = c_crc32c()
+    if value is None or getattr(current, "__module__", "") != _PURE_PYTHON_CRC_MODULE:
         return False  # no C code to gain, or someone else already replaced it: leave it alone
+    _crc32c_value = value
     sample = bytes(range(256)) * 3 + b"lightning-pinn"
     if current(sample) != _masked_crc32c_in_c(sample) or current(b"") != _masked_crc32c_in_c(b""):
         return False
@@ -72,6 +84,7 @@ def fast_event_checksums() -> bool:
 
 #: Where TensorBoard's pure-Python ``masked_crc32c`` lives (TensorFlow's stub).
 _PURE_PYTHON_CRC_MODULE = "tensorboard.compat.tensorflow_stub.pywrap_tensorflow"
+_crc32c_value: Callable[[bytes], int] | None = None  # google-crc32c's C function, once swapped in
 
 
 def dashboard_layout(prefix: str = "", logger_prefix: str = "", terms: Sequence[str] | None = None) -> dict[str, dict[str, list[Any]]]:
