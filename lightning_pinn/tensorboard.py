@@ -46,9 +46,10 @@ def c_crc32c() -> Callable[[bytes], int] | None:
 
 
 def _masked_crc32c_in_c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C of ``data``, computed by google-crc32c's C code."""
+    """TFRecord's masked CRC-32C of ``data`` (any bytes-like object, as TensorBoard's own function
+    takes), computed by google-crc32c's C code."""
     assert _crc32c_value is not None
-    crc = _crc32c_value(data)
+    crc = _crc32c_value(data if type(data) is bytes else bytes(data))
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 

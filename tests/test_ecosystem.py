@@ -717,6 +717,9 @@ def test_event_checksums_in_c_write_the_same_bytes_and_fits_use_them(tmp_path: P
     pure = _write_fixed_events(tmp_path / "pure")
     assert fast_event_checksums() and record_writer.masked_crc32c is not pywrap_tensorflow.masked_crc32c
     assert _write_fixed_events(tmp_path / "c") == pure
+    sample = bytes(range(256)) * 5
+    for data in (sample, bytearray(sample), memoryview(sample), b""):  # every bytes-like type TensorBoard's own takes
+        assert record_writer.masked_crc32c(data) == pywrap_tensorflow.masked_crc32c(data)
 
     # a fit with a TensorBoardLogger makes the swap, and TensorBoard (which checks every checksum) reads it
     from lightning_pinn.callbacks import _base
