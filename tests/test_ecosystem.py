@@ -722,10 +722,7 @@ def test_event_checksums_in_c_write_the_same_bytes_and_fits_use_them(tmp_path: P
         assert record_writer.masked_crc32c(data) == pywrap_tensorflow.masked_crc32c(data)
 
     # a fit with a TensorBoardLogger makes the swap, and TensorBoard (which checks every checksum) reads it
-    from lightning_pinn.callbacks import _base
-
     monkeypatch.setattr(record_writer, "masked_crc32c", pywrap_tensorflow.masked_crc32c)
-    monkeypatch.setattr(_base, "_fast_checksums", [False])  # as in a fresh process
     logger = TensorBoardLogger(str(tmp_path), name="fit")
     make_trainer(4, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], logger=logger).fit(TwoTermPoisson())
     assert record_writer.masked_crc32c is not pywrap_tensorflow.masked_crc32c

@@ -148,9 +148,6 @@ def _connector_metrics(trainer: pl.Trainer, kind: str) -> dict[str, Any]:
     return target if isinstance(target, dict) else getattr(trainer, f"{kind}_metrics")
 
 
-_fast_checksums = [False]  # whether fast_event_checksums() was tried in this process
-
-
 def _tensorboard_file_writer(logger: Any) -> Any | None:
     """The event-file writer behind a ``TensorBoardLogger``; ``None`` for any other logger.
 
@@ -158,12 +155,7 @@ def _tensorboard_file_writer(logger: Any) -> Any | None:
     ``log_metrics`` called like any other logger: writing around it would skip the user's code.
     """
     base = next((cls for cls in lightning_classes("loggers", "TensorBoardLogger") if isinstance(logger, cls)), None)
-    if base is None:
-        return None
-    if not _fast_checksums[0]:
-        _fast_checksums[0] = True
-        fast_event_checksums()  # once per process: TensorBoard's record checksums in C (same bytes)
-    if type(logger).log_metrics is not base.log_metrics:
+    if base is None or type(logger).log_metrics is not base.log_metrics:
         return None
     get_file_writer = getattr(logger.experiment, "_get_file_writer", None)
     return None if get_file_writer is None else get_file_writer()  # e.g. tensorboardX: the generic path
@@ -484,6 +476,8 @@ class PerTermCallback(LightningCallback):
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fit_warnings.new_fit()  # each fit shows its warnings, also one re-run with the same numbers
+        if tensorboard_loggers(trainer):
+            fast_event_checksums()  # TensorBoard's record checksums in C from now on (same bytes; a no-op once done)
         # Found here, not in setup(): Lightning runs the callbacks' setup before the module's own
         # setup() and configure_model(), where a user may still be building the network or the loss.
         self._loss_path, self._loss = find_multi_term_loss(pl_module, self.loss_module, type(self).__name__)
