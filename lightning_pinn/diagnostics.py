@@ -29,8 +29,32 @@ __all__ = ["GradientReport", "gradient_norms", "imbalance", "nearly_satisfied", 
 
 
 def gradient_norms(gradients: Tensor) -> Tensor:
-    """Row-wise Euclidean norms ``‖g_i‖₂`` of a ``(K, P)`` matrix of flattened gradients."""
-    return torch.linalg.vector_norm(gradients.to(torch.float64), dim=1)
+    """Row-wise Euclidean norms ``‖g_i‖₂`` of a ``(K, P)`` matrix of flattened gradients.
+
+    Computed in float64. A sum of squares overflows once entries pass ~1e154 (float64
+    gradients can), so such rows are recomputed scaled, ``‖g‖ = s·‖g/s‖`` with
+    ``s = max_j |g_j|``: only a gradient with a NaN or infinite entry has a non-finite norm.
+    """
+    return _norms_and_directions(gradients.to(torch.float64))[0]
+
+
+#: Above this, a squared norm or a product of two norms (the Gram matrix) may overflow float64.
+_OVERFLOW_RISK = 1e150
+
+
+def _norms_and_directions(grads: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(‖g_i‖, G', ‖g'_i‖)`` for float64 rows ``G``: ``G' = G`` unless a norm is large enough
+    for ``G Gᵀ`` (or the norm itself) to overflow; then each row is divided by its largest
+    entry, which leaves the cosines ``(G' G'ᵀ)_ab / (‖g'_a‖ ‖g'_b‖)`` unchanged."""
+    norms = torch.linalg.vector_norm(grads, dim=1)
+    if not grads.numel() or bool((norms <= _OVERFLOW_RISK).all()):
+        return norms, grads, norms  # the usual case (a NaN norm falls through to the check below)
+    entries_finite = torch.isfinite(grads).all(dim=1)
+    scale = grads.abs().amax(dim=1)
+    scale = torch.where(entries_finite & (scale > 0), scale, torch.ones_like(scale))
+    directions = grads / scale[:, None]
+    direction_norms = torch.linalg.vector_norm(directions, dim=1)
+    return torch.where(entries_finite, scale * direction_norms, norms), directions, direction_norms
 
 
 def imbalance(weighted_norms: list[float]) -> tuple[float, int, int] | None:
@@ -134,18 +158,19 @@ def summarize_gradients(
     """Compute norms, weighted norms, the imbalance ratio and pairwise cosines for one step.
 
     The norms and the Gram matrix ``G Gᵀ`` (for ``cos(g_a, g_b) = (G Gᵀ)_ab / (‖g_a‖ ‖g_b‖)``)
-    are moved to Python in one transfer. Absent terms (``present`` false) are left out. With
-    ``ratio_terms``, the imbalance ratio compares those terms only (e.g. to leave a small
-    regulariser out of it); everything else still covers every term.
+    are moved to Python in one transfer (rows scaled first where they could overflow float64).
+    Absent terms (``present`` false) are left out. With ``ratio_terms``, the imbalance ratio
+    compares those terms only (e.g. to leave a small regulariser out of it); everything else
+    still covers every term.
     """
     count = len(terms)
     is_present = [True] * count if present is None else [bool(v) for v in present.tolist()]
     did_reach = [True] * count if reached is None else [bool(v) for v in reached.tolist()]
-    grads = gradients.to(torch.float64)
-    norms_t = torch.linalg.vector_norm(grads, dim=1)
-    rows = torch.cat([norms_t[:, None], grads @ grads.T], dim=1).tolist()
+    norms_t, directions, direction_norms = _norms_and_directions(gradients.to(torch.float64))
+    rows = torch.cat([norms_t[:, None], direction_norms[:, None], directions @ directions.T], dim=1).tolist()
     norms = [row[0] if is_present[i] else math.nan for i, row in enumerate(rows)]
-    gram = [row[1:] for row in rows]
+    scaled_norms = [row[1] for row in rows]
+    gram = [row[2:] for row in rows]
     lambdas = weights.to(torch.float64).tolist()
     weighted = [(lam * norm if lam != 0 else 0.0) if is_present[i] else math.nan for i, (lam, norm) in enumerate(zip(lambdas, norms))]
     absent = tuple(name for name, here in zip(terms, is_present) if not here)
@@ -160,7 +185,7 @@ def summarize_gradients(
         for a in range(count):
             for b in range(a + 1, count):
                 if usable[a] and usable[b]:
-                    cosines[(terms[a], terms[b])] = max(-1.0, min(1.0, gram[a][b] / (norms[a] * norms[b])))
+                    cosines[(terms[a], terms[b])] = max(-1.0, min(1.0, gram[a][b] / (scaled_norms[a] * scaled_norms[b])))
     return GradientReport(
         terms=terms,
         losses=tuple(losses.tolist()),

@@ -206,12 +206,28 @@ class MultiTermLoss(nn.Module):
         before = self.lambdas
         super()._apply(fn, recurse)
         after = self.lambdas
+        if after.dtype != before.dtype and after.dtype not in (torch.float16, torch.bfloat16):
+            self._check_cast(before, after)
         if after.dtype in (torch.float16, torch.bfloat16):
             with torch.no_grad():  # the values before the cast, on the new device
                 self.lambdas = before.to(
                     device=after.device, dtype=torch.float32 if before.dtype in (torch.float16, torch.bfloat16) else before.dtype
                 )
         return self
+
+    def _check_cast(self, before: Tensor, after: Tensor) -> None:
+        """Refuse a cast of the λ buffer to a narrower dtype (float64 → float32) that turns a weight into inf or 0;
+        the buffer is restored first, so the loss keeps its weights."""
+        for name, value in zip(self._term_names, before.detach().cpu().tolist()):
+            stored = stored_as(value, after.dtype)
+            if stored is not None:
+                self.lambdas = before
+                smallest, largest = weight_range(after.dtype)
+                raise ValueError(
+                    f"MultiTermLoss: casting the weights to {after.dtype} would store the weight of term '{name}' "
+                    f"({value:g}) as {stored} ({after.dtype} holds [{smallest:.3g}, {largest:.3g}]). Keep the loss in "
+                    "float64, or bring that weight into range with set_weights before the cast."
+                )
 
     def warn_negative_loss(self, name: str, value: float, step: int | None = None, stacklevel: int = 2) -> None:
         """Warn, once per term, that term ``name``'s loss is negative.
@@ -464,6 +480,17 @@ class MultiTermLoss(nn.Module):
                     "this checkpoint's λ cannot be used (the file was edited or damaged, or saved after λ went bad). Load an "
                     f"earlier checkpoint; or remove '{prefix}lambdas' and '{prefix}_extra_state' from its state dict, load "
                     "it with strict=False and set the weights with set_weights."
+                )
+        dtype = self.lambdas.dtype
+        for name, value in zip(self._term_names, saved.detach().tolist()):
+            stored = stored_as(value, dtype)
+            if stored is not None:
+                smallest, largest = weight_range(dtype)
+                raise ValueError(
+                    f"MultiTermLoss: the checkpoint's weight of term '{name}' is {value:g}, which this loss's {dtype} weight "
+                    f"buffer would store as {stored} (it holds [{smallest:.3g}, {largest:.3g}]); the checkpoint was saved "
+                    "with wider weights (e.g. a precision='64-true' fit). Load it into a float64 loss (criterion.double() "
+                    "before loading, or the same precision as the fit that saved it)."
                 )
 
     def _warn_weights_by_position(self, saved: Any, prefix: str) -> None:

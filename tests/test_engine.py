@@ -12,7 +12,7 @@ from conftest import TwoTermPoisson, make_trainer
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.callbacks import GradientNormMonitor
-from lightning_pinn.diagnostics import imbalance, summarize_gradients
+from lightning_pinn.diagnostics import gradient_norms, imbalance, summarize_gradients
 from lightning_pinn.engine import TermGradientEngine
 
 
@@ -112,6 +112,25 @@ def test_summary_of_zero_and_nonfinite_gradients() -> None:
     assert report.cosines == {("a", "b"): pytest.approx(-1.0)}
     assert report.zero_terms == ("zero",) and report.nonfinite_terms == ("bad",)
     assert report.ratio == pytest.approx(2.0) and (report.largest, report.smallest) == ("b", "a")
+
+
+def test_norms_and_cosines_of_float64_gradients_near_the_top_of_the_range() -> None:
+    """A sum of squares overflowed for float64 entries above ~1e154: a finite gradient got an
+    infinite norm (reported as NaN/inf, grad_ratio NaN, every balancer update skipped)."""
+    big = torch.tensor([[3e200, -4e200, 0.0], [1.0, 2.0, 2.0], [3e160, 4e160, 0.0], [float("inf"), 1.0, 0.0]], dtype=torch.float64)
+    norms = gradient_norms(big)
+    assert norms[:3].tolist() == pytest.approx([5e200, 3.0, 5e160], rel=1e-12)
+    assert torch.isinf(norms[3])  # an infinite entry is still reported as such
+    report = summarize_gradients(("a", "b", "c", "bad"), torch.ones(4), torch.ones(4, dtype=torch.float64), big)
+    assert report.norms[:3] == pytest.approx((5e200, 3.0, 5e160), rel=1e-12)
+    assert report.nonfinite_terms == ("bad",)
+    assert report.ratio == pytest.approx(5e200 / 3.0, rel=1e-12)
+    assert report.cosines == {
+        ("a", "b"): pytest.approx((3 - 8) / 15, rel=1e-12),
+        ("a", "c"): pytest.approx((9 - 16) / 25, rel=1e-12),
+        ("b", "c"): pytest.approx((3 + 8) / 15, rel=1e-12),
+    }
+    assert gradient_norms(torch.tensor([[3.0, 4.0]])).tolist() == [5.0]  # the usual case, unchanged
 
 
 def _engine_for(model: TwoTermPoisson, **request: object) -> TermGradientEngine:

@@ -1708,3 +1708,28 @@ def test_other_ranks_show_no_warning_but_stop_where_rank_zero_does(monkeypatch: 
         warnings.simplefilter("error", LossBalanceWarning)
         with pytest.raises(LossBalanceWarning, match="rank zero only"):
             channel.warn("shown on rank zero only", LossBalanceWarning)
+
+
+class HugeBoundaryScale(TwoTermPoisson):
+    """A float64 model whose 'bc' residual is scaled by 1e100: finite gradients of ~1e200."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        residuals = self.residuals()
+        return self.criterion(pde=residuals["pde"], bc=1e100 * residuals["bc"])
+
+
+def test_finite_float64_gradients_beyond_1e154_are_measured_not_called_infinite() -> None:
+    torch.manual_seed(0)
+    model = HugeBoundaryScale().double()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=1)
+    trainer = make_trainer(3, [monitor, balancer])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
+    assert not [w for w in caught if "NaN or infinite" in str(w.message)]
+    metrics = trainer.callback_metrics
+    assert 1e190 < float(metrics["grad_norm/bc"]) < math.inf
+    assert math.isfinite(float(metrics["grad_ratio"]))
+    assert -1.0 <= float(metrics["grad_cosine/pde_vs_bc"]) <= 1.0
+    assert balancer.skipped_updates == 0 and balancer.num_updates == 3

@@ -12,6 +12,7 @@ import torch
 from conftest import TwoTermPoisson, make_trainer
 
 from lightning_pinn import MultiTermLoss
+from lightning_pinn.alerts import TermGradientWarning
 from lightning_pinn.callbacks import (
     GradNormBalancer,
     GradNormWeighting,
@@ -426,3 +427,33 @@ def test_a_loss_rule_resumed_from_a_checkpoint_without_its_measurement_count() -
     fresh = SoftAdaptBalancer()
     fresh.load_state_dict({"terms": ["pde", "bc"], "num_updates": 0, "previous": None})
     assert fresh._rule_measurements == 0
+
+
+class WithSatisfiedTerm(Unequal):
+    """``Unequal`` plus a third term that is exactly zero (a hard-constrained condition): zero gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.criterion = MultiTermLoss(pde=1.0, bc=1.0, exact=1.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        residuals = self.residuals()
+        u = self.net(self.x)
+        return self.criterion(pde=residuals["pde"], bc=1e-3 * (u - 1), exact=0.0 * u)
+
+
+def test_gradnorm_weighting_leaves_a_zero_gradient_term_out_and_keeps_its_weight() -> None:
+    # The term with a zero gradient keeps λ = 1 and takes no share of Σw = K: the other terms'
+    # weights follow exactly the fit without it (before the fix, λ_exact drifted up and took
+    # its share from the others).
+    torch.manual_seed(0)
+    with_zero = WithSatisfiedTerm()
+    torch.manual_seed(0)
+    without = Unequal()
+    with pytest.warns(TermGradientWarning, match="'exact' has a zero gradient norm"):
+        make_trainer(30, [GradNormWeighting(learning_rate=0.05)]).fit(with_zero)
+    _fit(GradNormWeighting(learning_rate=0.05), model=without)
+    assert with_zero.criterion.weights["exact"] == 1.0
+    assert without.criterion.weights["bc"] > 1.5  # the rule did move the weights
+    for term in ("pde", "bc"):
+        assert with_zero.criterion.weights[term] == pytest.approx(without.criterion.weights[term], rel=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -846,6 +847,27 @@ def test_a_checkpoint_with_a_bad_weight_is_refused_naming_the_term(tmp_path: Pat
         torch.save(saved, path)
         with pytest.raises(ValueError, match="checkpoint's weight of term 'bc'"):
             make_trainer(4, [GradNormBalancer(every_n_steps=1)]).fit(TwoTermPoisson(), ckpt_path=str(path))
+
+
+@pytest.mark.parametrize(("wide", "stored"), [(1e300, "inf"), (1e-300, "0")])
+def test_a_float64_weight_a_float32_loss_cannot_hold_is_refused_at_load_and_cast(wide: float, stored: str) -> None:
+    """A float64 λ (a precision="64-true" fit's) outside float32's range was loaded into a float32
+    loss, or cast with .float(), as inf or 0 without a word; the next fit's parameters went NaN."""
+    source = MultiTermLoss(pde=1.0, bc=1.0).double()
+    source.set_weights({"bc": wide})
+    target = MultiTermLoss(pde=1.0, bc=2.0)
+    with pytest.raises(
+        ValueError, match=rf"weight of term 'bc' is {re.escape(f'{wide:g}')}.*float32 weight buffer would store as {stored}.*double"
+    ):
+        target.load_state_dict(source.state_dict())
+    assert target.weights == {"pde": 1.0, "bc": 2.0}  # a refused load changes nothing
+    with pytest.raises(ValueError, match=rf"casting the weights to torch.float32 would store the weight of term 'bc'.*as {stored}"):
+        source.float()
+    assert source.lambdas.dtype == torch.float64 and source.weights["bc"] == wide  # the loss keeps its weights
+    fine = MultiTermLoss(pde=1.0, bc=1.0).double()
+    fine.set_weights({"bc": 1e30})
+    assert fine.float().weights["bc"] == pytest.approx(1e30, rel=1e-6)  # within float32's range: cast as before
+    MultiTermLoss(pde=1.0, bc=1.0).load_state_dict(fine.double().state_dict())
 
 
 def test_sampled_ntk_traces_resume_exactly_from_a_checkpoint_written_mid_step(tmp_path: Path) -> None:

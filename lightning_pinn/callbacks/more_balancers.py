@@ -468,7 +468,9 @@ class GradNormWeighting(_TrainedWeights):
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
         present = measurement.present.tolist()
         self._initial_losses = _first_seen(self._initial_losses, self._losses, present)
-        terms = _comparable(present, self._initial_losses)
+        # a term with a zero gradient norm is left out, as by the other gradient rules: it keeps its λ
+        # (a hard-constrained or exactly satisfied term must not take a share of Σw = K)
+        terms = [i for i in _comparable(present, self._initial_losses) if values[i] > 0]
         trained = [i for i in terms if self._adaptive[i]]
         if len(terms) < 2 or not trained:
             return None
@@ -485,7 +487,7 @@ class GradNormWeighting(_TrainedWeights):
             if len(trained) == len(terms):  # Σ w = K over the terms it saw (with fixed terms, their λ anchor the scale)
                 weights[trained] = weights[trained] * (before[trained].sum() / weights[trained].sum())
             weights[trained] = weights[trained].clamp(min=self.min_weight, max=self.max_weight)  # w stays where λ is clamped
-        new = weights.tolist()
+        new = _scatter(len(values), trained, weights[trained].tolist())  # nan: the other terms keep their λ
         return new, new
 
     def _reset_fit_state(self) -> None:
