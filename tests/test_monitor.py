@@ -962,6 +962,44 @@ def test_a_resumed_fit_logs_no_second_weight_point_at_the_resume_step(tmp_path: 
     assert (steps, values) == whole[0].history["weight/bc"]  # the same points as the uninterrupted fit
 
 
+def test_a_fit_resumed_from_lightnings_own_end_of_fit_checkpoint_logs_no_second_weight_point(tmp_path: Path) -> None:
+    """The fit's last update, off the logging cadence, was logged at on_train_end, after Lightning's
+    ModelCheckpoint had saved the state with that update still pending: the resumed fit logged the
+    same λ at the resume step again (weight/bc at steps [0, 1, 8, 10, 10, 15, 20])."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from lightning_pinn.callbacks import GradNormBalancer
+    from lightning_pinn.report import read_history
+
+    def fit(steps: int, folder: str, ckpt: Path | None = None) -> None:
+        torch.manual_seed(0)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path / folder / "ckpt")
+        trainer = make_trainer(
+            steps,
+            [GradNormBalancer(every_n_steps=1), checkpoints],
+            logger=TensorBoardLogger(str(tmp_path), name=folder, version=0),
+            log_every_n_steps=7,
+            enable_checkpointing=True,
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(TwoTermPoisson(), ckpt_path=ckpt)
+
+    fit(20, "whole")
+    fit(10, "parts")
+    fit(20, "parts", tmp_path / "parts" / "ckpt" / "epoch=0-step=10.ckpt")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    whole, _ = read_history(tmp_path / "whole" / "version_0")["weight/bc"]
+    parts = []  # each event file on its own: TensorBoard's reader drops a series' points at a step it sees again
+    for events in sorted((tmp_path / "parts" / "version_0").glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        parts += [event.step for event in accumulator.Scalars("weight/bc")]
+    assert len(parts) == len(set(parts)), parts
+    assert sorted(parts) == sorted({*whole, 10})  # the uninterrupted fit's points, plus the first part's last λ
+
+
 @pytest.mark.parametrize("version", [0, 1])
 def test_a_resume_into_a_new_version_folder_starts_its_weight_series_at_the_resume_step(tmp_path: Path, version: int) -> None:
     # the λ in force at the checkpoint was logged in version 0 (log_every_n_steps=1); a resume

@@ -54,6 +54,22 @@ def _logged_weights(metrics: Mapping[str, float]) -> dict[str, float]:
     return {tag.removeprefix("weight/"): value for tag, value in metrics.items() if tag.startswith("weight/")}
 
 
+def _last_batch_of_fit(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether the fit stops after this batch by ``max_steps`` or ``max_epochs`` (a stop by
+    ``max_time`` or a callback is known only later)."""
+    if trainer.max_steps is not None and trainer.max_steps >= 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    batches = trainer.num_training_batches
+    return (
+        max_epochs is not None
+        and max_epochs >= 0
+        and trainer.current_epoch + 1 >= max_epochs
+        and isinstance(batches, int)
+        and batch_idx + 1 >= batches
+    )
+
+
 def _owning(balancer: WeightBalancer, terms: list[str]) -> str:
     """How ``balancer`` is told to change only ``terms`` (a schedule changes the terms it lists)."""
     if balancer._scheduled:
@@ -149,6 +165,7 @@ class WeightBalancer(PerTermCallback):
         self._resumed_log_dir: str | None = None
         self._skip_start_log = False
         self._unlogged: tuple[int, int, dict[str, float], dict[str, float]] | None = None  # (step, applied step, measured, applied)
+        self._final_update_logged_at: int | None = None  # applied step of the fit's last update, logged off the cadence
         self._applied_step = 0  # the step from which the weights of the latest measurement apply
         self._weight_terms: list[str] = []  # the weight/<term> series this balancer writes
 
@@ -219,7 +236,7 @@ class WeightBalancer(PerTermCallback):
             # λ in force at this step (on_train_end), so the start needs no second point here
             # (unless the weights were changed by hand in between, e.g. with set_weights)
             weights = self.criterion.weights
-            self._skip_start_log = self._last_logged_step == trainer.global_step and all(
+            self._skip_start_log = trainer.global_step in (self._last_logged_step, self._final_update_logged_at) and all(
                 weights.get(name) == value for name, value in self._last_logged_weights.items()
             )
         else:
@@ -230,6 +247,7 @@ class WeightBalancer(PerTermCallback):
             self._last_logged_step, self._skip_start_log = resumed_step, resumed_in_force and same_folder
         self._resumed_log_dir = None
         self._unlogged = None
+        self._final_update_logged_at = None
         for name in list(self.terms or []) + ([self.reference] if self.reference is not None else []):
             if name not in names:
                 argument = "reference" if name == self.reference and name not in (self.terms or []) else self._terms_argument
@@ -412,6 +430,18 @@ class WeightBalancer(PerTermCallback):
             for callback in callbacks_on_loss(trainer, self._loss):
                 if isinstance(callback, GradientNormMonitor):
                     callback.history.add(weights, step)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._unlogged is not None and _last_batch_of_fit(trainer, batch_idx):
+            # The fit's last update is logged now rather than at on_train_end: Lightning's checkpoint
+            # callbacks run after this one and save the state of the fit's end, and a fit resumed from
+            # that checkpoint must know that the λ in force were logged (no second point at its start).
+            # This extra point does not move the logging cadence, so a resumed fit logs at the steps
+            # an uninterrupted one would.
+            cadence = self._last_logged_step
+            self._log_unlogged(trainer)
+            self._final_update_logged_at, self._last_logged_step = self._last_logged_step, cadence
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the last update is always logged, before a monitor writes its report (on_fit_end)
