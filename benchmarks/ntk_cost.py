@@ -18,7 +18,7 @@
    fresh process (growth of the resident-set high-water mark during the computation), beside
    one plain backward of the same graph for scale.
 
-    python benchmarks/ntk_cost.py                                  # everything, ~3 min on 2 idle cores
+    python benchmarks/ntk_cost.py                                  # everything, ~2 min on 2 idle cores
     python benchmarks/ntk_cost.py --points 128 --memory-points 128 1024
     python benchmarks/ntk_cost.py --points --memory-points --widths 32 128 500   # only the widths table
     python benchmarks/ntk_cost.py --cuda-memory-points 128 1024 4096 10000   # only the CUDA memory table (GPU)
