@@ -17,8 +17,8 @@ import numbers
 import re
 import unicodedata
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -90,17 +90,32 @@ def stored_as(value: float, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _check_representable(names: Sequence[str], values: Sequence[float], dtype: torch.dtype, argument: str) -> None:
-    """Refuse weights that the weight buffer's dtype would turn into inf (or a positive one into 0)."""
-    for name, value in zip(names, values):
+_Label = TypeVar("_Label")
+
+
+def first_unrepresentable(labelled: Iterable[tuple[_Label, float]], dtype: torch.dtype) -> tuple[_Label, float, str, str] | None:
+    """The first ``(label, value)`` that a weight buffer of ``dtype`` would store as inf or 0, as
+    ``(label, value, what it would store, the range it holds)``; ``None`` if it holds them all.
+    The one check behind every "stored as inf/0" error (weights given, loaded, cast; clamp bounds;
+    schedules), each of which names its own cause and fix."""
+    for label, value in labelled:
         stored = stored_as(value, dtype)
         if stored is not None:
             smallest, largest = weight_range(dtype)
-            raise ValueError(
-                f"{argument}: weight of term '{name}' is {value:g}, which a {dtype} weight buffer stores as "
-                f"{stored}. Use a weight within [{smallest:.3g}, {largest:.3g}] "
-                "(rescale the term's residual instead), or keep the weights in float64 with criterion.double()."
-            )
+            return label, value, stored, f"[{smallest:.3g}, {largest:.3g}]"
+    return None
+
+
+def _check_representable(names: Sequence[str], values: Sequence[float], dtype: torch.dtype, argument: str) -> None:
+    """Refuse weights that the weight buffer's dtype would turn into inf (or a positive one into 0)."""
+    found = first_unrepresentable(zip(names, values), dtype)
+    if found is not None:
+        name, value, stored, held = found
+        raise ValueError(
+            f"{argument}: weight of term '{name}' is {value:g}, which a {dtype} weight buffer stores as "
+            f"{stored}. Use a weight within {held} "
+            "(rescale the term's residual instead), or keep the weights in float64 with criterion.double()."
+        )
 
 
 def _check_term_name(name: str) -> None:
@@ -218,16 +233,15 @@ class MultiTermLoss(nn.Module):
     def _check_cast(self, before: Tensor, after: Tensor) -> None:
         """Refuse a cast of the λ buffer to a narrower dtype (float64 → float32) that turns a weight into inf or 0;
         the buffer is restored first, so the loss keeps its weights."""
-        for name, value in zip(self._term_names, before.detach().cpu().tolist()):
-            stored = stored_as(value, after.dtype)
-            if stored is not None:
-                self.lambdas = before
-                smallest, largest = weight_range(after.dtype)
-                raise ValueError(
-                    f"MultiTermLoss: casting the weights to {after.dtype} would store the weight of term '{name}' "
-                    f"({value:g}) as {stored} ({after.dtype} holds [{smallest:.3g}, {largest:.3g}]). Keep the loss in "
-                    "float64, or bring that weight into range with set_weights before the cast."
-                )
+        found = first_unrepresentable(zip(self._term_names, before.detach().cpu().tolist()), after.dtype)
+        if found is not None:
+            self.lambdas = before
+            name, value, stored, held = found
+            raise ValueError(
+                f"MultiTermLoss: casting the weights to {after.dtype} would store the weight of term '{name}' "
+                f"({value:g}) as {stored} ({after.dtype} holds {held}). Keep the loss in "
+                "float64, or bring that weight into range with set_weights before the cast."
+            )
 
     def warn_negative_loss(self, name: str, value: float, step: int | None = None, stacklevel: int = 2) -> None:
         """Warn, once per term, that term ``name``'s loss is negative.
@@ -482,16 +496,15 @@ class MultiTermLoss(nn.Module):
                     "it with strict=False and set the weights with set_weights."
                 )
         dtype = self.lambdas.dtype
-        for name, value in zip(self._term_names, saved.detach().tolist()):
-            stored = stored_as(value, dtype)
-            if stored is not None:
-                smallest, largest = weight_range(dtype)
-                raise ValueError(
-                    f"MultiTermLoss: the checkpoint's weight of term '{name}' is {value:g}, which this loss's {dtype} weight "
-                    f"buffer would store as {stored} (it holds [{smallest:.3g}, {largest:.3g}]); the checkpoint was saved "
-                    "with wider weights (e.g. a precision='64-true' fit). Load it into a float64 loss (criterion.double() "
-                    "before loading, or the same precision as the fit that saved it)."
-                )
+        found = first_unrepresentable(zip(self._term_names, saved.detach().tolist()), dtype)
+        if found is not None:
+            name, value, stored, held = found
+            raise ValueError(
+                f"MultiTermLoss: the checkpoint's weight of term '{name}' is {value:g}, which this loss's {dtype} weight "
+                f"buffer would store as {stored} (it holds {held}); the checkpoint was saved "
+                "with wider weights (e.g. a precision='64-true' fit). Load it into a float64 loss (criterion.double() "
+                "before loading, or the same precision as the fit that saved it)."
+            )
 
     def _warn_weights_by_position(self, saved: Any, prefix: str) -> None:
         """A state dict with the weights but without the term names (filtered by hand, then loaded

@@ -19,7 +19,7 @@ from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, is_integer, publish, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms, nearly_satisfied
 from lightning_pinn.engine import StepMeasurement, TraceRequest, untraceable_term_error
-from lightning_pinn.loss import stored_as, weight_range
+from lightning_pinn.loss import first_unrepresentable
 from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
 
 __all__ = ["WeightBalancer", "GradNormBalancer", "NTKBalancer"]
@@ -277,15 +277,15 @@ class WeightBalancer(PerTermCallback):
 
     def _check_representable(self, dtype: torch.dtype) -> None:
         """Refuse a clamp bound that the weight buffer would store as 0 or inf (λ would then be 0 or inf)."""
-        for argument, value in (("min_weight", self.min_weight), ("max_weight", self.max_weight)):
-            stored = stored_as(value, dtype)  # both bounds are > 0 (checked in __init__)
-            if stored is not None:
-                smallest, largest = weight_range(dtype)
-                raise ValueError(
-                    f"{type(self).__name__}: {argument}={value:g} is stored as {stored} by the loss's "
-                    f"{dtype} weight buffer. Use a value within [{smallest:.3g}, {largest:.3g}], or keep the weights in "
-                    "float64 with criterion.double()."
-                )
+        # both bounds are > 0 (checked in __init__)
+        found = first_unrepresentable((("min_weight", self.min_weight), ("max_weight", self.max_weight)), dtype)
+        if found is not None:
+            argument, value, stored, held = found
+            raise ValueError(
+                f"{type(self).__name__}: {argument}={value:g} is stored as {stored} by the loss's "
+                f"{dtype} weight buffer. Use a value within {held}, or keep the weights in "
+                "float64 with criterion.double()."
+            )
 
     def _check_no_other_balancer_owns_my_terms(self, trainer: pl.Trainer, names: tuple[str, ...]) -> None:
         mine = {name for name, adaptive in zip(names, self._adaptive) if adaptive}
@@ -439,9 +439,7 @@ class WeightBalancer(PerTermCallback):
             # that checkpoint must know that the λ in force were logged (no second point at its start).
             # This extra point does not move the logging cadence, so a resumed fit logs at the steps
             # an uninterrupted one would.
-            cadence = self._last_logged_step
-            self._log_unlogged(trainer)
-            self._final_update_logged_at, self._last_logged_step = self._last_logged_step, cadence
+            self._log_unlogged(trainer, off_cadence=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the last update is always logged, before a monitor writes its report (on_fit_end)
@@ -454,12 +452,18 @@ class WeightBalancer(PerTermCallback):
         except Exception:  # noqa: BLE001 - best effort: the fit's own exception is the one to see
             self._warn(f"{type(self).__name__}: could not log the last weight update after the fit failed.")
 
-    def _log_unlogged(self, trainer: pl.Trainer) -> None:
+    def _log_unlogged(self, trainer: pl.Trainer, off_cadence: bool = False) -> None:
+        """Log the update held back by the logging cadence, if any; ``off_cadence``: as an extra
+        point that leaves the cadence where it was (the fit's last update, logged at its last batch)."""
         if self._unlogged is not None:
             step, applied_step, measured, applied = self._unlogged
             self._log_scalars(trainer, measured, step)
             self._log_scalars(trainer, applied, applied_step)
-            self._last_logged_step, self._unlogged = applied_step, None
+            if off_cadence:
+                self._final_update_logged_at = applied_step
+            else:
+                self._last_logged_step = applied_step
+            self._unlogged = None
             self._last_logged_weights = _logged_weights(applied)
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:

@@ -20,7 +20,7 @@ from lightning_pinn.callbacks._base import is_integer
 from lightning_pinn.callbacks.balancers import WeightBalancer, _check_number
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest
-from lightning_pinn.loss import stored_as, weight_range
+from lightning_pinn.loss import first_unrepresentable
 from lightning_pinn.rules import gradnorm_objective, lr_annealing_weights, relobralo_weights, softadapt_weights, uncertainty_objective
 
 __all__ = ["SoftAdaptBalancer", "ReLoBRaLoBalancer", "LRAnnealingBalancer", "GradNormWeighting", "UncertaintyWeighting", "WeightSchedule"]
@@ -654,16 +654,15 @@ class WeightSchedule(WeightBalancer):
         return value  # the schedule is the user's explicit choice; it was validated at construction
 
     def _check_representable(self, dtype: torch.dtype) -> None:
-        for term, pairs in self.schedule.items():
-            for step, weight in pairs:
-                stored = stored_as(weight, dtype)
-                if stored is not None:
-                    smallest, largest = weight_range(dtype)
-                    raise ValueError(
-                        f"WeightSchedule(schedule=...): weight {weight:g} at step {step} of term '{term}' is stored as "
-                        f"{stored} by the loss's {dtype} weight buffer. Use weights within "
-                        f"[{smallest:.3g}, {largest:.3g}] (or 0), or keep the weights in float64 with criterion.double()."
-                    )
+        entries = (((term, step), weight) for term, pairs in self.schedule.items() for step, weight in pairs)
+        found = first_unrepresentable(entries, dtype)
+        if found is not None:
+            (term, step), weight, stored, held = found
+            raise ValueError(
+                f"WeightSchedule(schedule=...): weight {weight:g} at step {step} of term '{term}' is stored as "
+                f"{stored} by the loss's {dtype} weight buffer. Use weights within "
+                f"{held} (or 0), or keep the weights in float64 with criterion.double()."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.criterion.set_weights({term: self.weight_at(term, trainer.global_step) for term in self.schedule})
