@@ -79,7 +79,7 @@ def _build(run: Run) -> tuple[Any, list[Any]]:
 
     options = dict(run.options)
     if run.problem == "helmholtz":
-        model = Helmholtz2D(lr_decay=0.9, steps_per_epoch=run.steps)
+        model = Helmholtz2D(network=options.get("network", "mlp"), lr_decay=0.9, steps_per_epoch=run.steps)
     elif run.problem == "wave":
         width = options.get("width", 128)
         model = Wave1D(
@@ -186,6 +186,18 @@ def main() -> None:
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="Helmholtz and wave seeds; the harmonic IVP always adds seeds 0-4"
     )
     parser.add_argument("--helmholtz-steps", type=int, default=40001)
+    parser.add_argument(
+        "--helmholtz-network",
+        default="mlp",
+        choices=["mlp", "modified"],
+        help="plain tanh MLP (the paper's M1/M2, default) or its improved architecture (ModifiedMLP: M3/M4)",
+    )
+    parser.add_argument(
+        "--helmholtz-methods",
+        nargs="+",
+        default=["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing", "lr-annealing-code"],
+        choices=["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing", "lr-annealing-code"],
+    )
     parser.add_argument("--wave-steps", type=int, default=20000)
     parser.add_argument("--wave-width", type=int, default=128)
     parser.add_argument(
@@ -210,17 +222,15 @@ def main() -> None:
     command = "python benchmarks/papers.py " + " ".join(sys.argv[1:])
     plans: dict[str, tuple[list[Run], list[str], str]] = {}
     if "helmholtz" in args.problems:
-        methods = ["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing", "lr-annealing-code"]
+        methods = list(args.helmholtz_methods)
+        options = (("network", args.helmholtz_network),)
         runs = [
-            Run("helmholtz", m, s, args.helmholtz_steps, eval_every=1000, progress_every=args.progress_every)
+            Run("helmholtz", m, s, args.helmholtz_steps, options, eval_every=1000, progress_every=args.progress_every)
             for m in methods
             for s in args.seeds
         ]
-        plans["helmholtz"] = (
-            runs,
-            methods,
-            f"2D Helmholtz (Wang, Teng & Perdikaris 2021), 2-50-50-50-1 tanh, {args.helmholtz_steps} steps",
-        )
+        network = "2-50-50-50-1 tanh" if args.helmholtz_network == "mlp" else "ModifiedMLP 2-50-50-50-1 tanh (the paper's M3/M4 network)"
+        plans["helmholtz"] = (runs, methods, f"2D Helmholtz (Wang, Teng & Perdikaris 2021), {network}, {args.helmholtz_steps} steps")
     if "wave" in args.problems:
         methods = list(args.wave_methods)
         options = (("width", args.wave_width),) + ((("raw_inputs", True),) if args.wave_inputs == "raw" else ())
@@ -255,14 +265,16 @@ def main() -> None:
             f"## {title}\n\n`{command.strip()}` on {time.strftime('%Y-%m-%d')}; {machine}; seeds {' '.join(map(str, seeds))}; "
             f"wall time {time.perf_counter() - started:.0f} s.\n\n{text}\n"
         )
-        (args.sections_dir / f"papers_{problem}.md").write_text(section)
+        name = "helmholtz_modified" if problem == "helmholtz" and args.helmholtz_network == "modified" else problem
+        (args.sections_dir / f"papers_{name}.md").write_text(section)
     write_results(args.output, args.sections_dir)
     print(f"\nwrote {args.output}")
 
 
 def write_results(output: Path, sections_dir: Path) -> None:
     """Assemble RESULTS.md from the latest section of each problem (``results/papers_<problem>.md``)."""
-    sections = [path.read_text() for problem in PROBLEMS if (path := sections_dir / f"papers_{problem}.md").exists()]
+    names = [name for problem in PROBLEMS for name in ([problem, "helmholtz_modified"] if problem == "helmholtz" else [problem])]
+    sections = [path.read_text() for name in names if (path := sections_dir / f"papers_{name}.md").exists()]
     header = (
         "# Benchmark results: the papers' problems\n\n"
         "Written by `benchmarks/papers.py` (each section names the command that produced it). Relative L² error of "

@@ -24,7 +24,7 @@ from torch import Tensor
 from lightning_pinn._checks import check_finite, check_flag, check_hidden, check_points, like
 from lightning_pinn.autodiff import laplacian
 from lightning_pinn.module import PINNModule
-from lightning_pinn.nn import mlp
+from lightning_pinn.nn import ModifiedMLP, mlp
 
 __all__ = ["Helmholtz2D"]
 
@@ -47,6 +47,8 @@ class Helmholtz2D(PINNModule):
         bc_weight: Initial λ_bc.
         edge_loss: ``"sum"`` (the paper) or ``"mean"`` of the four edge losses.
         standardize_inputs: Feed the network ``x/σ`` with σ = 1/√3 (the paper's code).
+        network: ``"mlp"`` (a plain tanh MLP, Xavier init: the paper's M1/M2) or ``"modified"``
+            (:class:`~lightning_pinn.nn.ModifiedMLP`, the paper's improved architecture: M3/M4).
         learning_rate: Adam's learning rate (paper: 1e-3, decayed by 0.9 every 1000 steps).
         **kwargs: Passed to :class:`~lightning_pinn.PINNModule` (e.g. ``lr_decay=0.9``).
     """
@@ -63,10 +65,13 @@ class Helmholtz2D(PINNModule):
         learning_rate: float = 1e-3,
         edge_loss: str = "sum",
         standardize_inputs: bool = True,
+        network: str = "mlp",
         **kwargs: Any,
     ) -> None:
         if edge_loss not in ("sum", "mean"):
             raise ValueError(f"Helmholtz2D: edge_loss must be 'sum' (the paper) or 'mean', got {edge_loss!r}.")
+        if network not in ("mlp", "modified"):
+            raise ValueError(f"Helmholtz2D: network must be 'mlp' (the paper's M1/M2) or 'modified' (M3/M4), got {network!r}.")
         owner = type(self).__name__
         k, a1, a2 = (check_finite(owner, name, value) for name, value in (("k", k), ("a1", a1), ("a2", a2)))
         for name, value in (("a1", a1), ("a2", a2)):
@@ -82,7 +87,8 @@ class Helmholtz2D(PINNModule):
         self.edge_loss, self.standardize_inputs = edge_loss, check_flag(owner, "standardize_inputs", standardize_inputs)
         self.k, self.a1, self.a2 = k, a1, a2
         self.residual_points, self.edge_points = residual_points, edge_points
-        self.net = mlp(2, hidden, 1, init="xavier")
+        self.network = network
+        self.net = mlp(2, hidden, 1, init="xavier") if network == "mlp" else ModifiedMLP(2, hidden, 1, init="xavier")
 
     def u(self, xy: Tensor) -> Tensor:
         """The network's solution at ``xy`` (shape ``(N, 2)``), with the input standardisation."""
@@ -97,14 +103,14 @@ class Helmholtz2D(PINNModule):
         return (self.k**2 - (self.a1**2 + self.a2**2) * math.pi**2) * self.exact(xy)
 
     def _boundary(self) -> Tensor:
-        factory = like(self.net[0].weight)  # the network's device and dtype (float64 after precision='64-true')
+        factory = like(next(self.net.parameters()))  # the network's device and dtype (float64 after precision='64-true')
         n = self.edge_points
         s = 2 * torch.rand(n, 1, **factory) - 1
         one = torch.ones(n, 1, **factory)
         return torch.cat([torch.cat([s, -one], 1), torch.cat([s, one], 1), torch.cat([-one, s], 1), torch.cat([one, s], 1)])
 
     def residuals(self, batch: Any) -> dict[str, Tensor]:
-        factory = like(self.net[0].weight)  # the network's device and dtype (float64 after precision='64-true')
+        factory = like(next(self.net.parameters()))  # the network's device and dtype (float64 after precision='64-true')
         xy = (2 * torch.rand(self.residual_points, 2, **factory) - 1).requires_grad_(True)
         u = self.u(xy)
         r_pde = laplacian(u, xy) + self.k**2 * u - self.source(xy)
@@ -114,7 +120,7 @@ class Helmholtz2D(PINNModule):
     @torch.no_grad()
     def relative_l2_error(self, grid: int = 100) -> float:
         """Relative L² error on a ``grid × grid`` uniform grid of [−1, 1]²."""
-        factory = like(self.net[0].weight)  # the network's device and dtype (float64 after precision='64-true')
+        factory = like(next(self.net.parameters()))  # the network's device and dtype (float64 after precision='64-true')
         axis = torch.linspace(-1, 1, grid, **factory)
         xy = torch.cartesian_prod(axis, axis)
         exact = self.exact(xy)
