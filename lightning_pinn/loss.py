@@ -206,7 +206,6 @@ class MultiTermLoss(nn.Module):
         self._term_set = frozenset(self._term_names)
         self._sign_checked: set[str] = set()  # 0-dim terms already checked for a negative value
         self._negative_warned: set[str] = set()  # terms already warned about a negative loss
-        self._constant_warned: set[str] = set()  # terms already warned about not requiring grad
         self.register_buffer("lambdas", torch.tensor(values, dtype=torch.float32))
         self._last: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
         self._engine: TermGradientEngine | None = None
@@ -400,37 +399,37 @@ class MultiTermLoss(nn.Module):
         return residual
 
     def _check_requires_grad(self, ordered: list[Tensor | None]) -> None:
-        """With grad enabled, a term that does not require grad trains nothing in this call.
+        """With grad enabled, every term given must require grad: one that does not trains nothing.
 
-        If no term requires grad, nothing can train: an error naming them. If others do, the
-        term is added as a constant, as in a plain ``Σ λ_i L_i`` (e.g. a data term on the network
-        while Lightning's ``toggle_optimizer`` has frozen the network to train a PDE coefficient),
-        with a warning naming it, once per term: it may as well have been detached by mistake.
+        An error naming the term(s), raised before the total is formed (issue contract: "a
+        residual that does not require grad" is bad input). Such a term was computed under
+        ``torch.no_grad()``, detached, or depends only on frozen parameters. Where the freezing
+        is deliberate for one call (Lightning's ``toggle_optimizer`` with one optimizer per
+        parameter group, so a data term on the network is constant while a PDE coefficient
+        trains), the term is absent from that call: pass it as ``None`` there.
         """
         constant = [name for name, r in zip(self._term_names, ordered) if r is not None and not r.requires_grad]
         if not constant:
             return
+        listed = ", ".join(f"'{name}'" for name in constant)
+        causes = (
+            "computed under torch.no_grad(), detached with .detach()/.item()/.numpy(), or depend(s) only on frozen "
+            "parameters (requires_grad=False)"
+        )
         if len(constant) == sum(r is not None for r in ordered):
-            listed = ", ".join(f"'{name}'" for name in constant)
             raise ValueError(
                 f"MultiTermLoss: no term requires grad (term(s) {listed}), so the loss cannot train the network. They were "
-                "computed under torch.no_grad(), detached with .detach()/.item()/.numpy(), or depend only on frozen "
-                "parameters (requires_grad=False); compute them from the trainable network's output with torch operations."
+                f"{causes}; compute them from the trainable network's output with torch operations."
             )
-        warned = self.__dict__.setdefault("_constant_warned", set())  # (a module pickled before it existed)
-        for name in constant:
-            if name in warned:
-                continue
-            warned.add(name)
-            warnings.warn(
-                f"MultiTermLoss: term '{name}' does not require grad, so it is added as a constant and trains nothing in "
-                "this call. Expected while the parameters it depends on are frozen (Lightning's toggle_optimizer with one "
-                f"optimizer per parameter group): pass {name}=None in such calls to say so (the callbacks then take its "
-                "gradient from the calls that train it). Otherwise it was computed under torch.no_grad(), detached with "
-                ".detach()/.item()/.numpy(), or depends only on frozen parameters: compute it from the trainable network's "
-                "output with torch operations. (Warned once per term.)",
-                stacklevel=3,
-            )
+        subject = f"term {listed} does" if len(constant) == 1 else f"terms {listed} do"
+        absent = ", ".join(f"{name}=None" for name in constant)
+        raise ValueError(
+            f"MultiTermLoss: {subject} not require grad, so it cannot train the network (grad is enabled). It was "
+            f"{causes}; compute it from the trainable network's output with torch operations. If the parameters it "
+            "depends on are frozen on purpose in this call (Lightning's toggle_optimizer, one optimizer per parameter "
+            f"group), pass {absent} in that call: the term is then absent from it, and the callbacks take its gradient "
+            "from the calls that train it."
+        )
 
     def _check_names(self, given: Any, *, context: str, require_all: bool) -> None:
         given = list(given)

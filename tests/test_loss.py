@@ -123,15 +123,18 @@ def test_residual_without_grad() -> None:
     loss = MultiTermLoss(pde=1.0, ic=1.0)
     with pytest.raises(ValueError, match=r"no term requires grad \(term\(s\) 'pde', 'ic'\)"):
         loss(pde=torch.randn(3), ic=torch.randn(2))
-    # beside a term that trains: a constant, as in a plain sum, warned once per term
-    ic = torch.randn(2)
-    with pytest.warns(UserWarning, match=r"term 'ic' does not require grad, so it is added as a constant.*ic=None"):
-        total = loss(pde=_residual(3), ic=ic)
-    assert total.requires_grad
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        again = loss(pde=_residual(3), ic=ic)
-    torch.testing.assert_close(again - loss.last_losses["pde"], ic.square().mean())
+    # beside a term that trains too: an error naming it, its causes and the fix for a deliberate freeze
+    for ic in (torch.randn(2), _residual(2).detach()):
+        with pytest.raises(ValueError, match=r"term 'ic' does not require grad.*detached.*frozen parameters.*pass ic=None"):
+            loss(pde=_residual(3), ic=ic)
+    loss3 = MultiTermLoss(pde=1.0, ic=1.0, data=1.0)
+    with pytest.raises(ValueError, match=r"terms 'ic', 'data' do not require grad.*pass ic=None, data=None"):
+        loss3(pde=_residual(3), ic=torch.randn(2), data=torch.randn(4))
+    with torch.no_grad():
+        computed_without_grad = _residual(2) * 1.0
+    with pytest.raises(ValueError, match=r"term 'ic' does not require grad.*torch.no_grad\(\)"):
+        loss(pde=_residual(3), ic=computed_without_grad)
+    assert loss(pde=_residual(3), ic=None).requires_grad  # absent this step: fine
 
 
 def test_residual_without_grad_is_fine_when_grad_is_disabled() -> None:

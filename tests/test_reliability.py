@@ -175,9 +175,8 @@ def test_term_on_frozen_parameters_only_is_named() -> None:
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self.criterion(**self.residuals(), prior=self.prior_net(self.x))
 
-    caught = _fit(FrozenTerm(), 2, [GradientNormMonitor(every_n_steps=1, report=False)])
-    warned = [m for m in _messages(caught, UserWarning) if "term 'prior' does not require grad" in m]
-    assert len(warned) == 1 and "frozen parameters" in warned[0]  # once, naming the term and the causes
+    with pytest.raises(ValueError, match=r"term 'prior' does not require grad.*frozen parameters"):
+        _fit(FrozenTerm(), 2, [GradientNormMonitor(every_n_steps=1, report=False)])
 
 
 def test_a_loss_in_which_no_term_requires_grad_is_an_error_naming_them() -> None:
@@ -490,7 +489,7 @@ def _hand_term_gradients(model: TwoTermPoisson, residuals: dict[str, torch.Tenso
     params = [p for p in model.parameters() if p.requires_grad]
     out = {}
     for name, residual in residuals.items():
-        if not residual.requires_grad:  # a constant in this call (its parameters frozen)
+        if residual is None or not residual.requires_grad:  # absent from this call, or constant in it (its parameters frozen)
             out[name] = torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
             continue
         grads = torch.autograd.grad(residual.square().mean(), params, retain_graph=True, allow_unused=True)
@@ -515,7 +514,7 @@ class TogglingInverseProblem(_BoundaryPointsWithGrad):
         self.coefficient = torch.nn.Parameter(torch.tensor(2.0))
         self.hand: list[dict[str, torch.Tensor]] = []  # per call: the hand gradients over that call's trainable parameters
 
-    def residuals(self) -> dict[str, torch.Tensor]:
+    def residuals(self) -> dict[str, torch.Tensor | None]:
         residuals = super().residuals()
         return {"pde": residuals["pde"] * self.coefficient, "bc": residuals["bc"]}
 
@@ -552,21 +551,23 @@ def test_one_optimizer_per_parameter_group_measures_each_group_in_its_own_call()
 
 class TogglingWithPlainBoundaryPoints(TogglingInverseProblem):
     """The same, with boundary points that do not require grad (the usual case): while the
-    coefficient's optimizer is toggled the network is frozen, so the bc term requires no grad."""
+    coefficient's optimizer is toggled the network is frozen, so the bc term requires no grad
+    there, and the README's pattern passes it as None in that call."""
 
-    def residuals(self) -> dict[str, torch.Tensor]:
+    def __init__(self, absent_when_frozen: bool = True) -> None:
+        super().__init__()
+        self.absent_when_frozen = absent_when_frozen
+
+    def residuals(self) -> dict[str, torch.Tensor | None]:
         residuals = TwoTermPoisson.residuals(self)
-        return {"pde": residuals["pde"] * self.coefficient, "bc": self.net(self.xb)}
+        bc = self.net(self.xb)
+        return {"pde": residuals["pde"] * self.coefficient, "bc": None if self.absent_when_frozen and not bc.requires_grad else bc}
 
 
-def test_a_term_constant_while_its_parameters_are_toggled_off_is_added_as_a_constant() -> None:
-    """Used to stop the fit: 'term bc does not require grad' (even without callbacks), although
-    the README documents this pattern. Now the term is a constant in that call, warned once."""
+def test_a_term_absent_while_its_parameters_are_toggled_off_is_measured_from_the_calls_that_train_it() -> None:
     model = TogglingWithPlainBoundaryPoints()
     monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
     caught = _fit(model, 6, [monitor, NTKBalancer(every_n_steps=2)])
-    constant_warnings = [m for m in _messages(caught, UserWarning) if "does not require grad, so it is added as a constant" in m]
-    assert len(constant_warnings) == 1 and "term 'bc'" in constant_warnings[0] and "bc=None" in constant_warnings[0]
     assert not _messages(caught, TermGradientWarning)
     measurement = monitor.last_measurement
     assert measurement is not None and measurement.gradients is not None and measurement.traces is not None
@@ -576,6 +577,16 @@ def test_a_term_constant_while_its_parameters_are_toggled_off_is_added_as_a_cons
         torch.testing.assert_close(measurement.gradients[index], expected, rtol=1e-5, atol=1e-8)
     assert bool(torch.isfinite(measurement.traces).all()) and bool((measurement.traces > 0).all())
     assert all(math.isfinite(w) for w in model.criterion.weights.values())
+
+
+def test_a_term_constant_while_its_parameters_are_toggled_off_is_an_error_that_says_to_pass_none() -> None:
+    """Issue 2's contract: a residual that does not require grad is bad input (it was briefly a
+    warning, which let a detached term train nothing without stopping the fit). The error names
+    the term and the toggle_optimizer fix."""
+    with pytest.raises(ValueError, match=r"term 'bc' does not require grad.*toggle_optimizer.*pass bc=None in that call"):
+        _fit(TogglingWithPlainBoundaryPoints(absent_when_frozen=False), 2, [GradientNormMonitor(every_n_steps=1, report=False)])
+    with pytest.raises(ValueError, match=r"term 'bc' does not require grad"):
+        _fit(TogglingWithPlainBoundaryPoints(absent_when_frozen=False), 2, [])  # without callbacks too
 
 
 class ChunkedManualAccumulation(TwoTermPoisson):
