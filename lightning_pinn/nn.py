@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_pinn._checks import check_hidden
+
 __all__ = ["ModifiedMLP", "mlp"]
 
 
@@ -69,8 +71,8 @@ class ModifiedMLP(nn.Module):
     ) -> None:
         super().__init__()
         _check_init("ModifiedMLP", init)
-        widths = list(hidden)
-        if not widths or len(set(widths)) != 1:
+        widths = check_hidden("ModifiedMLP", hidden)
+        if len(set(widths)) != 1:
             raise ValueError(
                 f"ModifiedMLP: hidden must be one width repeated (every layer is gated by encoders of that width), e.g. "
                 f"(50, 50, 50); got {tuple(hidden)!r}."

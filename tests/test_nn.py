@@ -32,8 +32,10 @@ def test_modified_mlp_gates_every_layer_with_the_two_encoders() -> None:
 def test_modified_mlp_rejects_uneven_widths_and_unknown_inits() -> None:
     with pytest.raises(ValueError, match=r"hidden must be one width repeated .*got \(50, 20\)"):
         ModifiedMLP(2, (50, 20), 1)
-    with pytest.raises(ValueError, match="hidden must be one width repeated"):
+    with pytest.raises(ValueError, match="ModifiedMLP: hidden must be a non-empty sequence of layer widths"):
         ModifiedMLP(2, (), 1)
+    with pytest.raises(ValueError, match="ModifiedMLP: hidden must be a non-empty sequence of layer widths"):
+        ModifiedMLP(2, 50, 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ModifiedMLP: init must be 'default' or 'xavier'"):
         ModifiedMLP(2, (8,), 1, init="he")
     with pytest.raises(ValueError, match="mlp: init must be 'default' or 'xavier'"):
