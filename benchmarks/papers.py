@@ -43,6 +43,7 @@ from lightning_pinn.recording import FitHistory  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROBLEMS = ("helmholtz", "wave", "harmonic")
+HELMHOLTZ_METHODS = ("plain", "gradnorm-max", "gradnorm-mean", "lr-annealing", "lr-annealing-code")
 
 
 @dataclass(frozen=True)
@@ -195,8 +196,8 @@ def main() -> None:
     parser.add_argument(
         "--helmholtz-methods",
         nargs="+",
-        default=["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing", "lr-annealing-code"],
-        choices=["plain", "gradnorm-max", "gradnorm-mean", "lr-annealing", "lr-annealing-code"],
+        default=list(HELMHOLTZ_METHODS),
+        choices=HELMHOLTZ_METHODS,
     )
     parser.add_argument("--wave-steps", type=int, default=20000)
     parser.add_argument("--wave-width", type=int, default=128)

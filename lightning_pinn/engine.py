@@ -673,7 +673,7 @@ class TermGradientEngine:
         # term each: summed sparsely, so K terms with K point sets cost no K² zero tensors
         others: list[Tensor | None] = [None] * (len(inputs) - num_params)
         for i, loss in enumerate(losses):
-            if loss is None or not loss.requires_grad:  # absent, or a constant (its parameters frozen in this call)
+            if loss is None:  # absent from this call
                 per_term.append([torch.zeros_like(x) for x in params])
                 reached_term.append(False)
                 continue
@@ -732,10 +732,6 @@ class TermGradientEngine:
                 counts.append(0.0)
                 continue
             points = sample_points(residual.numel(), request.sample_size, request.generator)
-            if not residual.requires_grad:  # a constant in this call: ∂r/∂θ = 0 at every point
-                sums.append(torch.zeros((), dtype=torch.float64))
-                counts.append(float(len(points) if points is not None else residual.numel()))
-                continue
             values = jacobian_row_sq_norms(
                 residual, params, points, request.chunk_size, term=name, warned=request.fallback_warned, one_pass=request.one_pass
             )

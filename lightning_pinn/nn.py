@@ -17,9 +17,12 @@ def _check_init(owner: str, init: str) -> None:
         raise ValueError(f"{owner}: init must be 'default' or 'xavier', got {init!r}.")
 
 
-def _xavier(linear: nn.Linear) -> nn.Linear:
-    nn.init.xavier_normal_(linear.weight)
-    nn.init.zeros_(linear.bias)
+def _linear(fan_in: int, fan_out: int, init: str) -> nn.Linear:
+    """A linear layer; ``init="xavier"``: Glorot-normal weights and zero biases."""
+    linear = nn.Linear(fan_in, fan_out)
+    if init == "xavier":
+        nn.init.xavier_normal_(linear.weight)
+        nn.init.zeros_(linear.bias)
     return linear
 
 
@@ -36,8 +39,7 @@ def mlp(
     sizes = [in_features, *hidden, out_features]
     layers: list[nn.Module] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        linear = nn.Linear(fan_in, fan_out)
-        layers.append(_xavier(linear) if init == "xavier" else linear)
+        layers.append(_linear(fan_in, fan_out, init))
         if i < len(sizes) - 2:
             layers.append(activation())
     return nn.Sequential(*layers)
@@ -78,15 +80,10 @@ class ModifiedMLP(nn.Module):
                 f"(50, 50, 50); got {tuple(hidden)!r}."
             )
         width = widths[0]
-
-        def linear(fan_in: int, fan_out: int) -> nn.Linear:
-            layer = nn.Linear(fan_in, fan_out)
-            return _xavier(layer) if init == "xavier" else layer
-
-        self.encoder_u = linear(in_features, width)
-        self.encoder_v = linear(in_features, width)
-        self.hidden = nn.ModuleList(linear(in_features if k == 0 else width, width) for k in range(len(widths)))
-        self.output = linear(width, out_features)
+        self.encoder_u = _linear(in_features, width, init)
+        self.encoder_v = _linear(in_features, width, init)
+        self.hidden = nn.ModuleList(_linear(in_features if k == 0 else width, width, init) for k in range(len(widths)))
+        self.output = _linear(width, out_features, init)
         self.activation = activation()
 
     def forward(self, x: Tensor) -> Tensor:  # noqa: D102
