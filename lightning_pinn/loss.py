@@ -412,23 +412,30 @@ class MultiTermLoss(nn.Module):
         if not constant:
             return
         listed = ", ".join(f"'{name}'" for name in constant)
-        causes = (
-            "computed under torch.no_grad(), detached with .detach()/.item()/.numpy(), or depend(s) only on frozen "
-            "parameters (requires_grad=False)"
-        )
+        one = len(constant) == 1
+
+        def causes(it_was: str, depends: str) -> str:
+            return (
+                f"{it_was} computed under torch.no_grad(), detached with .detach()/.item()/.numpy(), or {depends} only on "
+                "frozen parameters (requires_grad=False)"
+            )
+
         if len(constant) == sum(r is not None for r in ordered):
             raise ValueError(
-                f"MultiTermLoss: no term requires grad (term(s) {listed}), so the loss cannot train the network. They were "
-                f"{causes}; compute them from the trainable network's output with torch operations."
+                f"MultiTermLoss: no term requires grad ({'term' if one else 'terms'} {listed}), so the loss cannot train the "
+                f"network. {causes('It was' if one else 'They were', 'depends' if one else 'depend')}; compute "
+                f"{'it' if one else 'them'} from the trainable network's output with torch operations."
             )
-        subject = f"term {listed} does" if len(constant) == 1 else f"terms {listed} do"
+        subject = f"term {listed} does" if one else f"terms {listed} do"
         absent = ", ".join(f"{name}=None" for name in constant)
+        it, they = ("it", "it") if one else ("they", "them")
         raise ValueError(
-            f"MultiTermLoss: {subject} not require grad, so it cannot train the network (grad is enabled). It was "
-            f"{causes}; compute it from the trainable network's output with torch operations. If the parameters it "
-            "depends on are frozen on purpose in this call (Lightning's toggle_optimizer, one optimizer per parameter "
-            f"group), pass {absent} in that call: the term is then absent from it, and the callbacks take its gradient "
-            "from the calls that train it."
+            f"MultiTermLoss: {subject} not require grad, so {it} cannot train the network (grad is enabled). "
+            f"{causes('It was' if one else 'They were', 'depends' if one else 'depend')}; compute {they} from the trainable "
+            f"network's output with torch operations. If the parameters {it} {'depends' if one else 'depend'} on are frozen "
+            "on purpose in this call (Lightning's toggle_optimizer, one optimizer per parameter group), pass "
+            f"{absent} in that call: {'the term is' if one else 'the terms are'} then absent from it, and the callbacks take "
+            f"{'its gradient' if one else 'their gradients'} from the calls that train {'it' if one else 'them'}."
         )
 
     def _check_names(self, given: Any, *, context: str, require_all: bool) -> None:

@@ -121,14 +121,18 @@ def test_missing_term_in_forward() -> None:
 
 def test_residual_without_grad() -> None:
     loss = MultiTermLoss(pde=1.0, ic=1.0)
-    with pytest.raises(ValueError, match=r"no term requires grad \(term\(s\) 'pde', 'ic'\)"):
+    with pytest.raises(ValueError, match=r"no term requires grad \(terms 'pde', 'ic'\)"):
         loss(pde=torch.randn(3), ic=torch.randn(2))
+    with pytest.raises(ValueError, match=r"no term requires grad \(term 'pde'\).*It was computed.*compute it from"):
+        loss(pde=torch.randn(3), ic=None)
     # beside a term that trains too: an error naming it, its causes and the fix for a deliberate freeze
     for ic in (torch.randn(2), _residual(2).detach()):
         with pytest.raises(ValueError, match=r"term 'ic' does not require grad.*detached.*frozen parameters.*pass ic=None"):
             loss(pde=_residual(3), ic=ic)
     loss3 = MultiTermLoss(pde=1.0, ic=1.0, data=1.0)
-    with pytest.raises(ValueError, match=r"terms 'ic', 'data' do not require grad.*pass ic=None, data=None"):
+    with pytest.raises(
+        ValueError, match=r"terms 'ic', 'data' do not require grad, so they.*They were.*depend only.*pass ic=None, data=None"
+    ):
         loss3(pde=_residual(3), ic=torch.randn(2), data=torch.randn(4))
     with torch.no_grad():
         computed_without_grad = _residual(2) * 1.0

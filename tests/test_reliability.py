@@ -184,7 +184,7 @@ def test_a_loss_in_which_no_term_requires_grad_is_an_error_naming_them() -> None
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             return self.criterion(**{name: r.detach() for name, r in self.residuals().items()})
 
-    with pytest.raises(ValueError, match=r"no term requires grad \(term\(s\) 'pde', 'bc'\).*frozen parameters"):
+    with pytest.raises(ValueError, match=r"no term requires grad \(terms 'pde', 'bc'\).*frozen parameters"):
         _fit(AllFrozen(), 1, [GradientNormMonitor()])
 
 
