@@ -26,7 +26,7 @@ def test_modified_mlp_gates_every_layer_with_the_two_encoders() -> None:
     assert torch.allclose(net(x), net.output(h), atol=1e-6)
     assert net(x).shape == (10, 3)
     # Xavier weights, zero biases, as the papers initialise
-    assert all(float(layer.bias.abs().max()) == 0.0 for layer in [net.encoder_u, net.encoder_v, *net.hidden, net.output])
+    assert all(float(layer.bias.detach().abs().max()) == 0.0 for layer in [net.encoder_u, net.encoder_v, *net.hidden, net.output])
 
 
 def test_modified_mlp_rejects_uneven_widths_and_unknown_inits() -> None:
