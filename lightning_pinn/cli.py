@@ -10,6 +10,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import codecs
 import math
 import os
 import signal
@@ -255,8 +256,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     if interrupted:
         title += f" (interrupted: {len(results)} of {len(specs)} fits)"
     plot_sweep(summaries, results, out / "sweep.png", title)
-    (out / "sweep.md").write_text(f"# λ sweep: {title}\n\n{table}\n")
-    (out / "sweep.json").write_text(json.dumps(results_as_dicts(results), default=str))
+    (out / "sweep.md").write_text(f"# λ sweep: {title}\n\n{table}\n", encoding="utf-8")
+    (out / "sweep.json").write_text(json.dumps(results_as_dicts(results), default=str), encoding="utf-8")
     print()
     print(table)
     fixed = [s for s in summaries if s.method == "fixed"]
@@ -326,8 +327,29 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console_without_encoding_errors() -> None:
+    """Let a console whose encoding lacks λ, – or → (ASCII, Latin-1, a cp1252 Windows console)
+    print ``?`` for them instead of stopping the command with a ``UnicodeEncodeError``.
+
+    Only streams that would fail are changed (a non-UTF encoding with strict errors); the files
+    the commands write are UTF-8 whatever the console.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None)
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None or not encoding or getattr(stream, "errors", "strict") != "strict":
+            continue
+        try:
+            if codecs.lookup(encoding).name == "utf-8":
+                continue
+        except LookupError:
+            pass
+        reconfigure(errors="replace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lightning-pinn`` console script."""
+    _console_without_encoding_errors()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo":

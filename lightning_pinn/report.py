@@ -638,7 +638,7 @@ def write_report(
         url = str(folder).rstrip("/")
         filesystem = get_filesystem(url)
         filesystem.makedirs(url, exist_ok=True)
-        with filesystem.open(f"{url}/{name}.md", "w") as handle:
+        with filesystem.open(f"{url}/{name}.md", "w", encoding="utf-8") as handle:
             handle.write(text)
         with filesystem.open(f"{url}/{name}.png", "wb") as handle:
             plot_history(history, handle, title)
@@ -647,7 +647,7 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     markdown = folder / f"{name}.md"
     picture = folder / f"{name}.png"
-    markdown.write_text(text)
+    markdown.write_text(text, encoding="utf-8")
     plot_history(history, picture, title)
     return markdown, picture
 
@@ -658,7 +658,7 @@ _COVERAGE = "lightning-pinn coverage:"
 def _coverage(markdown: Path) -> tuple[int, int] | None:
     """(measurements, first step) an existing report covers, from the note :func:`write_report` leaves."""
     try:
-        found = re.search(rf"<!-- {re.escape(_COVERAGE)} measurements=(\d+) first_step=(\d+) -->", markdown.read_text())
+        found = re.search(rf"<!-- {re.escape(_COVERAGE)} measurements=(\d+) first_step=(\d+) -->", markdown.read_text(encoding="utf-8"))
     except OSError:
         return None
     return (int(found.group(1)), int(found.group(2))) if found else None
@@ -801,7 +801,7 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
                 except OSError as error:
                     reason = f"could not write it: {error.strerror or error}"
                 else:
-                    out.append((Path(markdown_path), Path(markdown_path).read_text(), None))
+                    out.append((Path(markdown_path), Path(markdown_path).read_text(encoding="utf-8"), None))
                     continue
             out.append((existing, render_markdown(diagnosis, title), reason))
     return out

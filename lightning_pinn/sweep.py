@@ -226,7 +226,7 @@ def summarize(results: Sequence[FitResult]) -> list[MethodSummary]:
 
 def write_table(summaries: Sequence[MethodSummary], path: Path) -> str:
     """Write the summaries as CSV to ``path`` and return them as a Markdown table."""
-    with open(path, "w", newline="") as handle:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "ic_weight_initial", "median_relative_l2", "relative_l2_by_seed", "final_ic_over_pde", "median_seconds"])
         for s in summaries:

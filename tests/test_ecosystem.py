@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -567,6 +568,24 @@ def test_the_command_has_a_version_and_runs_as_a_module() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'version = "{version("lightning-pinn")}"' in pyproject
     assert subprocess.run([sys.executable, "-m", "lightning_pinn"], capture_output=True, text=True).returncode == 2
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "cp1252"])
+def test_the_command_prints_on_a_console_without_unicode_and_writes_utf8_files(tmp_path: Path, encoding: str) -> None:
+    """A console that cannot encode λ, – or → (PYTHONIOENCODING=ascii, a cp1252 Windows console)
+    gets '?' for them; the command must not stop with a UnicodeEncodeError, and the files it
+    writes are UTF-8 whatever the console's or the platform's encoding."""
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(6, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], logger=logger).fit(TwoTermPoisson())
+    env = {**os.environ, "PYTHONIOENCODING": encoding, "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-m", "lightning_pinn", "report", str(tmp_path)], capture_output=True, env=env)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+    printed = done.stdout.decode(encoding)
+    assert "Worst ratio" in printed and "?" in printed  # the dash of "steps 0–5" or λ, replaced
+    written = (tmp_path / "run" / "version_0" / "diagnosis.md").read_bytes().decode("utf-8")
+    assert "–" in written or "λ" in written
 
 
 def test_the_report_warns_about_event_files_it_cannot_read(tmp_path: Path) -> None:
