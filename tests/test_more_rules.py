@@ -230,8 +230,10 @@ def test_weight_schedule_linear_and_step() -> None:
     ("factory", "match"),
     [
         (lambda: WeightSchedule({}), "schedule must map"),
-        (lambda: WeightSchedule({"bc": [(5, 1.0), (2, 2.0)]}), "strictly increasing"),
-        (lambda: WeightSchedule({"bc": [(0, -1.0)]}), "finite and >= 0"),
+        (lambda: WeightSchedule({"bc": [(5, 1.0), (2, 2.0)]}), r"schedule=.*term 'bc' must be strictly increasing"),
+        (lambda: WeightSchedule({"bc": [(0, -1.0)]}), r"schedule=.*term 'bc' must be finite and >= 0"),
+        (lambda: WeightSchedule({"bc": []}), r"schedule=.*term 'bc' has no knots.*\{'bc': \[\(0, 1.0\)\]\}"),
+        (lambda: WeightSchedule({"bc": 3}), r"schedule=.*knots of term 'bc' must be \(step, weight\) pairs"),
         (lambda: WeightSchedule({"bc": [(0, 1.0)]}, interpolation="cubic"), "interpolation"),
         (lambda: SoftAdaptBalancer(beta=0), "beta"),
         (lambda: ReLoBRaLoBalancer(alpha=2), "alpha"),

@@ -597,23 +597,33 @@ class WeightSchedule(WeightBalancer):
             try:
                 given = [(step, weight) for step, weight in points]
             except (TypeError, ValueError):
-                raise ValueError(f"WeightSchedule: the knots of term '{term}' must be (step, weight) pairs, got {points!r}.") from None
+                raise ValueError(
+                    f"WeightSchedule(schedule=...): the knots of term '{term}' must be (step, weight) pairs, got {points!r}."
+                ) from None
             for step, weight in given:
                 if not is_integer(step, low=0):
                     raise ValueError(
-                        f"WeightSchedule: the steps of term '{term}' must be integers >= 0 (optimizer steps), got {step!r} in {points!r}."
+                        f"WeightSchedule(schedule=...): the steps of term '{term}' must be integers >= 0 (optimizer steps), got {step!r} in {points!r}."
                     )
                 if isinstance(weight, bool) or not isinstance(weight, (int, float)) and not hasattr(weight, "__float__"):
-                    raise ValueError(f"WeightSchedule: the weights of term '{term}' must be numbers, got {weight!r} in {points!r}.")
+                    raise ValueError(
+                        f"WeightSchedule(schedule=...): the weights of term '{term}' must be numbers, got {weight!r} in {points!r}."
+                    )
             pairs = [(int(step), float(weight)) for step, weight in given]
             if not pairs:
-                raise ValueError(f"WeightSchedule: term '{term}' has no knots; give at least one (step, weight).")
+                raise ValueError(
+                    f"WeightSchedule(schedule=...): term '{term}' has no knots; give at least one (step, weight), e.g. {{'{term}': [(0, 1.0)]}}."
+                )
             steps = [step for step, _ in pairs]
             if steps != sorted(steps) or len(set(steps)) != len(steps):
-                raise ValueError(f"WeightSchedule: the steps of term '{term}' must be strictly increasing, got {steps}.")
+                raise ValueError(
+                    f"WeightSchedule(schedule=...): the steps of term '{term}' must be strictly increasing, got {steps}; list each step once, in order."
+                )
             for step, weight in pairs:
                 if not math.isfinite(weight) or weight < 0:
-                    raise ValueError(f"WeightSchedule: weight {weight!r} at step {step} of term '{term}' must be finite and >= 0.")
+                    raise ValueError(
+                        f"WeightSchedule(schedule=...): weight {weight!r} at step {step} of term '{term}' must be finite and >= 0."
+                    )
             knots[term] = pairs
         if interpolation not in ("linear", "step"):
             raise ValueError(f"WeightSchedule: interpolation must be 'linear' or 'step', got {interpolation!r}.")
