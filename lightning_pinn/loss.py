@@ -412,30 +412,25 @@ class MultiTermLoss(nn.Module):
         if not constant:
             return
         listed = ", ".join(f"'{name}'" for name in constant)
-        one = len(constant) == 1
-
-        def causes(it_was: str, depends: str) -> str:
-            return (
-                f"{it_was} computed under torch.no_grad(), detached with .detach()/.item()/.numpy(), or {depends} only on "
-                "frozen parameters (requires_grad=False)"
-            )
-
+        # the message's words, in agreement with the number of terms named
+        if len(constant) == 1:
+            terms, they, them, they_were, depend, does, are = "term", "it", "it", "It was", "depends", "does", "is"
+            gradients = "its gradient"
+        else:
+            terms, they, them, they_were, depend, does, are = "terms", "they", "them", "They were", "depend", "do", "are"
+            gradients = "their gradients"
+        causes = (
+            f"{they_were} computed under torch.no_grad(), detached with .detach()/.item()/.numpy(), or {depend} only on "
+            f"frozen parameters (requires_grad=False); compute {them} from the trainable network's output with torch operations."
+        )
         if len(constant) == sum(r is not None for r in ordered):
-            raise ValueError(
-                f"MultiTermLoss: no term requires grad ({'term' if one else 'terms'} {listed}), so the loss cannot train the "
-                f"network. {causes('It was' if one else 'They were', 'depends' if one else 'depend')}; compute "
-                f"{'it' if one else 'them'} from the trainable network's output with torch operations."
-            )
-        subject = f"term {listed} does" if one else f"terms {listed} do"
+            raise ValueError(f"MultiTermLoss: no term requires grad ({terms} {listed}), so the loss cannot train the network. {causes}")
         absent = ", ".join(f"{name}=None" for name in constant)
-        it, they = ("it", "it") if one else ("they", "them")
         raise ValueError(
-            f"MultiTermLoss: {subject} not require grad, so {it} cannot train the network (grad is enabled). "
-            f"{causes('It was' if one else 'They were', 'depends' if one else 'depend')}; compute {they} from the trainable "
-            f"network's output with torch operations. If the parameters {it} {'depends' if one else 'depend'} on are frozen "
-            "on purpose in this call (Lightning's toggle_optimizer, one optimizer per parameter group), pass "
-            f"{absent} in that call: {'the term is' if one else 'the terms are'} then absent from it, and the callbacks take "
-            f"{'its gradient' if one else 'their gradients'} from the calls that train {'it' if one else 'them'}."
+            f"MultiTermLoss: {terms} {listed} {does} not require grad, so {they} cannot train the network (grad is enabled). "
+            f"{causes} If the parameters {they} {depend} on are frozen on purpose in this call (Lightning's toggle_optimizer, "
+            f"one optimizer per parameter group), pass {absent} in that call: the {terms} {are} "
+            f"then absent from it, and the callbacks take {gradients} from the calls that train {them}."
         )
 
     def _check_names(self, given: Any, *, context: str, require_all: bool) -> None:

@@ -562,6 +562,10 @@ class UncertaintyWeighting(_TrainedWeights):
         return new, target
 
 
+#: How WeightSchedule's errors about its knots name the argument.
+_SCHEDULE_ARGUMENT = "WeightSchedule(schedule=...)"
+
+
 class WeightSchedule(WeightBalancer):
     """A fixed schedule for λ: piecewise linear or stepwise in the optimizer step.
 
@@ -598,32 +602,28 @@ class WeightSchedule(WeightBalancer):
                 given = [(step, weight) for step, weight in points]
             except (TypeError, ValueError):
                 raise ValueError(
-                    f"WeightSchedule(schedule=...): the knots of term '{term}' must be (step, weight) pairs, got {points!r}."
+                    f"{_SCHEDULE_ARGUMENT}: the knots of term '{term}' must be (step, weight) pairs, got {points!r}."
                 ) from None
             for step, weight in given:
                 if not is_integer(step, low=0):
                     raise ValueError(
-                        f"WeightSchedule(schedule=...): the steps of term '{term}' must be integers >= 0 (optimizer steps), got {step!r} in {points!r}."
+                        f"{_SCHEDULE_ARGUMENT}: the steps of term '{term}' must be integers >= 0 (optimizer steps), got {step!r} in {points!r}."
                     )
                 if isinstance(weight, bool) or not isinstance(weight, (int, float)) and not hasattr(weight, "__float__"):
-                    raise ValueError(
-                        f"WeightSchedule(schedule=...): the weights of term '{term}' must be numbers, got {weight!r} in {points!r}."
-                    )
+                    raise ValueError(f"{_SCHEDULE_ARGUMENT}: the weights of term '{term}' must be numbers, got {weight!r} in {points!r}.")
             pairs = [(int(step), float(weight)) for step, weight in given]
             if not pairs:
                 raise ValueError(
-                    f"WeightSchedule(schedule=...): term '{term}' has no knots; give at least one (step, weight), e.g. {{'{term}': [(0, 1.0)]}}."
+                    f"{_SCHEDULE_ARGUMENT}: term '{term}' has no knots; give at least one (step, weight), e.g. {{'{term}': [(0, 1.0)]}}."
                 )
             steps = [step for step, _ in pairs]
             if steps != sorted(steps) or len(set(steps)) != len(steps):
                 raise ValueError(
-                    f"WeightSchedule(schedule=...): the steps of term '{term}' must be strictly increasing, got {steps}; list each step once, in order."
+                    f"{_SCHEDULE_ARGUMENT}: the steps of term '{term}' must be strictly increasing, got {steps}; list each step once, in order."
                 )
             for step, weight in pairs:
                 if not math.isfinite(weight) or weight < 0:
-                    raise ValueError(
-                        f"WeightSchedule(schedule=...): weight {weight!r} at step {step} of term '{term}' must be finite and >= 0."
-                    )
+                    raise ValueError(f"{_SCHEDULE_ARGUMENT}: weight {weight!r} at step {step} of term '{term}' must be finite and >= 0.")
             knots[term] = pairs
         if interpolation not in ("linear", "step"):
             raise ValueError(f"WeightSchedule: interpolation must be 'linear' or 'step', got {interpolation!r}.")
@@ -669,7 +669,7 @@ class WeightSchedule(WeightBalancer):
         if found is not None:
             (term, step), weight, stored, held = found
             raise ValueError(
-                f"WeightSchedule(schedule=...): weight {weight:g} at step {step} of term '{term}' is stored as "
+                f"{_SCHEDULE_ARGUMENT}: weight {weight:g} at step {step} of term '{term}' is stored as "
                 f"{stored} by the loss's {dtype} weight buffer. Use weights within "
                 f"{held} (or 0), or keep the weights in float64 with criterion.double()."
             )
