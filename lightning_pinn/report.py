@@ -628,10 +628,20 @@ def write_report(
     ``save_dir``), written through its filesystem; for a URL the paths returned are URLs (``str``).
     """
     diagnosis = diagnose(history, cosine_threshold=cosine_threshold)
+    return _write_report_files(_report_markdown(diagnosis, title, name), history, folder, title, name)
+
+
+def _report_markdown(diagnosis: Diagnosis, title: str, name: str) -> str:
+    """The text of ``<name>.md``: the diagnosis, a link to ``<name>.png`` and a note of what it covers."""
     text = render_markdown(diagnosis, title)
     text += f"\n![gradient norms and weights]({name}.png)\n"
     if diagnosis.measurements:  # what the report covers, for `lightning-pinn report` to compare
         text += f"\n<!-- {_COVERAGE} measurements={diagnosis.measurements} first_step={diagnosis.first_step} -->\n"
+    return text
+
+
+def _write_report_files(text: str, history: History, folder: str | Path, title: str, name: str) -> tuple[Path | str, Path | str]:
+    """Write ``text`` as ``<name>.md`` and the chart of ``history`` as ``<name>.png`` into ``folder``."""
     if "://" in str(folder):  # a remote folder: through fsspec, as Lightning's loggers write there
         from lightning_fabric.utilities.cloud_io import get_filesystem
 
@@ -796,12 +806,13 @@ def report_runs(logdir: str | Path) -> list[tuple[Path, str, str | None]]:
                     "e.g. a fit resumed into a new version folder"
                 )
             else:
+                text = _report_markdown(diagnosis, title, name)
                 try:
-                    markdown_path, _ = write_report(series, run, title=title, name=name)
+                    markdown_path, _ = _write_report_files(text, series, run, title, name)
                 except OSError as error:
                     reason = f"could not write it: {error.strerror or error}"
                 else:
-                    out.append((Path(markdown_path), Path(markdown_path).read_text(encoding="utf-8"), None))
+                    out.append((Path(markdown_path), text, None))
                     continue
             out.append((existing, render_markdown(diagnosis, title), reason))
     return out

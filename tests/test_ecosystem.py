@@ -235,7 +235,7 @@ def test_report_reads_only_the_event_file_it_is_given_and_survives_a_read_only_r
     def read_only(*args: Any, **kwargs: Any) -> Any:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(report_module, "write_report", read_only)
+    monkeypatch.setattr(report_module, "_write_report_files", read_only)  # the files of a report (running as root, chmod would not stop it)
     assert cli_main(["report", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert "Loss-balance diagnosis" in captured.out and "could not write it: Permission denied" in captured.err
