@@ -287,7 +287,7 @@ def sample_points(num_points: int, sample_size: int | None, generator: torch.Gen
     than ``num_points``. The mean of ``‖∂r(x)/∂θ‖²`` over such a sample is an unbiased
     estimate of the trace ``t_i``; its relative standard error is
     ``sqrt((1 − m/N)/m) · s/t`` where ``s`` is the standard deviation of the per-point values
-    over all N points (finite-population sampling).
+    over all N points with divisor N − 1 (exact for sampling without replacement).
     """
     if sample_size is None or sample_size >= num_points:
         return None

@@ -434,9 +434,9 @@ def test_a_loss_rule_resumed_from_a_checkpoint_without_its_measurement_count() -
 class WithSatisfiedTerm(Unequal):
     """``Unequal`` plus a third term that is exactly zero (a hard-constrained condition): zero gradient."""
 
-    def __init__(self) -> None:
+    def __init__(self, exact_weight: float = 1.0) -> None:
         super().__init__()
-        self.criterion = MultiTermLoss(pde=1.0, bc=1.0, exact=1.0)
+        self.criterion = MultiTermLoss(pde=1.0, bc=1.0, exact=exact_weight)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         residuals = self.residuals()
@@ -444,18 +444,20 @@ class WithSatisfiedTerm(Unequal):
         return self.criterion(pde=residuals["pde"], bc=1e-3 * (u - 1), exact=0.0 * u)
 
 
-def test_gradnorm_weighting_leaves_a_zero_gradient_term_out_and_keeps_its_weight() -> None:
-    # The term with a zero gradient keeps λ = 1 and takes no share of Σw = K: the other terms'
+@pytest.mark.parametrize("exact_weight", [1.0, 3.0])
+def test_gradnorm_weighting_leaves_a_zero_gradient_term_out_and_keeps_its_weight(exact_weight: float) -> None:
+    # The term with a zero gradient keeps its λ and takes no share of Σw = K: the other terms'
     # weights follow exactly the fit without it (before the fix, λ_exact drifted up and took
-    # its share from the others).
+    # its share from the others; and until a later fix, the first update's rescale of your λ to
+    # Σ = K counted λ_exact, so with λ_exact = 3 the others summed to 1.2 instead of 2).
     torch.manual_seed(0)
-    with_zero = WithSatisfiedTerm()
+    with_zero = WithSatisfiedTerm(exact_weight)
     torch.manual_seed(0)
     without = Unequal()
     with pytest.warns(TermGradientWarning, match="'exact' has a zero gradient norm"):
         make_trainer(30, [GradNormWeighting(learning_rate=0.05)]).fit(with_zero)
     _fit(GradNormWeighting(learning_rate=0.05), model=without)
-    assert with_zero.criterion.weights["exact"] == 1.0
+    assert with_zero.criterion.weights["exact"] == exact_weight
     assert without.criterion.weights["bc"] > 1.5  # the rule did move the weights
     for term in ("pde", "bc"):
         assert with_zero.criterion.weights[term] == pytest.approx(without.criterion.weights[term], rel=1e-5)

@@ -84,7 +84,7 @@ def test_subsampled_trace_is_unbiased_within_the_documented_error() -> None:
     residual = net(x) * (1 + x**2)  # per-point values vary a lot along x
     exact_values = jacobian_row_sq_norms(residual, params)
     exact = exact_values.mean().item()
-    cv = (exact_values.std(unbiased=False) / exact_values.mean()).item()
+    cv = (exact_values.std(unbiased=True) / exact_values.mean()).item()  # divisor N − 1: exact without replacement
     m, n = 40, 400
     documented_rse = math.sqrt((1 - m / n) / m) * cv
     generator = torch.Generator().manual_seed(1)

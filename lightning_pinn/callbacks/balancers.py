@@ -681,7 +681,7 @@ class NTKBalancer(WeightBalancer):
     O(N²): use ``trace_points`` for large N. With ``trace_points=m``, each term's trace is estimated from ``m``
     points drawn uniformly without replacement (unbiased; relative standard error
     ``sqrt((1 − m/N)/m) · CV`` where CV is the coefficient of variation of
-    ``‖∂r(x)/∂θ‖²`` over the term's points — see ``lightning_pinn.ntk.sample_points``).
+    ``‖∂r(x)/∂θ‖²`` over the term's points, standard deviation with divisor N − 1 — see ``lightning_pinn.ntk.sample_points``).
 
     Args:
         every_n_steps: Update cadence (100 in the 2022 paper).

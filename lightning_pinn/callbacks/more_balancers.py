@@ -353,12 +353,14 @@ class _TrainedWeights(WeightBalancer):
     def _identity(self) -> dict[str, Any]:
         return {**super()._identity(), "learning_rate": self.learning_rate}
 
-    def _initial_parameter(self, weights: list[float]) -> Tensor:
+    def _initial_parameter(self, weights: list[float], left_out: Sequence[int]) -> Tensor:
+        """The trained parameter at the first update, from the λ in force; ``left_out``: the
+        terms the rule leaves out of that update (e.g. a zero gradient)."""
         raise NotImplementedError
 
-    def _ensure_parameter(self) -> Tensor:
+    def _ensure_parameter(self, left_out: Sequence[int] = ()) -> Tensor:
         if self._parameter is None:
-            self._parameter = self._initial_parameter(self.criterion.lambdas.tolist()).requires_grad_(True)
+            self._parameter = self._initial_parameter(self.criterion.lambdas.tolist(), left_out).requires_grad_(True)
             self._optimizer = torch.optim.Adam([self._parameter], lr=self.learning_rate)
             if self._pending_state is not None:
                 with torch.no_grad():
@@ -415,7 +417,8 @@ class GradNormWeighting(_TrainedWeights):
     after ``warmup_steps``, or the term's first appearance),
 
     then renormalises ``Σ_i w_i = K`` and sets ``λ = w`` (owning every term, it starts from
-    your λ rescaled to ``Σ = K``). A term with a small gradient, or a loss falling slower than
+    your λ rescaled to ``Σ = K``). A term with a zero gradient is left out of ``L_grad`` and of
+    ``Σ w = K`` (K does not count it) and keeps its λ. A term with a small gradient, or a loss falling slower than
     the others, gets a growing weight; ``α`` sets how strongly the
     training rates pull. Gradient norms are taken over all trainable parameters (the paper
     uses the last shared layer). Shares the per-term gradients with the monitor.
@@ -457,13 +460,17 @@ class GradNormWeighting(_TrainedWeights):
         self._losses = measurement.losses.tolist()
         return gradient_norms(measurement.gradients)
 
-    def _initial_parameter(self, weights: list[float]) -> Tensor:
+    def _initial_parameter(self, weights: list[float], left_out: Sequence[int]) -> Tensor:
         if not all(self._adaptive):  # the fixed terms' λ set the scale: start from the λ in force
             return torch.tensor(weights, dtype=torch.float64)
-        total = sum(weights)
-        if total <= 0:  # every λ is 0: nothing sets the scale, start from equal weights (Σw = K)
-            return torch.ones(len(weights), dtype=torch.float64)
-        return torch.tensor([len(weights) * w / total for w in weights], dtype=torch.float64)
+        # your λ rescaled to Σ = K over the terms that share it; a term left out (a zero gradient)
+        # keeps its λ and is not counted in K
+        shared = [i for i in range(len(weights)) if i not in left_out]
+        total = sum(weights[i] for i in shared)
+        start = list(weights)
+        for i in shared:  # every shared λ 0: nothing sets the scale, start from equal weights
+            start[i] = len(shared) * weights[i] / total if total > 0 else 1.0
+        return torch.tensor(start, dtype=torch.float64)
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
         present = measurement.present.tolist()
@@ -474,7 +481,7 @@ class GradNormWeighting(_TrainedWeights):
         trained = [i for i in terms if self._adaptive[i]]
         if len(terms) < 2 or not trained:
             return None
-        weights = self._ensure_parameter()
+        weights = self._ensure_parameter(left_out=[i for i, here in enumerate(present) if here and values[i] <= 0])
         ratios = [self._losses[i] / self._initial_losses[i] if self._initial_losses[i] > 0 else 1.0 for i in terms]
         mean_ratio = sum(ratios) / len(ratios)
         inverse_rates = torch.tensor([r / mean_ratio if mean_ratio > 0 else 1.0 for r in ratios], dtype=torch.float64)
@@ -545,7 +552,8 @@ class UncertaintyWeighting(_TrainedWeights):
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         return measurement.losses
 
-    def _initial_parameter(self, weights: list[float]) -> Tensor:
+    def _initial_parameter(self, weights: list[float], left_out: Sequence[int]) -> Tensor:
+        # each s_i sets its own λ_i: nothing is shared, so nothing is left out of a scale
         return torch.tensor([-math.log(max(w, 1e-30)) for w in weights], dtype=torch.float64)
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
