@@ -369,7 +369,8 @@ def _zero_weight_terms(d: Diagnosis) -> list[str]:
 
 def _advice(d: Diagnosis) -> list[str]:
     advice = []
-    adapted = any(last != first for first, last, _, _ in d.weights.values())
+    # a weight that moved at any time (also one put back where it started, e.g. by hand)
+    adapted = any(high != low for _, _, low, high in d.weights.values())
     # a weight that moved by at least 2x: enough to credit the balancing with the ratio's fall
     rebalanced = any(low > 0 and high / low >= 2 for _, _, low, high in d.weights.values())
     changed = d.weights_first_changed

@@ -1041,6 +1041,20 @@ def test_the_report_credits_the_balancing_only_when_the_weights_moved_substantia
     assert "the new weights brought it down, nothing to fix there" in advice and "balancing worked" not in advice
 
 
+def test_the_report_does_not_scale_a_weight_by_a_ratio_that_a_weight_put_back_had_caused() -> None:
+    """λ_pde raised 10⁴x by hand for a while, then put back: the crossing was its doing, and the
+    report used to advise raising λ_ic by that ratio (it compared only the first and last λ)."""
+    from lightning_pinn.report import History, diagnose
+
+    history = History()
+    for step, weight in [(0, 1.0), (10, 1e4), (15, 1e4), (20, 1.0), (25, 1.0)]:
+        ratio = 5.0 * weight
+        history.add({"grad_norm/pde": 5.0, "grad_norm/ic": 1.0, "grad_ratio": ratio, "weight/pde": weight, "weight/ic": 1.0}, step)
+        history.add({"grad_norm_weighted/pde": 5.0 * weight, "grad_norm_weighted/ic": 1.0, "alarm/grad_ratio": float(ratio > 100)}, step)
+    advice = " ".join(diagnose(history, threshold=100.0).advice)
+    assert "raise λ_ic" not in advice and "The weights did change during the fit" in advice, advice
+
+
 def test_the_report_names_a_term_kept_at_zero_weight_instead_of_saying_nothing_to_fix() -> None:
     from lightning_pinn.report import History, diagnose, render_markdown
 
