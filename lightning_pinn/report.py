@@ -369,11 +369,10 @@ def _zero_weight_terms(d: Diagnosis) -> list[str]:
 
 def _advice(d: Diagnosis) -> list[str]:
     advice = []
-    # a weight that moved at any time (also one put back where it started, e.g. by hand)
-    adapted = any(high != low for _, _, low, high in d.weights.values())
+    changed = d.weights_first_changed
+    adapted = changed is not None  # a weight moved at some step (also one put back later, e.g. by hand)
     # a weight that moved by at least 2x: enough to credit the balancing with the ratio's fall
     rebalanced = any(low > 0 and high / low >= 2 for _, _, low, high in d.weights.values())
-    changed = d.weights_first_changed
     if d.ratio_spans and rebalanced and changed is not None and all(end is not None and start < changed for start, end in d.ratio_spans):
         # e.g. the step-0 measurement, taken before a balancer's first update
         ends = max(end for _, end in d.ratio_spans if end is not None)

@@ -481,7 +481,7 @@ class GradNormWeighting(_TrainedWeights):
         trained = [i for i in terms if self._adaptive[i]]
         if len(terms) < 2 or not trained:
             return None
-        weights = self._ensure_parameter(left_out=[i for i, here in enumerate(present) if here and values[i] <= 0])
+        weights = self._ensure_parameter(left_out=[i for i, here in enumerate(present) if here and i not in terms])
         ratios = [self._losses[i] / self._initial_losses[i] if self._initial_losses[i] > 0 else 1.0 for i in terms]
         mean_ratio = sum(ratios) / len(ratios)
         inverse_rates = torch.tensor([r / mean_ratio if mean_ratio > 0 else 1.0 for r in ratios], dtype=torch.float64)
