@@ -31,24 +31,29 @@ __all__ = ["GradientReport", "gradient_norms", "imbalance", "nearly_satisfied", 
 def gradient_norms(gradients: Tensor) -> Tensor:
     """Row-wise Euclidean norms ``‖g_i‖₂`` of a ``(K, P)`` matrix of flattened gradients.
 
-    Computed in float64. A sum of squares overflows once entries pass ~1e154 (float64
-    gradients can), so such rows are recomputed scaled, ``‖g‖ = s·‖g/s‖`` with
-    ``s = max_j |g_j|``: only a gradient with a NaN or infinite entry has a non-finite norm.
+    Computed in float64. A sum of squares overflows once entries pass ~1e154 and underflows
+    (to 0, or to a subnormal that has lost digits) once they fall below ~1e-154 (float64
+    gradients can do both), so such rows are recomputed scaled, ``‖g‖ = s·‖g/s‖`` with
+    ``s = max_j |g_j|``: only a gradient with a NaN or infinite entry has a non-finite norm,
+    and only an exactly zero one has a zero norm.
     """
     return _norms_and_directions(gradients.to(torch.float64))[0]
 
 
 #: Above this, a squared norm or a product of two norms (the Gram matrix) may overflow float64.
 _OVERFLOW_RISK = 1e150
+#: Below this (0 included), a squared norm or a product of two norms may have underflowed float64.
+_UNDERFLOW_RISK = 1e-140
 
 
 def _norms_and_directions(grads: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(‖g_i‖, G', ‖g'_i‖)`` for float64 rows ``G``: ``G' = G`` unless a norm is large enough
-    for ``G Gᵀ`` (or the norm itself) to overflow; then each row is divided by its largest
-    entry, which leaves the cosines ``(G' G'ᵀ)_ab / (‖g'_a‖ ‖g'_b‖)`` unchanged."""
+    for ``G Gᵀ`` (or the norm itself) to overflow, or small enough to have underflowed; then
+    each row is divided by its largest entry, which leaves the cosines
+    ``(G' G'ᵀ)_ab / (‖g'_a‖ ‖g'_b‖)`` unchanged."""
     norms = torch.linalg.vector_norm(grads, dim=1)
-    if not grads.numel() or bool((norms <= _OVERFLOW_RISK).all()):
-        return norms, grads, norms  # the usual case (a NaN norm falls through to the check below)
+    if not grads.numel() or bool(((norms <= _OVERFLOW_RISK) & (norms >= _UNDERFLOW_RISK)).all()):
+        return norms, grads, norms  # the usual case (a NaN or zero norm falls through to the check below)
     entries_finite = torch.isfinite(grads).all(dim=1)
     scale = grads.abs().amax(dim=1)
     scale = torch.where(entries_finite & (scale > 0), scale, torch.ones_like(scale))

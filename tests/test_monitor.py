@@ -21,6 +21,7 @@ from tb import custom_scalars_layout, load_events, scalar_series, texts
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
+from lightning_pinn.diagnostics import gradient_norms, summarize_gradients
 from lightning_pinn.problems import HarmonicOscillator
 from lightning_pinn.report import diagnose, render_markdown
 from lightning_pinn.tensorboard import LAYOUT_CATEGORY
@@ -1785,3 +1786,50 @@ def test_finite_float64_gradients_beyond_1e154_are_measured_not_called_infinite(
     assert math.isfinite(float(metrics["grad_ratio"]))
     assert -1.0 <= float(metrics["grad_cosine/pde_vs_bc"]) <= 1.0
     assert balancer.skipped_updates == 0 and balancer.num_updates == 3
+
+
+class TinyBoundaryScale(TwoTermPoisson):
+    """A float64 model whose 'bc' residual is scaled by 1e-100: non-zero gradients of ~1e-200."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        residuals = self.residuals()
+        return self.criterion(pde=residuals["pde"], bc=1e-100 * residuals["bc"])
+
+
+@pytest.mark.parametrize("scale", [1e-100, 1e-158, 1e-200])
+def test_tiny_float64_gradient_norms_and_cosines_are_exact_not_underflowed(scale: float) -> None:
+    gradients = torch.tensor([[3.0, 4.0, 0.0], [1.0, 2.0, 2.0]], dtype=torch.float64) * scale
+    assert gradient_norms(gradients).tolist() == pytest.approx([5.0 * scale, 3.0 * scale], rel=1e-14)
+    report = summarize_gradients(("a", "b"), torch.ones(2), torch.ones(2, dtype=torch.float64), gradients)
+    assert report.norms == pytest.approx((5.0 * scale, 3.0 * scale), rel=1e-14)
+    assert report.zero_terms == ()
+    assert report.ratio == pytest.approx(5.0 / 3.0, rel=1e-14)
+    assert report.cosines[("a", "b")] == pytest.approx(11.0 / 15.0, rel=1e-14)
+    assert gradient_norms(torch.zeros(2, 3, dtype=torch.float64)).tolist() == [0.0, 0.0]
+
+
+def test_a_float64_term_with_gradients_of_1e_minus_200_is_measured_not_called_zero() -> None:
+    torch.manual_seed(0)
+    model = TinyBoundaryScale().double()
+    residuals = model.residuals()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def flat(loss: torch.Tensor) -> torch.Tensor:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1) for g, p in zip(grads, params)])
+
+    expected = flat((1e-100 * residuals["bc"]).square().mean())
+    expected_norm = math.sqrt(float(((expected / expected.abs().max()) ** 2).sum())) * float(expected.abs().max())
+    pde = flat(residuals["pde"].square().mean())
+    expected_cosine = float(torch.nn.functional.cosine_similarity(pde, expected / expected.abs().max(), dim=0))
+    assert 1e-230 < expected_norm < 1e-170
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    trainer = make_trainer(1, [monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model)
+    assert not [w for w in caught if "zero gradient" in str(w.message)]
+    metrics = trainer.callback_metrics
+    assert float(metrics["grad_norm/bc"]) == pytest.approx(expected_norm, rel=1e-12)
+    assert "grad_ratio" in metrics and math.isfinite(float(metrics["grad_ratio"]))
+    assert float(metrics["grad_cosine/pde_vs_bc"]) == pytest.approx(expected_cosine, rel=1e-9, abs=1e-12)
