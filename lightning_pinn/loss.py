@@ -132,6 +132,11 @@ def _check_term_name(name: str) -> None:
             "grad_cosine/<a>_vs_<b>): use a name without '/', whitespace or a 'vs' word (as in 'u_vs_v', 'vs_b', "
             "'a_vs'), e.g. 'bc_left'."
         )
+    if name == "self":  # nn.Module.__call__(self, *args, **kwargs) takes it as the module itself
+        raise ValueError(
+            "MultiTermLoss: term name 'self' cannot be passed by keyword to the loss (criterion(self=...) clashes with "
+            "Python's `self` in the module's call): rename the term, e.g. 'self_consistency'."
+        )
     invisible = [c for c in name if unicodedata.category(c) == "Cc" or c in _INVISIBLE]
     if name[:1] in _JOINERS or name[-1:] in _JOINERS:  # a joiner joins two visible characters, or nothing
         invisible.append(name[0] if name[:1] in _JOINERS else name[-1])
@@ -188,7 +193,7 @@ class MultiTermLoss(nn.Module):
 
     lambdas: Tensor
 
-    def __init__(self, *args: Any, **initial_weights: float) -> None:
+    def __init__(self, /, *args: Any, **initial_weights: float) -> None:
         super().__init__()
         if args:
             raise TypeError(
@@ -304,8 +309,11 @@ class MultiTermLoss(nn.Module):
                 raise ValueError(
                     f"set_weights: expected {len(self._term_names)} weights for terms {self._term_names}, got shape {tuple(weights.shape)}."
                 )
-            if weights.is_complex():
-                raise TypeError(f"set_weights: weights must be real, got a {weights.dtype} tensor for terms {self._term_names}.")
+            if weights.is_complex() or weights.dtype == torch.bool:
+                raise TypeError(
+                    f"set_weights: weights must be real numbers, got a {weights.dtype} tensor for terms {self._term_names}; "
+                    f"pass e.g. torch.tensor({[1.0] * len(self._term_names)})."
+                )
             values = weights.detach().tolist()
             if all(math.isfinite(value) and value >= 0 for value in values):  # fast path: one transfer, no tensor ops
                 _check_representable(self._term_names, values, self.lambdas.dtype, "set_weights")

@@ -182,6 +182,8 @@ def test_set_weights_tensor_path_checks_every_value() -> None:
         loss.set_weights(torch.tensor([-1.0, 2.0]))
     with pytest.raises(TypeError, match="must be real"):
         loss.set_weights(torch.tensor([1.0, 2.0], dtype=torch.complex64))
+    with pytest.raises(TypeError, match=r"must be real numbers, got a torch.bool tensor .*torch.tensor\(\[1.0, 1.0\]\)"):
+        loss.set_weights(torch.tensor([True, True]))  # refused, as True is in the dict form
     assert loss.weights == {"pde": 1.0, "ic": 1.0}
     loss.set_weights(torch.tensor([2.0, 3.0], requires_grad=True))
     assert loss.weights == {"pde": 2.0, "ic": 3.0} and not loss.lambdas.requires_grad
@@ -355,3 +357,13 @@ def test_two_unicode_spellings_of_one_name_are_refused_and_other_scripts_are_fin
     # joiners between two characters are part of real spellings (Persian, Devanagari, emoji sequences)
     joined = ["می\u200cخواهم", "क्\u200dष", "👨\u200d👩\u200d👧"]
     assert MultiTermLoss(**dict.fromkeys(joined, 1.0)).term_names == tuple(joined)
+
+
+def test_a_term_named_self_is_refused_with_the_fix() -> None:
+    from lightning_pinn import PINNModule
+
+    with pytest.raises(ValueError, match=r"term name 'self' .* rename the term, e\.g\. 'self_consistency'"):
+        MultiTermLoss(self=1.0, pde=1.0)
+    with pytest.raises(ValueError, match=r"term name 'self'"):
+        PINNModule(weights={"self": 1.0, "pde": 1.0})
+    assert MultiTermLoss(self_consistency=1.0).term_names == ("self_consistency",)

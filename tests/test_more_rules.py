@@ -12,7 +12,7 @@ import torch
 from conftest import TwoTermPoisson, make_trainer
 
 from lightning_pinn import MultiTermLoss
-from lightning_pinn.alerts import TermGradientWarning
+from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks import (
     GradNormBalancer,
     GradNormWeighting,
@@ -374,7 +374,8 @@ def test_trained_weights_stay_where_their_lambda_is_clamped() -> None:
 
     for balancer in (UncertaintyWeighting(learning_rate=0.5, max_weight=2.0), GradNormWeighting(learning_rate=0.5, max_weight=1.2)):
         model = TwoTermPoisson()
-        make_trainer(20, [balancer]).fit(model)
+        with pytest.warns(WeightUpdateWarning, match="was clamped to (max|min)_weight"):
+            make_trainer(20, [balancer]).fit(model)
         parameter = balancer._parameter
         assert parameter is not None
         internal = torch.exp(-parameter) if isinstance(balancer, UncertaintyWeighting) else parameter
@@ -461,3 +462,34 @@ def test_gradnorm_weighting_leaves_a_zero_gradient_term_out_and_keeps_its_weight
     assert without.criterion.weights["bc"] > 1.5  # the rule did move the weights
     for term in ("pde", "bc"):
         assert with_zero.criterion.weights[term] == pytest.approx(without.criterion.weights[term], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make, bound, term",
+    [
+        (lambda: UncertaintyWeighting(learning_rate=2.0, max_weight=1e3), "max_weight=1000", "bc"),
+        (lambda: GradNormWeighting(learning_rate=0.5, min_weight=1e-2), "min_weight=0.01", "pde"),
+    ],
+    ids=["uncertainty", "gradnorm"],
+)
+def test_trained_weights_warn_when_their_lambda_is_clamped(make: Any, bound: str, term: str) -> None:
+    balancer = make()
+    model = Unequal()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(12, [balancer]).fit(model)
+    clamped = [str(w.message) for w in caught if issubclass(w.category, WeightUpdateWarning) and "clamped" in str(w.message)]
+    assert len(clamped) == 1 and f"term '{term}'" in clamped[0] and bound in clamped[0], clamped  # once per episode
+
+
+def test_uncertainty_weighting_warns_when_it_pulls_a_starting_weight_into_range() -> None:
+    model = Unequal()
+    model.criterion.set_weights({"bc": 1e9})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(1, [UncertaintyWeighting()]).fit(model)
+    assert any(
+        issubclass(w.category, WeightUpdateWarning) and "term 'bc'" in str(w.message) and "max_weight=1e+06" in str(w.message)
+        for w in caught
+    )
+    assert model.criterion.weights["bc"] == 1e6

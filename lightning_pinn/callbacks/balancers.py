@@ -516,8 +516,9 @@ class WeightBalancer(PerTermCallback):
             self._clamp_warned.add(name)
             bound = "max_weight" if value > clamped else "min_weight"
             extra = hint() if hint is not None and bound == "max_weight" else ""
+            shown = next((text for text in (f"{value:.3g}", f"{value:.6g}") if text != f"{clamped:.6g}"), repr(value))
             self._warn(
-                f"{type(self).__name__}: the weight of term '{name}' ({value:.3g}) was clamped to {bound}={clamped:g} "
+                f"{type(self).__name__}: the weight of term '{name}' ({shown}) was clamped to {bound}={clamped:g} "
                 f"at step {step}. Its {self._quantity} is extreme relative to the other terms; "
                 + (extra or f"check its residual's scale, or widen the range with {bound}=... ."),
                 category=WeightUpdateWarning,

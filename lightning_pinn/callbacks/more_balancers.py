@@ -490,12 +490,13 @@ class GradNormWeighting(_TrainedWeights):
         used = torch.stack([weights[i] if self._adaptive[i] else weights.new_tensor(current[i]) for i in terms])
         before = self._step(gradnorm_objective(used, norms, inverse_rates, self.alpha), trained)
         with torch.no_grad():
-            weights[trained] = weights[trained].clamp(min=self.min_weight)
+            weights[trained] = weights[trained].clamp(min=self.min_weight)  # positive before the rescale
             if len(trained) == len(terms):  # Σ w = K over the terms it saw (with fixed terms, their λ anchor the scale)
                 weights[trained] = weights[trained] * (before[trained].sum() / weights[trained].sum())
+            # proposed unclamped: the base class clamps λ to [min_weight, max_weight] and warns when it does
+            proposed = _scatter(len(values), trained, weights[trained].tolist())  # nan: the other terms keep their λ
             weights[trained] = weights[trained].clamp(min=self.min_weight, max=self.max_weight)  # w stays where λ is clamped
-        new = _scatter(len(values), trained, weights[trained].tolist())  # nan: the other terms keep their λ
-        return new, new
+        return proposed, proposed
 
     def _reset_fit_state(self) -> None:
         super()._reset_fit_state()
@@ -563,11 +564,12 @@ class UncertaintyWeighting(_TrainedWeights):
             return None
         log_variances = self._ensure_parameter()
         self._step(uncertainty_objective(log_variances[terms], torch.tensor([values[i] for i in terms], dtype=torch.float64)), terms)
+        # proposed unclamped: the base class clamps λ to [min_weight, max_weight] and warns when it does
+        proposed = torch.exp(-log_variances.detach()).tolist()
         with torch.no_grad():  # λ = exp(−s) within [min_weight, max_weight]: s stays where λ is clamped
             log_variances[terms] = log_variances[terms].clamp(min=-math.log(self.max_weight), max=-math.log(self.min_weight))
-        new = torch.exp(-log_variances.detach()).tolist()
         target = [1.0 / values[i] if present[i] and values[i] > 0 else math.nan for i in range(len(values))]
-        return new, target
+        return proposed, target
 
 
 #: How WeightSchedule's errors about its knots name the argument.
