@@ -39,6 +39,7 @@ __all__ = [
     "grad_norm_weights",
     "ntk_trace_weights",
     "inverse_ratio_weights",
+    "held_at_reference",
     "smooth",
     "softadapt_weights",
     "relobralo_balance",
@@ -74,6 +75,20 @@ def _reference_weights(values: Sequence[float], reference: int) -> list[float]:
     if not _usable(scale):
         return [math.nan] * len(values)
     return inverse_ratio_weights(values, scale)
+
+
+def held_at_reference(targets: Sequence[float], reference: int) -> list[float]:
+    """A rule's targets rescaled so that the reference term's is 1: ``λ̂_i / λ̂_ref``.
+
+    For a rule of the form ``λ̂_i = c / q_i`` (gradient-norm max/mean, NTK ``Σ t / t_i``) this is
+    ``q_ref / q_i``, the reference form of Wang, Teng & Perdikaris 2021. All ``nan`` (no weight
+    changes) when the reference's target is zero, negative or not finite.
+    """
+    targets = [float(v) for v in targets]
+    scale = targets[reference]
+    if not _usable(scale):
+        return [math.nan] * len(targets)
+    return [v / scale for v in targets]
 
 
 def grad_norm_weights(norms: Sequence[float], rule: GradNormRule = "max", reference: int | None = None) -> list[float]:

@@ -116,3 +116,48 @@ def test_the_readmes_custom_rule_trains_and_weights_the_smaller_gradient_more() 
     smaller, larger = ("bc", "pde") if first[1] < first[0] else ("pde", "bc")
     weights = model.criterion.weights
     assert weights[smaller] > weights[larger] and all(math.isfinite(w) for w in weights.values())
+
+
+def test_held_at_reference_divides_by_the_reference_target() -> None:
+    from lightning_pinn.rules import held_at_reference
+
+    assert held_at_reference([4.0, 2.0, 8.0], 1) == [2.0, 1.0, 4.0]
+    # a gradient-norm rule's targets c/‖g_i‖, held at the reference, are ‖g_ref‖/‖g_i‖ whatever c
+    norms = [3.0, 0.5, 12.0]
+    assert held_at_reference(grad_norm_weights(norms, "mean"), 0) == pytest.approx(grad_norm_weights(norms, "max", reference=0))
+    for unusable in (0.0, math.nan, math.inf, -1.0):
+        assert all(math.isnan(v) for v in held_at_reference([1.0, unusable, 2.0], 1))
+
+
+@pytest.mark.parametrize("absent_from", [None, 10])
+def test_a_custom_rule_holds_its_reference_at_one_like_the_built_in_rules(absent_from: int | None) -> None:
+    """README: a rule of your own inherits ``reference=``: held at λ = 1, and no weight changes
+    (one warning) while the reference term is absent."""
+    import warnings
+
+    import torch
+    from conftest import ExtraTermPoisson, make_trainer
+
+    from lightning_pinn.alerts import WeightUpdateWarning
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    namespace: dict[str, object] = {"__name__": "readme_custom_rule"}
+    exec(compile(_readme_block("custom-rule"), "README.md:custom-rule", "exec"), namespace)
+    custom_rule = namespace["MedianNormBalancer"]
+
+    def extra(model: object, batch_idx: int) -> object:
+        return None if absent_from is not None and batch_idx >= absent_from else 0.01 * (model.net(model.x) - 1)  # type: ignore[attr-defined]
+
+    results = []
+    for balancer in (custom_rule(every_n_steps=5, reference="data"), GradNormBalancer(every_n_steps=5, reference="data")):
+        torch.manual_seed(0)
+        model = ExtraTermPoisson("data", extra, weight=2.0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(21, [balancer]).fit(model)
+        about_reference = [w for w in caught if issubclass(w.category, WeightUpdateWarning) and "reference term 'data'" in str(w.message)]
+        assert len(about_reference) == (0 if absent_from is None else 1)
+        results.append(model.criterion.weights)
+    # median/‖g_i‖ held at the reference is ‖g_data‖/‖g_i‖: the built-in rule's target, step for step
+    assert results[0] == pytest.approx(results[1], rel=1e-6)
+    assert results[0]["data"] == pytest.approx(1.0)

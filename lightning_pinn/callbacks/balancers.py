@@ -20,7 +20,7 @@ from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callb
 from lightning_pinn.diagnostics import gradient_norms, nearly_satisfied
 from lightning_pinn.engine import StepMeasurement, TraceRequest, untraceable_term_error
 from lightning_pinn.loss import first_unrepresentable
-from lightning_pinn.rules import GradNormRule, grad_norm_weights, ntk_trace_weights, smooth
+from lightning_pinn.rules import GradNormRule, grad_norm_weights, held_at_reference, ntk_trace_weights, smooth
 
 __all__ = ["WeightBalancer", "GradNormBalancer", "NTKBalancer"]
 
@@ -194,6 +194,10 @@ class WeightBalancer(PerTermCallback):
     def _rule(self, values: list[float]) -> list[float]:
         """Target weights ``λ̂`` from :meth:`_rule_inputs`; ``nan`` where undefined."""
         raise NotImplementedError
+
+    #: Whether :meth:`_rule` applies ``reference`` itself; otherwise :meth:`_propose` rescales its
+    #: targets so that the reference's is 1 (:func:`~lightning_pinn.rules.held_at_reference`).
+    _rule_applies_reference = False
 
     _quantity = "gradient norm"
     _zero_cause = "it reaches no trainable parameter, or its loss is exactly minimal"
@@ -475,6 +479,12 @@ class WeightBalancer(PerTermCallback):
         ``nan`` keep their current weight.
         """
         target = self._rule(values)
+        if self._reference_index is not None and not self._rule_applies_reference:
+            # a rule written without the reference (e.g. your own): hold the reference at λ = 1 by
+            # rescaling its targets; while the reference is absent (or zero where that is undefined), none apply
+            ref = self._reference_index
+            usable = bool(measurement.present[ref]) and (values[ref] != 0 or not self._zero_is_undefined)
+            target = held_at_reference(target, ref) if usable else [math.nan] * len(target)
         smoothed = smooth(current, target, self.momentum)
         if self.smooth_first_update:
             return smoothed, target
@@ -652,6 +662,8 @@ class GradNormBalancer(WeightBalancer):
         assert measurement.gradients is not None
         return gradient_norms(measurement.gradients)
 
+    _rule_applies_reference = True
+
     def _rule(self, values: list[float]) -> list[float]:
         return grad_norm_weights(values, self.rule, self._reference_index)
 
@@ -788,6 +800,8 @@ class NTKBalancer(WeightBalancer):
         assert measurement.traces is not None
         self.last_traces = dict(zip(measurement.terms, measurement.traces.tolist()))
         return measurement.traces
+
+    _rule_applies_reference = True
 
     def _rule(self, values: list[float]) -> list[float]:
         return ntk_trace_weights(values, self._reference_index)

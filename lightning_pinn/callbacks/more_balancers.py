@@ -317,6 +317,8 @@ class LRAnnealingBalancer(WeightBalancer):
             self._abs = self._abs * lambdas.unsqueeze(1)
         return gradient_norms(measurement.gradients)  # for the finiteness and zero checks
 
+    _rule_applies_reference = True
+
     def _rule(self, values: list[float]) -> list[float]:
         assert self._reference_index is not None
         stat = {"max": lambda t: t.max(dim=1).values, "mean": lambda t: t.mean(dim=1)}
