@@ -18,6 +18,13 @@ from lightning_pinn import MultiTermLoss
 from lightning_pinn.autodiff import derivative
 
 
+def flat_gradient(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """``∇θ loss`` flattened over ``params`` (zeros for a parameter the loss does not reach); the
+    graph is kept, so several terms' gradients can be taken from one forward pass."""
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
+
+
 def make_trainer(max_steps: int, callbacks: list[Any] | None = None, trainer_class: type[Any] = pl.Trainer, **kwargs: Any) -> Any:
     """A quiet CPU trainer for tests (``trainer_class``: e.g. ``lightning.pytorch.Trainer``)."""
     options: dict[str, Any] = dict(

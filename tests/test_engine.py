@@ -8,7 +8,7 @@ import warnings
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TwoTermPoisson, make_trainer
+from conftest import TwoTermPoisson, flat_gradient, make_trainer
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.callbacks import GradientNormMonitor
@@ -21,8 +21,7 @@ def _hand_gradients(model: TwoTermPoisson) -> dict[str, torch.Tensor]:
     residuals = model.residuals()
     out = {}
     for name, r in residuals.items():
-        grads = torch.autograd.grad(r.pow(2).mean(), params, retain_graph=True, allow_unused=True)
-        out[name] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+        out[name] = flat_gradient(r.pow(2).mean(), params)
     return out
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TwoTermPoisson, make_trainer
+from conftest import TwoTermPoisson, flat_gradient, make_trainer
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
@@ -61,11 +61,6 @@ def test_lr_annealing_uses_max_over_mean_entries() -> None:
     assert weights[1] > weights[0], "the term with smaller gradient entries gets the larger weight"
 
 
-def _flat_grad(loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    grads = torch.autograd.grad(loss, params, allow_unused=True)  # the pde term misses the last bias
-    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten() for g, p in zip(grads, params)])
-
-
 def test_lr_annealing_paper_formula_and_release_variant_on_a_real_step() -> None:
     """gradients='unweighted': max|∇L_pde| / mean|∇L_bc| by hand; 'weighted' (the 2021 release): that over λ_bc."""
     targets = {}
@@ -75,8 +70,8 @@ def test_lr_annealing_paper_formula_and_release_variant_on_a_real_step() -> None
         model.criterion.set_weights({"bc": 4.0})
         if gradients == "unweighted":
             params = [p for p in model.parameters() if p.requires_grad]
-            g_pde = _flat_grad(model.residuals()["pde"].square().mean(), params)
-            g_bc = _flat_grad((1e-3 * (model.net(model.x) - 1)).square().mean(), params)
+            g_pde = flat_gradient(model.residuals()["pde"].square().mean(), params)
+            g_bc = flat_gradient((1e-3 * (model.net(model.x) - 1)).square().mean(), params)
             by_hand = (g_pde.abs().max() / g_bc.abs().mean()).item()
         callback = LRAnnealingBalancer(reference="pde", every_n_steps=1, momentum=0.0, gradients=gradients, max_weight=1e12)
         _fit(callback, steps=1, model=model)

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import ExtraTermPoisson, ManualOptimization, TwoLossPoisson, TwoTermPoisson, make_trainer
+from conftest import ExtraTermPoisson, ManualOptimization, TwoLossPoisson, TwoTermPoisson, flat_gradient, make_trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.precision import MixedPrecision
 
@@ -492,8 +492,7 @@ def _hand_term_gradients(model: TwoTermPoisson, residuals: dict[str, torch.Tenso
         if residual is None or not residual.requires_grad:  # absent from this call, or constant in it (its parameters frozen)
             out[name] = torch.cat([torch.zeros_like(p).reshape(-1) for p in params])
             continue
-        grads = torch.autograd.grad(residual.square().mean(), params, retain_graph=True, allow_unused=True)
-        out[name] = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params)])
+        out[name] = flat_gradient(residual.square().mean(), params)
     return out
 
 
