@@ -55,6 +55,9 @@ def check_term_names(
 ) -> list[str]:
     """A list of at least ``minimum`` term names (non-empty strings), duplicates dropped, order kept.
 
+    A set is sorted: its iteration order changes between processes (string hashing), and the
+    names make a callback's ``state_key``, which must be the same when a fit is resumed.
+
     ``none_means`` says what ``None`` does instead (for the message), e.g. ``"all terms"``;
     ``type_error`` is raised for a value that is not a list of names (a bare string, a number).
     """
@@ -64,7 +67,7 @@ def check_term_names(
         or not all(isinstance(item, str) and item for item in value)
     ):
         raise type_error(f"{owner}: {name} must be a list of term names (e.g. {example}) or None for {none_means}, got {value!r}.")
-    names = list(dict.fromkeys(value))
+    names = sorted(value) if isinstance(value, (set, frozenset)) else list(dict.fromkeys(value))
     if len(names) < minimum:
         raise ValueError(
             f"{owner}: {name} must be a non-empty list of term names naming at least {minimum} different term"

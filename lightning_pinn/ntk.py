@@ -106,7 +106,10 @@ def jacobian_row_sq_norms(
     if chunk_size is None:
         chunk_size = auto_chunk_size(residual.numel(), sum(p.numel() for p in params), residual.device)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        raise ValueError(
+            f"jacobian_row_sq_norms: chunk_size must be an integer >= 1 (points per batched product), or None to size the "
+            f"chunks from the free memory; got {chunk_size}."
+        )
     components = 2 if residual.is_complex() else 1
     with torch.enable_grad():  # may run inside a backward pass, where grad mode is off
         flat = torch.view_as_real(residual).reshape(-1) if components == 2 else residual.reshape(-1)

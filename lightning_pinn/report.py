@@ -246,8 +246,12 @@ def _spans(steps: list[int], flags: list[bool]) -> list[tuple[int, int | None]]:
     return spans
 
 
-def diagnose(history: History, threshold: float | None = None, cosine_threshold: float = -0.5) -> Diagnosis:
-    """Read the verdict out of a history of the monitor's scalars (see the README's tag table)."""
+def diagnose(history: History, threshold: float | None = None) -> Diagnosis:
+    """Read the verdict out of a history of the monitor's scalars (see the README's tag table).
+
+    ``threshold``: the ratio threshold, if the history does not hold the ``grad_ratio_threshold``
+    the monitor logs; the conflict alarm's spans are read from its ``alarm/grad_conflict/<a>_vs_<b>`` tags.
+    """
     result = Diagnosis()
     terms = history.terms("grad_norm")
     result.terms = len(terms)
@@ -619,7 +623,6 @@ def write_report(
     history: History,
     folder: str | Path,
     title: str = "Loss-balance diagnosis",
-    cosine_threshold: float = -0.5,
     name: str = "diagnosis",
 ) -> tuple[Path | str, Path | str]:
     """Write ``<name>.md`` and ``<name>.png`` into ``folder``; return their paths.
@@ -627,7 +630,7 @@ def write_report(
     ``folder`` may be a local path or an fsspec URL (``s3://…``, ``memory://…``: a logger's remote
     ``save_dir``), written through its filesystem; for a URL the paths returned are URLs (``str``).
     """
-    diagnosis = diagnose(history, cosine_threshold=cosine_threshold)
+    diagnosis = diagnose(history)
     return _write_report_files(_report_markdown(diagnosis, title, name), history, folder, title, name)
 
 

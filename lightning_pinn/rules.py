@@ -44,7 +44,9 @@ __all__ = [
     "softadapt_weights",
     "relobralo_balance",
     "relobralo_weights",
+    "gradient_entry_statistics",
     "lr_annealing_weights",
+    "inverse_training_rates",
     "gradnorm_objective",
     "uncertainty_objective",
 ]
@@ -204,6 +206,23 @@ def relobralo_weights(
 
 
 # --------------------------------------------------------------------------- gradient statistics
+def gradient_entry_statistics(
+    gradients: Tensor, statistics: Sequence[GradNormRule], weights: Tensor | None = None
+) -> tuple[list[float], ...]:
+    """The statistics of learning-rate annealing: ``max_j |g_ij|`` or ``mean_j |g_ij|`` per term ``i``.
+
+    ``gradients`` is the ``(K, P)`` matrix of the terms' flattened gradients ``g_i = ∇θ L_i``; the
+    statistic is taken over its ``P`` entries (all trainable parameters). With ``weights``, over
+    ``|λ_i g_ij|`` instead: the gradient of the *weighted* loss, as Wang, Teng & Perdikaris's 2021
+    code differentiated it. One list of ``K`` floats per name in ``statistics``, in order.
+    """
+    magnitudes = gradients.abs()
+    if weights is not None:
+        magnitudes = magnitudes * weights.to(device=magnitudes.device, dtype=magnitudes.dtype).unsqueeze(1)
+    reduce = {"max": lambda t: t.max(dim=1).values, "mean": lambda t: t.mean(dim=1)}
+    return tuple(reduce[name](magnitudes).tolist() for name in statistics)
+
+
 def lr_annealing_weights(numerator_stats: Sequence[float], denominator_stats: Sequence[float], reference: int) -> list[float]:
     """Learning-rate annealing as in the 2021 code of Wang, Teng & Perdikaris.
 
@@ -223,6 +242,16 @@ def lr_annealing_weights(numerator_stats: Sequence[float], denominator_stats: Se
 
 
 # --------------------------------------------------------------------------- weights trained by gradient
+def inverse_training_rates(losses: Sequence[float], initial_losses: Sequence[float]) -> list[float]:
+    """GradNorm's inverse training rates ``r_i = L̃_i / mean_j L̃_j`` with ``L̃_i = L_i(t) / L_i(0)``
+    (Chen, Badrinarayanan, Lee & Rabinovich 2018): above 1 for a term whose loss falls slower
+    than the others'. A term with ``L_i(0) = 0`` counts as ``L̃_i = 1``; all rates are 1 when
+    every ``L̃`` is 0."""
+    ratios = [loss / initial if initial > 0 else 1.0 for loss, initial in zip(losses, initial_losses)]
+    mean_ratio = sum(ratios) / len(ratios)
+    return [ratio / mean_ratio if mean_ratio > 0 else 1.0 for ratio in ratios]
+
+
 def gradnorm_objective(weights: Tensor, grad_norms: Tensor, loss_ratios: Tensor, alpha: float) -> Tensor:
     """GradNorm's gradient loss (Chen, Badrinarayanan, Lee & Rabinovich 2018, ICML), to minimise over ``weights``.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
 import tempfile
 import warnings
@@ -309,6 +310,27 @@ def test_two_balancers_on_different_terms_each_keep_their_state() -> None:
     _quiet_fit(ExtraTermPoisson("data", lambda m, _: m.net(m.x[:4]) - 0.3), 4, [a, b])
     assert (a.num_updates, b.num_updates) == (4, 2)
     assert a.state_key != b.state_key
+
+
+def test_terms_given_as_a_set_make_the_same_state_key_in_every_process() -> None:
+    """A set's order follows string hashing, which changes between processes: the key a resumed
+    fit looks its state up by must not (Lightning skips a key it cannot find, silently)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from lightning_pinn.callbacks import GradNormBalancer, GradientNormMonitor; "
+        "print(GradNormBalancer(terms={'ic', 'bc', 'data', 'pde'}).state_key); "
+        "print(GradientNormMonitor(ratio_terms={'ic', 'bc', 'data', 'pde'}).state_key)"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", script], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(keys) == 1, keys
+    assert "('bc', 'data', 'ic', 'pde')" in keys.pop()
 
 
 @pytest.mark.parametrize(

@@ -382,7 +382,11 @@ def test_a_check_more_frequent_than_the_measurements_is_warned_about(tmp_path: P
 
     stop = EarlyStopping(monitor="loss/pde", patience=3, check_on_train_epoch_end=True)
     trainer = make_trainer(40, [GradientNormMonitor(report=False), stop], limit_train_batches=4)
-    with pytest.warns(UserWarning, match=r"EarlyStopping\(monitor='loss/pde'\) checks about every 4 optimizer.*every_n_steps=4"):
+    with pytest.warns(
+        UserWarning,
+        match=r"EarlyStopping\(monitor='loss/pde'\) checks about every 4 optimizer.*"
+        r"counts such repeats as no improvement.*every_n_steps=4.*EarlyStopping\(patience=13\)",
+    ):
         trainer.fit(TwoTermPoisson())
 
 
@@ -467,7 +471,9 @@ def test_a_check_on_a_weight_is_warned_about_by_the_callback_that_renews_it(tmp_
     best = ModelCheckpoint(dirpath=tmp_path / "balancer", monitor="weight/bc", mode="max")
     trainer = make_trainer(4, [GradNormBalancer(every_n_steps=20), best], limit_train_batches=4, enable_checkpointing=True)
     with pytest.warns(
-        UserWarning, match=r"GradNormBalancer: ModelCheckpoint\(monitor='weight/bc'\) checks about every 4 .*every 20 steps.*patience=5"
+        UserWarning,
+        match=r"GradNormBalancer: ModelCheckpoint\(monitor='weight/bc'\) checks about every 4 .*every 20 steps.*"
+        r"measured up to 19 steps earlier.*ModelCheckpoint\(monitor='weight/bc', every_n_train_steps=20\)",
     ):
         trainer.fit(TwoTermPoisson())
 

@@ -602,6 +602,14 @@ def test_unknown_loss_module_name() -> None:
         make_trainer(2, [GradientNormMonitor(loss_module="crit")]).fit(model)
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_a_blank_loss_module_name_is_refused_before_the_fit(name: str) -> None:
+    """Checked in __init__ (the Lightning convention), not at the fit's start."""
+    for make in (GradientNormMonitor, GradNormBalancer):
+        with pytest.raises(ValueError, match=rf"{make.__name__}: loss_module must name the attribute.*got '{name}'"):
+            make(loss_module=name)
+
+
 def test_a_logger_prefix_reaches_the_layout_and_the_report_command(tmp_path: Any) -> None:
     """TensorBoardLogger(prefix="train") writes train-grad_norm/<term>: the custom-scalars layout
     matched nothing and `lightning-pinn report` replaced the fit's report with an empty one."""
@@ -684,6 +692,17 @@ def test_bad_threshold(value: float) -> None:
 def test_bad_conflict_arguments(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         GradientNormMonitor(**kwargs)
+
+
+def test_a_stall_test_over_one_measurement_is_refused() -> None:
+    """With cosine_patience=1 the stall test has nothing to compare with (every low cosine would
+    alarm, even while the pair's loss halves): refused, naming both ways out."""
+    with pytest.raises(
+        ValueError, match=r"cosine_patience=1 .*conflict_min_decrease=0\.05.*cosine_patience >= 2, or conflict_min_decrease=None"
+    ):
+        GradientNormMonitor(cosine_patience=1)
+    GradientNormMonitor(cosine_patience=1, conflict_min_decrease=None)  # the cosine alone: a stall is not asked for
+    GradientNormMonitor(cosine_patience=1, cosine_threshold=None)  # no conflict alarm at all
 
 
 # ------------------------------------------------------------------ one monitor, several fits

@@ -6,6 +6,7 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -24,7 +25,9 @@ from lightning_pinn.callbacks import (
     WeightSchedule,
 )
 from lightning_pinn.rules import (
+    gradient_entry_statistics,
     gradnorm_objective,
+    inverse_training_rates,
     lr_annealing_weights,
     relobralo_balance,
     relobralo_weights,
@@ -34,6 +37,22 @@ from lightning_pinn.rules import (
 
 
 # ------------------------------------------------------------------ pure formulas
+def test_gradient_entry_statistics_are_max_and_mean_of_the_absolute_entries() -> None:
+    gradients = torch.tensor([[3.0, -4.0, 1.0, 0.0], [-0.5, 0.25, 0.0, 0.25]])
+    top, bottom = gradient_entry_statistics(gradients, ("max", "mean"))
+    assert top == [4.0, 0.5] and bottom == [2.0, 0.25]
+    # of the weighted losses' gradients λ_i g_i (the 2021 code's convention)
+    (weighted,) = gradient_entry_statistics(gradients, ("mean",), weights=torch.tensor([2.0, 10.0]))
+    assert weighted == [4.0, 2.5]
+
+
+def test_inverse_training_rates_are_the_relative_loss_ratios() -> None:
+    # L̃ = (0.5, 1.0, 0.25 / 0.5 = 0.5): mean 2/3, so r = (0.75, 1.5, 0.75)
+    assert inverse_training_rates([0.5, 2.0, 0.25], [1.0, 2.0, 0.5]) == pytest.approx([0.75, 1.5, 0.75])
+    assert inverse_training_rates([1.0, 3.0], [0.0, 3.0]) == [1.0, 1.0]  # L(0) = 0 counts as L̃ = 1
+    assert inverse_training_rates([0.0, 0.0], [1.0, 2.0]) == [1.0, 1.0]  # every loss at 0: no term is behind
+
+
 def test_softadapt_weights_the_slowest_term_most() -> None:
     weights = softadapt_weights([0.9, 0.5], [1.0, 1.0], beta=5.0)  # 'a' fell by 0.1, 'b' by 0.5
     assert weights[0] > weights[1] and sum(weights) == pytest.approx(2.0)
@@ -396,6 +415,9 @@ def test_gradnorm_weighting_starts_from_equal_weights_when_every_weight_is_zero(
         (lambda: SoftAdaptBalancer(loss_weighted="no"), "loss_weighted must be True or False"),
         (lambda: WeightSchedule({"ic": [(0, 1.0), (99.9, 5.0)]}), r"integers >= 0 \(optimizer steps\), got 99.9"),
         (lambda: WeightSchedule({"ic": [(0, 1.0), (10, True)]}), "must be numbers, got True"),
+        (lambda: WeightSchedule({"ic": [(0, np.array([1.0, 2.0]))]}), r"weights of term 'ic' must be numbers, got array\(\[1\., 2\.\]\)"),
+        (lambda: WeightSchedule({"ic": [(0, torch.tensor([1.0, 2.0]))]}), r"weights of term 'ic' must be numbers, got tensor"),
+        (lambda: WeightSchedule({"ic": [(0, "1.0")]}), r"weights of term 'ic' must be numbers, got '1\.0'"),
     ],
 )
 def test_loose_arguments_are_refused_by_name(make: Any, message: str) -> None:
@@ -475,6 +497,16 @@ def test_trained_weights_warn_when_their_lambda_is_clamped(make: Any, bound: str
         make_trainer(12, [balancer]).fit(model)
     clamped = [str(w.message) for w in caught if issubclass(w.category, WeightUpdateWarning) and "clamped" in str(w.message)]
     assert len(clamped) == 1 and f"term '{term}'" in clamped[0] and bound in clamped[0], clamped  # once per episode
+
+
+def test_gradnorm_weighting_renormalises_to_k_after_a_clamp_not_to_the_clamped_sum() -> None:
+    """Chen et al. renormalise Σ w = K every update; keeping the sum before each update instead
+    let a weight clamped at max_weight shrink the scale for good (it ended at Σ w = 1.5 for K = 2)."""
+    balancer = GradNormWeighting(learning_rate=0.5, max_weight=1.5)
+    model = _fit(balancer, steps=40)
+    assert model.criterion.weights["bc"] == 1.5  # clamped: the rule wants more
+    # each update proposes (and targets) weights that sum to K = 2, the clamp then applies
+    assert sum(balancer.last_target.values()) == pytest.approx(2.0, rel=1e-9)
 
 
 def test_uncertainty_weighting_warns_when_it_pulls_a_starting_weight_into_range() -> None:

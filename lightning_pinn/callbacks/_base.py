@@ -337,13 +337,17 @@ def _checkpoint_interval(callback: Any, trainer: pl.Trainer, steps_per_epoch: in
     return min(intervals) if intervals else None
 
 
-def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int, accumulations: list[int]) -> list[tuple[str, str, int, str]]:
-    """``(who, tag, checks every n optimizer steps, how to make it wait)`` for each EarlyStopping,
+#: What a repeated value does to an EarlyStopping or a plateau scheduler.
+_COUNTS_REPEATS = "it counts such repeats as no improvement"
+
+
+def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int, accumulations: list[int]) -> list[tuple[str, str, int, str, str]]:
+    """``(who, tag, checks every n optimizer steps, what a repeat does, the fix)`` for each EarlyStopping,
     ModelCheckpoint and LR scheduler of the Trainer that reads a tag from ``callback_metrics``."""
     early_stopping = lightning_classes("callbacks", "EarlyStopping")
     model_checkpoint = lightning_classes("callbacks", "ModelCheckpoint")
     validation = _validation_interval(trainer, steps_per_epoch, max(accumulations))
-    watchers: list[tuple[str, str, int, str]] = []
+    watchers: list[tuple[str, str, int, str, str]] = []
     for callback in trainer.callbacks:  # type: ignore[attr-defined]
         watched = getattr(callback, "monitor", None)
         if not isinstance(callback, early_stopping + model_checkpoint) or not isinstance(watched, str):
@@ -353,9 +357,13 @@ def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int, accumulations: list
         else:
             interval = _checkpoint_interval(callback, trainer, steps_per_epoch, validation)
         if interval is not None:
-            watchers.append(
-                (f"{type(callback).__name__}(monitor={watched!r})", watched, interval, "EarlyStopping(patience={checks}) or more")
-            )
+            who = f"{type(callback).__name__}(monitor={watched!r})"
+            if isinstance(callback, early_stopping):
+                harm, fix = _COUNTS_REPEATS, "let it wait for {checks} repeats (e.g. EarlyStopping(patience={checks}) or more)"
+            else:  # repeats leave its ranking as it was, but label a checkpoint with an older value
+                harm = "a checkpoint it saves can carry a value measured up to {stale} steps earlier"
+                fix = f"let it check every {{cadence}} steps (e.g. ModelCheckpoint(monitor={watched!r}, every_n_train_steps={{cadence}}))"
+            watchers.append((who, watched, interval, harm, fix))
     for config in getattr(trainer, "lr_scheduler_configs", None) or []:
         watched = getattr(config, "monitor", None)
         if not config.reduce_on_plateau or not isinstance(watched, str):
@@ -373,7 +381,8 @@ def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int, accumulations: list
                 f"the LR scheduler {scheduler} (monitor={watched!r}, interval={config.interval!r}, frequency={frequency})",
                 watched,
                 interval,
-                f"{scheduler}(patience={{checks}}) or more",
+                _COUNTS_REPEATS,
+                f"let it wait for {{checks}} repeats (e.g. {scheduler}(patience={{checks}}) or more)",
             )
         )
     return watchers
@@ -392,6 +401,11 @@ class PerTermCallback(LightningCallback):
         if loss_module is not None and not isinstance(loss_module, str):
             raise TypeError(
                 f"{type(self).__name__}: loss_module must be the attribute name of a MultiTermLoss (a string) or None, got {type(loss_module).__name__}."
+            )
+        if loss_module is not None and not loss_module.strip():
+            raise ValueError(
+                f"{type(self).__name__}: loss_module must name the attribute that holds the MultiTermLoss (e.g. "
+                f"loss_module='criterion'), or be None to find the module's only MultiTermLoss; got {loss_module!r}."
             )
         self.loss_module = loss_module
         self._fit_warnings = FitWarnings()
@@ -652,7 +666,7 @@ class PerTermCallback(LightningCallback):
         accumulations = _accumulations(trainer)
         steps_per_epoch = max(1, batches // max(accumulations))  # the shortest epoch, in optimizer steps
         name = type(self).__name__
-        for watcher, watched, interval, waits in _tag_watchers(trainer, steps_per_epoch, accumulations):
+        for watcher, watched, interval, harm, fix in _tag_watchers(trainer, steps_per_epoch, accumulations):
             if not watched.startswith(self._tag_prefix):
                 continue
             cadence = self._refresh_cadence(watched[len(self._tag_prefix) :])
@@ -661,9 +675,8 @@ class PerTermCallback(LightningCallback):
                 self._warn(
                     f"{name}: {watcher} checks about every {interval} optimizer "
                     f"step(s), but {name} renews '{watched}' every {cadence} steps (every_n_steps), so some checks see the "
-                    "previous value again (an EarlyStopping or ReduceLROnPlateau counts such repeats as no improvement). "
-                    f"Use {name}(every_n_steps={interval}) or a smaller value, or let the check wait for {checks} "
-                    f"repeats (e.g. {waits.format(checks=checks)})."
+                    f"previous value again ({harm.format(stale=cadence - 1)}). Use {name}(every_n_steps={interval}) or a "
+                    f"smaller value, or {fix.format(checks=checks, cadence=cadence)}."
                 )
 
     def _due_at_batch(self, step: int) -> bool:

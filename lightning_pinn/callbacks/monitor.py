@@ -203,6 +203,13 @@ class GradientNormMonitor(PerTermCallback):
             raise ValueError(
                 f"GradientNormMonitor: conflict_min_decrease must be a fraction in [0, 1) (e.g. 0.05), or None to alarm on the cosine alone; got {conflict_min_decrease!r}."
             )
+        if cosine_patience == 1 and conflict_min_decrease is not None and cosine_threshold is not None:
+            # a stall is a change between measurements of the streak: one measurement has none
+            raise ValueError(
+                "GradientNormMonitor: cosine_patience=1 leaves no earlier measurement to tell whether the pair's weighted loss "
+                f"has stalled (conflict_min_decrease={conflict_min_decrease!r}), so every low cosine would alarm. Use "
+                "cosine_patience >= 2, or conflict_min_decrease=None to alarm on the cosine alone."
+            )
         self.conflict_min_decrease = None if conflict_min_decrease is None else float(conflict_min_decrease)
         self.threshold = float(threshold)
         self.cosine_threshold = None if cosine_threshold is None else float(cosine_threshold)
@@ -444,7 +451,7 @@ class GradientNormMonitor(PerTermCallback):
             if trainer.is_global_zero:
                 name = f"diagnosis_{self._loss_path}" if self._tag_prefix else "diagnosis"
                 try:
-                    self.report_path, _ = write_report(self.history, log_dir, cosine_threshold=self.cosine_threshold or -0.5, name=name)
+                    self.report_path, _ = write_report(self.history, log_dir, name=name)
                 except Exception as error:  # noqa: BLE001 (the fit is done: a report it cannot write must not fail it)
                     self._warn(
                         f"{self._name}: the fit finished, but its report {name}.md could not be written to {log_dir!r} "
@@ -455,7 +462,7 @@ class GradientNormMonitor(PerTermCallback):
                     )
                 else:
                     if self.verbose:
-                        console_info(trainer, f"GradientNormMonitor: wrote {self.report_path} and {name}.png")
+                        console_info(trainer, f"{self._name}: wrote {self.report_path} and {name}.png")
         finally:
             # the other ranks wait for the report (also when writing it failed): a worker that exits
             # first can take rank 0 down with it (a spawned gloo worker may abort at exit, and the

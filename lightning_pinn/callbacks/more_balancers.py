@@ -21,7 +21,16 @@ from lightning_pinn.callbacks.balancers import WeightBalancer, _check_number
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest
 from lightning_pinn.loss import first_unrepresentable
-from lightning_pinn.rules import gradnorm_objective, lr_annealing_weights, relobralo_weights, softadapt_weights, uncertainty_objective
+from lightning_pinn.rules import (
+    gradient_entry_statistics,
+    gradnorm_objective,
+    inverse_training_rates,
+    lr_annealing_weights,
+    relobralo_weights,
+    smooth,
+    softadapt_weights,
+    uncertainty_objective,
+)
 
 __all__ = ["SoftAdaptBalancer", "ReLoBRaLoBalancer", "LRAnnealingBalancer", "GradNormWeighting", "UncertaintyWeighting", "WeightSchedule"]
 
@@ -128,7 +137,7 @@ class SoftAdaptBalancer(_LossRule):
             return None
         sub = softadapt_weights([values[i] for i in terms], [previous[i] for i in terms], self.beta, self.normalized, self.loss_weighted)  # type: ignore[index]
         target = _scatter(len(values), terms, sub)
-        return [c if math.isnan(t) else self.momentum * c + (1 - self.momentum) * t for c, t in zip(current, target)], target
+        return smooth(current, target, self.momentum), target  # nan where undefined: those terms keep their λ
 
     def _reset_fit_state(self) -> None:
         super()._reset_fit_state()
@@ -304,6 +313,7 @@ class LRAnnealingBalancer(WeightBalancer):
                 f"LRAnnealingBalancer: gradients must be 'unweighted' (the paper's formula) or 'weighted' (the released code), got {gradients!r}."
             )
         self.numerator, self.denominator, self.gradients = numerator, denominator, gradients
+        self._statistics: tuple[list[float], ...] = ([], [])  # this update's (numerator, denominator) per term
         super().__init__(every_n_steps, momentum, terms, reference, min_weight, max_weight, warmup_steps, smooth_first_update, loss_module)
 
     def _identity(self) -> dict[str, Any]:
@@ -311,19 +321,16 @@ class LRAnnealingBalancer(WeightBalancer):
 
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         assert measurement.gradients is not None
-        self._abs = measurement.gradients.abs()
-        if self.gradients == "weighted":  # |∇θ(λ_i L_i)| = λ_i |∇θ L_i|, with the λ in force at the measured step
-            lambdas = measurement.weights.to(device=self._abs.device, dtype=self._abs.dtype)
-            self._abs = self._abs * lambdas.unsqueeze(1)
+        # |∇θ(λ_i L_i)| = λ_i |∇θ L_i| for "weighted", with the λ in force at the measured step
+        weights = measurement.weights if self.gradients == "weighted" else None
+        self._statistics = gradient_entry_statistics(measurement.gradients, (self.numerator, self.denominator), weights)
         return gradient_norms(measurement.gradients)  # for the finiteness and zero checks
 
     _rule_applies_reference = True
 
     def _rule(self, values: list[float]) -> list[float]:
         assert self._reference_index is not None
-        stat = {"max": lambda t: t.max(dim=1).values, "mean": lambda t: t.mean(dim=1)}
-        top = stat[self.numerator](self._abs).tolist()
-        bottom = stat[self.denominator](self._abs).tolist()
+        top, bottom = self._statistics
         return lr_annealing_weights(top, bottom, self._reference_index)
 
 
@@ -459,7 +466,6 @@ class GradNormWeighting(_TrainedWeights):
 
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         assert measurement.gradients is not None
-        self._losses = measurement.losses.tolist()
         return gradient_norms(measurement.gradients)
 
     def _initial_parameter(self, weights: list[float], left_out: Sequence[int]) -> Tensor:
@@ -476,7 +482,8 @@ class GradNormWeighting(_TrainedWeights):
 
     def _propose(self, current: list[float], values: list[float], measurement: StepMeasurement) -> tuple[list[float], list[float]] | None:
         present = measurement.present.tolist()
-        self._initial_losses = _first_seen(self._initial_losses, self._losses, present)
+        losses = measurement.losses.tolist()
+        self._initial_losses = _first_seen(self._initial_losses, losses, present)
         # a term with a zero gradient norm is left out, as by the other gradient rules: it keeps its λ
         # (a hard-constrained or exactly satisfied term must not take a share of Σw = K)
         terms = [i for i in _comparable(present, self._initial_losses) if values[i] > 0]
@@ -484,17 +491,17 @@ class GradNormWeighting(_TrainedWeights):
         if len(terms) < 2 or not trained:
             return None
         weights = self._ensure_parameter(left_out=[i for i, here in enumerate(present) if here and i not in terms])
-        ratios = [self._losses[i] / self._initial_losses[i] if self._initial_losses[i] > 0 else 1.0 for i in terms]
-        mean_ratio = sum(ratios) / len(ratios)
-        inverse_rates = torch.tensor([r / mean_ratio if mean_ratio > 0 else 1.0 for r in ratios], dtype=torch.float64)
+        rates = inverse_training_rates([losses[i] for i in terms], [self._initial_losses[i] for i in terms])
+        inverse_rates = torch.tensor(rates, dtype=torch.float64)
         norms = torch.tensor([values[i] for i in terms], dtype=torch.float64)
         # a term outside `terms` enters the objective with the λ it keeps (a constant), not a trained w
         used = torch.stack([weights[i] if self._adaptive[i] else weights.new_tensor(current[i]) for i in terms])
-        before = self._step(gradnorm_objective(used, norms, inverse_rates, self.alpha), trained)
+        self._step(gradnorm_objective(used, norms, inverse_rates, self.alpha), trained)
         with torch.no_grad():
             weights[trained] = weights[trained].clamp(min=self.min_weight)  # positive before the rescale
             if len(trained) == len(terms):  # Σ w = K over the terms it saw (with fixed terms, their λ anchor the scale)
-                weights[trained] = weights[trained] * (before[trained].sum() / weights[trained].sum())
+                # K itself, not the sum before the step: a λ clamped at a bound last time must not shrink or grow the scale for good
+                weights[trained] = weights[trained] * (len(terms) / weights[trained].sum())
             # proposed unclamped: the base class clamps λ to [min_weight, max_weight] and warns when it does
             proposed = _scatter(len(values), trained, weights[trained].tolist())  # nan: the other terms keep their λ
             weights[trained] = weights[trained].clamp(min=self.min_weight, max=self.max_weight)  # w stays where λ is clamped
@@ -574,6 +581,17 @@ class UncertaintyWeighting(_TrainedWeights):
         return proposed, target
 
 
+def _is_number(value: Any) -> bool:
+    """A real number: a Python/NumPy scalar or a one-element tensor (not a bool, a string or an array of several)."""
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):  # e.g. a NumPy array or tensor of several values
+        return False
+    return True
+
+
 #: How WeightSchedule's errors about its knots name the argument.
 _SCHEDULE_ARGUMENT = "WeightSchedule(schedule=...)"
 
@@ -621,7 +639,7 @@ class WeightSchedule(WeightBalancer):
                     raise ValueError(
                         f"{_SCHEDULE_ARGUMENT}: the steps of term '{term}' must be integers >= 0 (optimizer steps), got {step!r} in {points!r}."
                     )
-                if isinstance(weight, bool) or not isinstance(weight, (int, float)) and not hasattr(weight, "__float__"):
+                if not _is_number(weight):
                     raise ValueError(f"{_SCHEDULE_ARGUMENT}: the weights of term '{term}' must be numbers, got {weight!r} in {points!r}.")
             pairs = [(int(step), float(weight)) for step, weight in given]
             if not pairs:
