@@ -97,7 +97,7 @@ class PINNModule(pl.LightningModule):
         return self.criterion(**residuals)
 
     def on_train_start(self) -> None:
-        from lightning_pinn.callbacks._base import callbacks_on_loss
+        from lightning_pinn.callbacks._base import callbacks_on_loss, watched_tags
         from lightning_pinn.callbacks.balancers import WeightBalancer
         from lightning_pinn.callbacks.monitor import GradientNormMonitor
 
@@ -107,23 +107,34 @@ class PINNModule(pl.LightningModule):
         callbacks = callbacks_on_loss(self.trainer, self.criterion)
         self._log_terms = not any(isinstance(cb, GradientNormMonitor) for cb in callbacks)
         self._log_weights = not any(isinstance(cb, WeightBalancer) for cb in callbacks)
+        # tags an EarlyStopping, ModelCheckpoint or plateau scheduler watches are renewed in
+        # trainer.callback_metrics every step, as self.log(on_step=True) would; the others only
+        # when logged (an unwatched renewal would cost every step for nothing)
+        ours = {f"loss/{name}" for name in self.criterion.term_names} if self._log_terms else set()
+        self.__dict__["_watched_terms"] = [tag[len("loss/") :] for tag in sorted(ours & watched_tags(self.trainer))]
         self.__dict__["_logging_step"] = None  # plain attribute writes: nn.Module.__setattr__ is slow per step
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step, interval = self.trainer.global_step, self.trainer.log_every_n_steps
         due = getattr(self, "_log_terms", False) and interval > 0 and step % interval == 0
         # the weights in effect for this step (a balancer may change them after it)
-        self.__dict__["_logging_step"] = (step, self.criterion.weights) if due else None
+        if due:
+            self.__dict__["_logging_step"] = (step, self.criterion.weights)
+        else:
+            self.__dict__["_logging_step"] = (step, None) if self.__dict__.get("_watched_terms") else None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         logging_step = self.__dict__.get("_logging_step")
         if logging_step is None or self.trainer.global_step == logging_step[0]:
             return  # not a logging step, or no optimizer step yet in this batch (gradient accumulation)
-        from lightning_pinn.callbacks._base import log_scalars
+        from lightning_pinn.callbacks._base import log_scalars, publish
 
         step, weights = logging_step
         self.__dict__["_logging_step"] = None
         losses = self.criterion.last_losses
+        if weights is None:  # not logged at this step, but watched
+            publish(self.trainer, {f"loss/{name}": losses[name] for name in self._watched_terms if losses.get(name) is not None})
+            return
         values = torch.stack([loss.detach().to(torch.float64) for loss in losses.values()]).tolist() if losses else []
         metrics = {f"loss/{name}": value for name, value in zip(losses, values)}
         if self._log_weights:

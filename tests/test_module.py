@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from conftest import make_trainer
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tb import load_events, scalar_series
 
+from lightning_pinn import PINNModule
+from lightning_pinn.autodiff import derivative
 from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
 from lightning_pinn.problems import HarmonicOscillator
 
@@ -42,6 +46,42 @@ def test_with_a_balancer_the_weights_are_logged_by_the_balancer_only(tmp_path: A
     steps = [step for step, _ in scalar_series(events, "weight/ic")]
     assert len(steps) == len(set(steps)), "one weight/ic per step: no duplicate from PINNModule"
     assert 1 in steps and 0 in steps  # the balancer's first update (applied from step 1) and the initial weight
+
+
+def test_a_watched_term_loss_is_fresh_in_callback_metrics_at_every_check(tmp_path: Any) -> None:
+    """EarlyStopping(monitor="loss/pde") checked every epoch (4 steps) while the loggers get a
+    value every 50 steps: it read step 0's loss at every check and stopped a falling fit."""
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    seen: list[tuple[float, float]] = []
+
+    class Peek(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            seen.append((float(trainer.callback_metrics["loss/pde"]), float(pl_module.criterion.last_losses["pde"])))
+
+    class Poisson(PINNModule):
+        """-u'' = π² sin(πx), u(0) = u(1) = 0: a loss that falls from the first step at this rate."""
+
+        def __init__(self) -> None:
+            super().__init__(weights={"pde": 1.0, "bc": 1.0}, learning_rate=1e-2, steps_per_epoch=4)
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+            self.register_buffer("x", torch.linspace(0, 1, 16).unsqueeze(1))
+
+        def residuals(self, batch: Any) -> dict[str, torch.Tensor]:
+            x = self.x.clone().requires_grad_(True)
+            u = self.net(x)
+            return {"pde": derivative(u, x, order=2) + math.pi**2 * torch.sin(math.pi * x), "bc": self.net(self.x[[0, -1]])}
+
+    stop = EarlyStopping(monitor="loss/pde", mode="min", patience=2)
+    trainer = make_trainer(40, [Peek(), stop], log_every_n_steps=50)
+    trainer.fit(Poisson())
+    assert trainer.global_step == 40 and not trainer.should_stop  # it stopped at step 12 on step 0's value
+    assert len(seen) == 10 and all(published == last for published, last in seen)
+    # unwatched tags are renewed when logged only (nothing to pay every step)
+    seen.clear()
+    make_trainer(8, [Peek()], log_every_n_steps=50).fit(Poisson())
+    assert len({published for published, _ in seen}) == 1
 
 
 def test_term_losses_reach_a_csv_logger(tmp_path: Any) -> None:

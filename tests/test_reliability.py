@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import warnings
@@ -1073,15 +1074,19 @@ def test_barebones_trainer_runs_the_callbacks(tmp_path: Path, monkeypatch: Any) 
     assert monitor.report_path is None
 
 
-def test_fast_dev_run_runs_the_callbacks_and_writes_no_files(tmp_path: Path, monkeypatch: Any) -> None:
+@pytest.mark.parametrize("verbose", [False, True])
+def test_fast_dev_run_runs_the_callbacks_and_writes_no_files(tmp_path: Path, monkeypatch: Any, caplog: Any, verbose: bool) -> None:
     """Lightning swaps the logger for a dummy under fast_dev_run: the callbacks measure and update,
-    and nothing is written (no event files, no report)."""
+    and nothing is written (no event files, no report); the console says why, not "put a logger
+    with a folder first" (the user's logger had one)."""
     monkeypatch.chdir(tmp_path)
-    monitor, balancer = GradientNormMonitor(every_n_steps=1, verbose=False), GradNormBalancer(every_n_steps=1)
+    monitor, balancer = GradientNormMonitor(every_n_steps=1, verbose=verbose), GradNormBalancer(every_n_steps=1)
     model = TwoTermPoisson()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO):
         warnings.simplefilter("ignore")
         pl.Trainer(fast_dev_run=3, callbacks=[monitor, balancer], enable_progress_bar=False, enable_model_summary=False).fit(model)
     assert monitor.diagnosis.measurements == 3 and balancer.num_updates == 3
     assert model.criterion.weights != {"pde": 1.0, "bc": 1.0}
     assert monitor.report_path is None and list(tmp_path.iterdir()) == []
+    said = [r.getMessage() for r in caplog.records if "no report written" in r.getMessage()]
+    assert len(said) == verbose and all("fast_dev_run replaces the loggers" in text for text in said), said

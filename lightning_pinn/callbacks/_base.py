@@ -109,10 +109,16 @@ def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float], step: int, pe
             pending.add(file_writer, tags, values, step)
 
 
-def publish(trainer: pl.Trainer, metrics: Mapping[str, float]) -> tuple[Tensor, ...]:
+def publish(trainer: pl.Trainer, metrics: Mapping[str, float] | Mapping[str, Tensor]) -> tuple[Tensor, ...]:
     """Make ``metrics`` the latest entries of ``trainer.callback_metrics`` (what ``EarlyStopping``
-    and ``ModelCheckpoint`` read), without logging them; returns them as 0-dim tensors."""
-    values = torch.tensor(list(metrics.values()), dtype=torch.float64).unbind()
+    and ``ModelCheckpoint`` read), without logging them; returns them as 0-dim float64 tensors.
+
+    Values given as 0-dim tensors stay on their device (no host synchronisation)."""
+    given = list(metrics.values())
+    if given and all(isinstance(value, Tensor) for value in given):
+        values = torch.stack([value.detach() for value in given]).to(torch.float64).unbind()  # type: ignore[union-attr]
+    else:
+        values = torch.tensor(given, dtype=torch.float64).unbind()
     _connector_metrics(trainer, "callback").update(zip(metrics, values))
     return values
 
@@ -335,6 +341,15 @@ def _checkpoint_interval(callback: Any, trainer: pl.Trainer, steps_per_epoch: in
             # after validation, in the epochs that are multiples of every_n_epochs
             intervals.append(validation if validation < steps_per_epoch else max(validation, steps_per_epoch * int(every_n_epochs)))
     return min(intervals) if intervals else None
+
+
+def watched_tags(trainer: pl.Trainer) -> set[str]:
+    """The tags the fit's ``EarlyStopping``, ``ModelCheckpoint`` and plateau LR schedulers read
+    from ``trainer.callback_metrics`` (their ``monitor``); known from ``on_train_start`` on."""
+    watchers = lightning_classes("callbacks", "EarlyStopping") + lightning_classes("callbacks", "ModelCheckpoint")
+    tags = {c.monitor for c in trainer.callbacks if isinstance(c, watchers) and isinstance(c.monitor, str)}  # type: ignore[attr-defined]
+    configs = getattr(trainer, "lr_scheduler_configs", None) or []
+    return tags | {c.monitor for c in configs if c.reduce_on_plateau and isinstance(c.monitor, str)}
 
 
 #: What a repeated value does to an EarlyStopping or a plateau scheduler.

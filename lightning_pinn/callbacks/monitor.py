@@ -441,11 +441,14 @@ class GradientNormMonitor(PerTermCallback):
         log_dir = trainer.log_dir if self.report and trainer.loggers else None
         if log_dir is None:
             if self.report and trainer.loggers and self.verbose:
-                console_info(
-                    trainer,
-                    f"{self._name}: no report written: the first logger ({type(trainer.loggers[0]).__name__}) has no "
-                    "folder (save_dir is None). Put a logger with a folder first, or read the summary above.",
+                why = (
+                    "fast_dev_run replaces the loggers with Lightning's DummyLogger, which has no folder; fit without "
+                    "fast_dev_run for a report"
+                    if trainer.fast_dev_run
+                    else f"the first logger ({type(trainer.loggers[0]).__name__}) has no folder (save_dir is None). Put a "
+                    "logger with a folder first"
                 )
+                console_info(trainer, f"{self._name}: no report written: {why}, or read the summary above.")
             return
         try:
             if trainer.is_global_zero:
