@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 import torch
 from torch import Tensor
 
+from lightning_pinn.diagnostics import nearly_satisfied
 from lightning_pinn.tensorboard import losses_in_layout, terms_in_layout
 
 __all__ = [
@@ -210,6 +211,9 @@ class Diagnosis:
     worst_ratio: float | None = None
     worst_ratio_step: int | None = None
     worst_pair: tuple[str, str] | None = None
+    # per unit of RMS residual, the worst pair's gradients were within this factor (≤ √threshold):
+    # the smaller gradient came from a smaller residual (diagnostics.nearly_satisfied); else None
+    worst_pair_nearly_satisfied: float | None = None
     ratio_spans: list[tuple[int, int | None]] = field(default_factory=list)
     # per ratio episode: (largest, smallest, ratio) at the episode's worst measurement, or None
     ratio_span_pairs: list[tuple[str, str, float] | None] = field(default_factory=list)
@@ -270,6 +274,9 @@ def diagnose(history: History, threshold: float | None = None) -> Diagnosis:
             worst = max(finite, key=ratios.__getitem__)
             result.worst_ratio, result.worst_ratio_step = ratios[worst], steps[worst]
             result.worst_pair = _pair_at(steps[worst], ratios[worst], weighted)
+            if result.worst_pair is not None:
+                limit = threshold if threshold is not None else _DEFAULT_THRESHOLD
+                result.worst_pair_nearly_satisfied = _nearly_satisfied_at(history, result.worst_pair, steps[worst], weighted, limit)
         if "alarm/grad_ratio" in history:
             flag_steps, flags = history["alarm/grad_ratio"]
             result.ratio_spans = _spans(flag_steps, [f > 0.5 for f in flags])
@@ -352,6 +359,22 @@ def diagnose(history: History, threshold: float | None = None) -> Diagnosis:
     return result
 
 
+#: The monitor's default ratio threshold, for a history that did not log its own.
+_DEFAULT_THRESHOLD = 100.0
+
+
+def _nearly_satisfied_at(
+    history: History, pair: tuple[str, str], step: int, weighted: dict[str, dict[int, float]], threshold: float
+) -> float | None:
+    """:func:`~lightning_pinn.diagnostics.nearly_satisfied` for ``(largest, smallest)`` at ``step``,
+    within ``√threshold`` as the monitor's alarm tests it; None if a loss was not logged there."""
+    losses = [dict(zip(*history[f"loss/{term}"])).get(step) if f"loss/{term}" in history else None for term in pair]
+    if losses[0] is None or losses[1] is None:
+        return None
+    big, small = pair
+    return nearly_satisfied(weighted[big][step], losses[0], weighted[small][step], losses[1], math.sqrt(threshold))
+
+
 def _pair_at(step: int, ratio: float, weighted: dict[str, dict[int, float]]) -> tuple[str, str] | None:
     """(largest, smallest): the pair of terms whose weighted gradient norms at ``step`` give the
     logged ``ratio`` (with the monitor's ratio_terms, the largest and smallest of all terms need not
@@ -397,6 +420,15 @@ def _advice(d: Diagnosis) -> list[str]:
                 "The weights did change during the fit, but the ratio still crossed the threshold: if a balancer changed "
                 "them, update more often (smaller every_n_steps) or let it start earlier (warmup_steps=0); if you set them "
                 "by hand, add `GradNormBalancer()` (or `NTKBalancer()`) so λ follows the gradients."
+            )
+        elif d.worst_pair and d.worst_ratio and d.worst_pair_nearly_satisfied is not None:
+            big, small = d.worst_pair
+            advice.append(
+                f"'{small}' may simply be nearly satisfied: at step {d.worst_ratio_step} its small gradient came from its small "
+                f"residual (per unit of RMS residual, λ·‖∇L‖/√L, the two gradients were within "
+                f"{d.worst_pair_nearly_satisfied:.3g}x), so nothing was neglected. Raising λ_{small} by the ratio, by hand or "
+                f"with a gradient-norm balancer (which raises it roughly as 1/√L), can destabilise the fit: keep '{small}' out "
+                "of the balancer's terms=..., or cap max_weight; `NTKBalancer()` does not shrink a term's trace with its residual."
             )
         elif d.worst_pair and d.worst_ratio:
             big, small = d.worst_pair
@@ -523,7 +555,7 @@ def _weights_and_losses(d: Diagnosis) -> list[str]:
     lines = ["", "## Weights λ", ""] if d.weights else []
     for term, (first, last, low, high) in d.weights.items():
         if first == last == low == high:
-            lines.append(f"- {term}: fixed at {first:.4g}.")
+            lines.append(f"- {term}: {first:.4g} throughout (unchanged).")
         else:
             lines.append(
                 f"- {term}: {first:.4g} → {last:.4g} (range {low:.4g}–{high:.4g}, ×{last / first:.3g} overall)."

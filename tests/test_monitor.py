@@ -1147,6 +1147,22 @@ def test_the_ratio_alarm_tells_a_nearly_satisfied_term_from_a_neglected_one(scal
     assert ("'tip' may simply be nearly satisfied" in alarm) is noted, alarm
 
 
+@pytest.mark.parametrize(("scale", "noted"), [(1.0, True), (1e-3, False)])
+def test_the_report_advice_agrees_with_the_alarm_on_a_nearly_satisfied_term(scale: float, noted: bool) -> None:
+    """The alarm said "'tip' may simply be nearly satisfied … keep it out of the balancer's terms"
+    while the end-of-fit report advised raising λ_tip by the ratio: both now read the same test."""
+    from lightning_pinn.report import diagnose
+
+    offset = 1e-2 if scale == 1e-3 else 1e-5
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(2, [monitor]).fit(ExtraTermPoisson("tip", _offset(scale, offset)))
+    advice = " ".join(diagnose(monitor.history).advice)
+    assert ("'tip' may simply be nearly satisfied" in advice) is noted, advice
+    assert ("raise λ_tip by about" in advice) is not noted, advice
+
+
 def test_a_balancer_clamping_a_nearly_satisfied_term_says_why() -> None:
     from lightning_pinn.alerts import WeightUpdateWarning
     from lightning_pinn.callbacks import GradNormBalancer
@@ -1456,7 +1472,7 @@ def test_the_report_command_writes_a_report_per_loss_that_only_balancers_watched
 
     reports = {path.name: text for path, text, reason in report_runs(tmp_path) if reason is None}
     assert set(reports) == {"diagnosis_criterion.md", "diagnosis_losses.extra.md"}
-    assert "u: 1 →" in reports["diagnosis_losses.extra.md"] and "v: fixed at 1" in reports["diagnosis_losses.extra.md"]
+    assert "u: 1 →" in reports["diagnosis_losses.extra.md"] and "v: 1 throughout (unchanged)" in reports["diagnosis_losses.extra.md"]
     assert "bc: 1 →" in reports["diagnosis_criterion.md"]
 
 
