@@ -25,6 +25,33 @@ def check_finite(owner: str, name: str, value: Any, positive: bool = False) -> f
     return float(value)
 
 
+def check_number(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> float:
+    """A finite real number (a Python or NumPy scalar, not a bool) within the given bounds, as a float.
+
+    ``hint`` states the allowed range and an example (" in [0, 1) (e.g. 0.9)"); without one, the
+    violated bound is named.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite number{hint}, got {value!r}.")
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = hint or f" {'>' if low_open else '>='} {low:g}"
+        raise ValueError(f"{owner}: {name} must be{bound}, got {value!r}.")
+    if high is not None and (value > high or (high_open and value == high)):
+        bound = hint or f" {'<' if high_open else '<='} {high:g}"
+        raise ValueError(f"{owner}: {name} must be{bound}, got {value!r}.")
+    return float(value)
+
+
 def check_hidden(owner: str, hidden: Any) -> tuple[int, ...]:
     """Hidden-layer widths: at least one layer (the PDE needs derivatives of a nonlinear network), each ``>= 1``."""
     if (

@@ -8,19 +8,16 @@ al. 2021, "Physics-informed neural networks with hard constraints for inverse de
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
+
+from lightning_pinn._checks import check_finite
 
 __all__ = ["IVPAnsatz", "DirichletAnsatz1D"]
 
 
 def _finite(owner: str, **values: float) -> tuple[float, ...]:
     """The values as floats; a NaN or infinite one is refused (the ansatz would output NaN everywhere)."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}.")
-    return tuple(float(value) for value in values.values())
+    return tuple(check_finite(owner, name, value) for name, value in values.items())
 
 
 def _free_network(owner: str, net: nn.Module, points: Tensor) -> Tensor:

@@ -714,10 +714,11 @@ class TermGradientEngine:
         hits = iter(reached_input[:num_params])
         capture.reached_params = [bool(next(hits)) if trainable else False for trainable in capture.trainable]
         _mark_backward(capture)
-        # match the inputs' memory layout (autograd may hand back transposed views), as
-        # AccumulateGrad and DDP's gradient buckets expect
+        # in the inputs' memory layout (autograd may hand back transposed views; a parameter may be
+        # channels_last), as AccumulateGrad and DDP's gradient buckets expect: empty_like keeps
+        # the strides of a dense tensor
         return [
-            (grad if grad.stride() == x.stride() else grad.contiguous().view(-1).view(x.shape)) if hit else None
+            (grad if grad.stride() == x.stride() else torch.empty_like(x, dtype=grad.dtype).copy_(grad)) if hit else None
             for grad, x, hit in zip(combined, inputs, reached_input)
         ]
 

@@ -95,7 +95,7 @@ def jacobian_row_sq_norms(
         one_pass: Try :func:`lightning_pinn.point_gradients.one_pass_row_sq_norms` first (all
             points from four or five backward passes, for a real residual whose graph rows each serve one point),
             and use its values when they match vector-Jacobian products on a few points
-            (:func:`_check_rows`); otherwise, or with ``False``, the products for every point.
+            (:func:`_agrees_with_products`, on the rows :func:`_check_rows` picks); otherwise, or with ``False``, the products for every point.
 
     Returns:
         A float tensor of shape ``(len(points),)``. The graph of ``residual`` is retained.

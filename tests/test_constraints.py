@@ -56,6 +56,17 @@ def test_dirichlet_ansatz_is_exact_at_both_ends_for_any_values() -> None:
     assert ansatz(torch.tensor([[0.0], [3.0]], dtype=torch.float64)).flatten().tolist() == [0.1, 0.7]
 
 
+def test_numpy_and_integer_values_are_taken_like_floats() -> None:
+    """u0=np.float32(1.0) (e.g. read from a NumPy array) was refused as 'not a finite number'."""
+    import numpy as np
+
+    points = torch.tensor([[0.0]], dtype=torch.float64)
+    ivp = IVPAnsatz(mlp(1, (4,), 1).double(), u0=np.float32(1.5), v0=np.int64(2))
+    assert ivp(points).item() == 1.5
+    ansatz = DirichletAnsatz1D(mlp(1, (4,), 1).double(), a=np.float64(0.0), b=2, ua=np.float32(0.25), ub=1)
+    assert ansatz(torch.tensor([[0.0], [2.0]], dtype=torch.float64)).flatten().tolist() == [0.25, 1.0]
+
+
 def test_misuse_of_the_ansatzes_gets_a_clear_error() -> None:
     import pytest
 

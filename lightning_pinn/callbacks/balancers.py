@@ -6,7 +6,6 @@ The callbacks orchestrate; the formulas live in :mod:`lightning_pinn.rules`.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_pinn._checks import check_flag, check_seed, check_term_names
+from lightning_pinn._checks import check_flag, check_number, check_seed, check_term_names
 from lightning_pinn.alerts import TermGradientWarning, WeightUpdateWarning
 from lightning_pinn.callbacks._base import PendingEvents, PerTermCallback, callbacks_on_loss, is_integer, publish, weight_terms_to_log
 from lightning_pinn.diagnostics import gradient_norms, nearly_satisfied
@@ -23,30 +22,6 @@ from lightning_pinn.loss import first_unrepresentable
 from lightning_pinn.rules import GradNormRule, grad_norm_weights, held_at_reference, ntk_trace_weights, smooth
 
 __all__ = ["WeightBalancer", "GradNormBalancer", "NTKBalancer"]
-
-
-def _check_number(
-    owner: str,
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-    hint: str = "",
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be a finite number{hint}, got {value!r}.")
-    # ``hint`` states the allowed range and an example (" in [0, 1) (e.g. 0.9)"); without one,
-    # the violated bound is named
-    if low is not None and (value < low or (low_open and value == low)):
-        bound = hint or f" {'>' if low_open else '>='} {low:g}"
-        raise ValueError(f"{owner}: {name} must be{bound}, got {value!r}.")
-    if high is not None and (value > high or (high_open and value == high)):
-        bound = hint or f" {'<' if high_open else '<='} {high:g}"
-        raise ValueError(f"{owner}: {name} must be{bound}, got {value!r}.")
-    return float(value)
 
 
 def _logged_weights(metrics: Mapping[str, float]) -> dict[str, float]:
@@ -121,7 +96,7 @@ class WeightBalancer(PerTermCallback):
             )
         super().__init__(every_n_steps, loss_module)
         owner = type(self).__name__
-        self.momentum = _check_number(owner, "momentum", momentum, low=0.0, high=1.0, high_open=True, hint=" in [0, 1) (e.g. 0.9)")
+        self.momentum = check_number(owner, "momentum", momentum, low=0.0, high=1.0, high_open=True, hint=" in [0, 1) (e.g. 0.9)")
         if terms is not None:
             terms = check_term_names(owner, self._terms_argument, terms, "['ic', 'bc']", "all terms")
         self.terms = terms
@@ -133,8 +108,8 @@ class WeightBalancer(PerTermCallback):
                 "λ = 1, so no weight could ever change. Let the other terms adapt (e.g. terms=None) or choose another reference."
             )
         self.reference = reference
-        self.min_weight = _check_number(owner, "min_weight", min_weight, low=0.0, low_open=True, hint=" > 0 (e.g. 1e-6)")
-        self.max_weight = _check_number(owner, "max_weight", max_weight, low=0.0, low_open=True, hint=" > 0 (e.g. 1e6)")
+        self.min_weight = check_number(owner, "min_weight", min_weight, low=0.0, low_open=True, hint=" > 0 (e.g. 1e-6)")
+        self.max_weight = check_number(owner, "max_weight", max_weight, low=0.0, low_open=True, hint=" > 0 (e.g. 1e6)")
         if self.max_weight <= self.min_weight:
             raise ValueError(f"{owner}: max_weight ({max_weight!r}) must be larger than min_weight ({min_weight!r}).")
         if not is_integer(warmup_steps, low=0):

@@ -15,9 +15,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from lightning_pinn._checks import check_flag, check_seed
+from lightning_pinn._checks import check_flag, check_number, check_seed
 from lightning_pinn.callbacks._base import is_integer
-from lightning_pinn.callbacks.balancers import WeightBalancer, _check_number
+from lightning_pinn.callbacks.balancers import WeightBalancer
 from lightning_pinn.diagnostics import gradient_norms
 from lightning_pinn.engine import StepMeasurement, TraceRequest
 from lightning_pinn.loss import first_unrepresentable
@@ -121,7 +121,7 @@ class SoftAdaptBalancer(_LossRule):
         loss_module: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, momentum, terms, None, min_weight, max_weight, warmup_steps, True, loss_module)
-        self.beta = _check_number("SoftAdaptBalancer", "beta", beta, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
+        self.beta = check_number("SoftAdaptBalancer", "beta", beta, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
         self.normalized = check_flag("SoftAdaptBalancer", "normalized", normalized)
         self.loss_weighted = check_flag("SoftAdaptBalancer", "loss_weighted", loss_weighted)
         self._previous: list[float] | None = None
@@ -194,11 +194,11 @@ class ReLoBRaLoBalancer(_LossRule):
         loss_module: str | None = None,
     ) -> None:
         super().__init__(every_n_steps, 0.0, terms, None, min_weight, max_weight, warmup_steps, True, loss_module)
-        self.alpha = _check_number("ReLoBRaLoBalancer", "alpha", alpha, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)")
-        self.expected_rho = _check_number(
+        self.alpha = check_number("ReLoBRaLoBalancer", "alpha", alpha, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)")
+        self.expected_rho = check_number(
             "ReLoBRaLoBalancer", "expected_rho", expected_rho, low=0.0, high=1.0, hint=" in [0, 1] (e.g. 0.999)"
         )
-        self.temperature = _check_number("ReLoBRaLoBalancer", "temperature", temperature, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
+        self.temperature = check_number("ReLoBRaLoBalancer", "temperature", temperature, low=0.0, low_open=True, hint=" > 0 (e.g. 0.1)")
         self.seed = seed = check_seed("ReLoBRaLoBalancer", seed)
         self._generator = torch.Generator().manual_seed(seed)
         self._initial: list[float] | None = None
@@ -352,7 +352,7 @@ class _TrainedWeights(WeightBalancer):
         loss_module: str | None,
     ) -> None:
         super().__init__(every_n_steps, 0.0, terms, None, min_weight, max_weight, warmup_steps, True, loss_module)
-        self.learning_rate = _check_number(
+        self.learning_rate = check_number(
             type(self).__name__, "learning_rate", learning_rate, low=0.0, low_open=True, hint=" > 0 (e.g. 0.01)"
         )
         self._parameter: Tensor | None = None
@@ -455,7 +455,7 @@ class GradNormWeighting(_TrainedWeights):
         loss_module: str | None = None,
     ) -> None:
         super().__init__(learning_rate, every_n_steps, terms, min_weight, max_weight, warmup_steps, loss_module)
-        self.alpha = _check_number("GradNormWeighting", "alpha", alpha, low=0.0, hint=" >= 0 (e.g. 1.5)")
+        self.alpha = check_number("GradNormWeighting", "alpha", alpha, low=0.0, hint=" >= 0 (e.g. 1.5)")
         self._initial_losses: list[float] | None = None
 
     def _identity(self) -> dict[str, Any]:
