@@ -901,6 +901,27 @@ def test_log_cosines_false_keeps_the_pairs_out_of_the_logs_but_still_alarms() ->
     diagnosis = diagnose(monitor.history)
     assert [span[:2] for span in diagnosis.conflict_spans] == [("up", "down")]
     assert "'up' vs 'down': opposed gradients, conflict alarm on" in render_markdown(diagnosis)
+    assert monitor.diagnosis.min_cosine == pytest.approx(-1.0, abs=1e-6)  # the alarm's cosines, still computed
+
+
+def test_with_the_cosine_tags_and_the_conflict_alarm_off_no_cosine_is_computed() -> None:
+    """The K(K−1)/2 cosines serve only the tags and the alarm (a K = 30 monitor spent its time there)."""
+    from lightning_pinn import diagnostics
+
+    calls: list[bool] = []
+    original = diagnostics.summarize_gradients
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        report = original(*args, **kwargs)
+        calls.append(bool(report.cosines))
+        return report
+
+    monitor = GradientNormMonitor(every_n_steps=5, verbose=False, log_cosines=False, cosine_threshold=None, report=False)
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        patch.setattr("lightning_pinn.callbacks.monitor.summarize_gradients", spy)
+        make_trainer(20, [monitor]).fit(Opposed())
+    assert calls == [False] * 4 and monitor.diagnosis.min_cosine is None
 
 
 def test_the_report_plot_of_many_terms_has_one_legend_entry_per_term(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

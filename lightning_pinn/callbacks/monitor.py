@@ -319,6 +319,8 @@ class GradientNormMonitor(PerTermCallback):
             measurement.gradients,
             measurement.present,
             measurement.reached,
+            # the K(K−1)/2 cosines serve the cosine tags and the conflict alarm only
+            with_cosines=self.log_cosines or self.cosine_threshold is not None,
             ratio_terms=self.ratio_terms,
         )
         step = measurement.step
