@@ -78,7 +78,13 @@ def _gradient(output: Tensor, inputs: Tensor, function: str = "gradient", again:
             f"{function}: the output does not depend on the inputs (it has no graph: computed from detached "
             "tensors?). Pass the points that went through the network, with requires_grad=True."
         )
-    (grad,) = torch.autograd.grad(output, inputs, grad_outputs=torch.ones_like(output), create_graph=True, allow_unused=again)
+    (grad,) = torch.autograd.grad(output, inputs, grad_outputs=torch.ones_like(output), create_graph=True, allow_unused=True)
+    if grad is None and not again:
+        raise ValueError(
+            f"{function}: the output does not depend on these inputs (its graph does not contain them: were other "
+            "points passed through the network, e.g. u = net(x_raw) after x = x_raw.clone().requires_grad_(True)?). "
+            "Pass the points that went through the network, with requires_grad=True."
+        )
     return torch.zeros_like(inputs) if grad is None else grad
 
 

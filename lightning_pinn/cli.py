@@ -46,6 +46,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _omega(text: str) -> float:
+    """An angular frequency the harmonic problem takes: > 0, with ω² within float32's range."""
+    from lightning_pinn.problems.harmonic import MAX_OMEGA_SQUARED
+
+    value = _positive_float(text)
+    if not value * value <= MAX_OMEGA_SQUARED:
+        raise argparse.ArgumentTypeError(f"must be at most {math.sqrt(MAX_OMEGA_SQUARED):.3g} (ω² must fit in float32), got {text}")
+    return value
+
+
 def _exponent(text: str) -> float:
     value = _finite_float(text)
     if abs(value) > 30:
@@ -83,9 +93,15 @@ def _non_negative_int(text: str) -> int:
 
 
 def _non_negative_float(text: str) -> float:
+    """A weight a float32 weight buffer holds: 0, or within its range (refused before any fit runs)."""
+    import torch
+
+    from lightning_pinn.loss import stored_as, weight_range
+
     value = float(text)
-    if not math.isfinite(value) or value < 0 or value > 3.4e38:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 3.4e38] (a float32 weight), got {text}")
+    if not math.isfinite(value) or value < 0 or stored_as(value, torch.float32) is not None:
+        smallest, largest = weight_range(torch.float32)
+        raise argparse.ArgumentTypeError(f"must be 0 or a number in [{smallest:.3g}, {largest:.3g}] (a float32 weight), got {text}")
     return value
 
 
@@ -113,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="λ_IC values to train with; a repeated value counts once (default: 1 100 100000)",
     )
     demo.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
-    demo.add_argument("--omega", type=_positive_float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
+    demo.add_argument("--omega", type=_omega, default=2 * math.pi, help="angular frequency ω (default: 2π)")
     demo.add_argument("--seed", type=_seed, default=0, help="initialisation seed (default: 0)")
     demo.add_argument("--every-n-steps", type=_positive_int, default=50, help="monitor cadence in steps (default: 50)")
     demo.add_argument("--logdir", default="lightning_pinn_runs/demo", help="TensorBoard log directory (default: lightning_pinn_runs/demo)")
@@ -138,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--steps", type=_positive_int, default=2000, help="Adam steps per fit (default: 2000)")
     sweep.add_argument("--seeds", type=_seed, nargs="+", default=[0], help="seeds; the table reports the median (default: 0)")
-    sweep.add_argument("--omega", type=_positive_float, default=2 * math.pi, help="angular frequency ω (default: 2π)")
+    sweep.add_argument("--omega", type=_omega, default=2 * math.pi, help="angular frequency ω (default: 2π)")
     sweep.add_argument("--workers", type=_non_negative_int, default=0, help="parallel fits; 0 = one per CPU core (default: 0)")
     sweep.add_argument("--out", default="lightning_pinn_runs/sweep", help="output folder (default: lightning_pinn_runs/sweep)")
 

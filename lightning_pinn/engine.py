@@ -398,7 +398,7 @@ def _merge_parts(first: _Capture, second: _Capture) -> _Capture:
     assert first.trainable is not None and second.trainable is not None
     trainable = [a or b for a, b in zip(first.trainable, second.trainable)]
     present = [a or b for a, b in zip(first.present, second.present)]
-    both = torch.tensor([a and b for a, b in zip(first.present, second.present)])
+    both = torch.tensor([a and b for a, b in zip(first.present, second.present)], device=first.loss_values.device)
     loss_values = torch.where(both, (first.loss_values + second.loss_values) / 2, first.loss_values + second.loss_values)
     term_gradients = reached = cotangent = None
     if first.term_gradients is not None and second.term_gradients is not None:

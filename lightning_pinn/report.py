@@ -132,11 +132,13 @@ class History:
 def read_history(run_dir: str | Path) -> History:
     """All scalars of the TensorBoard run in ``run_dir`` (a folder holding event files, or one event file).
 
-    A folder's event files are read oldest first, and each file's points replace what the
-    earlier files hold from the file's first step on: a fit resumed from an earlier checkpoint
-    into the same folder (after a crash, say) writes those steps again, in a new file, and the
-    abandoned attempt's points from there on are not part of the run. (TensorBoard's own
-    out-of-order purge does not run on today's event files.)
+    A folder's event files are read oldest first, and a file that holds this library's tags
+    (gradient norms, weights, NTK traces) replaces what the earlier files hold from its first
+    such step on: a fit resumed from an earlier checkpoint into the same folder (after a crash,
+    say) writes those steps again, in a new file, and the abandoned attempt's points from there
+    on are not part of the run. A file without them (your own ``SummaryWriter`` in the run's
+    folder, a later ``trainer.test()``) only adds its points. (TensorBoard's own out-of-order
+    purge does not run on today's event files.)
     """
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -149,8 +151,9 @@ def read_history(run_dir: str | Path) -> History:
         accumulator.Reload()
         readable = readable or any(tags for tags in accumulator.Tags().values() if isinstance(tags, list))
         points = [(tag, event.step, event.value) for tag in accumulator.Tags().get("scalars", []) for event in accumulator.Scalars(tag)]
-        # (Lightning's hp_metric is logged at step 0 by every fit, resumed or not)
-        steps = [step for tag, step, _ in points if not tag.endswith("hp_metric")]
+        # the resumption's first step, from the tags a resumed fit writes again (not Lightning's
+        # hp_metric, logged at step 0 by every fit, nor another writer's tags)
+        steps = [step for tag, step, _ in points if _RESUMED_TAG.search(tag)]
         first = min(steps) if steps else None
         if first is not None:
             # after the resume step everything is written again; at the step itself, only what
@@ -170,6 +173,11 @@ def read_history(run_dir: str | Path) -> History:
             stacklevel=2,
         )
     return history
+
+
+#: Tags of the families a resumed fit writes again (the monitor's, the balancers', PINNModule's
+#: weights), after any logger or loss prefix: they mark an event file as a resumption.
+_RESUMED_TAG = re.compile(r"(^|[/\-.])(grad_norm|grad_norm_weighted|grad_ratio|weight|weight_target|ntk_trace)/")
 
 
 def _read_layouts(accumulator: Any) -> tuple[dict[str, str], dict[str, list[str]]]:

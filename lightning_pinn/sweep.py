@@ -77,7 +77,10 @@ def grid_size(low: float, high: float, step: float) -> int:
     """How many weights :func:`grid_weights` gives for these bounds (without building them)."""
     if step <= 0 or high < low:
         raise ValueError(f"grid: need grid_step > 0 and grid_max >= grid_min, got min={low}, max={high}, step={step}.")
-    return int(math.floor((high - low) / step + 1e-9)) + 1
+    steps = (high - low) / step
+    if not math.isfinite(steps):  # e.g. step=5e-324: more weights than any grid can hold
+        raise ValueError(f"grid: grid_step={step} is too small for the range [{low}, {high}] (an unbounded number of weights).")
+    return int(math.floor(steps + 1e-9)) + 1
 
 
 def grid_weights(low: float, high: float, step: float) -> list[float]:
@@ -278,12 +281,14 @@ def plot_sweep(summaries: Sequence[MethodSummary], results: Sequence[FitResult],
     cases: list[tuple[str, FitResult]] = []
     if "λ_IC=1" in by_label:
         cases.append(("bad: λ_IC = 1", by_label["λ_IC=1"]))
-    if fixed:
-        best = min(fixed, key=lambda s: s.median_l2)
-        if best.label in by_label:
-            cases.append((f"good: best fixed {best.label}", by_label[best.label]))
-    if balanced:
-        best_balanced = min(balanced, key=lambda s: s.median_l2)
+    # the best of those with a fit of this seed (an interrupted sweep may lack some)
+    fixed_here = [s for s in fixed if s.label in by_label]
+    if fixed_here:
+        best = min(fixed_here, key=lambda s: s.median_l2)
+        cases.append((f"good: best fixed {best.label}", by_label[best.label]))
+    balanced_here = [s for s in balanced if s.label in by_label]
+    if balanced_here:
+        best_balanced = min(balanced_here, key=lambda s: s.median_l2)
         cases.append((f"balanced: {best_balanced.label}", by_label[best_balanced.label]))
     for column, (name, result) in enumerate(cases[:3]):
         axis = figure.add_subplot(grid[1, column])

@@ -56,6 +56,13 @@ def test_inputs_outputs_and_grad_mode_that_cannot_be_differentiated_get_a_clear_
     x.requires_grad_(True)
     with pytest.raises(ValueError, match=r"laplacian: the output does not depend on the inputs"):
         laplacian(x.detach() ** 2, x)
+    # a graph that does not contain the points (other points went through the network): PyTorch
+    # said "Set allow_unused=True", an argument derivative() does not have
+    net, x_raw = torch.nn.Linear(1, 1), torch.rand(5, 1)
+    x_marked = x_raw.clone().requires_grad_(True)
+    for function in (derivative, gradient, laplacian):
+        with pytest.raises(ValueError, match=rf"{function.__name__}: the output does not depend on these inputs.*u = net\(x_raw\)"):
+            function(net(x_raw), x_marked)
     with torch.no_grad(), pytest.raises(RuntimeError, match=r"gradient computation is off.*enable_grad.*inference_mode=False"):
         gradient(x**2, x)
 

@@ -161,3 +161,17 @@ def test_balanced_harmonic_fit_on_cuda_beats_unit_weights() -> None:
     error = balanced.relative_l2_error()
     assert error < 2e-2, f"GradNormBalancer on the harmonic IVP (CUDA, 2000 steps): relative L2 {error:.3g}"
     assert balanced.criterion.weights["ic"] > 10
+
+
+def test_one_optimizer_per_parameter_group_on_cuda() -> None:
+    """Two toggled optimizers merge two calls into one measurement; the merge's presence mask was
+    made on the CPU and met CUDA loss values in torch.where (found by review, not run then)."""
+    from test_reliability import TogglingInverseProblem
+
+    model = TogglingInverseProblem()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=2)
+    _fit(model, 4, [monitor, balancer])
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None and measurement.gradients.is_cuda
+    assert balancer.num_updates > 0 and all(math.isfinite(w) for w in model.criterion.weights.values())

@@ -327,7 +327,9 @@ def test_balancer_config_round_trip() -> None:
         ["sweep", "--grid-step", "nan"],
         ["sweep", "--workers", "-1"],
         ["sweep", "--omega", "nan"],
+        ["demo", "--omega", "1e200"],  # ω² overflowed in the residual (OverflowError) after the set-up
         ["demo", "--ic-weights", "1e39"],
+        ["demo", "--ic-weights", "1", "1e-46"],  # stored as 0: refused after the λ = 1 fit had run
     ],
 )
 def test_cli_refuses_values_that_cannot_work(arguments: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -642,6 +644,17 @@ def test_report_reads_a_resumed_attempt_over_the_first_and_keeps_a_report_that_c
     (same / "diagnosis.md").write_text("<!-- lightning-pinn coverage: measurements=40 first_step=0 -->\n")
     [(path, _, reason)] = report_runs(same)
     assert reason is None and "15 measurements" in path.read_text()
+
+    # another writer's file in the run's folder (your own SummaryWriter, a later trainer.test())
+    # is not a resumption: it dropped every point after its first step (30 measurements -> 1)
+    other = tmp_path / "other"
+    write(other, range(0, 29, 2))
+    time.sleep(1.1)
+    writer = SummaryWriter(str(other))
+    writer.add_scalar("extra/rel_l2", 0.5, 2)
+    writer.close()
+    steps, _ = read_history(other)["grad_norm/pde"]
+    assert steps == list(range(0, 29, 2)) and read_history(other)["extra/rel_l2"] == ([2], [0.5])
 
     # a fit resumed into a new version folder: its fit-time report covers the whole run (from the
     # monitor's checkpointed history), the folder's event files only the resumed part

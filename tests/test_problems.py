@@ -60,6 +60,7 @@ def test_helmholtz_standardises_inputs_but_differentiates_in_original_coordinate
         (lambda: Helmholtz2D(a2=0), "a2 must be a non-zero integer"),
         (lambda: HarmonicOscillator(collocation_points=0), "collocation_points must be an integer >= 1"),
         (lambda: HarmonicOscillator(omega=0.0), "omega must be a finite number > 0"),
+        (lambda: HarmonicOscillator(omega=1e200), r"omega must be at most 1\.84e\+19 \(ω² multiplies u"),
     ],
 )
 def test_problems_refuse_bad_arguments_at_construction(factory: Any, match: str) -> None:

@@ -549,6 +549,25 @@ def test_one_optimizer_per_parameter_group_measures_each_group_in_its_own_call()
     assert balancer.num_updates > 0 and model.criterion.weights["bc"] != 1.0
 
 
+def test_merging_two_toggled_calls_keeps_to_the_losses_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge's presence mask was made on the CPU and met the loss values in torch.where, which
+    fails for CUDA losses; a 'meta' copy of the losses stands in for a non-CPU device here."""
+    import dataclasses
+
+    from lightning_pinn import engine
+
+    merge, merged_elsewhere = engine._merge_parts, []
+
+    def merge_also_on_meta(first: Any, second: Any) -> Any:
+        on_meta = [dataclasses.replace(c, loss_values=c.loss_values.to("meta")) for c in (first, second)]
+        merged_elsewhere.append(merge(*on_meta).loss_values.device.type)
+        return merge(first, second)
+
+    monkeypatch.setattr(engine, "_merge_parts", merge_also_on_meta)
+    _fit(TogglingInverseProblem(), 2, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)])
+    assert merged_elsewhere and set(merged_elsewhere) == {"meta"}
+
+
 class TogglingWithPlainBoundaryPoints(TogglingInverseProblem):
     """The same, with boundary points that do not require grad (the usual case): while the
     coefficient's optimizer is toggled the network is frozen, so the bc term requires no grad

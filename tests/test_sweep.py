@@ -50,6 +50,8 @@ def test_sweep_rejects_an_empty_grid() -> None:
     with pytest.raises(ValueError, match="grid_max >= grid_min"):
         grid_weights(2, 1, 1)
     assert grid_weights(-1, 1, 1) == pytest.approx([0.1, 1.0, 10.0])
+    with pytest.raises(ValueError, match="grid_step=5e-324 is too small"):  # an OverflowError before
+        grid_weights(-3, 5, 5e-324)
 
 
 def test_sweep_refuses_an_unwritable_folder_and_bad_seeds_before_training(tmp_path: Path) -> None:
@@ -122,3 +124,24 @@ def test_an_interrupted_sweep_writes_the_fits_that_finished(tmp_path: Path, monk
     assert main(["sweep", "--grid-min", "0", "--grid-max", "1", "--balancers", "--steps", "2", "--out", str(out)]) == 130
     assert "(interrupted: 1 of 2 fits)" in (out / "sweep.md").read_text()
     assert len(json.loads((out / "sweep.json").read_text())) == 1
+
+
+def test_an_interrupted_sweep_plots_a_balancer_whose_first_seed_had_not_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fits finish out of order: Ctrl-C after a balancer's seed-1 fit but before its seed-0 fit
+    crashed the plot with a KeyError, and only sweep.csv was written."""
+    import lightning_pinn.sweep as sweep_module
+    from lightning_pinn.cli import main
+
+    def interrupted(specs: Any, workers: int = 0, on_result: Any = None) -> Any:
+        done = [s for s in specs if s.method == "fixed" and s.seed == 0] + [s for s in specs if s.method == "ntk" and s.seed == 1]
+        for index, spec in enumerate(done, 1):
+            losses = {"pde": [1.0, 0.1], "ic": [1.0, 0.1]}
+            result = sweep_module.FitResult(spec, 0.5, {"pde": 1.0, "ic": 1.0}, 1.0, history_steps=[0, 10], history_losses=losses)
+            on_result(index, len(specs), result)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "run_fits", interrupted)
+    out = tmp_path / "s"
+    args = ["sweep", "--seeds", "0", "1", "--balancers", "ntk", "--grid-min", "0", "--grid-max", "1", "--out", str(out)]
+    assert main(args) == 130
+    assert sorted(path.name for path in out.iterdir()) == ["sweep.csv", "sweep.json", "sweep.md", "sweep.png"]

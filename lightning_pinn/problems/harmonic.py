@@ -24,6 +24,9 @@ from lightning_pinn.nn import mlp
 
 __all__ = ["HarmonicOscillator"]
 
+#: The largest ω² a float32 residual holds (u'' + ω² u would be inf beyond it).
+MAX_OMEGA_SQUARED = float(torch.finfo(torch.float32).max)
+
 
 class HarmonicOscillator(PINNModule):
     """PINN for ``u'' + ω²u = 0``, ``u(0) = 1``, ``u'(0) = 0`` on ``[0, 1]``; terms ``pde`` and ``ic``.
@@ -55,6 +58,10 @@ class HarmonicOscillator(PINNModule):
     ) -> None:
         owner = type(self).__name__
         omega = check_finite(owner, "omega", omega, positive=True)
+        if not omega * omega <= MAX_OMEGA_SQUARED:
+            raise ValueError(
+                f"{owner}: omega must be at most {math.sqrt(MAX_OMEGA_SQUARED):.3g} (ω² multiplies u in the residual and must fit in float32), got {omega!r}."
+            )
         hidden = check_hidden(owner, hidden)
         collocation_points = check_points(owner, "collocation_points", collocation_points)
         weights = {"pde": pde_weight} if hard_ic else {"pde": pde_weight, "ic": ic_weight}
