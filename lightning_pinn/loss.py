@@ -118,6 +118,18 @@ def _check_representable(names: Sequence[str], values: Sequence[float], dtype: t
         )
 
 
+def pair_key(first: str, second: str) -> str:
+    """The name of a pair of terms in the pair tags: ``<a>_vs_<b>`` (``grad_cosine/<a>_vs_<b>``,
+    ``alarm/grad_conflict/<a>_vs_<b>``); :func:`_check_term_name` keeps it unambiguous."""
+    return f"{first}_vs_{second}"
+
+
+def split_pair_key(key: str) -> tuple[str, str]:
+    """``(a, b)`` from :func:`pair_key`'s ``<a>_vs_<b>``."""
+    first, _, second = key.partition("_vs_")
+    return first, second
+
+
 def _check_term_name(name: str) -> None:
     """Refuse a term name that would make the logged tags ambiguous.
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_pinn.diagnostics import nearly_satisfied
+from lightning_pinn.loss import split_pair_key
 from lightning_pinn.tensorboard import losses_in_layout, terms_in_layout
 
 __all__ = [
@@ -324,7 +325,7 @@ def diagnose(history: History, threshold: float | None = None) -> Diagnosis:
             for start, end in _spans(flag_steps, [f > 0.5 for f in flags]):
                 series = cosines.get(pair, {})
                 values = [series[s] for s in measured if s >= start and (end is None or s < end) and s in series]
-                a, b = pair.split("_vs_", 1)
+                a, b = split_pair_key(pair)
                 result.conflict_spans.append((a, b, start, end, sum(values) / len(values) if values else math.nan))
         result.conflict_spans.sort(key=lambda span: (span[2], span[0], span[1]))
     elif "alarm/grad_conflict" in history:  # event files written before the per-pair flags: the most opposed pair
@@ -338,7 +339,7 @@ def diagnose(history: History, threshold: float | None = None) -> Diagnosis:
                 if values and (best is None or sum(values) / len(values) < best[1]):
                     best = (pair, sum(values) / len(values))
             if best is not None:
-                a, b = best[0].split("_vs_", 1)
+                a, b = split_pair_key(best[0])
                 result.conflict_spans.append((a, b, start, end, best[1]))
 
     for term in terms:

@@ -29,6 +29,7 @@ from lightning_pinn.callbacks._base import (
 )
 from lightning_pinn.diagnostics import GradientReport, nearly_satisfied, summarize_gradients
 from lightning_pinn.engine import StepMeasurement
+from lightning_pinn.loss import pair_key
 from lightning_pinn.report import History, write_report
 from lightning_pinn.tensorboard import write_layout
 
@@ -354,7 +355,7 @@ class GradientNormMonitor(PerTermCallback):
         metrics["grad_ratio_threshold"] = self.threshold
         if self.log_cosines:
             for (a, b), cosine in report.cosines.items():
-                metrics[f"grad_cosine/{a}_vs_{b}"] = cosine
+                metrics[f"grad_cosine/{pair_key(a, b)}"] = cosine
         metrics["alarm/grad_ratio"] = float(ratio_alarm)
         metrics["alarm/grad_conflict"] = float(conflict_alarm)
         # which pair's alarm started or ended: logged only then, so the reports name the pairs that alarmed
@@ -632,7 +633,7 @@ class GradientNormMonitor(PerTermCallback):
             return any(self._conflict_active.values())
         keys = self._pair_keys
         for (a, b), cosine in report.cosines.items():
-            key = keys.get((a, b)) or keys.setdefault((a, b), f"{a}_vs_{b}")
+            key = keys.get((a, b)) or keys.setdefault((a, b), pair_key(a, b))
             if cosine >= self.cosine_threshold:  # the common case, kept cheap: K(K−1)/2 pairs a measurement
                 if self._conflict_streak.get(key):
                     self._conflict_streak[key] = 0
@@ -678,7 +679,7 @@ class GradientNormMonitor(PerTermCallback):
 
     def _end_conflict(self, trainer: pl.Trainer, a: str, b: str, step: int, why: str) -> None:
         """The conflict alarm about ``a`` and ``b`` ends at ``step`` (``why``: the cosine, or an absence)."""
-        key = f"{a}_vs_{b}"
+        key = pair_key(a, b)
         self._conflict_active[key] = False
         self._conflict_streak[key] = 0
         self._conflict_changes[f"alarm/grad_conflict/{key}"] = 0.0
