@@ -506,6 +506,7 @@ class TermGradientEngine:
     def __init__(self) -> None:
         self._window: _Window | None = None
         self._capturing = False
+        self._paused = False  # a validation run inside a step's capture window (mid-accumulation)
 
     @classmethod
     def for_loss(cls, loss: Any) -> TermGradientEngine:
@@ -547,7 +548,12 @@ class TermGradientEngine:
 
     def is_capturing(self) -> bool:
         """Whether the next training forward pass should record per-term quantities."""
-        return self._capturing
+        return self._capturing and not self._paused
+
+    def pause(self, paused: bool) -> None:
+        """Hold capture back (``True``) while a validation run interrupts a training step, e.g.
+        between the micro-batches of an accumulated step, and let it go on (``False``) after."""
+        self._paused = paused
 
     def needs_backward(self) -> bool:
         """Whether the request needs per-term gradients or traces (else only the losses are recorded)."""
@@ -592,7 +598,7 @@ class TermGradientEngine:
         before the step runs again.
         """
         self._window = None
-        self._capturing = False
+        self._capturing = self._paused = False
 
     # ---------------------------------------------------------------- forward / backward
     def weighted_total(

@@ -370,7 +370,9 @@ class MultiTermLoss(nn.Module):
         )
 
         engine = self._engine
-        if engine is not None and self.training and grad_enabled and engine.is_capturing():
+        # whatever the module's train/eval mode (Lightning keeps the mode the user left it in):
+        # the engine captures only inside a training step's window, never during validation
+        if engine is not None and grad_enabled and engine.is_capturing():
             if engine.needs_backward():
                 return engine.weighted_total(self._term_names, ordered, losses, self.lambdas)
             return engine.record_losses(losses, self.lambdas, self._weighted_sum(losses))

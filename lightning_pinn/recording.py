@@ -8,6 +8,7 @@ error tracking, have a ``relative_l2_error()`` method (as the problems in
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ class FitHistory:
 
     Attributes:
         steps: Optimizer steps (0-based: the step just taken) at which losses and weights were recorded.
-        losses: Unweighted loss of each term at those steps.
+        losses: Unweighted loss of each term at those steps (``nan`` where the term was absent).
         weights: Weight λ of each term at those steps (after any update made at that step by a
             balancer that runs before the recorder).
         error_steps: Numbers of optimizer steps taken when the error was evaluated.
@@ -78,8 +79,9 @@ class HistoryRecorder(LightningCallback):
         step = trainer.global_step - 1  # the optimizer step just taken
         if self.history_every and step % self.history_every == 0:
             history.steps.append(step)
-            for name, loss in pl_module.criterion.last_losses.items():
-                history.losses.setdefault(name, []).append(float(loss.detach()))
+            losses = pl_module.criterion.last_losses  # the terms given at this step
+            for name in pl_module.criterion.term_names:  # nan for an absent term: every list stays aligned with steps
+                history.losses.setdefault(name, []).append(float(losses[name].detach()) if name in losses else math.nan)
             for name, weight in pl_module.criterion.weights.items():
                 history.weights.setdefault(name, []).append(weight)
         if self.error_every and trainer.global_step % self.error_every == 0:

@@ -168,6 +168,46 @@ def test_validation_and_test_loops_never_change_weights() -> None:
     assert balancer.num_updates == 6
 
 
+def test_a_model_left_in_eval_mode_is_measured_and_balanced() -> None:
+    """Lightning keeps the module's train/eval mode: after model.eval() (say, to plot it) a refit
+    trains in eval mode, and every callback did nothing, silently (no measurement, no update)."""
+    model = TwoTermPoisson()
+    model.eval()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    balancer = GradNormBalancer(every_n_steps=2)
+    _quiet_fit(model, 4, [monitor, balancer])
+    assert not model.criterion.training  # still in eval mode, as Lightning left it
+    assert monitor.diagnosis.measurements == 4 and balancer.num_updates == 2
+
+
+def test_a_validation_run_between_accumulated_micro_batches_is_not_measured() -> None:
+    """Validation every batch with 2 batches per optimizer step runs inside a step's capture
+    window; a validation_step that evaluates and differentiates the loss with grad enabled must not
+    count as one of the step's micro-batches. The module's eval mode no longer tells it apart (see
+    the test above): the callbacks pause the engine during validation."""
+
+    class ValidatedWithGrad(TwoTermPoisson):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            with torch.enable_grad():
+                residuals = self.residuals()
+                loss = self.criterion(pde=10.0 * residuals["pde"], bc=10.0 * residuals["bc"])  # 100x the training losses
+                torch.autograd.grad(loss, list(self.parameters()))  # e.g. a validation gradient norm
+
+        def val_dataloader(self) -> range:
+            return range(1)
+
+    model = ValidatedWithGrad()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    trainer = make_trainer(3, [monitor], accumulate_grad_batches=2, val_check_interval=1, num_sanity_val_steps=0, inference_mode=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.micro_batches == 2
+    training = model.criterion.last_losses  # the last call: a validation run (100x), after the step
+    assert float(measurement.losses[0]) < float(training["pde"]) / 50
+
+
 def test_warmup_terms_and_reference() -> None:
     model = ExtraTermPoisson("data", lambda m, _: m.net(m.x[:4]) - 0.3, weight=2.0)
     recorder = Recorder()

@@ -798,6 +798,22 @@ def test_a_trainer_fitted_again_continues_its_callbacks_state(tmp_path: Path) ->
     assert [value for step, value in scalar_series(load_events(tmp_path), "weight/bc") if step == 20][-1] == 7.0
 
 
+def test_a_weight_set_by_hand_between_fits_gets_its_point_where_the_next_fit_starts_without_a_balancer() -> None:
+    """The monitor's own weight series (no balancer) had no point at step 25 and dated the change
+    to its next measurement (30), unlike a balancer's."""
+    model = TwoTermPoisson()
+    monitor = GradientNormMonitor(every_n_steps=10, verbose=False, report=False)
+    trainer = make_trainer(25, [monitor])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+        model.criterion.set_weights({"bc": 7.0})
+        trainer.fit_loop.epoch_loop.max_steps = 40
+        trainer.fit(model)
+    assert monitor.history["weight/bc"] == ([0, 10, 20, 25, 30], [1.0, 1.0, 1.0, 7.0, 7.0])
+    assert monitor.history["weight/pde"][0] == [0, 10, 20, 30]  # unchanged: no extra point
+
+
 def test_the_report_tells_a_rising_loss_from_a_stalled_one() -> None:
     from lightning_pinn.report import History, diagnose, render_markdown
 

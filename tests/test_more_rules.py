@@ -293,6 +293,47 @@ def test_resume_is_exact(tmp_path: Any, factory: Any) -> None:
     assert run(True) == run(False)
 
 
+@pytest.mark.parametrize("make", [GradNormWeighting, UncertaintyWeighting], ids=["gradnorm", "uncertainty"])
+def test_a_weight_set_by_hand_between_fits_is_where_the_trained_rule_goes_on_from(make: Any) -> None:
+    """The next update returned to the rule's own trained value (λ_bc 100 -> 0.90), where the
+    smoothing rules go on from the λ in force."""
+    model, balancer = Unequal(), make(every_n_steps=1)
+    trainer = make_trainer(10, [balancer])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model)
+        pde = model.criterion.weights["pde"]
+        model.criterion.set_weights({"bc": 100.0 * pde})
+        trainer.fit_loop.epoch_loop.max_steps = 11  # one more step: one more update
+        trainer.fit(model)
+    weights = model.criterion.weights
+    if make is UncertaintyWeighting:  # each λ_i = exp(−s_i) on its own: one Adam step from 100·λ_pde
+        assert weights["bc"] == pytest.approx(100.0 * pde, rel=0.05)
+    else:  # renormalised to Σ w = K = 2, in the ratio you gave (one Adam step from it)
+        assert weights["bc"] / weights["pde"] == pytest.approx(100.0, rel=0.2) and sum(weights.values()) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("make", [GradNormWeighting, UncertaintyWeighting], ids=["gradnorm", "uncertainty"])
+def test_a_second_resume_before_the_next_update_keeps_the_trained_weights(tmp_path: Any, make: Any) -> None:
+    """A checkpoint written after a resume but before the next update held no trained parameter
+    or Adam state (they waited, loaded, for that update): resuming from it restarted them from λ."""
+
+    def fit(stops: list[int]) -> dict[str, float]:
+        checkpoint = None
+        for index, steps in enumerate(stops):
+            torch.manual_seed(0)
+            model = Unequal()
+            trainer = make_trainer(steps, [make(every_n_steps=5)], default_root_dir=str(tmp_path))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                trainer.fit(model, ckpt_path=checkpoint)
+            checkpoint = str(tmp_path / f"stop{index}.ckpt")
+            trainer.save_checkpoint(checkpoint)
+        return model.criterion.weights
+
+    assert fit([7, 9, 16]) == fit([16])  # updates at steps 5, 10, 15: none between 7 and 9
+
+
 @pytest.mark.parametrize(
     "factory",
     [

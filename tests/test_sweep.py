@@ -99,6 +99,20 @@ def test_history_recorder_records_losses_weights_and_errors() -> None:
     assert history.first_reaching(0.0) is None
 
 
+def test_history_recorder_keeps_an_absent_terms_losses_aligned_with_the_steps() -> None:
+    """A term passed as None on some steps got no entry there, so its losses were paired with the
+    wrong steps (and a plot against the steps failed on the unequal lengths)."""
+    from conftest import ExtraTermPoisson
+
+    model = ExtraTermPoisson("data", lambda m, _: None if m.global_step < 4 else m.net(m.x[:4]) - 0.3)
+    recorder = HistoryRecorder(history_every=1)
+    make_trainer(6, [recorder]).fit(model)
+    history = recorder.history
+    assert history.steps == [0, 1, 2, 3, 4, 5] and all(len(values) == 6 for values in history.losses.values())
+    data = history.losses["data"]
+    assert all(math.isnan(value) for value in data[:4]) and all(math.isfinite(value) for value in data[4:])
+
+
 def test_history_recorder_records_each_optimizer_step_once_under_gradient_accumulation() -> None:
     torch.manual_seed(0)
     model = HarmonicOscillator(steps_per_epoch=40, hidden=(8,))

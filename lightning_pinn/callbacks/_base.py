@@ -736,6 +736,16 @@ class PerTermCallback(LightningCallback):
             traces=traces,
         )
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # a validation_step that evaluates the loss with grad enabled (for derivatives) is not
+        # part of the training step, also when it runs between an accumulated step's micro-batches
+        if self._engine is not None:
+            self._engine.pause(True)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._engine is not None:
+            self._engine.pause(False)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self._last_step = trainer.global_step
         step = self._step_at_batch_start

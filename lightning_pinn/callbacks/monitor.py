@@ -382,12 +382,30 @@ class GradientNormMonitor(PerTermCallback):
         from lightning_pinn.callbacks.balancers import WeightBalancer
 
         self._weight_terms = weight_terms_to_log(trainer, self)
+        self._log_weights_set_between_fits(trainer)
         # balancers on the same loss (all callbacks are attached by now): the alarm text says so
         balancers = [cb for cb in callbacks_on_loss(trainer, self._loss) if isinstance(cb, WeightBalancer)]
         self._balancers = balancers
         self._only_schedules = bool(balancers) and all(cb._scheduled for cb in balancers)
         self._warn_if_watched_less_often(trainer)
         self._write_layouts(trainer)
+
+    def _log_weights_set_between_fits(self, trainer: pl.Trainer) -> None:
+        """A fit that goes on from an earlier one (the same Trainer refitted) logs the λ of this
+        monitor's weight series where ``set_weights`` changed them in between, at the step it
+        starts from, as a balancer does for its own; a measurement due at that step logs them anyway."""
+        step = trainer.global_step
+        if step == 0 or self._on_cadence(step):
+            return
+        weights = self.criterion.weights
+        changed = {
+            f"weight/{name}": weights[name]
+            for name in self._weight_terms
+            if f"weight/{name}" in self.history and self.history[f"weight/{name}"][1][-1] != weights[name]
+        }
+        if changed:
+            self._log_scalars(trainer, changed, step)
+            self.history.add(changed, step)
 
     #: Tags this monitor writes (after its loss prefix, if any): what EarlyStopping or
     #: ModelCheckpoint may watch through ``trainer.callback_metrics``.

@@ -367,16 +367,50 @@ class _TrainedWeights(WeightBalancer):
         terms the rule leaves out of that update (e.g. a zero gradient)."""
         raise NotImplementedError
 
+    def _weights_of(self, parameter: Tensor) -> Tensor:
+        """The λ a value of the trained parameter stands for (before the clamp)."""
+        raise NotImplementedError
+
+    def _parameter_for(self, weights: Tensor) -> Tensor:
+        """The trained parameter's value for the λ ``weights`` (the inverse of :meth:`_weights_of`)."""
+        raise NotImplementedError
+
     def _ensure_parameter(self, left_out: Sequence[int] = ()) -> Tensor:
-        if self._parameter is None:
-            self._parameter = self._initial_parameter(self.criterion.lambdas.tolist(), left_out).requires_grad_(True)
-            self._optimizer = torch.optim.Adam([self._parameter], lr=self.learning_rate)
-            if self._pending_state is not None:
-                with torch.no_grad():
-                    self._parameter.copy_(self._pending_state["parameter"])
-                self._optimizer.load_state_dict(self._pending_state["optimizer"])
-                self._pending_state = None
+        if self._parameter is not None:
+            self._follow_weights_set_by_hand()
+            return self._parameter
+        self._parameter = self._initial_parameter(self.criterion.lambdas.tolist(), left_out).requires_grad_(True)
+        self._optimizer = torch.optim.Adam([self._parameter], lr=self.learning_rate)
+        if self._pending_state is not None:
+            with torch.no_grad():
+                self._parameter.copy_(self._pending_state["parameter"])
+            self._optimizer.load_state_dict(self._pending_state["optimizer"])
+            self._pending_state = None
+            self._follow_weights_set_by_hand()
         return self._parameter
+
+    def _follow_weights_set_by_hand(self) -> None:
+        """Start again from a λ set by hand (``set_weights``) since this rule last set it: its
+        entry of the trained parameter is re-seeded from that λ and its Adam moments are zeroed,
+        as the smoothing rules go on from the λ in force. Without this the next update returned
+        to the rule's own value and dropped yours."""
+        assert self._parameter is not None and self._optimizer is not None
+        in_force = self.criterion.lambdas.detach().to(device="cpu", dtype=torch.float64)
+        applied = self._weights_of(self._parameter.detach()).clamp(min=self.min_weight, max=self.max_weight)
+        # λ is stored in the loss's dtype (float32 by default): within its rounding it is the rule's own
+        changed = [
+            i
+            for i, adaptive in enumerate(self._adaptive)
+            if adaptive and not math.isclose(float(in_force[i]), float(applied[i]), rel_tol=1e-5)
+        ]
+        if not changed:
+            return
+        with torch.no_grad():
+            self._parameter[changed] = self._parameter_for(in_force[changed].clamp(min=self.min_weight, max=self.max_weight))
+        for state in self._optimizer.state.values():
+            for moment in ("exp_avg", "exp_avg_sq"):
+                if moment in state:
+                    state[moment][changed] = 0.0
 
     def _step(self, objective: Tensor, terms: list[int]) -> Tensor:
         """One optimizer step on ``objective`` (built from the entries ``terms``); return the entries before it.
@@ -405,6 +439,8 @@ class _TrainedWeights(WeightBalancer):
         state = super().state_dict()
         if self._parameter is not None and self._optimizer is not None:
             state.update(parameter=self._parameter.detach().clone(), optimizer=self._optimizer.state_dict())
+        elif self._pending_state is not None:  # resumed, no update yet: what was loaded is still the state
+            state.update(self._pending_state)
         return state
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
@@ -467,6 +503,12 @@ class GradNormWeighting(_TrainedWeights):
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         assert measurement.gradients is not None
         return gradient_norms(measurement.gradients)
+
+    def _weights_of(self, parameter: Tensor) -> Tensor:
+        return parameter  # λ = w
+
+    def _parameter_for(self, weights: Tensor) -> Tensor:
+        return weights
 
     def _initial_parameter(self, weights: list[float], left_out: Sequence[int]) -> Tensor:
         if not all(self._adaptive):  # the fixed terms' λ set the scale: start from the λ in force
@@ -561,6 +603,12 @@ class UncertaintyWeighting(_TrainedWeights):
 
     def _rule_inputs(self, measurement: StepMeasurement) -> Tensor:
         return measurement.losses
+
+    def _weights_of(self, parameter: Tensor) -> Tensor:
+        return torch.exp(-parameter)  # λ = exp(−s)
+
+    def _parameter_for(self, weights: Tensor) -> Tensor:
+        return -torch.log(weights)
 
     def _initial_parameter(self, weights: list[float], left_out: Sequence[int]) -> Tensor:
         # each s_i sets its own λ_i: nothing is shared, so nothing is left out of a scale
