@@ -342,6 +342,16 @@ def _gradient_accumulator(p: Tensor) -> Any:
     return p.view_as(p).grad_fn.next_functions[0][0]  # type: ignore[union-attr]
 
 
+def _in_layout_of(grad: Tensor, x: Tensor) -> Tensor:
+    """``grad`` with ``x``'s strides, as AccumulateGrad and DDP's gradient buckets expect
+    (autograd may hand back a transposed view; a parameter may be channels_last)."""
+    if grad.stride() == x.stride():
+        return grad
+    if x.is_contiguous():  # a reshape, no copy where only size-1 dimensions' strides differ
+        return grad.contiguous().view(-1).view(x.shape)
+    return torch.empty_like(x, dtype=grad.dtype).copy_(grad)  # empty_like keeps a dense tensor's strides
+
+
 def _loss_values(losses: Sequence[Tensor | None], weights: Tensor) -> Tensor:
     """Detached ``L_i`` (0 where absent), in the wider of the losses' and the weights' dtypes."""
     dtype = wider_dtype(losses, weights.dtype)
@@ -720,13 +730,7 @@ class TermGradientEngine:
         hits = iter(reached_input[:num_params])
         capture.reached_params = [bool(next(hits)) if trainable else False for trainable in capture.trainable]
         _mark_backward(capture)
-        # in the inputs' memory layout (autograd may hand back transposed views; a parameter may be
-        # channels_last), as AccumulateGrad and DDP's gradient buckets expect: empty_like keeps
-        # the strides of a dense tensor
-        return [
-            (grad if grad.stride() == x.stride() else torch.empty_like(x, dtype=grad.dtype).copy_(grad)) if hit else None
-            for grad, x, hit in zip(combined, inputs, reached_input)
-        ]
+        return [_in_layout_of(grad, x) if hit else None for grad, x, hit in zip(combined, inputs, reached_input)]
 
     def _record_traces(self, capture: _Capture, residuals: list[Tensor | None], params: list[Tensor]) -> None:
         request = capture.trace_request
