@@ -94,7 +94,14 @@ class PINNModule(pl.LightningModule):
                 f"{type(self).__name__}.residuals() must return a dict of one tensor per term, e.g. "
                 f"{{{', '.join(f'{name!r}: r_{name}' for name in self.criterion.term_names)}}}; got {type(residuals).__name__}."
             )
-        return self.criterion(**residuals)
+        loss = self.criterion(**residuals)
+        watched = self.__dict__.get("_watched_terms")
+        if watched:  # renewed before the callbacks' batch-end checks read it (ModelCheckpoint every n steps)
+            from lightning_pinn.callbacks._base import publish
+
+            losses = self.criterion.last_losses
+            publish(self.trainer, {f"loss/{name}": losses[name] for name in watched if name in losses})
+        return loss
 
     def on_train_start(self) -> None:
         from lightning_pinn.callbacks._base import callbacks_on_loss, watched_tags
@@ -108,8 +115,8 @@ class PINNModule(pl.LightningModule):
         self._log_terms = not any(isinstance(cb, GradientNormMonitor) for cb in callbacks)
         self._log_weights = not any(isinstance(cb, WeightBalancer) for cb in callbacks)
         # tags an EarlyStopping, ModelCheckpoint or plateau scheduler watches are renewed in
-        # trainer.callback_metrics every step, as self.log(on_step=True) would; the others only
-        # when logged (an unwatched renewal would cost every step for nothing)
+        # trainer.callback_metrics at every training step, as self.log(on_step=True) would; the
+        # others only when logged (an unwatched renewal would cost every step for nothing)
         ours = {f"loss/{name}" for name in self.criterion.term_names} if self._log_terms else set()
         self.__dict__["_watched_terms"] = [tag[len("loss/") :] for tag in sorted(ours & watched_tags(self.trainer))]
         self.__dict__["_logging_step"] = None  # plain attribute writes: nn.Module.__setattr__ is slow per step
@@ -118,23 +125,17 @@ class PINNModule(pl.LightningModule):
         step, interval = self.trainer.global_step, self.trainer.log_every_n_steps
         due = getattr(self, "_log_terms", False) and interval > 0 and step % interval == 0
         # the weights in effect for this step (a balancer may change them after it)
-        if due:
-            self.__dict__["_logging_step"] = (step, self.criterion.weights)
-        else:
-            self.__dict__["_logging_step"] = (step, None) if self.__dict__.get("_watched_terms") else None
+        self.__dict__["_logging_step"] = (step, self.criterion.weights) if due else None
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         logging_step = self.__dict__.get("_logging_step")
         if logging_step is None or self.trainer.global_step == logging_step[0]:
             return  # not a logging step, or no optimizer step yet in this batch (gradient accumulation)
-        from lightning_pinn.callbacks._base import log_scalars, publish
+        from lightning_pinn.callbacks._base import log_scalars
 
         step, weights = logging_step
         self.__dict__["_logging_step"] = None
         losses = self.criterion.last_losses
-        if weights is None:  # not logged at this step, but watched
-            publish(self.trainer, {f"loss/{name}": losses[name] for name in self._watched_terms if losses.get(name) is not None})
-            return
         values = torch.stack([loss.detach().to(torch.float64) for loss in losses.values()]).tolist() if losses else []
         metrics = {f"loss/{name}": value for name, value in zip(losses, values)}
         if self._log_weights:

@@ -134,8 +134,8 @@ def read_history(run_dir: str | Path) -> History:
     """All scalars of the TensorBoard run in ``run_dir`` (a folder holding event files, or one event file).
 
     A folder's event files are read oldest first, and a file that holds this library's tags
-    (gradient norms, weights, NTK traces) replaces what the earlier files hold from its first
-    such step on: a fit resumed from an earlier checkpoint into the same folder (after a crash,
+    (gradient norms, weights, NTK traces), after an earlier such file, replaces what the earlier
+    files hold from its first step on: a fit resumed from an earlier checkpoint into the same folder (after a crash,
     say) writes those steps again, in a new file, and the abandoned attempt's points from there
     on are not part of the run. A file without them (your own ``SummaryWriter`` in the run's
     folder, a later ``trainer.test()``) only adds its points. (TensorBoard's own out-of-order
@@ -146,15 +146,18 @@ def read_history(run_dir: str | Path) -> History:
     path = Path(run_dir)
     files = [path] if path.is_file() else sorted(path.glob("events.out.tfevents.*"), key=_natural_key)
     history = History()
-    readable = False
+    readable = seen_fit = False
     for file in files:
         accumulator = EventAccumulator(str(file), size_guidance={"scalars": 0})
         accumulator.Reload()
         readable = readable or any(tags for tags in accumulator.Tags().values() if isinstance(tags, list))
         points = [(tag, event.step, event.value) for tag in accumulator.Tags().get("scalars", []) for event in accumulator.Scalars(tag)]
-        # the resumption's first step, from the tags a resumed fit writes again (not Lightning's
-        # hp_metric, logged at step 0 by every fit, nor another writer's tags)
-        steps = [step for tag, step, _ in points if _RESUMED_TAG.search(tag)]
+        # a file with this library's tags after another such file is a resumed fit: it replaces
+        # the earlier files from its first step (not Lightning's hp_metric, logged at step 0 by
+        # every fit); another writer's file only adds its points
+        fit = any(_RESUMED_TAG.search(tag) for tag, _, _ in points)
+        resumes, seen_fit = fit and seen_fit, seen_fit or fit
+        steps = [step for tag, step, _ in points if resumes and not tag.endswith("hp_metric")]
         first = min(steps) if steps else None
         if first is not None:
             # after the resume step everything is written again; at the step itself, only what
@@ -178,7 +181,7 @@ def read_history(run_dir: str | Path) -> History:
 
 #: Tags of the families a resumed fit writes again (the monitor's, the balancers', PINNModule's
 #: weights), after any logger or loss prefix: they mark an event file as a resumption.
-_RESUMED_TAG = re.compile(r"(^|[/\-.])(grad_norm|grad_norm_weighted|grad_ratio|weight|weight_target|ntk_trace)/")
+_RESUMED_TAG = re.compile(r"(^|[/\-])(grad_norm|grad_norm_weighted|grad_ratio|weight|weight_target|ntk_trace)/")
 
 
 def _read_layouts(accumulator: Any) -> tuple[dict[str, str], dict[str, list[str]]]:
@@ -259,12 +262,15 @@ def _spans(steps: list[int], flags: list[bool]) -> list[tuple[int, int | None]]:
     return spans
 
 
-def diagnose(history: History, threshold: float | None = None) -> Diagnosis:
+def diagnose(history: History, threshold: float | None = None, cosine_threshold: float | None = None) -> Diagnosis:
     """Read the verdict out of a history of the monitor's scalars (see the README's tag table).
 
     ``threshold``: the ratio threshold, if the history does not hold the ``grad_ratio_threshold``
     the monitor logs; the conflict alarm's spans are read from its ``alarm/grad_conflict/<a>_vs_<b>`` tags.
+    ``cosine_threshold`` is accepted for old callers and ignored (deprecated): the spans are
+    the monitor's own verdicts.
     """
+    _deprecated_cosine_threshold("diagnose", cosine_threshold)
     result = Diagnosis()
     terms = history.terms("grad_norm")
     result.terms = len(terms)
@@ -366,6 +372,16 @@ def diagnose(history: History, threshold: float | None = None) -> Diagnosis:
                 result.last_quarter_change[term] = tail[-1] / tail[0]
     result.advice = _advice(result)
     return result
+
+
+def _deprecated_cosine_threshold(function: str, value: float | None) -> None:
+    if value is not None:
+        warnings.warn(
+            f"{function}(cosine_threshold=...) is deprecated and ignored: the report reads the conflict alarm's spans "
+            "from the monitor's alarm/grad_conflict/<a>_vs_<b> tags. Drop the argument.",
+            DeprecationWarning,
+            stacklevel=3,
+        )
 
 
 #: The monitor's default ratio threshold, for a history that did not log its own.
@@ -664,6 +680,7 @@ def write_report(
     history: History,
     folder: str | Path,
     title: str = "Loss-balance diagnosis",
+    cosine_threshold: float | None = None,
     name: str = "diagnosis",
 ) -> tuple[Path | str, Path | str]:
     """Write ``<name>.md`` and ``<name>.png`` into ``folder``; return their paths.
@@ -671,6 +688,7 @@ def write_report(
     ``folder`` may be a local path or an fsspec URL (``s3://…``, ``memory://…``: a logger's remote
     ``save_dir``), written through its filesystem; for a URL the paths returned are URLs (``str``).
     """
+    _deprecated_cosine_threshold("write_report", cosine_threshold)
     diagnosis = diagnose(history)
     return _write_report_files(_report_markdown(diagnosis, title, name), history, folder, title, name)
 

@@ -191,7 +191,12 @@ def test_a_validation_run_between_accumulated_micro_batches_is_not_measured() ->
             with torch.enable_grad():
                 residuals = self.residuals()
                 loss = self.criterion(pde=10.0 * residuals["pde"], bc=10.0 * residuals["bc"])  # 100x the training losses
-                torch.autograd.grad(loss, list(self.parameters()))  # e.g. a validation gradient norm
+                # a backward (e.g. for a validation gradient norm), the step's gradients put back after it
+                params = list(self.parameters())
+                kept = [None if p.grad is None else p.grad.clone() for p in params]
+                loss.backward()
+                for p, grad in zip(params, kept):
+                    p.grad = grad
 
         def val_dataloader(self) -> range:
             return range(1)

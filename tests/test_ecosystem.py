@@ -475,7 +475,7 @@ def test_a_check_on_a_weight_is_warned_about_by_the_callback_that_renews_it(tmp_
     with pytest.warns(
         UserWarning,
         match=r"GradNormBalancer: ModelCheckpoint\(monitor='weight/bc'\) checks about every 4 .*every 20 steps.*"
-        r"measured up to 19 steps earlier.*ModelCheckpoint\(monitor='weight/bc', every_n_train_steps=20\)",
+        r"measured up to 20 steps earlier.*GradNormBalancer\(every_n_steps=4\).*keep it as it is if that is fine",
     ):
         trainer.fit(TwoTermPoisson())
 
@@ -655,6 +655,27 @@ def test_report_reads_a_resumed_attempt_over_the_first_and_keeps_a_report_that_c
     writer.close()
     steps, _ = read_history(other)["grad_norm/pde"]
     assert steps == list(range(0, 29, 2)) and read_history(other)["extra/rel_l2"] == ([2], [0.5])
+    # ... also when its file is the older one (a writer opened before the logger's)
+    older = tmp_path / "older"
+    writer = SummaryWriter(str(older))
+    for step in (2, 12, 22):
+        writer.add_scalar("extra/rel_l2", 0.5, step)
+    writer.close()
+    time.sleep(1.1)
+    write(older, range(0, 29, 2))
+    assert read_history(older)["extra/rel_l2"][0] == [2, 12, 22]
+    # a resumed fit's file replaces the earlier ones from its first step, not from its first
+    # measurement: the user's own self.log'd tags between the two are counted once
+    mixed = tmp_path / "mixed"
+    for measured, logged in ((range(0, 101, 50), range(0, 130, 10)), (range(100, 151, 50), range(80, 160, 10))):
+        writer = SummaryWriter(str(mixed))
+        for step in measured:
+            writer.add_scalar("grad_norm/pde", 1.0, step)
+        for step in logged:
+            writer.add_scalar("train_loss", float(step), step)
+        writer.close()
+        time.sleep(1.1)
+    assert read_history(mixed)["train_loss"][0] == list(range(0, 160, 10))
 
     # a fit resumed into a new version folder: its fit-time report covers the whole run (from the
     # monitor's checkpointed history), the folder's event files only the resumed part

@@ -59,6 +59,13 @@ def test_a_watched_term_loss_is_fresh_in_callback_metrics_at_every_check(tmp_pat
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
             seen.append((float(trainer.callback_metrics["loss/pde"]), float(pl_module.criterion.last_losses["pde"])))
 
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+            # where ModelCheckpoint(every_n_train_steps=...) checks: before the module's own batch-end hook
+            if trainer.callback_metrics.get("loss/pde") is not None:
+                at_batch_end.append(float(trainer.callback_metrics["loss/pde"]) == float(pl_module.criterion.last_losses["pde"]))
+
+    at_batch_end: list[bool] = []
+
     class Poisson(PINNModule):
         """-u'' = π² sin(πx), u(0) = u(1) = 0: a loss that falls from the first step at this rate."""
 
@@ -78,6 +85,7 @@ def test_a_watched_term_loss_is_fresh_in_callback_metrics_at_every_check(tmp_pat
     trainer.fit(Poisson())
     assert trainer.global_step == 40 and not trainer.should_stop  # it stopped at step 12 on step 0's value
     assert len(seen) == 10 and all(published == last for published, last in seen)
+    assert len(at_batch_end) == 40 and all(at_batch_end)  # this step's loss, not the previous one
     # unwatched tags are renewed when logged only (nothing to pay every step)
     seen.clear()
     make_trainer(8, [Peek()], log_every_n_steps=50).fit(Poisson())

@@ -1200,6 +1200,18 @@ def test_the_report_advice_agrees_with_the_alarm_on_a_nearly_satisfied_term(scal
     assert ("raise λ_tip by about" in advice) is not noted, advice
 
 
+def test_the_reports_old_cosine_threshold_keyword_is_deprecated_not_refused(tmp_path: Any) -> None:
+    from lightning_pinn.report import History, diagnose, write_report
+
+    history = History()
+    history.add({"grad_norm/pde": 1.0, "grad_norm/bc": 0.5}, 0)
+    with pytest.warns(DeprecationWarning, match=r"diagnose\(cosine_threshold=...\) is deprecated and ignored"):
+        assert diagnose(history, cosine_threshold=-0.5).measurements == 1
+    with pytest.warns(DeprecationWarning, match=r"write_report\(cosine_threshold=...\)"):
+        write_report(history, tmp_path, "title", -0.5)  # its old position
+    assert (tmp_path / "diagnosis.md").exists()
+
+
 def test_a_balancer_clamping_a_nearly_satisfied_term_says_why() -> None:
     from lightning_pinn.alerts import WeightUpdateWarning
     from lightning_pinn.callbacks import GradNormBalancer

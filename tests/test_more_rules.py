@@ -550,6 +550,24 @@ def test_gradnorm_weighting_renormalises_to_k_after_a_clamp_not_to_the_clamped_s
     assert sum(balancer.last_target.values()) == pytest.approx(2.0, rel=1e-9)
 
 
+def test_gradnorm_weighting_keeps_sum_k_over_all_terms_when_one_is_absent_on_some_steps() -> None:
+    """With 'data' given every other step, rescaling only the present terms to their count made
+    Σλ swing (3.0, 3.03, 3.0, 3.05, …); the present terms now share what the absent one leaves of K."""
+    from conftest import ExtraTermPoisson
+
+    sums: list[float] = []
+
+    class Sums(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
+            sums.append(sum(pl_module.criterion.weights.values()))
+
+    model = ExtraTermPoisson("data", lambda m, _: None if m.global_step % 2 else m.net(m.x[:4]) - 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(10, [GradNormWeighting(learning_rate=0.05), Sums()]).fit(model)
+    assert len(sums) == 10 and sums == pytest.approx([3.0] * 10, rel=1e-6)
+
+
 def test_uncertainty_weighting_warns_when_it_pulls_a_starting_weight_into_range() -> None:
     model = Unequal()
     model.criterion.set_weights({"bc": 1e9})

@@ -377,7 +377,7 @@ def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int, accumulations: list
                 harm, fix = _COUNTS_REPEATS, "let it wait for {checks} repeats (e.g. EarlyStopping(patience={checks}) or more)"
             else:  # repeats leave its ranking as it was, but label a checkpoint with an older value
                 harm = "a checkpoint it saves can carry a value measured up to {stale} steps earlier"
-                fix = f"let it check every {{cadence}} steps (e.g. ModelCheckpoint(monitor={watched!r}, every_n_train_steps={{cadence}}))"
+                fix = "keep it as it is if that is fine (repeated values do not change which checkpoint ranks best)"
             watchers.append((who, watched, interval, harm, fix))
     for config in getattr(trainer, "lr_scheduler_configs", None) or []:
         watched = getattr(config, "monitor", None)
@@ -690,7 +690,7 @@ class PerTermCallback(LightningCallback):
                 self._warn(
                     f"{name}: {watcher} checks about every {interval} optimizer "
                     f"step(s), but {name} renews '{watched}' every {cadence} steps (every_n_steps), so some checks see the "
-                    f"previous value again ({harm.format(stale=cadence - 1)}). Use {name}(every_n_steps={interval}) or a "
+                    f"previous value again ({harm.format(stale=cadence)}). Use {name}(every_n_steps={interval}) or a "
                     f"smaller value, or {fix.format(checks=checks, cadence=cadence)}."
                 )
 

@@ -391,9 +391,9 @@ class _TrainedWeights(WeightBalancer):
 
     def _follow_weights_set_by_hand(self) -> None:
         """Start again from a λ set by hand (``set_weights``) since this rule last set it: its
-        entry of the trained parameter is re-seeded from that λ and its Adam moments are zeroed,
-        as the smoothing rules go on from the λ in force. Without this the next update returned
-        to the rule's own value and dropped yours."""
+        entry of the trained parameter is re-seeded from that λ and the weights' Adam optimizer
+        restarts, as the smoothing rules go on from the λ in force. Without this the next update
+        returned to the rule's own value and dropped yours."""
         assert self._parameter is not None and self._optimizer is not None
         in_force = self.criterion.lambdas.detach().to(device="cpu", dtype=torch.float64)
         applied = self._weights_of(self._parameter.detach()).clamp(min=self.min_weight, max=self.max_weight)
@@ -407,10 +407,9 @@ class _TrainedWeights(WeightBalancer):
             return
         with torch.no_grad():
             self._parameter[changed] = self._parameter_for(in_force[changed].clamp(min=self.min_weight, max=self.max_weight))
-        for state in self._optimizer.state.values():
-            for moment in ("exp_avg", "exp_avg_sq"):
-                if moment in state:
-                    state[moment][changed] = 0.0
+        # a fresh Adam (its step count is shared by all entries, so zeroing only their moments
+        # would make the next step a bias-corrected one of arbitrary size)
+        self._optimizer.state.clear()
 
     def _step(self, objective: Tensor, terms: list[int]) -> Tensor:
         """One optimizer step on ``objective`` (built from the entries ``terms``); return the entries before it.
@@ -538,12 +537,18 @@ class GradNormWeighting(_TrainedWeights):
         norms = torch.tensor([values[i] for i in terms], dtype=torch.float64)
         # a term outside `terms` enters the objective with the λ it keeps (a constant), not a trained w
         used = torch.stack([weights[i] if self._adaptive[i] else weights.new_tensor(current[i]) for i in terms])
-        self._step(gradnorm_objective(used, norms, inverse_rates, self.alpha), trained)
+        before = self._step(gradnorm_objective(used, norms, inverse_rates, self.alpha), trained)
         with torch.no_grad():
             weights[trained] = weights[trained].clamp(min=self.min_weight)  # positive before the rescale
             if len(trained) == len(terms):  # Σ w = K over the terms it saw (with fixed terms, their λ anchor the scale)
-                # K itself, not the sum before the step: a λ clamped at a bound last time must not shrink or grow the scale for good
-                weights[trained] = weights[trained] * (len(terms) / weights[trained].sum())
+                # K itself, not the sum before the step (a λ clamped at a bound last time must not
+                # shrink or grow the scale for good); a term absent from this step keeps its w,
+                # and the present ones share what it leaves of K
+                absent = [i for i, (here, mine) in enumerate(zip(present, self._adaptive)) if mine and not here]
+                share = len(terms) + len(absent) - float(weights[absent].sum()) if absent else float(len(terms))
+                if share <= 0:  # the absent terms' w alone exceed K: keep the present terms' scale
+                    share = float(before[trained].sum())
+                weights[trained] = weights[trained] * (share / weights[trained].sum())
             # proposed unclamped: the base class clamps λ to [min_weight, max_weight] and warns when it does
             proposed = _scatter(len(values), trained, weights[trained].tolist())  # nan: the other terms keep their λ
             weights[trained] = weights[trained].clamp(min=self.min_weight, max=self.max_weight)  # w stays where λ is clamped
