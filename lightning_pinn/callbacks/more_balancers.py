@@ -395,13 +395,15 @@ class _TrainedWeights(WeightBalancer):
         restarts, as the smoothing rules go on from the λ in force. Without this the next update
         returned to the rule's own value and dropped yours."""
         assert self._parameter is not None and self._optimizer is not None
-        in_force = self.criterion.lambdas.detach().to(device="cpu", dtype=torch.float64)
+        lambdas = self.criterion.lambdas
+        in_force = lambdas.detach().to(device="cpu", dtype=torch.float64)
         applied = self._weights_of(self._parameter.detach()).clamp(min=self.min_weight, max=self.max_weight)
         # λ is stored in the loss's dtype (float32 by default): within its rounding it is the rule's own
+        tolerance = max(1e-5, 8 * torch.finfo(lambdas.dtype).eps)
         changed = [
             i
             for i, adaptive in enumerate(self._adaptive)
-            if adaptive and not math.isclose(float(in_force[i]), float(applied[i]), rel_tol=1e-5)
+            if adaptive and not math.isclose(float(in_force[i]), float(applied[i]), rel_tol=tolerance)
         ]
         if not changed:
             return
