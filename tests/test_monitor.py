@@ -416,6 +416,25 @@ class Opposed(TwoTermPoisson):
         return self.criterion(up=u - 1.0, down=u + 1.0)
 
 
+def test_a_conflict_alarm_ends_when_a_term_of_the_pair_has_no_gradient_left() -> None:
+    """No cosine is taken for a zero gradient, so an alarm on such a pair stayed on to the end."""
+
+    class OpposedThenFrozen(Opposed):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            u = self.net(self.x)
+            down = u + 1.0 if self.global_step < 40 else 0.0 * u  # an exactly zero gradient from step 40
+            return self.criterion(up=u - 1.0, down=down)
+
+    monitor = GradientNormMonitor(every_n_steps=5, cosine_patience=3, verbose=False, report=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(60, [monitor]).fit(OpposedThenFrozen())
+    steps, flags = monitor.history["alarm/grad_conflict/up_vs_down"]
+    assert flags == [1.0, 0.0] and steps[0] < 40 and steps[1] == 40, (steps, flags)
+    assert [span[3] for span in monitor.diagnosis.conflict_alarm_spans] == [40]
+    assert monitor.history["alarm/grad_conflict"][1][-1] == 0.0
+
+
 def test_conflict_alarm_on_directly_opposed_terms() -> None:
     monitor = GradientNormMonitor(every_n_steps=5, cosine_threshold=-0.5, cosine_patience=3, verbose=False)
     with warnings.catch_warnings(record=True) as caught:

@@ -635,7 +635,8 @@ class GradientNormMonitor(PerTermCallback):
     def _track_conflicts(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
         diagnosis = self.diagnosis
         self._conflict_changes = {}  # this measurement's per-pair alarm starts (1) and ends (0)
-        index = {term: i for i, term in enumerate(report.terms)}.__getitem__  # K² pairs: a dict, not tuple.index scans
+        index_of = {term: i for i, term in enumerate(report.terms)}
+        index = index_of.__getitem__  # K² pairs: a dict, not tuple.index scans
         for a, b, *_ in [span for span in diagnosis.conflict_alarm_spans if span[3] is None]:
             # as for the ratio alarm: a term of the pair away longer than it ever was before
             # (dropped for good) ends the pair's alarm; a shorter absence leaves it as it is
@@ -643,6 +644,12 @@ class GradientNormMonitor(PerTermCallback):
             if gone:
                 why = f"'{gone[0]}' has been absent from the last {self._absent_for[gone[0]]} measurements"
                 self._end_conflict(trainer, a, b, step, why)
+                continue
+            # a term whose gradient is now exactly zero (satisfied, frozen, hard-constrained) has
+            # no direction to oppose: no cosine is taken, so the alarm would otherwise stay on
+            still = [t for t in (a, b) if t in index_of and report.norms[index_of[t]] == 0]
+            if still:
+                self._end_conflict(trainer, a, b, step, f"the gradient of '{still[0]}' is now exactly zero")
         if report.cosines:
             lowest_pair, lowest = min(report.cosines.items(), key=itemgetter(1))  # the first of equal minima
             if diagnosis.min_cosine is None or lowest < diagnosis.min_cosine:
@@ -696,7 +703,7 @@ class GradientNormMonitor(PerTermCallback):
         return any(self._conflict_active.values())
 
     def _end_conflict(self, trainer: pl.Trainer, a: str, b: str, step: int, why: str) -> None:
-        """The conflict alarm about ``a`` and ``b`` ends at ``step`` (``why``: the cosine, or an absence)."""
+        """The conflict alarm about ``a`` and ``b`` ends at ``step`` (``why``: the cosine, an absence or a zero gradient)."""
         key = pair_key(a, b)
         self._conflict_active[key] = False
         self._conflict_streak[key] = 0
