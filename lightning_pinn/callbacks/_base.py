@@ -343,13 +343,23 @@ def _checkpoint_interval(callback: Any, trainer: pl.Trainer, steps_per_epoch: in
     return min(intervals) if intervals else None
 
 
+def _watching_callbacks(trainer: pl.Trainer) -> list[tuple[Any, str]]:
+    """``(callback, tag)`` for each ``EarlyStopping`` and ``ModelCheckpoint`` that has a ``monitor``."""
+    watchers = lightning_classes("callbacks", "EarlyStopping") + lightning_classes("callbacks", "ModelCheckpoint")
+    return [(c, c.monitor) for c in trainer.callbacks if isinstance(c, watchers) and isinstance(c.monitor, str)]  # type: ignore[attr-defined]
+
+
+def _watching_schedulers(trainer: pl.Trainer) -> list[tuple[Any, str]]:
+    """``(lr_scheduler_config, tag)`` for each plateau scheduler with a ``monitor`` (Lightning
+    hands the monitored value to plateau schedulers only)."""
+    configs = getattr(trainer, "lr_scheduler_configs", None) or []
+    return [(c, c.monitor) for c in configs if c.reduce_on_plateau and isinstance(c.monitor, str)]
+
+
 def watched_tags(trainer: pl.Trainer) -> set[str]:
     """The tags the fit's ``EarlyStopping``, ``ModelCheckpoint`` and plateau LR schedulers read
     from ``trainer.callback_metrics`` (their ``monitor``); known from ``on_train_start`` on."""
-    watchers = lightning_classes("callbacks", "EarlyStopping") + lightning_classes("callbacks", "ModelCheckpoint")
-    tags = {c.monitor for c in trainer.callbacks if isinstance(c, watchers) and isinstance(c.monitor, str)}  # type: ignore[attr-defined]
-    configs = getattr(trainer, "lr_scheduler_configs", None) or []
-    return tags | {c.monitor for c in configs if c.reduce_on_plateau and isinstance(c.monitor, str)}
+    return {tag for _, tag in _watching_callbacks(trainer) + _watching_schedulers(trainer)}
 
 
 #: What a repeated value does to an EarlyStopping or a plateau scheduler.
@@ -360,13 +370,9 @@ def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int, accumulations: list
     """``(who, tag, checks every n optimizer steps, what a repeat does, the fix)`` for each EarlyStopping,
     ModelCheckpoint and LR scheduler of the Trainer that reads a tag from ``callback_metrics``."""
     early_stopping = lightning_classes("callbacks", "EarlyStopping")
-    model_checkpoint = lightning_classes("callbacks", "ModelCheckpoint")
     validation = _validation_interval(trainer, steps_per_epoch, max(accumulations))
     watchers: list[tuple[str, str, int, str, str]] = []
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        watched = getattr(callback, "monitor", None)
-        if not isinstance(callback, early_stopping + model_checkpoint) or not isinstance(watched, str):
-            continue
+    for callback, watched in _watching_callbacks(trainer):
         if isinstance(callback, early_stopping):
             interval = _early_stopping_interval(callback, trainer, steps_per_epoch, validation)
         else:
@@ -379,10 +385,7 @@ def _tag_watchers(trainer: pl.Trainer, steps_per_epoch: int, accumulations: list
                 harm = "a checkpoint it saves can carry a value measured up to {stale} steps earlier"
                 fix = "keep it as it is if that is fine (repeated values do not change which checkpoint ranks best)"
             watchers.append((who, watched, interval, harm, fix))
-    for config in getattr(trainer, "lr_scheduler_configs", None) or []:
-        watched = getattr(config, "monitor", None)
-        if not config.reduce_on_plateau or not isinstance(watched, str):
-            continue  # Lightning hands the monitored value to plateau schedulers only
+    for config, watched in _watching_schedulers(trainer):
         frequency = max(1, int(config.frequency))
         if config.interval == "step":
             # Lightning steps it on the batches whose number (from 1, within the epoch) is a

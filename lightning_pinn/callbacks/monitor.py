@@ -397,15 +397,24 @@ class GradientNormMonitor(PerTermCallback):
         step = trainer.global_step
         if step == 0 or self._on_cadence(step):
             return
-        weights = self.criterion.weights
-        changed = {
-            f"weight/{name}": weights[name]
-            for name in self._weight_terms
-            if f"weight/{name}" in self.history and self.history[f"weight/{name}"][1][-1] != weights[name]
-        }
+        changed = self._weights_unlike_the_history(self._weight_terms, recorded_only=True)
         if changed:
             self._log_scalars(trainer, changed, step)
             self.history.add(changed, step)
+
+    def _weights_unlike_the_history(self, names: Sequence[str], recorded_only: bool) -> dict[str, float]:
+        """``{"weight/<term>": λ}`` for the terms ``names`` whose λ in force differs from the last
+        one in :attr:`history` (a λ set by hand since), or that have none there unless ``recorded_only``."""
+        weights = self.criterion.weights
+        changed = {}
+        for name in names:
+            tag = f"weight/{name}"
+            if tag in self.history:
+                if self.history[tag][1][-1] != weights[name]:
+                    changed[tag] = weights[name]
+            elif not recorded_only:
+                changed[tag] = weights[name]
+        return changed
 
     #: Tags this monitor writes (after its loss prefix, if any): what EarlyStopping or
     #: ModelCheckpoint may watch through ``trainer.callback_metrics``.
@@ -445,11 +454,7 @@ class GradientNormMonitor(PerTermCallback):
         if self._loss is not None and trainer.global_step > (self.diagnosis.last_step or 0):
             # the weights the fit ends with, where they differ from the last ones recorded (a λ set
             # by hand after the last measurement); a balancer's last update is already there
-            final = {}
-            for name, value in self._loss.weights.items():
-                tag = f"weight/{name}"
-                if tag not in self.history or self.history[tag][1][-1] != value:
-                    final[tag] = value
+            final = self._weights_unlike_the_history(self._loss.term_names, recorded_only=False)
             if final:
                 self.history.add(final, trainer.global_step)
         text = self.summary()

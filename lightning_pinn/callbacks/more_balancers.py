@@ -629,7 +629,7 @@ class UncertaintyWeighting(_TrainedWeights):
         log_variances = self._ensure_parameter()
         self._step(uncertainty_objective(log_variances[terms], torch.tensor([values[i] for i in terms], dtype=torch.float64)), terms)
         # proposed unclamped: the base class clamps λ to [min_weight, max_weight] and warns when it does
-        proposed = torch.exp(-log_variances.detach()).tolist()
+        proposed = self._weights_of(log_variances.detach()).tolist()
         with torch.no_grad():  # λ = exp(−s) within [min_weight, max_weight]: s stays where λ is clamped
             log_variances[terms] = log_variances[terms].clamp(min=-math.log(self.max_weight), max=-math.log(self.min_weight))
         target = [1.0 / values[i] if present[i] and values[i] > 0 else math.nan for i in range(len(values))]
