@@ -40,7 +40,9 @@ def gradient(output: Tensor, inputs: Tensor) -> Tensor:
 
     ``output`` has one value per point (shape ``(N,)`` or ``(N, 1)``; a multi-component output
     is refused, since autograd would give the gradient of the components' sum) and ``inputs``
-    shape ``(N, d)`` with ``requires_grad=True``; the result has the shape of ``inputs``.
+    shape ``(N, d)`` with ``requires_grad=True``; the result has the shape of ``inputs``. A
+    complex output is differentiated part by part, ``∂(Re u)/∂x + i·∂(Im u)/∂x`` (autograd alone
+    would keep only the real part); the inputs must be real.
     """
     _check_one_value_per_point("gradient", output, inputs)
     return _gradient(output, inputs, "gradient")
@@ -71,21 +73,44 @@ def _gradient(output: Tensor, inputs: Tensor, function: str = "gradient", again:
             f"{function}: the inputs do not require grad, so nothing can be differentiated by them. Create the points "
             "with x = x.detach().requires_grad_(True) before passing them through the network."
         )
+    zero_dtype = output.dtype if output.is_complex() else inputs.dtype
     if again and not output.requires_grad:  # a constant of the inputs: its derivative is zero
-        return torch.zeros_like(inputs)
+        return torch.zeros_like(inputs, dtype=zero_dtype)
     if not output.requires_grad:
         raise ValueError(
             f"{function}: the output does not depend on the inputs (it has no graph: computed from detached "
             "tensors?). Pass the points that went through the network, with requires_grad=True."
         )
-    (grad,) = torch.autograd.grad(output, inputs, grad_outputs=torch.ones_like(output), create_graph=True, allow_unused=True)
+    if inputs.is_complex():
+        raise ValueError(
+            f"{function}: the inputs are complex ({inputs.dtype}); derivatives are taken by real coordinates. Pass real "
+            "points (e.g. x and y as two real columns for z = x + iy) and build complex values inside the network."
+        )
+    if output.is_complex():
+        # autograd differentiates a complex output by a real input as if it were its real part:
+        # take the real and imaginary parts separately (each with its own graph, for higher orders)
+        real, imag = (_part_gradient(part, inputs) for part in (output.real, output.imag))
+        if real is None and imag is None:
+            grad = None
+        else:
+            grad = torch.complex(torch.zeros_like(inputs) if real is None else real, torch.zeros_like(inputs) if imag is None else imag)
+    else:
+        grad = _part_gradient(output, inputs)
     if grad is None and not again:
         raise ValueError(
             f"{function}: the output does not depend on these inputs (its graph does not contain them: were other "
             "points passed through the network, e.g. u = net(x_raw) after x = x_raw.clone().requires_grad_(True)?). "
             "Pass the points that went through the network, with requires_grad=True."
         )
-    return torch.zeros_like(inputs) if grad is None else grad
+    return torch.zeros_like(inputs, dtype=zero_dtype) if grad is None else grad
+
+
+def _part_gradient(output: Tensor, inputs: Tensor) -> Tensor | None:
+    """``Σ`` over points of ``∂output/∂inputs`` (one value per point: the point-wise gradient), with its graph."""
+    if not output.requires_grad:
+        return None
+    (grad,) = torch.autograd.grad(output, inputs, grad_outputs=torch.ones_like(output), create_graph=True, allow_unused=True)
+    return grad
 
 
 def derivative(output: Tensor, inputs: Tensor, dim: int = 0, order: int = 1) -> Tensor:

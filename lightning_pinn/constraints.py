@@ -8,6 +8,7 @@ al. 2021, "Physics-informed neural networks with hard constraints for inverse de
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lightning_pinn._checks import check_finite
@@ -72,10 +73,20 @@ class DirichletAnsatz1D(nn.Module):
             raise ValueError(f"DirichletAnsatz1D: need a < b, got a={a}, b={b}.")
         self.net = net
         self.a, self.b, self.ua, self.ub = a, b, ua, ub
+        self._dtypes_checked: set[torch.dtype] = set()  # dtypes in which b > a still holds
 
     def forward(self, x: Tensor) -> Tensor:
         # (b - x) and (x - a) are in x's dtype, so the length must be too: in float32 the two
         # ratios are then exactly 1 and 0 at the ends, and u(a) = ua, u(b) = ub hold exactly
+        if x.dtype not in self._dtypes_checked:  # on the CPU, once per dtype: no device sync per step
+            ends = torch.tensor([self.a, self.b], dtype=x.dtype)
+            if not bool(ends[1] > ends[0]):
+                raise ValueError(
+                    f"DirichletAnsatz1D: the interval a={self.a}, b={self.b} has no length in the points' dtype "
+                    f"{x.dtype} (both ends round to {ends[0].item()}). Use float64 points (and model), or shift the "
+                    "coordinate so that the interval starts near 0."
+                )
+            self._dtypes_checked.add(x.dtype)
         length = x.new_tensor(self.b) - x.new_tensor(self.a)
         line = self.ua * ((self.b - x) / length) + self.ub * ((x - self.a) / length)  # ratios first: exactly 1 and 0 at the ends
         return line + (x - self.a) * (self.b - x) * _free_network("DirichletAnsatz1D", self.net, x)

@@ -107,8 +107,8 @@ def jacobian_row_sq_norms(
         chunk_size = auto_chunk_size(residual.numel(), sum(p.numel() for p in params), residual.device)
     if chunk_size < 1:
         raise ValueError(
-            f"jacobian_row_sq_norms: chunk_size must be an integer >= 1 (points per batched product), or None to size the "
-            f"chunks from the free memory; got {chunk_size}."
+            f"jacobian_row_sq_norms: chunk_size must be an integer >= 1 (points per batched product), or None for the automatic "
+            f"size (lightning_pinn.ntk.auto_chunk_size: a fixed budget of points x parameters per product); got {chunk_size}."
         )
     components = 2 if residual.is_complex() else 1
     with torch.enable_grad():  # may run inside a backward pass, where grad mode is off

@@ -67,6 +67,9 @@ class HistoryRecorder(LightningCallback):
         self._started = 0.0
         self._last_global_step = 0
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_global_step = trainer.global_step  # a recorder reused for another fit (or a resumed one)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._started = time.perf_counter()
 

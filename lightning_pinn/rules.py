@@ -141,8 +141,15 @@ def smooth(current: Sequence[float], target: Sequence[float], momentum: float) -
 
 # --------------------------------------------------------------------------- loss-based rules
 def _softmax_times_k(scores: Sequence[float]) -> list[float]:
-    """``K · softmax(scores)``: weights that average to 1."""
+    """``K · softmax(scores)``: weights that average to 1.
+
+    Scores of ``+inf`` (a ratio that overflowed, e.g. a previous loss near the smallest float)
+    take the softmax's limit: they share ``K`` and the others get 0.
+    """
     top = max(scores)
+    if top == math.inf:
+        infinite = [score == math.inf for score in scores]
+        return [len(scores) / sum(infinite) if inf else 0.0 for inf in infinite]
     exps = [math.exp(score - top) for score in scores]
     total = sum(exps)
     return [len(scores) * e / total for e in exps]

@@ -105,3 +105,32 @@ def test_validation_during_fit_differentiates_inside_enable_grad() -> None:
     assert seen and seen[-1] == pytest.approx(model.net.weight.item())
     with pytest.raises(RuntimeError, match=r"inference mode is on"):
         trainer.validate(model, data, verbose=False)
+
+
+def test_a_complex_output_keeps_its_imaginary_part() -> None:
+    """Autograd differentiates a complex output by real points as if it were its real part:
+    the helpers differentiate both parts (found by review: the imaginary part was dropped)."""
+    k = 3.0
+    t = torch.linspace(0, 1, 5, dtype=torch.float64).reshape(-1, 1).requires_grad_(True)
+    h = torch.exp(1j * k * t)
+    exact = torch.exp(1j * k * t).detach()
+    torch.testing.assert_close(derivative(h, t), 1j * k * exact)
+    torch.testing.assert_close(derivative(h, t, order=2), -(k**2) * exact)
+    torch.testing.assert_close(derivative(h, t, order=3), -1j * k**3 * exact)
+    xy = torch.rand(4, 2, dtype=torch.float64, requires_grad=True)
+    wave = torch.exp(1j * (2 * xy[:, :1] + xy[:, 1:]))
+    torch.testing.assert_close(gradient(wave, xy), torch.cat([2j * wave, 1j * wave], dim=1).detach())
+    torch.testing.assert_close(laplacian(wave, xy), -5 * wave.detach())
+    # a network with complex parameters, against autograd on the two parts
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8, dtype=torch.complex128), torch.nn.Tanh(), torch.nn.Linear(8, 1, dtype=torch.complex128))
+    u = net(t.to(torch.complex128))
+    (real,) = torch.autograd.grad(u.real.sum(), t, retain_graph=True)
+    (imag,) = torch.autograd.grad(u.imag.sum(), t, retain_graph=True)
+    torch.testing.assert_close(derivative(u, t), torch.complex(real, imag))
+
+
+def test_complex_points_are_refused() -> None:
+    z = torch.rand(3, 1, dtype=torch.complex64, requires_grad=True)
+    with pytest.raises(ValueError, match=r"inputs are complex .*real coordinates"):
+        derivative(z * z, z)

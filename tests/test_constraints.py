@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lightning_pinn.autodiff import derivative
@@ -40,6 +41,15 @@ def test_dirichlet_ends_hold_exactly_in_float32_for_any_interval() -> None:
     ends = torch.tensor([[0.1], [0.7]], dtype=torch.float32)
     u = ansatz(ends).detach()
     assert u[0, 0].item() == torch.tensor(0.3).item() and u[1, 0].item() == -2.0
+
+
+def test_an_interval_with_no_length_in_the_points_dtype_is_refused() -> None:
+    """a < b in float64, but both ends round to one float32 value: a clear error, not u(a) = NaN (found by review)."""
+    ansatz = DirichletAnsatz1D(mlp(1, (8,), 1), a=1e8, b=1e8 + 1, ua=0.5, ub=-0.5)
+    with pytest.raises(ValueError, match=r"no length in the points' dtype torch.float32.*float64"):
+        ansatz(torch.tensor([[1e8], [1e8 + 1]]))
+    u = ansatz.double()(torch.tensor([[1e8], [1e8 + 1]], dtype=torch.float64)).detach()
+    assert u.flatten().tolist() == [0.5, -0.5]
 
 
 def test_dirichlet_ansatz_is_exact_at_both_ends_for_any_values() -> None:

@@ -1290,6 +1290,26 @@ def test_a_term_with_weight_zero_is_named_in_the_diagnosis_not_called_gradient_f
     assert "terms seen with weight 0 (not trained then, left out of the ratio): extra" in monitor.summary()
 
 
+class _Aligned(TwoTermPoisson):
+    """Two terms on one residual: their gradients are parallel (cosine +1) at every step."""
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        r = self.net(self.x) - 1.0
+        return {"pde": r, "bc": 3.0 * r}
+
+
+def test_the_diagnosis_calls_no_pair_opposed_when_no_cosine_is_negative() -> None:
+    """Found by a blind test: a pair at cosine +1 was named the 'most opposed gradients'."""
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    make_trainer(3, [monitor]).fit(_Aligned())
+    assert monitor.diagnosis.min_cosine == pytest.approx(1.0, abs=1e-5)
+    summary = monitor.summary()
+    assert "most opposed" not in summary and "no opposed gradients; lowest cosine: 'pde' vs 'bc', cosine 1.00" in summary, summary
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    make_trainer(3, [monitor]).fit(Opposed())
+    assert monitor.diagnosis.min_cosine < 0 and "most opposed gradients: 'up' vs 'down'" in monitor.summary()
+
+
 class _ThreeTerms(TwoTermPoisson):
     def __init__(self, extra_weight: float) -> None:
         super().__init__()

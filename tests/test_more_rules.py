@@ -74,6 +74,15 @@ def test_relobralo_balance_and_update() -> None:
     assert restart == pytest.approx(expected), "ρ = 0 replaces the history by the balance against step 0"
 
 
+def test_relobralo_takes_the_limit_of_an_overflowing_ratio() -> None:
+    """A loss ratio that overflows to inf (a previous loss near the smallest float) gives the softmax's
+    limit, not NaN for every term (found by review: the whole update was dropped)."""
+    assert relobralo_balance([1.0, 1.0], [1e-310, 1.0]) == [2.0, 0.0]
+    assert relobralo_balance([1.0, 1.0, 1.0], [1e-310, 1e-310, 1.0]) == [1.5, 1.5, 0.0]
+    new = relobralo_weights([1.0, 1.0], [1.0, 1.0], [1e-310, 1.0], [1.0, 1.0], alpha=0.999, rho=1.0)
+    assert all(math.isfinite(w) for w in new) and new == pytest.approx([1.001, 0.999])
+
+
 def test_lr_annealing_uses_max_over_mean_entries() -> None:
     weights = lr_annealing_weights([8.0, 3.0], [2.0, 0.04], reference=0)
     assert weights == pytest.approx([1.0, 200.0])

@@ -122,6 +122,16 @@ def test_history_recorder_records_each_optimizer_step_once_under_gradient_accumu
     assert recorder.history.error_steps == [2, 4, 6, 8]
 
 
+def test_a_history_recorder_reused_for_a_second_fit_records_its_first_step() -> None:
+    """Suspected by review: the recorder's last seen step was kept across fits, so a new Trainer's
+    first step (global_step 1 again) looked like an accumulation micro-batch and was skipped."""
+    torch.manual_seed(0)
+    recorder = HistoryRecorder(history_every=1)
+    make_trainer(1, [recorder]).fit(HarmonicOscillator(steps_per_epoch=10, hidden=(8,)))
+    make_trainer(2, [recorder]).fit(HarmonicOscillator(steps_per_epoch=10, hidden=(8,)))
+    assert recorder.history.steps == [0, 0, 1]
+
+
 def test_an_interrupted_sweep_writes_the_fits_that_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import lightning_pinn.sweep as sweep_module
     from lightning_pinn.cli import main

@@ -828,8 +828,10 @@ class GradientNormMonitor(PerTermCallback):
                     f"{' and '.join(d.ratio_alarm_held_by)} (the alarm waited for it)."
                 )
         if d.min_cosine is not None and d.min_cosine_pair is not None:
+            # a pair is "opposed" only with a negative cosine; otherwise the lowest one says they never were
+            label = "most opposed gradients" if d.min_cosine < 0 else "no opposed gradients; lowest cosine"
             lines.append(
-                f"  most opposed gradients: '{d.min_cosine_pair[0]}' vs '{d.min_cosine_pair[1]}', cosine {d.min_cosine:.2f} at step "
+                f"  {label}: '{d.min_cosine_pair[0]}' vs '{d.min_cosine_pair[1]}', cosine {d.min_cosine:.2f} at step "
                 f"{d.min_cosine_step}; conflict alarm episodes: {d.conflict_alarm_episodes}."
             )
         if d.zero_gradient_terms:
