@@ -210,7 +210,7 @@ def test_a_validation_run_between_accumulated_micro_batches_is_not_measured() ->
     measurement = monitor.last_measurement
     assert measurement is not None and measurement.micro_batches == 2
     training = model.criterion.last_losses  # the last call: a validation run (100x), after the step
-    assert float(measurement.losses[0]) < float(training["pde"]) / 50
+    assert float(measurement.losses[0]) < float(training["pde"].detach()) / 50
 
 
 def test_warmup_terms_and_reference() -> None:

@@ -512,6 +512,7 @@ class WithSatisfiedTerm(Unequal):
         return self.criterion(pde=residuals["pde"], bc=1e-3 * (u - 1), exact=0.0 * u)
 
 
+@pytest.mark.filterwarnings("ignore:GradNormWeighting. the weight of term .pde.*was clamped")
 @pytest.mark.parametrize("exact_weight", [1.0, 3.0])
 def test_gradnorm_weighting_leaves_a_zero_gradient_term_out_and_keeps_its_weight(exact_weight: float) -> None:
     # The term with a zero gradient keeps its λ and takes no share of Σw = K: the other terms'
