@@ -156,6 +156,7 @@ class _Capture:
     reached_params: list[bool] | None = None  # which of ``params`` the backward gave a gradient (gradient path)
     restarts: bool = False  # set at the backward: a new evaluation of the batch (L-BFGS closure), not a micro-batch
     names: tuple[str, ...] = ()  # the terms, in the order of ``losses`` (set where traces are recorded)
+    release_graph: Callable[[], None] | None = None  # drops the loss module's references to this call's graph
 
 
 #: Per-term accumulators of a window, in the order they are packed for the all-reduce.
@@ -230,6 +231,9 @@ class _CapturedTotal(torch.autograd.Function):
         # then built differentiably from the per-term gradients (see ``_backward``); otherwise
         # grad mode is off here, as with once_differentiable.
         capture: _Capture = ctx.capture
+        if ctx.losses is None:
+            raise RuntimeError(_SECOND_BACKWARD)
+        keeps_graph = _backward_keeps_graph()
         try:
             # the inputs' own tensor hooks run once, when they receive the sum returned below
             with _leaf_hooks_suspended(ctx.inputs):
@@ -238,7 +242,33 @@ class _CapturedTotal(torch.autograd.Function):
             if _DONATED_BUFFERS in str(error):
                 raise RuntimeError(_COMPILED_WITH_DONATED_BUFFERS) from error
             raise
+        if not keeps_graph:
+            # The per-term passes kept the graph (retain_graph=True), but this backward does not:
+            # nothing can differentiate this call again, so let its saved tensors go as a plain
+            # backward would (else the loss's last_residuals kept the whole graph's activations
+            # alive until the next step, or after the fit).
+            ctx.losses = ctx.residuals = None
+            if capture.release_graph is not None:
+                capture.release_graph()
         return (None, None, *grads)
+
+
+def _backward_keeps_graph() -> bool:
+    """Whether the running backward keeps its graph (``retain_graph=True``); ``True`` where PyTorch does not say."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    if query is None:
+        return True
+    try:
+        return bool(query())
+    except RuntimeError:
+        return True
+
+
+_SECOND_BACKWARD = (
+    "Trying to backward through the graph a second time: lightning-pinn's per-term measurement of this loss freed "
+    "the graph after its first backward, as PyTorch does. Specify retain_graph=True on the first backward (or "
+    "manual_backward) if you need to backpropagate through the same loss twice."
+)
 
 
 #: PyTorch's error when a torch.compile'd backward that donated its buffers is run with retain_graph=True.
@@ -612,9 +642,18 @@ class TermGradientEngine:
 
     # ---------------------------------------------------------------- forward / backward
     def weighted_total(
-        self, names: tuple[str, ...], residuals: list[Tensor | None], losses: list[Tensor | None], lambdas: Tensor
+        self,
+        names: tuple[str, ...],
+        residuals: list[Tensor | None],
+        losses: list[Tensor | None],
+        lambdas: Tensor,
+        release_graph: Callable[[], None] | None = None,
     ) -> Tensor:
-        """Return ``Σ λ_i L_i`` (over the present terms) whose backward also records per-term gradients."""
+        """Return ``Σ λ_i L_i`` (over the present terms) whose backward also records per-term gradients.
+
+        ``release_graph`` is called after a backward that does not keep the graph, to drop the
+        caller's own references to it (the per-term passes retain the graph's saved tensors).
+        """
         window = self._window
         assert window is not None
         window.read_params()
@@ -639,6 +678,7 @@ class TermGradientEngine:
             trainable=trainable,
             layout=window.layout,  # widened at the commit over every call that trained (see _widen_layout)
             names=tuple(names),
+            release_graph=release_graph,
         )
         self._add_pending(window, capture)
         inputs = [p for p, grad in zip(window.params, trainable) if grad]

@@ -17,7 +17,8 @@ import numbers
 import re
 import unicodedata
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -225,6 +226,7 @@ class MultiTermLoss(nn.Module):
         self._negative_warned: set[str] = set()  # terms already warned about a negative loss
         self.register_buffer("lambdas", torch.tensor(values, dtype=torch.float32))
         self._last: tuple[dict[str, Tensor], dict[str, Tensor]] = ({}, {})
+        self._last_token: object | None = None  # identifies the call whose graph _graph_releaser may drop
         self._engine: TermGradientEngine | None = None
 
     def _apply(self, fn: Any, recurse: bool = True) -> MultiTermLoss:
@@ -368,15 +370,38 @@ class MultiTermLoss(nn.Module):
             {name: r for name, r in zip(self._term_names, ordered) if r is not None},
             {name: loss for name, loss in zip(self._term_names, losses) if loss is not None},
         )
+        self.__dict__["_last_token"] = None  # see _graph_releaser
 
         engine = self._engine
         # whatever the module's train/eval mode (Lightning keeps the mode the user left it in):
         # the engine captures only inside a training step's window, never during validation
         if engine is not None and grad_enabled and engine.is_capturing():
             if engine.needs_backward():
-                return engine.weighted_total(self._term_names, ordered, losses, self.lambdas)
+                return engine.weighted_total(self._term_names, ordered, losses, self.lambdas, self._graph_releaser())
             return engine.record_losses(losses, self.lambdas, self._weighted_sum(losses))
         return self._weighted_sum(losses)
+
+    def _graph_releaser(self) -> Callable[[], None]:
+        """A function that detaches this call's ``last_residuals``/``last_losses`` (values kept), unless a
+        later call replaced them. The engine calls it after a backward that does not keep the graph:
+        its per-term passes retained the graph's saved tensors, which these references would
+        otherwise keep alive until the next step (or after the fit), where a plain backward frees them.
+        Holds neither the module nor the tensors, so a capture that is never backpropagated keeps nothing alive.
+        """
+        token = object()
+        self.__dict__["_last_token"] = token
+        module = weakref.ref(self)
+
+        def release() -> None:
+            owner = module()
+            if owner is not None and owner.__dict__.get("_last_token") is token:
+                residuals, losses = owner.__dict__["_last"]
+                owner.__dict__["_last"] = (
+                    {name: r.detach() for name, r in residuals.items()},
+                    {name: loss.detach() for name, loss in losses.items()},
+                )
+
+        return release
 
     def _weighted_sum(self, losses: list[Tensor | None]) -> Tensor:
         # in the wider of λ's and the losses' dtypes: a float64 network with a float32 λ buffer
@@ -584,6 +609,7 @@ class MultiTermLoss(nn.Module):
         state = dict(state)
         state["_engine"] = None
         state["_last"] = ({}, {})
+        state["_last_token"] = None
         return state
 
 

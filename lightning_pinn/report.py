@@ -546,8 +546,13 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
         if d.ratio_spans:
             pairs = d.ratio_span_pairs or [None] * len(d.ratio_spans)
             spans = ", ".join(
-                _steps_text(s, e) + ("" if pair is None else f" ('{pair[0]}' over '{pair[1]}', up to {pair[2]:.3g}x)")
-                for (s, e), pair in zip(d.ratio_spans, pairs)
+                _first_listed(
+                    [
+                        _steps_text(s, e) + ("" if pair is None else f" ('{pair[0]}' over '{pair[1]}', up to {pair[2]:.3g}x)")
+                        for (s, e), pair in zip(d.ratio_spans, pairs)
+                    ],
+                    "episodes",
+                )
             )
             lines.append(
                 f"- Above the threshold in {len(d.ratio_spans)} episode(s): {spans} ({d.ratio_measurements_above} of {d.measurements} measurements)."
@@ -562,17 +567,35 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
             )
     lines += ["", "## Gradient conflict", ""]
     if d.conflict_spans:
-        for a, b, start, end, cosine in d.conflict_spans:
-            lines.append(
+        lines += _first_listed(
+            [
                 f"- '{a}' vs '{b}': opposed gradients{'' if math.isnan(cosine) else f' (mean cosine {cosine:.2f})'}, conflict "
                 f"alarm on, {_steps_text(start, end)}."
-            )
+                for a, b, start, end, cosine in d.conflict_spans
+            ],
+            "conflict episodes",
+            bullet=True,
+        )
     else:
         lines.append("- No conflict alarm.")
     lines += _weights_and_losses(d)
     lines += ["", "## What to try", ""]
     lines += [f"- {item}" for item in d.advice]
     return "\n".join(lines) + "\n"
+
+
+#: How many episodes the report lists one by one; the rest are counted (a ratio hovering at the
+#: threshold, measured every step, can start hundreds of short episodes).
+_LISTED_EPISODES = 12
+
+
+def _first_listed(items: list[str], what: str, bullet: bool = False) -> list[str]:
+    """``items`` up to :data:`_LISTED_EPISODES`, then one entry counting the rest."""
+    if len(items) <= _LISTED_EPISODES:
+        return items
+    rest = len(items) - _LISTED_EPISODES
+    more = f"and {rest} more {what} (the alarm/* scalars in TensorBoard show every one)"
+    return items[:_LISTED_EPISODES] + [f"- … {more}." if bullet else more]
 
 
 def _weights_and_losses(d: Diagnosis) -> list[str]:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
+import weakref
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
@@ -601,3 +604,46 @@ def test_a_parameter_hook_runs_once_per_step_on_the_weighted_sum(mode: str) -> N
     assert len(measured.net[0].weight._backward_hooks) == 1  # still registered, and removable
     measured.handle.remove()
     assert len(measured.net[0].weight._backward_hooks) == 0
+
+
+class _SavedActivation(TwoTermPoisson):
+    """Keeps a weak reference to a tensor that autograd saves for the backward (sin saves its input)."""
+
+    def __init__(self) -> None:
+        super().__init__(points=64)
+        self.saved: list[Any] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        z = self.net(self.x)  # held only by sin's backward node once this step returns
+        self.saved.append(weakref.ref(z))
+        return self.criterion(pde=torch.sin(z) - 0.5, bc=self.net(self.xb))
+
+
+@pytest.mark.parametrize("every_n_steps", [1, 2])
+def test_a_measured_step_frees_its_graph_like_a_plain_backward(every_n_steps: int) -> None:
+    """Found by a long-run probe: the per-term passes retain the graph, and the loss's last_residuals
+    kept the measured step's saved activations alive until the next step (and after the fit)."""
+    model = _SavedActivation()
+    seen_alive: list[bool] = []
+
+    class Check(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            gc.collect()
+            seen_alive.append(model.saved[-1]() is not None)
+
+    make_trainer(4, [GradientNormMonitor(every_n_steps=every_n_steps, verbose=False, report=False), Check()]).fit(model)
+    gc.collect()
+    assert seen_alive == [False] * 4 and all(ref() is None for ref in model.saved)
+    # the values stay readable, without a graph to differentiate
+    assert model.criterion.last_losses["pde"].item() > 0 and set(model.criterion.last_residuals) == {"pde", "bc"}
+
+
+def test_a_second_backward_through_a_measured_loss_needs_retain_graph_as_in_pytorch() -> None:
+    model = TwoTermPoisson()
+    engine = _engine_for(model, gradients=True)
+    total = model.criterion(**model.residuals())
+    total.backward(retain_graph=True)  # kept: a second backward works
+    total.backward()
+    with pytest.raises(RuntimeError, match=r"backward through the graph a second time.*retain_graph=True"):
+        total.backward()
+    assert engine.collect(0, model.criterion.term_names) is not None

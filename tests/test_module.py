@@ -57,12 +57,12 @@ def test_a_watched_term_loss_is_fresh_in_callback_metrics_at_every_check(tmp_pat
 
     class Peek(pl.Callback):
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-            seen.append((float(trainer.callback_metrics["loss/pde"]), float(pl_module.criterion.last_losses["pde"])))
+            seen.append((float(trainer.callback_metrics["loss/pde"]), float(pl_module.criterion.last_losses["pde"].detach())))
 
         def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, *args: Any) -> None:
             # where ModelCheckpoint(every_n_train_steps=...) checks: before the module's own batch-end hook
             if trainer.callback_metrics.get("loss/pde") is not None:
-                at_batch_end.append(float(trainer.callback_metrics["loss/pde"]) == float(pl_module.criterion.last_losses["pde"]))
+                at_batch_end.append(float(trainer.callback_metrics["loss/pde"]) == float(pl_module.criterion.last_losses["pde"].detach()))
 
     at_batch_end: list[bool] = []
 

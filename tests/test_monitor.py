@@ -474,6 +474,35 @@ def test_the_report_names_the_pairs_that_alarmed_not_the_most_opposed_one() -> N
     assert "'a' vs 'b': opposed gradients (mean cosine -0.80), conflict alarm on, steps 4–8" in render_markdown(diagnosis)
 
 
+def test_the_report_counts_rather_than_lists_hundreds_of_episodes() -> None:
+    """A ratio hovering at the threshold, measured every step, starts an episode every other step
+    (a long-run probe saw 665 in one bullet): the report lists the first ones and counts the rest."""
+    from lightning_pinn.report import History, diagnose, render_markdown
+
+    history = History()
+    for step in range(200):
+        above = step % 2 == 0
+        history.add(
+            {
+                "grad_norm_weighted/a": 1.0,
+                "grad_norm_weighted/b": 1 / 101 if above else 1 / 99,
+                "grad_norm/a": 1.0,
+                "grad_norm/b": 1 / 101 if above else 1 / 99,
+                "grad_ratio": 101.0 if above else 99.0,
+                "grad_ratio_threshold": 100.0,
+                "alarm/grad_ratio": float(above),
+                "weight/a": 1.0,
+                "weight/b": 1.0,
+            },
+            step,
+        )
+    diagnosis = diagnose(history)
+    assert len(diagnosis.ratio_spans) == 100
+    text = render_markdown(diagnosis)
+    line = next(line for line in text.splitlines() if line.startswith("- Above the threshold in 100 episode(s)"))
+    assert line.count("step") < 20 and "and 88 more episodes" in line and "(100 of 200 measurements)" in line, line
+
+
 def test_the_report_names_each_ratio_episodes_own_pair_and_suggests_a_hard_constraint() -> None:
     """'b' is drowned in steps 0-10 and 'c' from step 20: each episode names its own pair (the
     report named only the worst one, so 'b' was never mentioned), and the advice for the drowned
