@@ -283,12 +283,14 @@ class MultiTermLoss(nn.Module):
 
     @property
     def last_residuals(self) -> dict[str, Tensor]:
-        """This step's residual per present term, as passed to forward (with its graph)."""
+        """This step's residual per present term, as passed to forward (with its graph; detached once a
+        step that a callback measured has been backpropagated without ``retain_graph=True``)."""
         return self._last[0]
 
     @property
     def last_losses(self) -> dict[str, Tensor]:
-        """This step's unweighted loss ``L_i`` per present term (with its graph)."""
+        """This step's unweighted loss ``L_i`` per present term (with its graph, or detached, as
+        :attr:`last_residuals`)."""
         return self._last[1]
 
     # ------------------------------------------------------------------ weights
