@@ -11,9 +11,18 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ExtraTermPoisson, TwoTermPoisson, make_trainer
+from conftest import ExtraTermPoisson, TwoTermPoisson, flat_gradient, make_trainer
 
-from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, NTKBalancer, ReLoBRaLoBalancer
+from lightning_pinn import MultiTermLoss
+from lightning_pinn.callbacks import (
+    GradientNormMonitor,
+    GradNormBalancer,
+    GradNormWeighting,
+    NTKBalancer,
+    ReLoBRaLoBalancer,
+    SoftAdaptBalancer,
+    UncertaintyWeighting,
+)
 from lightning_pinn.rules import gradnorm_objective, relobralo_balance, softadapt_weights
 
 
@@ -169,3 +178,143 @@ def test_the_monitor_and_balancer_states_that_a_checkpoint_must_carry() -> None:
     restored_balancer = GradNormBalancer(every_n_steps=1, max_weight=2.0)
     restored_balancer.load_state_dict(balancer.state_dict())
     assert restored_balancer.skipped_updates == balancer.skipped_updates and restored_balancer._clamp_warned == balancer._clamp_warned
+
+
+# ---------------------------------------------------------------- measurements over several calls
+class _HalfPresent(ExtraTermPoisson):
+    """A 'data' term present in the first micro-batch of each accumulated step only; records its loss."""
+
+    def __init__(self) -> None:
+        self.data_losses: list[float] = []
+
+        def data(model: Any, batch_idx: int) -> torch.Tensor | None:
+            if batch_idx % 2:
+                return None
+            residual = model.net(model.x) - 0.3
+            self.data_losses.append(residual.square().mean().item())
+            return residual
+
+        super().__init__("data", data)
+
+
+def test_a_term_absent_from_one_micro_batch_is_averaged_over_the_ones_it_was_in() -> None:
+    model = _HalfPresent()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(1, [monitor], accumulate_grad_batches=2).fit(model)
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.micro_batches == 2
+    assert measurement.losses[2].item() == pytest.approx(model.data_losses[0], rel=1e-6)  # not halved
+
+
+def test_two_toggled_calls_of_one_step_average_their_losses() -> None:
+    """One optimizer per parameter group: the step's two calls are merged into one measurement,
+    whose losses are the mean of the two calls' (not their sum)."""
+    from test_reliability import TogglingInverseProblem
+
+    class Recorded(TogglingInverseProblem):
+        def __init__(self) -> None:
+            super().__init__()
+            self.call_losses: list[dict[str, float]] = []
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            for optimizer in self.optimizers():
+                self.toggle_optimizer(optimizer)
+                loss = self.criterion(**self.residuals())
+                self.call_losses.append({name: value.item() for name, value in self.criterion.last_losses.items()})
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+                self.untoggle_optimizer(optimizer)
+
+    model = Recorded()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    _quiet_fit(2, [monitor], model)
+    measurement = monitor.last_measurement
+    assert measurement is not None
+    first, second = model.call_losses[-2:]
+    for index, name in enumerate(measurement.terms):
+        assert measurement.losses[index].item() == pytest.approx((first[name] + second[name]) / 2, rel=1e-6)
+
+
+def test_the_gradient_norm_rule_reads_unweighted_norms() -> None:
+    """The 2021 release's trap: with λ_bc = 5 in force, λ̂ must come from ‖∇L_i‖, not ‖∇(λ_i L_i)‖."""
+    torch.manual_seed(0)
+    model = TwoTermPoisson(bc_weight=5.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    residuals = model.residuals()
+    norms = [flat_gradient(residuals[name].square().mean(), params).norm().item() for name in ("pde", "bc")]
+    balancer = GradNormBalancer(every_n_steps=1, momentum=0.0)
+    _quiet_fit(1, [balancer], model)
+    big = max(norms)
+    assert balancer.last_target == pytest.approx({"pde": big / norms[0], "bc": big / norms[1]}, rel=1e-5)
+
+
+def test_accumulated_micro_batches_sample_different_ntk_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_pinn import engine
+
+    drawn: list[list[int]] = []
+    original = engine.sample_points
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        points = original(*args, **kwargs)
+        drawn.append([] if points is None else points.tolist())
+        return points
+
+    monkeypatch.setattr(engine, "sample_points", recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(1, [NTKBalancer(every_n_steps=1, trace_points=8)], accumulate_grad_batches=2).fit(TwoTermPoisson(points=64))
+    pde_draws = [points for points in drawn if points and max(points) > 1]  # the 64-point term (bc has 2 points)
+    assert len(pde_draws) == 2 and pde_draws[0] != pde_draws[1]
+
+
+# ---------------------------------------------------------------- loss-based and trained rules
+class _ScriptedThree(TwoTermPoisson):
+    """Scripted losses through a = 1 that never moves: L_pde = s(t)², L_bc = 4, L_data = 0.25 or absent."""
+
+    def __init__(self, scale: Any, data_absent: Any) -> None:
+        super().__init__()
+        self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
+        self.a = torch.nn.Parameter(torch.ones(()))
+        self.scale, self.data_absent = scale, data_absent
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        step = self.trainer.global_step
+        data = None if self.data_absent(step) else 0.5 * self.a * torch.ones(4)
+        return self.criterion(pde=self.scale(step) * self.a * torch.ones(4), bc=2.0 * self.a * torch.ones(4), data=data)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_softadapt_compares_a_returning_term_with_its_last_loss() -> None:
+    """'data' is absent at steps 1-2: at step 3 its change is taken against its step-0 loss, not against 0."""
+    model = _ScriptedThree(lambda t: 1.0 / (t + 1), lambda t: t in (1, 2))
+    _quiet_fit(4, [SoftAdaptBalancer(every_n_steps=1, beta=1.0)], model)
+    expected = softadapt_weights([1 / 16, 4.0, 0.25], [1 / 9, 4.0, 0.25], beta=1.0)
+    assert list(model.criterion.weights.values()) == pytest.approx(expected, rel=1e-6)
+
+
+def test_uncertainty_weighting_leaves_an_absent_terms_weight_alone() -> None:
+    weights, trained = [], []
+    for steps in (1, 3):  # 'data' absent at steps 1 and 2: neither its λ nor its s = −log λ moves
+        model = _ScriptedThree(lambda t: 1.0, lambda t: t >= 1)
+        balancer = UncertaintyWeighting(every_n_steps=1)
+        _quiet_fit(steps, [balancer], model)
+        weights.append(model.criterion.weights["data"])
+        trained.append(float(balancer._parameter.detach()[2]))
+    assert weights[1] == weights[0] != 1.0 and trained[1] == trained[0]
+    assert balancer.last_target["bc"] == pytest.approx(1 / 4.0)  # the rule's target λ = 1/L
+
+
+def test_gradnorm_weighting_measures_training_rates_from_the_first_losses() -> None:
+    """r_i = (L_i(t)/L_i(0)) / mean_j(…): with the PDE loss falling, alpha changes the weights
+    (were L_i(0) replaced by the latest loss, every r_i would be 1 and alpha would do nothing)."""
+    final = {}
+    for alpha in (0.0, 1.5):
+        model = _ScriptedThree(lambda t: 1.0 / (t + 1), lambda t: False)
+        _quiet_fit(4, [GradNormWeighting(alpha=alpha, every_n_steps=1)], model)
+        final[alpha] = model.criterion.weights
+    assert final[1.5]["pde"] < final[0.0]["pde"]  # the fastest-falling term trains least
