@@ -73,20 +73,33 @@ class DirichletAnsatz1D(nn.Module):
             raise ValueError(f"DirichletAnsatz1D: need a < b, got a={a}, b={b}.")
         self.net = net
         self.a, self.b, self.ua, self.ub = a, b, ua, ub
-        self._dtypes_checked: set[torch.dtype] = set()  # dtypes in which b > a still holds
+        # per floating dtype, why the interval cannot be used in it (None: it can); read by forward
+        self._unusable_in: dict[torch.dtype, str | None] = {dtype: _interval_problem(a, b, dtype) for dtype in _FLOAT_DTYPES}
 
     def forward(self, x: Tensor) -> Tensor:
         # (b - x) and (x - a) are in x's dtype, so the length must be too: in float32 the two
         # ratios are then exactly 1 and 0 at the ends, and u(a) = ua, u(b) = ub hold exactly
-        if x.dtype not in self._dtypes_checked:  # on the CPU, once per dtype: no device sync per step
-            ends = torch.tensor([self.a, self.b], dtype=x.dtype)
-            if not bool(ends[1] > ends[0]):
-                raise ValueError(
-                    f"DirichletAnsatz1D: the interval a={self.a}, b={self.b} has no length in the points' dtype "
-                    f"{x.dtype} (both ends round to {ends[0].item()}). Use float64 points (and model), or shift the "
-                    "coordinate so that the interval starts near 0."
-                )
-            self._dtypes_checked.add(x.dtype)
+        problem = self.__dict__.get("_unusable_in", {}).get(x.dtype)  # a plain lookup: torch.compile traces it
+        if problem is not None:
+            raise ValueError(f"DirichletAnsatz1D: {problem}")
         length = x.new_tensor(self.b) - x.new_tensor(self.a)
         line = self.ua * ((self.b - x) / length) + self.ub * ((x - self.a) / length)  # ratios first: exactly 1 and 0 at the ends
         return line + (x - self.a) * (self.b - x) * _free_network("DirichletAnsatz1D", self.net, x)
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _interval_problem(a: float, b: float, dtype: torch.dtype) -> str | None:
+    """Why ``[a, b]`` cannot carry the ansatz in ``dtype`` (ends that round together or overflow,
+    a bump ``(x − a)(b − x)`` that overflows), or ``None``."""
+    ends = torch.tensor([a, b], dtype=torch.float64).to(dtype)
+    fix = "Use float32 or float64 points (and model), or shift and scale the coordinate to an interval near [0, 1]."
+    if not bool(torch.isfinite(ends).all()):
+        return f"the interval a={a}, b={b} does not fit in the points' dtype {dtype} (an end overflows). {fix}"
+    if not bool(ends[1] > ends[0]):
+        return f"the interval a={a}, b={b} has no length in the points' dtype {dtype} (both ends round to {ends[0].item()}). {fix}"
+    bump = ((ends[1] - ends[0]) / 2).square()  # the largest (x − a)(b − x)
+    if not bool(torch.isfinite(bump)):
+        return f"the interval a={a}, b={b} is too long for the points' dtype {dtype}: (x − a)(b − x) overflows inside it. {fix}"
+    return None

@@ -284,7 +284,8 @@ class MultiTermLoss(nn.Module):
     @property
     def last_residuals(self) -> dict[str, Tensor]:
         """This step's residual per present term, as passed to forward (with its graph; detached once a
-        step that a callback measured has been backpropagated without ``retain_graph=True``)."""
+        step whose per-term gradients or NTK traces a callback measured has been backpropagated
+        without ``retain_graph=True``)."""
         return self._last[0]
 
     @property

@@ -590,12 +590,13 @@ _LISTED_EPISODES = 12
 
 
 def _first_listed(items: list[str], what: str, bullet: bool = False) -> list[str]:
-    """``items`` up to :data:`_LISTED_EPISODES`, then one entry counting the rest."""
+    """``items`` up to :data:`_LISTED_EPISODES`: beyond that the first ones, one entry counting
+    those in between, and the last one (which says whether the alarm was still on at the end)."""
     if len(items) <= _LISTED_EPISODES:
         return items
     rest = len(items) - _LISTED_EPISODES
-    more = f"and {rest} more {what} (the alarm/* scalars in TensorBoard show every one)"
-    return items[:_LISTED_EPISODES] + [f"- … {more}." if bullet else more]
+    more = f"{rest} more {what if rest > 1 else what.rstrip('s')} (the logged alarm/* series show every one)"
+    return items[: _LISTED_EPISODES - 1] + [f"- … {more} …" if bullet else f"… {more} …"] + items[-1:]
 
 
 def _weights_and_losses(d: Diagnosis) -> list[str]:

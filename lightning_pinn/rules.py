@@ -188,7 +188,8 @@ def relobralo_balance(losses: Sequence[float], reference: Sequence[float], tempe
     arXiv:2110.09813. A term whose loss fell least since ``t'`` (largest ratio) gets the largest
     weight.
     """
-    return _softmax_times_k([now / (temperature * before) if before > 0 else 0.0 for now, before in zip(losses, reference)])
+    # divided in turn: T·L(t') can round to 0 for a tiny previous loss, where L(t)/L(t') overflows to inf
+    return _softmax_times_k([now / before / temperature if before > 0 else 0.0 for now, before in zip(losses, reference)])
 
 
 def relobralo_weights(

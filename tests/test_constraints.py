@@ -50,6 +50,14 @@ def test_an_interval_with_no_length_in_the_points_dtype_is_refused() -> None:
         ansatz(torch.tensor([[1e8], [1e8 + 1]]))
     u = ansatz.double()(torch.tensor([[1e8], [1e8 + 1]], dtype=torch.float64)).detach()
     assert u.flatten().tolist() == [0.5, -0.5]
+    # float16: an end that overflows, or a bump (x − a)(b − x) that does (found by review: NaN and −inf)
+    for b, why in ((70000.0, "an end overflows"), (1000.0, "overflows inside it")):
+        with pytest.raises(ValueError, match=why):
+            DirichletAnsatz1D(mlp(1, (8,), 1), a=0.0, b=b, ua=0.0, ub=1.0).half()(torch.tensor([[0.0], [1.0]], dtype=torch.float16))
+    # an ansatz pickled before the check existed still runs
+    old = DirichletAnsatz1D(mlp(1, (8,), 1), a=0.0, b=1.0, ua=0.0, ub=1.0)
+    del old.__dict__["_unusable_in"]
+    assert old(torch.tensor([[0.0], [1.0]])).detach().flatten().tolist() == [0.0, 1.0]
 
 
 def test_dirichlet_ansatz_is_exact_at_both_ends_for_any_values() -> None:
@@ -89,3 +97,12 @@ def test_misuse_of_the_ansatzes_gets_a_clear_error() -> None:
         flat(torch.rand(5, 1))
     with pytest.raises(ValueError, match=r"points must have shape \(N, 1\), got \(5, 2\)"):
         DirichletAnsatz1D(mlp(2, (4,), 1), a=0.0, b=1.0, ua=0.0, ub=1.0)(torch.rand(5, 2))
+
+
+def test_the_dirichlet_ansatz_compiles_as_one_graph() -> None:
+    """Its dtype check is a lookup made at construction: no data-dependent branch in forward (a
+    review found that an in-forward check broke torch.compile(fullgraph=True))."""
+    ansatz = DirichletAnsatz1D(mlp(1, (8,), 1), a=0.0, b=2.0, ua=1.0, ub=-1.0)
+    x = torch.linspace(0, 2, 5).reshape(-1, 1)
+    compiled = torch.compile(ansatz, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), ansatz(x))

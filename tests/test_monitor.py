@@ -500,7 +500,8 @@ def test_the_report_counts_rather_than_lists_hundreds_of_episodes() -> None:
     assert len(diagnosis.ratio_spans) == 100
     text = render_markdown(diagnosis)
     line = next(line for line in text.splitlines() if line.startswith("- Above the threshold in 100 episode(s)"))
-    assert line.count("step") < 20 and "and 88 more episodes" in line and "(100 of 200 measurements)" in line, line
+    assert line.count("step") < 20 and "88 more episodes" in line and "(100 of 200 measurements)" in line, line
+    assert "steps 198–199" in line, "the last episode (here: ongoing or not) is always listed"
 
 
 def test_the_report_names_each_ratio_episodes_own_pair_and_suggests_a_hard_constraint() -> None:
