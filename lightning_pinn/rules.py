@@ -146,6 +146,8 @@ def _softmax_times_k(scores: Sequence[float]) -> list[float]:
     Scores of ``+inf`` (a ratio that overflowed, e.g. a previous loss near the smallest float)
     take the softmax's limit: they share ``K`` and the others get 0.
     """
+    if any(math.isnan(score) for score in scores):
+        return [math.nan] * len(scores)  # (max() of a list holding NaN depends on the order)
     top = max(scores)
     if top == math.inf:
         infinite = [score == math.inf for score in scores]

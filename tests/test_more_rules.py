@@ -80,6 +80,10 @@ def test_relobralo_takes_the_limit_of_an_overflowing_ratio() -> None:
     assert relobralo_balance([1.0, 1.0], [1e-310, 1.0]) == [2.0, 0.0]
     assert relobralo_balance([1.0, 1.0, 1.0], [1e-310, 1e-310, 1.0]) == [1.5, 1.5, 0.0]
     assert relobralo_balance([1.0, 1.0], [1e-323, 1.0]) == [2.0, 0.0]  # T·L(t') rounds to 0 (was ZeroDivisionError)
+    # scores NaN and inf in either order: NaN for every term (the update is skipped), not an answer
+    # that depends on the order (max() of a list holding NaN does)
+    for losses, reference in (([math.nan, 1.0], [1.0, 1e-323]), ([1.0, math.nan], [1e-323, 1.0])):
+        assert all(math.isnan(w) for w in relobralo_balance(losses, reference))
     assert relobralo_balance([1.0, 1.0], [1e-300, 1.0], temperature=1e-30) == [2.0, 0.0]
     new = relobralo_weights([1.0, 1.0], [1.0, 1.0], [1e-310, 1.0], [1.0, 1.0], alpha=0.999, rho=1.0)
     assert all(math.isfinite(w) for w in new) and new == pytest.approx([1.001, 0.999])
