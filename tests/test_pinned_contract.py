@@ -7,16 +7,28 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import TwoTermPoisson  # noqa: F401  (conftest sets the seed)
+from conftest import TwoTermPoisson, make_trainer
+from test_monitor import _RecordingLogger
+from torch.utils.tensorboard import SummaryWriter
+
+import lightning_pinn.callbacks as callbacks
+from lightning_pinn import MultiTermLoss
+from lightning_pinn.callbacks import GradientNormMonitor
+from lightning_pinn.cli import build_parser
+from lightning_pinn.diagnostics import nearly_satisfied
+from lightning_pinn.ntk import jacobian_row_sq_norms
+from lightning_pinn.report import History, diagnose, read_history, render_markdown
+from lightning_pinn.sweep import FitResult, FitSpec, grid_weights, summarize
+from lightning_pinn.tensorboard import dashboard_layout
 
 
 # --------------------------------------------------------------------- report
 def _ratio_history(ratio: float, ic_weight: float, limits: list[float] | None = None):
-    from lightning_pinn.report import History
-
     history = History()
     for index, step in enumerate(range(0, 40, 10)):
         history.add(
@@ -39,8 +51,6 @@ def _ratio_history(ratio: float, ic_weight: float, limits: list[float] | None = 
 
 def test_report_advice_suggests_the_weight_times_the_ratio() -> None:
     """The advice's λ value is the current λ of the drowned term times the worst ratio (2 x 300 = 600)."""
-    from lightning_pinn.report import diagnose
-
     diagnosis = diagnose(_ratio_history(300.0, 2.0), threshold=100.0)
     assert diagnosis.worst_pair == ("pde", "ic")
     advice = " ".join(diagnosis.advice)
@@ -48,8 +58,6 @@ def test_report_advice_suggests_the_weight_times_the_ratio() -> None:
 
 
 def test_report_weights_section_gives_the_overall_factor_last_over_first() -> None:
-    from lightning_pinn.report import History, diagnose, render_markdown
-
     history = History()
     for step, weight in [(0, 1.0), (10, 2.0), (20, 4.0)]:
         history.add({"grad_norm/pde": 1.0, "grad_norm/ic": 1.0, "weight/pde": 1.0, "weight/ic": weight}, step)
@@ -59,16 +67,12 @@ def test_report_weights_section_gives_the_overall_factor_last_over_first() -> No
 
 def test_report_counts_each_measurement_against_its_own_logged_threshold() -> None:
     """A resumed fit may log another threshold: a ratio of 300 is above 100 but not above 1000."""
-    from lightning_pinn.report import diagnose
-
     history = _ratio_history(300.0, 1.0, limits=[100.0, 100.0, 1000.0, 1000.0])
     diagnosis = diagnose(history)
     assert diagnosis.ratio_measurements_above == 2
 
 
 def _write(folder, scalars: dict[str, list[tuple[int, float]]]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     writer = SummaryWriter(str(folder))
     for tag, points in scalars.items():
         for step, value in points:
@@ -79,10 +83,6 @@ def _write(folder, scalars: dict[str, list[tuple[int, float]]]) -> None:
 def test_read_history_another_writers_file_only_adds_points(tmp_path) -> None:
     """Two of this library's files: the second resumes. A third file from another writer (no
     grad_norm/weight tags) must not cut the fit's history at its first step."""
-    import time
-
-    from lightning_pinn.report import read_history
-
     _write(tmp_path, {"grad_norm/pde": [(0, 1.0), (10, 2.0), (20, 3.0)]})
     time.sleep(1.1)  # event file names hold the second
     _write(tmp_path, {"user/metric": [(5, 7.0)]})
@@ -94,10 +94,6 @@ def test_read_history_another_writers_file_only_adds_points(tmp_path) -> None:
 def test_read_history_resume_keeps_points_at_the_resume_step_not_written_again(tmp_path) -> None:
     """A resumed fit's file replaces the earlier file from its first step on; at that step itself
     only the tags it wrote again are replaced (a balancer does not log λ twice there)."""
-    import time
-
-    from lightning_pinn.report import read_history
-
     _write(tmp_path, {"grad_norm/pde": [(0, 1.0), (10, 2.0), (20, 3.0)], "weight/ic": [(0, 1.0), (10, 5.0), (20, 9.0)]})
     time.sleep(1.1)
     _write(tmp_path, {"grad_norm/pde": [(10, 20.0), (20, 30.0)], "weight/ic": [(20, 6.0)]})
@@ -110,55 +106,23 @@ def test_read_history_resume_keeps_points_at_the_resume_step_not_written_again(t
 @pytest.mark.parametrize("kind", ["GradientNormMonitor", "GradNormBalancer", "NTKBalancer"])
 def test_state_key_tells_callbacks_of_different_losses_apart(kind: str) -> None:
     """Two callbacks of one kind on two losses of one module must not share a checkpoint entry."""
-    import lightning_pinn.callbacks as callbacks
-
     first, second = getattr(callbacks, kind)(loss_module="a"), getattr(callbacks, kind)(loss_module="b")
     assert first.state_key != second.state_key
 
 
-class _StepsLogger:
-    """Built lazily (pl imported by conftest): keeps ``(step, metrics)`` of each log_metrics call."""
-
-    @staticmethod
-    def make():
-        import pytorch_lightning as pl
-
-        class Recording(pl.loggers.Logger):
-            def __init__(self) -> None:
-                super().__init__()
-                self.calls: list[tuple[int | None, dict[str, float]]] = []
-
-            name = property(lambda self: "recording")
-            version = property(lambda self: 0)
-
-            def log_metrics(self, metrics, step=None) -> None:
-                self.calls.append((step, dict(metrics)))
-
-            def log_hyperparams(self, params, *args, **kwargs) -> None:
-                pass
-
-        return Recording()
-
-
-def test_monitor_logs_each_measurement_at_the_step_it_was_measured() -> None:
+def test_monitor_logs_each_measurement_at_the_step_it_was_measured(tmp_path: Path) -> None:
     """every_n_steps=3 measures steps 0, 3, 6: its scalars go to the logger at those steps
     (the history's steps), not at the step after (trainer.global_step once the step is done)."""
-    from conftest import make_trainer
-
-    from lightning_pinn.callbacks import GradientNormMonitor
-
-    logger = _StepsLogger.make()
+    logger = _RecordingLogger(str(tmp_path))
     monitor = GradientNormMonitor(every_n_steps=3, verbose=False, report=False)
     make_trainer(7, [monitor], logger=logger, log_every_n_steps=100).fit(TwoTermPoisson())
-    steps = sorted({step for step, metrics in logger.calls if "grad_ratio" in metrics})
+    steps = sorted({step for step, metrics in logger.metrics if "grad_ratio" in metrics})
     assert steps == [0, 3, 6]
     assert monitor.history["grad_ratio"][0] == [0, 3, 6]
 
 
 # ------------------------------------------------------------------ tensorboard
 def test_dashboard_layout_term_regexes_are_anchored_and_prefixes_escaped() -> None:
-    from lightning_pinn.tensorboard import dashboard_layout
-
     (charts,) = dashboard_layout(logger_prefix="run.1-", terms=["pde", "bc"]).values()
     weight = charts["weight per term  λ_i"][1][0]
     assert re.search(weight, "run.1-weight/pde")
@@ -173,16 +137,12 @@ def test_dashboard_layout_term_regexes_are_anchored_and_prefixes_escaped() -> No
 # ------------------------------------------------------------- loss validation
 @pytest.mark.parametrize("value", [-1.0, math.nan, math.inf])
 def test_constructor_refuses_negative_and_non_finite_weights(value: float) -> None:
-    from lightning_pinn import MultiTermLoss
-
     with pytest.raises(ValueError, match="weight of term 'pde'"):
         MultiTermLoss(pde=value, bc=1.0)
 
 
 @pytest.mark.parametrize("value", [-1.0, math.nan])
 def test_set_weights_refuses_bad_values_as_dict_and_tensor(value: float) -> None:
-    from lightning_pinn import MultiTermLoss
-
     loss = MultiTermLoss(pde=1.0, bc=1.0)
     with pytest.raises(ValueError, match="'bc'"):
         loss.set_weights({"bc": value})
@@ -192,16 +152,12 @@ def test_set_weights_refuses_bad_values_as_dict_and_tensor(value: float) -> None
 
 
 def test_forward_refuses_a_missing_term() -> None:
-    from lightning_pinn import MultiTermLoss
-
     loss = MultiTermLoss(pde=1.0, bc=1.0)
     with pytest.raises(ValueError, match="missing term"):
         loss(pde=torch.ones(3, requires_grad=True))
 
 
 def test_checkpoint_weights_load_by_name_under_a_cyclic_reordering() -> None:
-    from lightning_pinn import MultiTermLoss
-
     saved = MultiTermLoss(a=1.0, b=2.0, c=3.0)
     loaded = MultiTermLoss(b=0.0, c=0.0, a=0.0)
     loaded.load_state_dict(saved.state_dict())
@@ -209,8 +165,6 @@ def test_checkpoint_weights_load_by_name_under_a_cyclic_reordering() -> None:
 
 
 def test_checkpoint_with_a_negative_weight_is_refused() -> None:
-    from lightning_pinn import MultiTermLoss
-
     state = MultiTermLoss(pde=1.0, bc=1.0).state_dict()
     state["lambdas"] = torch.tensor([1.0, -2.0], dtype=state["lambdas"].dtype)
     loaded = MultiTermLoss(pde=1.0, bc=1.0)
@@ -222,8 +176,6 @@ def test_checkpoint_with_a_negative_weight_is_refused() -> None:
 # ------------------------------------------------------------------------- NTK
 @pytest.mark.parametrize("chunk_size", [1, 3, 64])
 def test_jacobian_row_sq_norms_of_a_complex_residual_sums_real_and_imaginary_parts(chunk_size: int) -> None:
-    from lightning_pinn.ntk import jacobian_row_sq_norms
-
     net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
     params = list(net.parameters())
     x = torch.linspace(0, 1, 7, dtype=torch.float64).reshape(-1, 1)
@@ -242,8 +194,6 @@ def test_jacobian_row_sq_norms_of_a_complex_residual_sums_real_and_imaginary_par
 
 # ---------------------------------------------------------------- diagnostics
 def test_nearly_satisfied_returns_the_factor_either_way_and_needs_the_smaller_loss() -> None:
-    from lightning_pinn.diagnostics import nearly_satisfied
-
     # per unit of RMS residual: big 1/1 = 1, small 0.02/0.01 = 2 -> factor 2 (scaled ratio 0.5)
     assert nearly_satisfied(1.0, 1.0, 0.02, 1e-4, within=10.0) == pytest.approx(2.0)
     # the "small" term's loss is not smaller: its small gradient is not explained by its residual
@@ -252,15 +202,11 @@ def test_nearly_satisfied_returns_the_factor_either_way_and_needs_the_smaller_lo
 
 # ---------------------------------------------------------------------- sweep
 def test_grid_weights_include_the_upper_bound_despite_rounding() -> None:
-    from lightning_pinn.sweep import grid_weights
-
     assert len(grid_weights(0.0, 0.3, 0.1)) == 4
     assert grid_weights(0.0, 0.7, 0.1)[-1] == pytest.approx(10**0.7)
 
 
 def test_summarize_takes_medians_and_lists_seeds_in_order() -> None:
-    from lightning_pinn.sweep import FitResult, FitSpec, summarize
-
     results = [
         FitResult(FitSpec("ntk", seed=2), 0.3, {"pde": 1.0, "ic": 10.0}, 1.0),
         FitResult(FitSpec("ntk", seed=0), 0.1, {"pde": 1.0, "ic": 1.0}, 2.0),
@@ -277,7 +223,5 @@ def test_summarize_takes_medians_and_lists_seeds_in_order() -> None:
     [["sweep", "--steps", "0"], ["demo", "--every-n-steps", "0"], ["sweep", "--grid-step", "0"], ["sweep", "--grid-step", "-1"]],
 )
 def test_cli_refuses_zero_steps_cadence_and_grid_step(argv: list[str]) -> None:
-    from lightning_pinn.cli import build_parser
-
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
