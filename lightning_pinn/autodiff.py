@@ -106,7 +106,8 @@ def _gradient(output: Tensor, inputs: Tensor, function: str = "gradient", again:
 
 
 def _part_gradient(output: Tensor, inputs: Tensor) -> Tensor | None:
-    """``Σ`` over points of ``∂output/∂inputs`` (one value per point: the point-wise gradient), with its graph."""
+    """``∂output/∂inputs`` point by point (the gradient of the sum over points: each point's output
+    depends on its own point only), with its graph; ``None`` if ``output`` has no graph or misses ``inputs``."""
     if not output.requires_grad:
         return None
     (grad,) = torch.autograd.grad(output, inputs, grad_outputs=torch.ones_like(output), create_graph=True, allow_unused=True)

@@ -94,7 +94,9 @@ def _interval_problem(a: float, b: float, dtype: torch.dtype) -> str | None:
     """Why ``[a, b]`` cannot carry the ansatz in ``dtype`` (ends that round together or overflow,
     a bump ``(x − a)(b − x)`` that overflows), or ``None``."""
     ends = torch.tensor([a, b], dtype=torch.float64).to(dtype)
-    fix = "Use float32 or float64 points (and model), or shift and scale the coordinate to an interval near [0, 1]."
+    wider = [d for d in (torch.float32, torch.float64) if torch.finfo(d).bits > torch.finfo(dtype).bits]
+    rescale = "shift and scale the coordinate to an interval near [0, 1]"
+    fix = f"Use {wider[-1]} points (and model), or {rescale}." if wider else f"{rescale[0].upper()}{rescale[1:]}."
     if not bool(torch.isfinite(ends).all()):
         return f"the interval a={a}, b={b} does not fit in the points' dtype {dtype} (an end overflows). {fix}"
     if not bool(ends[1] > ends[0]):
