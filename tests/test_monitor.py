@@ -442,6 +442,8 @@ def test_conflict_alarm_on_directly_opposed_terms() -> None:
         make_trainer(100, [monitor]).fit(Opposed())
     conflicts = [str(w.message) for w in caught if issubclass(w.category, GradientConflictWarning)]
     assert len(conflicts) == 1 and "'up' and 'down'" in conflicts[0]
+    # the loss change is over the window of cosine_patience measurements, first to last
+    assert "% across the last 3 measurements)" in conflicts[0], conflicts[0]
     assert monitor.diagnosis.conflict_alarm_episodes == 1
     assert monitor.diagnosis.min_cosine is not None and monitor.diagnosis.min_cosine < -0.99
     # the pair's alarm is logged when it starts, so the reports name the pair that alarmed

@@ -225,3 +225,41 @@ def test_summarize_takes_medians_and_lists_seeds_in_order() -> None:
 def test_cli_refuses_zero_steps_cadence_and_grid_step(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
+
+
+# ------------------------------------------------------------------ README's table of arguments
+_COMMON = {"terms": None, "min_weight": 1e-06, "max_weight": 1e06, "warmup_steps": 0, "loss_module": None}
+
+
+def _readme_arguments() -> dict[str, dict[str, object]]:
+    """Each row of the README's arguments table: callback → {argument: default, or ``inspect._empty`` if required}."""
+    import ast
+    import inspect
+
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = text.split("<!-- arguments-table -->", 1)[1].strip().split("\n\n", 1)[0]
+    rows: dict[str, dict[str, object]] = {}
+    for line in block.splitlines()[2:]:  # after the header and its rule
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        name = cells[0].strip("`")
+        arguments: dict[str, object] = {}
+        for item, required in re.findall(r"`([^`]+)`( \(required\))?", " ".join(cells[1:])):
+            key, _, default = item.partition("=")
+            arguments[key] = inspect.Parameter.empty if required else ast.literal_eval(default)
+        rows[name] = arguments
+    return rows
+
+
+def test_the_readme_table_of_arguments_matches_the_signatures() -> None:
+    """Every argument and default of every balancer, as the README's table states them (a new user's reference)."""
+    import inspect
+
+    rows = _readme_arguments()
+    expected = {name for name in callbacks.__all__ if name not in ("GradientNormMonitor", "MonitorDiagnosis", "WeightBalancer")}
+    assert set(rows) == expected
+    for name, stated in rows.items():
+        parameters = inspect.signature(getattr(callbacks, name)).parameters
+        actual = {key: parameter.default for key, parameter in parameters.items()}
+        if name != "WeightSchedule":
+            assert {key: actual.pop(key) for key in _COMMON} == _COMMON, name
+        assert actual == stated, (name, actual, stated)

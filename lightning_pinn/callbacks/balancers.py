@@ -504,7 +504,8 @@ class WeightBalancer(PerTermCallback):
             shown = next((text for text in (f"{value:.3g}", f"{value:.6g}") if text != f"{clamped:.6g}"), repr(value))
             self._warn(
                 f"{type(self).__name__}: the weight of term '{name}' ({shown}) was clamped to {bound}={clamped:g} "
-                f"at step {step}. Its {self._quantity} is extreme relative to the other terms; "
+                f"at step {step}: the rule's value for it, set by its {self._quantity} relative to the other terms', "
+                f"is outside [min_weight, max_weight] = [{self.min_weight:g}, {self.max_weight:g}]; "
                 + (extra or f"check its residual's scale, or widen the range with {bound}=... ."),
                 category=WeightUpdateWarning,
             )

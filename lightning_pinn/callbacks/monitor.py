@@ -691,15 +691,17 @@ class GradientNormMonitor(PerTermCallback):
             self._conflict_changes[f"alarm/grad_conflict/{key}"] = 1.0
             diagnosis.conflict_alarm_episodes += 1
             diagnosis.conflict_alarm_spans.append([a, b, step, None])
+            window = len(self._conflict_losses[key])  # the change is from the first to the last of these
+            change = f", {-100 * decrease:+.1f}% across the last {window} measurements" if window > 1 else ""
             message = (
                 f"{self._name}: gradient-conflict alarm at step {step}: the gradients of terms '{a}' and '{b}' "
                 f"point against each other (cosine {cosine:.2f}, below {self.cosine_threshold:g} for {streak} consecutive "
                 + (
-                    f"measurements) and their weighted loss has stalled (now {pair_loss:.3g}, {-100 * decrease:+.1f}% over the last "
+                    f"measurements) and their weighted loss has stalled (now {pair_loss:.3g}{change}), "
                     if self.conflict_min_decrease is not None
-                    else f"measurements; their weighted loss is now {pair_loss:.3g}, {-100 * decrease:+.1f}% over the last "
+                    else f"measurements; their weighted loss is now {pair_loss:.3g}{change}), "
                 )
-                + f"{len(self._conflict_losses[key]) - 1} measurement(s)), so a step that lowers one term raises the other even if their norms "
+                + "so a step that lowers one term raises the other even if their norms "
                 "are balanced. Try: hard-constrain the initial/boundary condition, change the weights, lower the "
                 "learning rate, or add collocation points where the terms meet."
             )
