@@ -8,7 +8,7 @@ are the ratios of medians (callback fit / fixed-weight fit) and the range of the
 ratios. The monitor logs K(K−1)/2 pair cosines and keeps a conflict window per pair, so its
 own bookkeeping grows with K² where a balancer's grows with K.
 
-    python benchmarks/many_terms.py                     # K = 2, 10, 30; 5 rounds of 300 steps: ~6 min on 2 cores
+    python benchmarks/many_terms.py                     # K = 2, 10, 30; 5 rounds of 300 steps: ~2–3 min on 2 cores
     python benchmarks/many_terms.py --terms 2 30 --rounds 3 --steps 100
 """
 

@@ -160,9 +160,10 @@ def main() -> None:
     print(
         f"\nharmonic IVP, {args.steps} steps, {args.rounds} alternating rounds, torch {torch.__version__}, {torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"
     )
-    print(f"{'configuration':<18}{'median':>9}")
+    width = max(len("configuration"), *map(len, medians)) + 2
+    print(f"{'configuration':<{width}}{'median':>9}")
     for name, value in medians.items():
-        print(f"{name:<18}{value:>8.3f}s")
+        print(f"{name:<{width}}{value:>8.3f}s")
     comparisons = [
         ("monitor-default", "lightning", "GradientNormMonitor(), all defaults"),
         ("monitor-per-step", "lightning", "default cadence, without the one-off end-of-fit report"),

@@ -34,3 +34,7 @@ def update_vs_plain(model: Any, callback: Any, steps: int, every: int, warmup: i
     update = statistics.median(t for s, t in measured.items() if s % every == 0)
     plain = statistics.median(t for s, t in measured.items() if s % every)
     return update, plain
+
+
+if __name__ == "__main__":  # a helper module: say so instead of doing nothing silently
+    print(__doc__.strip() + "\nNot a script: benchmarks/accuracy.py and benchmarks/ntk_cost.py import it.")

@@ -268,7 +268,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     summaries = summarize(results)
     table = write_table(summaries, out / "sweep.csv")
     omega_text = "2π" if math.isclose(args.omega, 2 * math.pi) else f"{args.omega:g}"
-    title = f"harmonic IVP, ω = {omega_text}, {args.steps} steps, seeds {' '.join(map(str, seeds))}"
+    title = f"harmonic IVP, ω = {omega_text}, {args.steps} steps, {'seed' if len(seeds) == 1 else 'seeds'} {' '.join(map(str, seeds))}"
     if interrupted:
         title += f" (interrupted: {len(results)} of {len(specs)} fits)"
     plot_sweep(summaries, results, out / "sweep.png", title)
@@ -368,14 +368,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     _console_without_encoding_errors()
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        return run_demo(args)
-    if args.command == "sweep":
-        return run_sweep(args)
-    if args.command == "report":
-        return run_report(args)
-    parser.print_help(sys.stderr)
-    return 2  # no subcommand: a usage error, as argparse itself exits for one
+    commands = {"demo": run_demo, "sweep": run_sweep, "report": run_report}
+    if args.command not in commands:
+        parser.print_help(sys.stderr)
+        return 2  # no subcommand: a usage error, as argparse itself exits for one
+    try:
+        return commands[args.command](args)
+    except BrokenPipeError:
+        # the reader went away (`lightning-pinn report LOGDIR | head`): stop quietly, as `cat`
+        # does, and point stdout at devnull so that the interpreter's final flush cannot fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

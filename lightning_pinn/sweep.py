@@ -252,15 +252,20 @@ def write_table(summaries: Sequence[MethodSummary], path: Path) -> str:
 
 
 def plot_sweep(summaries: Sequence[MethodSummary], results: Sequence[FitResult], path: Path, title: str) -> None:
-    """PNG: relative L² against λ_IC (balancers as horizontal lines), and per-term loss histories."""
-    import matplotlib
+    """PNG: relative L² against λ_IC (balancers as horizontal lines), and per-term loss histories
+    of a bad fixed weight (λ_IC = 1, or the grid's worst where 1 is not on it), the best fixed one
+    and the best balancer.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Uses matplotlib's object API with the Agg canvas: no pyplot state, and the caller's backend
+    (a notebook's, say) is left as it is.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fixed = sorted((s for s in summaries if s.method == "fixed"), key=lambda s: s.ic_weight)
     balanced = [s for s in summaries if s.method != "fixed"]
-    figure = plt.figure(figsize=(13, 8.5), constrained_layout=True)
+    figure = Figure(figsize=(13, 8.5), layout="constrained")
+    FigureCanvasAgg(figure)
     grid = figure.add_gridspec(2, 3, height_ratios=[1.25, 1])
     curve = figure.add_subplot(grid[0, :])
     if fixed:
@@ -279,10 +284,13 @@ def plot_sweep(summaries: Sequence[MethodSummary], results: Sequence[FitResult],
     seed = min(r.spec.seed for r in results)
     by_label = {r.spec.label: r for r in results if r.spec.seed == seed}
     cases: list[tuple[str, FitResult]] = []
+    # those with a fit of this seed (an interrupted sweep may lack some)
+    fixed_here = [s for s in fixed if s.label in by_label]
     if "λ_IC=1" in by_label:
         cases.append(("bad: λ_IC = 1", by_label["λ_IC=1"]))
-    # the best of those with a fit of this seed (an interrupted sweep may lack some)
-    fixed_here = [s for s in fixed if s.label in by_label]
+    elif len(fixed_here) > 1:  # λ_IC = 1 is not on the grid: its worst weight instead
+        worst = max(fixed_here, key=lambda s: s.median_l2)
+        cases.append((f"bad: worst fixed {worst.label}", by_label[worst.label]))
     if fixed_here:
         best = min(fixed_here, key=lambda s: s.median_l2)
         cases.append((f"good: best fixed {best.label}", by_label[best.label]))
@@ -299,7 +307,6 @@ def plot_sweep(summaries: Sequence[MethodSummary], results: Sequence[FitResult],
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=8)
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def results_as_dicts(results: Sequence[FitResult]) -> list[dict[str, Any]]:

@@ -596,6 +596,24 @@ def test_the_command_prints_on_a_console_without_unicode_and_writes_utf8_files(t
     assert "–" in written or "λ" in written
 
 
+def test_the_report_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path: Path) -> None:
+    """`lightning-pinn report LOGDIR | head` printed a BrokenPipeError traceback once head had gone."""
+    logger = TensorBoardLogger(str(tmp_path), name="run", version=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(6, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], logger=logger).fit(TwoTermPoisson())
+    child = subprocess.Popen(
+        [sys.executable, "-m", "lightning_pinn", "report", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert child.stdout is not None and child.stderr is not None
+    child.stdout.close()  # the reader goes away before the report is printed
+    errors = child.stderr.read().decode(errors="replace")
+    child.wait(timeout=120)
+    assert "Traceback" not in errors and "BrokenPipeError" not in errors, errors[-2000:]
+    assert child.returncode == 1
+    assert (tmp_path / "run" / "version_0" / "diagnosis.md").exists()  # the files are written before the printing
+
+
 def test_the_report_warns_about_event_files_it_cannot_read(tmp_path: Path) -> None:
     from lightning_pinn.report import read_history
 

@@ -169,3 +169,29 @@ def test_an_interrupted_sweep_plots_a_balancer_whose_first_seed_had_not_finished
     args = ["sweep", "--seeds", "0", "1", "--balancers", "ntk", "--grid-min", "0", "--grid-max", "1", "--out", str(out)]
     assert main(args) == 130
     assert sorted(path.name for path in out.iterdir()) == ["sweep.csv", "sweep.json", "sweep.md", "sweep.png"]
+
+
+def test_the_sweep_plot_shows_a_bad_case_off_a_grid_without_one_and_leaves_the_backend_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grid without λ_IC = 1 left the "bad" panel out (an empty slot); and the plot switched the
+    caller's matplotlib backend to Agg (a notebook's inline figures stopped showing)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    import lightning_pinn.sweep as sweep_module
+
+    results = []
+    for method, weight, error in (("fixed", 100.0, 3e-3), ("fixed", 1000.0, 1e-3), ("fixed", 1e5, 0.9), ("gradnorm-max", 1.0, 2e-3)):
+        spec = sweep_module.FitSpec(method, weight, seed=0, steps=20)
+        losses = {"pde": [1.0, 0.1], "ic": [1.0, 0.1]}
+        results.append(sweep_module.FitResult(spec, error, {"pde": 1.0, "ic": weight}, 1.0, history_steps=[0, 10], history_losses=losses))
+    titles: list[str] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (titles.extend(ax.get_title() for ax in self.axes), save(self, *a, **k)))
+    backend = matplotlib.get_backend()
+    sweep_module.plot_sweep(sweep_module.summarize(results), results, tmp_path / "sweep.png", "title")
+    assert matplotlib.get_backend() == backend
+    panels = [title.split("\n")[0] for title in titles[1:]]
+    assert panels == ["bad: worst fixed λ_IC=100000", "good: best fixed λ_IC=1000", "balanced: gradnorm-max"], panels
+    assert (tmp_path / "sweep.png").stat().st_size > 0
