@@ -32,7 +32,11 @@ when another call's backward reaches the parameters' ``.grad``. Several backprop
 one batch are told apart at their backward:
 
 * the gradients were zeroed since the previous call's backward, with the same parameters
-  trainable: a closure optimizer (L-BFGS) evaluating the loss again; the last evaluation counts;
+  trainable: a closure optimizer (L-BFGS) evaluating the loss again; the last evaluation counts
+  (only the optimizers' parameters are looked at: a trainable leaf outside them keeps its
+  gradient);
+* the optimizer of the same parameters stepped since the first call (manual optimisation with
+  an inner loop of ``zero_grad``, backward, ``step``): a later step's call, not measured;
 * the gradients were not zeroed (``loss = criterion(...) + criterion(...)``, or manual
   optimisation calling ``manual_backward`` on chunks of points before one ``step``):
   micro-batches of the step, averaged as above;
@@ -157,6 +161,8 @@ class _Capture:
     restarts: bool = False  # set at the backward: a new evaluation of the batch (L-BFGS closure), not a micro-batch
     names: tuple[str, ...] = ()  # the terms, in the order of ``losses`` (set where traces are recorded)
     release_graph: Callable[[], None] | None = None  # drops the loss module's references to this call's graph
+    optimizer_steps: int | None = None  # the optimizer steps taken so far (trainer.global_step) at the forward pass
+    optimized: Callable[[], Iterable[Tensor]] | None = None  # the optimizers' parameters (those a zero_grad zeroes)
 
 
 #: Per-term accumulators of a window, in the order they are packed for the all-reduce.
@@ -170,6 +176,8 @@ class _Window:
     step: int
     params: list[Tensor]  # all of the module's parameters; those requiring grad are read at each forward pass
     params_source: Callable[[], Iterable[Tensor]] | None = None  # re-read at the window's first forward (see read_params)
+    optimizer_steps: Callable[[], int] | None = None  # how many optimizer steps have been taken (trainer.global_step)
+    optimized: Callable[[], Iterable[Tensor]] | None = None  # the optimizers' parameters
     layout: list[bool] | None = None  # the parameters that required grad at the window's first forward pass
     want_gradients: bool = False
     trace_request: TraceRequest | None = None
@@ -241,6 +249,8 @@ class _CapturedTotal(torch.autograd.Function):
         except RuntimeError as error:
             if _DONATED_BUFFERS in str(error):
                 raise RuntimeError(_COMPILED_WITH_DONATED_BUFFERS) from error
+            if _REENTRANT_CHECKPOINT in str(error):
+                raise RuntimeError(_CHECKPOINTED_REENTRANTLY) from error
             raise
         if not keeps_graph:
             # The per-term passes kept the graph (retain_graph=True), but this backward does not:
@@ -283,6 +293,18 @@ _COMPILED_WITH_DONATED_BUFFERS = (
 )
 
 
+#: PyTorch's error when torch.autograd.grad meets activation checkpointing with use_reentrant=True.
+_REENTRANT_CHECKPOINT = "use_reentrant=True"
+
+_CHECKPOINTED_REENTRANTLY = (
+    "lightning-pinn: the model uses activation checkpointing (torch.utils.checkpoint) with use_reentrant=True, which "
+    "PyTorch can only differentiate with a plain backward, but measuring per-term gradients (and NTK traces) "
+    "differentiates each term with torch.autograd.grad. Pass use_reentrant=False to torch.utils.checkpoint.checkpoint "
+    "(PyTorch's recommended setting; training and the measurements are then exact), or remove GradientNormMonitor "
+    "and the balancers from the Trainer."
+)
+
+
 class _BackwardMarker(torch.autograd.Function):
     """Identity on a total loss whose backward marks its capture as backpropagated."""
 
@@ -321,6 +343,9 @@ def _mark_backward(capture: _Capture) -> None:
     if capture.mode == "backward" and capture.after_backward and previous is not None:
         given = previous.reached_params or previous.trainable or []
         earlier = [p for p, hit in zip(previous.params, given) if hit]
+        if capture.optimized is not None:  # zero_grad zeroes the optimizers' parameters only
+            owned = {id(p) for p in capture.optimized()}
+            earlier = [p for p in earlier if id(p) in owned] or earlier
         zeroed = any(p.grad is None for p in earlier) or all(not bool(p.grad.any()) for p in earlier)  # type: ignore[union-attr]
         capture.restarts = zeroed and capture.trainable == previous.trainable
     capture.backward_done = True
@@ -418,6 +443,24 @@ def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
                 seen.add(child)
                 push(child)
     return leaves
+
+
+def _this_step_only(captures: list[_Capture]) -> list[_Capture]:
+    """The calls up to the first one made after the optimizer of the first call's parameters stepped.
+
+    Manual optimisation may step one optimizer twice in a batch (``zero_grad``, backward, ``step``,
+    twice over): the second call's gradients are those of the next step's parameters, so they are
+    not this step's (the step's measurement is its first evaluation). A call whose parameters are
+    disjoint from the first's (a second optimizer, after the first one stepped) is a part of this
+    step, and L-BFGS's re-evaluations come before its step.
+    """
+    first = captures[0] if captures else None
+    if first is None or first.optimizer_steps is None:
+        return captures
+    for index, capture in enumerate(captures[1:], 1):
+        if capture.optimizer_steps != first.optimizer_steps and not _disjoint(first.trainable, capture.trainable):
+            return captures[:index]
+    return captures
 
 
 def _disjoint(first: list[bool] | None, second: list[bool] | None) -> bool:
@@ -564,6 +607,8 @@ class TermGradientEngine:
         params: Sequence[Tensor] | Callable[[], Iterable[Tensor]],
         gradients: bool = False,
         traces: TraceRequest | None = None,
+        optimizer_steps: Callable[[], int] | None = None,
+        optimized: Callable[[], Iterable[Tensor]] | None = None,
     ) -> None:
         """Ask for a measurement of optimizer step ``step``; call at the start of each of its batches.
 
@@ -571,6 +616,12 @@ class TermGradientEngine:
         pass), or a callable that gives them (e.g. ``module.parameters``), read at the step's
         first forward pass so that parameters registered in between are measured too. Several
         callbacks may ask for the same batch: their requests are merged.
+
+        ``optimizer_steps`` (the optimizer steps taken so far, e.g. ``trainer.global_step``) and
+        ``optimized`` (the optimizers' parameters) tell a batch's calls of the loss apart where it
+        holds several (see the module docstring): a call made after the same parameters' optimizer
+        stepped belongs to a later step, and only the optimizers' parameters are zeroed by their
+        ``zero_grad`` (a trainable leaf outside every optimizer keeps its gradient).
         """
         window = self._window
         if window is None or window.step != step or window.collected:
@@ -582,6 +633,8 @@ class TermGradientEngine:
             self._commit_pending(window)
             window.batch_key = batch_key
         window.want_gradients = window.want_gradients or gradients
+        window.optimizer_steps = optimizer_steps or window.optimizer_steps
+        window.optimized = optimized or window.optimized
         if traces is not None:
             window.trace_request = traces.merged(window.trace_request)
         self._capturing = True
@@ -621,6 +674,8 @@ class TermGradientEngine:
             trace_request=None,
             want_gradients=False,
             trainable=[p.requires_grad for p in window.params],
+            optimizer_steps=window.optimizer_steps() if window.optimizer_steps is not None else None,
+            optimized=window.optimized,
         )
         self._add_pending(window, capture)
         return _BackwardMarker.apply(capture, total)
@@ -679,6 +734,8 @@ class TermGradientEngine:
             layout=window.layout,  # widened at the commit over every call that trained (see _widen_layout)
             names=tuple(names),
             release_graph=release_graph,
+            optimizer_steps=window.optimizer_steps() if window.optimizer_steps is not None else None,
+            optimized=window.optimized,
         )
         self._add_pending(window, capture)
         inputs = [p for p, grad in zip(window.params, trainable) if grad]
@@ -797,7 +854,7 @@ class TermGradientEngine:
         each, except that a call whose trainable parameters are disjoint from the previous call's
         is merged into it (one optimizer per parameter group, see the module docstring)."""
         captures, window.pending = window.pending, []
-        into_grad = [capture for capture in captures if capture.backward_done and capture.mode == "backward"]
+        into_grad = _this_step_only([capture for capture in captures if capture.backward_done and capture.mode == "backward"])
         if into_grad:
             starts = [index for index, capture in enumerate(into_grad) if capture.restarts]
             evaluation = into_grad[starts[-1] :] if starts else into_grad

@@ -664,10 +664,11 @@ def test_half_precision_true_keeps_the_weights_in_float32() -> None:
 class _LBFGSWithAParameterItDoesNotHold(TwoTermPoisson):
     """L-BFGS over the network only; a trainable scale outside the optimizer keeps its .grad."""
 
-    def __init__(self, log_another_call: bool = False) -> None:
+    def __init__(self, log_another_call: bool = False, set_to_none: bool = True) -> None:
         super().__init__()
         self.scale = torch.nn.Parameter(torch.tensor(1.0))
         self.log_another_call = log_another_call
+        self.set_to_none = set_to_none
         self.hand: list[dict[str, torch.Tensor]] = []
 
     def residuals(self) -> dict[str, torch.Tensor]:
@@ -682,15 +683,21 @@ class _LBFGSWithAParameterItDoesNotHold(TwoTermPoisson):
             self.criterion(**self.residuals())
         return loss
 
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.zero_grad(set_to_none=self.set_to_none)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.LBFGS(self.net.parameters(), lr=0.5, max_iter=4)
 
 
-@pytest.mark.parametrize("log_another_call", [False, True])
-def test_an_lbfgs_step_counts_its_last_evaluation_whatever_else_keeps_a_gradient(log_another_call: bool) -> None:
+@pytest.mark.parametrize(("log_another_call", "set_to_none"), [(False, True), (True, True), (False, False)])
+def test_an_lbfgs_step_counts_its_last_evaluation_whatever_else_keeps_a_gradient(log_another_call: bool, set_to_none: bool) -> None:
     # a trainable parameter outside the optimizer keeps its .grad across the closure's evaluations,
-    # and an extra call that is not backpropagated sits between them: neither makes them micro-batches
-    model = _LBFGSWithAParameterItDoesNotHold(log_another_call)
+    # and an extra call that is not backpropagated sits between them: neither makes them micro-batches.
+    # With zero_grad(set_to_none=False) the optimizer's gradients are zeros, not None, while the
+    # outside parameter's is not zero: only the optimizer's parameters tell a re-evaluation
+    # (before, the four evaluations were averaged as micro-batches)
+    model = _LBFGSWithAParameterItDoesNotHold(log_another_call, set_to_none)
     monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
     _fit(model, 1, [monitor])
     measurement = monitor.last_measurement
@@ -698,6 +705,72 @@ def test_an_lbfgs_step_counts_its_last_evaluation_whatever_else_keeps_a_gradient
     assert len(model.hand) == 4 and measurement.micro_batches == 1
     for index, name in enumerate(measurement.terms):
         torch.testing.assert_close(measurement.gradients[index].float(), model.hand[-1][name], rtol=1e-5, atol=1e-7)
+
+
+class _OneOptimizerSteppedTwicePerBatch(TwoTermPoisson):
+    """Manual optimisation: zero_grad, backward and step twice on each batch (an inner loop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.hand: dict[int, dict[str, torch.Tensor]] = {}  # optimizer step → the gradients it stepped with
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        for _ in range(2):
+            optimizer.zero_grad()
+            residuals = self.residuals()
+            self.hand[self.trainer.global_step] = _hand_term_gradients(self, residuals)
+            self.manual_backward(self.criterion(**residuals))
+            optimizer.step()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_an_optimizer_stepped_twice_in_a_batch_is_measured_at_the_step_it_is_logged_at() -> None:
+    # the batch's second call came after the optimizer stepped: it was taken for an L-BFGS
+    # re-evaluation, so the norms logged at step s were those of step s + 1's parameters
+    model = _OneOptimizerSteppedTwicePerBatch()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    _fit(model, 6, [monitor])
+    steps, logged = monitor.history["grad_norm/pde"]
+    assert steps == [0, 2, 4]
+    for step, value in zip(steps, logged):
+        assert value == pytest.approx(model.hand[step]["pde"].norm().item(), rel=1e-5), step
+        assert value != pytest.approx(model.hand[step + 1]["pde"].norm().item(), rel=1e-3)
+
+
+class _ReentrantCheckpointing(TwoTermPoisson):
+    """The network's hidden layer under activation checkpointing with use_reentrant=True."""
+
+    def __init__(self, use_reentrant: bool) -> None:
+        super().__init__()
+        self.use_reentrant = use_reentrant
+
+    def residuals(self) -> dict[str, torch.Tensor]:
+        from torch.utils.checkpoint import checkpoint
+
+        def net(points: torch.Tensor) -> torch.Tensor:
+            hidden = checkpoint(lambda z: torch.tanh(self.net[0](z)), points, use_reentrant=self.use_reentrant)
+            return self.net[2](hidden)
+
+        # points that require grad, as a PINN's do: else a reentrant checkpoint's output has no graph at all
+        x, xb = self.x.clone().requires_grad_(True), self.xb.clone().requires_grad_(True)
+        return {"pde": net(x) - torch.sin(self.x), "bc": net(xb)}
+
+
+def test_reentrant_activation_checkpointing_gets_an_error_naming_the_fix() -> None:
+    # PyTorch's own error spoke of .grad(), which the user's code never calls
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    with pytest.raises(RuntimeError, match=r"use_reentrant=True.*Pass use_reentrant=False.*or remove GradientNormMonitor"):
+        _fit(_ReentrantCheckpointing(use_reentrant=True), 1, [monitor])
+    reference, measured = _ReentrantCheckpointing(use_reentrant=False), _ReentrantCheckpointing(use_reentrant=False)
+    measured.load_state_dict(reference.state_dict())
+    _fit(reference, 3, [])
+    _fit(measured, 3, [GradientNormMonitor(every_n_steps=1, verbose=False, report=False)])
+    for p, q in zip(reference.parameters(), measured.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
 class _PointsMovedByTheLossGradient(TwoTermPoisson):
