@@ -263,3 +263,17 @@ def test_the_readme_table_of_arguments_matches_the_signatures() -> None:
         if name != "WeightSchedule":
             assert {key: actual.pop(key) for key in _COMMON} == _COMMON, name
         assert actual == stated, (name, actual, stated)
+
+
+def test_the_readme_table_of_monitor_arguments_matches_the_signature() -> None:
+    import ast
+    import inspect
+
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = text.split("### `GradientNormMonitor` arguments", 1)[1].strip().split("\n\n", 1)[0]
+    stated = {}
+    for line in block.splitlines()[2:]:
+        name, default = (cell.strip().strip("`") for cell in line.strip("|").split("|")[:2])
+        stated[name] = ast.literal_eval(default)
+    parameters = inspect.signature(GradientNormMonitor).parameters
+    assert stated == {key: parameter.default for key, parameter in parameters.items()}
