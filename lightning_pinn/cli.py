@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import math
 import os
 import signal
@@ -203,7 +204,17 @@ def run_sweep(args: argparse.Namespace) -> int:
     """``lightning-pinn sweep``: the Goldilocks curve of λ_IC, and the balancers beside it."""
     import json
 
-    from lightning_pinn.sweep import FitSpec, grid_size, grid_weights, plot_sweep, results_as_dicts, run_fits, summarize, write_table
+    from lightning_pinn.sweep import (
+        FitSpec,
+        grid_size,
+        grid_weights,
+        plot_sweep,
+        ranking_error,
+        results_as_dicts,
+        run_fits,
+        summarize,
+        write_table,
+    )
 
     try:
         size = grid_size(args.grid_min, args.grid_max, args.grid_step)
@@ -278,7 +289,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     print(table)
     fixed = [s for s in summaries if s.method == "fixed"]
     if fixed:
-        best = min(fixed, key=lambda s: s.median_l2)
+        best = min(fixed, key=ranking_error)
         print(f"\nbest fixed weight: {best.label} (median rel. L2 {best.median_l2:.2e})")
     print(
         f"\nwrote {out / 'sweep.csv'}, {out / 'sweep.md'}, {out / 'sweep.png'} and {out / 'sweep.json'} ({time.perf_counter() - start:.0f} s)"
@@ -375,11 +386,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except BrokenPipeError:
+        if not _stdout_pipe_is_closed():
+            raise  # another pipe (a worker's, say): a real error
         # the reader went away (`lightning-pinn report LOGDIR | head`): stop quietly, as `cat`
         # does, and point stdout at devnull so that the interpreter's final flush cannot fail again
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        with contextlib.suppress(OSError, ValueError):  # io.UnsupportedOperation is both
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+
+
+def _stdout_pipe_is_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll reports POLLERR for its write end)."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor
+        return False
+    try:
+        import select
+
+        poller = select.poll()
+    except (ImportError, AttributeError):  # no poll (Windows): stdout's pipe is the usual cause
+        return True
+    poller.register(descriptor, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poller.poll(0))
 
 
 if __name__ == "__main__":  # pragma: no cover

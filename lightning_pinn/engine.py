@@ -35,8 +35,10 @@ one batch are told apart at their backward:
   trainable: a closure optimizer (L-BFGS) evaluating the loss again; the last evaluation counts
   (only the optimizers' parameters are looked at: a trainable leaf outside them keeps its
   gradient);
-* the optimizer of the same parameters stepped since the first call (manual optimisation with
-  an inner loop of ``zero_grad``, backward, ``step``): a later step's call, not measured;
+* every parameter the call trains was trained by an earlier call and stepped by its optimizer
+  since (manual optimisation with an inner loop of ``zero_grad``, backward, ``step``, or a
+  second optimizer stepped ``n_critic`` times): a later step's call, not measured (the
+  optimizers' steps are watched with step hooks while a measured batch runs);
 * the gradients were not zeroed (``loss = criterion(...) + criterion(...)``, or manual
   optimisation calling ``manual_backward`` on chunks of points before one ``step``):
   micro-batches of the step, averaged as above;
@@ -161,7 +163,7 @@ class _Capture:
     restarts: bool = False  # set at the backward: a new evaluation of the batch (L-BFGS closure), not a micro-batch
     names: tuple[str, ...] = ()  # the terms, in the order of ``losses`` (set where traces are recorded)
     release_graph: Callable[[], None] | None = None  # drops the loss module's references to this call's graph
-    optimizer_steps: int | None = None  # the optimizer steps taken so far (trainer.global_step) at the forward pass
+    steps_mark: int | None = None  # how many optimizer steps the window had seen at the forward pass (None: not watched)
     optimized: Callable[[], Iterable[Tensor]] | None = None  # the optimizers' parameters (those a zero_grad zeroes)
 
 
@@ -176,8 +178,25 @@ class _Window:
     step: int
     params: list[Tensor]  # all of the module's parameters; those requiring grad are read at each forward pass
     params_source: Callable[[], Iterable[Tensor]] | None = None  # re-read at the window's first forward (see read_params)
-    optimizer_steps: Callable[[], int] | None = None  # how many optimizer steps have been taken (trainer.global_step)
-    optimized: Callable[[], Iterable[Tensor]] | None = None  # the optimizers' parameters
+    optimizers: Callable[[], Sequence[torch.optim.Optimizer]] | None = None  # the trainer's optimizers
+    optimized: Callable[[], Iterable[Tensor]] | None = None  # their parameters
+    steps_taken: list[torch.optim.Optimizer] = field(default_factory=list)  # each optimizer step since the window opened, in order
+    step_hooks: list[Any] | None = None  # the handles of the optimizers' step hooks that fill steps_taken
+
+    def watch_optimizers(self) -> None:
+        """Note every step of the trainer's optimizers from now on (see :func:`_this_step_only`)."""
+        if self.step_hooks is not None or self.optimizers is None:
+            return
+        record = self.steps_taken.append
+        self.step_hooks = [
+            optimizer.register_step_post_hook(lambda optimizer, args, kwargs: record(optimizer)) for optimizer in self.optimizers()
+        ]
+
+    def unwatch_optimizers(self) -> None:
+        for handle in self.step_hooks or []:
+            handle.remove()
+        self.step_hooks = None
+
     layout: list[bool] | None = None  # the parameters that required grad at the window's first forward pass
     want_gradients: bool = False
     trace_request: TraceRequest | None = None
@@ -249,7 +268,7 @@ class _CapturedTotal(torch.autograd.Function):
         except RuntimeError as error:
             if _DONATED_BUFFERS in str(error):
                 raise RuntimeError(_COMPILED_WITH_DONATED_BUFFERS) from error
-            if _REENTRANT_CHECKPOINT in str(error):
+            if any(text in str(error) for text in _REENTRANT_CHECKPOINT):
                 raise RuntimeError(_CHECKPOINTED_REENTRANTLY) from error
             raise
         if not keeps_graph:
@@ -293,8 +312,9 @@ _COMPILED_WITH_DONATED_BUFFERS = (
 )
 
 
-#: PyTorch's error when torch.autograd.grad meets activation checkpointing with use_reentrant=True.
-_REENTRANT_CHECKPOINT = "use_reentrant=True"
+#: PyTorch's error when torch.autograd.grad meets activation checkpointing with use_reentrant=True
+#: (its wording in recent versions, and in older ones).
+_REENTRANT_CHECKPOINT = ("use_reentrant=True", "Checkpointing is not compatible with .grad()")
 
 _CHECKPOINTED_REENTRANTLY = (
     "lightning-pinn: the model uses activation checkpointing (torch.utils.checkpoint) with use_reentrant=True, which "
@@ -445,21 +465,31 @@ def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     return leaves
 
 
-def _this_step_only(captures: list[_Capture]) -> list[_Capture]:
-    """The calls up to the first one made after the optimizer of the first call's parameters stepped.
+def _this_step_only(captures: list[_Capture], steps_taken: Sequence[torch.optim.Optimizer]) -> list[_Capture]:
+    """The calls up to the first one that belongs to a later optimizer step.
 
-    Manual optimisation may step one optimizer twice in a batch (``zero_grad``, backward, ``step``,
-    twice over): the second call's gradients are those of the next step's parameters, so they are
-    not this step's (the step's measurement is its first evaluation). A call whose parameters are
-    disjoint from the first's (a second optimizer, after the first one stepped) is a part of this
-    step, and L-BFGS's re-evaluations come before its step.
+    A call belongs to a later step when every parameter it trains (of those the optimizers that
+    stepped own) was trained by an earlier call and has been stepped since: manual optimisation
+    that steps one optimizer twice in a batch (``zero_grad``, backward, ``step``, twice over), or
+    the second optimizer twice (``n_critic`` steps). Its gradients are those of the next step's
+    parameters, so the step is measured on its first evaluation. A call that trains a parameter
+    not stepped since it was last trained is a part of this step (a second optimizer's group,
+    with ``toggle_optimizer``; a trainable leaf outside every optimizer does not count), and
+    L-BFGS's re-evaluations all come before its step.
     """
-    first = captures[0] if captures else None
-    if first is None or first.optimizer_steps is None:
+    marks = [capture.steps_mark for capture in captures]
+    if len(set(marks)) <= 1 or None in marks:  # no step between the calls (the usual case)
         return captures
-    for index, capture in enumerate(captures[1:], 1):
-        if capture.optimizer_steps != first.optimizer_steps and not _disjoint(first.trainable, capture.trainable):
+    owned_by = [{id(p) for group in optimizer.param_groups for p in group["params"]} for optimizer in steps_taken]
+    stepped = set().union(*owned_by)
+    last_trained: dict[int, int] = {}  # a parameter → the mark of the last call kept that trained it
+    for index, capture in enumerate(captures):
+        mark = capture.steps_mark
+        assert mark is not None
+        mine = {id(p) for p, trains in zip(capture.params, capture.trainable or []) if trains and id(p) in stepped}
+        if mine and all(q in last_trained and any(q in owned for owned in owned_by[last_trained[q] : mark]) for q in mine):
             return captures[:index]
+        last_trained.update(dict.fromkeys(mine, mark))
     return captures
 
 
@@ -607,8 +637,7 @@ class TermGradientEngine:
         params: Sequence[Tensor] | Callable[[], Iterable[Tensor]],
         gradients: bool = False,
         traces: TraceRequest | None = None,
-        optimizer_steps: Callable[[], int] | None = None,
-        optimized: Callable[[], Iterable[Tensor]] | None = None,
+        optimizers: Callable[[], Sequence[torch.optim.Optimizer]] | None = None,
     ) -> None:
         """Ask for a measurement of optimizer step ``step``; call at the start of each of its batches.
 
@@ -617,14 +646,16 @@ class TermGradientEngine:
         first forward pass so that parameters registered in between are measured too. Several
         callbacks may ask for the same batch: their requests are merged.
 
-        ``optimizer_steps`` (the optimizer steps taken so far, e.g. ``trainer.global_step``) and
-        ``optimized`` (the optimizers' parameters) tell a batch's calls of the loss apart where it
-        holds several (see the module docstring): a call made after the same parameters' optimizer
-        stepped belongs to a later step, and only the optimizers' parameters are zeroed by their
-        ``zero_grad`` (a trainable leaf outside every optimizer keeps its gradient).
+        ``optimizers`` (e.g. ``lambda: trainer.optimizers``) tell a batch's calls of the loss apart
+        where it holds several (see the module docstring): their steps are watched while the
+        window is open, so that a call made after the optimizer of its parameters stepped belongs
+        to a later step; and only their parameters are zeroed by their ``zero_grad`` (a trainable
+        leaf outside every optimizer keeps its gradient).
         """
         window = self._window
         if window is None or window.step != step or window.collected:
+            if window is not None:
+                window.unwatch_optimizers()
             if callable(params):
                 window = self._window = _Window(step=step, params=[], params_source=params)
             else:
@@ -633,8 +664,10 @@ class TermGradientEngine:
             self._commit_pending(window)
             window.batch_key = batch_key
         window.want_gradients = window.want_gradients or gradients
-        window.optimizer_steps = optimizer_steps or window.optimizer_steps
-        window.optimized = optimized or window.optimized
+        if optimizers is not None and window.optimizers is None:
+            window.optimizers = optimizers
+            window.optimized = lambda: (p for optimizer in optimizers() for group in optimizer.param_groups for p in group["params"])
+            window.watch_optimizers()
         if traces is not None:
             window.trace_request = traces.merged(window.trace_request)
         self._capturing = True
@@ -674,7 +707,7 @@ class TermGradientEngine:
             trace_request=None,
             want_gradients=False,
             trainable=[p.requires_grad for p in window.params],
-            optimizer_steps=window.optimizer_steps() if window.optimizer_steps is not None else None,
+            steps_mark=len(window.steps_taken) if window.step_hooks is not None else None,
             optimized=window.optimized,
         )
         self._add_pending(window, capture)
@@ -692,6 +725,8 @@ class TermGradientEngine:
         abandoned backward passes are not its micro-batches, since Lightning zeroes the gradients
         before the step runs again.
         """
+        if self._window is not None:
+            self._window.unwatch_optimizers()
         self._window = None
         self._capturing = self._paused = False
 
@@ -734,7 +769,7 @@ class TermGradientEngine:
             layout=window.layout,  # widened at the commit over every call that trained (see _widen_layout)
             names=tuple(names),
             release_graph=release_graph,
-            optimizer_steps=window.optimizer_steps() if window.optimizer_steps is not None else None,
+            steps_mark=len(window.steps_taken) if window.step_hooks is not None else None,
             optimized=window.optimized,
         )
         self._add_pending(window, capture)
@@ -854,7 +889,7 @@ class TermGradientEngine:
         each, except that a call whose trainable parameters are disjoint from the previous call's
         is merged into it (one optimizer per parameter group, see the module docstring)."""
         captures, window.pending = window.pending, []
-        into_grad = _this_step_only([capture for capture in captures if capture.backward_done and capture.mode == "backward"])
+        into_grad = _this_step_only([c for c in captures if c.backward_done and c.mode == "backward"], window.steps_taken)
         if into_grad:
             starts = [index for index, capture in enumerate(into_grad) if capture.restarts]
             evaluation = into_grad[starts[-1] :] if starts else into_grad
@@ -963,6 +998,7 @@ class TermGradientEngine:
             return window.result
         window.read_params()  # a rank that never called the loss this step still reduces the same shapes
         self._commit_pending(window)
+        window.unwatch_optimizers()
         window.collected = True
         window.result = self._reduce(window, terms, all_reduce_sum)
         return window.result

@@ -31,6 +31,7 @@ __all__ = [
     "summarize",
     "write_table",
     "plot_sweep",
+    "ranking_error",
 ]
 
 #: Balancer names accepted by the sweep, and how each is built (with its defaults).
@@ -251,6 +252,11 @@ def write_table(summaries: Sequence[MethodSummary], path: Path) -> str:
     return "\n".join(lines)
 
 
+def ranking_error(summary: MethodSummary) -> float:
+    """The median error, a diverged fit's NaN counted as the worst (``min``/``max`` misorder NaN)."""
+    return summary.median_l2 if not math.isnan(summary.median_l2) else math.inf
+
+
 def plot_sweep(summaries: Sequence[MethodSummary], results: Sequence[FitResult], path: Path, title: str) -> None:
     """PNG: relative L² against λ_IC (balancers as horizontal lines), and per-term loss histories
     of a bad fixed weight (λ_IC = 1, or the grid's worst where 1 is not on it), the best fixed one
@@ -289,14 +295,14 @@ def plot_sweep(summaries: Sequence[MethodSummary], results: Sequence[FitResult],
     if "λ_IC=1" in by_label:
         cases.append(("bad: λ_IC = 1", by_label["λ_IC=1"]))
     elif len(fixed_here) > 1:  # λ_IC = 1 is not on the grid: its worst weight instead
-        worst = max(fixed_here, key=lambda s: s.median_l2)
+        worst = max(fixed_here, key=ranking_error)
         cases.append((f"bad: worst fixed {worst.label}", by_label[worst.label]))
     if fixed_here:
-        best = min(fixed_here, key=lambda s: s.median_l2)
+        best = min(fixed_here, key=ranking_error)
         cases.append((f"good: best fixed {best.label}", by_label[best.label]))
     balanced_here = [s for s in balanced if s.label in by_label]
     if balanced_here:
-        best_balanced = min(balanced_here, key=lambda s: s.median_l2)
+        best_balanced = min(balanced_here, key=ranking_error)
         cases.append((f"balanced: {best_balanced.label}", by_label[best_balanced.label]))
     for column, (name, result) in enumerate(cases[:3]):
         axis = figure.add_subplot(grid[1, column])

@@ -614,6 +614,22 @@ def test_the_report_piped_into_a_reader_that_stops_early_ends_quietly(tmp_path: 
     assert (tmp_path / "run" / "version_0" / "diagnosis.md").exists()  # the files are written before the printing
 
 
+def test_a_broken_pipe_that_is_not_stdouts_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only stdout's closed reader ends quietly: a worker's broken pipe is reported, not hidden (and
+    stdout replaced by an object without a file descriptor is left alone)."""
+    import io
+
+    import lightning_pinn.cli as cli
+
+    def broken(args: Any) -> int:
+        raise BrokenPipeError("a worker's pipe")
+
+    monkeypatch.setattr(cli, "run_report", broken)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    with pytest.raises(BrokenPipeError, match="a worker's pipe"):
+        cli.main(["report", str(tmp_path)])
+
+
 def test_the_report_warns_about_event_files_it_cannot_read(tmp_path: Path) -> None:
     from lightning_pinn.report import read_history
 

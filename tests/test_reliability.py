@@ -570,6 +570,75 @@ def test_merging_two_toggled_calls_keeps_to_the_losses_device(monkeypatch: pytes
     assert merged_elsewhere and set(merged_elsewhere) == {"meta"}
 
 
+def _hand_by_parameter(model: pl.LightningModule, residuals: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """term → parameter name → ∇ of the unweighted term loss, over the parameters trainable now."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for term, residual in residuals.items():
+        grads = torch.autograd.grad(residual.square().mean(), [p for _, p in named], retain_graph=True, allow_unused=True)
+        out[term] = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(named, grads)}
+    return out
+
+
+class _TogglingWithAnOutsideShift(TogglingInverseProblem):
+    """Toggled optimizers (network; coefficient), the coefficient's stepped ``critic_steps`` times,
+    and a trainable shift in no optimizer: toggle_optimizer leaves it trainable in every call."""
+
+    def __init__(self, critic_steps: int = 1, overlapping: bool = False) -> None:
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.tensor(0.1))
+        self.critic_steps = critic_steps
+        self.overlapping = overlapping
+        self.calls: list[dict[str, dict[str, torch.Tensor]]] = []
+
+    def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        if not self.overlapping:
+            return super().configure_optimizers()
+        # the coefficient in both; each optimizer also owns one layer of the network
+        first, second = self.net[0], self.net[2]
+        return [
+            torch.optim.Adam([*first.parameters(), self.coefficient], lr=1e-2),
+            torch.optim.Adam([*second.parameters(), self.coefficient], lr=1e-2),
+        ]
+
+    def residuals(self) -> dict[str, torch.Tensor | None]:
+        residuals = super().residuals()
+        return {"pde": residuals["pde"] + self.shift, "bc": residuals["bc"]}
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        network, coefficient = self.optimizers()
+        for optimizer in [network] + [coefficient] * self.critic_steps:
+            self.toggle_optimizer(optimizer)
+            residuals = self.residuals()
+            self.calls.append(_hand_by_parameter(self, residuals))
+            optimizer.zero_grad()
+            self.manual_backward(self.criterion(**residuals))
+            optimizer.step()
+            self.untoggle_optimizer(optimizer)
+
+
+@pytest.mark.parametrize(("critic_steps", "overlapping"), [(1, False), (2, False), (1, True)])
+def test_toggled_optimizers_measure_each_group_where_it_is_stepped_also_with_a_parameter_in_none(
+    critic_steps: int, overlapping: bool
+) -> None:
+    # the shift, trainable in both calls, made them look like one group's second evaluation after
+    # its step: the coefficient's call was dropped and its parameter went unmeasured. With the
+    # coefficient's optimizer stepped twice (n_critic), the last call replaced the first two.
+    # A parameter in both optimizers (overlapping) is averaged over the two calls, like the shift.
+    model = _TogglingWithAnOutsideShift(critic_steps, overlapping)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    _fit(model, 2 * (1 + critic_steps), [monitor])
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None
+    network_call, coefficient_call = model.calls[-1 - critic_steps], model.calls[-critic_steps]  # the last batch's first two
+    for index, term in enumerate(measurement.terms):
+        expected = []
+        for name, _ in model.named_parameters():  # each from the calls that trained it; their mean where both did
+            trained = [call[term][name] for call in (network_call, coefficient_call) if name in call[term]]
+            expected.append(sum(trained) / len(trained))
+        torch.testing.assert_close(measurement.gradients[index], torch.cat([g.reshape(-1) for g in expected]), rtol=1e-5, atol=1e-8)
+
+
 class TogglingWithPlainBoundaryPoints(TogglingInverseProblem):
     """The same, with boundary points that do not require grad (the usual case): while the
     coefficient's optimizer is toggled the network is frozen, so the bc term requires no grad

@@ -195,3 +195,28 @@ def test_the_sweep_plot_shows_a_bad_case_off_a_grid_without_one_and_leaves_the_b
     panels = [title.split("\n")[0] for title in titles[1:]]
     assert panels == ["bad: worst fixed λ_IC=100000", "good: best fixed λ_IC=1000", "balanced: gradnorm-max"], panels
     assert (tmp_path / "sweep.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("diverged_at", [0, 2])
+def test_a_diverged_fit_is_the_worst_fixed_weight_never_the_best(tmp_path: Path, diverged_at: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """min/max with a NaN key answer by the NaN's position: a diverged fit was shown as the best."""
+    from matplotlib.figure import Figure
+
+    import lightning_pinn.sweep as sweep_module
+
+    errors = [0.5, 0.01, 0.2]
+    errors[diverged_at] = math.nan
+    results = []
+    for weight, error in zip((0.1, 10.0, 100.0), errors):
+        spec = sweep_module.FitSpec("fixed", weight, seed=0, steps=20)
+        results.append(
+            sweep_module.FitResult(spec, error, {"pde": 1.0, "ic": weight}, 1.0, history_steps=[0, 10], history_losses={"ic": [1.0, 0.1]})
+        )
+    titles: list[str] = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (titles.extend(ax.get_title() for ax in self.axes), save(self, *a, **k)))
+    summaries = sweep_module.summarize(results)
+    sweep_module.plot_sweep(summaries, results, tmp_path / "sweep.png", "title")
+    diverged = results[diverged_at].spec.label
+    assert [title.split("\n")[0] for title in titles[1:]] == [f"bad: worst fixed {diverged}", "good: best fixed λ_IC=10"]
+    assert min(summaries, key=sweep_module.ranking_error).label == "λ_IC=10"

@@ -737,8 +737,7 @@ class PerTermCallback(LightningCallback):
             params=pl_module.parameters,
             gradients=gradients,
             traces=traces,
-            optimizer_steps=lambda: trainer.global_step,
-            optimized=lambda: (p for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]),
+            optimizers=lambda: trainer.optimizers,
         )
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
