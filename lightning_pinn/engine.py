@@ -638,6 +638,7 @@ class TermGradientEngine:
         gradients: bool = False,
         traces: TraceRequest | None = None,
         optimizers: Callable[[], Sequence[torch.optim.Optimizer]] | None = None,
+        watch_steps: bool = True,
     ) -> None:
         """Ask for a measurement of optimizer step ``step``; call at the start of each of its batches.
 
@@ -647,10 +648,12 @@ class TermGradientEngine:
         callbacks may ask for the same batch: their requests are merged.
 
         ``optimizers`` (e.g. ``lambda: trainer.optimizers``) tell a batch's calls of the loss apart
-        where it holds several (see the module docstring): their steps are watched while the
-        window is open, so that a call made after the optimizer of its parameters stepped belongs
-        to a later step; and only their parameters are zeroed by their ``zero_grad`` (a trainable
-        leaf outside every optimizer keeps its gradient).
+        where it holds several (see the module docstring): only their parameters are zeroed by
+        their ``zero_grad`` (a trainable leaf outside every optimizer keeps its gradient); and with
+        ``watch_steps``, their steps are watched while the window is open, so that a call made
+        after the optimizer of its parameters stepped belongs to a later step. Under Lightning's
+        automatic optimisation no step comes between a batch's calls (L-BFGS evaluates its closure
+        inside its step), so the callbacks watch only under manual optimisation.
         """
         window = self._window
         if window is None or window.step != step or window.collected:
@@ -667,6 +670,7 @@ class TermGradientEngine:
         if optimizers is not None and window.optimizers is None:
             window.optimizers = optimizers
             window.optimized = lambda: (p for optimizer in optimizers() for group in optimizer.param_groups for p in group["params"])
+        if watch_steps:
             window.watch_optimizers()
         if traces is not None:
             window.trace_request = traces.merged(window.trace_request)

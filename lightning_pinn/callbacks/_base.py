@@ -738,6 +738,7 @@ class PerTermCallback(LightningCallback):
             gradients=gradients,
             traces=traces,
             optimizers=lambda: trainer.optimizers,
+            watch_steps=not pl_module.automatic_optimization,  # only manual optimisation steps between a batch's calls
         )
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
