@@ -466,16 +466,17 @@ def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
 
 
 def _this_step_only(captures: list[_Capture], steps_taken: Sequence[torch.optim.Optimizer]) -> list[_Capture]:
-    """The calls up to the first one that belongs to a later optimizer step.
+    """The calls without those that belong to a later optimizer step.
 
     A call belongs to a later step when every parameter it trains (of those the optimizers that
-    stepped own) was trained by an earlier call and has been stepped since: manual optimisation
-    that steps one optimizer twice in a batch (``zero_grad``, backward, ``step``, twice over), or
-    the second optimizer twice (``n_critic`` steps). Its gradients are those of the next step's
-    parameters, so the step is measured on its first evaluation. A call that trains a parameter
-    not stepped since it was last trained is a part of this step (a second optimizer's group,
-    with ``toggle_optimizer``; a trainable leaf outside every optimizer does not count), and
-    L-BFGS's re-evaluations all come before its step.
+    stepped own) was trained by an earlier call kept and has been stepped since: manual
+    optimisation that steps one optimizer twice in a batch (``zero_grad``, backward, ``step``,
+    twice over), or one optimizer of several ``n_critic`` times, in any order (critic first or
+    last). Its gradients are those of the next step's parameters, so the step is measured on its
+    first evaluation of each group. A call that trains a parameter not stepped since it was last
+    trained is a part of this step (a second optimizer's group, with ``toggle_optimizer``; a
+    trainable leaf outside every optimizer does not count), and L-BFGS's re-evaluations all come
+    before its step.
     """
     marks = [capture.steps_mark for capture in captures]
     if len(set(marks)) <= 1 or None in marks:  # no step between the calls (the usual case)
@@ -483,14 +484,16 @@ def _this_step_only(captures: list[_Capture], steps_taken: Sequence[torch.optim.
     owned_by = [{id(p) for group in optimizer.param_groups for p in group["params"]} for optimizer in steps_taken]
     stepped = set().union(*owned_by)
     last_trained: dict[int, int] = {}  # a parameter → the mark of the last call kept that trained it
-    for index, capture in enumerate(captures):
+    kept = []
+    for capture in captures:
         mark = capture.steps_mark
         assert mark is not None
         mine = {id(p) for p, trains in zip(capture.params, capture.trainable or []) if trains and id(p) in stepped}
         if mine and all(q in last_trained and any(q in owned for owned in owned_by[last_trained[q] : mark]) for q in mine):
-            return captures[:index]
+            continue  # a later step of parameters already measured
         last_trained.update(dict.fromkeys(mine, mark))
-    return captures
+        kept.append(capture)
+    return kept
 
 
 def _disjoint(first: list[bool] | None, second: list[bool] | None) -> bool:

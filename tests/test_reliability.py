@@ -584,11 +584,12 @@ class _TogglingWithAnOutsideShift(TogglingInverseProblem):
     """Toggled optimizers (network; coefficient), the coefficient's stepped ``critic_steps`` times,
     and a trainable shift in no optimizer: toggle_optimizer leaves it trainable in every call."""
 
-    def __init__(self, critic_steps: int = 1, overlapping: bool = False) -> None:
+    def __init__(self, critic_steps: int = 1, overlapping: bool = False, critic_first: bool = False) -> None:
         super().__init__()
         self.shift = torch.nn.Parameter(torch.tensor(0.1))
         self.critic_steps = critic_steps
         self.overlapping = overlapping
+        self.critic_first = critic_first
         self.calls: list[dict[str, dict[str, torch.Tensor]]] = []
 
     def configure_optimizers(self):  # type: ignore[no-untyped-def]
@@ -607,7 +608,8 @@ class _TogglingWithAnOutsideShift(TogglingInverseProblem):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         network, coefficient = self.optimizers()
-        for optimizer in [network] + [coefficient] * self.critic_steps:
+        order = [coefficient] * self.critic_steps + [network] if self.critic_first else [network] + [coefficient] * self.critic_steps
+        for optimizer in order:
             self.toggle_optimizer(optimizer)
             residuals = self.residuals()
             self.calls.append(_hand_by_parameter(self, residuals))
@@ -617,20 +619,26 @@ class _TogglingWithAnOutsideShift(TogglingInverseProblem):
             self.untoggle_optimizer(optimizer)
 
 
-@pytest.mark.parametrize(("critic_steps", "overlapping"), [(1, False), (2, False), (1, True)])
+@pytest.mark.parametrize(
+    ("critic_steps", "overlapping", "critic_first"),
+    [(1, False, False), (2, False, False), (1, True, False), (2, False, True), (3, False, True)],
+)
 def test_toggled_optimizers_measure_each_group_where_it_is_stepped_also_with_a_parameter_in_none(
-    critic_steps: int, overlapping: bool
+    critic_steps: int, overlapping: bool, critic_first: bool
 ) -> None:
     # the shift, trainable in both calls, made them look like one group's second evaluation after
     # its step: the coefficient's call was dropped and its parameter went unmeasured. With the
     # coefficient's optimizer stepped twice (n_critic), the last call replaced the first two.
     # A parameter in both optimizers (overlapping) is averaged over the two calls, like the shift.
-    model = _TogglingWithAnOutsideShift(critic_steps, overlapping)
+    # Critic first ([coefficient] * n + [network]): the later-step calls were cut with every call
+    # after them, the network's among them, so its parameters went unmeasured.
+    model = _TogglingWithAnOutsideShift(critic_steps, overlapping, critic_first)
     monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
     _fit(model, 2 * (1 + critic_steps), [monitor])
     measurement = monitor.last_measurement
     assert measurement is not None and measurement.gradients is not None
-    network_call, coefficient_call = model.calls[-1 - critic_steps], model.calls[-critic_steps]  # the last batch's first two
+    batch = model.calls[-1 - critic_steps :]  # the last batch's calls: each group's first counts
+    network_call, coefficient_call = (batch[-1], batch[0]) if critic_first else (batch[0], batch[1])
     for index, term in enumerate(measurement.terms):
         expected = []
         for name, _ in model.named_parameters():  # each from the calls that trained it; their mean where both did
