@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
 from conftest import make_trainer
+from test_monitor import _RecordingLogger
 
 import lightning_pinn.recording as recording
 from lightning_pinn import PINNModule
@@ -203,29 +204,9 @@ def test_the_step_loader_starts_afresh_from_a_position_at_or_past_its_end() -> N
         assert list(loader) == [0, 1, 2, 3, 4]
 
 
-class _MemoryLogger(pl.loggers.Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.metrics: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.metrics.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-def test_term_losses_are_logged_once_per_optimizer_step_under_gradient_accumulation() -> None:
+def test_term_losses_are_logged_once_per_optimizer_step_under_gradient_accumulation(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    logger = _MemoryLogger()
+    logger = _RecordingLogger(str(tmp_path))
     model = HarmonicOscillator(hidden=(8,), steps_per_epoch=40)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
