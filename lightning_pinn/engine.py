@@ -182,21 +182,6 @@ class _Window:
     optimized: Callable[[], Iterable[Tensor]] | None = None  # their parameters
     steps_taken: list[torch.optim.Optimizer] = field(default_factory=list)  # each optimizer step since the window opened, in order
     step_hooks: list[Any] | None = None  # the handles of the optimizers' step hooks that fill steps_taken
-
-    def watch_optimizers(self) -> None:
-        """Note every step of the trainer's optimizers from now on (see :func:`_this_step_only`)."""
-        if self.step_hooks is not None or self.optimizers is None:
-            return
-        record = self.steps_taken.append
-        self.step_hooks = [
-            optimizer.register_step_post_hook(lambda optimizer, args, kwargs: record(optimizer)) for optimizer in self.optimizers()
-        ]
-
-    def unwatch_optimizers(self) -> None:
-        for handle in self.step_hooks or []:
-            handle.remove()
-        self.step_hooks = None
-
     layout: list[bool] | None = None  # the parameters that required grad at the window's first forward pass
     want_gradients: bool = False
     trace_request: TraceRequest | None = None
@@ -224,6 +209,21 @@ class _Window:
     def add(self, name: str, value: Tensor) -> None:
         value = value.to(torch.float64)
         self.sums[name] = value if name not in self.sums else self.sums[name] + value
+
+    def watch_optimizers(self) -> None:
+        """Note every step of the trainer's optimizers from now on (see :func:`_this_step_only`)."""
+        if self.step_hooks is not None or self.optimizers is None:
+            return
+        record = self.steps_taken.append
+        self.step_hooks = [
+            optimizer.register_step_post_hook(lambda optimizer, args, kwargs: record(optimizer)) for optimizer in self.optimizers()
+        ]
+
+    def unwatch_optimizers(self) -> None:
+        """Stop noting the optimizers' steps (at the collect, the release, or a new window)."""
+        for handle in self.step_hooks or []:
+            handle.remove()
+        self.step_hooks = None
 
     def relayout(self, layout: list[bool]) -> None:
         """Cover the parameters of ``layout`` (a superset of the current one): the gradient sums
