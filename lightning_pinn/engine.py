@@ -41,7 +41,9 @@ one batch are told apart at their backward:
   optimizers' steps are watched with step hooks while a measured batch runs);
 * the gradients were not zeroed (``loss = criterion(...) + criterion(...)``, or manual
   optimisation calling ``manual_backward`` on chunks of points before one ``step``):
-  micro-batches of the step, averaged as above;
+  micro-batches of the step, averaged as above. The same test runs between the batches of a
+  step not yet taken: a batch whose gradients the next one zeroed before its backward (manual
+  optimisation that skipped a step) is dropped from the measurement;
 * the trainable parameters changed to a disjoint set (manual optimisation with one optimizer per
   parameter group, Lightning's ``toggle_optimizer`` pattern): parts of one measurement, each
   parameter's gradient from the call in which it was trainable (traces add up).
@@ -192,6 +194,7 @@ class _Window:
     gradient_sum: Tensor | None = None  # (K, P)
     trained_count: Tensor | None = None  # (K, len(params)): micro-batches where the term was present and the parameter trained
     only: _Capture | None = None  # the window's single micro-batch, until a second one arrives
+    last_committed: _Capture | None = None  # the last call of the batches committed so far that reached .grad
     result: StepMeasurement | None = None
     collected: bool = False
 
@@ -224,6 +227,10 @@ class _Window:
         for handle in self.step_hooks or []:
             handle.remove()
         self.step_hooks = None
+
+    def restart(self) -> None:
+        """Drop the micro-batches committed so far: their gradients were zeroed before the step."""
+        self.batches, self.sums, self.gradient_sum, self.trained_count, self.only = 0, {}, None, None, None
 
     def relayout(self, layout: list[bool]) -> None:
         """Cover the parameters of ``layout`` (a superset of the current one): the gradient sums
@@ -792,6 +799,9 @@ class TermGradientEngine:
         if into_grad:
             capture.after_backward = True
             capture.previous = into_grad[-1]
+        elif window.last_committed is not None:  # a later batch of a step not yet taken (accumulation, a skipped step)
+            capture.after_backward = True
+            capture.previous = window.last_committed
         window.pending.append(capture)
 
     def _backward(
@@ -912,6 +922,12 @@ class TermGradientEngine:
                 merged.append(capture)
         if not merged:
             return
+        first = evaluation[0]
+        if first.restarts and first.previous is not None and first.previous is window.last_committed:
+            # the gradients of the window's earlier batches were zeroed before this one (manual
+            # optimisation that skipped its step, a NaN guard say): the step is this batch's alone
+            window.restart()
+        window.last_committed = evaluation[-1] if into_grad else None
         self._widen_layout(window, merged)
         for capture in merged:
             self._commit(window, capture)

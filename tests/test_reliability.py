@@ -855,6 +855,47 @@ def test_reentrant_activation_checkpointing_gets_an_error_naming_the_fix() -> No
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
+class _ManualStepGuarded(TwoTermPoisson):
+    """Manual optimisation on alternating halves of the points: batch 1 skips its step (a NaN
+    guard, say); with ``zero_each_batch`` every batch zeroes the gradients first, so the step
+    taken at batch 2 uses batch 2's gradient alone; without, it uses batches 1 and 2 together
+    (manual accumulation), zeroing after each step."""
+
+    def __init__(self, zero_each_batch: bool) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.zero_each_batch = zero_each_batch
+        self.hand: list[dict[str, torch.Tensor]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers()
+        if self.zero_each_batch:
+            optimizer.zero_grad()
+        x = self.x[batch_idx % 2 :: 2]
+        residuals = {"pde": self.pde_residual(x), "bc": self.net(self.xb) * (1 + batch_idx % 2)}
+        self.hand.append(_hand_term_gradients(self, residuals))
+        self.manual_backward(self.criterion(**residuals))
+        if batch_idx != 1:
+            optimizer.step()
+            optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("zero_each_batch", [True, False])
+def test_a_skipped_manual_step_counts_only_if_its_gradients_were_kept(zero_each_batch: bool) -> None:
+    # the skipped batch was averaged into the next step's measurement even when that batch zeroed
+    # the gradients first, so the logged norm was not the gradient the optimizer stepped with
+    model = _ManualStepGuarded(zero_each_batch)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    _fit(model, 2, [monitor])
+    measurement = monitor.last_measurement  # step 1, taken at batch 2
+    assert measurement is not None and measurement.step == 1 and measurement.gradients is not None
+    skipped, taken = model.hand[1], model.hand[2]
+    assert measurement.micro_batches == (1 if zero_each_batch else 2)
+    for index, name in enumerate(measurement.terms):
+        expected = taken[name] if zero_each_batch else (skipped[name] + taken[name]) / 2
+        torch.testing.assert_close(measurement.gradients[index], expected, rtol=1e-5, atol=1e-7)
+
+
 class _PointsMovedByTheLossGradient(TwoTermPoisson):
     """Adversarial collocation: ∂L/∂x of a first call (torch.autograd.grad) moves the points."""
 
