@@ -373,7 +373,10 @@ def _mark_backward(capture: _Capture) -> None:
         if capture.optimized is not None:  # zero_grad zeroes the optimizers' parameters only
             owned = {id(p) for p in capture.optimized()}
             earlier = [p for p in earlier if id(p) in owned] or earlier
-        zeroed = any(p.grad is None for p in earlier) or all(not bool(p.grad.any()) for p in earlier)  # type: ignore[union-attr]
+        # all-zero gradients show a zeroing only where the earlier call gave them something (a
+        # masked micro-batch, every residual 0, leaves them at exactly zero by itself)
+        contributed = bool(((previous.lambdas.to(previous.loss_values.dtype) != 0) & (previous.loss_values != 0)).any())
+        zeroed = any(p.grad is None for p in earlier) or (contributed and all(not bool(p.grad.any()) for p in earlier))  # type: ignore[union-attr]
         capture.restarts = zeroed and capture.trainable == previous.trainable
     capture.backward_done = True
 
@@ -799,7 +802,9 @@ class TermGradientEngine:
         if into_grad:
             capture.after_backward = True
             capture.previous = into_grad[-1]
-        elif window.last_committed is not None:  # a later batch of a step not yet taken (accumulation, a skipped step)
+        elif window.last_committed is not None and window.step_hooks is not None:
+            # a later batch of a step not yet taken under manual optimisation (accumulation, or a
+            # skipped step); Lightning's automatic optimisation never zeroes inside a window
             capture.after_backward = True
             capture.previous = window.last_committed
         window.pending.append(capture)

@@ -77,6 +77,47 @@ def test_accumulation_measures_once_per_optimizer_step_on_the_whole_window() -> 
         assert torch.allclose(combined, grad, rtol=1e-4, atol=1e-6)
 
 
+class _MaskedFirstMicroBatch(AlternatingBatches):
+    """Every residual of the even batches is multiplied by 0 (an all-padding micro-batch), so
+    after its backward every .grad is exactly zero without anything having zeroed it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hand: list[dict[str, torch.Tensor]] = []  # the odd batches' unmasked term gradients
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        mask = float(batch_idx % 2)
+        residuals = {"pde": self.pde_residual(self.x[batch_idx % 2 :: 2]), "bc": self.net(self.xb)}
+        if mask:
+            self.hand.append(_hand_term_gradients(self, residuals))
+        return self.criterion(pde=mask * residuals["pde"], bc=mask * residuals["bc"])
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_a_micro_batch_with_an_exactly_zero_gradient_still_counts(manual: bool) -> None:
+    # the zero gradients it leaves looked like a zero_grad, and the window dropped it: the norms
+    # logged were twice the mean the optimizer steps with
+    class Manual(_MaskedFirstMicroBatch):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+
+        def training_step(self, batch: Any, batch_idx: int) -> None:  # type: ignore[override]
+            optimizer = self.optimizers()
+            self.manual_backward(super().training_step(batch, batch_idx))
+            if batch_idx % 2 == 1:  # manual accumulation over two batches
+                optimizer.step()
+                optimizer.zero_grad()
+
+    model = Manual() if manual else _MaskedFirstMicroBatch()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    _fit(model, 2, [monitor], **({} if manual else {"accumulate_grad_batches": 2}))
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None and measurement.micro_batches == 2
+    for index, name in enumerate(measurement.terms):  # the mean of a zero and the odd batch's gradient
+        torch.testing.assert_close(measurement.gradients[index], model.hand[-1][name] / 2, rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------ mixed precision
 def _step0_norms(**trainer_kwargs: Any) -> tuple[float, ...]:
     torch.manual_seed(0)
