@@ -166,7 +166,7 @@ class _Capture:
     names: tuple[str, ...] = ()  # the terms, in the order of ``losses`` (set where traces are recorded)
     release_graph: Callable[[], None] | None = None  # drops the loss module's references to this call's graph
     steps_mark: int | None = None  # how many optimizer steps the window had seen at the forward pass (None: not watched)
-    optimized: Callable[[], Iterable[Tensor]] | None = None  # the optimizers' parameters (those a zero_grad zeroes)
+    optimizers: Callable[[], Sequence[torch.optim.Optimizer]] | None = None  # whose zero_grad zeroes which parameters
 
 
 #: Per-term accumulators of a window, in the order they are packed for the all-reduce.
@@ -181,7 +181,6 @@ class _Window:
     params: list[Tensor]  # all of the module's parameters; those requiring grad are read at each forward pass
     params_source: Callable[[], Iterable[Tensor]] | None = None  # re-read at the window's first forward (see read_params)
     optimizers: Callable[[], Sequence[torch.optim.Optimizer]] | None = None  # the trainer's optimizers
-    optimized: Callable[[], Iterable[Tensor]] | None = None  # their parameters
     steps_taken: list[torch.optim.Optimizer] = field(default_factory=list)  # each optimizer step since the window opened, in order
     step_hooks: list[Any] | None = None  # the handles of the optimizers' step hooks that fill steps_taken
     layout: list[bool] | None = None  # the parameters that required grad at the window's first forward pass
@@ -370,8 +369,8 @@ def _mark_backward(capture: _Capture) -> None:
     if capture.mode == "backward" and capture.after_backward and previous is not None:
         given = previous.reached_params or previous.trainable or []
         earlier = [p for p, hit in zip(previous.params, given) if hit]
-        if capture.optimized is not None:  # zero_grad zeroes the optimizers' parameters only
-            owned = {id(p) for p in capture.optimized()}
+        if capture.optimizers is not None:  # zero_grad zeroes the optimizers' parameters only
+            owned = {id(p) for optimizer in capture.optimizers() for p in _parameters_of(optimizer)}
             earlier = [p for p in earlier if id(p) in owned] or earlier
         # all-zero gradients show a zeroing only where the earlier call gave them something (a
         # masked micro-batch, every residual 0, leaves them at exactly zero by itself)
@@ -475,6 +474,11 @@ def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     return leaves
 
 
+def _parameters_of(optimizer: torch.optim.Optimizer) -> Iterator[Tensor]:
+    """The parameters ``optimizer`` steps (and its ``zero_grad`` zeroes), over its groups."""
+    return (p for group in optimizer.param_groups for p in group["params"])
+
+
 def _this_step_only(captures: list[_Capture], steps_taken: Sequence[torch.optim.Optimizer]) -> list[_Capture]:
     """The calls without those that belong to a later optimizer step.
 
@@ -491,7 +495,7 @@ def _this_step_only(captures: list[_Capture], steps_taken: Sequence[torch.optim.
     marks = [capture.steps_mark for capture in captures]
     if len(set(marks)) <= 1 or None in marks:  # no step between the calls (the usual case)
         return captures
-    owned_by = [{id(p) for group in optimizer.param_groups for p in group["params"]} for optimizer in steps_taken]
+    owned_by = [{id(p) for p in _parameters_of(optimizer)} for optimizer in steps_taken]
     stepped = set().union(*owned_by)
     last_trained: dict[int, int] = {}  # a parameter → the mark of the last call kept that trained it
     kept = []
@@ -682,7 +686,6 @@ class TermGradientEngine:
         window.want_gradients = window.want_gradients or gradients
         if optimizers is not None and window.optimizers is None:
             window.optimizers = optimizers
-            window.optimized = lambda: (p for optimizer in optimizers() for group in optimizer.param_groups for p in group["params"])
         if watch_steps:
             window.watch_optimizers()
         if traces is not None:
@@ -725,7 +728,7 @@ class TermGradientEngine:
             want_gradients=False,
             trainable=[p.requires_grad for p in window.params],
             steps_mark=len(window.steps_taken) if window.step_hooks is not None else None,
-            optimized=window.optimized,
+            optimizers=window.optimizers,
         )
         self._add_pending(window, capture)
         return _BackwardMarker.apply(capture, total)
@@ -787,7 +790,7 @@ class TermGradientEngine:
             names=tuple(names),
             release_graph=release_graph,
             steps_mark=len(window.steps_taken) if window.step_hooks is not None else None,
-            optimized=window.optimized,
+            optimizers=window.optimizers,
         )
         self._add_pending(window, capture)
         inputs = [p for p, grad in zip(window.params, trainable) if grad]
