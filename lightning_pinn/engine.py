@@ -16,10 +16,12 @@ traversal of the graph: terms evaluated on different point sets touch mostly dis
 the graph, and the K calls together cost about one ordinary backward.
 
 Because the capture happens inside ``backward``, everything Lightning does around it keeps
-working: the cotangent reaching the total carries the AMP loss scale and the
-``1/accumulate_grad_batches`` factor, so the parameters receive exactly what a plain backward
-would give them, and the stored per-term gradients are divided by that cotangent to recover
-``∇θ L_i`` of the unscaled, unweighted losses. Gradients flow into the parameters through the
+working: the cotangent ``c`` reaching the total carries the AMP loss scale and the
+``1/accumulate_grad_batches`` factor. Term i's backward starts from ``λ_i · c``, as in a plain
+backward, so the parameters receive what a plain backward would give them (also through a
+bfloat16/float16 autocast graph, which is not linear in its cotangent), up to the order in
+which the K gradients are summed; the stored per-term gradients are divided by ``λ_i · c`` to
+recover ``∇θ L_i`` of the unscaled, unweighted losses. Gradients flow into the parameters through the
 usual accumulation nodes, so DDP's reducer hooks all-reduce them as usual; the per-term
 gradients themselves are rank-local and are all-reduced by :meth:`TermGradientEngine.collect`.
 
@@ -151,9 +153,9 @@ class _Capture:
     want_gradients: bool
     trainable: list[bool] | None = None  # which of ``params`` required grad at the forward pass
     layout: list[bool] | None = None  # which of ``params`` the flat gradients cover (the window's first forward)
-    term_gradients: list[list[Tensor]] | None = None  # per term, per trainable parameter, times the cotangent
+    term_gradients: list[list[Tensor]] | None = None  # per term, per trainable parameter, times the term's cotangent
     reached: list[bool] | None = None
-    cotangent: Tensor | None = None  # gradient reaching the total: AMP scale × 1/accumulation × user factor
+    cotangent: Tensor | None = None  # per term, what its backward started from: λ_i × the total's cotangent
     trace_sums: Tensor | None = None
     trace_counts: Tensor | None = None
     backward_done: bool = False
@@ -445,6 +447,39 @@ def _loss_values(losses: Sequence[Tensor | None], weights: Tensor) -> Tensor:
     return torch.stack([zero if loss is None else loss.detach().to(dtype) for loss in losses])
 
 
+def _term_cotangents(cotangent: Tensor, lambdas: Tensor) -> tuple[Tensor, list[Tensor | None]]:
+    """The cotangent each term's backward starts from, and the factor its gradient still needs.
+
+    A plain backward of ``Σ λ_i L_i`` sends ``λ_i · c`` (``c``: the cotangent of the total) into
+    term i's graph. Starting there, not from ``c`` with ``λ_i`` multiplied in afterwards, gives the
+    parameters exactly a plain backward's gradient also where the graph runs in bfloat16/float16
+    (autocast), which is not linear in its cotangent. Where ``λ_i · c`` is zero or not finite
+    (``λ_i = 0``: there would be nothing to divide out), the term starts from ``c`` and its gradient
+    is multiplied by ``λ_i`` afterwards (factor not ``None``).
+    """
+    scaled = cotangent * lambdas.to(cotangent.dtype)
+    usable = (scaled != 0) & torch.isfinite(scaled)
+    if bool(usable.all()):
+        return scaled, [None] * len(scaled)
+    scales = torch.where(usable, scaled, cotangent.expand_as(scaled))
+    return scales, [None if ok else lambdas[i] for i, ok in enumerate(usable.tolist())]
+
+
+def _summed(per_term: list[list[Tensor]], factors: list[Tensor | None]) -> list[Tensor]:
+    """``Σ_i factor_i · per_term[i]`` per parameter (a missing factor is 1), in new tensors.
+
+    New: the recorded per-term gradients must not be the tensors handed to autograd, which may
+    keep one as a parameter's ``.grad`` and accumulate the next micro-batch into it in place.
+    """
+    terms = [grads if factor is None else torch._foreach_mul(grads, factor) for grads, factor in zip(per_term, factors)]
+    if len(terms) == 1:
+        return [grad.clone() for grad in terms[0]] if factors[0] is None else list(terms[0])
+    combined = list(torch._foreach_add(terms[0], terms[1]))
+    for grads in terms[2:]:
+        torch._foreach_add_(combined, grads)
+    return combined
+
+
 def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
     """Leaves of the roots' graph that require grad and are not in ``params``.
 
@@ -534,11 +569,11 @@ def _merge_parts(first: _Capture, second: _Capture) -> _Capture:
     if first.term_gradients is not None and second.term_gradients is not None:
         assert first.cotangent is not None and second.cotangent is not None
         term_gradients = []
-        for grads_a, grads_b in zip(first.term_gradients, second.term_gradients):
+        for term, (grads_a, grads_b) in enumerate(zip(first.term_gradients, second.term_gradients)):
             found_a, found_b = iter(grads_a), iter(grads_b)
             term_gradients.append(
                 [
-                    (next(found_a) / first.cotangent) if in_a else (next(found_b) / second.cotangent)
+                    (next(found_a) / first.cotangent[term]) if in_a else (next(found_b) / second.cotangent[term])
                     for in_a, in_b in zip(first.trainable, second.trainable)
                     if in_a or in_b
                 ]
@@ -838,10 +873,14 @@ class TermGradientEngine:
         zero_cotangent = grad_output.item() == 0
         cotangent = torch.ones_like(grad_output) if zero_cotangent else grad_output
         params = inputs[:num_params]
+        # Each term's backward starts from λ_i × the cotangent, as a plain backward of Σ λ_i L_i
+        # sends it down (a bf16/fp16 graph is not linear in its cotangent: scaling afterwards
+        # would change the training gradient by half-precision rounding), except where that is
+        # zero or not finite (λ_i = 0, an overflow): there, from the bare cotangent, times λ_i after.
+        scales, weighted = _term_cotangents(cotangent, capture.lambdas.to(grad_output.device))
         reached_input = [False] * len(inputs)
         reached_term = []
         per_term: list[list[Tensor]] = []  # per term, per parameter (zeros where the term does not reach it)
-        lambdas = capture.lambdas.to(grad_output.device)
         # the other leaves (e.g. collocation points with requires_grad) are mostly reached by one
         # term each: summed sparsely, so K terms with K point sets cost no K² zero tensors
         others: list[Tensor | None] = [None] * (len(inputs) - num_params)
@@ -851,7 +890,7 @@ class TermGradientEngine:
                 reached_term.append(False)
                 continue
             grads = torch.autograd.grad(
-                loss, inputs, grad_outputs=cotangent.to(loss.dtype), retain_graph=True, create_graph=create_graph, allow_unused=True
+                loss, inputs, grad_outputs=scales[i].to(loss.dtype), retain_graph=True, create_graph=create_graph, allow_unused=True
             )
             filled = []
             for j, (grad, x) in enumerate(zip(grads[:num_params], params)):
@@ -865,16 +904,18 @@ class TermGradientEngine:
             for k, grad in enumerate(grads[num_params:]):
                 if grad is not None:
                     reached_input[num_params + k] = True
-                    weighted = grad * lambdas[i]
-                    others[k] = weighted if others[k] is None else others[k] + weighted  # type: ignore[operator]
+                    if weighted[i] is not None:
+                        grad = grad * weighted[i]
+                    others[k] = grad if others[k] is None else others[k] + grad  # type: ignore[operator]
         # Σ_i λ_i ∇ L_i (already multiplied by the cotangent): the inputs' gradient
         combined: list[Tensor] = []
         if params and create_graph:  # out of place, so the sum stays differentiable
-            combined = [sum(lam * grads[j] for lam, grads in zip(lambdas, per_term)) for j in range(num_params)]
+            combined = [
+                sum(grads[j] if factor is None else factor * grads[j] for factor, grads in zip(weighted, per_term))
+                for j in range(num_params)
+            ]
         elif params:
-            combined = list(torch._foreach_mul(per_term[0], lambdas[0]))
-            for i in range(1, len(per_term)):
-                torch._foreach_add_(combined, torch._foreach_mul(per_term[i], lambdas[i]))
+            combined = _summed(per_term, weighted)
         combined += [torch.zeros_like(x) if grad is None else grad for grad, x in zip(others, inputs[num_params:])]
         if zero_cotangent:
             combined = [grad * 0.0 for grad in combined]  # a rare step: out of place, so it stays differentiable
@@ -883,7 +924,7 @@ class TermGradientEngine:
                 [grad.detach() for grad in grads[:num_params]] if create_graph else grads[:num_params] for grads in per_term
             ]
             capture.reached = reached_term
-            capture.cotangent = cotangent.detach()
+            capture.cotangent = scales.detach()
         hits = iter(reached_input[:num_params])
         capture.reached_params = [bool(next(hits)) if trainable else False for trainable in capture.trainable]
         _mark_backward(capture)
@@ -991,7 +1032,7 @@ class TermGradientEngine:
         flat = torch.cat(pieces).view(len(capture.term_gradients), -1) if pieces else torch.zeros(len(capture.term_gradients), 0)
         if flat.dtype != dtype:
             flat = flat.to(dtype)
-        return flat.div_(capture.cotangent.to(dtype))
+        return flat.div_(capture.cotangent.to(dtype).view(-1, 1))  # each term's own cotangent
 
     @staticmethod
     def _accumulate(window: _Window, capture: _Capture) -> None:

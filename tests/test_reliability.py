@@ -134,6 +134,33 @@ def test_bf16_mixed_norms_match_float32() -> None:
     assert mixed == pytest.approx(reference, rel=3e-2)
 
 
+@pytest.mark.parametrize(("accumulate", "bc_weight"), [(1, 37.3), (3, 37.3), (3, 0.0)])
+def test_bf16_mixed_training_is_unchanged_by_the_capture_with_weights_other_than_one(accumulate: int, bc_weight: float) -> None:
+    # Under CPU autocast the boundary residual net(xb) is bfloat16. A backward through bf16 ops
+    # is not linear in its cotangent: the capture took each term's gradient with the bare
+    # cotangent (1/accumulate) and multiplied by λ afterwards, where a plain backward sends
+    # λ·cotangent down the term's graph. The parameters drifted 4e-5 apart after one step.
+    # λ = 0 sends nothing down: the term is still measured (from the bare cotangent).
+    class Sgd(AlternatingBatches):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    def fit(callbacks: list[Any]) -> Sgd:
+        torch.manual_seed(0)
+        model = Sgd(bc_weight=bc_weight)
+        _fit(model, 3, callbacks, precision="bf16-mixed", accumulate_grad_batches=accumulate)
+        return model
+
+    plain = fit([])
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    monitored = fit([monitor])
+    for reference, measured in zip(plain.parameters(), monitored.parameters()):
+        torch.testing.assert_close(measured, reference, rtol=1e-6, atol=1e-7)
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None
+    assert float(measurement.gradients[measurement.terms.index("bc")].norm()) > 0.1
+
+
 def test_fp16_grad_scaler_scale_is_removed_from_the_norms() -> None:
     reference = _step0_norms()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
