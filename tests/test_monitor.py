@@ -380,6 +380,63 @@ def test_ratio_alarm_comes_back_after_recovery() -> None:
     assert monitor.diagnosis.ratio_alarm_episodes == 2 and monitor.diagnosis.ratio_alarm_measurements == 3
 
 
+class _FrozenPoisson(TwoTermPoisson):
+    """lr = 0: the per-term norms stay those of step 0, so λ_bc sets the ratio exactly."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _fit_with_ratios(ratios: list[float], **monitor_kwargs: Any) -> tuple[GradientNormMonitor, list[str]]:
+    """A fit whose weighted ratio λ_bc‖g_bc‖/‖g_pde‖ is ``ratios[step]`` at each step."""
+    from pytorch_lightning import Callback
+
+    torch.manual_seed(0)
+    model = _FrozenPoisson()
+    params = list(model.parameters())
+    residuals = model.residuals()
+    norms = {name: flat_gradient(r.square().mean(), params).norm().item() for name, r in residuals.items()}
+    weights = iter([ratio * norms["pde"] / norms["bc"] for ratio in ratios])
+
+    class SetWeight(Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            pl_module.criterion.set_weights({"bc": next(weights)})
+
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False, **monitor_kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(len(ratios), [SetWeight(), monitor]).fit(model)
+    return monitor, _of(list(caught), LossBalanceWarning)
+
+
+def test_a_ratio_wavering_at_the_threshold_is_one_alarm_until_it_recovers() -> None:
+    # 150x and 70x in turn crossed the threshold of 100 every other step: three alarms (and three
+    # warnings) for one problem. The alarm now ends at recovery_threshold (default 50).
+    ratios = [10.0, 150.0, 70.0, 150.0, 70.0, 30.0, 150.0, 10.0]
+    monitor, alarms = _fit_with_ratios(ratios)
+    assert monitor.recovery_threshold == 50.0
+    d = monitor.diagnosis
+    assert [round(r) for r in monitor.history["grad_ratio"][1]] == [round(r) for r in ratios]
+    assert len(alarms) == 2 and "at step 1:" in alarms[0] and "at step 6:" in alarms[1]
+    assert d.ratio_alarm_spans == [[1, 5], [6, 7]] and d.ratio_alarm_episodes == 2
+    assert d.ratio_alarm_measurements == 3  # only the measurements above the threshold count
+    assert monitor.history["alarm/grad_ratio"][1] == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    # the threshold itself: no hysteresis, an alarm per crossing
+    monitor, alarms = _fit_with_ratios(ratios, recovery_threshold=100.0)
+    assert len(alarms) == 3 and monitor.diagnosis.ratio_alarm_spans == [[1, 2], [3, 4], [6, 7]]
+
+
+def test_default_recovery_threshold_stays_above_one_for_small_thresholds() -> None:
+    assert GradientNormMonitor(threshold=1e3).recovery_threshold == 500.0
+    assert GradientNormMonitor(threshold=2.0).recovery_threshold == pytest.approx(math.sqrt(2.0))
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, 200.0, True, float("nan"), "50"])
+def test_recovery_threshold_outside_one_to_threshold_is_an_error(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"recovery_threshold must be a number in \(1, threshold\] = \(1, 100\]"):
+        GradientNormMonitor(recovery_threshold=value)
+
+
 def test_zero_gradient_term_is_reported_not_nan() -> None:
     class WithConstantTerm(TwoTermPoisson):
         def __init__(self) -> None:

@@ -89,6 +89,19 @@ class MonitorDiagnosis:
     ratio_alarm_pair: tuple[str, str] | None = None
 
 
+def _checked_recovery_threshold(value: Any, threshold: float) -> float:
+    """``recovery_threshold`` checked against ``threshold``; ``None`` gives ``max(threshold / 2, √threshold)``."""
+    if value is None:
+        return max(threshold / 2, math.sqrt(threshold))
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 1 < value <= threshold:
+        raise ValueError(
+            f"GradientNormMonitor: recovery_threshold must be a number in (1, threshold] = (1, {threshold:g}] (the ratio at "
+            f"or below which a running ratio alarm ends, e.g. {max(threshold / 2, math.sqrt(threshold)):g}), or None for "
+            f"max(threshold / 2, sqrt(threshold)); got {value!r}."
+        )
+    return float(value)
+
+
 class GradientNormMonitor(PerTermCallback):
     """Log each loss term's gradient norm and raise an alarm when terms are out of balance.
 
@@ -106,7 +119,7 @@ class GradientNormMonitor(PerTermCallback):
     (SIAM J. Sci. Comput. 43(5), A3055): gradient descent then reduces only the term with the
     large gradient. The monitor warns (``LossBalanceWarning``, rank zero) when the ratio first
     exceeds the threshold, naming the two terms, their weighted norms, the ratio and the step,
-    and again only if it recovers and comes back. Balanced norms can still stall when the
+    and again only if it recovers (falls to ``recovery_threshold``) and comes back. Balanced norms can still stall when the
     gradients point against each other, so a second alarm (``GradientConflictWarning``) fires
     when some pair's cosine stays below ``cosine_threshold`` for ``cosine_patience``
     consecutive measurements while the pair's weighted loss stalls (see
@@ -156,6 +169,11 @@ class GradientNormMonitor(PerTermCallback):
             all. A term with a deliberately small gradient (a weak regulariser or prior) would
             otherwise keep the alarm on for the whole fit. The other terms are still measured,
             logged and watched for conflicts.
+        recovery_threshold: The ratio alarm, once on, ends when ``grad_ratio`` falls to this
+            value or below (hysteresis: a ratio hovering at ``threshold`` would otherwise start
+            a new alarm, and warn, at every crossing). In ``(1, threshold]``; ``threshold``
+            itself ends the alarm at the first measurement below the threshold. ``None``:
+            ``max(threshold / 2, √threshold)``, 50 for the default threshold of 100.
     """
 
     def __init__(
@@ -172,6 +190,7 @@ class GradientNormMonitor(PerTermCallback):
         progress_bar: bool = True,
         log_cosines: bool = True,
         ratio_terms: Sequence[str] | None = None,
+        recovery_threshold: float | None = None,
     ) -> None:
         super().__init__(every_n_steps, loss_module)
         if ratio_terms is not None:  # a ratio compares two terms
@@ -213,6 +232,7 @@ class GradientNormMonitor(PerTermCallback):
             )
         self.conflict_min_decrease = None if conflict_min_decrease is None else float(conflict_min_decrease)
         self.threshold = float(threshold)
+        self.recovery_threshold = _checked_recovery_threshold(recovery_threshold, self.threshold)
         self.cosine_threshold = None if cosine_threshold is None else float(cosine_threshold)
         self.cosine_patience = int(cosine_patience)
         if print_every_n_steps is not None and (not is_integer(print_every_n_steps, low=1)):
@@ -547,6 +567,8 @@ class GradientNormMonitor(PerTermCallback):
                 self._write_text(trainer, "alarms", message, step)
                 diagnosis.ratio_alarm_active = True
         elif diagnosis.ratio_alarm_active:
+            if report.ratio > self.recovery_threshold and not dropped:
+                return True  # not recovered yet: the alarm stays on (hysteresis)
             self._end_ratio_alarm(trainer, step, report.ratio, dropped[0] if dropped else None)
         return above
 
@@ -556,7 +578,8 @@ class GradientNormMonitor(PerTermCallback):
         if diagnosis.ratio_alarm_spans:
             diagnosis.ratio_alarm_spans[-1][1] = step
         message = (
-            f"{self._name}: gradient-norm ratio back to {ratio:.3g}x (threshold {self.threshold:g}x) at step {step}."
+            f"{self._name}: gradient-norm ratio back to {ratio:.3g}x at step {step} (the alarm starts above "
+            f"{self.threshold:g}x and ends at {self.recovery_threshold:g}x or below)."
             if ratio is not None
             else f"{self._name}: the loss-balance alarm ends at step {step}."
         )
