@@ -447,22 +447,38 @@ def _loss_values(losses: Sequence[Tensor | None], weights: Tensor) -> Tensor:
     return torch.stack([zero if loss is None else loss.detach().to(dtype) for loss in losses])
 
 
-def _term_cotangents(cotangent: Tensor, lambdas: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-    """The cotangent each term's backward starts from, and the factor its gradient still needs.
+#: Weights outside [2⁻²⁰, 2²⁰] are measured by a backward of their own from the bare cotangent:
+#: λ·c sent down a float16 graph (or a subnormal λ in float32) under- or overflows there.
+_MEASURED_APART = (2.0**-20, 2.0**20)
 
-    A plain backward of ``Σ λ_i L_i`` sends ``λ_i · c`` (``c``: the cotangent of the total) into
-    term i's graph. Starting there, not from ``c`` with ``λ_i`` multiplied in afterwards, gives the
-    parameters exactly a plain backward's gradient also where the graph runs in bfloat16/float16
-    (autocast), which is not linear in its cotangent. Where ``λ_i · c`` is zero or not finite
-    (``λ_i = 0``: there would be nothing to divide out), the term starts from ``c`` and its gradient
-    is multiplied by ``λ_i`` afterwards (factor not ``None``).
+
+def _term_cotangents(cotangent: Tensor, lambdas: Tensor, dtypes: list[torch.dtype]) -> tuple[Tensor, list[Tensor | None], list[bool]]:
+    """What each term's backward starts from, the factor its gradient still needs, and whether
+    the term is measured by a backward of its own.
+
+    A plain backward of ``Σ λ_i L_i`` sends ``λ_i · c`` (``c``: the cotangent of the total),
+    rounded to the loss's dtype (``dtypes``), into term i's graph. Starting there, not from
+    ``c`` with ``λ_i`` multiplied in afterwards, gives the parameters exactly a plain backward's
+    gradient also where the graph runs in bfloat16/float16 (autocast), which is not linear in its
+    cotangent; the measured gradient is that divided by ``λ_i · c``. Where ``λ_i · c`` is zero or
+    not finite in the loss's dtype (``λ_i = 0``: nothing to divide out), the term starts from
+    ``c`` and its gradient is multiplied by ``λ_i`` afterwards (factor not ``None``). Where
+    ``|λ_i|`` is outside ``_MEASURED_APART``, training still starts from ``λ_i · c`` but the
+    measurement takes a backward of its own from ``c`` (an extreme λ's gradient would under- or
+    overflow in a half-precision graph, and lose digits as a subnormal float32).
     """
     scaled = cotangent * lambdas.to(cotangent.dtype)
+    if any(dtype != cotangent.dtype for dtype in dtypes):  # what each backward really receives
+        scaled = torch.stack([value.to(dtype).to(cotangent.dtype) for value, dtype in zip(scaled, dtypes)])
     usable = (scaled != 0) & torch.isfinite(scaled)
-    if bool(usable.all()):
-        return scaled, [None] * len(scaled)
+    size = lambdas.abs()
+    apart = (size < _MEASURED_APART[0]) | (size > _MEASURED_APART[1])
+    if bool((usable & ~apart).all()):  # the usual case: one check
+        return scaled, [None] * len(scaled), [False] * len(scaled)
     scales = torch.where(usable, scaled, cotangent.expand_as(scaled))
-    return scales, [None if ok else lambdas[i] for i, ok in enumerate(usable.tolist())]
+    flags = usable.tolist()
+    factors = [None if ok else lambdas[i] for i, ok in enumerate(flags)]
+    return scales, factors, [ok and far for ok, far in zip(flags, apart.tolist())]
 
 
 def _summed(per_term: list[list[Tensor]], factors: list[Tensor | None]) -> list[Tensor]:
@@ -471,13 +487,21 @@ def _summed(per_term: list[list[Tensor]], factors: list[Tensor | None]) -> list[
     New: the recorded per-term gradients must not be the tensors handed to autograd, which may
     keep one as a parameter's ``.grad`` and accumulate the next micro-batch into it in place.
     """
-    terms = [grads if factor is None else torch._foreach_mul(grads, factor) for grads, factor in zip(per_term, factors)]
+    terms = [grads if factor is None else _times(grads, factor) for grads, factor in zip(per_term, factors)]
     if len(terms) == 1:
         return [grad.clone() for grad in terms[0]] if factors[0] is None else list(terms[0])
     combined = list(torch._foreach_add(terms[0], terms[1]))
     for grads in terms[2:]:
         torch._foreach_add_(combined, grads)
     return combined
+
+
+def _times(grads: list[Tensor], factor: Tensor) -> list[Tensor]:
+    """``factor · grads``, exact zeros for a zero factor: a plain backward sends a zero weight's term
+    a zero cotangent, where 0 · (a gradient that overflowed from the bare cotangent) would be NaN."""
+    if bool(factor == 0):
+        return [torch.zeros_like(grad) for grad in grads]
+    return list(torch._foreach_mul(grads, factor))
 
 
 def _other_leaves(roots: list[Tensor], params: list[Tensor]) -> list[Tensor]:
@@ -877,7 +901,9 @@ class TermGradientEngine:
         # sends it down (a bf16/fp16 graph is not linear in its cotangent: scaling afterwards
         # would change the training gradient by half-precision rounding), except where that is
         # zero or not finite (λ_i = 0, an overflow): there, from the bare cotangent, times λ_i after.
-        scales, weighted = _term_cotangents(cotangent, capture.lambdas.to(grad_output.device))
+        dtypes = [cotangent.dtype if loss is None else loss.dtype for loss in losses]
+        scales, weighted, apart = _term_cotangents(cotangent, capture.lambdas.to(grad_output.device), dtypes)
+        measured_apart: dict[int, list[Tensor]] = {}
         reached_input = [False] * len(inputs)
         reached_term = []
         per_term: list[list[Tensor]] = []  # per term, per parameter (zeros where the term does not reach it)
@@ -901,11 +927,16 @@ class TermGradientEngine:
                     filled.append(grad)
             per_term.append(filled)
             reached_term.append(any(grad is not None for grad in grads[:num_params]))
+            if apart[i] and capture.want_gradients:  # an extreme λ: measured from the bare cotangent
+                again = torch.autograd.grad(
+                    loss, params, grad_outputs=cotangent.detach().to(loss.dtype), retain_graph=True, allow_unused=True
+                )
+                measured_apart[i] = [torch.zeros_like(x) if grad is None else grad for grad, x in zip(again, params)]
             for k, grad in enumerate(grads[num_params:]):
                 if grad is not None:
                     reached_input[num_params + k] = True
                     if weighted[i] is not None:
-                        grad = grad * weighted[i]
+                        grad = _times([grad], weighted[i])[0]
                     others[k] = grad if others[k] is None else others[k] + grad  # type: ignore[operator]
         # Σ_i λ_i ∇ L_i (already multiplied by the cotangent): the inputs' gradient
         combined: list[Tensor] = []
@@ -921,10 +952,16 @@ class TermGradientEngine:
             combined = [grad * 0.0 for grad in combined]  # a rare step: out of place, so it stays differentiable
         if capture.want_gradients:
             capture.term_gradients = [
-                [grad.detach() for grad in grads[:num_params]] if create_graph else grads[:num_params] for grads in per_term
+                measured_apart[i] if i in measured_apart else [grad.detach() for grad in grads] if create_graph else grads
+                for i, grads in enumerate(per_term)
             ]
             capture.reached = reached_term
-            capture.cotangent = scales.detach()
+            cotangents = scales.detach()
+            if measured_apart:
+                cotangents = cotangents.clone()  # (scales may be saved by a create_graph backward)
+                for i in measured_apart:
+                    cotangents[i] = cotangent.detach()
+            capture.cotangent = cotangents
         hits = iter(reached_input[:num_params])
         capture.reached_params = [bool(next(hits)) if trainable else False for trainable in capture.trainable]
         _mark_backward(capture)

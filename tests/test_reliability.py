@@ -168,6 +168,66 @@ def test_fp16_grad_scaler_scale_is_removed_from_the_norms() -> None:
     assert scaled == pytest.approx(reference, rel=3e-2), "norms must be of the unscaled loss, not 256x larger"
 
 
+def _bc_norm_at_step0(model: TwoTermPoisson, **trainer_kwargs: Any) -> tuple[float, float]:
+    """(measured, hand) ‖∇θ L_bc‖ of the unweighted boundary loss at the first step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    hand = flat_gradient(model.net(model.xb).double().square().mean(), params).norm().item()
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    _fit(model, 1, [monitor], **trainer_kwargs)
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None
+    return float(measurement.gradients[measurement.terms.index("bc")].norm()), hand
+
+
+@pytest.mark.parametrize(
+    ("weight", "dtype", "precision", "rel"),
+    [
+        (1e-12, torch.float32, "fp16-scaler", 3e-2),  # λ·(loss scale 256) underflows in the fp16 graph: it measured 0
+        (1e-44, torch.float32, None, 1e-6),  # a subnormal float32 λ: 18 % off
+        (1e-50, torch.float64, None, 1e-6),  # a float64 λ buffer on a float32 network: λ·c is 0 in float32, it measured NaN
+    ],
+)
+def test_an_extreme_weight_is_measured_on_the_unscaled_loss(weight: float, dtype: torch.dtype, precision: str | None, rel: float) -> None:
+    # Each term's backward starts from λ_i × the cotangent, as a plain backward's does; a λ far
+    # from 1 is measured by a backward of its own from the bare cotangent.
+    torch.manual_seed(0)
+    model = TwoTermPoisson()
+    model.criterion.to(dtype)
+    model.criterion.set_weights({"bc": weight})
+    kwargs: dict[str, Any] = {}
+    if precision == "fp16-scaler":
+        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]
+    measured, hand = _bc_norm_at_step0(model, **kwargs)
+    assert measured == pytest.approx(hand, rel=rel)
+
+
+def test_a_zero_weight_term_that_overflows_float16_does_not_change_training() -> None:
+    # λ_bc = 0 (a data term in physical units, to be ramped in later): a plain backward sends it
+    # a zero cotangent. The capture took its gradient from the loss scale, which overflowed in
+    # float16, and multiplied by 0: NaN gradients, so the GradScaler skipped every step.
+    class LargeBoundaryResidual(TwoTermPoisson):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+        def residuals(self) -> dict[str, torch.Tensor]:
+            return {"pde": self.pde_residual(self.x), "bc": self.net(self.xb) - 3.0e4}
+
+    def fit(callbacks: list[Any]) -> tuple[LargeBoundaryResidual, float]:
+        torch.manual_seed(0)
+        model = LargeBoundaryResidual(bc_weight=0.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+        _fit(model, 6, callbacks, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+        return model, scaler.get_scale()
+
+    plain, plain_scale = fit([])
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    monitored, monitored_scale = fit([monitor])
+    assert monitored_scale == plain_scale == 2.0**8  # no step skipped
+    for reference, measured in zip(plain.parameters(), monitored.parameters()):
+        torch.testing.assert_close(measured, reference, rtol=0, atol=0)
+    assert monitor.diagnosis.measurements == 6  # a zero weight's overflow is not a skipped step
+
+
 def test_grad_scaler_overflow_steps_are_skipped_quietly() -> None:
     """At a too-large loss scale the scaler skips the step; so do the callbacks, without alarms."""
     torch.manual_seed(0)

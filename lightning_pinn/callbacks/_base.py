@@ -821,11 +821,16 @@ class PerTermCallback(LightningCallback):
 
 
 def _scaler_skipped(trainer: pl.Trainer, measurement: StepMeasurement) -> bool:
-    """Whether an AMP GradScaler is in use and this step's gradients overflowed (so it skipped the step)."""
+    """Whether an AMP GradScaler is in use and this step's gradients overflowed (so it skipped the step).
+
+    Only terms with a nonzero λ count: a zero weight's term adds exact zeros to the step's
+    gradient, so its measurement (from the bare loss scale) can overflow without a skip.
+    """
     if getattr(trainer.precision_plugin, "scaler", None) is None:
         return False
     values = [t for t in (measurement.gradients, measurement.traces) if t is not None]
-    return any(not bool(torch.isfinite(t[measurement.present]).all()) for t in values)
+    in_step = measurement.present.cpu() & (measurement.weights != 0).cpu()
+    return any(not bool(torch.isfinite(t[in_step]).all()) for t in values)
 
 
 def _all_reduce_sum(trainer: pl.Trainer):  # type: ignore[no-untyped-def]
