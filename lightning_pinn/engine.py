@@ -452,7 +452,9 @@ def _loss_values(losses: Sequence[Tensor | None], weights: Tensor) -> Tensor:
 _MEASURED_APART = (2.0**-20, 2.0**20)
 
 
-def _term_cotangents(cotangent: Tensor, lambdas: Tensor, dtypes: list[torch.dtype]) -> tuple[Tensor, list[Tensor | None], list[bool]]:
+def _term_cotangents(
+    cotangent: Tensor, lambdas: Tensor, dtypes: list[torch.dtype], cotangent_value: float, lambda_values: list[float]
+) -> tuple[Tensor, list[Tensor | None], list[bool]]:
     """What each term's backward starts from, the factor its gradient still needs, and whether
     the term is measured by a backward of its own.
 
@@ -466,19 +468,26 @@ def _term_cotangents(cotangent: Tensor, lambdas: Tensor, dtypes: list[torch.dtyp
     ``|λ_i|`` is outside ``_MEASURED_APART``, training still starts from ``λ_i · c`` but the
     measurement takes a backward of its own from ``c`` (an extreme λ's gradient would under- or
     overflow in a half-precision graph, and lose digits as a subnormal float32).
+    ``cotangent_value`` and ``lambda_values`` are the same numbers as Python floats: the usual
+    case is decided from them without a tensor operation (a PINN step is short).
     """
     scaled = cotangent * lambdas.to(cotangent.dtype)
+    low, high = _MEASURED_APART
+    if (
+        cotangent.dtype in (torch.float32, torch.float64)
+        and all(dtype == cotangent.dtype for dtype in dtypes)
+        and 2.0**-100 <= abs(cotangent_value) <= 2.0**100  # so |λ·c| is within float32's normal range
+        and all(low <= abs(value) <= high for value in lambda_values)
+    ):
+        return scaled, [None] * len(lambda_values), [False] * len(lambda_values)
     if any(dtype != cotangent.dtype for dtype in dtypes):  # what each backward really receives
         scaled = torch.stack([value.to(dtype).to(cotangent.dtype) for value, dtype in zip(scaled, dtypes)])
     usable = (scaled != 0) & torch.isfinite(scaled)
-    size = lambdas.abs()
-    apart = (size < _MEASURED_APART[0]) | (size > _MEASURED_APART[1])
-    if bool((usable & ~apart).all()):  # the usual case: one check
-        return scaled, [None] * len(scaled), [False] * len(scaled)
+    apart = [not low <= abs(value) <= high for value in lambda_values]
     scales = torch.where(usable, scaled, cotangent.expand_as(scaled))
     flags = usable.tolist()
     factors = [None if ok else lambdas[i] for i, ok in enumerate(flags)]
-    return scales, factors, [ok and far for ok, far in zip(flags, apart.tolist())]
+    return scales, factors, [ok and far for ok, far in zip(flags, apart)]
 
 
 def _summed(per_term: list[list[Tensor]], factors: list[Tensor | None]) -> list[Tensor]:
@@ -894,7 +903,8 @@ class TermGradientEngine:
         # A zero cotangent (the user returned 0·loss, e.g. a ramped-in term at its first step)
         # would leave nothing to divide out: take the per-term gradients with a unit cotangent,
         # and give the inputs a zero gradient, as a plain backward would.
-        zero_cotangent = grad_output.item() == 0
+        cotangent_value = grad_output.item()
+        zero_cotangent = cotangent_value == 0
         cotangent = torch.ones_like(grad_output) if zero_cotangent else grad_output
         params = inputs[:num_params]
         # Each term's backward starts from λ_i × the cotangent, as a plain backward of Σ λ_i L_i
@@ -902,7 +912,10 @@ class TermGradientEngine:
         # would change the training gradient by half-precision rounding), except where that is
         # zero or not finite (λ_i = 0, an overflow): there, from the bare cotangent, times λ_i after.
         dtypes = [cotangent.dtype if loss is None else loss.dtype for loss in losses]
-        scales, weighted, apart = _term_cotangents(cotangent, capture.lambdas.to(grad_output.device), dtypes)
+        lambdas = capture.lambdas.to(grad_output.device)
+        scales, weighted, apart = _term_cotangents(
+            cotangent, lambdas, dtypes, 1.0 if zero_cotangent else cotangent_value, capture.lambdas.tolist()
+        )
         measured_apart: dict[int, list[Tensor]] = {}
         reached_input = [False] * len(inputs)
         reached_term = []
