@@ -313,7 +313,12 @@ def write_results(output: Path, sections_dir: Path) -> None:
         "[`results/papers_wave_20k.md`](results/papers_wave_20k.md); why gradient-norm "
         "balancing fails on this problem: [`results/wave_weights.md`](results/wave_weights.md) "
         "(`benchmarks/wave_weights.py`).\n"
-        "* The harmonic IVP is this project's sweep problem (`lightning_pinn/problems/harmonic.py`).\n\n"
+        "* The harmonic IVP is this project's sweep problem (`lightning_pinn/problems/harmonic.py`).\n"
+        "* Code versions: each section was run on the code of its date. Since commit b4ecab7 (2026-11-29) each "
+        "term's backward starts from λ_i × the cotangent, as a plain backward's does; in float32 that changes the "
+        "measured steps' gradients by rounding only, but balanced fits' single seeds follow other trajectories "
+        "(the harmonic IVP's balanced medians moved by up to 1.3× at 2000 steps; fixed weights are unchanged: "
+        "[`results/accuracy.md`](results/accuracy.md) has both runs). The Helmholtz and wave sections predate it.\n\n"
     )
     output.write_text(header + "\n".join(sections))
 

@@ -63,7 +63,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -447,29 +447,40 @@ def _loss_values(losses: Sequence[Tensor | None], weights: Tensor) -> Tensor:
     return torch.stack([zero if loss is None else loss.detach().to(dtype) for loss in losses])
 
 
-#: Weights outside [2⁻²⁰, 2²⁰] are measured by a backward of their own from the bare cotangent:
-#: λ·c sent down a float16 graph (or a subnormal λ in float32) under- or overflows there.
+#: A weight outside [2⁻²⁰, 2²⁰] is measured by a backward of its own, from the cotangent times the
+#: nearer bound: λ·c sent down a float16 graph (or a subnormal λ in float32) under- or overflows there.
 _MEASURED_APART = (2.0**-20, 2.0**20)
+
+
+class _TermCotangents(NamedTuple):
+    """How each term's backward starts (see :func:`_term_cotangents`)."""
+
+    sent: Tensor  # (K,) what the term's training backward starts from
+    factors: list[Tensor | None]  # what its gradient is still multiplied by for the step (None: 1)
+    measured_from: Tensor  # (K,) the cotangent its measured gradient is divided by
+    apart: list[bool]  # measured by a backward of its own (from ``measured_from``)
 
 
 def _term_cotangents(
     cotangent: Tensor, lambdas: Tensor, dtypes: list[torch.dtype], cotangent_value: float, lambda_values: list[float]
-) -> tuple[Tensor, list[Tensor | None], list[bool]]:
-    """What each term's backward starts from, the factor its gradient still needs, and whether
-    the term is measured by a backward of its own.
+) -> _TermCotangents:
+    """The cotangent each term's backward starts from, and how its gradient is measured.
 
     A plain backward of ``Σ λ_i L_i`` sends ``λ_i · c`` (``c``: the cotangent of the total),
     rounded to the loss's dtype (``dtypes``), into term i's graph. Starting there, not from
     ``c`` with ``λ_i`` multiplied in afterwards, gives the parameters exactly a plain backward's
     gradient also where the graph runs in bfloat16/float16 (autocast), which is not linear in its
-    cotangent; the measured gradient is that divided by ``λ_i · c``. Where ``λ_i · c`` is zero or
-    not finite in the loss's dtype (``λ_i = 0``: nothing to divide out), the term starts from
-    ``c`` and its gradient is multiplied by ``λ_i`` afterwards (factor not ``None``). Where
-    ``|λ_i|`` is outside ``_MEASURED_APART``, training still starts from ``λ_i · c`` but the
-    measurement takes a backward of its own from ``c`` (an extreme λ's gradient would under- or
-    overflow in a half-precision graph, and lose digits as a subnormal float32).
-    ``cotangent_value`` and ``lambda_values`` are the same numbers as Python floats: the usual
-    case is decided from them without a tensor operation (a PINN step is short).
+    cotangent; the measured gradient is that divided by ``λ_i · c``.
+
+    A weight outside ``_MEASURED_APART`` = [2⁻²⁰, 2²⁰] is measured from ``c · a_i`` instead, with
+    ``a_i = |λ_i|`` clamped to that range (a power of two): ``λ_i · c`` can under- or overflow in a
+    float16 graph (``λ = 1e-12`` under a GradScaler measured 0) and lose digits as a subnormal
+    float32, while the bare ``c`` can overflow for a large, lightly weighted term. Training still
+    starts from ``λ_i · c``, and the measurement takes a backward of its own. Where ``λ_i · c`` is
+    zero or not finite in the loss's dtype (``λ_i = 0``: nothing to divide out), the one backward
+    starts from ``c · a_i`` and the gradient is multiplied by ``λ_i / a_i`` for the step (exact
+    zeros for ``λ_i = 0``). ``cotangent_value`` and ``lambda_values`` are the same numbers as
+    Python floats: the usual case is decided from them without a tensor operation.
     """
     scaled = cotangent * lambdas.to(cotangent.dtype)
     low, high = _MEASURED_APART
@@ -479,15 +490,25 @@ def _term_cotangents(
         and 2.0**-100 <= abs(cotangent_value) <= 2.0**100  # so |λ·c| is within float32's normal range
         and all(low <= abs(value) <= high for value in lambda_values)
     ):
-        return scaled, [None] * len(lambda_values), [False] * len(lambda_values)
-    if any(dtype != cotangent.dtype for dtype in dtypes):  # what each backward really receives
-        scaled = torch.stack([value.to(dtype).to(cotangent.dtype) for value, dtype in zip(scaled, dtypes)])
-    usable = (scaled != 0) & torch.isfinite(scaled)
-    apart = [not low <= abs(value) <= high for value in lambda_values]
-    scales = torch.where(usable, scaled, cotangent.expand_as(scaled))
-    flags = usable.tolist()
-    factors = [None if ok else lambdas[i] for i, ok in enumerate(flags)]
-    return scales, factors, [ok and far for ok, far in zip(flags, apart)]
+        return _TermCotangents(scaled, [None] * len(lambda_values), scaled, [False] * len(lambda_values))
+
+    def as_received(values: Tensor) -> Tensor:  # rounded to each loss's dtype, as its backward receives it
+        if all(dtype == cotangent.dtype for dtype in dtypes):
+            return values
+        return torch.stack([value.to(dtype).to(cotangent.dtype) for value, dtype in zip(values, dtypes)])
+
+    scaled = as_received(scaled)
+    anchors = [min(max(abs(value), low), high) for value in lambda_values]
+    anchored = as_received(cotangent * torch.tensor(anchors, dtype=cotangent.dtype, device=cotangent.device))
+    usable = ((scaled != 0) & torch.isfinite(scaled)).tolist()
+    apart = [ok and not low <= abs(value) <= high for ok, value in zip(usable, lambda_values)]
+    keep = torch.tensor(usable, device=scaled.device)
+    return _TermCotangents(
+        sent=torch.where(keep, scaled, anchored),
+        factors=[None if ok else lambdas[i] / anchor for i, (ok, anchor) in enumerate(zip(usable, anchors))],
+        measured_from=torch.where(keep & ~torch.tensor(apart, device=scaled.device), scaled, anchored),
+        apart=apart,
+    )
 
 
 def _summed(per_term: list[list[Tensor]], factors: list[Tensor | None]) -> list[Tensor]:
@@ -913,9 +934,8 @@ class TermGradientEngine:
         # zero or not finite (λ_i = 0, an overflow): there, from the bare cotangent, times λ_i after.
         dtypes = [cotangent.dtype if loss is None else loss.dtype for loss in losses]
         lambdas = capture.lambdas.to(grad_output.device)
-        scales, weighted, apart = _term_cotangents(
-            cotangent, lambdas, dtypes, 1.0 if zero_cotangent else cotangent_value, capture.lambdas.tolist()
-        )
+        starts = _term_cotangents(cotangent, lambdas, dtypes, 1.0 if zero_cotangent else cotangent_value, capture.lambdas.tolist())
+        weighted = starts.factors
         measured_apart: dict[int, list[Tensor]] = {}
         reached_input = [False] * len(inputs)
         reached_term = []
@@ -929,7 +949,7 @@ class TermGradientEngine:
                 reached_term.append(False)
                 continue
             grads = torch.autograd.grad(
-                loss, inputs, grad_outputs=scales[i].to(loss.dtype), retain_graph=True, create_graph=create_graph, allow_unused=True
+                loss, inputs, grad_outputs=starts.sent[i].to(loss.dtype), retain_graph=True, create_graph=create_graph, allow_unused=True
             )
             filled = []
             for j, (grad, x) in enumerate(zip(grads[:num_params], params)):
@@ -940,9 +960,9 @@ class TermGradientEngine:
                     filled.append(grad)
             per_term.append(filled)
             reached_term.append(any(grad is not None for grad in grads[:num_params]))
-            if apart[i] and capture.want_gradients:  # an extreme λ: measured from the bare cotangent
+            if starts.apart[i] and capture.want_gradients:  # an extreme λ: measured by a backward of its own
                 again = torch.autograd.grad(
-                    loss, params, grad_outputs=cotangent.detach().to(loss.dtype), retain_graph=True, allow_unused=True
+                    loss, params, grad_outputs=starts.measured_from[i].detach().to(loss.dtype), retain_graph=True, allow_unused=True
                 )
                 measured_apart[i] = [torch.zeros_like(x) if grad is None else grad for grad, x in zip(again, params)]
             for k, grad in enumerate(grads[num_params:]):
@@ -969,12 +989,7 @@ class TermGradientEngine:
                 for i, grads in enumerate(per_term)
             ]
             capture.reached = reached_term
-            cotangents = scales.detach()
-            if measured_apart:
-                cotangents = cotangents.clone()  # (scales may be saved by a create_graph backward)
-                for i in measured_apart:
-                    cotangents[i] = cotangent.detach()
-            capture.cotangent = cotangents
+            capture.cotangent = starts.measured_from.detach()
         hits = iter(reached_input[:num_params])
         capture.reached_params = [bool(next(hits)) if trainable else False for trainable in capture.trainable]
         _mark_backward(capture)

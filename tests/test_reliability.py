@@ -201,31 +201,57 @@ def test_an_extreme_weight_is_measured_on_the_unscaled_loss(weight: float, dtype
     assert measured == pytest.approx(hand, rel=rel)
 
 
-def test_a_zero_weight_term_that_overflows_float16_does_not_change_training() -> None:
-    # λ_bc = 0 (a data term in physical units, to be ramped in later): a plain backward sends it
-    # a zero cotangent. The capture took its gradient from the loss scale, which overflowed in
-    # float16, and multiplied by 0: NaN gradients, so the GradScaler skipped every step.
-    class LargeBoundaryResidual(TwoTermPoisson):
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=1e-3)
+class _LargeBoundaryResidual(TwoTermPoisson):
+    """A boundary term in physical units (residual ≈ 3e4): its gradient overflows float16 at the
+    loss scale 2^8 unless a small λ scales it down."""
 
-        def residuals(self) -> dict[str, torch.Tensor]:
-            return {"pde": self.pde_residual(self.x), "bc": self.net(self.xb) - 3.0e4}
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-9)
 
-    def fit(callbacks: list[Any]) -> tuple[LargeBoundaryResidual, float]:
-        torch.manual_seed(0)
-        model = LargeBoundaryResidual(bc_weight=0.0)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
-        _fit(model, 6, callbacks, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
-        return model, scaler.get_scale()
+    def residuals(self) -> dict[str, torch.Tensor]:
+        return {"pde": self.pde_residual(self.x), "bc": self.net(self.xb) - 3.0e4}
 
-    plain, plain_scale = fit([])
+
+def _fp16_fit(bc_weight: float, callbacks: list[Any], **kwargs: Any) -> tuple[_LargeBoundaryResidual, float]:
+    torch.manual_seed(0)
+    model = _LargeBoundaryResidual(bc_weight=bc_weight)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=10**6)
+    _fit(model, 6, callbacks, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], **kwargs)
+    return model, scaler.get_scale()
+
+
+@pytest.mark.parametrize(
+    ("bc_weight", "ramp", "accumulate"),
+    [
+        (0.0, False, 1),  # 0 × (its gradient from the loss scale, inf) was NaN: the scaler skipped every step
+        (1e-7, False, 1),  # measured from the bare loss scale it overflowed, read as a skipped step: never measured
+        (1e-3, True, 2),  # λ = 0 in each window's first micro-batch (a ramp): the same, through the window's mean λ
+    ],
+)
+def test_a_lightly_weighted_term_that_overflows_float16_unweighted_is_trained_and_measured(
+    bc_weight: float, ramp: bool, accumulate: int
+) -> None:
+    # A plain backward sends λ·(loss scale) into the term's graph, which does not overflow. The
+    # capture must train the same, and measure it without overflowing either.
+    class Ramp(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            pl_module.criterion.set_weights({"bc": 0.0 if batch_idx % 2 == 0 else bc_weight})
+
+    extra = [Ramp()] if ramp else []
+    plain, plain_scale = _fp16_fit(bc_weight, [*extra], accumulate_grad_batches=accumulate)
     monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
-    monitored, monitored_scale = fit([monitor])
+    monitored, monitored_scale = _fp16_fit(bc_weight, [*extra, monitor], accumulate_grad_batches=accumulate)
     assert monitored_scale == plain_scale == 2.0**8  # no step skipped
     for reference, measured in zip(plain.parameters(), monitored.parameters()):
         torch.testing.assert_close(measured, reference, rtol=0, atol=0)
-    assert monitor.diagnosis.measurements == 6  # a zero weight's overflow is not a skipped step
+    assert monitor.diagnosis.measurements == 6  # every step measured
+    measurement = monitor.last_measurement
+    assert measurement is not None and measurement.gradients is not None
+    assert bool(torch.isfinite(measurement.gradients).all())
+    if bc_weight == 1e-7:  # and GradNorm raises the weight that most needs it at its first update
+        balancer = GradNormBalancer(every_n_steps=1)
+        balanced, _ = _fp16_fit(bc_weight, [balancer], accumulate_grad_batches=accumulate)
+        assert balancer.num_updates >= 1 and balanced.criterion.weights["bc"] > 1e-5
 
 
 def test_grad_scaler_overflow_steps_are_skipped_quietly() -> None:

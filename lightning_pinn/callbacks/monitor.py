@@ -647,8 +647,11 @@ class GradientNormMonitor(PerTermCallback):
     def _table_flag(self, report: GradientReport, step: int) -> str:
         """The console table's note on a ratio above the threshold: that the alarm waits for a
         balancer, that it is on, or (a row printed between measurements) just that it is above."""
-        if report.ratio is None or report.ratio <= self.threshold:
+        if report.ratio is None:
             return ""
+        if report.ratio <= self.threshold:  # still on until it falls to the recovery threshold
+            on = self.diagnosis.ratio_alarm_active and report.ratio > self.recovery_threshold
+            return f"<-- ALARM (on until {self.recovery_threshold:g}x or below)" if on else ""
         assert report.largest is not None and report.smallest is not None
         if any(b.holds_ratio_alarm((report.largest, report.smallest), step) for b in self._balancers):
             return "(above; the alarm waits for a balancer's first update)"
