@@ -478,8 +478,8 @@ def _term_cotangents(
     float32, while the bare ``c`` can overflow for a large, lightly weighted term. Training still
     starts from ``λ_i · c``, and the measurement takes a backward of its own. Where ``λ_i · c`` is
     zero or not finite in the loss's dtype (``λ_i = 0``: nothing to divide out), the one backward
-    starts from ``c · a_i`` and the gradient is multiplied by ``λ_i / a_i`` for the step (exact
-    zeros for ``λ_i = 0``). ``cotangent_value`` and ``lambda_values`` are the same numbers as
+    starts from ``c · a_i`` and the gradient is multiplied by ``λ_i · c / (c · a_i)`` for the step
+    (exact zeros for ``λ_i = 0``; inf where ``λ_i · c`` overflowed, which a plain backward sends down). ``cotangent_value`` and ``lambda_values`` are the same numbers as
     Python floats: the usual case is decided from them without a tensor operation.
     """
     scaled = cotangent * lambdas.to(cotangent.dtype)
@@ -505,7 +505,8 @@ def _term_cotangents(
     keep = torch.tensor(usable, device=scaled.device)
     return _TermCotangents(
         sent=torch.where(keep, scaled, anchored),
-        factors=[None if ok else lambdas[i] / anchor for i, (ok, anchor) in enumerate(zip(usable, anchors))],
+        # λ_i·c / (c·a_i): 0 for a zero weight (exact zeros); inf where λ_i·c overflowed, as a plain backward's
+        factors=[None if ok else scaled[i] / anchored[i] for i, ok in enumerate(usable)],
         measured_from=torch.where(keep & ~torch.tensor(apart, device=scaled.device), scaled, anchored),
         apart=apart,
     )

@@ -254,6 +254,29 @@ def test_a_lightly_weighted_term_that_overflows_float16_unweighted_is_trained_an
         assert balancer.num_updates >= 1 and balanced.criterion.weights["bc"] > 1e-5
 
 
+def test_a_weighted_loss_that_overflows_blows_up_as_without_the_callbacks() -> None:
+    # λ_bc·c = 1e30·1e10 is inf in float32: a plain backward sends inf down the term's graph and
+    # every parameter's gradient is inf/NaN. The capture (from c·2^20, times a finite λ/2^20)
+    # left 8 of 49 parameters finite, a partial step a plain fit never takes.
+    class Scaled(TwoTermPoisson):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return 1e10 * self.criterion(**self.residuals())
+
+    def fit(callbacks: list[Any]) -> Scaled:
+        torch.manual_seed(0)
+        model = Scaled(bc_weight=1e30)
+        _fit(model, 1, callbacks)
+        return model
+
+    plain = fit([])
+    monitored = fit([GradientNormMonitor(every_n_steps=1, verbose=False, report=False)])
+    finite = [int(torch.isfinite(p).sum()) for p in monitored.parameters()]
+    assert [int(torch.isfinite(p).sum()) for p in plain.parameters()] == finite == [0] * len(finite)
+
+
 def test_grad_scaler_overflow_steps_are_skipped_quietly() -> None:
     """At a too-large loss scale the scaler skips the step; so do the callbacks, without alarms."""
     torch.manual_seed(0)
