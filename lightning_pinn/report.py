@@ -230,6 +230,7 @@ class Diagnosis:
     # per ratio episode: (largest, smallest, ratio) at the episode's worst measurement, or None
     ratio_span_pairs: list[tuple[str, str, float] | None] = field(default_factory=list)
     ratio_measurements_above: int = 0
+    recovery_threshold: float | None = None  # a running ratio alarm ended at or below this (logged once per fit)
     # measurements above the threshold with the alarm off: it waited for a balancer's first update
     ratio_held_steps: list[int] = field(default_factory=list)
     conflict_spans: list[tuple[str, str, int, int | None, float]] = field(default_factory=list)
@@ -277,6 +278,8 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
     if "grad_ratio_threshold" in history and threshold is None:
         threshold = history["grad_ratio_threshold"][1][-1]
     result.threshold = threshold
+    if "grad_ratio_recovery_threshold" in history:
+        result.recovery_threshold = history["grad_ratio_recovery_threshold"][1][-1]
     if terms:
         steps, _ = history[f"grad_norm/{terms[0]}"]
         result.first_step, result.last_step, result.measurements = steps[0], steps[-1], len(steps)
@@ -542,7 +545,12 @@ def render_markdown(d: Diagnosis, title: str = "Loss-balance diagnosis") -> str:
     else:
         threshold = f"{d.threshold:g}x" if d.threshold else "the threshold"
         pair = f" ('{d.worst_pair[0]}' over '{d.worst_pair[1]}')" if d.worst_pair else ""
-        lines.append(f"- Worst ratio: {d.worst_ratio:.3g}x at step {d.worst_ratio_step}{pair}; threshold {threshold}.")
+        clears = (
+            f" (an alarm ends when the ratio falls to {d.recovery_threshold:g}x or below)"
+            if d.recovery_threshold is not None and d.threshold and d.recovery_threshold < d.threshold
+            else ""
+        )
+        lines.append(f"- Worst ratio: {d.worst_ratio:.3g}x at step {d.worst_ratio_step}{pair}; threshold {threshold}{clears}.")
         if d.ratio_spans:
             pairs = d.ratio_span_pairs or [None] * len(d.ratio_spans)
             spans = ", ".join(

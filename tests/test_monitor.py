@@ -185,6 +185,7 @@ def test_tags_layout_and_alarm_text_in_tensorboard(tmp_path: Any) -> None:
         "alarm/grad_conflict",
     }
     assert expected <= tags, expected - tags
+    assert scalar_series(events, "grad_ratio_recovery_threshold") == [(0, 50.0)]  # once per fit, for the reports
     # one measurement every 10 steps, from step 0, whatever log_every_n_steps says
     assert [step for step, _ in scalar_series(events, "grad_norm/pde")] == [0, 10, 20, 30, 40, 50]
     ratio = dict(scalar_series(events, "grad_ratio"))
@@ -424,6 +425,9 @@ def test_a_ratio_wavering_at_the_threshold_is_one_alarm_until_it_recovers(caplog
     assert d.ratio_alarm_spans == [[1, 5], [6, 7]] and d.ratio_alarm_episodes == 2
     assert d.ratio_alarm_measurements == 3  # only the measurements above the threshold count
     assert monitor.history["alarm/grad_ratio"][1] == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    text = render_markdown(diagnose(monitor.history))  # the report says why 70x did not end an episode
+    assert "threshold 100x (an alarm ends when the ratio falls to 50x or below)" in text
+    assert "2 episode(s): steps 1–5" in text
     # the threshold itself: no hysteresis, an alarm per crossing
     monitor, alarms = _fit_with_ratios(ratios, recovery_threshold=100.0)
     assert len(alarms) == 3 and monitor.diagnosis.ratio_alarm_spans == [[1, 2], [3, 4], [6, 7]]

@@ -110,7 +110,8 @@ class GradientNormMonitor(PerTermCallback):
     unweighted loss over all trainable parameters, ``g_i = ∇θ L_i``, and logs
 
     * ``grad_norm/<term>`` = ‖g_i‖₂ and ``grad_norm_weighted/<term>`` = λ_i‖g_i‖₂,
-    * ``grad_ratio`` = max_i λ_i‖g_i‖ / min_i λ_i‖g_i‖ (and ``grad_ratio_threshold``),
+    * ``grad_ratio`` = max_i λ_i‖g_i‖ / min_i λ_i‖g_i‖ (and ``grad_ratio_threshold``; at a fit's
+      first measurement ``grad_ratio_recovery_threshold``),
     * ``grad_cosine/<a>_vs_<b>`` = cos(g_a, g_b) for each pair of terms,
     * ``loss/<term>`` = L_i (unweighted) and ``weight/<term>`` = λ_i,
     * ``alarm/grad_ratio`` and ``alarm/grad_conflict``: 1 while the alarm is on, else 0.
@@ -243,6 +244,7 @@ class GradientNormMonitor(PerTermCallback):
         self.verbose = check_flag("GradientNormMonitor", "verbose", verbose)
         self.report = check_flag("GradientNormMonitor", "report", report)
         self.report_path: Path | str | None = None  # a URL for a logger on a remote filesystem
+        self._recovery_logged = False  # grad_ratio_recovery_threshold written in this fit
         self._reset_fit_state()
         self._pending = PendingEvents()
         self._balancers: list[Any] = []  # the WeightBalancers on this loss (known at train start)
@@ -298,6 +300,7 @@ class GradientNormMonitor(PerTermCallback):
             )
         self._refuse_a_second_monitor(trainer, pl_module)
         self._layout_hidden_warned = False
+        self._recovery_logged = False
         self._write_layouts(trainer)
 
     def _write_layouts(self, trainer: pl.Trainer) -> None:
@@ -373,6 +376,9 @@ class GradientNormMonitor(PerTermCallback):
         elif report.ratio is not None:
             metrics["grad_ratio"] = report.ratio
         metrics["grad_ratio_threshold"] = self.threshold
+        if not self._recovery_logged:  # once per fit (it is constant): the reports read it from the logs
+            metrics["grad_ratio_recovery_threshold"] = self.recovery_threshold
+            self._recovery_logged = True
         if self.log_cosines:
             for (a, b), cosine in report.cosines.items():
                 metrics[f"grad_cosine/{pair_key(a, b)}"] = cosine
