@@ -461,9 +461,7 @@ class _TermCotangents(NamedTuple):
     apart: list[bool]  # measured by a backward of its own (from ``measured_from``)
 
 
-def _term_cotangents(
-    cotangent: Tensor, lambdas: Tensor, dtypes: list[torch.dtype], cotangent_value: float, lambda_values: list[float]
-) -> _TermCotangents:
+def _term_cotangents(cotangent: Tensor, lambdas: Tensor, dtypes: list[torch.dtype], cotangent_value: float) -> _TermCotangents:
     """The cotangent each term's backward starts from, and how its gradient is measured.
 
     A plain backward of ``Σ λ_i L_i`` sends ``λ_i · c`` (``c``: the cotangent of the total),
@@ -479,21 +477,24 @@ def _term_cotangents(
     starts from ``λ_i · c``, and the measurement takes a backward of its own. Where ``λ_i · c`` is
     zero or not finite in the loss's dtype (``λ_i = 0``: nothing to divide out), the one backward
     starts from ``c · a_i`` and the gradient is multiplied by ``λ_i · c / (c · a_i)`` for the step
-    (exact zeros for ``λ_i = 0``; inf where ``λ_i · c`` overflowed, which a plain backward sends down). ``cotangent_value`` and ``lambda_values`` are the same numbers as
-    Python floats: the usual case is decided from them without a tensor operation.
+    (exact zeros for ``λ_i = 0``; inf where ``λ_i · c`` overflowed, which a plain backward sends down).
+    ``cotangent_value`` is ``c`` as a Python float: with the weights as floats, the usual case is
+    decided without a tensor operation.
     """
     scaled = cotangent * lambdas.to(cotangent.dtype)
+    lambda_values = lambdas.tolist()
     low, high = _MEASURED_APART
+    same_dtypes = all(dtype == cotangent.dtype for dtype in dtypes)
     if (
         cotangent.dtype in (torch.float32, torch.float64)
-        and all(dtype == cotangent.dtype for dtype in dtypes)
+        and same_dtypes
         and 2.0**-100 <= abs(cotangent_value) <= 2.0**100  # so |λ·c| is within float32's normal range
         and all(low <= abs(value) <= high for value in lambda_values)
     ):
         return _TermCotangents(scaled, [None] * len(lambda_values), scaled, [False] * len(lambda_values))
 
     def as_received(values: Tensor) -> Tensor:  # rounded to each loss's dtype, as its backward receives it
-        if all(dtype == cotangent.dtype for dtype in dtypes):
+        if same_dtypes:
             return values
         return torch.stack([value.to(dtype).to(cotangent.dtype) for value, dtype in zip(values, dtypes)])
 
@@ -529,7 +530,7 @@ def _summed(per_term: list[list[Tensor]], factors: list[Tensor | None]) -> list[
 
 def _times(grads: list[Tensor], factor: Tensor) -> list[Tensor]:
     """``factor · grads``, exact zeros for a zero factor: a plain backward sends a zero weight's term
-    a zero cotangent, where 0 · (a gradient that overflowed from the bare cotangent) would be NaN."""
+    a zero cotangent, where 0 · (a gradient that overflowed in float16) would be NaN."""
     if bool(factor == 0):
         return [torch.zeros_like(grad) for grad in grads]
     return list(torch._foreach_mul(grads, factor))
@@ -931,12 +932,11 @@ class TermGradientEngine:
         params = inputs[:num_params]
         # Each term's backward starts from λ_i × the cotangent, as a plain backward of Σ λ_i L_i
         # sends it down (a bf16/fp16 graph is not linear in its cotangent: scaling afterwards
-        # would change the training gradient by half-precision rounding), except where that is
-        # zero or not finite (λ_i = 0, an overflow): there, from the bare cotangent, times λ_i after.
+        # would change the training gradient by half-precision rounding); see _term_cotangents for
+        # a zero or overflowing λ_i·c (a factor still to apply) and an extreme λ_i (measured apart).
         dtypes = [cotangent.dtype if loss is None else loss.dtype for loss in losses]
-        lambdas = capture.lambdas.to(grad_output.device)
-        starts = _term_cotangents(cotangent, lambdas, dtypes, 1.0 if zero_cotangent else cotangent_value, capture.lambdas.tolist())
-        weighted = starts.factors
+        starts = _term_cotangents(cotangent, capture.lambdas.to(grad_output.device), dtypes, 1.0 if zero_cotangent else cotangent_value)
+        factors = starts.factors
         measured_apart: dict[int, list[Tensor]] = {}
         reached_input = [False] * len(inputs)
         reached_term = []
@@ -969,18 +969,18 @@ class TermGradientEngine:
             for k, grad in enumerate(grads[num_params:]):
                 if grad is not None:
                     reached_input[num_params + k] = True
-                    if weighted[i] is not None:
-                        grad = _times([grad], weighted[i])[0]
+                    if factors[i] is not None:
+                        grad = _times([grad], factors[i])[0]
                     others[k] = grad if others[k] is None else others[k] + grad  # type: ignore[operator]
         # Σ_i λ_i ∇ L_i (already multiplied by the cotangent): the inputs' gradient
         combined: list[Tensor] = []
         if params and create_graph:  # out of place, so the sum stays differentiable
             combined = [
-                sum(grads[j] if factor is None else factor * grads[j] for factor, grads in zip(weighted, per_term))
+                sum(grads[j] if factor is None else factor * grads[j] for factor, grads in zip(factors, per_term))
                 for j in range(num_params)
             ]
         elif params:
-            combined = _summed(per_term, weighted)
+            combined = _summed(per_term, factors)
         combined += [torch.zeros_like(x) if grad is None else grad for grad, x in zip(others, inputs[num_params:])]
         if zero_cotangent:
             combined = [grad * 0.0 for grad in combined]  # a rare step: out of place, so it stays differentiable

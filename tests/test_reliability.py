@@ -140,7 +140,7 @@ def test_bf16_mixed_training_is_unchanged_by_the_capture_with_weights_other_than
     # is not linear in its cotangent: the capture took each term's gradient with the bare
     # cotangent (1/accumulate) and multiplied by λ afterwards, where a plain backward sends
     # λ·cotangent down the term's graph. The parameters drifted 4e-5 apart after one step.
-    # λ = 0 sends nothing down: the term is still measured (from the bare cotangent).
+    # λ = 0 sends nothing down: the term is still measured (from the cotangent × 2^-20).
     class Sgd(AlternatingBatches):
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=1e-3)
@@ -189,7 +189,7 @@ def _bc_norm_at_step0(model: TwoTermPoisson, **trainer_kwargs: Any) -> tuple[flo
 )
 def test_an_extreme_weight_is_measured_on_the_unscaled_loss(weight: float, dtype: torch.dtype, precision: str | None, rel: float) -> None:
     # Each term's backward starts from λ_i × the cotangent, as a plain backward's does; a λ far
-    # from 1 is measured by a backward of its own from the bare cotangent.
+    # from 1 is measured by a backward of its own, from the cotangent × 2^±20.
     torch.manual_seed(0)
     model = TwoTermPoisson()
     model.criterion.to(dtype)

@@ -824,7 +824,7 @@ def _scaler_skipped(trainer: pl.Trainer, measurement: StepMeasurement) -> bool:
     """Whether an AMP GradScaler is in use and this step's gradients overflowed (so it skipped the step).
 
     Only terms with a nonzero λ count: a zero weight's term adds exact zeros to the step's
-    gradient, so its measurement (from the bare loss scale) can overflow without a skip.
+    gradient, so its measurement (taken from a cotangent of its own) can overflow without a skip.
     """
     if getattr(trainer.precision_plugin, "scaler", None) is None:
         return False

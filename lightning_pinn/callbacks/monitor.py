@@ -91,12 +91,13 @@ class MonitorDiagnosis:
 
 def _checked_recovery_threshold(value: Any, threshold: float) -> float:
     """``recovery_threshold`` checked against ``threshold``; ``None`` gives ``max(threshold / 2, √threshold)``."""
+    default = max(threshold / 2, math.sqrt(threshold))
     if value is None:
-        return max(threshold / 2, math.sqrt(threshold))
+        return default
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 1 < value <= threshold:
         raise ValueError(
             f"GradientNormMonitor: recovery_threshold must be a number in (1, threshold] = (1, {threshold:g}] (the ratio at "
-            f"or below which a running ratio alarm ends, e.g. {max(threshold / 2, math.sqrt(threshold)):g}), or None for "
+            f"or below which a running ratio alarm ends, e.g. {default:g}), or None for "
             f"max(threshold / 2, sqrt(threshold)); got {value!r}."
         )
     return float(value)
