@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
+from conftest import make_trainer
 
 from lightning_pinn import MultiTermLoss
+from lightning_pinn.autodiff import derivative
+from lightning_pinn.callbacks import NTKBalancer
 from lightning_pinn.engine import TermGradientEngine, TraceRequest
 from lightning_pinn.ntk import auto_chunk_size, jacobian_row_sq_norms, sample_points
 
@@ -240,3 +245,53 @@ def test_an_ntk_balancer_warns_once_per_term_about_the_fallback() -> None:
         make_trainer(6, [NTKBalancer(every_n_steps=2, chunk_size=2)]).fit(ThroughNumpy())
     fallbacks = [w for w in caught if "cannot be vmapped" in str(w.message)]
     assert len(fallbacks) == 1 and "term 'bc'" in str(fallbacks[0].message)
+
+
+class _DropoutBatchNormPoisson(pl.LightningModule):
+    """-u'' = π² sin(πx) with a network that draws dropout masks and keeps batch statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(1, 16),
+            torch.nn.Tanh(),
+            torch.nn.Linear(16, 16),
+            torch.nn.BatchNorm1d(16),
+            torch.nn.Tanh(),
+            torch.nn.Dropout(0.2),
+            torch.nn.Linear(16, 1),
+        )
+        self.criterion = MultiTermLoss(pde=1.0, bc=1.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x = torch.linspace(0, 1, 24).reshape(-1, 1).requires_grad_(True)
+        residual = -derivative(self.net(x), x, order=2) - math.pi**2 * torch.sin(math.pi * x)
+        return self.criterion(pde=residual, bc=self.net(torch.tensor([[0.0], [0.5], [1.0]])))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(range(8), batch_size=1)
+
+
+def test_traces_of_a_network_with_dropout_and_batch_norm_run_nothing_forward_again() -> None:
+    # The traces differentiate the training step's own graph: no extra forward pass draws dropout
+    # masks (the global random stream ends where a plain fit's does) or updates BatchNorm's
+    # running statistics (as many batches tracked as steps taken).
+    def fit(callbacks: list[Any]) -> tuple[_DropoutBatchNormPoisson, torch.Tensor]:
+        torch.manual_seed(1)
+        model = _DropoutBatchNormPoisson()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(6, callbacks).fit(model)
+        return model, torch.get_rng_state()
+
+    plain, plain_rng = fit([])
+    balancer = NTKBalancer(every_n_steps=1)
+    balanced, balanced_rng = fit([balancer])
+    assert torch.equal(balanced_rng, plain_rng)
+    assert int(balanced.net[3].num_batches_tracked) == int(plain.net[3].num_batches_tracked) == 12  # two calls per step
+    assert balancer.num_updates == 6
+    assert all(math.isfinite(t) and t > 0 for t in balancer.last_traces.values())
