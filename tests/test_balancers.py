@@ -282,6 +282,18 @@ def test_an_infinite_residual_skips_an_ntk_update_although_its_trace_is_finite()
     assert len(skipped) == 1 and "step 2" in skipped[0] and "loss of term(s) 'bc' is NaN or infinite" in skipped[0]
 
 
+def test_a_weight_schedule_follows_its_knots_through_a_nan_loss_and_says_so_once() -> None:
+    # a schedule reads no measurement, so nothing is skipped; but a NaN loss is still named once
+    model = _CorruptsBc(lambda step: step >= 2, lambda r: r * float("nan"))
+    schedule = WeightSchedule({"bc": [(0, 1.0), (5, 6.0)]})
+    caught = _quiet_fit(model, 5, [schedule])
+    assert model.criterion.weights["bc"] == pytest.approx(6.0) and schedule.skipped_updates == 0
+    messages = [str(w.message) for w in caught if issubclass(w.category, WeightUpdateWarning)]
+    assert len(messages) == 2, messages  # 'bc' at step 2, then 'pde' (the parameters are NaN) at step 3
+    assert "'bc' is NaN or infinite at step 2" in messages[0] and "schedule goes on" in messages[0]
+    assert "'pde' is NaN or infinite at step 3" in messages[1]
+
+
 def test_ntk_balancer_refuses_zero_dim_terms() -> None:
     class Reduced(TwoTermPoisson):
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -263,6 +263,9 @@ def test_weight_schedule_linear_and_step() -> None:
         (lambda: WeightSchedule({"bc": [(0, -1.0)]}), r"schedule=.*term 'bc' must be finite and >= 0"),
         (lambda: WeightSchedule({"bc": []}), r"schedule=.*term 'bc' has no knots.*\{'bc': \[\(0, 1.0\)\]\}"),
         (lambda: WeightSchedule({"bc": 3}), r"schedule=.*knots of term 'bc' must be \(step, weight\) pairs"),
+        # a key that is not a term name: the message once said "a list of term names ... or None"
+        (lambda: WeightSchedule({"": [(0, 1.0)]}), r"schedule=.*keys must be term names .*got ''"),
+        (lambda: WeightSchedule({5: [(0, 1.0)]}), r"schedule=.*keys must be term names .*got 5"),  # type: ignore[dict-item]
         (lambda: WeightSchedule({"bc": [(0, 1.0)]}, interpolation="cubic"), "interpolation"),
         (lambda: SoftAdaptBalancer(beta=0), "beta"),
         (lambda: ReLoBRaLoBalancer(alpha=2), "alpha"),

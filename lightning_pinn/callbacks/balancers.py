@@ -305,6 +305,8 @@ class WeightBalancer(PerTermCallback):
             for name, value, loss, here in zip(names, values, losses, given)
             if not math.isfinite(value) or (not self._scheduled and here and not math.isfinite(loss))
         ]
+        if self._scheduled:  # nothing to skip (a schedule reads no measurement), but say so once per term
+            self._warn_nonfinite_losses_once(names, losses, given, step)
         if bad:
             self.skipped_updates += 1
             if not set(bad) <= self._nonfinite_warned:  # once per term and fit; later skips are only counted
@@ -361,6 +363,22 @@ class WeightBalancer(PerTermCallback):
         self._log_scalars(trainer, applied, applied_step)
         self._last_logged_step, self._unlogged = applied_step, None
         self._last_logged_weights = _logged_weights(applied)
+
+    def _warn_nonfinite_losses_once(self, names: tuple[str, ...], losses: list[float], given: list[bool], step: int) -> None:
+        """Warn once per term and fit that a term's loss is NaN/inf, for a rule that goes on regardless."""
+        bad = [
+            name
+            for name, loss, here in zip(names, losses, given)
+            if here and not math.isfinite(loss) and name not in self._nonfinite_warned
+        ]
+        if bad:
+            self._nonfinite_warned.update(bad)
+            self._warn(
+                f"{type(self).__name__}: the loss of term(s) {', '.join(repr(n) for n in bad)} is NaN or infinite at step {step}. "
+                "The schedule goes on (it reads no loss), but training on that loss will not recover: look for NaN/inf in "
+                "those residuals. Not warned again for these terms in this fit.",
+                category=WeightUpdateWarning,
+            )
 
     def _logging_due(self, trainer: pl.Trainer, applied_step: int) -> bool:
         """Whether to log this update: the first one, then at most one per ``trainer.log_every_n_steps`` steps.

@@ -683,6 +683,11 @@ class WeightSchedule(WeightBalancer):
             )
         knots: dict[str, list[tuple[int, float]]] = {}
         for term, points in schedule.items():
+            if not isinstance(term, str) or not term:
+                raise ValueError(
+                    f"{_SCHEDULE_ARGUMENT}: its keys must be term names (non-empty strings), got {term!r}; "
+                    "e.g. {'ic': [(0, 1.0), (1000, 100.0)]}."
+                )
             try:
                 given = [(step, weight) for step, weight in points]
             except (TypeError, ValueError):
