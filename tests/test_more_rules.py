@@ -311,6 +311,20 @@ def test_resume_is_exact(tmp_path: Any, factory: Any) -> None:
     assert run(True) == run(False)
 
 
+def test_relobralo_resumed_with_another_seed_continues_the_checkpoints_draws_and_says_so(tmp_path: Any) -> None:
+    model = Unequal()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(4, [ReLoBRaLoBalancer(expected_rho=0.5, seed=7)], default_root_dir=str(tmp_path))
+        trainer.fit(model)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(6, [ReLoBRaLoBalancer(expected_rho=0.5, seed=8)]).fit(Unequal(), ckpt_path=str(tmp_path / "mid.ckpt"))
+    messages = [str(w.message) for w in caught if "ReLoBRaLoBalancer" in str(w.message)]
+    assert len(messages) == 1 and "seed=7" in messages[0] and "seed=8 given now is not used" in messages[0]
+
+
 @pytest.mark.parametrize("make", [GradNormWeighting, UncertaintyWeighting], ids=["gradnorm", "uncertainty"])
 def test_a_weight_set_by_hand_between_fits_is_where_the_trained_rule_goes_on_from(make: Any) -> None:
     """The next update returned to the rule's own trained value (λ_bc 100 -> 0.90), where the

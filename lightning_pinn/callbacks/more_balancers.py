@@ -240,6 +240,7 @@ class ReLoBRaLoBalancer(_LossRule):
             "initial": self._initial,
             "previous": self._previous,
             "generator_state": self._generator.get_state(),
+            "seed": self.seed,
         }
 
     def _load_state(self, state_dict: dict[str, Any]) -> None:
@@ -248,6 +249,13 @@ class ReLoBRaLoBalancer(_LossRule):
         self._previous = state_dict.get("previous")
         if "generator_state" in state_dict:
             self._generator.set_state(state_dict["generator_state"])
+            saved = state_dict.get("seed")
+            if saved is not None and saved != self.seed:
+                self._warn(
+                    f"ReLoBRaLoBalancer: the checkpoint's Bernoulli draws were seeded with seed={saved}; the resumed fit "
+                    f"continues that stream, as an uninterrupted fit would, and seed={self.seed} given now is not used. "
+                    "To draw from a new seed, start a fresh fit (no ckpt_path)."
+                )
 
 
 class LRAnnealingBalancer(WeightBalancer):
