@@ -1488,6 +1488,33 @@ def test_the_ratio_alarm_waits_only_for_a_balancer_that_may_change_the_pair_and_
     assert "before the first update of GradNormBalancer (the alarm waited for it)" in monitor.summary()
 
 
+def test_the_wait_holds_only_pairs_a_waiting_balancer_may_change() -> None:
+    """The extreme pair ('data' over 'bc') waits for the balancer of 'data'; 'pde' over 'bc', a
+    pair no balancer changes, is far above the threshold too and must be alarmed at once (the
+    whole warm-up was silent), then end as any alarm does once the pair recovers."""
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    def run(bc_weight: float) -> tuple[GradientNormMonitor, list[str]]:
+        model = ExtraTermPoisson("data", lambda m, i: m.net(m.x) - 0.5, weight=1e4)
+        model.criterion.set_weights({"bc": bc_weight})
+        monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+        balancer = GradNormBalancer(terms=["data"], warmup_steps=6, every_n_steps=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(4, [monitor, balancer]).fit(model)
+        assert monitor.last_report is not None and monitor.last_report.largest == "data"  # the extreme pair waits
+        return monitor, [str(w.message) for w in caught if w.category is LossBalanceWarning]
+
+    monitor, messages = run(1e-6)
+    assert len(messages) == 1 and "alarm at step 0" in messages[0] and monitor.diagnosis.ratio_alarm_held == 0
+    assert "term 'pde'" in messages[0] and "term 'bc'" in messages[0] and "'data' over 'bc', a pair that waits" in messages[0]
+    assert "no balancer attached changes either weight" in messages[0] and "terms=[..., 'bc']" in messages[0]
+    assert monitor.diagnosis.ratio_alarm_pair == ("pde", "bc") and monitor.diagnosis.ratio_alarm_spans == [[0, None]]
+    # with 'pde' and 'bc' within the threshold, the whole alarm waits, as before
+    monitor, messages = run(1.0)
+    assert messages == [] and monitor.diagnosis.ratio_alarm_held == 4
+
+
 def test_an_alarm_that_is_on_stays_on_while_a_new_balancer_is_awaited(tmp_path: Path) -> None:
     """Resumed with a balancer added (as the alarm advises), the wait for its first update closed
     the running alarm ("back to 2.5e6x") and opened a second episode one measurement later."""

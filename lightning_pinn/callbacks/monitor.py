@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from lightning_pinn.callbacks._base import (
     tensorboard_writers,
     weight_terms_to_log,
 )
-from lightning_pinn.diagnostics import GradientReport, nearly_satisfied, summarize_gradients
+from lightning_pinn.diagnostics import GradientReport, imbalance, nearly_satisfied, summarize_gradients
 from lightning_pinn.engine import StepMeasurement
 from lightning_pinn.loss import pair_key
 from lightning_pinn.report import History, write_report
@@ -549,6 +549,14 @@ class GradientNormMonitor(PerTermCallback):
             diagnosis.worst_pair = (report.largest, report.smallest)
         above = report.ratio > self.threshold
         holding = [b for b in self._balancers if above and b.holds_ratio_alarm((report.largest, report.smallest), step)]
+        overall = report
+        if holding:
+            # the extreme pair waits, but a pair of terms that no waiting balancer may change does
+            # not: judge the most unequal such pair instead (also to end an alarm already on)
+            free = self._unheld_extremes(report, step)
+            if free is not None and (free.ratio is not None and free.ratio > self.threshold or diagnosis.ratio_alarm_active):
+                report, holding = free, []
+                above = report.ratio is not None and report.ratio > self.threshold
         if holding:
             # A balancer that may change one of the two terms has not made its first update yet:
             # λ is still the initial guess it is about to replace, and an alarm (at step 0, say)
@@ -569,7 +577,7 @@ class GradientNormMonitor(PerTermCallback):
             if not diagnosis.ratio_alarm_active:
                 diagnosis.ratio_alarm_episodes += 1
                 diagnosis.ratio_alarm_spans.append([step, None])
-                message = self._ratio_message(report, step, self._balancer_names)
+                message = self._ratio_message(report, step, self._balancer_names, overall)
                 self._warn(message, category=LossBalanceWarning)
                 self._write_text(trainer, "alarms", message, step)
                 diagnosis.ratio_alarm_active = True
@@ -578,6 +586,23 @@ class GradientNormMonitor(PerTermCallback):
                 return True  # not recovered yet: the alarm stays on (hysteresis)
             self._end_ratio_alarm(trainer, step, report.ratio, dropped[0] if dropped else None)
         return above
+
+    def _unheld_extremes(self, report: GradientReport, step: int) -> GradientReport | None:
+        """``report`` with its ratio, largest and smallest over the terms no waiting balancer may
+        change (a pair is held while a balancer may change either of its terms); ``None`` with
+        fewer than two such terms."""
+        free = [
+            weighted
+            if (self.ratio_terms is None or name in self.ratio_terms)
+            and not any(b.holds_ratio_alarm((name,), step) for b in self._balancers)
+            else math.nan
+            for name, weighted in zip(report.terms, report.weighted_norms)
+        ]
+        found = imbalance(free)
+        if found is None:
+            return None
+        ratio, largest, smallest = found
+        return replace(report, ratio=ratio, largest=report.terms[largest], smallest=report.terms[smallest])
 
     def _end_ratio_alarm(self, trainer: pl.Trainer, step: int, ratio: float | None, dropped: str | None) -> None:
         """The ratio alarm ends at ``step`` (``dropped``: a term of its pair that has been away too long)."""
@@ -600,7 +625,11 @@ class GradientNormMonitor(PerTermCallback):
         diagnosis.ratio_alarm_pair = None
         diagnosis.ratio_alarm_active = False
 
-    def _ratio_message(self, report: GradientReport, step: int, balancers: list[str] | None = None) -> str:
+    def _ratio_message(
+        self, report: GradientReport, step: int, balancers: list[str] | None = None, overall: GradientReport | None = None
+    ) -> str:
+        """The alarm's text about ``report``'s pair; ``overall``: the step's report over all terms, when
+        its own extreme pair waits for a balancer's first update and ``report`` judges another pair."""
         big, small = report.largest, report.smallest
         assert big is not None and small is not None and report.ratio is not None
         index = report.terms.index
@@ -619,28 +648,36 @@ class GradientNormMonitor(PerTermCallback):
             if within is not None
             else ""
         )
+        unheld = overall is not None and overall is not report and overall.ratio is not None
+        ratio_name = (
+            f"a ratio of {report.ratio:.3g} (grad_ratio, over all terms, is {overall.ratio:.3g}: '{overall.largest}' over "
+            f"'{overall.smallest}', a pair that waits for a balancer's first update)"
+            if unheld and overall is not None
+            else f"a ratio (grad_ratio) of {report.ratio:.3g}"
+        )
+        fix = f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} would match the norms), or "
+        if unheld:
+            advice = fix + f"let a balancer change it (terms=[..., '{small}'])."
+        elif not balancers:
+            advice = fix + "add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance automatically."
+        elif self._only_schedules:
+            advice = (
+                f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
+                f"set{'' if len(balancers) > 1 else 's'} λ from {_its(balancers)} schedule; if the alarm stays on, raise "
+                f"the scheduled weight of '{small}' (about {report.ratio:.3g}x would match the norms) or let a "
+                "GradNormBalancer / NTKBalancer set it."
+            )
+        else:
+            advice = (
+                f"{self._balancer_updates()} {'are' if len(balancers) > 1 else 'is'} attached to this loss; if the "
+                f"alarm stays on, check {_its(balancers)} every_n_steps, terms and max_weight (and, with no update yet, "
+                "warmup_steps and the warnings it gave)."
+            )
         return (
             f"{self._name}: loss-balance alarm at step {step}: the weighted gradient norm of term '{big}' "
-            f"(λ·‖∇L‖ = {big_w:.3g}) is {report.ratio:.3g}x that of term '{small}' ({small_w:.3g}) — a ratio "
-            f"(grad_ratio) of {report.ratio:.3g}, above the threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
-            f"'{small}'. "
-            + satisfied
-            + (
-                (
-                    f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
-                    f"set{'' if len(balancers) > 1 else 's'} λ from {_its(balancers)} schedule; if the alarm stays on, raise "
-                    f"the scheduled weight of '{small}' (about {report.ratio:.3g}x would match the norms) or let a "
-                    "GradNormBalancer / NTKBalancer set it."
-                    if self._only_schedules
-                    else f"{self._balancer_updates()} {'are' if len(balancers) > 1 else 'is'} attached to this loss; if the "
-                    f"alarm stays on, check {_its(balancers)} every_n_steps, terms and max_weight (and, with no update yet, "
-                    "warmup_steps and the warnings it gave)."
-                )
-                if balancers
-                else f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} "
-                "would match the norms), or add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance "
-                "automatically."
-            )
+            f"(λ·‖∇L‖ = {big_w:.3g}) is {report.ratio:.3g}x that of term '{small}' ({small_w:.3g}) — {ratio_name}, "
+            f"above the threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
+            f"'{small}'" + (", and no balancer attached changes either weight. " if unheld else ". ") + satisfied + advice
         )
 
     @property
