@@ -549,14 +549,16 @@ class GradientNormMonitor(PerTermCallback):
             diagnosis.worst_pair = (report.largest, report.smallest)
         above = report.ratio > self.threshold
         holding = [b for b in self._balancers if above and b.holds_ratio_alarm((report.largest, report.smallest), step)]
-        overall = report
-        if holding:
-            # the extreme pair waits, but a pair of terms that no waiting balancer may change does
-            # not: judge the most unequal such pair instead (also to end an alarm already on)
-            free = self._unheld_extremes(report, step)
-            if free is not None and (free.ratio is not None and free.ratio > self.threshold or diagnosis.ratio_alarm_active):
-                report, holding = free, []
-                above = report.ratio is not None and report.ratio > self.threshold
+        unheld = None
+        if holding and not diagnosis.ratio_alarm_active:
+            # The wait is for pairs a waiting balancer may change. If a pair that none may change
+            # is above the threshold as well, nothing is waited for: the alarm (about grad_ratio,
+            # as always) starts now, and its text names that pair.
+            unheld = self._unheld_extremes(report, step)
+            if unheld is not None and unheld.ratio is not None and unheld.ratio > self.threshold:
+                holding = []
+            else:
+                unheld = None
         if holding:
             # A balancer that may change one of the two terms has not made its first update yet:
             # λ is still the initial guess it is about to replace, and an alarm (at step 0, say)
@@ -577,7 +579,7 @@ class GradientNormMonitor(PerTermCallback):
             if not diagnosis.ratio_alarm_active:
                 diagnosis.ratio_alarm_episodes += 1
                 diagnosis.ratio_alarm_spans.append([step, None])
-                message = self._ratio_message(report, step, self._balancer_names, overall)
+                message = self._ratio_message(report, step, self._balancer_names, unheld)
                 self._warn(message, category=LossBalanceWarning)
                 self._write_text(trainer, "alarms", message, step)
                 diagnosis.ratio_alarm_active = True
@@ -626,10 +628,10 @@ class GradientNormMonitor(PerTermCallback):
         diagnosis.ratio_alarm_active = False
 
     def _ratio_message(
-        self, report: GradientReport, step: int, balancers: list[str] | None = None, overall: GradientReport | None = None
+        self, report: GradientReport, step: int, balancers: list[str] | None = None, unheld: GradientReport | None = None
     ) -> str:
-        """The alarm's text about ``report``'s pair; ``overall``: the step's report over all terms, when
-        its own extreme pair waits for a balancer's first update and ``report`` judges another pair."""
+        """The alarm's text about ``report``'s extreme pair; ``unheld``: the most unequal pair that no
+        waiting balancer may change, when it (above the threshold too) is why the alarm does not wait."""
         big, small = report.largest, report.smallest
         assert big is not None and small is not None and report.ratio is not None
         index = report.terms.index
@@ -648,36 +650,47 @@ class GradientNormMonitor(PerTermCallback):
             if within is not None
             else ""
         )
-        unheld = overall is not None and overall is not report and overall.ratio is not None
-        ratio_name = (
-            f"a ratio of {report.ratio:.3g} (grad_ratio, over all terms, is {overall.ratio:.3g}: '{overall.largest}' over "
-            f"'{overall.smallest}', a pair that waits for a balancer's first update)"
-            if unheld and overall is not None
-            else f"a ratio (grad_ratio) of {report.ratio:.3g}"
-        )
-        fix = f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} would match the norms), or "
-        if unheld:
-            advice = fix + f"let a balancer change it (terms=[..., '{small}'])."
-        elif not balancers:
-            advice = fix + "add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance automatically."
-        elif self._only_schedules:
-            advice = (
-                f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
-                f"set{'' if len(balancers) > 1 else 's'} λ from {_its(balancers)} schedule; if the alarm stays on, raise "
-                f"the scheduled weight of '{small}' (about {report.ratio:.3g}x would match the norms) or let a "
-                "GradNormBalancer / NTKBalancer set it."
-            )
-        else:
-            advice = (
-                f"{self._balancer_updates()} {'are' if len(balancers) > 1 else 'is'} attached to this loss; if the "
-                f"alarm stays on, check {_its(balancers)} every_n_steps, terms and max_weight (and, with no update yet, "
-                "warmup_steps and the warnings it gave)."
-            )
         return (
             f"{self._name}: loss-balance alarm at step {step}: the weighted gradient norm of term '{big}' "
-            f"(λ·‖∇L‖ = {big_w:.3g}) is {report.ratio:.3g}x that of term '{small}' ({small_w:.3g}) — {ratio_name}, "
-            f"above the threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
-            f"'{small}'" + (", and no balancer attached changes either weight. " if unheld else ". ") + satisfied + advice
+            f"(λ·‖∇L‖ = {big_w:.3g}) is {report.ratio:.3g}x that of term '{small}' ({small_w:.3g}) — a ratio "
+            f"(grad_ratio) of {report.ratio:.3g}, above the threshold of {self.threshold:g}x. Gradient descent on this loss will mostly reduce '{big}' and neglect "
+            f"'{small}'. "
+            + satisfied
+            + ("" if unheld is None else self._unheld_text((big, small), unheld, step))
+            + (
+                (
+                    f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
+                    f"set{'' if len(balancers) > 1 else 's'} λ from {_its(balancers)} schedule; if the alarm stays on, raise "
+                    f"the scheduled weight of '{small}' (about {report.ratio:.3g}x would match the norms) or let a "
+                    "GradNormBalancer / NTKBalancer set it."
+                    if self._only_schedules
+                    else f"{self._balancer_updates()} {'are' if len(balancers) > 1 else 'is'} attached to this loss; if the "
+                    f"alarm stays on, check {_its(balancers)} every_n_steps, terms and max_weight (and, with no update yet, "
+                    "warmup_steps and the warnings it gave)."
+                )
+                if balancers
+                else f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} "
+                "would match the norms), or add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance "
+                "automatically."
+            )
+        )
+
+    def _unheld_text(self, pair: tuple[str, str], unheld: GradientReport, step: int) -> str:
+        """Why an alarm whose extreme ``pair`` waits for a balancer's first update did not wait."""
+        big, small = unheld.largest, unheld.smallest
+        assert big is not None and small is not None and unheld.ratio is not None
+        waiting = [type(b).__name__ for b in self._balancers if b.holds_ratio_alarm(pair, step)]
+        text = (
+            f"This pair waits for the first update of {' and '.join(dict.fromkeys(waiting))}, but '{big}' over '{small}' "
+            f"({unheld.ratio:.3g}x) is above the threshold too, and no balancer waiting for its first update may change "
+            "either of their weights"
+        )
+        if any(b.terms is None or big in b.terms or small in b.terms for b in self._balancers):
+            return text + ". "
+        small_lambda = unheld.weights[unheld.terms.index(small)]
+        return (
+            text + f"; no balancer attached changes them at all: raise the weight of '{small}' (λ = {small_lambda:g} now; "
+            f"about {small_lambda * unheld.ratio:.3g} would match '{big}') or add it to a balancer's terms=. "
         )
 
     @property
@@ -697,9 +710,11 @@ class GradientNormMonitor(PerTermCallback):
             on = self.diagnosis.ratio_alarm_active and report.ratio > self.recovery_threshold
             return f"<-- ALARM (on until {self.recovery_threshold:g}x or below)" if on else ""
         assert report.largest is not None and report.smallest is not None
+        if self.diagnosis.ratio_alarm_active:
+            return "<-- ALARM"
         if any(b.holds_ratio_alarm((report.largest, report.smallest), step) for b in self._balancers):
             return "(above; the alarm waits for a balancer's first update)"
-        return "<-- ALARM" if self.diagnosis.ratio_alarm_active else "(above the threshold)"
+        return "(above the threshold)"
 
     def _balancer_updates(self) -> str:
         """The attached balancers with their update counts so far, e.g. "GradNormBalancer (3 updates so far)"."""
