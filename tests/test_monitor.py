@@ -1515,6 +1515,37 @@ def test_the_wait_holds_only_pairs_a_waiting_balancer_may_change() -> None:
     assert messages == [] and monitor.diagnosis.ratio_alarm_held == 4
 
 
+def test_a_row_printed_between_measurements_says_the_alarm_waits_only_when_it_would(caplog: pytest.LogCaptureFixture) -> None:
+    """Each term's loss is c·(one base loss), lr = 0, so the weighted norms are exactly λ·c·‖g‖:
+    'pde' over 'ic' waits for the balancer of 'ic'; from step 3 'pde' over 'bc' (500x), a pair no
+    balancer changes, is above the threshold too. The row printed at step 3 (no measurement) said
+    the alarm waited; the alarm starts at the next measurement, step 4."""
+    import logging
+
+    from lightning_pinn.callbacks import GradNormBalancer
+
+    class Scaled(TwoTermPoisson):
+        def __init__(self) -> None:
+            super().__init__()
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, ic=1.0)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            base = (self.net(self.x) - 0.5).square().mean()
+            return self.criterion(pde=(30.0 if self.global_step < 3 else 500.0) * base, bc=base, ic=1e-3 * base)
+
+    monitor = GradientNormMonitor(every_n_steps=2, print_every_n_steps=1, verbose=False, report=False)
+    balancer = GradNormBalancer(terms=["ic"], warmup_steps=10, every_n_steps=1)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        make_trainer(6, [monitor, balancer]).fit(Scaled())
+    rows = {int(m.split(":")[0][5:]): m for m in (r.getMessage() for r in caplog.records) if m.startswith("step ")}
+    assert "the alarm waits" in rows[2] and "(above the threshold)" in rows[3] and "<-- ALARM" in rows[4]
+    assert monitor.diagnosis.ratio_alarm_spans == [[4, None]] and monitor.diagnosis.ratio_alarm_held == 2
+
+
 def test_an_alarm_that_is_on_stays_on_while_a_new_balancer_is_awaited(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Resumed with a balancer added (as the alarm advises), the wait for its first update closed
     the running alarm ("back to 2.5e6x") and opened a second episode one measurement later (and

@@ -550,15 +550,11 @@ class GradientNormMonitor(PerTermCallback):
         above = report.ratio > self.threshold
         holding = [b for b in self._balancers if above and b.holds_ratio_alarm((report.largest, report.smallest), step)]
         unheld = None
-        if holding and not diagnosis.ratio_alarm_active:
-            # The wait is for pairs a waiting balancer may change. If a pair that none may change
-            # is above the threshold as well, nothing is waited for: the alarm (about grad_ratio,
+        if holding and not diagnosis.ratio_alarm_active and not self._waits(report, step):
+            # The wait is for pairs a waiting balancer may change. A pair that none may change is
+            # above the threshold as well, so nothing is waited for: the alarm (about grad_ratio,
             # as always) starts now, and its text names that pair.
-            unheld = self._unheld_extremes(report, step)
-            if unheld is not None and unheld.ratio is not None and unheld.ratio > self.threshold:
-                holding = []
-            else:
-                unheld = None
+            unheld, holding = self._unheld_extremes(report, step), []
         if holding:
             # A balancer that may change one of the two terms has not made its first update yet:
             # λ is still the initial guess it is about to replace, and an alarm (at step 0, say)
@@ -588,6 +584,16 @@ class GradientNormMonitor(PerTermCallback):
                 return True  # not recovered yet: the alarm stays on (hysteresis)
             self._end_ratio_alarm(trainer, step, report.ratio, dropped[0] if dropped else None)
         return above
+
+    def _waits(self, report: GradientReport, step: int) -> bool:
+        """Whether a ratio alarm about ``report`` (above the threshold) waits at ``step``: a balancer
+        that may change one of its extreme pair has not made its first update, and no pair of terms
+        that no waiting balancer may change is above the threshold too."""
+        assert report.largest is not None and report.smallest is not None
+        if not any(b.holds_ratio_alarm((report.largest, report.smallest), step) for b in self._balancers):
+            return False
+        unheld = self._unheld_extremes(report, step)
+        return unheld is None or unheld.ratio is None or unheld.ratio <= self.threshold
 
     def _unheld_extremes(self, report: GradientReport, step: int) -> GradientReport | None:
         """``report`` with its ratio, largest and smallest over the terms no waiting balancer may
@@ -712,7 +718,7 @@ class GradientNormMonitor(PerTermCallback):
         assert report.largest is not None and report.smallest is not None
         if self.diagnosis.ratio_alarm_active:
             return "<-- ALARM"
-        if any(b.holds_ratio_alarm((report.largest, report.smallest), step) for b in self._balancers):
+        if self._waits(report, step):
             return "(above; the alarm waits for a balancer's first update)"
         return "(above the threshold)"
 
