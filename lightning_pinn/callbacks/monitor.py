@@ -685,7 +685,11 @@ class GradientNormMonitor(PerTermCallback):
         """Why an alarm whose extreme ``pair`` waits for a balancer's first update did not wait."""
         big, small = unheld.largest, unheld.smallest
         assert big is not None and small is not None and unheld.ratio is not None
-        waiting = [type(b).__name__ for b in self._balancers if b.holds_ratio_alarm(pair, step)]
+        waiting = [
+            type(b).__name__ if b.terms is None else f"{type(b).__name__}(terms={b.terms!r})"
+            for b in self._balancers
+            if b.holds_ratio_alarm(pair, step)
+        ]
         text = (
             f"This pair waits for the first update of {' and '.join(dict.fromkeys(waiting))}, but '{big}' over '{small}' "
             f"({unheld.ratio:.3g}x) is above the threshold too, and no balancer waiting for its first update may change "
