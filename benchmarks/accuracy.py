@@ -13,6 +13,8 @@ within the run, so machine noise hits both alike.
 
     python benchmarks/accuracy.py                      # 5 seeds; ω=2π at 2000/4000 and ω=4π at 2000/6000 steps: ~15 min on 2 cores
     python benchmarks/accuracy.py --seeds 0 1 --budgets 2:2000
+
+Progress (one line per finished fit) goes to stderr, the tables to stdout.
 """
 
 from __future__ import annotations
@@ -36,7 +38,17 @@ def accuracy_table(omega: float, steps: int, seeds: list[int], workers: int) -> 
     methods += [("gradnorm-max", 1.0), ("gradnorm-mean", 1.0), ("ntk", 1.0)]
     specs = [FitSpec(method, weight, seed, steps, omega, error_every=100) for method, weight in methods for seed in seeds]
     start = time.perf_counter()
-    results = run_fits(specs, workers=workers)
+
+    def progress(done: int, total: int, result: Any) -> None:  # one line per finished fit, as `sweep` prints
+        spec = result.spec
+        print(
+            f"  [{done}/{total}] ω = {omega / math.pi:g}π, {steps} steps: {spec.label}, seed {spec.seed}: "
+            f"relative L2 {result.relative_l2:.2e} ({time.perf_counter() - start:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    results = run_fits(specs, workers=workers, on_result=progress)
     lines = [
         f"ω = {omega / math.pi:g}π, {steps} steps, seeds {' '.join(map(str, seeds))} ({time.perf_counter() - start:.0f} s for {len(specs)} fits)",
         "",

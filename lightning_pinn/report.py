@@ -236,6 +236,7 @@ class Diagnosis:
     conflict_spans: list[tuple[str, str, int, int | None, float]] = field(default_factory=list)
     weights: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)  # first, last, min, max
     weights_first_changed: int | None = None  # first step at which a weight differs from its first value
+    weights_changed_at: dict[str, int] = field(default_factory=dict)  # per term: the first step its weight differs
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)  # first, last
     # terms whose loss stopped improving in the last quarter: last/first loss of that quarter
     last_quarter_change: dict[str, float] = field(default_factory=dict)
@@ -363,6 +364,8 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
         steps, values = history[f"weight/{term}"]
         result.weights[term] = (values[0], values[-1], min(values), max(values))
         changed = next((step for step, value in zip(steps, values) if value != values[0]), None)
+        if changed is not None:
+            result.weights_changed_at[term] = changed
         if changed is not None and (result.weights_first_changed is None or changed < result.weights_first_changed):
             result.weights_first_changed = changed
     for term in history.terms("loss"):
@@ -422,12 +425,21 @@ def _zero_weight_terms(d: Diagnosis) -> list[str]:
     return sorted(term for term, (_, _, _, high) in d.weights.items() if high == 0)
 
 
+def _alarmed_terms(d: Diagnosis) -> set[str]:
+    """The terms of the pairs the ratio alarm was about (every term with a weight when unknown)."""
+    terms = {term for pair in d.ratio_span_pairs if pair is not None for term in pair[:2]}
+    return terms | set(d.worst_pair or ()) if terms else set(d.weights)
+
+
 def _advice(d: Diagnosis) -> list[str]:
     advice = []
-    changed = d.weights_first_changed
-    adapted = changed is not None  # a weight moved at some step (also one put back later, e.g. by hand)
+    # only the weights of the alarmed pairs' terms can have caused, or fixed, a crossing (a balancer
+    # or schedule of a third term changes nothing about 'pde' over 'bc')
+    involved = _alarmed_terms(d)
+    changed = min((step for term, step in d.weights_changed_at.items() if term in involved), default=None)
+    adapted = changed is not None  # such a weight moved at some step (also one put back later, e.g. by hand)
     # a weight that moved by at least 2x: enough to credit the balancing with the ratio's fall
-    rebalanced = any(low > 0 and high / low >= 2 for _, _, low, high in d.weights.values())
+    rebalanced = any(low > 0 and high / low >= 2 for term, (_, _, low, high) in d.weights.items() if term in involved)
     if d.ratio_spans and rebalanced and changed is not None and all(end is not None and start < changed for start, end in d.ratio_spans):
         # e.g. the step-0 measurement, taken before a balancer's first update
         ends = max(end for _, end in d.ratio_spans if end is not None)
@@ -443,7 +455,11 @@ def _advice(d: Diagnosis) -> list[str]:
             "`NTKBalancer()`) for the terms involved."
         )
     elif d.ratio_spans:
-        if adapted:
+        # still on at the end, and the neglected term of every episode kept its weight throughout:
+        # whatever changed the other weights (a balancer of other terms), nothing raised that one
+        neglected = {pair[1] for pair in d.ratio_span_pairs if pair is not None}
+        untouched = bool(neglected) and not neglected & set(d.weights_changed_at) and d.ratio_spans[-1][1] is None
+        if adapted and not untouched:
             advice.append(
                 "The weights did change during the fit, but the ratio still crossed the threshold: if a balancer changed "
                 "them, update more often (smaller every_n_steps) or let it start earlier (warmup_steps=0); if you set them "
@@ -462,7 +478,8 @@ def _advice(d: Diagnosis) -> list[str]:
             big, small = d.worst_pair
             now = d.weights.get(small, (1.0,))[0]
             advice.append(
-                f"Add `GradNormBalancer()` (or `NTKBalancer()`) to the Trainer's callbacks so λ follows the gradients, or raise "
+                f"Add `GradNormBalancer()` (or `NTKBalancer()`) to the Trainer's callbacks (or, if one is attached for "
+                f"other terms, add '{small}' to its terms=) so λ follows the gradients, or raise "
                 f"λ_{small} by about {d.worst_ratio:.3g}x (to ≈ {now * d.worst_ratio:.3g}) so that its gradient is not "
                 f"drowned by '{big}'. If '{small}' is an initial or boundary condition, a hard constraint "
                 "(`lightning_pinn.constraints.IVPAnsatz`, `DirichletAnsatz1D`) imposes it exactly and removes the term."

@@ -15,10 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(*args: str) -> str:
+def _run(*args: str, stderr: bool = False) -> str:
     done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return done.stdout + done.stderr if stderr else done.stdout
 
 
 def test_overhead_script_prints_ratios() -> None:
@@ -47,8 +47,9 @@ def test_helmholtz_reference_loop_prints_its_table() -> None:
 
 
 def test_accuracy_script_prints_the_table() -> None:
-    out = _run("benchmarks/accuracy.py", "--seeds", "0", "--budgets", "2:10", "--skip-cost", "--workers", "1")
+    out = _run("benchmarks/accuracy.py", "--seeds", "0", "--budgets", "2:10", "--skip-cost", "--workers", "1", stderr=True)
     assert "gradnorm-max" in out and "ntk" in out and "λ_IC=1000" in out
+    assert "[1/12] ω = 2π, 10 steps: λ_IC=0.001, seed 0: relative L2" in out and "[12/12]" in out  # progress, one line per fit
 
 
 @pytest.mark.parametrize("problem", ["harmonic", "wave", "helmholtz"])

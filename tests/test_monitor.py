@@ -20,7 +20,7 @@ from tb import custom_scalars_layout, load_events, scalar_series, texts
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
-from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer
+from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, WeightSchedule
 from lightning_pinn.diagnostics import gradient_norms, summarize_gradients
 from lightning_pinn.problems import HarmonicOscillator
 from lightning_pinn.report import diagnose, render_markdown
@@ -1548,6 +1548,44 @@ def test_a_row_printed_between_measurements_says_the_alarm_waits_only_when_it_wo
     rows = {int(m.split(":")[0][5:]): m for m in (r.getMessage() for r in caplog.records) if m.startswith("step ")}
     assert "the alarm waits" in rows[2] and "(above the threshold)" in rows[3] and "<-- ALARM" in rows[4]
     assert monitor.diagnosis.ratio_alarm_spans == [[4, None]] and monitor.diagnosis.ratio_alarm_held == 2
+
+
+@pytest.mark.parametrize(
+    "make_other", [lambda: GradNormBalancer(terms=["data"], every_n_steps=10), lambda: WeightSchedule({"data": [(0, 1.0), (60, 2.0)]})]
+)
+def test_an_unrelated_weight_changing_does_not_turn_the_advice_into_check_your_balancer(tmp_path: Path, make_other: Any) -> None:
+    """'pde' over 'bc' at 1000x, neither weight ever changes; only a third term's λ moves (a
+    balancer or a schedule of 'data'). The alarm said "check its every_n_steps" / "raise the
+    scheduled weight of 'bc'" and the report "update more often": nothing there changes 'bc'."""
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    class Constant(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.r, self.d = (torch.nn.Parameter(torch.ones(1)) for _ in range(3))
+            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self.criterion(pde=1000**0.5 * self.q * torch.ones(8), bc=self.r * torch.ones(4), data=3 * self.d * torch.ones(2))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+        def train_dataloader(self) -> range:
+            return range(100)
+
+    monitor = GradientNormMonitor(every_n_steps=10, verbose=False)
+    other = make_other()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(60, [other, monitor], logger=TensorBoardLogger(str(tmp_path), name="run")).fit(Constant())
+    assert other.num_updates > 0
+    (alarm,) = [str(w.message) for w in caught if w.category is LossBalanceWarning]
+    assert "neglect 'bc'" in alarm and "raise the weight of 'bc' (λ = 1 now; about 1e+03" in alarm
+    assert "add 'bc' to the terms= of a balancer (those attached change neither 'pde' nor 'bc')" in alarm
+    assert "every_n_steps" not in alarm and "scheduled weight" not in alarm
+    advice = Path(str(monitor.report_path)).read_text(encoding="utf-8").split("## What to try")[1]
+    assert "raise λ_bc by about 1e+03x" in advice and "hard constraint" in advice and "update more often" not in advice
 
 
 def test_an_alarm_that_is_on_stays_on_while_a_new_balancer_is_awaited(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

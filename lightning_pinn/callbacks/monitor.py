@@ -249,7 +249,6 @@ class GradientNormMonitor(PerTermCallback):
         self._reset_fit_state()
         self._pending = PendingEvents()
         self._balancers: list[Any] = []  # the WeightBalancers on this loss (known at train start)
-        self._only_schedules = False  # every rule attached to the loss follows a fixed schedule
         self._weight_terms: list[str] = []  # the weight/<term> series this monitor writes (the rest: balancers)
 
     @property
@@ -413,7 +412,6 @@ class GradientNormMonitor(PerTermCallback):
         # balancers on the same loss (all callbacks are attached by now): the alarm text says so
         balancers = [cb for cb in callbacks_on_loss(trainer, self._loss) if isinstance(cb, WeightBalancer)]
         self._balancers = balancers
-        self._only_schedules = bool(balancers) and all(cb._scheduled for cb in balancers)
         self._warn_if_watched_less_often(trainer)
         self._write_layouts(trainer)
 
@@ -642,7 +640,6 @@ class GradientNormMonitor(PerTermCallback):
         assert big is not None and small is not None and report.ratio is not None
         index = report.terms.index
         big_w, small_w = report.weighted_norms[index(big)], report.weighted_norms[index(small)]
-        small_lambda = report.weights[index(small)]
         big_loss, small_loss = report.losses[index(big)], report.losses[index(small)]
         # the smaller residual must explain at least half of the ratio (in log scale): per unit of
         # residual the gradients are within √threshold (10x for the default 100x)
@@ -663,23 +660,36 @@ class GradientNormMonitor(PerTermCallback):
             f"'{small}'. "
             + satisfied
             + ("" if unheld is None else self._unheld_text((big, small), unheld, step))
-            + (
-                (
-                    f"{' and '.join(balancers)} {'are' if len(balancers) > 1 else 'is'} attached to this loss and "
-                    f"set{'' if len(balancers) > 1 else 's'} λ from {_its(balancers)} schedule; if the alarm stays on, raise "
-                    f"the scheduled weight of '{small}' (about {report.ratio:.3g}x would match the norms) or let a "
-                    "GradNormBalancer / NTKBalancer set it."
-                    if self._only_schedules
-                    else f"{self._balancer_updates()} {'are' if len(balancers) > 1 else 'is'} attached to this loss; if the "
-                    f"alarm stays on, check {_its(balancers)} every_n_steps, terms and max_weight (and, with no update yet, "
-                    "warmup_steps and the warnings it gave)."
-                )
-                if balancers
-                else f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} "
-                "would match the norms), or add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance "
-                "automatically."
-            )
+            + self._ratio_advice(report, big, small, bool(balancers))
         )
+
+    def _ratio_advice(self, report: GradientReport, big: str, small: str, any_attached: bool) -> str:
+        """What to do about ``big`` over ``small``: check the balancers that may change one of them,
+        raise a schedule's weight, or (none changes either) raise ``λ_small`` or let a balancer do it."""
+        assert report.ratio is not None
+        owners = [b for b in self._balancers if b.terms is None or big in b.terms or small in b.terms]
+        names = [type(b).__name__ for b in owners]
+        if owners and all(b._scheduled for b in owners):
+            return (
+                f"{' and '.join(names)} {'are' if len(names) > 1 else 'is'} attached to this loss and "
+                f"set{'' if len(names) > 1 else 's'} λ from {_its(names)} schedule; if the alarm stays on, raise "
+                f"the scheduled weight of '{small}' (about {report.ratio:.3g}x would match the norms) or let a "
+                "GradNormBalancer / NTKBalancer set it."
+            )
+        if owners:
+            updates = " and ".join(f"{type(b).__name__} ({b.num_updates} update{'' if b.num_updates == 1 else 's'} so far)" for b in owners)
+            return (
+                f"{updates} {'are' if len(owners) > 1 else 'is'} attached to this loss; if the alarm stays on, check "
+                f"{_its(names)} every_n_steps, terms and max_weight (and, with no update yet, warmup_steps and the warnings it gave)."
+            )
+        small_lambda = report.weights[report.terms.index(small)]
+        fix = (
+            f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} would match "
+            "the norms), or "
+        )
+        if any_attached:  # attached, but for other terms only
+            return fix + f"add '{small}' to the terms= of a balancer (those attached change neither '{big}' nor '{small}')."
+        return fix + "add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance automatically."
 
     def _unheld_text(self, pair: tuple[str, str], unheld: GradientReport, step: int) -> str:
         """Why an alarm whose extreme ``pair`` waits for a balancer's first update did not wait."""
