@@ -303,6 +303,12 @@ def test_console_table_and_progress_bar(caplog: pytest.LogCaptureFixture) -> Non
     tables = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [t.splitlines()[0] for t in tables] == ["step 0:", "step 20:", "step 40:"]
     assert "λ‖∇L‖" in tables[0] and "grad_ratio" in tables[0] and "pde" in tables[0]
+    # the per-term ratio column: the smallest weighted norm reads 1x, the largest grad_ratio
+    assert tables[0].splitlines()[1].split()[-1] == "ratio" and "1x" in [row.split()[-1] for row in tables[0].splitlines()[2:4]]
+    report = monitor.last_report  # step 0's (steps 20 and 40 were measured for the table only)
+    assert report is not None and report.ratio is not None
+    largest_row = next(line for line in tables[0].splitlines() if line.split()[0] == report.largest)
+    assert largest_row.split()[-1] == f"{report.ratio:.3g}x"
     assert "grad_ratio" in trainer.progress_bar_metrics
 
 

@@ -991,18 +991,24 @@ def _as_markdown(text: str) -> str:
 
 
 def format_table(report: GradientReport, step: int, threshold: float, flag: str | None = None, loss_path: str = "") -> str:
-    """A compact aligned table of one measurement (for the console).
+    """A compact aligned table of one measurement (for the console): per term its loss, λ, ‖∇L‖,
+    λ‖∇L‖ and ratio (λ‖∇L‖ over the smallest one ``grad_ratio`` compares), then ``grad_ratio``.
 
     ``flag`` follows the ratio line (default: ``"<-- ALARM"`` above the threshold); ``loss_path``
     names the loss in the heading (a module with several).
     """
-    rows = [["term", "loss", "λ", "‖∇L‖", "λ‖∇L‖"]]
+    # each term's weighted norm over the smallest one grad_ratio compares: its row is 1x, the
+    # largest's is grad_ratio
+    smallest = report.weighted_norms[report.terms.index(report.smallest)] if report.smallest is not None else math.nan
+    rows = [["term", "loss", "λ", "‖∇L‖", "λ‖∇L‖", "ratio"]]
     for name, loss, weight, norm, weighted in zip(report.terms, report.losses, report.weights, report.norms, report.weighted_norms):
         if name in report.absent_terms:
-            rows.append([name, "absent", f"{weight:.3g}", "-", "-"])
+            rows.append([name, "absent", f"{weight:.3g}", "-", "-", "-"])
         else:
-            rows.append([name, f"{loss:.3e}", f"{weight:.3g}", f"{norm:.3e}", f"{weighted:.3e}"])
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+            usable = weighted > 0 and smallest > 0 and math.isfinite(weighted / smallest)
+            ratio = f"{weighted / smallest:.3g}x" if usable else "-"
+            rows.append([name, f"{loss:.3e}", f"{weight:.3g}", f"{norm:.3e}", f"{weighted:.3e}", ratio])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [f"step {step}{f' ({loss_path})' if loss_path else ''}:"] + [
         "  " + "  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))) for row in rows
     ]
