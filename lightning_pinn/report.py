@@ -692,6 +692,16 @@ def plot_history(history: History, path: str | Path | BinaryIO, title: str = "")
             steps, values = history[f"loss/{term}"]
             norms_axis.semilogy(steps, positive(values), color=colours[term], label=term if many else f"L_{term}")
         norms_axis.set_ylabel("loss (no gradient norms measured)")
+        if not history.terms("loss"):  # a loss only a balancer watched: its weights alone were logged
+            norms_axis.set_ylabel("")
+            norms_axis.text(
+                0.5,
+                0.5,
+                "no gradient norms or losses logged\n(attach a GradientNormMonitor to this loss)",
+                ha="center",
+                va="center",
+                transform=norms_axis.transAxes,
+            )
     for term in history.terms_in_loss_order("weight"):
         steps, values = history[f"weight/{term}"]
         weights_axis.semilogy(steps, positive(values), color=colours[term], label="_" if many else f"λ_{term}")
