@@ -122,7 +122,9 @@ class StepMeasurement:
             gradient the optimizer steps with); ``None`` if not requested.
         traces: Per-point mean NTK traces ``t_i``, shape ``(K,)``; ``None`` if not requested,
             ``nan`` for an absent term.
-        trace_points: Number of points each trace averages over (all ranks), shape ``(K,)``.
+        trace_points: Number of points each trace is the per-point mean over (all ranks and
+            micro-batches; a sampled trace estimates that mean from ``trace_points`` of them per
+            micro-batch), shape ``(K,)``.
         micro_batches: Number of backward passes (over all ranks) the measurement averages.
     """
 
@@ -1010,8 +1012,12 @@ class TermGradientEngine:
             values = jacobian_row_sq_norms(
                 residual, params, points, request.chunk_size, term=name, warned=request.fallback_warned, one_pass=request.one_pass
             )
-            sums.append(values.to(torch.float64).sum().cpu())
-            counts.append(float(values.numel()))
+            # a sample of m of the N points stands for all N: its sum scaled by N/m estimates their
+            # sum without bias, so micro-batches and ranks with unequal N pool to the mean over the
+            # union of their points (as exact traces do), not to an equal-weight mean of samples
+            total = values.to(torch.float64).sum().cpu()
+            sums.append(total if points is None else total * (residual.numel() / values.numel()))
+            counts.append(float(residual.numel()))
         capture.trace_sums = torch.stack(sums)
         capture.trace_counts = torch.tensor(counts, dtype=torch.float64)
 

@@ -295,3 +295,52 @@ def test_traces_of_a_network_with_dropout_and_batch_norm_run_nothing_forward_aga
     assert int(balanced.net[3].num_batches_tracked) == int(plain.net[3].num_batches_tracked) == 12  # two calls per step
     assert balancer.num_updates == 6
     assert all(math.isfinite(t) and t > 0 for t in balancer.last_traces.values())
+
+
+class _UnequalMicroBatches(pl.LightningModule):
+    """Two micro-batches per step (accumulation): 4 points near 0, then 20 points near 1 (fixed
+    parameters, lr = 0, so every step measures the same residuals)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+        self.criterion = MultiTermLoss(pde=1.0, bc=1.0)
+        self.estimates: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        first = batch_idx % 2 == 0
+        x = (0.0 if first else 0.7) + 0.3 * torch.rand(4 if first else 20, 1, generator=torch.Generator().manual_seed(batch_idx % 2))
+        residual = (1 + 8 * x) * (torch.sin(3 * x) - self.net(x))
+        return self.criterion(pde=residual, bc=self.net(torch.tensor([[0.0], [1.0]])) - 1.0)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> range:
+        return range(10_000)
+
+
+def test_sampled_traces_of_unequal_micro_batches_estimate_the_mean_over_all_their_points() -> None:
+    # Each micro-batch's sample was pooled with weight m, so the estimate converged to the
+    # equal-weight mean of the micro-batches (99 here) instead of the exact per-point mean over
+    # their union (160), the quantity the exact traces give (the same held for ranks under DDP).
+    class Record(pl.Callback):
+        def __init__(self, balancer: NTKBalancer) -> None:
+            self.balancer = balancer
+
+        def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+            if batch_idx % 2 == 1:
+                pl_module.estimates.append(self.balancer.last_traces["pde"])
+
+    def fit(trace_points: int | None, steps: int) -> list[float]:
+        model, balancer = _UnequalMicroBatches(), NTKBalancer(every_n_steps=1, trace_points=trace_points)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            make_trainer(steps, [balancer, Record(balancer)], accumulate_grad_batches=2).fit(model)
+        return model.estimates
+
+    (exact,) = fit(None, 1)
+    sampled = np.array(fit(3, 300))
+    error = sampled.std(ddof=1) / math.sqrt(len(sampled))
+    assert abs(sampled.mean() - exact) < 5 * error and error < 0.02 * exact, (sampled.mean(), exact, error)
