@@ -282,6 +282,34 @@ def test_an_infinite_residual_skips_an_ntk_update_although_its_trace_is_finite()
     assert len(skipped) == 1 and "step 2" in skipped[0] and "loss of term(s) 'bc' is NaN or infinite" in skipped[0]
 
 
+def test_a_continued_fit_warns_again_about_a_term_that_turns_nan_again() -> None:
+    # "once per term and fit": the same Trainer fitted again (max_steps raised) counted the second
+    # fit's skip silently, because the first fit had warned about the term
+    class Guarded(_CorruptsBc):
+        def on_before_optimizer_step(self, optimizer: Any) -> None:  # the user's NaN guard keeps the parameters finite
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.nan_to_num_(0.0, 0.0, 0.0)
+
+    model = Guarded(lambda step: step in (2, 7), lambda r: r * float("nan"))
+    balancer = GradNormBalancer(every_n_steps=1)
+    trainer = make_trainer(5, [balancer])
+
+    def fit() -> list[warnings.WarningMessage]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model)
+        return list(caught)
+
+    first = fit()
+    trainer.fit_loop.epoch_loop.max_steps = 10
+    second = fit()
+    for caught, step in ((first, 2), (second, 7)):
+        messages = [str(w.message) for w in caught if issubclass(w.category, WeightUpdateWarning)]
+        assert len(messages) == 1 and f"step {step}" in messages[0] and "'bc'" in messages[0], messages
+    assert balancer.skipped_updates == 2
+
+
 def test_a_weight_schedule_follows_its_knots_through_a_nan_loss_and_says_so_once() -> None:
     # a schedule reads no measurement, so nothing is skipped; but a NaN loss is still named once
     model = _CorruptsBc(lambda step: step >= 2, lambda r: r * float("nan"))

@@ -292,6 +292,32 @@ def test_grad_scaler_overflow_steps_are_skipped_quietly() -> None:
     assert all(math.isfinite(v) for v in model.criterion.weights.values())
 
 
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_trains_as_without_the_callbacks_and_the_norms_are_unclipped(algorithm: str) -> None:
+    # Lightning clips the summed gradient after the backward; the per-term norms are those of
+    # the unweighted losses, before any clipping, and the clipped step is the plain fit's
+    def fit(callbacks: list[Any], steps: int) -> TwoTermPoisson:
+        torch.manual_seed(0)
+        model = TwoTermPoisson()
+        model.criterion.set_weights({"bc": 30.0})
+        _fit(model, steps, callbacks, gradient_clip_val=0.01, gradient_clip_algorithm=algorithm)
+        return model
+
+    plain = fit([], 5)
+    monitored = fit([GradientNormMonitor(every_n_steps=1, verbose=False, report=False)], 5)
+    for reference, measured in zip(plain.parameters(), monitored.parameters()):
+        assert torch.equal(measured, reference)
+    monitor = GradientNormMonitor(every_n_steps=1, verbose=False, report=False)
+    fit([monitor], 1)
+    torch.manual_seed(0)
+    fresh = TwoTermPoisson()
+    params = [p for p in fresh.parameters() if p.requires_grad]
+    hand = [float(flat_gradient(r.square().mean(), params).norm()) for r in fresh.residuals().values()]
+    assert monitor.last_measurement is not None and monitor.last_measurement.gradients is not None
+    assert monitor.last_measurement.gradients.norm(dim=1).tolist() == pytest.approx(hand, rel=1e-6)
+    assert min(hand) > 0.01  # far above the clip value: a clipped gradient would have been measured
+
+
 # ------------------------------------------------------------------ frozen and unused parameters
 def test_frozen_parameters_are_left_out() -> None:
     model = TwoTermPoisson()

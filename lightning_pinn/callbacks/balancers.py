@@ -207,6 +207,10 @@ class WeightBalancer(PerTermCallback):
     def _on_attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         names = self.criterion.term_names
         owner = type(self).__name__
+        # warnings about what a fit meets (NaN/inf terms, an unusable reference) come once per
+        # term and fit: also in a resumed fit, or one that continues this Trainer's earlier fit
+        self._nonfinite_warned = set()
+        self._reference_warned = False
         resumed_step, resumed_in_force = self._resumed_logging
         self._resumed_logging = (None, False)
         self._log_dir = trainer.log_dir if trainer.loggers else None  # (a collective under DDP: every rank reads it)
