@@ -282,6 +282,14 @@ def test_an_infinite_residual_skips_an_ntk_update_although_its_trace_is_finite()
     assert len(skipped) == 1 and "step 2" in skipped[0] and "loss of term(s) 'bc' is NaN or infinite" in skipped[0]
 
 
+@pytest.mark.parametrize(("terms", "expected"), [(None, 1.0), (["bc"], 4.0)])
+def test_a_reference_starting_away_from_one_moves_to_one_only_if_the_balancer_owns_it(terms: list[str] | None, expected: float) -> None:
+    model = TwoTermPoisson()
+    model.criterion.set_weights({"pde": 4.0})
+    _quiet_fit(model, 2, [GradNormBalancer(every_n_steps=1, reference="pde", terms=terms)])
+    assert model.criterion.weights["pde"] == expected and model.criterion.weights["bc"] != 1.0
+
+
 def test_a_continued_fit_warns_again_about_a_term_that_turns_nan_again() -> None:
     # "once per term and fit": the same Trainer fitted again (max_steps raised) counted the second
     # fit's skip silently, because the first fit had warned about the term
