@@ -454,6 +454,13 @@ def _advice(d: Diagnosis) -> list[str]:
             "balancing did not bring it down. If it crosses again in a longer fit, add `GradNormBalancer()` (or "
             "`NTKBalancer()`) for the terms involved."
         )
+    elif d.ratio_spans and not adapted and all(end is not None for _, end in d.ratio_spans):
+        ends = max(end for _, end in d.ratio_spans if end is not None)
+        advice.append(
+            f"The ratio was back below the threshold by step {ends} with the weights of the terms involved unchanged: "
+            "training itself evened the gradients out. Nothing to fix unless it crosses again in a longer fit; then add "
+            "`GradNormBalancer()` (or `NTKBalancer()`) for the terms involved."
+        )
     elif d.ratio_spans:
         # still on at the end, and the neglected term of every episode kept its weight throughout:
         # whatever changed the other weights (a balancer of other terms), nothing raised that one
@@ -462,8 +469,9 @@ def _advice(d: Diagnosis) -> list[str]:
         if adapted and not untouched:
             advice.append(
                 "The weights did change during the fit, but the ratio still crossed the threshold: if a balancer changed "
-                "them, update more often (smaller every_n_steps) or let it start earlier (warmup_steps=0); if you set them "
-                "by hand, add `GradNormBalancer()` (or `NTKBalancer()`) so λ follows the gradients."
+                "them, check that its max_weight does not cap the neglected term's weight, update more often (smaller "
+                "every_n_steps) or let it start earlier (warmup_steps=0); if a WeightSchedule or you set them, raise the "
+                "neglected term's weight, or add `GradNormBalancer()` (or `NTKBalancer()`) so λ follows the gradients."
             )
         elif d.worst_pair and d.worst_ratio and d.worst_pair_nearly_satisfied is not None:
             big, small = d.worst_pair

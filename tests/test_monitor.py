@@ -20,7 +20,7 @@ from tb import custom_scalars_layout, load_events, scalar_series, texts
 
 from lightning_pinn import MultiTermLoss
 from lightning_pinn.alerts import GradientConflictWarning, LossBalanceWarning, TermGradientWarning
-from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, WeightSchedule
+from lightning_pinn.callbacks import GradientNormMonitor, GradNormBalancer, SoftAdaptBalancer, WeightSchedule
 from lightning_pinn.diagnostics import gradient_norms, summarize_gradients
 from lightning_pinn.problems import HarmonicOscillator
 from lightning_pinn.report import diagnose, render_markdown
@@ -1550,6 +1550,56 @@ def test_a_row_printed_between_measurements_says_the_alarm_waits_only_when_it_wo
     assert monitor.diagnosis.ratio_alarm_spans == [[4, None]] and monitor.diagnosis.ratio_alarm_held == 2
 
 
+class _ConstantTerms(pl.LightningModule):
+    """'pde' over 'bc' at 1000x (a third term 'data'), and lr = 0: the norms never change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.r, self.d = (torch.nn.Parameter(torch.ones(1)) for _ in range(3))
+        self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.criterion(pde=1000**0.5 * self.q * torch.ones(8), bc=self.r * torch.ones(4), data=3 * self.d * torch.ones(2))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> range:
+        return range(100)
+
+
+@pytest.mark.parametrize(
+    ("make_balancer", "expected"),
+    [
+        # owns only the big term: its every_n_steps cannot help 'bc'
+        (
+            lambda: GradNormBalancer(terms=["pde"], every_n_steps=10),
+            "None of them changes 'bc', the neglected term: add it to a balancer's terms=",
+        ),
+        # weighs by losses, not gradient norms
+        (lambda: SoftAdaptBalancer(every_n_steps=10), "weighs the terms by their losses, not their gradient norms"),
+    ],
+)
+def test_the_alarm_says_when_the_attached_balancer_cannot_close_the_ratio(make_balancer: Any, expected: str) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_trainer(30, [make_balancer(), GradientNormMonitor(every_n_steps=10, verbose=False, report=False)]).fit(_ConstantTerms())
+    alarms = [str(w.message) for w in caught if w.category is LossBalanceWarning]
+    assert alarms and expected in alarms[0], alarms
+
+
+def test_the_report_says_an_alarm_that_ended_with_no_weight_changed_needs_nothing() -> None:
+    # it advised raising λ_bc by the worst ratio, after the gradients had evened out by themselves
+    from lightning_pinn.report import History, diagnose
+
+    history = History()
+    for step, ratio in [(0, 500.0), (50, 300.0), (100, 2.0), (150, 1.5)]:
+        history.add({"grad_norm/pde": 1.0, "grad_norm/bc": 1.0 / ratio, "grad_ratio": ratio, "weight/pde": 1.0, "weight/bc": 1.0}, step)
+        history.add({"grad_norm_weighted/pde": 1.0, "grad_norm_weighted/bc": 1.0 / ratio, "alarm/grad_ratio": float(ratio > 100)}, step)
+    advice = " ".join(diagnose(history, threshold=100.0).advice)
+    assert "back below the threshold by step 100" in advice and "training itself evened" in advice and "raise λ_bc" not in advice
+
+
 @pytest.mark.parametrize(
     "make_other", [lambda: GradNormBalancer(terms=["data"], every_n_steps=10), lambda: WeightSchedule({"data": [(0, 1.0), (60, 2.0)]})]
 )
@@ -1559,30 +1609,18 @@ def test_an_unrelated_weight_changing_does_not_turn_the_advice_into_check_your_b
     scheduled weight of 'bc'" and the report "update more often": nothing there changes 'bc'."""
     from pytorch_lightning.loggers import TensorBoardLogger
 
-    class Constant(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.q, self.r, self.d = (torch.nn.Parameter(torch.ones(1)) for _ in range(3))
-            self.criterion = MultiTermLoss(pde=1.0, bc=1.0, data=1.0)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return self.criterion(pde=1000**0.5 * self.q * torch.ones(8), bc=self.r * torch.ones(4), data=3 * self.d * torch.ones(2))
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.0)
-
-        def train_dataloader(self) -> range:
-            return range(100)
-
     monitor = GradientNormMonitor(every_n_steps=10, verbose=False)
     other = make_other()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(60, [other, monitor], logger=TensorBoardLogger(str(tmp_path), name="run")).fit(Constant())
+        make_trainer(60, [other, monitor], logger=TensorBoardLogger(str(tmp_path), name="run")).fit(_ConstantTerms())
     assert other.num_updates > 0
     (alarm,) = [str(w.message) for w in caught if w.category is LossBalanceWarning]
     assert "neglect 'bc'" in alarm and "raise the weight of 'bc' (λ = 1 now; about 1e+03" in alarm
-    assert "add 'bc' to the terms= of a balancer (those attached change neither 'pde' nor 'bc')" in alarm
+    if isinstance(other, WeightSchedule):  # a schedule has no terms= to add 'bc' to
+        assert "give it a schedule too, or let a GradNormBalancer / NTKBalancer change it (terms=['bc'])" in alarm
+    else:
+        assert "add 'bc' to the terms= of a balancer (those attached change neither 'pde' nor 'bc')" in alarm
     assert "every_n_steps" not in alarm and "scheduled weight" not in alarm
     advice = Path(str(monitor.report_path)).read_text(encoding="utf-8").split("## What to try")[1]
     assert "raise λ_bc by about 1e+03x" in advice and "hard constraint" in advice and "update more often" not in advice
@@ -1633,7 +1671,7 @@ def test_the_wait_follows_what_the_balancer_does_not_a_prediction(tmp_path: Path
         make_trainer(12, [monitor, balancer]).fit(_imbalanced_poisson(), ckpt_path=str(tmp_path / "mid.ckpt"))
     assert _ratio_alarm_steps(list(caught)) == [9] and monitor.diagnosis.ratio_alarm_held == 4  # steps 5-8
     message = next(str(w.message) for w in caught if w.category is LossBalanceWarning)
-    assert "GradNormBalancer (1 update so far) is attached to this loss" in message
+    assert "GradNormBalancer(terms=['bc']) (1 update so far) is attached to this loss" in message
 
 
 def test_the_report_separates_the_logger_prefix_from_loss_paths_with_dashes() -> None:

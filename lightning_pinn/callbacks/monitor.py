@@ -668,7 +668,8 @@ class GradientNormMonitor(PerTermCallback):
         raise a schedule's weight, or (none changes either) raise ``λ_small`` or let a balancer do it."""
         assert report.ratio is not None
         owners = [b for b in self._balancers if b.terms is None or big in b.terms or small in b.terms]
-        names = [type(b).__name__ for b in owners]
+        names = [_named(b) for b in owners]
+        matching = f"about {report.weights[report.terms.index(small)] * report.ratio:.3g} would match the norms"
         if owners and all(b._scheduled for b in owners):
             return (
                 f"{' and '.join(names)} {'are' if len(names) > 1 else 'is'} attached to this loss and "
@@ -677,16 +678,27 @@ class GradientNormMonitor(PerTermCallback):
                 "GradNormBalancer / NTKBalancer set it."
             )
         if owners:
-            updates = " and ".join(f"{type(b).__name__} ({b.num_updates} update{'' if b.num_updates == 1 else 's'} so far)" for b in owners)
-            return (
+            rules = [b for b in owners if not b._scheduled]
+            updates = " and ".join(f"{_named(b)} ({b.num_updates} update{'' if b.num_updates == 1 else 's'} so far)" for b in owners)
+            text = (
                 f"{updates} {'are' if len(owners) > 1 else 'is'} attached to this loss; if the alarm stays on, check "
                 f"{_its(names)} every_n_steps, terms and max_weight (and, with no update yet, warmup_steps and the warnings it gave)."
             )
-        small_lambda = report.weights[report.terms.index(small)]
-        fix = (
-            f"Fix: raise the weight of '{small}' (λ = {small_lambda:g} now; about {small_lambda * report.ratio:.3g} would match "
-            "the norms), or "
-        )
+            if not any(b.terms is None or small in b.terms for b in rules):
+                return (
+                    text
+                    + f" None of them changes '{small}', the neglected term: add it to a balancer's terms=, or raise its weight ({matching})."
+                )
+            if all(b._quantity == "loss" for b in rules):
+                return text + (
+                    f" {' and '.join(_named(b) for b in rules)} weigh{'' if len(rules) > 1 else 's'} the terms by their losses, "
+                    f"not their gradient norms, so {'they' if len(rules) > 1 else 'it'} need not close this ratio: "
+                    f"GradNormBalancer / NTKBalancer on '{small}' target it."
+                )
+            return text
+        fix = f"Fix: raise the weight of '{small}' (λ = {report.weights[report.terms.index(small)]:g} now; {matching}), or "
+        if any_attached and all(b._scheduled for b in self._balancers):  # only schedules, of other terms
+            return fix + f"give it a schedule too, or let a GradNormBalancer / NTKBalancer change it (terms=['{small}'])."
         if any_attached:  # attached, but for other terms only
             return fix + f"add '{small}' to the terms= of a balancer (those attached change neither '{big}' nor '{small}')."
         return fix + "add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance automatically."
@@ -695,11 +707,7 @@ class GradientNormMonitor(PerTermCallback):
         """Why an alarm whose extreme ``pair`` waits for a balancer's first update did not wait."""
         big, small = unheld.largest, unheld.smallest
         assert big is not None and small is not None and unheld.ratio is not None
-        waiting = [
-            type(b).__name__ if b.terms is None else f"{type(b).__name__}(terms={b.terms!r})"
-            for b in self._balancers
-            if b.holds_ratio_alarm(pair, step)
-        ]
+        waiting = [_named(b) for b in self._balancers if b.holds_ratio_alarm(pair, step)]
         text = (
             f"This pair waits for the first update of {' and '.join(dict.fromkeys(waiting))}, but '{big}' over '{small}' "
             f"({unheld.ratio:.3g}x) is above the threshold too, and no balancer waiting for its first update may change "
@@ -1020,6 +1028,11 @@ def format_table(report: GradientReport, step: int, threshold: float, flag: str 
             + (f"  {flag}" if flag else "")
         )
     return "\n".join(lines)
+
+
+def _named(balancer: Any) -> str:
+    """A balancer's class name, with its terms when it owns only some (two of one class differ)."""
+    return type(balancer).__name__ if balancer.terms is None else f"{type(balancer).__name__}(terms={balancer.terms!r})"
 
 
 def _its(names: list[str]) -> str:
