@@ -366,8 +366,7 @@ def diagnose(history: History, threshold: float | None = None, cosine_threshold:
         changed = next((step for step, value in zip(steps, values) if value != values[0]), None)
         if changed is not None:
             result.weights_changed_at[term] = changed
-        if changed is not None and (result.weights_first_changed is None or changed < result.weights_first_changed):
-            result.weights_first_changed = changed
+    result.weights_first_changed = min(result.weights_changed_at.values(), default=None)
     for term in history.terms("loss"):
         steps, values = history[f"loss/{term}"]
         finite = [v for v in values if math.isfinite(v)]

@@ -561,12 +561,11 @@ class WeightBalancer(PerTermCallback):
         self._last_logged_step = None
         self._last_logged_weights = {}
         self.skipped_updates = 0
-        self._nonfinite_warned = set()
         self.last_target = {}
         self._updated_terms = set()
         self._zero_warned = set()
         self._clamp_warned = set()
-        self._reference_warned = False
+        # (_nonfinite_warned and _reference_warned are per fit: emptied in _on_attach at every fit start)
 
     def state_dict(self) -> dict[str, Any]:
         return {

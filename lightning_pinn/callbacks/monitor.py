@@ -547,12 +547,12 @@ class GradientNormMonitor(PerTermCallback):
             diagnosis.worst_pair = (report.largest, report.smallest)
         above = report.ratio > self.threshold
         holding = [b for b in self._balancers if above and b.holds_ratio_alarm((report.largest, report.smallest), step)]
-        unheld = None
-        if holding and not diagnosis.ratio_alarm_active and not self._waits(report, step):
+        unheld = self._unheld_above(report, step) if holding and not diagnosis.ratio_alarm_active else None
+        if unheld is not None:
             # The wait is for pairs a waiting balancer may change. A pair that none may change is
             # above the threshold as well, so nothing is waited for: the alarm (about grad_ratio,
             # as always) starts now, and its text names that pair.
-            unheld, holding = self._unheld_extremes(report, step), []
+            holding = []
         if holding:
             # A balancer that may change one of the two terms has not made its first update yet:
             # λ is still the initial guess it is about to replace, and an alarm (at step 0, say)
@@ -573,7 +573,7 @@ class GradientNormMonitor(PerTermCallback):
             if not diagnosis.ratio_alarm_active:
                 diagnosis.ratio_alarm_episodes += 1
                 diagnosis.ratio_alarm_spans.append([step, None])
-                message = self._ratio_message(report, step, self._balancer_names, unheld)
+                message = self._ratio_message(report, step, unheld)
                 self._warn(message, category=LossBalanceWarning)
                 self._write_text(trainer, "alarms", message, step)
                 diagnosis.ratio_alarm_active = True
@@ -588,15 +588,13 @@ class GradientNormMonitor(PerTermCallback):
         that may change one of its extreme pair has not made its first update, and no pair of terms
         that no waiting balancer may change is above the threshold too."""
         assert report.largest is not None and report.smallest is not None
-        if not any(b.holds_ratio_alarm((report.largest, report.smallest), step) for b in self._balancers):
-            return False
-        unheld = self._unheld_extremes(report, step)
-        return unheld is None or unheld.ratio is None or unheld.ratio <= self.threshold
+        holds = any(b.holds_ratio_alarm((report.largest, report.smallest), step) for b in self._balancers)
+        return holds and self._unheld_above(report, step) is None
 
-    def _unheld_extremes(self, report: GradientReport, step: int) -> GradientReport | None:
+    def _unheld_above(self, report: GradientReport, step: int) -> GradientReport | None:
         """``report`` with its ratio, largest and smallest over the terms no waiting balancer may
-        change (a pair is held while a balancer may change either of its terms); ``None`` with
-        fewer than two such terms."""
+        change (a pair is held while a balancer may change either of its terms), if that ratio is
+        above the threshold; ``None`` otherwise (also with fewer than two such terms)."""
         free = [
             weighted
             if (self.ratio_terms is None or name in self.ratio_terms)
@@ -605,7 +603,7 @@ class GradientNormMonitor(PerTermCallback):
             for name, weighted in zip(report.terms, report.weighted_norms)
         ]
         found = imbalance(free)
-        if found is None:
+        if found is None or not found[0] > self.threshold:
             return None
         ratio, largest, smallest = found
         return replace(report, ratio=ratio, largest=report.terms[largest], smallest=report.terms[smallest])
@@ -631,9 +629,7 @@ class GradientNormMonitor(PerTermCallback):
         diagnosis.ratio_alarm_pair = None
         diagnosis.ratio_alarm_active = False
 
-    def _ratio_message(
-        self, report: GradientReport, step: int, balancers: list[str] | None = None, unheld: GradientReport | None = None
-    ) -> str:
+    def _ratio_message(self, report: GradientReport, step: int, unheld: GradientReport | None = None) -> str:
         """The alarm's text about ``report``'s extreme pair; ``unheld``: the most unequal pair that no
         waiting balancer may change, when it (above the threshold too) is why the alarm does not wait."""
         big, small = report.largest, report.smallest
@@ -660,16 +656,15 @@ class GradientNormMonitor(PerTermCallback):
             f"'{small}'. "
             + satisfied
             + ("" if unheld is None else self._unheld_text((big, small), unheld, step))
-            + self._ratio_advice(report, big, small, bool(balancers))
+            + self._ratio_advice(report, big, small)
         )
 
-    def _ratio_advice(self, report: GradientReport, big: str, small: str, any_attached: bool) -> str:
+    def _ratio_advice(self, report: GradientReport, big: str, small: str) -> str:
         """What to do about ``big`` over ``small``: check the balancers that may change one of them,
         raise a schedule's weight, or (none changes either) raise ``λ_small`` or let a balancer do it."""
         assert report.ratio is not None
-        owners = [b for b in self._balancers if b.terms is None or big in b.terms or small in b.terms]
+        owners = [b for b in self._balancers if _changes(b, big, small)]
         names = [_named(b) for b in owners]
-        matching = f"about {report.weights[report.terms.index(small)] * report.ratio:.3g} would match the norms"
         if owners and all(b._scheduled for b in owners):
             return (
                 f"{' and '.join(names)} {'are' if len(names) > 1 else 'is'} attached to this loss and "
@@ -679,15 +674,14 @@ class GradientNormMonitor(PerTermCallback):
             )
         if owners:
             rules = [b for b in owners if not b._scheduled]
-            updates = " and ".join(f"{_named(b)} ({b.num_updates} update{'' if b.num_updates == 1 else 's'} so far)" for b in owners)
             text = (
-                f"{updates} {'are' if len(owners) > 1 else 'is'} attached to this loss; if the alarm stays on, check "
+                f"{self._balancer_updates(owners)} {'are' if len(owners) > 1 else 'is'} attached to this loss; if the alarm stays on, check "
                 f"{_its(names)} every_n_steps, terms and max_weight (and, with no update yet, warmup_steps and the warnings it gave)."
             )
-            if not any(b.terms is None or small in b.terms for b in rules):
+            if not any(_changes(b, small) for b in rules):
                 return (
-                    text
-                    + f" None of them changes '{small}', the neglected term: add it to a balancer's terms=, or raise its weight ({matching})."
+                    text + f" None of them changes '{small}', the neglected term: add it to a balancer's terms=, or raise its "
+                    f"weight ({_matching_weight(report, small, report.ratio)})."
                 )
             if all(b._quantity == "loss" for b in rules):
                 return text + (
@@ -696,10 +690,10 @@ class GradientNormMonitor(PerTermCallback):
                     f"GradNormBalancer / NTKBalancer on '{small}' target it."
                 )
             return text
-        fix = f"Fix: raise the weight of '{small}' (λ = {report.weights[report.terms.index(small)]:g} now; {matching}), or "
-        if any_attached and all(b._scheduled for b in self._balancers):  # only schedules, of other terms
+        fix = f"Fix: raise the weight of '{small}' ({_matching_weight(report, small, report.ratio)}), or "
+        if self._balancers and all(b._scheduled for b in self._balancers):  # only schedules, of other terms
             return fix + f"give it a schedule too, or let a GradNormBalancer / NTKBalancer change it (terms=['{small}'])."
-        if any_attached:  # attached, but for other terms only
+        if self._balancers:  # attached, but for other terms only
             return fix + f"add '{small}' to the terms= of a balancer (those attached change neither '{big}' nor '{small}')."
         return fix + "add GradNormBalancer / NTKBalancer from lightning_pinn.callbacks to rebalance automatically."
 
@@ -713,12 +707,12 @@ class GradientNormMonitor(PerTermCallback):
             f"({unheld.ratio:.3g}x) is above the threshold too, and no balancer waiting for its first update may change "
             "either of their weights"
         )
-        if any(b.terms is None or big in b.terms or small in b.terms for b in self._balancers):
+        if any(_changes(b, big, small) for b in self._balancers):
             return text + ". "
-        small_lambda = unheld.weights[unheld.terms.index(small)]
+        matching = _matching_weight(unheld, small, unheld.ratio, "'" + big + "'")
         return (
-            text + f"; no balancer attached changes them at all: raise the weight of '{small}' (λ = {small_lambda:g} now; "
-            f"about {small_lambda * unheld.ratio:.3g} would match '{big}') or add it to a balancer's terms=. "
+            text
+            + f"; no balancer attached changes them at all: raise the weight of '{small}' ({matching}) or add it to a balancer's terms=. "
         )
 
     @property
@@ -744,10 +738,12 @@ class GradientNormMonitor(PerTermCallback):
             return "(above; the alarm waits for a balancer's first update)"
         return "(above the threshold)"
 
-    def _balancer_updates(self) -> str:
-        """The attached balancers with their update counts so far, e.g. "GradNormBalancer (3 updates so far)"."""
+    def _balancer_updates(self, balancers: list[Any] | None = None) -> str:
+        """``balancers`` (default: all attached) with their update counts so far, e.g.
+        "GradNormBalancer (3 updates so far)"."""
         return " and ".join(
-            f"{type(b).__name__} ({b.num_updates} update{'' if b.num_updates == 1 else 's'} so far)" for b in self._balancers
+            f"{_named(b)} ({b.num_updates} update{'' if b.num_updates == 1 else 's'} so far)"
+            for b in (self._balancers if balancers is None else balancers)
         )
 
     def _track_conflicts(self, trainer: pl.Trainer, report: GradientReport, step: int) -> bool:
@@ -1028,6 +1024,17 @@ def format_table(report: GradientReport, step: int, threshold: float, flag: str 
             + (f"  {flag}" if flag else "")
         )
     return "\n".join(lines)
+
+
+def _changes(balancer: Any, *terms: str) -> bool:
+    """Whether ``balancer`` may change the weight of one of ``terms`` (its ``terms=``; all if ``None``)."""
+    return balancer.terms is None or any(term in balancer.terms for term in terms)
+
+
+def _matching_weight(report: GradientReport, term: str, ratio: float, what: str = "the norms") -> str:
+    """E.g. "λ = 1 now; about 1e+03 would match the norms": ``term``'s weight, and that times ``ratio``."""
+    weight = report.weights[report.terms.index(term)]
+    return f"λ = {weight:g} now; about {weight * ratio:.3g} would match {what}"
 
 
 def _named(balancer: Any) -> str:
